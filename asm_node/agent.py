@@ -1,0 +1,266 @@
+"""The node agent: admission, handshake, preflight and the run registry.
+
+:class:`NodeAgent` implements :class:`asm_wire.NodeApi` in-process. The gRPC
+server (:mod:`asm_node.server`) is a thin adapter over it, and the ``asm`` CLI
+hands the same object to the controller as an embedded node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from asm_wire import (
+    PROTOCOL_VERSION,
+    ConfigError,
+    CwdNotAllowed,
+    NodeAtCapacity,
+    NodeNotReady,
+    ProviderMissing,
+    __version__,
+    error_info,
+    make_error,
+    pb,
+    ulid,
+    valid_id,
+)
+from asm_wire import AsmError
+
+from asm_node.config import NodeConfig
+from asm_node.process import Reaper
+from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
+from asm_node.run import Run, options_from_json
+
+log = logging.getLogger("asm_node.agent")
+
+CAPABILITIES = (
+    "run.start.v1", "run.attach.v1", "run.interrupt.v1", "run.query.v1",
+    "approval.resolve.v1", "input.send.v1",
+)
+
+
+class NodeAgent:
+    """Runs CLIs on this host on behalf of controllers."""
+
+    def __init__(self, config: NodeConfig | None = None, providers: dict[str, Provider] | None = None) -> None:
+        self.config = config or NodeConfig()
+        self.providers = providers if providers is not None else build_providers(self.config)
+        self.node_id = self.config.node_id
+        self.boot_epoch = ulid()
+        self.started_ns = time.time_ns()
+        self.state = pb.NODE_STATE_READY
+        self.runs: dict[str, Run] = {}
+        self._reaper = Reaper() if self.config.reaper else None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._env = self._base_env()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._reaper is not None:
+            self._reaper.start()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Interrupt every active run, wait (bounded) for their CLIs to be gone, stop the watchdog."""
+        self.state = pb.NODE_STATE_STOPPING
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        active = [r for r in self.runs.values() if not r.done]
+        for run in active:
+            run.interrupt()
+        tasks = [r.task for r in active if r.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        if self._reaper is not None:
+            self._reaper.stop()
+
+    @property
+    def reaper_pid(self) -> int | None:
+        return self._reaper.pid if self._reaper else None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(max(self.config.retention_s / 4, 0.05), 30.0))
+            cutoff = time.monotonic() - self.config.retention_s
+            for rid in [rid for rid, r in self.runs.items() if r.done and r.subscribers == 0 and r.finished_mono < cutoff]:
+                del self.runs[rid]
+
+    def _base_env(self) -> dict[str, str]:
+        deny = set(self.config.env_deny)
+        return {k: v for k, v in os.environ.items() if k not in deny}
+
+    # -- admission --------------------------------------------------------------
+
+    def active_runs(self) -> int:
+        return sum(1 for r in self.runs.values() if not r.done)
+
+    def _provider(self, name: str) -> Provider:
+        provider = self.providers.get(name)
+        if provider is None:
+            known = ", ".join(sorted(self.providers))
+            raise ProviderMissing(f"provider {name!r} is not available on node {self.node_id} (available: {known})")
+        return provider
+
+    def _resolve_cwd(self, cwd: str) -> str:
+        roots = self.config.workspace_roots
+        if not cwd:
+            return str(roots[0]) if roots else os.getcwd()
+        path = Path(os.path.expanduser(cwd))
+        if not path.is_absolute():
+            raise ConfigError(f"cwd {cwd!r} must be an absolute path")
+        resolved = Path(os.path.realpath(path))
+        if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            raise CwdNotAllowed(
+                f"cwd {cwd!r} resolves to {str(resolved)!r}, outside the node's workspace roots "
+                f"({', '.join(str(r) for r in roots)})"
+            )
+        if not resolved.is_dir():
+            raise make_error("config_invalid", "config", f"cwd {cwd!r} does not exist or is not a directory",
+                             reason="cwd_not_found")
+        if not os.access(resolved, os.W_OK | os.X_OK):
+            raise CwdNotAllowed(f"cwd {cwd!r} is not writable by the node agent", reason="cwd_not_writable")
+        return str(resolved)
+
+    def _admit(self, provider_name: str, cwd: str) -> tuple[Provider, str]:
+        if self.state != pb.NODE_STATE_READY:
+            state = pb.NodeState.Name(self.state).removeprefix("NODE_STATE_").lower()
+            raise NodeNotReady(f"node {self.node_id} is {state} and accepts no new runs")
+        provider = self._provider(provider_name)
+        status = provider.status(self._env)
+        if not status.available:
+            raise ProviderMissing(status.error or f"{provider.display_name} is not installed on node {self.node_id}")
+        if self.active_runs() >= self.config.max_runs:
+            raise NodeAtCapacity(f"node {self.node_id} is at capacity ({self.config.max_runs} runs)")
+        return provider, self._resolve_cwd(cwd)
+
+    # -- NodeApi ----------------------------------------------------------------
+
+    def _provider_info(self, provider: Provider) -> pb.ProviderInfo:
+        status: ProviderStatus = provider.status(self._env)
+        info = pb.ProviderInfo(
+            name=provider.name, available=status.available, cli_path=status.cli_path,
+            version=status.version, env_var=provider.env_var,
+        )
+        if status.error:
+            info.error.CopyFrom(pb.ErrorInfo(kind="cli_not_found", domain="provider", message=status.error,
+                                             reason="provider_missing"))
+        return info
+
+    async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        cfg = self.config
+        return pb.HandshakeResponse(
+            agent_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            capabilities=list(CAPABILITIES),
+            node_id=self.node_id,
+            boot_epoch=self.boot_epoch,
+            host=pb.HostFacts(
+                hostname=socket.gethostname(), os=platform.system(), arch=platform.machine(),
+                python_version=platform.python_version(), cpu_count=os.cpu_count() or 0,
+            ),
+            providers=[self._provider_info(p) for p in self.providers.values()],
+            limits=pb.Limits(
+                max_runs=cfg.max_runs, line_cap_bytes=cfg.line_cap_bytes,
+                replay_buffer_events=cfg.replay_buffer_events,
+                workspace_roots=[str(r) for r in cfg.workspace_roots],
+                detach_grace_ms=int(cfg.detach_grace_s * 1000),
+            ),
+            load=pb.Load(active_runs=self.active_runs(), retained_runs=len(self.runs)),
+            state=self.state,
+            started_unix_nano=self.started_ns,
+        )
+
+    async def preflight(self, request: pb.PreflightRequest) -> pb.PreflightResponse:
+        try:
+            provider, cwd = self._admit(request.provider, request.cwd)
+        except AsmError as err:
+            resp = pb.PreflightResponse(ok=False, error=error_info(err))
+            if request.provider in self.providers:
+                resp.provider.CopyFrom(self._provider_info(self.providers[request.provider]))
+            return resp
+        return pb.PreflightResponse(ok=True, resolved_cwd=cwd, provider=self._provider_info(provider))
+
+    def _create_run(self, req: pb.StartRunRequest) -> Run:
+        # Everything from the lookup to the insert is synchronous: two concurrent
+        # StartRun calls with one run_id can never both launch a CLI.
+        provider, cwd = self._admit(req.provider, req.cwd)
+        session_id = req.session_id or req.run_id
+        if not valid_id(session_id):
+            raise ConfigError(f"invalid session_id {session_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
+        refused = sorted(k for k in req.env if k not in self.config.env_allow)
+        if refused:
+            raise ConfigError(
+                f"environment variable(s) not allowed by this node: {', '.join(refused)} "
+                "(the operator allows them with --env-allow)"
+            )
+        options = provider.validate_options(options_from_json(req.options_json), req.permission_mode or "default")
+        env = dict(self._env)
+        env.update(req.env)
+        spec = RunSpec(
+            run_id=req.run_id, session_id=session_id, provider=provider.name, prompt=req.prompt, cwd=cwd,
+            permission_mode=req.permission_mode or "default", options=options, env=env,
+        )
+        command = provider.build_command(spec)
+        run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished)
+        self.runs[req.run_id] = run
+        run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
+        return run
+
+    def _run_finished(self, run: Run) -> None:
+        log.info("run %s finished: %s (exit %s)", run.spec.run_id, run.status, run.exit_code)
+
+    def _get(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+        return run
+
+    def start_run_frames(self, request: pb.StartRunRequest) -> AsyncIterator[bytes]:
+        """Start or attach; serialized EventBatch messages (the gRPC server sends them as is)."""
+        if not valid_id(request.run_id):
+            raise ConfigError(f"invalid run_id {request.run_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
+        run = self.runs.get(request.run_id)
+        if run is None:
+            run = self._create_run(request)
+        return run.follow(request.after_seq)
+
+    def attach_run_frames(self, request: pb.AttachRunRequest) -> AsyncIterator[bytes]:
+        return self._get(request.run_id).follow(request.after_seq)
+
+    async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:  # type: ignore[override]
+        async for data in self.start_run_frames(request):
+            yield pb.EventBatch.FromString(data)
+
+    async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:  # type: ignore[override]
+        async for data in self.attach_run_frames(request):
+            yield pb.EventBatch.FromString(data)
+
+    async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
+        return pb.InterruptRunResponse(accepted=self._get(request.run_id).interrupt())
+
+    async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
+        self._get(request.run_id).resolve_approval(request.approval_id, request.decision, request.reason)
+        return pb.ResolveApprovalResponse()
+
+    async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
+        await self._get(request.run_id).send_input(request.data, request.end_input)
+        return pb.SendInputResponse()
+
+    async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
+        return self._get(request.run_id).info()
+
+    async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]
+        return pb.ListRunsResponse(runs=runs)
+

@@ -1,0 +1,139 @@
+"""The provider interface: a command builder, a line parser and exit classification.
+
+One module per provider implements it. A provider never spawns or signals a
+process itself; :mod:`asm_node.process` does that for all of them, so
+supervision (process groups, line caps, interrupt escalation, reaping) is
+written once.
+
+Parsers produce ``pb.Event`` messages with only ``kind`` and the payload set;
+the run stamps the envelope (ids, seq, timestamps). They are pure (bytes in,
+events out) so they can be tested on captured output without a process.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from asm_wire import KIND_VALUES, ConfigError, pb
+
+PERMISSION_MODES = ("default", "auto", "bypass", "plan")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run request, as a provider sees it."""
+
+    run_id: str
+    session_id: str
+    provider: str
+    prompt: str
+    cwd: str
+    permission_mode: str
+    options: Mapping[str, Any]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    #: Keep stdin open as a pipe (providers that take input mid-run); else /dev/null.
+    stdin: bool = False
+    #: Total deadline for the process, or None.
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    returncode: int | None  # None: never observed (spawn failed)
+    signal: int  # the signal that ended it, 0 if it exited
+    stderr_tail: str
+
+
+@dataclass
+class ProviderStatus:
+    available: bool
+    cli_path: str = ""
+    version: str = ""
+    env_var: str = ""
+    error: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class LineParser(ABC):
+    """Turns one run's stdout lines into events. Stateful per run."""
+
+    def __init__(self) -> None:
+        self.terminal = False  # set once a terminal event (result / fatal error) was emitted
+        self.failed = False  # set when that terminal event was an error
+        self.provider_session_id = ""
+
+    @abstractmethod
+    def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
+        """Append the events for these complete lines (newline removed) to ``out``."""
+
+    @abstractmethod
+    def finish(self, exit: ExitInfo) -> list[pb.Event]:
+        """Events for the process exit (a result or an error), unless already terminal."""
+
+
+class Provider(ABC):
+    name: str
+    display_name: str
+    env_var: str = ""
+
+    @abstractmethod
+    def status(self, env: Mapping[str, str]) -> ProviderStatus:
+        """Is the provider usable on this host (CLI found, its version)?"""
+
+    @abstractmethod
+    def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
+        """Return normalized options or raise ConfigError (nothing has been spawned yet)."""
+
+    @abstractmethod
+    def build_command(self, spec: RunSpec) -> CommandSpec: ...
+
+    @abstractmethod
+    def new_parser(self, spec: RunSpec) -> LineParser: ...
+
+
+# -- helpers shared by providers ------------------------------------------------
+
+
+def check_permission_mode(mode: str) -> str:
+    m = (mode or "default").strip().lower()
+    if m not in PERMISSION_MODES:
+        raise ConfigError(f"unsupported permission mode {mode!r}: expected one of {', '.join(PERMISSION_MODES)}")
+    return m
+
+
+def reject_unknown(options: Mapping[str, Any], known: set[str], provider: str) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) for provider {provider}: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+
+
+def error_event(message: str, code: str, domain: str, *, severity: int = pb.SEVERITY_ERROR, exit_code: int = -1) -> pb.Event:
+    return pb.Event(
+        kind=KIND_VALUES["error"],
+        error=pb.Error(message=message, code=code, domain=domain, severity=severity, exit_code=exit_code),
+    )
+
+
+def result_event(status: str, stop_reason: str, output: Mapping[str, Any]) -> pb.Event:
+    return pb.Event(
+        kind=KIND_VALUES["result"],
+        result=pb.Result(status=status, stop_reason=stop_reason, output_json=json.dumps(output)),
+    )
+
+
+def stderr_summary(tail: str, lines: int = 5, width: int = 240) -> str:
+    picked = [ln[:width] for ln in tail.strip().splitlines()[-lines:]]
+    return " | ".join(picked)

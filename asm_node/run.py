@@ -1,0 +1,436 @@
+"""One CLI run on the node: its process, its event buffer, its subscribers.
+
+The run owns the CLI's lifecycle; gRPC streams only *follow* it. A subscriber
+that disconnects does not stop the CLI: the run keeps going and buffering
+until ``detach_grace_s`` passes with nobody attached, and then it is
+interrupted. Every run ends with exactly one ``run_completed`` event, so a
+follower can tell the end of a run from the end of a connection.
+
+Events are stored already serialized, framed as ``EventBatch.events`` entries:
+a batch on the wire is the concatenation of a slice of frames, so replaying or
+fanning out to several followers costs no re-encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
+
+from asm_node.process import LineReader, Reaper, group_alive, pump, spawn, terminate_group
+from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
+
+if TYPE_CHECKING:
+    from asm_node.config import NodeConfig
+
+log = logging.getLogger("asm_node.run")
+
+MAX_BATCH_EVENTS = 4096
+MAX_BATCH_BYTES = 1024 * 1024
+
+_APPROVAL_REQUESTED = KIND_VALUES["approval_requested"]
+_STATUS_PB = {
+    "starting": pb.RUN_STATUS_STARTING,
+    "running": pb.RUN_STATUS_RUNNING,
+    "completed": pb.RUN_STATUS_COMPLETED,
+    "failed": pb.RUN_STATUS_FAILED,
+    "interrupted": pb.RUN_STATUS_INTERRUPTED,
+}
+
+
+def _frame(data: bytes) -> bytes:
+    """Encode one serialized Event as field 1 of EventBatch (tag, varint length, bytes)."""
+    n = len(data)
+    if n < 0x80:
+        return b"\n" + bytes((n,)) + data
+    out = bytearray(b"\n")
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+class Run:
+    def __init__(
+        self,
+        spec: RunSpec,
+        command: CommandSpec,
+        parser: LineParser,
+        config: NodeConfig,
+        reaper: Reaper | None,
+        on_finished: Callable[[Run], None],
+    ) -> None:
+        self.spec = spec
+        self.command = command
+        self.parser = parser
+        self.config = config
+        self.reaper = reaper
+        self._on_finished = on_finished
+        self.status = "starting"
+        self.pid = 0
+        self.exit_code = -1
+        self.started_ns = time.time_ns()
+        self.finished_ns = 0
+        self.finished_mono = 0.0
+        self.done = False
+        self.subscribers = 0
+        # Serialized event frames; frames[i] holds seq base_seq + i.
+        self._frames: list[bytes] = []
+        self._cum: list[int] = []  # running byte total through each frame (for batch sizing)
+        self._base_seq = 1
+        self.last_seq = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._interrupt = asyncio.Event()
+        self._detach_timer: asyncio.TimerHandle | None = None
+        self._approvals: dict[str, asyncio.TimerHandle] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_tail = bytearray()
+        self._stderr_sent = 0
+        self._stderr_capped = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- events ----------------------------------------------------------------
+
+    @property
+    def first_held_seq(self) -> int:
+        return self._base_seq
+
+    def _emit(self, events: list[pb.Event]) -> None:
+        if not events:
+            return
+        rid, sid, prov = self.spec.run_id, self.spec.session_id, self.spec.provider
+        psid = self.parser.provider_session_id
+        ts = time.time_ns()
+        seq = self.last_seq
+        frames, cum = self._frames, self._cum
+        total = cum[-1] if cum else 0
+        for ev in events:
+            seq += 1
+            ev.id = f"{rid}:{seq}"
+            ev.run_id = rid
+            ev.session_id = sid
+            ev.provider = prov
+            ev.seq = seq
+            ev.timestamp_unix_nano = ts
+            if psid:
+                ev.provider_session_id = psid
+            if ev.kind == _APPROVAL_REQUESTED:
+                self._arm_approval(ev.approval_requested.approval_id)
+            frame = _frame(ev.SerializeToString())
+            frames.append(frame)
+            total += len(frame)
+            cum.append(total)
+        self.last_seq = seq
+        self._compact()
+        self._wake()
+
+    def _compact(self) -> None:
+        cap = self.config.replay_buffer_events
+        if len(self._frames) > 2 * cap:
+            drop = len(self._frames) - cap
+            del self._frames[:drop]
+            del self._cum[:drop]
+            self._base_seq += drop
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _changed(self) -> asyncio.Future[None]:
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
+
+    async def follow(self, after_seq: int) -> AsyncIterator[bytes]:
+        """Serialized EventBatch frames with every event after ``after_seq``, live until the run ends."""
+        self.subscribers += 1
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
+        try:
+            nxt = after_seq + 1
+            while True:
+                if nxt <= self.last_seq:
+                    if nxt < self._base_seq:
+                        raise make_error(
+                            "buffer_overflow", "transport",
+                            f"events {nxt}..{self._base_seq - 1} of run {self.spec.run_id} are no longer held "
+                            f"(replay buffer keeps {self.config.replay_buffer_events} events)",
+                            reason="replay_gap",
+                        )
+                    i = nxt - self._base_seq
+                    end = min(len(self._frames), i + MAX_BATCH_EVENTS)
+                    start_bytes = self._cum[i - 1] if i else 0
+                    j = bisect.bisect_right(self._cum, start_bytes + MAX_BATCH_BYTES, i, end)
+                    j = max(j, i + 1)  # always make progress, even with one huge event
+                    data = b"".join(self._frames[i:j])
+                    nxt += j - i
+                    yield data
+                    continue
+                if self.done:
+                    return
+                await self._changed()
+        finally:
+            self.subscribers -= 1
+            if self.subscribers == 0 and not self.done:
+                self._arm_detach()
+
+    def _arm_detach(self) -> None:
+        grace = self.config.detach_grace_s
+        loop = asyncio.get_running_loop()
+        self._detach_timer = loop.call_later(grace, self._detached)
+
+    def _detached(self) -> None:
+        self._detach_timer = None
+        if self.subscribers == 0 and not self.done:
+            log.warning("run %s had no subscriber for %.0fs; interrupting it", self.spec.run_id, self.config.detach_grace_s)
+            self.interrupt()
+
+    # -- control ---------------------------------------------------------------
+
+    def interrupt(self) -> bool:
+        if self.done or self._interrupt.is_set():
+            return not self.done
+        self._interrupt.set()
+        return True
+
+    def _arm_approval(self, approval_id: str) -> None:
+        timeout = self.config.approval_timeout_ms / 1000
+        loop = asyncio.get_running_loop()
+        self._approvals[approval_id] = loop.call_later(
+            timeout, self._resolve_approval_now, approval_id, "deny", "timeout"
+        )
+
+    def resolve_approval(self, approval_id: str, decision: str, reason: str) -> None:
+        if decision not in ("allow", "deny"):
+            raise ConfigError(f"invalid approval decision {decision!r}: expected allow or deny")
+        if approval_id not in self._approvals:
+            raise make_error("unknown", "approval", f"Unknown approval id: {approval_id}")
+        self._resolve_approval_now(approval_id, decision, reason)
+
+    def _resolve_approval_now(self, approval_id: str, decision: str, reason: str) -> None:
+        timer = self._approvals.pop(approval_id, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self._emit([
+            pb.Event(
+                kind=KIND_VALUES["approval_resolved"],
+                approval_resolved=pb.ApprovalResolved(approval_id=approval_id, decision=decision, reason=reason),
+            )
+        ])
+
+    async def send_input(self, data: bytes, end: bool) -> None:
+        proc = self._proc
+        if not self.command.stdin:
+            raise ConfigError(f"run {self.spec.run_id} does not accept input (provider {self.spec.provider})")
+        if proc is None or proc.stdin is None or self.done:
+            raise make_error("unknown", "runtime", f"run {self.spec.run_id} is not running")
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        if end:
+            proc.stdin.close()
+
+    def info(self) -> pb.RunInfo:
+        return pb.RunInfo(
+            run_id=self.spec.run_id,
+            session_id=self.spec.session_id,
+            provider=self.spec.provider,
+            status=_STATUS_PB[self.status],
+            last_seq=self.last_seq,
+            first_held_seq=self._base_seq,
+            pid=self.pid,
+            exit_code=self.exit_code,
+            subscribers=self.subscribers,
+            started_unix_nano=self.started_ns,
+            finished_unix_nano=self.finished_ns,
+            cwd=self.spec.cwd,
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _on_lines(self, lines: list[bytes]) -> None:
+        if self.parser.terminal:
+            return
+        out: list[pb.Event] = []
+        self.parser.feed_lines(lines, out)
+        self._emit(out)
+
+    def _on_overflow(self, size: int) -> None:
+        self._emit([
+            error_event(
+                f"stdout line of {size} bytes exceeds the node's line cap of {self.config.line_cap_bytes} bytes; line dropped",
+                "buffer_overflow", "transport", severity=pb.SEVERITY_WARNING,
+            )
+        ])
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        cap, tail_cap = self.config.stderr_cap_bytes, self.config.stderr_tail_bytes
+        line_cap = 64 * 1024
+
+        def on_lines(lines: list[bytes]) -> None:
+            out = []
+            for raw in lines:
+                if self._stderr_sent >= cap:
+                    if not self._stderr_capped:
+                        self._stderr_capped = True
+                        out.append(error_event(
+                            f"stderr exceeded {cap} bytes; further stderr is dropped (its tail is kept for diagnostics)",
+                            "buffer_overflow", "transport", severity=pb.SEVERITY_WARNING,
+                        ))
+                    break
+                text = raw[:line_cap].rstrip(b"\r").decode("utf-8", "replace")
+                self._stderr_sent += len(raw)
+                out.append(pb.Event(kind=KIND_VALUES["stderr"], stderr=pb.Stderr(content=text)))
+            self._emit(out)
+
+        # Lines are framed with the same cap as stdout; overlong stderr lines are cut, not fatal.
+        reader = LineReader(line_cap, on_lines, lambda _n: None)
+        while True:
+            chunk = await stream.read(64 * 1024)
+            if not chunk:
+                reader.close()
+                return
+            self._stderr_tail += chunk
+            if len(self._stderr_tail) > tail_cap:
+                del self._stderr_tail[: len(self._stderr_tail) - tail_cap]
+            reader.feed(chunk)
+
+    def _fail_before_spawn(self, err: AsmError) -> None:
+        self._emit([error_event(err.message, err.kind, err.domain)])
+        self._complete("failed", -1, 0)
+
+    def _complete(self, status: str, exit_code: int, sig: int) -> None:
+        self.status = status
+        self.exit_code = exit_code
+        self.finished_ns = time.time_ns()
+        duration_ms = (self.finished_ns - self.started_ns) // 1_000_000
+        self._emit([
+            pb.Event(
+                kind=KIND_VALUES["run_completed"],
+                run_completed=pb.RunCompleted(status=status, exit_code=exit_code, signal=sig, duration_ms=duration_ms),
+            )
+        ])
+        for timer in self._approvals.values():
+            timer.cancel()
+        self._approvals.clear()
+        self.done = True
+        self.finished_mono = time.monotonic()
+        self._wake()
+        self._on_finished(self)
+
+    async def main(self) -> None:
+        cmd = self.command
+        try:
+            proc = await spawn(cmd.argv, cmd.cwd, cmd.env, cmd.stdin)
+        except FileNotFoundError:
+            return self._fail_before_spawn(
+                make_error("cli_not_found", "provider", f"{cmd.argv[0]} not found on the node", reason="provider_missing")
+            )
+        except PermissionError as exc:
+            return self._fail_before_spawn(make_error("cli_not_found", "provider", f"cannot execute {cmd.argv[0]}: {exc}"))
+        except OSError as exc:
+            return self._fail_before_spawn(make_error("transport_error", "transport", f"spawn failed: {exc}"))
+        self._proc = proc
+        self.pid = proc.pid
+        if self.reaper is not None:
+            self.reaper.track(proc.pid)
+        self.status = "running"
+        self._emit([
+            pb.Event(
+                kind=KIND_VALUES["run_started"],
+                run_started=pb.RunStarted(command=cmd.argv[0], args=cmd.argv[1:], cwd=cmd.cwd, pid=proc.pid),
+            )
+        ])
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout_task = asyncio.create_task(
+            pump(proc.stdout, LineReader(self.config.line_cap_bytes, self._on_lines, self._on_overflow),
+                 lambda: self.parser.terminal)
+        )
+        stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+        wait_task = asyncio.create_task(proc.wait())
+        intr_task = asyncio.create_task(self._interrupt.wait())
+        end = "exit"
+        cfg = self.config
+        escalation = [(signal.SIGINT, cfg.interrupt_grace_s), (signal.SIGTERM, cfg.term_grace_s)]
+        try:
+            done, _ = await asyncio.wait(
+                {stdout_task, wait_task, intr_task}, timeout=cmd.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if intr_task in done and not self.parser.terminal:
+                end = "interrupted"
+            elif not done:
+                end = "timeout"
+            if end != "exit":
+                await terminate_group(proc, escalation)
+            elif wait_task not in done:
+                # stdout ended (EOF, or the parser saw the terminal event): let the CLI exit by itself.
+                done2, _ = await asyncio.wait({wait_task, intr_task}, timeout=cfg.exit_grace_s,
+                                              return_when=asyncio.FIRST_COMPLETED)
+                if wait_task not in done2:
+                    if intr_task in done2 and not self.parser.terminal:
+                        end = "interrupted"
+                    await terminate_group(proc, escalation if end == "interrupted" else escalation[1:])
+            await proc.wait()
+            if group_alive(proc.pid):
+                # The leader is gone but something it started lives on: no process is left behind.
+                await terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 0.5))])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stdout_task), 5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stderr_task), 2.0)
+        except asyncio.CancelledError:
+            # The agent is shutting down: the CLI must not outlive it.
+            await asyncio.shield(terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 1.0))]))
+            end = "interrupted"
+            raise
+        finally:
+            for t in (stdout_task, stderr_task, wait_task, intr_task):
+                t.cancel()
+            if self.reaper is not None:
+                self.reaper.untrack(proc.pid)
+            if not self.done:
+                self._finish(end, proc.returncode)
+
+    def _finish(self, end: str, rc: int | None) -> None:
+        sig = -rc if rc is not None and rc < 0 else 0
+        exit_code = rc if rc is not None and rc >= 0 else -1
+        if end == "interrupted":
+            self._emit([error_event("Run interrupted", "user_cancelled", "runtime")])
+            status = "interrupted"
+        elif end == "timeout":
+            timeout = self.command.timeout_s
+            self._emit([error_event(f"command timed out after {timeout:g}s", "timeout", "runtime")])
+            status = "failed"
+        else:
+            tail = bytes(self._stderr_tail).decode("utf-8", "replace")
+            events = self.parser.finish(ExitInfo(returncode=exit_code if not sig else None, signal=sig, stderr_tail=tail))
+            self._emit(events)
+            failed = any(
+                e.kind == KIND_VALUES["error"] and e.error.severity in (pb.SEVERITY_ERROR, pb.SEVERITY_FATAL, 0)
+                for e in events
+            ) or self.parser.failed
+            status = "failed" if failed else "completed"
+        self._complete(status, exit_code, sig)
+
+
+def options_from_json(text: str) -> dict[str, object]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"options are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("options must be a JSON object")
+    return value
