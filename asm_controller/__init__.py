@@ -1,0 +1,39 @@
+"""asm_controller: drive provider CLIs on node agents and reduce their events into Results.
+
+Layout: ``_client`` (gRPC NodeApi client, TLS/keepalive config), ``_connector``
+(connect, handshake, compatibility, preflight), ``_session`` (sessions, runs,
+admission, approvals), ``_reducer`` (EventReducer, Result), ``_events`` (Event).
+
+    async with Session("shell", node=RemoteNode("10.0.0.5:7070", token=...)) as s:
+        result = await s.query("echo hello")
+"""
+
+from asm_wire import (
+    AsmError,
+    ConfigError,
+    CwdNotAllowed,
+    NodeAtCapacity,
+    NodeCapabilityMismatch,
+    NodeConnectionError,
+    NodeConnectTimeout,
+    NodeNotReady,
+    NodeUnauthenticated,
+    NodeUnreachable,
+    NodeVersionMismatch,
+    ProviderMissing,
+    RunError,
+)
+
+from asm_controller._client import GrpcNodeClient, KeepaliveConfig, RemoteNode, TLSConfig
+from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
+from asm_controller._events import Event
+from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._session import RunOptions, RunStream, Session, query
+
+__all__ = [
+    "AsmError", "ConfigError", "Cost", "CwdNotAllowed", "EmbeddedNode", "Event", "EventReducer",
+    "GrpcNodeClient", "KeepaliveConfig", "NodeAtCapacity", "NodeCapabilityMismatch", "NodeConnectTimeout",
+    "NodeConnectionError", "NodeHandle", "NodeNotReady", "NodeTarget", "NodeUnauthenticated", "NodeUnreachable",
+    "NodeVersionMismatch", "ProviderMissing", "RemoteNode", "Result", "RunError", "RunOptions", "RunStream",
+    "Session", "TLSConfig", "check_compatible", "connect", "preflight", "query",
+]

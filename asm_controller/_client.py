@@ -1,0 +1,154 @@
+"""The gRPC implementation of :class:`asm_wire.NodeApi`, and its typed config.
+
+One channel per node, reused by every run. Failures come out as
+:class:`AsmError` (rebuilt from the node's ``asm-error-*`` trailers, or mapped
+from the status code when gRPC itself failed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from asm_wire import ConfigError, error_from_rpc, grpc_target, pb
+from asm_wire.v1 import node_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Client TLS: the CA that signed the node's cert; a client cert/key for mutual TLS."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls, ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TLSConfig:
+        if (cert is None) != (key is None):
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+        try:
+            return cls(
+                ca=Path(ca).read_bytes() if ca else None,
+                cert=Path(cert).read_bytes() if cert else None,
+                key=Path(key).read_bytes() if key else None,
+                server_name=server_name,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS material: {exc}") from None
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """HTTP/2 keepalive; matched with the node server's ping policy."""
+
+    time_ms: int = 20_000
+    timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A node agent reachable over gRPC."""
+
+    address: str
+    token: str | None = None
+    tls: TLSConfig | None = None
+    connect_timeout_s: float = 5.0
+    rpc_timeout_s: float = 15.0
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+
+    def __post_init__(self) -> None:
+        grpc_target(self.address)  # validates HOST:PORT early, with a clear error
+
+    @property
+    def key(self) -> str:
+        return f"grpc://{self.address}"
+
+
+class GrpcNodeClient:
+    """NodeApi over a gRPC channel."""
+
+    def __init__(self, node: RemoteNode) -> None:
+        self.node = node
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", node.keepalive.time_ms),
+            ("grpc.keepalive_timeout_ms", node.keepalive.timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Fail fast on a dead address instead of backing off for minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        target = grpc_target(node.address)
+        if node.tls is not None:
+            if node.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", node.tls.server_name))
+            creds = grpc.ssl_channel_credentials(node.tls.ca, node.tls.key, node.tls.cert)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = node_pb2_grpc.NodeServiceStub(self.channel)
+        self._md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {node.token}"),) if node.token else ()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, metadata=self._md, timeout=timeout or self.node.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def handshake(self, request: pb.HandshakeRequest, timeout: float | None = None) -> pb.HandshakeResponse:
+        resp: pb.HandshakeResponse = await self._unary(self._stub.Handshake, request, timeout)
+        return resp
+
+    async def preflight(self, request: pb.PreflightRequest) -> pb.PreflightResponse:
+        resp: pb.PreflightResponse = await self._unary(self._stub.Preflight, request)
+        return resp
+
+    async def _stream(self, call: Any) -> AsyncIterator[pb.EventBatch]:
+        try:
+            async for batch in call:
+                yield batch
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        finally:
+            call.cancel()
+
+    def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        return self._stream(self._stub.StartRun(request, metadata=self._md))
+
+    def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
+        return self._stream(self._stub.AttachRun(request, metadata=self._md))
+
+    async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
+        resp: pb.InterruptRunResponse = await self._unary(self._stub.InterruptRun, request)
+        return resp
+
+    async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
+        resp: pb.ResolveApprovalResponse = await self._unary(self._stub.ResolveApproval, request)
+        return resp
+
+    async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
+        resp: pb.SendInputResponse = await self._unary(self._stub.SendInput, request)
+        return resp
+
+    async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
+        resp: pb.RunInfo = await self._unary(self._stub.GetRun, request)
+        return resp
+
+    async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        resp: pb.ListRunsResponse = await self._unary(self._stub.ListRuns, request)
+        return resp

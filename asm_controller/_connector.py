@@ -1,0 +1,146 @@
+"""Node connector: connect, handshake, compatibility, preflight, each with a typed error.
+
+Compatibility rule (ASM's, with the protocol version standing in for the OTP
+release): same agent major.minor as this controller, the same wire protocol
+version, and every capability the controller needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from asm_wire import (
+    PROTOCOL_VERSION,
+    AsmError,
+    NodeApi,
+    NodeCapabilityMismatch,
+    NodeConnectTimeout,
+    NodeNotReady,
+    NodeUnauthenticated,
+    NodeUnreachable,
+    NodeVersionMismatch,
+    __version__,
+    error_from_info,
+    pb,
+    version_major_minor,
+)
+
+from asm_controller._client import GrpcNodeClient, RemoteNode
+
+REQUIRED_CAPABILITIES = frozenset({"run.start.v1", "run.attach.v1", "run.interrupt.v1", "approval.resolve.v1"})
+
+
+@dataclass(frozen=True)
+class EmbeddedNode:
+    """A node agent living in this process (``asm_node.NodeAgent``), used without gRPC."""
+
+    api: NodeApi
+    name: str = "embedded"
+
+    @property
+    def key(self) -> str:
+        return f"embedded://{id(self.api)}"
+
+    @property
+    def address(self) -> str:
+        return self.name
+
+
+NodeTarget = EmbeddedNode | RemoteNode
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+@dataclass
+class NodeHandle:
+    """A connected node whose handshake passed the compatibility rule."""
+
+    target: NodeTarget
+    api: NodeApi
+    info: pb.HandshakeResponse
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def epoch(self) -> str:
+        return self.info.boot_epoch
+
+    @property
+    def execution(self) -> str:
+        return "embedded" if isinstance(self.target, EmbeddedNode) else "remote"
+
+    async def close(self) -> None:
+        if isinstance(self.api, GrpcNodeClient):
+            await self.api.close()
+
+
+def check_compatible(info: pb.HandshakeResponse, address: str) -> None:
+    ours, theirs = version_major_minor(__version__), version_major_minor(info.agent_version)
+    if theirs is None or ours != theirs:
+        raise NodeVersionMismatch(
+            f"node {address} runs asm {info.agent_version or '?'}, this controller {__version__} "
+            "(major.minor must match)",
+            details={"local": __version__, "remote": info.agent_version},
+        )
+    if info.protocol_version != PROTOCOL_VERSION:
+        raise NodeVersionMismatch(
+            f"node {address} speaks wire protocol {info.protocol_version}, this controller {PROTOCOL_VERSION}",
+            details={"local_protocol": PROTOCOL_VERSION, "remote_protocol": info.protocol_version},
+        )
+    missing = sorted(REQUIRED_CAPABILITIES - set(info.capabilities))
+    if missing:
+        raise NodeCapabilityMismatch(
+            f"node {address} lacks capabilities: {', '.join(missing)}", details={"missing": missing}
+        )
+    if info.state != pb.NODE_STATE_READY:
+        state = pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+        raise NodeNotReady(f"node {address} is {state}")
+
+
+def _connect_error(err: AsmError, node: RemoteNode) -> AsmError:
+    text = err.message
+    if err.kind == "auth_error" or err.reason == "unauthenticated":
+        return NodeUnauthenticated(f"node {node.address} refused our credentials: {text}")
+    if err.kind == "timeout":
+        return NodeConnectTimeout(f"node {node.address} did not answer within {node.connect_timeout_s:g}s")
+    lowered = text.lower()
+    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate")):
+        return NodeUnauthenticated(f"TLS handshake with node {node.address} failed: {text}")
+    if err.kind in ("connection_failed", "transport_error"):
+        return NodeUnreachable(f"node {node.address} is unreachable: {text}")
+    return err
+
+
+async def connect(target: NodeTarget) -> NodeHandle:
+    """Open (or wrap) the node, handshake and check compatibility; typed errors on failure."""
+    request = pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION)
+    if isinstance(target, EmbeddedNode):
+        info = await target.api.handshake(request)
+        check_compatible(info, target.name)
+        return NodeHandle(target, target.api, info)
+    client = GrpcNodeClient(target)
+    try:
+        try:
+            info = await client.handshake(request, timeout=target.connect_timeout_s)
+        except AsmError as err:
+            raise _connect_error(err, target) from None
+        check_compatible(info, target.address)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
+    return NodeHandle(target, client, info)
+
+
+async def preflight(handle: NodeHandle, provider: str, cwd: str) -> str:
+    """Ask the node whether it would admit this run; return the resolved cwd or raise the typed reason."""
+    resp = await handle.api.preflight(pb.PreflightRequest(provider=provider, cwd=cwd))
+    if not resp.ok:
+        raise error_from_info(resp.error)
+    return resp.resolved_cwd

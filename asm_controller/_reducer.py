@@ -1,0 +1,233 @@
+"""EventReducer: folds a run's events into a :class:`Result`.
+
+Differences from ASM 0.9.2, on purpose (asm_runtime.md section 8):
+
+* Text is not doubled when a provider sends deltas *and* the full message: the
+  deltas since the last message are replaced by the message's text.
+* Only ``error`` events of severity ``error``/``fatal`` fail a run; ``warning``
+  and ``info`` errors (an overlong line that was dropped, say) are kept in
+  ``Result.warnings``.
+* There is one reducer, fed by the run's driver: ``query()``, ``stream()`` and
+  the session all see the same Result.
+* ``duration_ms`` comes from the events' own timestamps (first to last).
+* ``messages`` holds every event except text deltas, whose text is in ``text``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from asm_wire import KIND_VALUES, AsmError, RunError, normalize_kind, pb
+
+from asm_controller._events import Event
+
+_DELTA = KIND_VALUES["assistant_delta"]
+_MESSAGE = KIND_VALUES["assistant_message"]
+_RESULT = KIND_VALUES["result"]
+_ERROR = KIND_VALUES["error"]
+_COMPLETED = KIND_VALUES["run_completed"]
+_STARTED = KIND_VALUES["run_started"]
+_COST = KIND_VALUES["cost_update"]
+_APPROVAL_REQ = KIND_VALUES["approval_requested"]
+_APPROVAL_RES = KIND_VALUES["approval_resolved"]
+_TERMINAL_SEVERITIES = (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)
+
+
+@dataclass
+class Cost:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: Cost) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "cost_usd": self.cost_usd}
+
+
+@dataclass
+class Result:
+    """The reduced outcome of one run."""
+
+    run_id: str
+    session_id: str
+    provider: str
+    status: str  # completed | failed | interrupted (or pending while running)
+    text: str = ""
+    messages: list[Event] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+    error: AsmError | None = None
+    warnings: list[AsmError] = field(default_factory=list)
+    duration_ms: int | None = None
+    stop_reason: str | None = None
+    provider_session_id: str | None = None
+    exit_code: int | None = None
+    events: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed" and self.error is None
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def to_summary(self) -> dict[str, Any]:
+        """The ``result_summary`` object printed by ``asm run --output jsonl``."""
+        return {
+            "kind": "result_summary",
+            "run_id": self.run_id,
+            "session_id": self.session_id,
+            "provider": self.provider,
+            "status": self.status,
+            "text": self.text,
+            "error": self.error.to_dict() if self.error else None,
+            "warnings": [w.to_dict() for w in self.warnings],
+            "cost": self.cost.to_dict(),
+            "duration_ms": self.duration_ms,
+            "stop_reason": self.stop_reason,
+            "provider_session_id": self.provider_session_id,
+            "exit_code": self.exit_code,
+            "events": self.events,
+            "node_id": self.metadata.get("node_id"),
+            "metadata": self.metadata,
+        }
+
+
+def _message_text(msg: pb.AssistantMessage) -> str:
+    return "".join(b.text for b in msg.content if b.type == "text")
+
+
+class EventReducer:
+    def __init__(self, run_id: str, session_id: str, provider: str, metadata: dict[str, Any] | None = None) -> None:
+        self.run_id = run_id
+        self.session_id = session_id
+        self.provider = provider
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.status = "pending"
+        self.last_seq = 0
+        self.finished = False
+        self.pending_approvals: dict[str, Event] = {}
+        #: Approval and cost events not yet seen by the session (drained by the run driver).
+        self.bookkeeping: list[Event] = []
+        self._committed: list[str] = []
+        self._deltas: list[str] = []
+        self._messages: list[Event] = []
+        self._cost = Cost()
+        self._error: AsmError | None = None
+        self._warnings: list[AsmError] = []
+        self._stop_reason: str | None = None
+        self._psid: str | None = None
+        self._exit_code: int | None = None
+        self._first_ns = 0
+        self._last_ns = 0
+        self._events = 0
+
+    def apply(self, ev: Event) -> bool:
+        """Fold one event in; False (and nothing changes) for a duplicate or stale seq."""
+        m = ev.pb
+        seq = m.seq
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        self._events += 1
+        ts = m.timestamp_unix_nano
+        if not self._first_ns:
+            self._first_ns = ts
+        self._last_ns = ts
+        kind = m.kind
+        if kind == _DELTA:
+            self._deltas.append(m.assistant_delta.content)
+            return True
+        if m.provider_session_id and self._psid is None:
+            self._psid = m.provider_session_id
+        if kind == _MESSAGE:
+            # The full message supersedes the deltas that streamed it; deltas that
+            # are not a prefix of it belong to something else and are kept.
+            text = _message_text(m.assistant_message)
+            if self._deltas:
+                streamed = "".join(self._deltas)
+                self._deltas.clear()
+                if not text.startswith(streamed):
+                    self._committed.append(streamed)
+            if text:
+                self._committed.append(text)
+        elif kind == _STARTED:
+            self.status = "running"
+            if m.run_started.provider_session_id:
+                self._psid = m.run_started.provider_session_id
+            return True
+        elif kind == _COST:
+            c = m.cost_update
+            self._cost.add(Cost(c.input_tokens, c.output_tokens, c.cost_usd))
+            self.metadata["cost"] = self._cost.to_dict()
+            self.bookkeeping.append(ev)
+            return True
+        elif kind == _APPROVAL_REQ:
+            self.pending_approvals[m.approval_requested.approval_id] = ev
+            self.bookkeeping.append(ev)
+            return True
+        elif kind == _APPROVAL_RES:
+            self.pending_approvals.pop(m.approval_resolved.approval_id, None)
+            self.bookkeeping.append(ev)
+            return True
+        elif kind == _RESULT:
+            self._stop_reason = m.result.stop_reason or None
+            if self.status not in ("failed", "interrupted"):
+                self.status = "completed"
+            if m.result.output_json:
+                try:
+                    out = json.loads(m.result.output_json)
+                    if isinstance(out, dict) and isinstance(out.get("exit_code"), int):
+                        self._exit_code = out["exit_code"]
+                except ValueError:
+                    pass
+        elif kind == _ERROR:
+            e = m.error
+            err = RunError(
+                e.message, kind=normalize_kind(e.code), domain=e.domain or "runtime",
+                exit_code=e.exit_code if e.exit_code >= 0 else None,
+            )
+            if e.severity in _TERMINAL_SEVERITIES:
+                if self._error is None:
+                    self._error = err
+                self.status = "interrupted" if err.kind == "user_cancelled" else "failed"
+            else:
+                self._warnings.append(err)
+        elif kind == _COMPLETED:
+            rc = m.run_completed
+            if rc.status:
+                self.status = rc.status
+            elif self.status in ("pending", "running"):
+                self.status = "completed"
+            if rc.exit_code >= 0:
+                self._exit_code = rc.exit_code
+            self.finished = True
+        self._messages.append(ev)
+        return True
+
+    def result(self) -> Result:
+        return Result(
+            run_id=self.run_id,
+            session_id=self.session_id,
+            provider=self.provider,
+            status=self.status,
+            text="".join(self._committed) + "".join(self._deltas),
+            messages=list(self._messages),
+            cost=Cost(self._cost.input_tokens, self._cost.output_tokens, self._cost.cost_usd),
+            error=self._error,
+            warnings=list(self._warnings),
+            duration_ms=(self._last_ns - self._first_ns) // 1_000_000 if self.finished else None,
+            stop_reason=self._stop_reason,
+            provider_session_id=self._psid,
+            exit_code=self._exit_code,
+            events=self._events,
+            metadata=dict(self.metadata),
+        )

@@ -1,0 +1,497 @@
+"""Sessions and runs: ASM's facade semantics (stream, query, interrupt, approve, ...).
+
+A :class:`Session` holds defaults (provider, node, cwd, options, ...) that each
+run may override, admits runs (``max_concurrent_runs`` active, then up to
+``max_queued_runs`` queued, else ``at_capacity``), and tracks approvals and
+cost across its runs.
+
+Each run is driven by one task that reads event batches from its node, folds
+them into the run's single :class:`EventReducer`, registers approvals *before*
+anyone sees the event, and hands batches to the subscriber, if any. Fixed
+relative to ASM 0.9.2 (asm_runtime.md section 8):
+
+* a queued run that is cancelled ends its stream with a ``user_cancelled``
+  error instead of hanging; a queued run whose start fails gets that error;
+* every free slot promotes a queued run, not one per run exit;
+* ``stop()`` interrupts the session's runs on their nodes (their CLIs stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from asm_wire import AsmError, ConfigError, make_error, pb, ulid, valid_id
+
+from asm_controller._client import RemoteNode
+from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
+from asm_controller._events import Event
+from asm_controller._reducer import Cost, EventReducer, Result
+
+log = logging.getLogger("asm_controller.session")
+
+PERMISSION_MODES = ("default", "auto", "bypass", "plan")
+_RUN_COMPLETED = pb.EVENT_KIND_RUN_COMPLETED
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run needs; session defaults with per-run overrides applied."""
+
+    provider: str
+    node: NodeTarget | None
+    cwd: str = ""
+    permission_mode: str = "default"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    approval_timeout_ms: int = 120_000
+    preflight: bool = True
+
+    def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
+        unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id"})
+        if unknown:
+            raise ConfigError(f"unknown run option(s): {', '.join(unknown)}")
+        changes = {k: v for k, v in overrides.items() if k != "run_id" and v is not None}
+        if "options" in changes:
+            changes["options"] = {**self.options, **changes["options"]}
+        if "env" in changes:
+            changes["env"] = {**self.env, **changes["env"]}
+        merged = replace(self, **changes)
+        merged.validate()
+        return merged
+
+    def validate(self) -> None:
+        if not self.provider:
+            raise ConfigError("a provider is required")
+        if self.permission_mode not in PERMISSION_MODES:
+            raise ConfigError(
+                f"unsupported permission mode {self.permission_mode!r}: expected one of {', '.join(PERMISSION_MODES)}"
+            )
+        if not isinstance(self.approval_timeout_ms, int) or self.approval_timeout_ms <= 0:
+            raise ConfigError("approval_timeout_ms must be a positive integer")
+
+
+class _Run:
+    """Controller side of one run: admission state, driver task, reducer, subscriber queue."""
+
+    def __init__(self, session: Session, run_id: str, prompt: str, opts: RunOptions, subscribed: bool) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.prompt = prompt
+        self.opts = opts
+        self.state = "new"  # new | queued | active | done
+        self.reducer = EventReducer(
+            run_id, session.session_id, opts.provider,
+            {"provider": opts.provider, "lane": "core", "execution": "pending"},
+        )
+        self.queue: asyncio.Queue[list[Event] | None] | None = asyncio.Queue(maxsize=64) if subscribed else None
+        self.done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.handle: NodeHandle | None = None
+        self.cancel_requested = False
+        self._interrupt_sent = False
+        self._started_on_node = False
+        self._typed_error: AsmError | None = None
+
+    # -- driving ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state = "active"
+        self.task = asyncio.create_task(self._drive(), name=f"asm-run-{self.run_id}")
+
+    async def _drive(self) -> None:
+        try:
+            if self.cancel_requested:
+                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
+            handle = await self.session._handle(self.opts.node)
+            self.handle = handle
+            self.reducer.metadata.update(
+                node_id=handle.node_id, node_epoch=handle.epoch, node_address=handle.target.address,
+                execution=handle.execution,
+            )
+            cwd = self.opts.cwd
+            if self.opts.preflight:
+                cwd = await preflight(handle, self.opts.provider, cwd)
+            if self.cancel_requested:
+                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
+            request = pb.StartRunRequest(
+                run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
+                prompt=self.prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
+                options_json=_json(self.opts.options), env=dict(self.opts.env),
+                approval_timeout_ms=self.opts.approval_timeout_ms,
+            )
+            self._started_on_node = True
+            await self._consume(handle.api.start_run(request))
+            if not self.reducer.finished:
+                raise make_error("node_lost", "transport",
+                                 f"the stream from node {handle.target.address} ended before the run completed")
+        except AsmError as err:
+            await self._synthesize_failure(err)
+        except asyncio.CancelledError:
+            await self._synthesize_failure(make_error("user_cancelled", "runtime", "Run cancelled"))
+            raise
+        except Exception as exc:  # a bug must not leave a stream hanging
+            log.exception("run %s driver failed", self.run_id)
+            await self._synthesize_failure(make_error("runtime", "runtime", f"controller error: {exc}"))
+        finally:
+            self._finish()
+
+    async def _consume(self, batches: AsyncIterator[pb.EventBatch]) -> None:
+        reducer, queue, session = self.reducer, self.queue, self.session
+        async for batch in batches:
+            events = [Event(m) for m in batch.events]
+            fresh = [ev for ev in events if reducer.apply(ev)]
+            if reducer.bookkeeping:
+                # Approvals and cost reach the session before the subscriber sees the event.
+                session._observe(self, reducer.bookkeeping)
+                reducer.bookkeeping.clear()
+            if self.cancel_requested and not self._interrupt_sent:
+                await self._send_interrupt()
+            if queue is not None and fresh:
+                await queue.put(fresh)
+            if reducer.finished:
+                return
+
+    async def _synthesize_failure(self, err: AsmError) -> None:
+        """End the run's stream with an error and run_completed made here (the node never finished it)."""
+        r = self.reducer
+        if r.finished:
+            return
+        status = "interrupted" if err.kind == "user_cancelled" else "failed"
+        events = [
+            Event.synthetic("error", run_id=self.run_id, session_id=self.session.session_id,
+                            provider=self.opts.provider, seq=r.last_seq + 1, message=err.message, code=err.kind,
+                            domain=err.domain, severity=pb.SEVERITY_ERROR, exit_code=-1),
+            Event.synthetic("run_completed", run_id=self.run_id, session_id=self.session.session_id,
+                            provider=self.opts.provider, seq=r.last_seq + 2, status=status, exit_code=-1),
+        ]
+        if err.reason:
+            events[0].pb.metadata["reason"] = err.reason
+        for ev in events:
+            r.apply(ev)
+        if self.queue is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(events)
+        self._typed_error = err
+
+    def _finish(self) -> None:
+        self.state = "done"
+        err = self._typed_error
+        if err is not None and self.reducer._error is not None:
+            # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
+            self.reducer._error = err
+        if self.queue is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+        self.done.set()
+        self.session._run_finished(self)
+
+    async def _send_interrupt(self) -> None:
+        if self.handle is None or self._interrupt_sent:
+            return
+        self._interrupt_sent = True
+        try:
+            await self.handle.api.interrupt_run(pb.InterruptRunRequest(run_id=self.run_id))
+        except AsmError as err:
+            if err.kind == "unknown":  # not created on the node yet: retried after the next batch
+                self._interrupt_sent = False
+            else:
+                log.warning("interrupt of run %s failed: %s", self.run_id, err)
+
+    async def interrupt(self) -> None:
+        self.cancel_requested = True
+        if self.state == "queued":
+            self.session._dequeue(self)
+            await self._synthesize_failure(make_error("user_cancelled", "runtime", "Run interrupted while queued"))
+            self._finish()
+        elif self._started_on_node:
+            await self._send_interrupt()
+
+    def result(self) -> Result:
+        return self.reducer.result()
+
+
+def _json(options: Mapping[str, Any]) -> str:
+    import json
+
+    try:
+        return json.dumps(dict(options)) if options else ""
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"run options must be JSON-serializable: {exc}") from None
+
+
+class RunStream:
+    """An async iterator over one run's events; ``result`` once it is done.
+
+    Nothing is submitted until the first iteration (ASM's lazy stream). Use it
+    as an async context manager, or call :meth:`aclose`, to interrupt the run
+    when you stop reading early.
+    """
+
+    def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str) -> None:
+        self._session = session
+        self._prompt = prompt
+        self._opts = opts
+        self.run_id = run_id
+        self._run: _Run | None = None
+        self._batch: list[Event] = []
+        self._index = 0
+        self._ended = False
+
+    def _submit(self) -> _Run:
+        if self._run is None:
+            self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True)
+        return self._run
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._index < len(self._batch):
+            ev = self._batch[self._index]
+            self._index += 1
+            return ev
+        if self._ended:
+            raise StopAsyncIteration
+        run = self._submit()
+        assert run.queue is not None
+        batch = await run.queue.get()
+        if batch is None:
+            self._ended = True
+            raise StopAsyncIteration
+        self._batch, self._index = batch, 1
+        return batch[0]
+
+    @property
+    def result(self) -> Result | None:
+        """The reduced Result (final once iteration has ended)."""
+        return self._run.result() if self._run is not None else None
+
+    async def aclose(self) -> None:
+        run = self._run
+        if run is not None and run.state != "done":
+            await run.interrupt()
+            await run.done.wait()
+
+    async def __aenter__(self) -> RunStream:
+        self._submit()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Session:
+    """A set of runs sharing defaults, admission limits, approvals and cost."""
+
+    def __init__(
+        self,
+        provider: str = "shell",
+        *,
+        node: NodeTarget | None = None,
+        session_id: str | None = None,
+        cwd: str = "",
+        permission_mode: str = "default",
+        options: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        approval_timeout_ms: int = 120_000,
+        max_concurrent_runs: int = 1,
+        max_queued_runs: int = 10,
+        preflight: bool = True,
+    ) -> None:
+        self.session_id = session_id or ulid()
+        if not valid_id(self.session_id):
+            raise ConfigError(f"invalid session_id {self.session_id!r}")
+        if not isinstance(max_concurrent_runs, int) or max_concurrent_runs < 1:
+            raise ConfigError("max_concurrent_runs must be an integer >= 1")
+        if not isinstance(max_queued_runs, int) or max_queued_runs < 0:
+            raise ConfigError("max_queued_runs must be an integer >= 0")
+        self.defaults = RunOptions(
+            provider=provider, node=node, cwd=cwd, permission_mode=permission_mode,
+            options=dict(options or {}), env=dict(env or {}), approval_timeout_ms=approval_timeout_ms,
+            preflight=preflight,
+        )
+        self.defaults.validate()
+        self.max_concurrent_runs = max_concurrent_runs
+        self.max_queued_runs = max_queued_runs
+        self.status = "ready"
+        self._active: dict[str, _Run] = {}
+        self._queued: deque[_Run] = deque()
+        self._runs: dict[str, _Run] = {}
+        self._approvals: dict[str, _Run] = {}
+        self._handles: dict[str, NodeHandle] = {}
+        self._connecting: dict[str, asyncio.Future[NodeHandle]] = {}
+        self._cost = Cost()
+
+    # -- public API ------------------------------------------------------------
+
+    def stream(self, prompt: str, **overrides: Any) -> RunStream:
+        """A lazy stream of the run's events (submitted on first iteration)."""
+        if not isinstance(prompt, str):
+            raise ConfigError("prompt must be a string")
+        opts = self.defaults.merged(overrides)
+        run_id = overrides.get("run_id") or ulid()
+        if not valid_id(run_id):
+            raise ConfigError(f"invalid run_id {run_id!r}")
+        return RunStream(self, prompt, opts, run_id)
+
+    async def query(self, prompt: str, **overrides: Any) -> Result:
+        """Run to completion and return the Result (check ``result.ok`` / ``result.error``)."""
+        if not isinstance(prompt, str):
+            raise ConfigError("prompt must be a string")
+        opts = self.defaults.merged(overrides)
+        run_id = overrides.get("run_id") or ulid()
+        if not valid_id(run_id):
+            raise ConfigError(f"invalid run_id {run_id!r}")
+        run = self._submit(prompt, opts, run_id, subscribed=False)
+        try:
+            await run.done.wait()
+        except asyncio.CancelledError:
+            await run.interrupt()
+            raise
+        return run.result()
+
+    async def interrupt(self, run_id: str) -> None:
+        run = self._runs.get(run_id)
+        if run is None or run.state == "done":
+            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+        await run.interrupt()
+
+    async def approve(self, approval_id: str, decision: str, reason: str = "") -> None:
+        if decision not in ("allow", "deny"):
+            raise ConfigError(f"invalid decision {decision!r}: expected 'allow' or 'deny'")
+        run = self._approvals.pop(approval_id, None)
+        if run is None or run.handle is None:
+            raise make_error("unknown", "approval", f"Unknown approval id: {approval_id}")
+        await run.handle.api.resolve_approval(
+            pb.ResolveApprovalRequest(run_id=run.run_id, approval_id=approval_id, decision=decision, reason=reason)
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "provider": self.defaults.provider,
+            "status": self.status,
+            "active_runs": list(self._active),
+            "queued_runs": [r.run_id for r in self._queued],
+            "options": dict(self.defaults.options),
+        }
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(self._cost.input_tokens, self._cost.output_tokens, self._cost.cost_usd)
+
+    def result(self, run_id: str) -> Result:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+        return run.result()
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """Cancel queued runs, interrupt active ones on their nodes, and close connections."""
+        self.status = "stopping"
+        for run in list(self._queued):
+            await run.interrupt()
+        active = list(self._active.values())
+        for run in active:
+            await run.interrupt()
+        tasks = [r.task for r in active if r.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        for handle in self._handles.values():
+            with contextlib.suppress(Exception):
+                await handle.close()
+        self._handles.clear()
+        self.status = "stopped"
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- internals -------------------------------------------------------------
+
+    def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool) -> _Run:
+        if self.status != "ready":
+            raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
+        if run_id in self._runs:
+            raise ConfigError(f"run id {run_id!r} was already used in this session")
+        if opts.node is None:
+            raise ConfigError("no node to run on: give the session (or the run) a node")
+        run = _Run(self, run_id, prompt, opts, subscribed)
+        if len(self._active) < self.max_concurrent_runs:
+            self._active[run_id] = run
+            run.start()
+        elif len(self._queued) < self.max_queued_runs:
+            run.state = "queued"
+            self._queued.append(run)
+        else:
+            raise make_error("at_capacity", "runtime", "Session at run capacity")
+        self._runs[run_id] = run
+        return run
+
+    def _dequeue(self, run: _Run) -> None:
+        with contextlib.suppress(ValueError):
+            self._queued.remove(run)
+
+    def _run_finished(self, run: _Run) -> None:
+        self._active.pop(run.run_id, None)
+        for approval_id in [a for a, r in self._approvals.items() if r is run]:
+            del self._approvals[approval_id]
+        while self._queued and len(self._active) < self.max_concurrent_runs and self.status == "ready":
+            nxt = self._queued.popleft()
+            self._active[nxt.run_id] = nxt
+            nxt.start()
+
+    def _observe(self, run: _Run, events: list[Event]) -> None:
+        """Session bookkeeping for a batch, done before the subscriber sees it."""
+        for ev in events:
+            kind = ev.pb.kind
+            if kind == pb.EVENT_KIND_APPROVAL_REQUESTED:
+                self._approvals[ev.pb.approval_requested.approval_id] = run
+            elif kind == pb.EVENT_KIND_APPROVAL_RESOLVED:
+                self._approvals.pop(ev.pb.approval_resolved.approval_id, None)
+            elif kind == pb.EVENT_KIND_COST_UPDATE:
+                c = ev.pb.cost_update
+                self._cost.add(Cost(c.input_tokens, c.output_tokens, c.cost_usd))
+
+    async def _handle(self, target: NodeTarget | None) -> NodeHandle:
+        if target is None:
+            raise ConfigError("no node to run on")
+        key = target.key
+        handle = self._handles.get(key)
+        if handle is not None:
+            return handle
+        pending = self._connecting.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(connect(target))
+            self._connecting[key] = pending
+            try:
+                handle = await asyncio.shield(pending)
+                self._handles[key] = handle
+                return handle
+            finally:
+                self._connecting.pop(key, None)
+        return await asyncio.shield(pending)
+
+
+async def query(prompt: str, provider: str = "shell", *, node: NodeTarget, **options: Any) -> Result:
+    """One-shot: an ephemeral session, one run, always stopped afterwards."""
+    session = Session(provider, node=node, **options)
+    try:
+        return await session.query(prompt)
+    finally:
+        await session.stop()
+
+
+__all__ = ["EmbeddedNode", "RemoteNode", "RunOptions", "RunStream", "Session", "query"]
