@@ -22,11 +22,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from asm_wire import AsmError, ConfigError, make_error, pb, ulid, valid_id
+from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
 
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
@@ -44,7 +44,8 @@ class RunOptions:
     """What a run needs; session defaults with per-run overrides applied."""
 
     provider: str
-    node: NodeTarget | None
+    #: Where to run: one node, or several tried in order until one admits the run.
+    node: NodeTarget | Sequence[NodeTarget] | None
     cwd: str = ""
     permission_mode: str = "default"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -64,6 +65,14 @@ class RunOptions:
         merged = replace(self, **changes)
         merged.validate()
         return merged
+
+    @property
+    def nodes(self) -> tuple[NodeTarget, ...]:
+        if self.node is None:
+            return ()
+        if isinstance(self.node, EmbeddedNode | RemoteNode):
+            return (self.node,)
+        return tuple(self.node)
 
     def validate(self) -> None:
         if not self.provider:
@@ -108,15 +117,7 @@ class _Run:
         try:
             if self.cancel_requested:
                 raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
-            handle = await self.session._handle(self.opts.node)
-            self.handle = handle
-            self.reducer.metadata.update(
-                node_id=handle.node_id, node_epoch=handle.epoch, node_address=handle.target.address,
-                execution=handle.execution,
-            )
-            cwd = self.opts.cwd
-            if self.opts.preflight:
-                cwd = await preflight(handle, self.opts.provider, cwd)
+            handle, cwd = await self._admit()
             if self.cancel_requested:
                 raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
             request = pb.StartRunRequest(
@@ -140,6 +141,39 @@ class _Run:
             await self._synthesize_failure(make_error("runtime", "runtime", f"controller error: {exc}"))
         finally:
             self._finish()
+
+    async def _admit(self) -> tuple[NodeHandle, str]:
+        """Connect and preflight each candidate node in order; the first that admits the run wins.
+
+        Only admission failures move on to the next node: nothing has started
+        anywhere yet, so trying elsewhere cannot run the prompt twice.
+        """
+        attempts: list[dict[str, Any]] = []
+        last: AsmError | None = None
+        for target in self.opts.nodes:
+            try:
+                handle = await self.session._handle(target)
+                cwd = self.opts.cwd
+                if self.opts.preflight:
+                    cwd = await preflight(handle, self.opts.provider, cwd)
+            except NodeConnectionError as err:
+                attempts.append({"node": target.address, "error": err.to_dict()})
+                self.reducer.metadata["attempts"] = attempts
+                last = err
+                continue
+            attempts.append({"node": target.address, "node_id": handle.node_id, "admitted": True})
+            self.reducer.metadata["attempts"] = attempts
+            self.handle = handle
+            self.reducer.metadata.update(
+                node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address,
+                execution=handle.execution,
+            )
+            return handle, cwd
+        if last is None:
+            raise ConfigError("no node to run on: give the session (or the run) a node")
+        if len(attempts) > 1:
+            last.message = f"no node admitted the run ({len(attempts)} tried); last: {last.message}"
+        raise last
 
     async def _consume(self, batches: AsyncIterator[pb.EventBatch]) -> None:
         reducer, queue, session = self.reducer, self.queue, self.session
@@ -426,7 +460,7 @@ class Session:
             raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
         if run_id in self._runs:
             raise ConfigError(f"run id {run_id!r} was already used in this session")
-        if opts.node is None:
+        if not opts.nodes:
             raise ConfigError("no node to run on: give the session (or the run) a node")
         run = _Run(self, run_id, prompt, opts, subscribed)
         if len(self._active) < self.max_concurrent_runs:

@@ -1,0 +1,3 @@
+from asm_cli.main import main
+
+main()

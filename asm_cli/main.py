@@ -1,0 +1,355 @@
+"""The ``asm`` command line: the composition root of node and controller.
+
+    asm node serve --listen HOST:PORT [--token-file F] [--tls-cert F --tls-key F [--tls-ca F]]
+                   [--workspace-root DIR ...] [--max-runs N] [--insecure]
+    asm run [--node HOST:PORT ...] --provider P [--cwd DIR] [--permission-mode M]
+            [--output text|jsonl] [--opt KEY=VALUE ...] PROMPT
+    asm nodes --node HOST:PORT ... [--provider P [--cwd DIR]] [--output table|json]
+
+Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
+3 no node could be used (unreachable, refused, incompatible); 130 interrupted.
+A user mistake prints one ``asm: error: ...`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from asm_controller import (
+    EmbeddedNode,
+    NodeConnectionError,
+    RemoteNode,
+    Session,
+    TLSConfig,
+    connect,
+    preflight,
+)
+from asm_node import NodeAgent, NodeConfig, serve
+from asm_wire import AsmError, ConfigError, __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"asm: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    sys.stderr.write(f"asm: error: {message}\n")
+    sys.exit(code)
+
+
+def _read_token(token_file: str | None) -> str | None:
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get("ASM_TOKEN") or None
+
+
+def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
+    p.add_argument("--tls-cert", metavar="F", help="certificate (PEM)" + ("" if server else " for mutual TLS"))
+    p.add_argument("--tls-key", metavar="F", help="private key (PEM)")
+    p.add_argument("--tls-ca", metavar="F",
+                   help="CA bundle: clients must present a cert it signed (mutual TLS)" if server
+                   else "CA bundle that signed the node's certificate (enables TLS)")
+    if not server:
+        p.add_argument("--tls-server-name", metavar="NAME", help="expected name in the node's certificate")
+
+
+def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TLSConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
+def _remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
+    token = _read_token(args.token_file)
+    tls = _client_tls(args)
+    return [RemoteNode(addr, token=token, tls=tls, connect_timeout_s=args.connect_timeout) for addr in args.node]
+
+
+def _parse_opts(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt expects KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string
+        out[key.strip()] = value
+    return out
+
+
+# -- asm node serve -------------------------------------------------------------
+
+
+def cmd_node_serve(args: argparse.Namespace) -> int:
+    token = _read_token(args.token_file)
+    settings: dict[str, Any] = {
+        "listen": args.listen, "insecure": args.insecure, "token": token,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
+    }
+    if args.workspace_root:
+        settings["workspace_roots"] = args.workspace_root
+    if args.max_runs is not None:
+        settings["max_runs"] = args.max_runs
+    if args.node_id:
+        settings["node_id"] = args.node_id
+    if args.shell_allow:
+        settings["shell_allowed_commands"] = [*NodeConfig().shell_allowed_commands, *args.shell_allow]
+    if args.shell_allow_interpolation:
+        settings["shell_allow_interpolation"] = True
+    if args.env_allow:
+        settings["env_allow"] = args.env_allow
+    if args.detach_grace is not None:
+        settings["detach_grace_s"] = args.detach_grace
+    if args.line_cap is not None:
+        settings["line_cap_bytes"] = args.line_cap
+    config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
+
+    def ready(node: Any) -> None:
+        sys.stderr.write(
+            f"asm node {node.agent.node_id} listening on {args.listen} (port {node.port}, epoch {node.agent.boot_epoch})\n"
+        )
+        sys.stderr.flush()
+
+    asyncio.run(serve(config, on_ready=ready))
+    return EXIT_OK
+
+
+# -- asm run ----------------------------------------------------------------------
+
+
+def _print_event(ev: Any, output: str) -> None:
+    if output == "jsonl":
+        sys.stdout.write(json.dumps(ev.to_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    kind = ev.kind
+    if kind == "assistant_delta":
+        sys.stdout.write(ev.pb.assistant_delta.content)
+        sys.stdout.flush()
+    elif kind == "assistant_message":
+        sys.stdout.write("".join(b.text for b in ev.pb.assistant_message.content if b.type == "text") + "\n")
+        sys.stdout.flush()
+    elif kind == "stderr":
+        sys.stderr.write(ev.pb.stderr.content + "\n")
+    elif kind == "error" and ev.pb.error.severity in (1, 2):  # warnings; a failure is in the summary line
+        sys.stderr.write(f"asm: warning: {ev.pb.error.code or 'error'}: {ev.pb.error.message}\n")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    options = _parse_opts(args.opt)
+    agent: NodeAgent | None = None
+    nodes: list[Any]
+    if args.node:
+        nodes = list(_remote_nodes(args))
+    else:
+        agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded"))
+        await agent.start()
+        nodes = [EmbeddedNode(agent)]
+    cwd = str(Path(args.cwd).expanduser().absolute()) if args.cwd else ("" if args.node else os.getcwd())
+    session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options)
+    interrupted = False
+    loop = asyncio.get_running_loop()
+    try:
+        stream = session.stream(args.prompt, **({"run_id": args.run_id} if args.run_id else {}))
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            if interrupted:  # a second Ctrl-C: stop waiting
+                sys.stderr.write("asm: interrupted again, exiting without waiting for the node\n")
+                os._exit(EXIT_INTERRUPTED)
+            interrupted = True
+            sys.stderr.write("asm: interrupting the run (Ctrl-C again to exit now)\n")
+            loop.create_task(session.interrupt(stream.run_id))
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        async for ev in stream:
+            _print_event(ev, args.output)
+        result = stream.result
+        assert result is not None
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await session.stop()
+        if agent is not None:
+            await agent.stop()
+    if args.output == "jsonl":
+        sys.stdout.write(json.dumps(result.to_summary()) + "\n")
+    else:
+        if result.text and not result.text.endswith("\n"):
+            sys.stdout.write("\n")
+        where = result.metadata.get("node_id", "?")
+        line = f"asm: {result.status} on {where} in {result.duration_ms if result.duration_ms is not None else '?'} ms"
+        if result.cost.input_tokens or result.cost.output_tokens:
+            line += f", {result.cost.input_tokens} in / {result.cost.output_tokens} out tokens, ${result.cost.cost_usd:.4f}"
+        if result.error is not None:
+            line += f": {result.error}"
+        sys.stderr.write(line + "\n")
+    sys.stdout.flush()
+    if result.ok:
+        return EXIT_OK
+    if result.error is not None and result.error.kind == "user_cancelled":
+        return EXIT_INTERRUPTED
+    if isinstance(result.error, NodeConnectionError):
+        return EXIT_NODE
+    return EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+# -- asm nodes --------------------------------------------------------------------
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for target in _remote_nodes(args):
+        row: dict[str, Any] = {"node": target.address}
+        try:
+            handle = await connect(target)
+        except AsmError as err:
+            row["error"] = err.to_dict()
+            rows.append(row)
+            continue
+        try:
+            info = handle.info
+            row.update(
+                node_id=info.node_id, version=info.agent_version, protocol=info.protocol_version,
+                epoch=info.boot_epoch, state="ready",
+                load={"active_runs": info.load.active_runs, "max_runs": info.limits.max_runs},
+                providers=[
+                    {"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
+                    for p in info.providers
+                ],
+                host={"hostname": info.host.hostname, "os": info.host.os, "arch": info.host.arch},
+                capabilities=list(info.capabilities),
+            )
+            if args.provider:
+                try:
+                    row["preflight"] = {"ok": True, "cwd": await preflight(handle, args.provider, args.cwd or "")}
+                except AsmError as err:
+                    row["preflight"] = {"ok": False, "error": err.to_dict()}
+        finally:
+            await handle.close()
+        rows.append(row)
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        for row in rows:
+            if "error" in row:
+                e = row["error"]
+                sys.stdout.write(f"{row['node']:<22} ERROR  {e.get('reason') or e['kind']}: {e['message']}\n")
+                continue
+            provs = ", ".join(f"{p['name']} {p['version']}" if p["available"] else f"{p['name']} (missing)"
+                              for p in row["providers"])
+            load = f"{row['load']['active_runs']}/{row['load']['max_runs']}"
+            line = f"{row['node']:<22} {row['state']:<6} {row['node_id']} v{row['version']} epoch {row['epoch']} load {load} providers: {provs}"
+            if "preflight" in row:
+                pf = row["preflight"]
+                line += " preflight: ok" if pf["ok"] else f" preflight: {pf['error'].get('reason') or pf['error']['kind']}: {pf['error']['message']}"
+            sys.stdout.write(line + "\n")
+    failed = any("error" in r or not r.get("preflight", {"ok": True})["ok"] for r in rows)
+    return EXIT_NODE if failed else EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    return asyncio.run(_nodes(args))
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="asm", description="Run AI coding-agent CLIs on remote machines.")
+    parser.add_argument("--version", action="version", version=f"asm {__version__}")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    node = sub.add_parser("node", help="node agent commands")
+    node_sub = node.add_subparsers(dest="node_command", required=True, parser_class=_Parser)
+    s = node_sub.add_parser("serve", help="serve a node agent")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT")
+    s.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
+    _tls_args(s, server=True)
+    s.add_argument("--workspace-root", action="append", metavar="DIR", help="runs' cwd must be inside (repeatable)")
+    s.add_argument("--max-runs", type=int, metavar="N", help="concurrent runs (default 8)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
+    s.add_argument("--node-id", help="node id (default: the hostname)")
+    s.add_argument("--shell-allow", action="append", metavar="CMD", help="add a command to the shell allow-list")
+    s.add_argument("--shell-allow-interpolation", action="store_true", help="let runs ask for /bin/sh -c")
+    s.add_argument("--env-allow", action="append", metavar="VAR", help="env var a run request may set")
+    s.add_argument("--detach-grace", type=float, metavar="SECONDS", help="interrupt runs left unattached this long")
+    s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
+    s.set_defaults(func=cmd_node_serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--token-file", metavar="F", help="bearer token file (default: env ASM_TOKEN)")
+        _tls_args(p, server=False)
+        p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+
+    r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
+    r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
+    r.add_argument("--provider", required=True, help="shell (claude, codex, gemini, amp to come)")
+    r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
+    r.add_argument("--permission-mode", default="default", choices=["default", "auto", "bypass", "plan"])
+    r.add_argument("--output", default="text", choices=["text", "jsonl"])
+    r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
+    r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
+    client_args(r)
+    r.add_argument("prompt", metavar="PROMPT")
+    r.set_defaults(func=cmd_run)
+
+    n = sub.add_parser("nodes", help="show each node's handshake or its typed error")
+    n.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
+    n.add_argument("--provider", help="also preflight this provider")
+    n.add_argument("--cwd", metavar="DIR", help="cwd to preflight")
+    n.add_argument("--output", default="table", choices=["table", "json"])
+    client_args(n)
+    n.set_defaults(func=cmd_nodes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = args.func(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        _fail(problems)
+    except NodeConnectionError as exc:
+        _fail(exc.message, EXIT_NODE)
+    except AsmError as exc:
+        _fail(exc.message, EXIT_USAGE if exc.kind == "config_invalid" else EXIT_FAILED)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
