@@ -196,6 +196,8 @@ async def _run(args: argparse.Namespace) -> int:
             await agent.stop()
     if args.output == "jsonl":
         sys.stdout.write(json.dumps(result.to_summary()) + "\n")
+        if result.error is not None:
+            sys.stderr.write(f"asm: error: {result.error}\n")
     else:
         if result.text and not result.text.endswith("\n"):
             sys.stdout.write("\n")

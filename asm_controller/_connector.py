@@ -110,7 +110,7 @@ def _connect_error(err: AsmError, node: RemoteNode) -> AsmError:
     if err.kind == "timeout":
         return NodeConnectTimeout(f"node {node.address} did not answer within {node.connect_timeout_s:g}s")
     lowered = text.lower()
-    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate")):
+    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate", "verification", "unauthenticated")):
         return NodeUnauthenticated(f"TLS handshake with node {node.address} failed: {text}")
     if err.kind in ("connection_failed", "transport_error"):
         return NodeUnreachable(f"node {node.address} is unreachable: {text}")

@@ -53,11 +53,25 @@ async def wait_group_gone(proc: asyncio.subprocess.Process, timeout: float) -> b
         remaining = deadline - loop.time()
         if remaining <= 0:
             return False
-        if proc.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proc.wait()), min(remaining, 0.05))
-        else:
-            await asyncio.sleep(min(remaining, 0.02))
+        await asyncio.sleep(min(remaining, 0.02))
+
+
+async def leader_exited(proc: asyncio.subprocess.Process, interval: float = 0.05) -> int:
+    """Return when the group leader has exited.
+
+    ``Process.wait()`` also waits for the stdout/stderr pipes to close, which
+    never happens while a leftover child of the CLI holds them; the returncode
+    is set as soon as the leader is reaped, so watch that too.
+    """
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        while proc.returncode is None:
+            done, _ = await asyncio.wait({waiter}, timeout=interval)
+            if done:
+                break
+        return proc.returncode if proc.returncode is not None else await waiter
+    finally:
+        waiter.cancel()
 
 
 async def terminate_group(
@@ -72,7 +86,7 @@ async def terminate_group(
     else:
         signal_group(proc.pid, signal.SIGKILL)
     # The leader is always reaped, whatever happened above.
-    await proc.wait()
+    await leader_exited(proc)
     if group_alive(proc.pid):
         signal_group(proc.pid, signal.SIGKILL)
         await wait_group_gone(proc, 1.0)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
 
-from asm_node.process import LineReader, Reaper, group_alive, pump, spawn, terminate_group
+from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
 
 if TYPE_CHECKING:
@@ -147,9 +147,11 @@ class Run:
             waiter.set_result(None)
 
     def _changed(self) -> asyncio.Future[None]:
-        if self._waiter is None:
+        # Shared by every follower, so each awaits it through shield(): a follower
+        # that is cancelled (its client went away) must not cancel it for the rest.
+        if self._waiter is None or self._waiter.done():
             self._waiter = asyncio.get_running_loop().create_future()
-        return self._waiter
+        return asyncio.shield(self._waiter)
 
     async def follow(self, after_seq: int) -> AsyncIterator[bytes]:
         """Serialized EventBatch frames with every event after ``after_seq``, live until the run ends."""
@@ -290,7 +292,7 @@ class Run:
                         ))
                     break
                 text = raw[:line_cap].rstrip(b"\r").decode("utf-8", "replace")
-                self._stderr_sent += len(raw)
+                self._stderr_sent += len(raw) + 1
                 out.append(pb.Event(kind=KIND_VALUES["stderr"], stderr=pb.Stderr(content=text)))
             self._emit(out)
 
@@ -358,7 +360,7 @@ class Run:
                  lambda: self.parser.terminal)
         )
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
-        wait_task = asyncio.create_task(proc.wait())
+        wait_task = asyncio.create_task(leader_exited(proc))
         intr_task = asyncio.create_task(self._interrupt.wait())
         end = "exit"
         cfg = self.config
@@ -381,7 +383,7 @@ class Run:
                     if intr_task in done2 and not self.parser.terminal:
                         end = "interrupted"
                     await terminate_group(proc, escalation if end == "interrupted" else escalation[1:])
-            await proc.wait()
+            await leader_exited(proc)
             if group_alive(proc.pid):
                 # The leader is gone but something it started lives on: no process is left behind.
                 await terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 0.5))])

@@ -10,9 +10,9 @@ Exception tree::
     AsmError                       any asm failure (kind, domain, reason, message)
     ├── ConfigError                kind=config_invalid   bad option, cwd outside the roots, ...
     ├── NodeConnectionError        a node could not be used for a run
-    │   ├── NodeUnreachable        reason=unreachable        (connection refused, DNS, TLS)
+    │   ├── NodeUnreachable        reason=unreachable        (connection refused, DNS, socket closed)
     │   ├── NodeConnectTimeout     reason=connect_timeout    (no gRPC answer in time)
-    │   ├── NodeUnauthenticated    reason=unauthenticated    (token or client cert refused)
+    │   ├── NodeUnauthenticated    reason=unauthenticated    (token refused; node cert not verified)
     │   ├── NodeVersionMismatch    reason=version_mismatch   (agent major.minor or protocol)
     │   ├── NodeCapabilityMismatch reason=capability_mismatch
     │   ├── NodeNotReady           reason=not_ready          (draining or stopping)
@@ -20,6 +20,10 @@ Exception tree::
     │   ├── CwdNotAllowed          reason=cwd_not_allowed    (preflight: cwd outside the roots)
     │   └── NodeAtCapacity         reason=at_capacity        (preflight: no free run slot)
     └── RunError                   a run ended in failure (carried by Result.error)
+
+A node that refuses a client certificate under mutual TLS just closes the
+socket, which a client cannot tell from a network failure: that case is
+reported as NodeUnreachable with the TLS error text.
 
 At the gRPC boundary the kind, domain and reason travel in trailing metadata
 (``asm-error-*``) next to a status code chosen from the kind, so a round trip

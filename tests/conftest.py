@@ -1,0 +1,138 @@
+"""Shared fixtures: node agents as real processes on 127.0.0.1, and in-process ones."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from asm_node import NodeAgent, NodeConfig, NodeServer, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+_READY = re.compile(r"listening on \S+ \(port (\d+), epoch (\w+)\)")
+PYTHON_BASENAME = os.path.basename(sys.executable)
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    epoch: str
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_node_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0) -> NodeProcess:
+    log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})}, cwd=str(tmp_path),
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = _READY.search(log_path.read_text(errors="replace"))
+        if match:
+            return NodeProcess(proc, int(match.group(1)), match.group(2), log_path)
+        if proc.poll() is not None:
+            raise RuntimeError(f"node agent exited early ({proc.returncode}): {log_path.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"node agent did not become ready: {log_path.read_text()}")
+
+
+@pytest.fixture
+def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Factory: start ``asm node serve`` processes; all are stopped (by PID) at teardown."""
+    started: list[NodeProcess] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> NodeProcess:
+        node = start_node_process(tmp_path, *args, env=env)
+        started.append(node)
+        return node
+
+    yield factory
+    for node in started:
+        node.stop()
+
+
+def node_config(**overrides: object) -> NodeConfig:
+    """A NodeConfig with short graces so tests finish quickly."""
+    base: dict[str, object] = {
+        "listen": "127.0.0.1:0", "interrupt_grace_s": 1.0, "term_grace_s": 1.0, "exit_grace_s": 0.5,
+        "shell_allowed_commands": [*NodeConfig().shell_allowed_commands, PYTHON_BASENAME, "python3", "sh"],
+    }
+    base.update(overrides)
+    return NodeConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[NodeAgent]:
+    """An in-process node agent (embedded node)."""
+    a = NodeAgent(node_config())
+    await a.start()
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
+@pytest.fixture
+async def grpc_node() -> AsyncIterator[NodeServer]:
+    """A node agent behind a real gRPC server on 127.0.0.1, in this process."""
+    server = await start_server(node_config())
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
