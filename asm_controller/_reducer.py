@@ -142,12 +142,12 @@ class EventReducer:
         if not self._first_ns:
             self._first_ns = ts
         self._last_ns = ts
+        if self._psid is None and m.provider_session_id:
+            self._psid = m.provider_session_id
         kind = m.kind
         if kind == _DELTA:
             self._deltas.append(m.assistant_delta.content)
             return True
-        if m.provider_session_id and self._psid is None:
-            self._psid = m.provider_session_id
         if kind == _MESSAGE:
             # The full message supersedes the deltas that streamed it; deltas that
             # are not a prefix of it belong to something else and are kept.
