@@ -198,6 +198,8 @@ async def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         if result.error is not None:
             sys.stderr.write(f"asm: error: {result.error}\n")
+    elif isinstance(result.error, NodeConnectionError):
+        sys.stderr.write(f"asm: error: {result.error.message}\n")  # nothing ran: no summary to give
     else:
         if result.text and not result.text.endswith("\n"):
             sys.stdout.write("\n")

@@ -1,0 +1,132 @@
+"""The ``asm`` command line, as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import ROOT, NodeProcess
+
+ASM = [sys.executable, "-m", "asm_cli"]
+
+
+def asm(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ASM, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=str(ROOT))
+
+
+def jsonl(out: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_run_on_embedded_node_prints_events_and_summary() -> None:
+    proc = asm("run", "--provider", "shell", "--output", "jsonl", "echo hello")
+    assert proc.returncode == 0, proc.stderr
+    lines = jsonl(proc.stdout)
+    assert [line["kind"] for line in lines] == ["run_started", "assistant_delta", "result", "run_completed", "result_summary"]
+    for line in lines[:-1]:
+        assert {"kind", "seq", "run_id", "payload"} <= set(line)
+    summary = lines[-1]
+    assert summary["status"] == "completed" and "hello" in str(summary["text"])
+    assert summary["error"] is None and summary["node_id"]
+    assert summary["cost"] == {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+
+
+def test_run_on_remote_node_with_token(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    tok = tmp_path / "t"
+    tok.write_text("tok-123\n")
+    node = node_process("--token-file", str(tok))
+    proc = asm("run", "--node", node.address, "--provider", "shell", "--output", "jsonl", "echo hello",
+               env={"ASM_TOKEN": "tok-123"})
+    assert proc.returncode == 0, proc.stderr
+    lines = jsonl(proc.stdout)
+    assert lines[0]["kind"] == "run_started" and lines[-1]["kind"] == "result_summary"
+    assert "hello" in str(lines[-1]["text"])
+    assert lines[-1]["metadata"]["node_epoch"] == node.epoch  # type: ignore[index]
+
+
+def test_text_output_and_failed_run_exit_code() -> None:
+    ok = asm("run", "--provider", "shell", "echo plain text")
+    assert ok.returncode == 0 and ok.stdout == "plain text\n"
+    failed = asm("run", "--provider", "shell", "false")
+    assert failed.returncode == 1
+    assert "tool_failed" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_user_mistakes_print_one_line_and_no_traceback(tmp_path: Path) -> None:
+    cases = [
+        (["run", "--provider", "shell", "--bogus", "echo"], 2),
+        (["run", "--provider", "shell", "--permission-mode", "yolo", "echo"], 2),
+        (["run", "--node", "127.0.0.1:1", "--provider", "shell", "echo hi"], 3),
+        (["run", "--node", "not-an-address", "--provider", "shell", "echo hi"], 2),
+        (["run", "--provider", "shell", "--opt", "novalue", "echo hi"], 2),
+        (["run", "--provider", "shell", "--token-file", str(tmp_path / "missing"), "--node", "127.0.0.1:1", "echo"], 2),
+        (["node", "serve", "--listen", "127.0.0.1:0", "--workspace-root", str(tmp_path / "nope")], 2),
+    ]
+    for args, code in cases:
+        proc = asm(*args)
+        assert proc.returncode == code, (args, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr, args
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("asm: error:")]
+        assert errors, (args, proc.stderr)
+    # `asm nodes` reports per-node errors in its table (and exits 3), not as a usage error.
+    nodes = asm("nodes", "--node", "127.0.0.1:1")
+    assert nodes.returncode == 3 and "unreachable" in nodes.stdout and "Traceback" not in nodes.stderr
+
+
+def test_cwd_outside_roots_is_a_clear_error(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    node = node_process("--workspace-root", str(root))
+    proc = asm("run", "--node", node.address, "--provider", "shell", "--cwd", "/etc", "pwd")
+    assert proc.returncode == 3
+    assert "outside the node's workspace roots" in proc.stderr and "Traceback" not in proc.stderr
+    inside = asm("run", "--node", node.address, "--provider", "shell", "--cwd", str(root), "pwd")
+    assert inside.returncode == 0 and inside.stdout.strip() == str(root)
+
+
+def test_nodes_lists_handshake(node_process: Callable[..., NodeProcess]) -> None:
+    node = node_process()
+    proc = asm("nodes", "--node", node.address, "--output", "json", "--provider", "shell")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["epoch"] == node.epoch and row["version"] == "0.1.0"
+    assert row["providers"][0]["name"] == "shell" and row["preflight"]["ok"] is True
+    assert row["load"] == {"active_runs": 0, "max_runs": 8}
+
+
+def test_ctrl_c_interrupts_the_run_and_still_prints_the_summary(node_process: Callable[..., NodeProcess]) -> None:
+    node = node_process()
+    proc = subprocess.Popen([*ASM, "run", "--node", node.address, "--provider", "shell", "--output", "jsonl", "sleep 30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # run_started: the CLI is running on the node
+    assert json.loads(first)["kind"] == "run_started"
+    pid = json.loads(first)["payload"]["pid"]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 10
+    summary = jsonl(out)[-1]
+    assert summary["kind"] == "result_summary" and summary["status"] == "interrupted"
+    assert summary["error"]["kind"] == "user_cancelled"  # type: ignore[index]
+    assert "Traceback" not in err
+    try:
+        os.kill(pid, 0)
+        alive = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive
+
+
+def test_generated_stubs_match_proto() -> None:
+    proc = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr
