@@ -168,9 +168,10 @@ async def _run(args: argparse.Namespace) -> int:
         agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded"))
         await agent.start()
         nodes = [EmbeddedNode(agent)]
-    cwd = str(Path(args.cwd).expanduser().absolute()) if args.cwd else ("" if args.node else os.getcwd())
+    cwd = args.cwd_resolved
     session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options)
     interrupted = False
+    pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     try:
         stream = session.stream(args.prompt, **({"run_id": args.run_id} if args.run_id else {}))
@@ -182,7 +183,7 @@ async def _run(args: argparse.Namespace) -> int:
                 os._exit(EXIT_INTERRUPTED)
             interrupted = True
             sys.stderr.write("asm: interrupting the run (Ctrl-C again to exit now)\n")
-            loop.create_task(session.interrupt(stream.run_id))
+            pending.add(loop.create_task(session.interrupt(stream.run_id)))
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         async for ev in stream:
@@ -221,6 +222,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # For an embedded node --cwd is a local path; a remote node gets it as given (it must be absolute there).
+    if args.node:
+        args.cwd_resolved = args.cwd or ""
+    else:
+        args.cwd_resolved = os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()
     return asyncio.run(_run(args))
 
 

@@ -8,6 +8,11 @@ admission, approvals), ``_reducer`` (EventReducer, Result), ``_events`` (Event).
         result = await s.query("echo hello")
 """
 
+from asm_controller._client import GrpcNodeClient, KeepaliveConfig, RemoteNode, TLSConfig
+from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
+from asm_controller._events import Event
+from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._session import RunOptions, RunStream, Session, query
 from asm_wire import (
     AsmError,
     ConfigError,
@@ -23,12 +28,6 @@ from asm_wire import (
     ProviderMissing,
     RunError,
 )
-
-from asm_controller._client import GrpcNodeClient, KeepaliveConfig, RemoteNode, TLSConfig
-from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
-from asm_controller._events import Event
-from asm_controller._reducer import Cost, EventReducer, Result
-from asm_controller._session import RunOptions, RunStream, Session, query
 
 __all__ = [
     "AsmError", "ConfigError", "Cost", "CwdNotAllowed", "EmbeddedNode", "Event", "EventReducer",

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
+from asm_controller._client import GrpcNodeClient, RemoteNode
 from asm_wire import (
     PROTOCOL_VERSION,
     AsmError,
@@ -26,8 +27,6 @@ from asm_wire import (
     pb,
     version_major_minor,
 )
-
-from asm_controller._client import GrpcNodeClient, RemoteNode
 
 REQUIRED_CAPABILITIES = frozenset({"run.start.v1", "run.attach.v1", "run.interrupt.v1", "approval.resolve.v1"})
 

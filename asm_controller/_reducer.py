@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from asm_wire import KIND_VALUES, AsmError, RunError, normalize_kind, pb
-
 from asm_controller._events import Event
+from asm_wire import KIND_VALUES, AsmError, RunError, normalize_kind, pb
 
 _DELTA = KIND_VALUES["assistant_delta"]
 _MESSAGE = KIND_VALUES["assistant_message"]

@@ -26,12 +26,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
-
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
 from asm_controller._events import Event
 from asm_controller._reducer import Cost, EventReducer, Result
+from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
 
 log = logging.getLogger("asm_controller.session")
 
@@ -327,7 +326,7 @@ class Session:
         self,
         provider: str = "shell",
         *,
-        node: NodeTarget | None = None,
+        node: NodeTarget | Sequence[NodeTarget] | None = None,
         session_id: str | None = None,
         cwd: str = "",
         permission_mode: str = "default",

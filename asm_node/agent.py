@@ -16,8 +16,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from asm_node.config import NodeConfig
+from asm_node.process import Reaper
+from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
+from asm_node.run import Run, options_from_json
 from asm_wire import (
     PROTOCOL_VERSION,
+    AsmError,
     ConfigError,
     CwdNotAllowed,
     NodeAtCapacity,
@@ -30,12 +35,6 @@ from asm_wire import (
     ulid,
     valid_id,
 )
-from asm_wire import AsmError
-
-from asm_node.config import NodeConfig
-from asm_node.process import Reaper
-from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
-from asm_node.run import Run, options_from_json
 
 log = logging.getLogger("asm_node.agent")
 
@@ -238,11 +237,11 @@ class NodeAgent:
     def attach_run_frames(self, request: pb.AttachRunRequest) -> AsyncIterator[bytes]:
         return self._get(request.run_id).follow(request.after_seq)
 
-    async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:  # type: ignore[override]
+    async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
         async for data in self.start_run_frames(request):
             yield pb.EventBatch.FromString(data)
 
-    async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:  # type: ignore[override]
+    async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
         async for data in self.attach_run_frames(request):
             yield pb.EventBatch.FromString(data)
 

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("asm_node.process")
 
@@ -75,7 +75,7 @@ async def leader_exited(proc: asyncio.subprocess.Process, interval: float = 0.05
 
 
 async def terminate_group(
-    proc: asyncio.subprocess.Process, steps: list[tuple[int, float]]
+    proc: asyncio.subprocess.Process, steps: Sequence[tuple[int, float]]
 ) -> None:
     """Signal the group through ``steps`` (signal, grace) until it is gone; then SIGKILL and reap."""
     for sig, grace in steps:

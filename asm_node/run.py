@@ -23,10 +23,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
-
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
+from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
 
 if TYPE_CHECKING:
     from asm_node.config import NodeConfig

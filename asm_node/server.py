@@ -20,10 +20,9 @@ from typing import Any
 
 import grpc
 
-from asm_wire import AsmError, ConfigError, is_loopback_host, parse_address, pb
-
 from asm_node.agent import NodeAgent
 from asm_node.config import NodeConfig
+from asm_wire import AsmError, ConfigError, is_loopback_host, parse_address, pb
 
 log = logging.getLogger("asm_node.server")
 
@@ -113,11 +112,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method or ""
-        if method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
+        if method.startswith(("/grpc.health.v1.", "/grpc.reflection.")):
             return await continuation(handler_call_details)
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():
@@ -132,7 +131,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 _AUTH_ERR = AsmError("missing or invalid bearer token", kind="auth_error", domain="transport", reason="unauthenticated")
 
 
-def _deny_handler(method: str) -> grpc.RpcMethodHandler:
+def _deny_handler(method: str) -> grpc.RpcMethodHandler[Any, Any]:
     async def deny_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _abort(context, _AUTH_ERR)
 
@@ -140,7 +139,7 @@ def _deny_handler(method: str) -> grpc.RpcMethodHandler:
         await _abort(context, _AUTH_ERR)
         yield b""  # pragma: no cover - abort raises
 
-    if method.endswith("/StartRun") or method.endswith("/AttachRun"):
+    if method.endswith(("/StartRun", "/AttachRun")):
         return grpc.unary_stream_rpc_method_handler(deny_stream, request_deserializer=_identity,
                                                     response_serializer=_identity)
     return grpc.unary_unary_rpc_method_handler(deny_unary, request_deserializer=_identity,

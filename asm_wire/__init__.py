@@ -44,7 +44,7 @@ KIND_NAMES: tuple[str, ...] = (
     "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved",
     "cost_update", "result", "error", "stderr", "raw", "run_completed",
 )
-KIND_VALUES: dict[str, int] = {name: i for i, name in enumerate(KIND_NAMES)}
+KIND_VALUES: dict[str, pb.EventKind.ValueType] = {name: pb.EventKind.ValueType(i) for i, name in enumerate(KIND_NAMES)}
 
 SEVERITY_NAMES: tuple[str, ...] = ("error", "info", "warning", "error", "fatal")
 

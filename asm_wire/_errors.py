@@ -33,7 +33,7 @@ itself) is mapped from its code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
 import grpc
@@ -223,7 +223,7 @@ def make_error(
 
 
 def error_from_rpc(
-    code: grpc.StatusCode | None, details: str | None, trailers: Sequence[tuple[str, Any]] | None
+    code: grpc.StatusCode | None, details: str | None, trailers: Any
 ) -> AsmError:
     """Rebuild an AsmError from a failed RPC (status code, details, trailing metadata)."""
     md = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in (trailers or ())}

@@ -120,7 +120,9 @@ def reject_unknown(options: Mapping[str, Any], known: set[str], provider: str) -
         )
 
 
-def error_event(message: str, code: str, domain: str, *, severity: int = pb.SEVERITY_ERROR, exit_code: int = -1) -> pb.Event:
+def error_event(
+    message: str, code: str, domain: str, *, severity: pb.Severity.ValueType = pb.SEVERITY_ERROR, exit_code: int = -1
+) -> pb.Event:
     return pb.Event(
         kind=KIND_VALUES["error"],
         error=pb.Error(message=message, code=code, domain=domain, severity=severity, exit_code=exit_code),

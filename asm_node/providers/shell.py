@@ -17,8 +17,6 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from asm_wire import KIND_VALUES, ConfigError, make_error, pb
-
 from asm_node.providers.base import (
     CommandSpec,
     ExitInfo,
@@ -32,6 +30,7 @@ from asm_node.providers.base import (
     result_event,
     stderr_summary,
 )
+from asm_wire import KIND_VALUES, ConfigError, make_error, pb
 
 _FORBIDDEN = ("$(", "\n", "\r", ";", "|", "&", "<", ">", "`")
 _OPTIONS = {"allowed_commands", "denied_commands", "command_timeout_ms", "success_exit_codes", "interpolate"}
