@@ -7,6 +7,7 @@ object; the payload is turned into a plain dict only when someone asks.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,8 +57,6 @@ class Event:
         cls, kind: str, *, run_id: str, session_id: str, provider: str, seq: int, **payload: Any
     ) -> Event:
         """An event made by the controller (e.g. a run that never reached a node)."""
-        import time
-
         msg = pb.Event(
             id=f"{run_id}:{seq}", run_id=run_id, session_id=session_id, provider=provider,
             kind=KIND_VALUES[kind], seq=seq, timestamp_unix_nano=time.time_ns(),

@@ -212,6 +212,11 @@ class EventReducer:
         self._messages.append(ev)
         return True
 
+    def set_error(self, err: AsmError) -> None:
+        """Replace the run's error, if it has one, by a more precise one of the same failure (e.g. NodeUnreachable)."""
+        if self._error is not None:
+            self._error = err
+
     def result(self) -> Result:
         return Result(
             run_id=self.run_id,

@@ -215,9 +215,9 @@ class _Run:
     def _finish(self) -> None:
         self.state = "done"
         err = self._typed_error
-        if err is not None and self.reducer._error is not None:
+        if err is not None:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
-            self.reducer._error = err
+            self.reducer.set_error(err)
         if self.queue is not None:
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
