@@ -209,6 +209,11 @@ class EventReducer:
             if rc.exit_code >= 0:
                 self._exit_code = rc.exit_code
             self.finished = True
+            # A finished run keeps one string, not one per delta (finished runs stay in session history).
+            if self._deltas:
+                self._committed.append("".join(self._deltas))
+                self._deltas.clear()
+            self._committed = ["".join(self._committed)]
         self._messages.append(ev)
         return True
 

@@ -50,7 +50,8 @@ class RunOptions:
     options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     approval_timeout_ms: int = 120_000
-    preflight: bool = True
+    #: An explicit Preflight round trip before StartRun (StartRun checks the same things anyway).
+    preflight: bool = False
 
     def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
         unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id"})
@@ -84,8 +85,61 @@ class RunOptions:
             raise ConfigError("approval_timeout_ms must be a positive integer")
 
 
+class _BatchChannel:
+    """Run driver -> subscriber hand-off: bounded for data, never blocking for the end.
+
+    ``put`` waits while ``high_water`` batches are unread (back-pressure all the
+    way to the node); ``put_final`` and ``close`` always succeed, so the end of
+    a stream can never be lost behind a slow reader. A reader that goes away
+    (``abandon``) stops the back-pressure so the run still completes.
+    """
+
+    def __init__(self, high_water: int = 64) -> None:
+        self._items: deque[list[Event]] = deque()
+        self._high = high_water
+        self._closed = False
+        self._abandoned = False
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _wake(fut: asyncio.Future[None] | None) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def put(self, batch: list[Event]) -> None:
+        while len(self._items) >= self._high and not self._abandoned:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        self.put_final(batch)
+
+    def put_final(self, batch: list[Event]) -> None:
+        if not self._abandoned:
+            self._items.append(batch)
+            self._wake(self._getter)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake(self._getter)
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._items.clear()
+        self._wake(self._putter)
+
+    async def get(self) -> list[Event] | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
+        batch = self._items.popleft()
+        self._wake(self._putter)
+        return batch
+
+
 class _Run:
-    """Controller side of one run: admission state, driver task, reducer, subscriber queue."""
+    """Controller side of one run: admission state, driver task, reducer, subscriber channel."""
 
     def __init__(self, session: Session, run_id: str, prompt: str, opts: RunOptions, subscribed: bool) -> None:
         self.session = session
@@ -97,7 +151,7 @@ class _Run:
             run_id, session.session_id, opts.provider,
             {"provider": opts.provider, "lane": "core", "execution": "pending"},
         )
-        self.queue: asyncio.Queue[list[Event] | None] | None = asyncio.Queue(maxsize=64) if subscribed else None
+        self.channel: _BatchChannel | None = _BatchChannel() if subscribed else None
         self.done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.handle: NodeHandle | None = None
@@ -112,115 +166,119 @@ class _Run:
         self.state = "active"
         self.task = asyncio.create_task(self._drive(), name=f"asm-run-{self.run_id}")
 
+    def _request(self, cwd: str) -> pb.StartRunRequest:
+        return pb.StartRunRequest(
+            run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
+            prompt=self.prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
+            options_json=_json(self.opts.options), env=dict(self.opts.env),
+            approval_timeout_ms=self.opts.approval_timeout_ms,
+        )
+
     async def _drive(self) -> None:
         try:
-            if self.cancel_requested:
-                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
-            handle, cwd = await self._admit()
-            if self.cancel_requested:
-                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
-            request = pb.StartRunRequest(
-                run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
-                prompt=self.prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
-                options_json=_json(self.opts.options), env=dict(self.opts.env),
-                approval_timeout_ms=self.opts.approval_timeout_ms,
-            )
-            self._started_on_node = True
-            await self._consume(handle.api.start_run(request))
+            handle, batches, first = await self._admit()
+            await self._consume(first, batches)
             if not self.reducer.finished:
                 raise make_error("node_lost", "transport",
                                  f"the stream from node {handle.target.address} ended before the run completed")
         except AsmError as err:
-            await self._synthesize_failure(err)
+            self._synthesize_failure(err)
         except asyncio.CancelledError:
-            await self._synthesize_failure(make_error("user_cancelled", "runtime", "Run cancelled"))
+            self._synthesize_failure(make_error("user_cancelled", "runtime", "Run cancelled"))
             raise
         except Exception as exc:  # a bug must not leave a stream hanging
             log.exception("run %s driver failed", self.run_id)
-            await self._synthesize_failure(make_error("runtime", "runtime", f"controller error: {exc}"))
+            self._synthesize_failure(make_error("runtime", "runtime", f"controller error: {exc}"))
         finally:
             self._finish()
 
-    async def _admit(self) -> tuple[NodeHandle, str]:
-        """Connect and preflight each candidate node in order; the first that admits the run wins.
+    async def _admit(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """Start the run on the first candidate node that admits it; return its stream and first batch.
 
-        Only admission failures move on to the next node: nothing has started
-        anywhere yet, so trying elsewhere cannot run the prompt twice.
+        The node's StartRun does the admission checks itself (provider, cwd,
+        capacity, state) and refuses with the same typed errors as Preflight,
+        so a run costs one round trip. Only those refusals move on to the next
+        node: nothing has started anywhere yet, so trying elsewhere cannot run
+        the prompt twice.
         """
         attempts: list[dict[str, Any]] = []
+        self.reducer.metadata["attempts"] = attempts
         last: AsmError | None = None
         for target in self.opts.nodes:
+            if self.cancel_requested:
+                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
             try:
                 handle = await self.session._handle(target)
                 cwd = self.opts.cwd
                 if self.opts.preflight:
                     cwd = await preflight(handle, self.opts.provider, cwd)
+                self.handle = handle
+                self._started_on_node = True
+                batches = aiter(handle.api.start_run(self._request(cwd)))
+                first = await anext(batches)
             except NodeConnectionError as err:
+                self._started_on_node = False
                 attempts.append({"node": target.address, "error": err.to_dict()})
-                self.reducer.metadata["attempts"] = attempts
                 last = err
                 continue
+            except StopAsyncIteration:
+                raise make_error("node_lost", "transport", f"node {target.address} closed the run's stream") from None
             attempts.append({"node": target.address, "node_id": handle.node_id, "admitted": True})
-            self.reducer.metadata["attempts"] = attempts
-            self.handle = handle
             self.reducer.metadata.update(
                 node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address,
                 execution=handle.execution,
             )
-            return handle, cwd
+            return handle, batches, first
         if last is None:
             raise ConfigError("no node to run on: give the session (or the run) a node")
         if len(attempts) > 1:
             last.message = f"no node admitted the run ({len(attempts)} tried); last: {last.message}"
         raise last
 
-    async def _consume(self, batches: AsyncIterator[pb.EventBatch]) -> None:
-        reducer, queue, session = self.reducer, self.queue, self.session
-        async for batch in batches:
-            events = [Event(m) for m in batch.events]
-            fresh = [ev for ev in events if reducer.apply(ev)]
+    async def _consume(self, first: pb.EventBatch, batches: AsyncIterator[pb.EventBatch]) -> None:
+        reducer, channel, session = self.reducer, self.channel, self.session
+        batch: pb.EventBatch | None = first
+        while batch is not None:
+            fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
             if reducer.bookkeeping:
                 # Approvals and cost reach the session before the subscriber sees the event.
                 session._observe(self, reducer.bookkeeping)
                 reducer.bookkeeping.clear()
             if self.cancel_requested and not self._interrupt_sent:
                 await self._send_interrupt()
-            if queue is not None and fresh:
-                await queue.put(fresh)
+            if channel is not None and fresh:
+                await channel.put(fresh)
             if reducer.finished:
                 return
+            batch = await anext(batches, None)
 
-    async def _synthesize_failure(self, err: AsmError) -> None:
+    def _synthesize_failure(self, err: AsmError) -> None:
         """End the run's stream with an error and run_completed made here (the node never finished it)."""
         r = self.reducer
         if r.finished:
             return
         status = "interrupted" if err.kind == "user_cancelled" else "failed"
+        common = {"run_id": self.run_id, "session_id": self.session.session_id, "provider": self.opts.provider}
         events = [
-            Event.synthetic("error", run_id=self.run_id, session_id=self.session.session_id,
-                            provider=self.opts.provider, seq=r.last_seq + 1, message=err.message, code=err.kind,
+            Event.synthetic("error", **common, seq=r.last_seq + 1, message=err.message, code=err.kind,
                             domain=err.domain, severity=pb.SEVERITY_ERROR, exit_code=-1),
-            Event.synthetic("run_completed", run_id=self.run_id, session_id=self.session.session_id,
-                            provider=self.opts.provider, seq=r.last_seq + 2, status=status, exit_code=-1),
+            Event.synthetic("run_completed", **common, seq=r.last_seq + 2, status=status, exit_code=-1),
         ]
         if err.reason:
             events[0].pb.metadata["reason"] = err.reason
         for ev in events:
             r.apply(ev)
-        if self.queue is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(events)
+        if self.channel is not None:
+            self.channel.put_final(events)
         self._typed_error = err
 
     def _finish(self) -> None:
         self.state = "done"
-        err = self._typed_error
-        if err is not None:
+        if self._typed_error is not None:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
-            self.reducer.set_error(err)
-        if self.queue is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
+            self.reducer.set_error(self._typed_error)
+        if self.channel is not None:
+            self.channel.close()
         self.done.set()
         self.session._run_finished(self)
 
@@ -240,7 +298,7 @@ class _Run:
         self.cancel_requested = True
         if self.state == "queued":
             self.session._dequeue(self)
-            await self._synthesize_failure(make_error("user_cancelled", "runtime", "Run interrupted while queued"))
+            self._synthesize_failure(make_error("user_cancelled", "runtime", "Run interrupted while queued"))
             self._finish()
         elif self._started_on_node:
             await self._send_interrupt()
@@ -292,8 +350,8 @@ class RunStream:
         if self._ended:
             raise StopAsyncIteration
         run = self._submit()
-        assert run.queue is not None
-        batch = await run.queue.get()
+        assert run.channel is not None
+        batch = await run.channel.get()
         if batch is None:
             self._ended = True
             raise StopAsyncIteration
@@ -309,7 +367,16 @@ class RunStream:
         run = self._run
         if run is not None and run.state != "done":
             await run.interrupt()
+            if run.channel is not None:
+                run.channel.abandon()
             await run.done.wait()
+
+    def __del__(self) -> None:
+        # Dropped without aclose (e.g. `break` out of `async for`): stop back-pressure
+        # so the run can still finish and free its slot.
+        run = self._run
+        if run is not None and run.channel is not None and run.state != "done":
+            run.channel.abandon()
 
     async def __aenter__(self) -> RunStream:
         self._submit()
@@ -335,7 +402,7 @@ class Session:
         approval_timeout_ms: int = 120_000,
         max_concurrent_runs: int = 1,
         max_queued_runs: int = 10,
-        preflight: bool = True,
+        preflight: bool = False,
     ) -> None:
         self.session_id = session_id or ulid()
         if not valid_id(self.session_id):
@@ -356,6 +423,8 @@ class Session:
         self._active: dict[str, _Run] = {}
         self._queued: deque[_Run] = deque()
         self._runs: dict[str, _Run] = {}
+        self._finished: deque[str] = deque()
+        self.history_size = 128
         self._approvals: dict[str, _Run] = {}
         self._handles: dict[str, NodeHandle] = {}
         self._connecting: dict[str, asyncio.Future[NodeHandle]] = {}
@@ -479,6 +548,10 @@ class Session:
 
     def _run_finished(self, run: _Run) -> None:
         self._active.pop(run.run_id, None)
+        # Keep a bounded history for result(run_id); a long-lived session must not grow forever.
+        self._finished.append(run.run_id)
+        while len(self._finished) > self.history_size:
+            self._runs.pop(self._finished.popleft(), None)
         for approval_id in [a for a, r in self._approvals.items() if r is run]:
             del self._approvals[approval_id]
         while self._queued and len(self._active) < self.max_concurrent_runs and self.status == "ready":

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench.py                 # default: 200 runs, 200k events
     .venv/bin/python scripts/bench.py --quick         # smoke run: 20 runs, 20k events
     .venv/bin/python scripts/bench.py --runs 500 --events 500000
-    .venv/bin/python scripts/bench.py --profile       # also cProfile the remote query throughput
+    .venv/bin/python scripts/bench.py --profile       # instead: cProfile one remote query (both processes)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -29,8 +29,9 @@
     run_completed), else it is reported as failed.
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
-is reported in the table, not raised). The node process and temp files are
-always cleaned up.
+is reported in the table, not raised; a run whose stream never ends is cut off
+by a timeout and reported as a hang). The node process (stopped by its PID)
+and temp files are always cleaned up. Results and findings: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ LATENCY_TARGET_MS = 5.0
 THROUGHPUT_TARGET = 100_000.0
 RATIO_TARGET = 0.5
 THROUGHPUT_REPEATS = 3
+#: Guards against a stream that never ends (it is reported as a failed run, not waited for).
+LATENCY_RUN_TIMEOUT_S = 10.0
 #: The shell provider's default per-command timeout is 30 s; a slow remote
 #: throughput run must not be cut off by it (it would show up as a failure).
 RUN_OPTIONS = {"command_timeout_ms": 600_000}
@@ -81,8 +84,9 @@ RUN_OPTIONS = {"command_timeout_ms": 600_000}
 class NodeProcess:
     """``asm node serve`` as a child process; stopped by its PID."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, profile_path: Path | None = None) -> None:
         self.log_path = workdir / "node.log"
+        self.profile_path = profile_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.epoch = ""
@@ -90,10 +94,16 @@ class NodeProcess:
 
     def start(self, timeout: float = 20.0) -> None:
         with open(self.log_path, "wb") as log:
+            prefix = ["-m", "cProfile", "-o", str(self.profile_path)] if self.profile_path else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0"],
-                stdout=subprocess.DEVNULL, stderr=log, cwd=str(self.workdir),
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+                [sys.executable, *prefix, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=str(self.workdir),
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                },
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -181,8 +191,7 @@ async def session_once(session: Session) -> tuple[float, float, str | None]:
     result = stream.result
     err = None
     if first.kind != "run_started" or result is None or not result.ok:
-        err = (f"first={first.kind} status={getattr(result, 'status', None)} "
-               f"error={getattr(result, 'error', None)}")
+        err = f"first={first.kind} status={getattr(result, 'status', None)} error={getattr(result, 'error', None)}"
     return (t1 - t0) * 1000, (t2 - t0) * 1000, err
 
 
@@ -193,12 +202,15 @@ async def latency(sessions: dict[str, Session], runs: int, warmup: int) -> dict[
         name: {"start": [], "complete": [], "failures": []} for name in ("local", *sessions)
     }
     for i in range(warmup + runs):
-        s, c = await local_once()
+        s, c = await asyncio.wait_for(local_once(), LATENCY_RUN_TIMEOUT_S)
         if i >= warmup:
             out["local"]["start"].append(s)
             out["local"]["complete"].append(c)
         for name, session in sessions.items():
-            s, c, err = await session_once(session)
+            try:
+                s, c, err = await asyncio.wait_for(session_once(session), LATENCY_RUN_TIMEOUT_S)
+            except TimeoutError:
+                s, c, err = 0.0, 0.0, f"no end of stream after {LATENCY_RUN_TIMEOUT_S:g}s (hang)"
             if err:
                 out[name]["failures"].append(err)
             elif i >= warmup:
@@ -212,7 +224,7 @@ async def latency(sessions: dict[str, Session], runs: int, warmup: int) -> dict[
 
 def write_jsonl(path: Path, n: int) -> int:
     """N JSON lines of ~100 bytes each; returns the file size."""
-    base = 'lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore'
+    base = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore"
     with open(path, "w") as f:
         for i in range(n):
             head = f'{{"type":"assistant","i":{i},"text":"'
@@ -257,24 +269,48 @@ async def stream_throughput(session: Session, path: Path, n: int) -> tuple[float
     result = stream.result
     err = None
     if result is None or not result.ok or result.events != n + 3 or count != n + 3:
-        err = (f"status={getattr(result, 'status', None)} events={getattr(result, 'events', None)} "
-               f"streamed={count} (want {n + 3}) error={getattr(result, 'error', None)}")
+        err = (
+            f"status={getattr(result, 'status', None)} events={getattr(result, 'events', None)} "
+            f"streamed={count} (want {n + 3}) error={getattr(result, 'error', None)}"
+        )
     return dt, err
 
 
-async def repeat_throughput(
-    fn: Callable[[], Awaitable[tuple[float, str | None]]], n: int, repeats: int
+def proc_cpu_s(pid: int | None) -> float:
+    """user+system CPU seconds of another process (from /proc), NaN when unavailable."""
+    if pid is None:
+        return float("nan")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def rss_mb(pid: int | str | None = "self") -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def measure(
+    fn: Callable[[], Awaitable[tuple[float, str | None]]], timeout: float, node_pid: int | None
 ) -> dict[str, Any]:
-    rates: list[float] = []
-    errors: list[str] = []
-    for _ in range(repeats):
-        gc.collect()
-        dt, err = await fn()
-        if err:
-            errors.append(err)
-        else:
-            rates.append(n / dt)
-    return {"rates": rates, "errors": errors}
+    """One throughput repeat: wall time, this process's CPU time, the node process's CPU time."""
+    gc.collect()
+    c0, n0 = time.process_time(), proc_cpu_s(node_pid)
+    t0 = time.perf_counter()
+    try:
+        dt, err = await asyncio.wait_for(fn(), timeout)
+    except TimeoutError:
+        dt, err = time.perf_counter() - t0, f"no end of stream after {timeout:g}s (hang)"
+    return {"wall": dt, "cpu": time.process_time() - c0, "node_cpu": proc_cpu_s(node_pid) - n0, "error": err}
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -282,9 +318,13 @@ async def repeat_throughput(
 
 async def warm(session: Session, count: int) -> None:
     for _ in range(count):
-        result = await session.query("true")
+        result = await asyncio.wait_for(session.query("true"), 30)
         if not result.ok:
             raise RuntimeError(f"warm-up run failed: {result.status} {result.error}")
+
+
+def throughput_timeout(n: int) -> float:
+    return max(30.0, n / 5_000)
 
 
 async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) -> dict[str, Any]:
@@ -298,7 +338,10 @@ async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) ->
         await warm(embedded, args.warmup)
 
         # (a) start latency
-        print(f"[a] start latency: {args.runs} runs of 'true' each (after {args.warmup} warm-up runs)", flush=True)
+        print(
+            f"[a] start latency: {args.runs} runs of 'true' per target, interleaved (after {args.warmup} warm-up runs)",
+            flush=True,
+        )
         t = time.perf_counter()
         out["latency"] = await latency({"remote": remote, "embedded": embedded}, args.runs, args.warmup)
         print(f"    done in {time.perf_counter() - t:.1f}s", flush=True)
@@ -307,29 +350,33 @@ async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) ->
         path = workdir / "events.jsonl"
         size = write_jsonl(path, args.events)
         out["jsonl_bytes"] = size
-        print(f"[b] throughput: {args.events:,} lines ({size / args.events:.0f} B/line, {size / 1e6:.1f} MB), "
-              f"{THROUGHPUT_REPEATS} repeats each", flush=True)
         n = args.events
-        cases: list[tuple[str, Callable[[], Awaitable[tuple[float, str | None]]]]] = [
-            ("local read+parse", lambda: local_throughput(path, n)),
-            ("remote query", lambda: query_throughput(remote, path, n)),
-            ("remote stream", lambda: stream_throughput(remote, path, n)),
-            ("embedded query", lambda: query_throughput(embedded, path, n)),
-            ("embedded stream", lambda: stream_throughput(embedded, path, n)),
+        print(
+            f"[b] throughput: {n:,} lines ({size / n:.0f} B/line, {size / 1e6:.1f} MB), "
+            f"{THROUGHPUT_REPEATS} interleaved repeats per case",
+            flush=True,
+        )
+        cases: list[tuple[str, Callable[[], Awaitable[tuple[float, str | None]]], int | None]] = [
+            ("local read+parse", lambda: local_throughput(path, n), None),
+            ("remote query", lambda: query_throughput(remote, path, n), node.pid),
+            ("remote stream", lambda: stream_throughput(remote, path, n), node.pid),
+            ("embedded query", lambda: query_throughput(embedded, path, n), None),
+            ("embedded stream", lambda: stream_throughput(embedded, path, n), None),
         ]
-        for name, fn in cases:
-            t = time.perf_counter()
-            out["throughput"][name] = await repeat_throughput(fn, n, THROUGHPUT_REPEATS)
-            print(f"    {name:<18} {time.perf_counter() - t:5.1f}s", flush=True)
-
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            dt, err = await query_throughput(remote, path, n)
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(15)
-            out["profile"] = (dt, err, buf.getvalue())
+        for name, _, _ in cases:
+            out["throughput"][name] = []
+        t = time.perf_counter()
+        for rep in range(THROUGHPUT_REPEATS):
+            for name, fn, pid in cases:
+                out["throughput"][name].append(await measure(fn, throughput_timeout(n), pid))
+            print(f"    repeat {rep + 1}/{THROUGHPUT_REPEATS} done ({time.perf_counter() - t:.1f}s)", flush=True)
+        out["memory"] = {
+            "controller_rss_mb": rss_mb(),
+            "node_rss_mb": rss_mb(node.pid),
+            "remote_session_runs": len(remote._runs),
+            "embedded_session_runs": len(embedded._runs),
+            "embedded_agent_runs": len(agent.runs),
+        }
     finally:
         await remote.stop()
         await embedded.stop()
@@ -337,74 +384,150 @@ async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) ->
     return out
 
 
+async def run_profile(args: argparse.Namespace, workdir: Path, node: NodeProcess) -> dict[str, Any]:
+    """--profile: one remote query throughput run under cProfile (the node runs under cProfile too)."""
+    remote = Session("shell", node=RemoteNode(f"127.0.0.1:{node.port}"), options=RUN_OPTIONS)
+    try:
+        await warm(remote, args.warmup)
+        path = workdir / "events.jsonl"
+        write_jsonl(path, args.events)
+        print(f"[profile] one remote query of {args.events:,} events under cProfile", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        r = await measure(
+            lambda: query_throughput(remote, path, args.events), throughput_timeout(args.events), node.pid
+        )
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(15)
+        return {"run": r, "controller": buf.getvalue()}
+    finally:
+        await remote.stop()
+
+
+def _best_med(rows: list[dict[str, Any]], n: int) -> tuple[float, float, list[str]]:
+    rates = [n / r["wall"] for r in rows if not r["error"]]
+    return max(rates, default=float("nan")), median(rates), [r["error"] for r in rows if r["error"]]
+
+
 def report(args: argparse.Namespace, out: dict[str, Any], node_pid: int | None) -> None:
     print()
-    print("=" * 78)
-    print(f"asm benchmark  python {platform.python_version()}  nproc {os.cpu_count()}  "
-          f"{platform.system()} {platform.machine()}  node pid {node_pid}")
-    print("=" * 78)
+    print("=" * 86)
+    print(
+        f"asm benchmark  python {platform.python_version()}  nproc {os.cpu_count()}  "
+        f"{platform.system()} {platform.machine()}  runs {args.runs}  events {args.events:,}"
+    )
+    print("=" * 86)
 
     lat = out["latency"]
     loc = lat["local"]
-    print(f"\n(a) run start latency, prompt 'true', {args.runs} runs, ms")
-    print(f"{'':<22}{'start p50':>10}{'start p90':>10}{'compl p50':>10}{'compl p90':>10}"
-          f"{'Δstart p50':>12}{'Δcompl p50':>12}")
+    print(f"\n(a) run start latency, prompt 'true', {args.runs} runs per target, ms")
+    print(
+        f"{'':<24}{'start p50':>10}{'start p90':>10}{'compl p50':>10}{'compl p90':>10}"
+        f"{'ovh start':>11}{'ovh compl':>11}"
+    )
     verdicts: list[str] = []
+    labels = {"local": "local asyncio spawn", "remote": "remote node (gRPC)", "embedded": "embedded node"}
     for name in ("local", "remote", "embedded"):
         d = lat[name]
-        label = {"local": "local spawn (asyncio)", "remote": "remote node (gRPC)", "embedded": "embedded node"}[name]
         ds = median(d["start"]) - median(loc["start"])
         dc = median(d["complete"]) - median(loc["complete"])
-        extra = "" if name == "local" else f"{ms(ds):>12}{ms(dc):>12}"
-        print(f"{label:<22}{ms(median(d['start'])):>10}{ms(p90(d['start'])):>10}"
-              f"{ms(median(d['complete'])):>10}{ms(p90(d['complete'])):>10}{extra}")
+        extra = "" if name == "local" else f"{ms(ds):>11}{ms(dc):>11}"
+        print(
+            f"{labels[name]:<24}{ms(median(d['start'])):>10}{ms(p90(d['start'])):>10}"
+            f"{ms(median(d['complete'])):>10}{ms(p90(d['complete'])):>10}{extra}"
+        )
         if d["failures"]:
             print(f"    !! {len(d['failures'])} failed run(s), first: {d['failures'][0]}")
         if name != "local":
             ok = ds <= LATENCY_TARGET_MS
-            verdicts.append(f"{label}: median start overhead {ds:.2f} ms "
-                            f"({'meets' if ok else 'MISSES'} the <= {LATENCY_TARGET_MS:g} ms target); "
-                            f"median complete overhead {dc:.2f} ms")
+            verdicts.append(
+                f"{labels[name]}: median start overhead {ds:.2f} ms "
+                f"({'meets' if ok else 'MISSES'} <= {LATENCY_TARGET_MS:g} ms); "
+                f"median complete overhead {dc:.2f} ms"
+            )
+    print(
+        "(ovh = median minus the local median; start = run_started received / spawn returned;"
+        " compl = stream ended / stdout EOF + reaped)"
+    )
 
     thr = out["throughput"]
-    local_best = max(thr["local read+parse"]["rates"], default=float("nan"))
-    local_med = median(thr["local read+parse"]["rates"])
-    print(f"\n(b) throughput, {args.events:,} events of ~{out['jsonl_bytes'] / args.events:.0f} B, "
-          f"{THROUGHPUT_REPEATS} repeats, events/s")
-    print(f"{'':<22}{'best':>12}{'median':>12}{'best/local':>12}{'med/local':>12}")
-    for name, d in thr.items():
-        best, med = max(d["rates"], default=float("nan")), median(d["rates"])
-        ratio = "" if name.startswith("local") else f"{best / local_best:>11.2f}x{med / local_med:>11.2f}x"
-        print(f"{name:<22}{rate(best):>12}{rate(med):>12}{ratio}")
-        if d["errors"]:
-            print(f"    !! {len(d['errors'])} failed repeat(s), first: {d['errors'][0]}")
+    n = args.events
+    local_best, local_med, _ = _best_med(thr["local read+parse"], n)
+    print(
+        f"\n(b) throughput, {n:,} events of ~{out['jsonl_bytes'] / n:.0f} B, "
+        f"{THROUGHPUT_REPEATS} repeats, events/s (CPU s = median per run)"
+    )
+    print(
+        f"{'':<20}{'best':>11}{'median':>11}{'best/local':>11}{'med/local':>10}"
+        f"{'bench CPU s':>12}{'node CPU s':>11}{'wall s':>8}"
+    )
+    for name, rows in thr.items():
+        best, med, errors = _best_med(rows, n)
+        ratio = (
+            f"{'':>11}{'':>10}" if name.startswith("local") else f"{best / local_best:>10.2f}x{med / local_med:>9.2f}x"
+        )
+        ok_rows = [r for r in rows if not r["error"]] or rows
+        cpu, ncpu, wall = (median([r[k] for r in ok_rows]) for k in ("cpu", "node_cpu", "wall"))
+        ncpu_s = f"{ncpu:>11.2f}" if ncpu == ncpu else f"{'-':>11}"
+        print(f"{name:<20}{rate(best):>11}{rate(med):>11}{ratio}{cpu:>12.2f}{ncpu_s}{wall:>8.2f}")
+        for e in errors:
+            print(f"    !! failed repeat: {e}")
         if not name.startswith("local"):
             ok_abs, ok_rel = best >= THROUGHPUT_TARGET, best >= RATIO_TARGET * local_best
             verdicts.append(
                 f"{name}: best {best:,.0f} ev/s ({'meets' if ok_abs else 'MISSES'} >= {THROUGHPUT_TARGET:,.0f}), "
                 f"{best / local_best:.2f}x local ({'meets' if ok_rel else 'MISSES'} >= {RATIO_TARGET}x)"
             )
+    print(
+        "(bench CPU = this process: controller, reducer and, for embedded, the node agent too;"
+        " node CPU = the node agent process)"
+    )
+
+    mem = out.get("memory")
+    if mem:
+        print(
+            f"\nmemory at the end: benchmark process RSS {mem['controller_rss_mb']:.0f} MB "
+            f"(remote session holds {mem['remote_session_runs']} runs, embedded session "
+            f"{mem['embedded_session_runs']}, embedded agent retains {mem['embedded_agent_runs']}), "
+            f"node process RSS {mem['node_rss_mb']:.0f} MB"
+        )
 
     print("\ntargets:")
     for v in verdicts:
         print(f"  - {v}")
 
-    if "profile" in out:
-        dt, err, text = out["profile"]
-        print(f"\ncProfile of one remote query throughput run ({args.events:,} events, {dt:.2f}s under the profiler"
-              f"{', ERROR: ' + err if err else ''}), top 15 by cumulative time, benchmark (controller) process:")
-        print(text.rstrip())
+
+def report_profile(args: argparse.Namespace, out: dict[str, Any], node_stats: str) -> None:
+    r = out["run"]
+    print(
+        f"\ncProfile, one remote query of {args.events:,} events: {r['wall']:.2f}s wall "
+        f"({args.events / r['wall']:,.0f} ev/s under the profiler), benchmark CPU {r['cpu']:.2f}s, "
+        f"node CPU {r['node_cpu']:.2f}s{', ERROR: ' + r['error'] if r['error'] else ''}"
+    )
+    print("\n--- benchmark (controller) process, top 15 by cumulative time ---")
+    print(out["controller"].rstrip())
+    print("\n--- node agent process (whole life: warm-up + this run), top 15 by internal time ---")
+    print(node_stats.rstrip())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=None, help="latency runs per target (default 200; 20 with --quick)")
-    parser.add_argument("--events", type=int, default=None,
-                        help="JSONL lines for the throughput runs (default 200000; 20000 with --quick)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="JSONL lines for the throughput runs (default 200000; 20000 with --quick)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="warm-up runs before timing (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run with small N")
-    parser.add_argument("--profile", action="store_true",
-                        help="also run one remote query throughput run under cProfile and print the top 15")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the benchmark: one remote query throughput run under cProfile, with the "
+        "node agent under cProfile too; prints the top 15 functions of each process",
+    )
     args = parser.parse_args()
     if args.runs is None:
         args.runs = 20 if args.quick else 200
@@ -418,14 +541,23 @@ def main() -> int:
 
     t_start = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="asm-bench-"))
-    node = NodeProcess(workdir)
+    node = NodeProcess(workdir, workdir / "node.prof" if args.profile else None)
     node_pid: int | None = None
     out: dict[str, Any] | None = None
+    node_stats = ""
     try:
         node.start()
         node_pid = node.pid
         print(f"node agent pid {node_pid} on 127.0.0.1:{node.port} (epoch {node.epoch})", flush=True)
-        out = asyncio.run(run_all(args, workdir, node))
+        out = asyncio.run((run_profile if args.profile else run_all)(args, workdir, node))
+        if args.profile:
+            node.stop()  # SIGTERM: the node exits cleanly and cProfile writes its file
+            buf = io.StringIO()
+            try:
+                pstats.Stats(str(workdir / "node.prof"), stream=buf).sort_stats("tottime").print_stats(15)
+            except (OSError, TypeError, EOFError) as exc:
+                buf.write(f"(no node profile: {exc})")
+            node_stats = buf.getvalue()
     except BaseException as exc:  # a benchmark reports, it does not crash
         if isinstance(exc, KeyboardInterrupt):
             print("bench: interrupted", file=sys.stderr)
@@ -439,7 +571,10 @@ def main() -> int:
         node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     if out is not None:
-        report(args, out, node_pid)
+        if args.profile:
+            report_profile(args, out, node_stats)
+        else:
+            report(args, out, node_pid)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 

@@ -303,3 +303,40 @@ async def test_cwd_must_resolve_inside_workspace_roots(tmp_path: object) -> None
     finally:
         await agent.stop()
 
+
+
+async def test_slow_subscriber_gets_every_event_and_the_end(agent: NodeAgent, tmp_path: object) -> None:
+    from pathlib import Path
+
+    n = 30_000
+    data = Path(str(tmp_path)) / "lines.txt"
+    data.write_text("".join(f"line {i}\n" for i in range(n)))
+    async with Session("shell", node=EmbeddedNode(agent)) as s:
+        stream = s.stream(f"cat {data}")
+        count = 0
+        async for _ev in stream:
+            count += 1
+            if count % 500 == 0:
+                await asyncio.sleep(0.01)  # a reader slower than the node
+        assert count == n + 3
+        assert stream.result is not None and stream.result.ok
+        assert stream.result.text.count("\n") == n
+
+
+async def test_abandoned_stream_does_not_block_the_run(agent: NodeAgent, tmp_path: object) -> None:
+    from pathlib import Path
+
+    data = Path(str(tmp_path)) / "lines.txt"
+    data.write_text("x\n" * 200_000)
+    async with Session("shell", node=EmbeddedNode(agent)) as s:
+        stream = s.stream(f"cat {data}")
+        async for _ev in stream:
+            break  # walk away without aclose()
+        run = stream._run
+        assert run is not None
+        del stream
+        import gc
+
+        gc.collect()
+        await asyncio.wait_for(run.done.wait(), 20)
+        assert run.result().ok
