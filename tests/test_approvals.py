@@ -1,0 +1,132 @@
+"""Approvals and run queries, with a scripted test provider whose CLI asks for approvals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from asm_controller import EmbeddedNode, Event, Session
+from asm_node import NodeAgent
+from asm_node.providers import CommandSpec, ExitInfo, LineParser, Provider, ProviderStatus, RunSpec
+from asm_node.providers.base import result_event
+from asm_wire import KIND_VALUES, AsmError, pb
+from tests.conftest import node_config
+
+# The "CLI": prints an approval request, then waits for a line on stdin and echoes it.
+SCRIPT = (
+    "import json, sys\n"
+    "print(json.dumps({'approval': 'ap-1', 'tool': 'Bash'}), flush=True)\n"
+    "line = sys.stdin.readline()\n"
+    "print(json.dumps({'said': line.strip()}), flush=True)\n"
+)
+
+
+class ScriptedParser(LineParser):
+    def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
+        for line in lines:
+            data = json.loads(line)
+            if "approval" in data:
+                out.append(pb.Event(kind=KIND_VALUES["approval_requested"], approval_requested=pb.ApprovalRequested(
+                    approval_id=data["approval"], subject=data["tool"])))
+            else:
+                ev = pb.Event(kind=KIND_VALUES["assistant_delta"])
+                ev.assistant_delta.content = data["said"]
+                out.append(ev)
+
+    def finish(self, exit: ExitInfo) -> list[pb.Event]:
+        return [result_event("completed", "exit", {"exit_code": exit.returncode})]
+
+
+class ScriptedProvider(Provider):
+    name = "scripted"
+    display_name = "Scripted"
+
+    def status(self, env: Mapping[str, str]) -> ProviderStatus:
+        return ProviderStatus(available=True, cli_path=sys.executable, version="test")
+
+    def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
+        return dict(options)
+
+    def build_command(self, spec: RunSpec) -> CommandSpec:
+        return CommandSpec(argv=[sys.executable, "-c", SCRIPT], cwd=spec.cwd, env=dict(spec.env), stdin=True)
+
+    def new_parser(self, spec: RunSpec) -> LineParser:
+        return ScriptedParser()
+
+
+@pytest.fixture
+async def scripted_agent() -> AsyncIterator[NodeAgent]:
+    agent = NodeAgent(node_config(approval_timeout_ms=300), providers={"scripted": ScriptedProvider()})
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+async def test_approve_reaches_the_run_and_is_recorded(scripted_agent: NodeAgent) -> None:
+    async with Session("scripted", node=EmbeddedNode(scripted_agent), approval_timeout_ms=60_000) as s:
+        stream = s.stream("go")
+        events: list[Event] = []
+        async for ev in stream:
+            events.append(ev)
+            if ev.kind == "approval_requested":
+                # Registered with the session before we saw it: approving at once cannot race.
+                await s.approve(ev.payload["approval_id"], "allow")
+                with pytest.raises(AsmError) as again:
+                    await s.approve(ev.payload["approval_id"], "allow")
+                assert (again.value.kind, again.value.domain) == ("unknown", "approval")
+                # Let the CLI finish: it waits for input.
+                await scripted_agent.send_input(pb.SendInputRequest(run_id=stream.run_id, data=b"ok\n", end_input=True))
+        resolved = [e for e in events if e.kind == "approval_resolved"]
+        assert [(e.payload["approval_id"], e.payload["decision"]) for e in resolved] == [("ap-1", "allow")]
+        assert stream.result is not None and stream.result.ok and stream.result.text == "ok"
+
+
+async def test_unanswered_approval_is_denied_with_timeout(scripted_agent: NodeAgent) -> None:
+    async with Session("scripted", node=EmbeddedNode(scripted_agent)) as s:
+        stream = s.stream("go")
+        resolved: list[Event] = []
+        async for ev in stream:
+            if ev.kind == "approval_resolved":
+                resolved.append(ev)
+                await s.interrupt(stream.run_id)
+        assert [(e.payload["decision"], e.payload["reason"]) for e in resolved] == [("deny", "timeout")]
+        with pytest.raises(AsmError) as exc:
+            await s.approve("ap-1", "allow")
+        assert exc.value.kind == "unknown"
+
+
+async def test_invalid_decision_and_unknown_approval(scripted_agent: NodeAgent) -> None:
+    async with Session("scripted", node=EmbeddedNode(scripted_agent)) as s:
+        with pytest.raises(AsmError) as bad:
+            await s.approve("ap-1", "maybe")
+        assert bad.value.kind == "config_invalid"
+        with pytest.raises(AsmError) as unknown:
+            await s.approve("nope", "deny")
+        assert unknown.value.domain == "approval"
+
+
+async def test_get_and_list_runs_and_input_refused_for_shell(agent: NodeAgent) -> None:
+    async with Session("shell", node=EmbeddedNode(agent)) as s:
+        stream = s.stream("sleep 30")
+        started = await stream.__anext__()
+        info = await agent.get_run(pb.GetRunRequest(run_id=stream.run_id))
+        assert info.status == pb.RUN_STATUS_RUNNING and info.pid == started.payload["pid"]
+        listed = await agent.list_runs(pb.ListRunsRequest(active_only=True))
+        assert [r.run_id for r in listed.runs] == [stream.run_id]
+        with pytest.raises(AsmError) as refused:
+            await agent.send_input(pb.SendInputRequest(run_id=stream.run_id, data=b"x"))
+        assert refused.value.kind == "config_invalid"
+        await s.interrupt(stream.run_id)
+        rest = [ev async for ev in stream]
+        assert rest[-1].kind == "run_completed"
+    done = await agent.get_run(pb.GetRunRequest(run_id=stream.run_id))
+    assert done.status == pb.RUN_STATUS_INTERRUPTED and done.last_seq == rest[-1].seq
+    with pytest.raises(AsmError) as missing:
+        await agent.get_run(pb.GetRunRequest(run_id="no-such-run"))
+    assert missing.value.kind == "unknown"
