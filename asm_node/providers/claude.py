@@ -1,0 +1,231 @@
+"""Claude Code: ``claude --print --output-format stream-json --verbose``.
+
+What the real CLI prints (Claude Code 2.1.x, shared/spec/real_clis.md):
+``system/init``, then one ``assistant`` line *per content block* (all blocks of
+one API message share ``message.id``), ``user`` lines carrying tool results,
+``system/api_retry`` lines while it retries, optional ``stream_event`` lines
+(``--include-partial-messages``) with text deltas, and a final ``result``,
+which can say ``is_error: true`` with ``api_error_status`` while its subtype
+still says ``success``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from asm_node.providers._cli import (
+    CliProvider,
+    CommonOptions,
+    JsonLineParser,
+    as_int,
+    classify_api_error,
+    ev_delta,
+    ev_message,
+    ev_raw,
+    ev_thinking,
+    ev_tool_result,
+    ev_tool_use,
+    ev_user,
+)
+from asm_node.providers.base import RunSpec, error_event, result_event
+from asm_wire import ConfigError, pb
+
+
+class ClaudeOptions(CommonOptions):
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    max_turns: int | None = Field(default=None, gt=0)
+    provider_backend: Literal["anthropic", "ollama"] | None = None
+    anthropic_base_url: str | None = None
+    anthropic_auth_token: str | None = None
+    external_model_overrides: dict[str, str] = Field(default_factory=dict)
+    #: Stream text as it is generated (``--include-partial-messages``).
+    include_partial_messages: bool = True
+    include_thinking: bool = False
+
+
+def _text_of(content: Any) -> Any:
+    """A tool_result's content: plain text when it is text blocks, else as given."""
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return "".join(str(b.get("text") or "") for b in content)
+    return content
+
+
+class ClaudeParser(JsonLineParser):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._seen_blocks: dict[str, set[str]] = {}
+        self.last_usage: dict[str, Any] = {}
+        self.last_stop_reason = ""
+
+    def _block_key(self, b: Any) -> str:
+        if isinstance(b, dict):
+            return f"{b.get('type')}:{b.get('id') or ''}:{b.get('text') or b.get('thinking') or ''}"
+        return f"str:{b}"
+
+    def assistant(self, msg: dict[str, Any], out: list[pb.Event]) -> None:
+        mid = str(msg.get("id") or "")
+        model = str(msg.get("model") or "")
+        if isinstance(msg.get("usage"), dict):
+            self.last_usage = msg["usage"]
+        if msg.get("stop_reason"):
+            self.last_stop_reason = str(msg["stop_reason"])
+        content = msg.get("content")
+        blocks = content if isinstance(content, list) else ([content] if content else [])
+        seen = self._seen_blocks.setdefault(mid, set()) if mid else set()
+        for b in blocks:
+            key = self._block_key(b)
+            if mid and key in seen:
+                continue  # the same block again under the same message id: never duplicate it
+            seen.add(key)
+            btype = b.get("type") if isinstance(b, dict) else "text"
+            if btype == "tool_use":
+                out.append(ev_tool_use(str(b.get("name") or ""), str(b.get("id") or ""), b.get("input") or {}))
+            elif btype == "thinking":
+                out.append(ev_thinking(str(b.get("thinking") or b.get("text") or ""), str(b.get("signature") or "")))
+            elif btype == "redacted_thinking":
+                out.append(ev_thinking("", ""))
+            else:
+                out.append(ev_message([b], model, mid))
+
+    def user(self, msg: Any, out: list[pb.Event]) -> None:
+        content = msg.get("content") if isinstance(msg, dict) else msg
+        if isinstance(content, str):
+            out.append(ev_user([content]))
+            return
+        others = []
+        for b in content if isinstance(content, list) else []:
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                out.append(ev_tool_result(str(b.get("tool_use_id") or b.get("id") or ""), _text_of(b.get("content")),
+                                          bool(b.get("is_error"))))
+            else:
+                others.append(b)
+        if others:
+            out.append(ev_user(others))
+
+    def result(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
+        usage: dict[str, Any] = obj["usage"] if isinstance(obj.get("usage"), dict) else self.last_usage
+        in_tok, out_tok = as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens"))
+        reported = obj.get("total_cost_usd")
+        if in_tok or out_tok or isinstance(reported, int | float):
+            out.append(self.cost(in_tok, out_tok, float(reported) if isinstance(reported, int | float) else None))
+        subtype = str(obj.get("subtype") or "")
+        if obj.get("is_error") or subtype.startswith("error"):
+            status = obj.get("api_error_status")
+            status = status if isinstance(status, int) else None
+            text = str(obj.get("result") or obj.get("error") or subtype or "Claude CLI reported an error result")
+            kind = classify_api_error(text, status)
+            if kind == "unknown" and subtype == "error_max_turns":
+                kind = "tool_failed"
+            domain = "provider"
+            msg = text if status is None else f"{text} (HTTP {status})"
+            self.end(out, error_event(msg, kind, domain), failed=True)
+            return
+        output: dict[str, Any] = {k: obj[k] for k in ("result", "duration_ms", "num_turns", "usage", "permission_denials",
+                                      "total_cost_usd", "session_id") if k in obj}
+        stop = str(obj.get("stop_reason") or self.last_stop_reason or subtype or "end_turn")
+        self.end(out, result_event("completed", stop, output))
+
+    def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
+        t = obj.get("type") or obj.get("event")
+        if t == "stream_event":
+            event = obj.get("event") or {}
+            delta = event.get("delta") if isinstance(event, dict) else None
+            if event.get("type") == "content_block_delta" and isinstance(delta, dict) and delta.get("type") == "text_delta":
+                out.append(ev_delta(str(delta.get("text") or "")))
+            return  # other stream events only re-state what the assistant lines carry
+        if t == "assistant" or t == "assistant_message":
+            msg = obj.get("message")
+            self.assistant(msg if isinstance(msg, dict) else {"content": obj.get("content") or []}, out)
+        elif t == "user":
+            self.user(obj.get("message") or {}, out)
+        elif t == "result":
+            self.result(obj, out)
+        elif t == "system" and obj.get("subtype") == "api_retry":
+            status = obj.get("error_status") if isinstance(obj.get("error_status"), int) else None
+            err = str(obj.get("error") or "api error")
+            msg = f"API retry {obj.get('attempt', '?')}/{obj.get('max_retries', '?')}: {err}" + (
+                f" (HTTP {status})" if status else "")
+            out.append(error_event(msg, classify_api_error(err, status), "provider", severity=pb.SEVERITY_WARNING))
+        elif t in ("assistant_delta", "text_delta"):  # ASM's flat vocabulary, kept as aliases
+            out.append(ev_delta(str(obj.get("delta") or obj.get("text") or "")))
+        elif t == "tool_use":
+            out.append(ev_tool_use(str(obj.get("tool_name") or obj.get("name") or ""),
+                                   str(obj.get("tool_id") or obj.get("id") or ""), obj.get("tool_input") or obj.get("input") or {}))
+        elif t == "tool_result":
+            out.append(ev_tool_result(str(obj.get("tool_id") or obj.get("id") or ""), obj.get("content"),
+                                      bool(obj.get("is_error") or obj.get("error"))))
+        elif t == "thinking":
+            out.append(ev_thinking(str(obj.get("thinking") or obj.get("text") or ""), str(obj.get("signature") or "")))
+        elif t == "error":
+            out.append(error_event(str(obj.get("message") or "Claude CLI error"), classify_api_error(str(obj.get("message") or "")),
+                                   "provider", severity=pb.SEVERITY_WARNING))
+        else:
+            out.append(ev_raw(obj))
+
+
+class ClaudeProvider(CliProvider):
+    name = "claude"
+    display_name = "Claude CLI"
+    env_var = "CLAUDE_CLI_PATH"
+    path_candidates = ("claude-code", "claude")
+    known_locations = (
+        "~/.npm-global/bin/claude", "/usr/local/bin/claude", "~/.local/bin/claude", "~/node_modules/.bin/claude",
+        "~/.yarn/bin/claude", "~/.claude/local/claude",
+    )
+    install_hint = "npm install -g @anthropic-ai/claude-code"
+    options_model = ClaudeOptions
+    permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "default": ("default", ("--permission-mode", "default")),
+        "auto": ("accept_edits", ("--permission-mode", "acceptEdits")),
+        "bypass": ("bypass_permissions", ("--permission-mode", "bypassPermissions")),
+        "plan": ("plan", ("--permission-mode", "plan")),
+    }
+    parser_class = ClaudeParser
+
+    def apply_ollama(self, opts: Any) -> None:
+        if opts.provider_backend not in (None, "ollama"):
+            raise ConfigError("Ollama needs provider_backend ollama (or unset) for claude")
+        opts.provider_backend = "ollama"
+        if opts.ollama_base_url:
+            opts.anthropic_base_url = opts.ollama_base_url
+        opts.anthropic_auth_token = opts.anthropic_auth_token or "ollama"
+        if opts.model and opts.ollama_model and opts.model != opts.ollama_model:
+            existing = opts.external_model_overrides.get(opts.model)
+            if existing not in (None, opts.ollama_model):
+                raise ConfigError(f"external_model_overrides[{opts.model!r}] conflicts with ollama_model")
+            opts.external_model_overrides[opts.model] = opts.ollama_model
+        opts.model = opts.model or opts.ollama_model
+
+    def argv(self, path: str, spec: RunSpec, opts: Any) -> tuple[list[str], dict[str, str]]:
+        _, mode_args = self.native_mode(spec.permission_mode)
+        argv = [path, "--print", "--output-format", "stream-json", "--verbose"]
+        if opts.include_partial_messages:
+            argv.append("--include-partial-messages")
+        argv += list(mode_args)
+        model = opts.external_model_overrides.get(opts.model, opts.model) if opts.model else None
+        if model:
+            argv.append(f"--model={model}")
+        if opts.max_turns:
+            argv.append(f"--max-turns={opts.max_turns}")
+        if opts.system_prompt:
+            argv.append(f"--system-prompt={opts.system_prompt}")
+        if opts.append_system_prompt:
+            argv.append(f"--append-system-prompt={opts.append_system_prompt}")
+        if opts.resume == "latest":
+            argv.append("--continue")
+        elif opts.resume:
+            argv.append(f"--resume={opts.resume}")
+        argv += opts.args
+        argv += ["--", spec.prompt]
+        env: dict[str, str] = {}
+        if opts.anthropic_base_url:
+            env["ANTHROPIC_BASE_URL"] = opts.anthropic_base_url
+        if opts.anthropic_auth_token:
+            env["ANTHROPIC_AUTH_TOKEN"] = opts.anthropic_auth_token
+        if opts.provider_backend == "ollama":
+            env["ANTHROPIC_API_KEY"] = ""
+            env.setdefault("ANTHROPIC_BASE_URL", "http://127.0.0.1:11434")
+        return argv, env

@@ -1,0 +1,134 @@
+"""Gemini CLI: ``gemini --prompt=... --output-format stream-json``.
+
+The real CLI prints ``init{session_id}``, ``message`` lines (the user turn, then
+assistant text as ``delta: true`` chunks), ``tool_use{tool_name, tool_id,
+parameters}``, ``tool_result{tool_id, status, output|error}`` and a final
+``result{status: success|error, stats}``. Its exit codes are unusual: 41 bad
+auth settings, 55 untrusted folder, 145 after an HTTP 401, 244 after an HTTP 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from asm_node.providers._cli import (
+    CliProvider,
+    CommonOptions,
+    JsonLineParser,
+    as_int,
+    classify_api_error,
+    ev_delta,
+    ev_message,
+    ev_raw,
+    ev_tool_result,
+    ev_tool_use,
+    ev_user,
+)
+from asm_node.providers.base import ExitInfo, RunSpec, error_event, result_event, stderr_summary
+from asm_wire import ConfigError, pb
+
+_EXIT_CODES = {
+    41: ("auth_error", "Gemini CLI auth settings are invalid"),
+    55: ("config_invalid", "Gemini CLI refuses to run in an untrusted folder (set GEMINI_CLI_TRUST_WORKSPACE=true)"),
+    145: ("auth_error", "Gemini API refused the credentials (HTTP 401)"),
+    244: ("transport_error", "Gemini API failed (HTTP 500)"),
+}
+
+
+class GeminiOptions(CommonOptions):
+    system_prompt: str | None = None
+    sandbox: bool = False
+    extensions: list[str] = Field(default_factory=list)
+
+
+class GeminiParser(JsonLineParser):
+    def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
+        t = obj.get("type")
+        if t == "message":
+            role, content = obj.get("role"), obj.get("content")
+            if role == "assistant":
+                if obj.get("delta"):
+                    out.append(ev_delta(content if isinstance(content, str) else ""))
+                else:
+                    out.append(ev_message(content if isinstance(content, list) else [str(content or "")],
+                                          str(obj.get("model") or "")))
+            elif role == "user":
+                out.append(ev_user(content if isinstance(content, list) else [str(content or "")]))
+            else:
+                out.append(ev_raw(obj))
+        elif t == "tool_use":
+            out.append(ev_tool_use(str(obj.get("tool_name") or obj.get("name") or ""),
+                                   str(obj.get("tool_id") or obj.get("id") or ""),
+                                   obj.get("parameters", obj.get("tool_input", obj.get("input"))) or {}))
+        elif t == "tool_result":
+            is_error = obj.get("status") == "error" or bool(obj.get("is_error"))
+            content = obj.get("output", obj.get("content"))
+            if is_error and content is None:
+                content = obj.get("error")
+            out.append(ev_tool_result(str(obj.get("tool_id") or obj.get("id") or ""), content, is_error))
+        elif t == "result":
+            stats: dict[str, Any] = obj["stats"] if isinstance(obj.get("stats"), dict) else {}
+            in_tok, out_tok = as_int(stats.get("input_tokens")), as_int(stats.get("output_tokens"))
+            if in_tok or out_tok:
+                out.append(self.cost(in_tok, out_tok))
+            if obj.get("status") == "error":
+                err: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else {}
+                msg = str(err.get("message") or "Gemini CLI reported an error result")
+                self.end(out, error_event(msg, classify_api_error(msg), "provider"), failed=True)
+            else:
+                self.end(out, result_event("completed", str(obj.get("status") or "success"), {"stats": stats}))
+        elif t == "error":
+            msg = str(obj.get("message") or "Gemini CLI error")
+            if str(obj.get("severity") or "").lower() == "fatal":
+                self.end(out, error_event(msg, classify_api_error(msg), "provider", severity=pb.SEVERITY_FATAL), failed=True)
+            else:
+                out.append(error_event(msg, classify_api_error(msg), "provider", severity=pb.SEVERITY_WARNING))
+        else:
+            out.append(ev_raw(obj))
+
+    def exit_error(self, exit: ExitInfo) -> pb.Event | None:
+        known = _EXIT_CODES.get(exit.returncode or 0)
+        if known is None:
+            return None
+        kind, text = known
+        detail = stderr_summary(exit.stderr_tail, lines=2)
+        return error_event(text + (f": {detail}" if detail else ""), kind, "provider", exit_code=exit.returncode or -1)
+
+
+class GeminiProvider(CliProvider):
+    name = "gemini"
+    display_name = "Gemini CLI"
+    env_var = "GEMINI_CLI_PATH"
+    path_candidates = ("gemini",)
+    install_hint = "npm install -g @google/gemini-cli"
+    options_model = GeminiOptions
+    permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "default": ("default", ()),
+        "auto": ("auto_edit", ("--approval-mode", "auto_edit")),
+        "bypass": ("yolo", ("--yolo",)),
+        "plan": ("plan", ("--approval-mode", "plan")),
+    }
+    parser_class = GeminiParser
+
+    def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
+        out = super().validate_options(options, permission_mode)
+        if out["parsed"].system_prompt is not None:
+            raise ConfigError("option system_prompt is not supported by the Gemini CLI in headless mode")
+        return out
+
+    def argv(self, path: str, spec: RunSpec, opts: Any) -> tuple[list[str], dict[str, str]]:
+        _, mode_args = self.native_mode(spec.permission_mode)
+        argv = [path, f"--prompt={spec.prompt}", "--output-format", "stream-json"]
+        if opts.model:
+            argv.append(f"--model={opts.model}")
+        if opts.sandbox:
+            argv.append("--sandbox")
+        if opts.extensions:
+            argv.append(f"--extensions={','.join(opts.extensions)}")
+        if opts.resume:
+            argv.append(f"--resume={opts.resume}")
+        argv += list(mode_args)
+        argv += opts.args
+        return argv, {}
