@@ -288,6 +288,28 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return asyncio.run(_nodes(args))
 
 
+# -- asm providers ------------------------------------------------------------------
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    from asm_node.providers.features import manifests
+
+    rows = manifests()
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return EXIT_OK
+    for m in rows:
+        sys.stdout.write(f"{m['provider']} ({m['display_name']}{', CLI path from $' + m['env_var'] if m['env_var'] else ''})\n")
+        for mode, info in m["permission_modes"].items():
+            flags = " ".join(info.get("cli_args", [])) or "(no flag)"
+            text = f"{info['native']}: {flags}" if info["supported"] else f"refused: {info['reason']}"
+            sys.stdout.write(f"  permission {mode:<8} {text}\n")
+        for feat, info in m["common_features"].items():
+            sys.stdout.write(f"  {feat:<10} {'yes' if info['supported'] else 'no ':<4} {info['notes']}\n")
+        sys.stdout.write(f"  options: {', '.join(m['options'])}\n")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 
 
@@ -321,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
-    r.add_argument("--provider", required=True, help="shell (claude, codex, gemini, amp to come)")
+    r.add_argument("--provider", required=True, help="claude, codex, gemini, amp or shell")
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=["default", "auto", "bypass", "plan"])
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
@@ -330,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(r)
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("providers", help="what each provider supports (permission modes, features, options)")
+    pr.add_argument("--output", default="text", choices=["text", "json"])
+    pr.set_defaults(func=cmd_providers)
 
     n = sub.add_parser("nodes", help="show each node's handshake or its typed error")
     n.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
@@ -358,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(exc.message, EXIT_USAGE if exc.kind == "config_invalid" else EXIT_FAILED)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `asm ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_OK)
     sys.exit(code)
 
 

@@ -12,7 +12,7 @@ from asm_controller._client import GrpcNodeClient, KeepaliveConfig, RemoteNode, 
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
 from asm_controller._events import Event
 from asm_controller._reducer import Cost, EventReducer, Result
-from asm_controller._session import RunOptions, RunStream, Session, query
+from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
 from asm_wire import (
     AsmError,
     ConfigError,
@@ -30,7 +30,7 @@ from asm_wire import (
 )
 
 __all__ = [
-    "AsmError", "ConfigError", "Cost", "CwdNotAllowed", "EmbeddedNode", "Event", "EventReducer",
+    "AsmError", "Checkpoint", "ConfigError", "Cost", "CwdNotAllowed", "EmbeddedNode", "Event", "EventReducer",
     "GrpcNodeClient", "KeepaliveConfig", "NodeAtCapacity", "NodeCapabilityMismatch", "NodeConnectTimeout",
     "NodeConnectionError", "NodeHandle", "NodeNotReady", "NodeTarget", "NodeUnauthenticated", "NodeUnreachable",
     "NodeVersionMismatch", "ProviderMissing", "RemoteNode", "Result", "RunError", "RunOptions", "RunStream",

@@ -217,6 +217,10 @@ class EventReducer:
         self._messages.append(ev)
         return True
 
+    @property
+    def provider_session_id(self) -> str | None:
+        return self._psid
+
     def set_error(self, err: AsmError) -> None:
         """Replace the run's error, if it has one, by a more precise one of the same failure (e.g. NodeUnreachable)."""
         if self._error is not None:

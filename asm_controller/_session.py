@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,18 @@ class RunOptions:
             )
         if not isinstance(self.approval_timeout_ms, int) or self.approval_timeout_ms <= 0:
             raise ConfigError("approval_timeout_ms must be a positive integer")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a session can be continued: a provider session id on a node."""
+
+    provider: str
+    provider_session_id: str
+    run_id: str
+    node: NodeTarget
+    node_id: str
+    captured_at: float
 
 
 class _BatchChannel:
@@ -429,6 +442,7 @@ class Session:
         self._handles: dict[str, NodeHandle] = {}
         self._connecting: dict[str, asyncio.Future[NodeHandle]] = {}
         self._cost = Cost()
+        self._checkpoint: Checkpoint | None = None
 
     # -- public API ------------------------------------------------------------
 
@@ -473,6 +487,56 @@ class Session:
         await run.handle.api.resolve_approval(
             pb.ResolveApprovalRequest(run_id=run.run_id, approval_id=approval_id, decision=decision, reason=reason)
         )
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        """The last provider session a run of this session reported (last writer wins)."""
+        return self._checkpoint
+
+    def _continuation(self, target: str) -> tuple[str, Checkpoint | None]:
+        if target == "latest":
+            return "latest", self._checkpoint
+        if target == "checkpoint":
+            cp = self._checkpoint
+            if cp is None:
+                raise make_error("config_invalid", "provider",
+                                 "session checkpoint does not contain a resumable provider session id")
+            return cp.provider_session_id, cp
+        if isinstance(target, str) and target.strip():
+            return target.strip(), None
+        raise ConfigError(f"invalid resume target {target!r}; expected 'checkpoint', 'latest', or a session id")
+
+    def resume_run(self, prompt: str, target: str = "checkpoint", **overrides: Any) -> RunStream:
+        """Continue a provider session: the checkpoint's (default), the latest, or an exact id.
+
+        The run goes to the node that holds that provider session unless ``node`` is given.
+        """
+        resume, cp = self._continuation(target)
+        if cp is not None:
+            overrides.setdefault("node", cp.node)
+            overrides.setdefault("provider", cp.provider)
+        overrides["options"] = {**overrides.get("options", {}), "resume": resume}
+        return self.stream(prompt, **overrides)
+
+    async def intervene(self, run_id: str, prompt: str, **overrides: Any) -> RunStream:
+        """Interrupt a running run, then continue the same provider session with ``prompt``.
+
+        Unlike ASM 0.9.2, the continuation is checked *before* the interrupt, and the
+        new run starts after the old one has ended (so it is not stuck behind it in the queue).
+        """
+        run = self._runs.get(run_id)
+        if run is None or run.state == "done":
+            raise make_error("unknown", "runtime", f"Unknown active run id: {run_id}")
+        psid = run.reducer.provider_session_id
+        if not psid or run.handle is None:
+            raise make_error("config_invalid", "provider",
+                             f"run {run_id} has not reported a provider session id yet; nothing to continue")
+        await run.interrupt()
+        await run.done.wait()
+        overrides.setdefault("node", run.handle.target)
+        overrides.setdefault("provider", run.opts.provider)
+        overrides["options"] = {**overrides.get("options", {}), "resume": psid}
+        return self.stream(prompt, **overrides)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -548,6 +612,12 @@ class Session:
 
     def _run_finished(self, run: _Run) -> None:
         self._active.pop(run.run_id, None)
+        psid = run.reducer.provider_session_id
+        if psid and run.handle is not None:
+            self._checkpoint = Checkpoint(
+                provider=run.opts.provider, provider_session_id=psid, run_id=run.run_id,
+                node=run.handle.target, node_id=run.handle.node_id, captured_at=time.time(),
+            )
         # Keep a bounded history for result(run_id); a long-lived session must not grow forever.
         self._finished.append(run.run_id)
         while len(self._finished) > self.history_size:
@@ -600,4 +670,4 @@ async def query(prompt: str, provider: str = "shell", *, node: NodeTarget, **opt
         await session.stop()
 
 
-__all__ = ["EmbeddedNode", "RemoteNode", "RunOptions", "RunStream", "Session", "query"]
+__all__ = ["Checkpoint", "EmbeddedNode", "RemoteNode", "RunOptions", "RunStream", "Session", "query"]

@@ -153,7 +153,7 @@ def test_codex_turn_failed_is_terminal_and_reconnects_are_warnings() -> None:
     lines = [b'{"type":"thread.started","thread_id":"t-1"}', b'{"type":"turn.started"}',
              b'{"type":"error","message":"Reconnecting... 1/1 (unexpected status 401 Unauthorized)"}',
              b'{"type":"turn.failed","error":{"message":"unexpected status 401 Unauthorized: Incorrect API key"}}']
-    events, result = parse("codex", lines, exit_code=1)
+    _, result = parse("codex", lines, exit_code=1)
     assert result.status == "failed" and result.error is not None and result.error.kind == "auth_error"
     assert [w.kind for w in result.warnings] == ["auth_error"]
 
