@@ -36,6 +36,7 @@ MAX_BATCH_EVENTS = 4096
 MAX_BATCH_BYTES = 1024 * 1024
 
 _APPROVAL_REQUESTED = KIND_VALUES["approval_requested"]
+_ERROR = KIND_VALUES["error"]
 _STATUS_PB = {
     "starting": pb.RUN_STATUS_STARTING,
     "running": pb.RUN_STATUS_RUNNING,
@@ -265,6 +266,12 @@ class Run:
             return
         out: list[pb.Event] = []
         self.parser.feed_lines(lines, out)
+        if self._interrupt.is_set():
+            # What a CLI reports while it is being interrupted (Claude: an error_during_execution
+            # result) is a consequence of the interrupt: kept, but the run ends as user_cancelled.
+            for ev in out:
+                if ev.kind == _ERROR:
+                    ev.error.severity = pb.SEVERITY_WARNING
         self._emit(out)
 
     def _on_overflow(self, size: int) -> None:

@@ -50,12 +50,15 @@ class NodeProcess:
         return self.proc.returncode
 
 
-def start_node_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0) -> NodeProcess:
+def start_node_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0, inherit: bool = True
+) -> NodeProcess:
     log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})}, cwd=str(tmp_path),
+            stdout=subprocess.DEVNULL, stderr=log, env={**(os.environ if inherit else {}), **(env or {})},
+            cwd=str(tmp_path),
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

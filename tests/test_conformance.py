@@ -1,0 +1,161 @@
+"""Conformance: the real Claude Code, Codex and Gemini CLIs through a node agent and the controller.
+
+Each CLI runs as it would in production: a node agent process whose environment
+points the CLI at the scripted model server on 127.0.0.1 (tests/fake_model_server.py),
+with a hermetic HOME/TMPDIR (tests/cli_env.py); the test drives it with the
+controller over gRPC and checks the normalized events and the reduced Result.
+The CLIs come from scripts/install_clis.sh; without them these tests skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asm_controller import Event, RemoteNode, Result, Session
+from tests.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.conftest import NodeProcess, pid_alive, start_node_process
+from tests.fake_model_server import FakeModelServer
+
+ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
+# Per-provider options for the fake server: Gemini's model pinned (skips its router, caps retries).
+OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True}, "gemini": {"model": GEMINI_MODEL}}
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[FakeModelServer]:
+    server = FakeModelServer(slow_deltas=40, slow_interval=0.25).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=CLI_NAMES)
+def cli_node(request: pytest.FixtureRequest, model_server: FakeModelServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NodeProcess, Path]]:
+    name: str = request.param
+    path = find_cli(name)
+    if path is None:
+        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
+    scratch = tmp_path_factory.mktemp(f"conf-{name}")
+    env = hermetic_env({**cli_env(name, model_server.base_url, scratch), ENV_VARS[name]: str(path)})
+    node = start_node_process(scratch, "--node-id", f"node-{name}", env=env, inherit=False)
+    workspace = scratch / "ws"
+    workspace.mkdir()
+    try:
+        yield name, node, workspace
+    finally:
+        node.stop()
+
+
+def session(cli_node: tuple[str, NodeProcess, Path], **kw: Any) -> Session:
+    name, node, workspace = cli_node
+    return Session(name, node=RemoteNode(node.address), cwd=str(workspace), options=OPTIONS[name], **kw)
+
+
+async def run(s: Session, prompt: str, **overrides: Any) -> tuple[list[Event], Result]:
+    stream = s.stream(prompt, **overrides)
+    events = [ev async for ev in stream]
+    assert stream.result is not None
+    return events, stream.result
+
+
+def kinds(events: list[Event]) -> list[str]:
+    return [e.kind for e in events]
+
+
+async def test_plain_text(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    async with session(cli_node) as s:
+        events, result = await run(s, "Say hi. SCENARIO_TEXT")
+    assert kinds(events)[0] == "run_started" and kinds(events)[-2:] == ["result", "run_completed"]
+    assert result.ok, result.error
+    assert "Hello from the fake model" in result.text
+    assert result.provider_session_id
+    assert result.cost.input_tokens > 0 and result.cost.cost_usd > 0
+    assert "cost_update" in kinds(events)
+    assert result.metadata["node_id"] == f"node-{cli_node[0]}"
+
+
+async def test_tool_call_and_final_answer(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    async with session(cli_node, permission_mode="bypass") as s:
+        events, result = await run(s, "Run a command. SCENARIO_TOOL")
+    assert result.ok, result.error
+    uses = [e for e in events if e.kind == "tool_use"]
+    results = [e for e in events if e.kind == "tool_result"]
+    assert uses and results
+    assert "echo tool-output-123" in str(uses[0].payload["input"])
+    assert "tool-output-123" in str(results[0].payload["content"])
+    assert results[0].payload["tool_call_id"] == uses[0].payload["tool_call_id"]
+    assert not results[0].payload["is_error"]
+    assert "tool-output-123" in result.text or "Done" in result.text
+
+
+async def test_tool_refused_by_permission_mode(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    name, _, workspace = cli_node
+    mode = {"claude": "default", "codex": "plan", "gemini": "default"}[name]
+    target = workspace / "denied-file.txt"
+    async with session(cli_node, permission_mode=mode) as s:
+        events, result = await run(s, "Write a file. SCENARIO_TOOLWRITE")
+    assert result.status == "completed", result.error
+    assert not target.exists(), "the permission mode should have stopped the write"
+    if name == "claude":
+        refused = [e for e in events if e.kind == "tool_result" and e.payload["is_error"]]
+        assert refused and "blocked" in str(refused[0].payload["content"])
+        assert result.messages[-2].payload["output"].get("permission_denials")
+    if name == "gemini":  # without --yolo the shell tool is not even offered
+        assert "tool_use" not in kinds(events)
+
+
+async def test_resume_previous_provider_session(cli_node: tuple[str, NodeProcess, Path],
+                                                model_server: FakeModelServer) -> None:
+    async with session(cli_node) as s:
+        _, first = await run(s, "Remember this. SCENARIO_TEXT")
+        assert first.ok and first.provider_session_id
+        cp = s.checkpoint
+        assert cp is not None and cp.provider_session_id == first.provider_session_id
+        model_server.clear()
+        stream = s.resume_run("Second turn SCENARIO_TEXT")
+        events = [ev async for ev in stream]
+        second = stream.result
+    assert second is not None and second.ok, second and second.error
+    assert second.provider_session_id == first.provider_session_id
+    assert "--resume" in str(events[0].payload["args"]) or "resume" in events[0].payload["args"]
+    # The model saw the earlier turn in the resumed conversation.
+    history = " ".join(str(r.body) for r in model_server.requests if r.method == "POST")
+    assert "Remember this" in history
+
+
+@pytest.mark.parametrize(("scenario", "kind"), [("SCENARIO_ERR500", "transport_error"), ("SCENARIO_ERR401", "auth_error")])
+async def test_model_server_errors(cli_node: tuple[str, NodeProcess, Path], scenario: str, kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with session(cli_node) as s:
+        _, result = await run(s, f"Fail please. {scenario}")
+    assert result.status == "failed"
+    assert result.error is not None and result.error.kind == kind, result.error
+    assert loop.time() - t0 < 45
+
+
+async def test_interrupt_mid_run_then_resume(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    async with session(cli_node) as s:
+        stream = s.stream("Talk slowly. SCENARIO_SLOW")
+        pid, seen_text = 0, False
+        async for ev in stream:
+            if ev.kind == "run_started":
+                pid = ev.payload["pid"]
+            if ev.kind in ("assistant_delta", "assistant_message") and not seen_text:
+                seen_text = True
+                await s.interrupt(stream.run_id)
+        result = stream.result
+        assert result is not None and result.status == "interrupted"
+        assert result.error is not None and result.error.kind == "user_cancelled"
+        assert seen_text and not pid_alive(pid)
+        if result.provider_session_id:  # the provider session stays resumable
+            again = s.resume_run("Are you there? SCENARIO_TEXT")
+            _ = [ev async for ev in again]
+            assert again.result is not None and again.result.ok, again.result and again.result.error
