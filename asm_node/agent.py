@@ -57,6 +57,7 @@ class NodeAgent:
         self.runs: dict[str, Run] = {}
         self._reaper = Reaper() if self.config.reaper else None
         self._sweeper: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[object] | None = None
         self._env = self._base_env()
 
     # -- lifecycle --------------------------------------------------------------
@@ -64,6 +65,9 @@ class NodeAgent:
     async def start(self) -> None:
         if self._reaper is not None:
             self._reaper.start()
+        # Warm the CLI version cache in the background so the first handshake is quick.
+        self._probe = asyncio.create_task(asyncio.to_thread(
+            lambda: [p.status(self._env, True) for p in self.providers.values()]))
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -136,7 +140,7 @@ class NodeAgent:
             state = pb.NodeState.Name(self.state).removeprefix("NODE_STATE_").lower()
             raise NodeNotReady(f"node {self.node_id} is {state} and accepts no new runs")
         provider = self._provider(provider_name)
-        status = provider.status(self._env)
+        status = provider.status(self._env, probe_version=False)  # on every run's path: never runs the CLI
         if not status.available:
             raise ProviderMissing(status.error or f"{provider.display_name} is not installed on node {self.node_id}")
         if self.active_runs() >= self.config.max_runs:
@@ -145,8 +149,8 @@ class NodeAgent:
 
     # -- NodeApi ----------------------------------------------------------------
 
-    def _provider_info(self, provider: Provider) -> pb.ProviderInfo:
-        status: ProviderStatus = provider.status(self._env)
+    def _provider_info(self, provider: Provider, probe_version: bool = False) -> pb.ProviderInfo:
+        status: ProviderStatus = provider.status(self._env, probe_version)
         info = pb.ProviderInfo(
             name=provider.name, available=status.available, cli_path=status.cli_path,
             version=status.version, env_var=provider.env_var,
@@ -158,6 +162,8 @@ class NodeAgent:
 
     async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
         cfg = self.config
+        # `<cli> --version` can take a second: probe (once per CLI path, cached) off the event loop.
+        providers = await asyncio.to_thread(lambda: [self._provider_info(p, True) for p in self.providers.values()])
         return pb.HandshakeResponse(
             agent_version=__version__,
             protocol_version=PROTOCOL_VERSION,
@@ -168,7 +174,7 @@ class NodeAgent:
                 hostname=socket.gethostname(), os=platform.system(), arch=platform.machine(),
                 python_version=platform.python_version(), cpu_count=os.cpu_count() or 0,
             ),
-            providers=[self._provider_info(p) for p in self.providers.values()],
+            providers=providers,
             limits=pb.Limits(
                 max_runs=cfg.max_runs, line_cap_bytes=cfg.line_cap_bytes,
                 replay_buffer_events=cfg.replay_buffer_events,

@@ -45,7 +45,7 @@ class ScriptedProvider(Provider):
     name = "scripted"
     display_name = "Scripted"
 
-    def status(self, env: Mapping[str, str]) -> ProviderStatus:
+    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
         return ProviderStatus(available=True, cli_path=sys.executable, version="test")
 
     def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:

@@ -130,3 +130,28 @@ def test_generated_stubs_match_proto() -> None:
     proc = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], capture_output=True, text=True,
                           cwd=str(ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_node_without_the_cli_fails_preflight_naming_it(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node = node_process(env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+                             "CLAUDE_CLI_PATH": "", "CODEX_PATH": ""})
+    nodes = asm("nodes", "--node", node.address, "--provider", "claude", "--output", "json")
+    assert nodes.returncode == 3
+    (row,) = json.loads(nodes.stdout)
+    assert row["preflight"]["error"]["kind"] == "cli_not_found"
+    assert "CLAUDE_CLI_PATH" in row["preflight"]["error"]["message"]
+    run = asm("run", "--node", node.address, "--provider", "codex", "hello")
+    assert run.returncode == 3 and "CODEX_PATH" in run.stderr and "Codex CLI not found" in run.stderr
+
+
+def test_provider_manifest_cli() -> None:
+    proc = asm("providers", "--output", "json")
+    assert proc.returncode == 0
+    by_name = {m["provider"]: m for m in json.loads(proc.stdout)}
+    assert by_name["claude"]["permission_modes"]["bypass"]["cli_args"] == ["--permission-mode", "bypassPermissions"]
+    assert by_name["codex"]["permission_modes"]["auto"]["supported"] is False
+    assert by_name["gemini"]["common_features"]["ollama"]["supported"] is False
+    assert by_name["claude"]["common_features"]["ollama"]["supported"] is True
+    assert "reasoning_effort" in by_name["codex"]["options"]
+    bad = asm("run", "--provider", "codex", "--permission-mode", "auto", "hi")
+    assert bad.returncode in (2, 3) and "Traceback" not in bad.stderr

@@ -159,3 +159,67 @@ async def test_interrupt_mid_run_then_resume(cli_node: tuple[str, NodeProcess, P
             again = s.resume_run("Are you there? SCENARIO_TEXT")
             _ = [ev async for ev in again]
             assert again.result is not None and again.result.ok, again.result and again.result.error
+
+
+def test_asm_run_cli_with_each_real_cli(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    """`asm run --provider <cli> --output jsonl` as a user types it, against a node that has the CLI."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    name, node, workspace = cli_node
+    opts = [f"--opt={k}={json.dumps(v)}" for k, v in OPTIONS[name].items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "asm_cli", "run", "--node", node.address, "--provider", name, "--cwd", str(workspace),
+         "--permission-mode", "bypass", "--output", "jsonl", *opts, "Run a command. SCENARIO_TOOL"],
+        capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    seen = [line["kind"] for line in lines]
+    assert seen[0] == "run_started" and seen[-1] == "result_summary"
+    assert {"tool_use", "tool_result", "result"} <= set(seen)
+    assert any(k in seen for k in ("assistant_delta", "assistant_message"))
+    summary = lines[-1]
+    assert summary["status"] == "completed" and summary["cost"]["cost_usd"] > 0
+    assert summary["node_id"] == f"node-{name}"
+
+
+def test_asm_nodes_lists_cli_versions(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    name, node, _ = cli_node
+    proc = subprocess.run([sys.executable, "-m", "asm_cli", "nodes", "--node", node.address, "--output", "json",
+                           "--provider", name], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    versions = {p["name"]: p["version"] for p in row["providers"] if p["available"]}
+    expected = {"claude": "2.1.197", "codex": "0.169.0", "gemini": "0.61.0"}[name]
+    assert versions[name] == expected
+    assert row["preflight"]["ok"] is True
+
+
+async def test_intervene_interrupts_then_continues_the_same_session(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    async with session(cli_node) as s:
+        stream = s.stream("Talk slowly. SCENARIO_SLOW")
+        psid = None
+        async for ev in stream:
+            if ev.kind in ("assistant_delta", "assistant_message"):
+                psid = ev.provider_session_id
+                break
+        assert psid, "the CLI reported its session id before its first text"
+        follow_up = await s.intervene(stream.run_id, "Change of plan. SCENARIO_TEXT")
+        events = [ev async for ev in follow_up]
+        first = s.result(stream.run_id)
+        assert first.status == "interrupted"
+        result = follow_up.result
+        assert result is not None and result.ok, result and result.error
+        assert result.provider_session_id == psid
+        assert "Hello from the fake model" in result.text
+        assert events[0].kind == "run_started"

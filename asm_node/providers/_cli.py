@@ -168,11 +168,12 @@ class CliProvider(Provider):
             f"or set {self.env_var} to its path"
         )
 
-    def status(self, env: Mapping[str, str]) -> ProviderStatus:
+    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
         path, error = self.resolve(env)
         if path is None:
             return ProviderStatus(available=False, env_var=self.env_var, error=error)
-        return ProviderStatus(available=True, cli_path=path, version=cli_version(path), env_var=self.env_var)
+        version = cli_version(path) if probe_version else _version_cache.get(path, "")
+        return ProviderStatus(available=True, cli_path=path, version=version, env_var=self.env_var)
 
     def native_mode(self, mode: str) -> tuple[str, tuple[str, ...]]:
         m = check_permission_mode(mode)

@@ -88,8 +88,8 @@ class Provider(ABC):
     env_var: str = ""
 
     @abstractmethod
-    def status(self, env: Mapping[str, str]) -> ProviderStatus:
-        """Is the provider usable on this host (CLI found, its version)?"""
+    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
+        """Is the provider usable on this host (CLI found; its version, which may run the CLI)?"""
 
     @abstractmethod
     def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:

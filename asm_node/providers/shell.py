@@ -61,7 +61,7 @@ class ShellProvider(Provider):
         self.denied = list(denied)
         self.allow_interpolation = allow_interpolation
 
-    def status(self, env: Mapping[str, str]) -> ProviderStatus:
+    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
         # Commands are resolved per run; nothing to probe (and this is on every run's path).
         return ProviderStatus(available=True, cli_path="", version="builtin")
 
