@@ -76,7 +76,8 @@ async def test_handshake_reports_identity_providers_limits_and_load(grpc_node: N
         assert info.boot_epoch == grpc_node.agent.boot_epoch
         assert info.protocol_version == 1
         assert "run.start.v1" in info.capabilities
-        assert [p.name for p in info.providers] == ["shell"]
+        assert [p.name for p in info.providers] == ["shell", "claude", "codex", "gemini", "amp"]
+        assert info.providers[0].available
         assert info.limits.max_runs == grpc_node.agent.config.max_runs
         assert info.load.active_runs == 0
         assert info.host.hostname
