@@ -152,3 +152,7 @@ class GrpcNodeClient:
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         resp: pb.ListRunsResponse = await self._unary(self._stub.ListRuns, request)
         return resp
+
+    async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
+        resp: pb.DrainResponse = await self._unary(self._stub.Drain, request)
+        return resp

@@ -58,6 +58,8 @@ class NodeAgent:
         self._reaper = Reaper() if self.config.reaper else None
         self._sweeper: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[object] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._drain_deadline_ns = 0
         self._env = self._base_env()
 
     # -- lifecycle --------------------------------------------------------------
@@ -184,6 +186,8 @@ class NodeAgent:
             load=pb.Load(active_runs=self.active_runs(), retained_runs=len(self.runs)),
             state=self.state,
             started_unix_nano=self.started_ns,
+            labels=dict(cfg.labels),
+            drain_deadline_unix_nano=self._drain_deadline_ns,
         )
 
     async def preflight(self, request: pb.PreflightRequest) -> pb.PreflightResponse:
@@ -264,6 +268,25 @@ class NodeAgent:
 
     async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
         return self._get(request.run_id).info()
+
+    async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
+        """Refuse new runs from now on; interrupt the ones still running at the deadline."""
+        if self.state == pb.NODE_STATE_READY:
+            self.state = pb.NODE_STATE_DRAINING
+            deadline_s = request.deadline_ms / 1000
+            self._drain_deadline_ns = time.time_ns() + int(deadline_s * 1e9)
+            self._drain_task = asyncio.create_task(self._drain(deadline_s))
+            log.warning("node %s draining: %d active run(s), deadline %.1fs", self.node_id, self.active_runs(), deadline_s)
+        return pb.DrainResponse(state=self.state, active_runs=self.active_runs(),
+                                deadline_unix_nano=self._drain_deadline_ns)
+
+    async def _drain(self, deadline_s: float) -> None:
+        tasks = [r.task for r in self.runs.values() if not r.done and r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=deadline_s)
+            for run in self.runs.values():
+                if not run.done:
+                    run.interrupt()
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]

@@ -56,6 +56,8 @@ class NodeConfig(BaseSettings):
     env_deny: list[str] = Field(default_factory=lambda: ["ASM_TOKEN", "ASM_NODE_TOKEN"])
     #: Variables a run request may set; anything else in a request is refused.
     env_allow: list[str] = Field(default_factory=list)
+    #: Operator labels reported in the handshake (routing selectors match them).
+    labels: dict[str, str] = Field(default_factory=dict)
     #: Spawn a watchdog that kills every CLI process group if the agent dies (even by SIGKILL).
     reaper: bool = True
 

@@ -204,6 +204,9 @@ class Run:
         if self.done or self._interrupt.is_set():
             return not self.done
         self._interrupt.set()
+        # Nobody will answer a pending approval of an interrupted run: resolve it now.
+        for approval_id in list(self._approvals):
+            self._resolve_approval_now(approval_id, "deny", "interrupted")
         return True
 
     def _arm_approval(self, approval_id: str) -> None:

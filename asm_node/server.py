@@ -100,6 +100,7 @@ def node_handler(agent: NodeAgent) -> grpc.GenericRpcHandler:
             "SendInput": u(_unary(agent.send_input), pb.SendInputRequest.FromString, pb.SendInputResponse.SerializeToString),
             "GetRun": u(_unary(agent.get_run), pb.GetRunRequest.FromString, pb.RunInfo.SerializeToString),
             "ListRuns": u(_unary(agent.list_runs), pb.ListRunsRequest.FromString, pb.ListRunsResponse.SerializeToString),
+            "Drain": u(_unary(agent.drain), pb.DrainRequest.FromString, pb.DrainResponse.SerializeToString),
         },
     )
 

@@ -922,6 +922,26 @@ Global___Load: _TypeAlias = Load  # noqa: Y015
 class HandshakeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
@@ -933,6 +953,8 @@ class HandshakeResponse(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     STARTED_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_UNIX_NANO_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     node_id: _builtins.str
@@ -940,6 +962,8 @@ class HandshakeResponse(_message.Message):
     """new on every agent start"""
     state: Global___NodeState.ValueType
     started_unix_nano: _builtins.int
+    drain_deadline_unix_nano: _builtins.int
+    """when draining: when remaining runs get interrupted"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -950,6 +974,10 @@ class HandshakeResponse(_message.Message):
     def limits(self) -> Global___Limits: ...
     @_builtins.property
     def load(self) -> Global___Load: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """operator-set labels, for routing selectors"""
+
     def __init__(
         self,
         *,
@@ -964,10 +992,12 @@ class HandshakeResponse(_message.Message):
         load: Global___Load | None = ...,
         state: Global___NodeState.ValueType = ...,
         started_unix_nano: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        drain_deadline_unix_nano: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "limits", b"limits", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_epoch", b"boot_epoch", "capabilities", b"capabilities", "host", b"host", "limits", b"limits", "load", b"load", "node_id", b"node_id", "protocol_version", b"protocol_version", "providers", b"providers", "started_unix_nano", b"started_unix_nano", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_epoch", b"boot_epoch", "capabilities", b"capabilities", "drain_deadline_unix_nano", b"drain_deadline_unix_nano", "host", b"host", "labels", b"labels", "limits", b"limits", "load", b"load", "node_id", b"node_id", "protocol_version", b"protocol_version", "providers", b"providers", "started_unix_nano", b"started_unix_nano", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1300,6 +1330,51 @@ class RunInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunInfo: _TypeAlias = RunInfo  # noqa: Y015
+
+@_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    deadline_ms: _builtins.int
+    """Runs still active this long after the request are interrupted; 0 = interrupt now."""
+    def __init__(
+        self,
+        *,
+        deadline_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
+class DrainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ACTIVE_RUNS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    state: Global___NodeState.ValueType
+    active_runs: _builtins.int
+    deadline_unix_nano: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: Global___NodeState.ValueType = ...,
+        active_runs: _builtins.int = ...,
+        deadline_unix_nano: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "deadline_unix_nano", b"deadline_unix_nano", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainResponse: _TypeAlias = DrainResponse  # noqa: Y015
 
 @_typing.final
 class GetRunRequest(_message.Message):

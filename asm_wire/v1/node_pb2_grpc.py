@@ -79,6 +79,11 @@ class NodeServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/asm.v1.NodeService/Drain',
+                request_serializer=asm_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -142,6 +147,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop accepting runs; let active ones finish until the deadline, then interrupt them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +201,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=asm_dot_v1_dot_node__pb2.ListRunsRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.DrainRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +451,33 @@ class NodeService:
             '/asm.v1.NodeService/ListRuns',
             asm_dot_v1_dot_node__pb2.ListRunsRequest.SerializeToString,
             asm_dot_v1_dot_node__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/Drain',
+            asm_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

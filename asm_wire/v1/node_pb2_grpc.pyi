@@ -53,6 +53,8 @@ class NodeServiceStub:
     SendInput: _grpc.UnaryUnaryMultiCallable[_node_pb2.SendInputRequest, _node_pb2.SendInputResponse]
     GetRun: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetRunRequest, _node_pb2.RunInfo]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]
+    Drain: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]
+    """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -70,6 +72,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     SendInput: _aio.UnaryUnaryMultiCallable[_node_pb2.SendInputRequest, _node_pb2.SendInputResponse]  # type: ignore[assignment]
     GetRun: _aio.UnaryUnaryMultiCallable[_node_pb2.GetRunRequest, _node_pb2.RunInfo]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]  # type: ignore[assignment]
+    Drain: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
+    """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -138,5 +142,13 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.ListRunsResponse, _abc.Awaitable[_node_pb2.ListRunsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _node_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]:
+        """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
