@@ -49,10 +49,28 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class KeepaliveConfig:
-    """HTTP/2 keepalive; matched with the node server's ping policy."""
+    """HTTP/2 keepalive; the node server permits pings this frequent (min interval 4 s, no strikes).
 
-    time_ms: int = 20_000
-    timeout_ms: int = 10_000
+    It lets the channel notice a dead TCP connection (a silent partition) and reconnect.
+    """
+
+    time_ms: int = 5_000
+    timeout_ms: int = 3_000
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    """How the controller watches a node it runs on.
+
+    A heartbeat (a handshake) every ``heartbeat_interval_s``; a node with no good
+    heartbeat for ``node_lost_timeout_s`` is declared lost and its runs end with
+    ``node_lost``. A broken run stream is re-attached (jittered exponential
+    backoff) for at most that long as well.
+    """
+
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 2.0
+    node_lost_timeout_s: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,10 @@ class RemoteNode:
     connect_timeout_s: float = 5.0
     rpc_timeout_s: float = 15.0
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    #: Routing attributes (strategy "priority": lower first; "weighted": share of picks).
+    priority: int = 100
+    weight: int = 1
 
     def __post_init__(self) -> None:
         grpc_target(self.address)  # validates HOST:PORT early, with a clear error

@@ -7,7 +7,10 @@ version, and every capability the controller needs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +31,8 @@ from asm_wire import (
     version_major_minor,
 )
 
+log = logging.getLogger("asm_controller.connector")
+
 REQUIRED_CAPABILITIES = frozenset({"run.start.v1", "run.attach.v1", "run.interrupt.v1", "approval.resolve.v1"})
 
 
@@ -37,6 +42,8 @@ class EmbeddedNode:
 
     api: NodeApi
     name: str = "embedded"
+    priority: int = 100
+    weight: int = 1
 
     @property
     def key(self) -> str:
@@ -50,17 +57,36 @@ class EmbeddedNode:
 NodeTarget = EmbeddedNode | RemoteNode
 
 
-class _Closable(Protocol):
-    async def close(self) -> None: ...
+class RunWatcher(Protocol):
+    """What a node handle tells the runs on it."""
+
+    def node_lost(self, reason: str) -> None: ...
+
+    @property
+    def node_epoch(self) -> str: ...
 
 
-@dataclass
 class NodeHandle:
-    """A connected node whose handshake passed the compatibility rule."""
+    """A connected node whose handshake passed the compatibility rule, watched for liveness.
 
-    target: NodeTarget
-    api: NodeApi
-    info: pb.HandshakeResponse
+    Remote nodes get a heartbeat task: a node without a good heartbeat for
+    ``node_lost_timeout_s`` is *lost* (its runs are told at once); a node that
+    answers with a new boot epoch was restarted (the runs of the old epoch are
+    lost, the node itself is usable again).
+    """
+
+    def __init__(self, target: NodeTarget, api: NodeApi, info: pb.HandshakeResponse) -> None:
+        self.target = target
+        self.api = api
+        self.info = info
+        self.state = "up"  # up | lost
+        self.last_ok = time.monotonic()
+        self.lost_reason = ""
+        self.epoch_changes = 0
+        self._runs: set[RunWatcher] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        if isinstance(target, RemoteNode):
+            self._monitor = asyncio.create_task(self._watch(target), name=f"asm-node-watch-{target.address}")
 
     @property
     def node_id(self) -> str:
@@ -74,7 +100,56 @@ class NodeHandle:
     def execution(self) -> str:
         return "embedded" if isinstance(self.target, EmbeddedNode) else "remote"
 
+    @property
+    def heartbeat_age_s(self) -> float:
+        return time.monotonic() - self.last_ok
+
+    def register(self, run: RunWatcher) -> None:
+        self._runs.add(run)
+
+    def unregister(self, run: RunWatcher) -> None:
+        self._runs.discard(run)
+
+    def _lose(self, reason: str, runs: list[RunWatcher]) -> None:
+        for run in runs:
+            self._runs.discard(run)
+            run.node_lost(reason)
+
+    async def heartbeat(self, timeout: float) -> pb.HandshakeResponse:
+        """One handshake; updates the node's view (load, state, epoch) and spots restarts."""
+        assert isinstance(self.api, GrpcNodeClient)
+        info = await self.api.handshake(
+            pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION), timeout=timeout)
+        self.last_ok = time.monotonic()
+        if info.boot_epoch != self.info.boot_epoch:
+            old = self.info.boot_epoch
+            self.epoch_changes += 1
+            self._lose(f"node {self.target.address} restarted (epoch {old} -> {info.boot_epoch}); "
+                       "its runs are gone", [r for r in self._runs if r.node_epoch == old])
+        self.info = info
+        if self.state == "lost":
+            log.warning("node %s is reachable again", self.target.address)
+        self.state = "up"
+        return info
+
+    async def _watch(self, target: RemoteNode) -> None:
+        live = target.liveness
+        while True:
+            await asyncio.sleep(live.heartbeat_interval_s)
+            try:
+                await self.heartbeat(live.heartbeat_timeout_s)
+            except AsmError as err:
+                silent = time.monotonic() - self.last_ok
+                if self.state != "lost" and silent >= live.node_lost_timeout_s:
+                    self.state = "lost"
+                    self.lost_reason = (f"node {target.address} unreachable for {silent:.1f}s "
+                                        f"(node_lost_timeout {live.node_lost_timeout_s:g}s): {err.message}")
+                    log.warning("%s", self.lost_reason)
+                    self._lose(self.lost_reason, list(self._runs))
+
     async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
         if isinstance(self.api, GrpcNodeClient):
             await self.api.close()
 

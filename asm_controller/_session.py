@@ -23,14 +23,17 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
 from asm_controller._events import Event
 from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._routing import Candidate, Router, eligible
 from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
 
 log = logging.getLogger("asm_controller.session")
@@ -53,6 +56,12 @@ class RunOptions:
     approval_timeout_ms: int = 120_000
     #: An explicit Preflight round trip before StartRun (StartRun checks the same things anyway).
     preflight: bool = False
+    #: Only nodes whose handshake labels include all of these.
+    selector: Mapping[str, str] = field(default_factory=dict)
+    #: "fail" (default): a lost node ends the run with node_lost. "resume": continue the
+    #: provider session on another eligible node (only meaningful with a shared workspace).
+    on_node_lost: str = "fail"
+    resume_prompt: str = "Continue where you left off."
 
     def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
         unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id"})
@@ -82,6 +91,8 @@ class RunOptions:
             raise ConfigError(
                 f"unsupported permission mode {self.permission_mode!r}: expected one of {', '.join(PERMISSION_MODES)}"
             )
+        if self.on_node_lost not in ("fail", "resume"):
+            raise ConfigError(f"on_node_lost must be 'fail' or 'resume', not {self.on_node_lost!r}")
         if not isinstance(self.approval_timeout_ms, int) or self.approval_timeout_ms <= 0:
             raise ConfigError("approval_timeout_ms must be a positive integer")
 
@@ -151,14 +162,46 @@ class _BatchChannel:
         return batch
 
 
-class _Run:
-    """Controller side of one run: admission state, driver task, reducer, subscriber channel."""
+_TRANSIENT_KINDS = frozenset({"connection_failed", "transport_error", "timeout"})
 
-    def __init__(self, session: Session, run_id: str, prompt: str, opts: RunOptions, subscribed: bool) -> None:
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, AsmError) and exc.kind in _TRANSIENT_KINDS and exc.reason not in _ADMISSION_REASONS
+
+
+_ADMISSION_REASONS = frozenset({"unauthenticated", "version_mismatch", "capability_mismatch"})
+# Failures that say the node itself is in trouble (they mark it unhealthy for the cooldown).
+_NODE_FAULTS = frozenset({"unreachable", "connect_timeout", "not_ready", "version_mismatch", "capability_mismatch"})
+
+
+class _NodeLost(Exception):
+    """Internal: the run's node was declared lost (or restarted)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Run:
+    """Controller side of one run: admission, driver task, reducer, subscriber channel.
+
+    The driver starts the run on the first node that admits it, follows its
+    event stream, and when the stream breaks re-attaches from the last
+    sequence number it has (jittered exponential backoff, bounded by the
+    node-lost timeout); the reducer drops any event it has already seen, so
+    the subscriber gets every event exactly once, in order. A node declared
+    lost (or restarted) ends the run with ``node_lost``: a started run is never
+    started again elsewhere, unless ``on_node_lost="resume"`` asks to continue
+    its *provider session* on another node.
+    """
+
+    def __init__(self, session: Session, run_id: str, prompt: str, opts: RunOptions, subscribed: bool,
+                 attach: bool = False) -> None:
         self.session = session
         self.run_id = run_id
         self.prompt = prompt
         self.opts = opts
+        self.attach = attach
         self.state = "new"  # new | queued | active | done
         self.reducer = EventReducer(
             run_id, session.session_id, opts.provider,
@@ -169,9 +212,27 @@ class _Run:
         self.task: asyncio.Task[None] | None = None
         self.handle: NodeHandle | None = None
         self.cancel_requested = False
+        self.reconnects = 0
         self._interrupt_sent = False
         self._started_on_node = False
         self._typed_error: AsmError | None = None
+        self._lost: str | None = None
+        self._epoch = ""
+        self._follow_task: asyncio.Task[None] | None = None
+        self._node_run_id = run_id  # differs after a resume on another node
+        self._seq_offset = 0
+
+    # -- node watching (called by NodeHandle) ----------------------------------------
+
+    @property
+    def node_epoch(self) -> str:
+        return self._epoch
+
+    def node_lost(self, reason: str) -> None:
+        if self._lost is None and not self.reducer.finished:
+            self._lost = reason
+            if self._follow_task is not None:
+                self._follow_task.cancel()
 
     # -- driving ---------------------------------------------------------------
 
@@ -179,21 +240,30 @@ class _Run:
         self.state = "active"
         self.task = asyncio.create_task(self._drive(), name=f"asm-run-{self.run_id}")
 
-    def _request(self, cwd: str) -> pb.StartRunRequest:
+    def _request(self, cwd: str, prompt: str | None = None, options: Mapping[str, Any] | None = None) -> pb.StartRunRequest:
         return pb.StartRunRequest(
-            run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
-            prompt=self.prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
-            options_json=_json(self.opts.options), env=dict(self.opts.env),
+            run_id=self._node_run_id, session_id=self.session.session_id, provider=self.opts.provider,
+            prompt=self.prompt if prompt is None else prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
+            options_json=_json(self.opts.options if options is None else options), env=dict(self.opts.env),
             approval_timeout_ms=self.opts.approval_timeout_ms,
         )
 
     async def _drive(self) -> None:
         try:
-            handle, batches, first = await self._admit()
-            await self._consume(first, batches)
-            if not self.reducer.finished:
-                raise make_error("node_lost", "transport",
-                                 f"the stream from node {handle.target.address} ended before the run completed")
+            if self.attach:
+                handle, batches, first = await self._attach_existing()
+            else:
+                handle, batches, first = await self._admit(self._request)
+            while True:
+                try:
+                    await self._follow(handle, batches, first)
+                    return
+                except _NodeLost as lost:
+                    self.session._router.health.failure(handle.target.key, "node_lost")
+                    err = make_error("node_lost", "transport", lost.reason)
+                    if self.opts.on_node_lost != "resume" or self.cancel_requested:
+                        raise err from None
+                    handle, batches, first = await self._resume_elsewhere(handle, err)
         except AsmError as err:
             self._synthesize_failure(err)
         except asyncio.CancelledError:
@@ -205,8 +275,18 @@ class _Run:
         finally:
             self._finish()
 
-    async def _admit(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
-        """Start the run on the first candidate node that admits it; return its stream and first batch.
+    def _bind(self, handle: NodeHandle, target: NodeTarget) -> None:
+        self.handle = handle
+        self._epoch = handle.epoch
+        self._lost = None
+        self.reducer.metadata.update(
+            node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address, execution=handle.execution,
+        )
+
+    async def _admit(
+        self, request: Callable[[str], pb.StartRunRequest], exclude: frozenset[str] = frozenset()
+    ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """Start the run on the first node (in routing order) that admits it; return its stream and first batch.
 
         The node's StartRun does the admission checks itself (provider, cwd,
         capacity, state) and refuses with the same typed errors as Preflight,
@@ -214,44 +294,169 @@ class _Run:
         node: nothing has started anywhere yet, so trying elsewhere cannot run
         the prompt twice.
         """
-        attempts: list[dict[str, Any]] = []
-        self.reducer.metadata["attempts"] = attempts
+        session = self.session
+        attempts: list[dict[str, Any]] = self.reducer.metadata.setdefault("attempts", [])
+        cands = [Candidate(t.key, i, t.priority, t.weight, t) for i, t in enumerate(self.opts.nodes) if t.key not in exclude]
+
+        def skip(c: Candidate) -> str | None:
+            handle = session._handles.get(c.key)
+            if handle is None:
+                return None
+            if handle.state == "lost":
+                return "lost"
+            return eligible(handle.info, self.opts.provider, self.opts.selector)
+
+        plan, skipped = session._router.plan(cands, skip)
+        attempts.extend(skipped)
         last: AsmError | None = None
-        for target in self.opts.nodes:
+        for cand in plan:
+            target = cand.target
             if self.cancel_requested:
                 raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
             try:
-                handle = await self.session._handle(target)
+                handle = await session._handle(target)
+                reason = eligible(handle.info, self.opts.provider, self.opts.selector)
+                if reason is not None and reason.startswith("label"):
+                    # Only now known (first contact). Other refusals come, typed, from StartRun itself.
+                    attempts.append({"node": target.address, "skipped": reason})
+                    continue
                 cwd = self.opts.cwd
                 if self.opts.preflight:
                     cwd = await preflight(handle, self.opts.provider, cwd)
                 self.handle = handle
                 self._started_on_node = True
-                batches = aiter(handle.api.start_run(self._request(cwd)))
+                batches = aiter(handle.api.start_run(request(cwd)))
                 first = await anext(batches)
             except NodeConnectionError as err:
                 self._started_on_node = False
+                if err.reason in _NODE_FAULTS:  # a refusal for this run (cwd, capacity, ...) says nothing of health
+                    session._router.health.failure(target.key, err.reason)
                 attempts.append({"node": target.address, "error": err.to_dict()})
                 last = err
                 continue
             except StopAsyncIteration:
                 raise make_error("node_lost", "transport", f"node {target.address} closed the run's stream") from None
+            session._router.health.success(target.key)
             attempts.append({"node": target.address, "node_id": handle.node_id, "admitted": True})
-            self.reducer.metadata.update(
-                node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address,
-                execution=handle.execution,
-            )
+            self._bind(handle, target)
             return handle, batches, first
         if last is None:
+            detail = "; ".join(f"{a['node']}: {a['skipped']}" for a in attempts if "skipped" in a)
+            if detail:
+                raise NodeConnectionError(f"no eligible node for provider {self.opts.provider} ({detail})",
+                                          reason="no_eligible_node")
             raise ConfigError("no node to run on: give the session (or the run) a node")
-        if len(attempts) > 1:
-            last.message = f"no node admitted the run ({len(attempts)} tried); last: {last.message}"
+        tried = sum(1 for a in attempts if "error" in a)
+        if tried > 1:
+            last.message = f"no node admitted the run ({tried} tried); last: {last.message}"
         raise last
 
-    async def _consume(self, first: pb.EventBatch, batches: AsyncIterator[pb.EventBatch]) -> None:
+    async def _attach_existing(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch | None]:
+        """Follow a run that already exists on a node (e.g. after a controller restart), from its first event."""
+        (target,) = self.opts.nodes[:1]
+        handle = await self.session._handle(target)
+        self._bind(handle, target)
+        self._started_on_node = True
+        batches = aiter(handle.api.attach_run(pb.AttachRunRequest(run_id=self.run_id, after_seq=0)))
+        return handle, batches, None
+
+    async def _resume_elsewhere(
+        self, lost: NodeHandle, err: AsmError
+    ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """on_node_lost="resume": continue the provider session on another node (same run, re-sequenced)."""
+        psid = self.reducer.provider_session_id
+        if not psid:
+            raise make_error("node_lost", "transport", f"{err.message}; no provider session id to resume")
+        self.reducer.apply(Event.synthetic(
+            "error", run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
+            seq=self.reducer.last_seq + 1, message=f"{err.message}; resuming provider session {psid} on another node",
+            code="node_lost", domain="transport", severity=pb.SEVERITY_WARNING, exit_code=-1))
+        self._seq_offset = self.reducer.last_seq
+        self.reducer.metadata.setdefault("resumed", []).append({"from": lost.target.address, "provider_session_id": psid})
+        self._node_run_id = f"{self.run_id}.r{len(self.reducer.metadata['resumed'])}"
+        options = {**self.opts.options, "resume": psid}
+        return await self._admit(lambda cwd: self._request(cwd, self.opts.resume_prompt, options),
+                                 exclude=frozenset({lost.target.key}))
+
+    async def _follow(self, handle: NodeHandle, batches: AsyncIterator[pb.EventBatch], first: pb.EventBatch | None) -> None:
+        """Consume the run's stream to its end, re-attaching whenever the stream breaks."""
+        handle.register(self)
+        try:
+            while True:
+                self._follow_task = asyncio.create_task(self._consume(first, batches))
+                try:
+                    await self._follow_task
+                    if self.reducer.finished:
+                        return
+                    broke: AsmError = make_error("transport_error", "transport", "stream ended before run_completed")
+                except asyncio.CancelledError:
+                    if self._lost is None:
+                        raise
+                    raise _NodeLost(self._lost) from None
+                except AsmError as err:
+                    if err.kind == "unknown" and err.domain == "runtime":
+                        raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "
+                                        f"({err.message})") from None
+                    if not _transient(err):
+                        raise
+                    broke = err
+                finally:
+                    self._follow_task = None
+                if self._lost is not None:
+                    raise _NodeLost(self._lost)
+                log.info("run %s: stream from %s broke (%s); re-attaching after seq %d", self.run_id,
+                         handle.target.address, broke.message, self.reducer.last_seq)
+                batches, first = await self._reattach(handle), None
+        finally:
+            handle.unregister(self)
+
+    async def _reattach(self, handle: NodeHandle) -> AsyncIterator[pb.EventBatch]:
+        """Open AttachRun(after_seq) again, with jittered exponential backoff, until the node is declared lost."""
+        target = handle.target
+        bound = target.liveness.node_lost_timeout_s if isinstance(target, RemoteNode) else 0.0
+        self.reconnects += 1
+        self.reducer.metadata["reconnects"] = self.reconnects
+
+        async def attempt() -> AsyncIterator[pb.EventBatch]:
+            if self._lost is not None:
+                raise _NodeLost(self._lost)
+            if isinstance(target, RemoteNode):
+                info = await handle.heartbeat(target.liveness.heartbeat_timeout_s)
+                if info.boot_epoch != self._epoch:
+                    raise _NodeLost(f"node {target.address} restarted (epoch {self._epoch} -> {info.boot_epoch})")
+            return aiter(handle.api.attach_run(pb.AttachRunRequest(
+                run_id=self._node_run_id, after_seq=self.reducer.last_seq - self._seq_offset)))
+
+        try:
+            async for retry in AsyncRetrying(
+                retry=retry_if_exception(_transient), wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                stop=stop_after_delay(bound), reraise=True,
+            ):
+                with retry:
+                    self._follow_task = asyncio.current_task()  # a declared loss cancels the waiting too
+                    try:
+                        return await attempt()
+                    finally:
+                        self._follow_task = None
+        except asyncio.CancelledError:
+            if self._lost is None:
+                raise
+            raise _NodeLost(self._lost) from None
+        except AsmError as err:
+            raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching: {err.message}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _consume(self, first: pb.EventBatch | None, batches: AsyncIterator[pb.EventBatch]) -> None:
         reducer, channel, session = self.reducer, self.channel, self.session
-        batch: pb.EventBatch | None = first
+        batch: pb.EventBatch | None = first if first is not None else await anext(batches, None)
+        offset = self._seq_offset
         while batch is not None:
+            if offset:
+                # A resumed run on another node: keep one run id and one sequence for the subscriber.
+                for m in batch.events:
+                    m.seq += offset
+                    m.run_id = self.run_id
+                    m.id = f"{self.run_id}:{m.seq}"
             fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
             if reducer.bookkeeping:
                 # Approvals and cost reach the session before the subscriber sees the event.
@@ -300,7 +505,7 @@ class _Run:
             return
         self._interrupt_sent = True
         try:
-            await self.handle.api.interrupt_run(pb.InterruptRunRequest(run_id=self.run_id))
+            await self.handle.api.interrupt_run(pb.InterruptRunRequest(run_id=self._node_run_id))
         except AsmError as err:
             if err.kind == "unknown":  # not created on the node yet: retried after the next batch
                 self._interrupt_sent = False
@@ -337,7 +542,8 @@ class RunStream:
     when you stop reading early.
     """
 
-    def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str) -> None:
+    def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str, attach: bool = False) -> None:
+        self._attach = attach
         self._session = session
         self._prompt = prompt
         self._opts = opts
@@ -349,7 +555,8 @@ class RunStream:
 
     def _submit(self) -> _Run:
         if self._run is None:
-            self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True)
+            self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True,
+                                              attach=self._attach)
         return self._run
 
     def __aiter__(self) -> RunStream:
@@ -416,6 +623,10 @@ class Session:
         max_concurrent_runs: int = 1,
         max_queued_runs: int = 10,
         preflight: bool = False,
+        strategy: str = "priority",
+        selector: Mapping[str, str] | None = None,
+        on_node_lost: str = "fail",
+        failure_cooldown_s: float = 30.0,
     ) -> None:
         self.session_id = session_id or ulid()
         if not valid_id(self.session_id):
@@ -427,8 +638,9 @@ class Session:
         self.defaults = RunOptions(
             provider=provider, node=node, cwd=cwd, permission_mode=permission_mode,
             options=dict(options or {}), env=dict(env or {}), approval_timeout_ms=approval_timeout_ms,
-            preflight=preflight,
+            preflight=preflight, selector=dict(selector or {}), on_node_lost=on_node_lost,
         )
+        self._router = Router(strategy, failure_cooldown_s)
         self.defaults.validate()
         self.max_concurrent_runs = max_concurrent_runs
         self.max_queued_runs = max_queued_runs
@@ -471,6 +683,26 @@ class Session:
             await run.interrupt()
             raise
         return run.result()
+
+    def attach(self, run_id: str, node: NodeTarget, provider: str | None = None) -> RunStream:
+        """Follow a run that already exists on ``node`` from its first held event.
+
+        For a controller that restarted: the node kept the run (and its CLI)
+        going while nobody was attached, and replays what it holds.
+        """
+        if not valid_id(run_id):
+            raise ConfigError(f"invalid run_id {run_id!r}")
+        opts = self.defaults.merged({"node": node, **({"provider": provider} if provider else {})})
+        return RunStream(self, "", opts, run_id, attach=True)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Routing health per node (healthy / degraded / unhealthy) and the node's liveness."""
+        snap = self._router.health.snapshot()
+        for key, handle in self._handles.items():
+            entry = snap.setdefault(key, {"status": "healthy", "failures": 0, "last_error": None, "excluded": False})
+            entry.update(node=handle.target.address, state=handle.state, epoch=handle.epoch,
+                         heartbeat_age_s=round(handle.heartbeat_age_s, 3))
+        return snap
 
     async def interrupt(self, run_id: str) -> None:
         run = self._runs.get(run_id)
@@ -587,14 +819,14 @@ class Session:
 
     # -- internals -------------------------------------------------------------
 
-    def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool) -> _Run:
+    def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool, attach: bool = False) -> _Run:
         if self.status != "ready":
             raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
         if run_id in self._runs:
             raise ConfigError(f"run id {run_id!r} was already used in this session")
         if not opts.nodes:
             raise ConfigError("no node to run on: give the session (or the run) a node")
-        run = _Run(self, run_id, prompt, opts, subscribed)
+        run = _Run(self, run_id, prompt, opts, subscribed, attach=attach)
         if len(self._active) < self.max_concurrent_runs:
             self._active[run_id] = run
             run.start()
