@@ -28,7 +28,9 @@ from pydantic import ValidationError
 
 from asm_controller import (
     EmbeddedNode,
+    LivenessConfig,
     NodeConnectionError,
+    NodeNotReady,
     RemoteNode,
     Session,
     TLSConfig,
@@ -36,7 +38,7 @@ from asm_controller import (
     preflight,
 )
 from asm_node import NodeAgent, NodeConfig, serve
-from asm_wire import AsmError, ConfigError, __version__
+from asm_wire import AsmError, ConfigError, __version__, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -83,7 +85,30 @@ def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
 def _remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
     token = _read_token(args.token_file)
     tls = _client_tls(args)
-    return [RemoteNode(addr, token=token, tls=tls, connect_timeout_s=args.connect_timeout) for addr in args.node]
+    live = LivenessConfig(node_lost_timeout_s=getattr(args, "node_lost_timeout", 8.0))
+    nodes = []
+    for spec in args.node:
+        # HOST:PORT[,weight=N][,priority=N]
+        addr, *attrs = spec.split(",")
+        kw: dict[str, int] = {}
+        for attr in attrs:
+            key, _, value = attr.partition("=")
+            if key not in ("weight", "priority") or not value.lstrip("-").isdigit():
+                raise ConfigError(f"bad node attribute {attr!r} in {spec!r}: use HOST:PORT[,weight=N][,priority=N]")
+            kw[key] = int(value)
+        nodes.append(RemoteNode(addr, token=token, tls=tls, connect_timeout_s=args.connect_timeout, liveness=live,
+                                priority=kw.get("priority", 100), weight=kw.get("weight", 1)))
+    return nodes
+
+
+def _pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def _parse_opts(pairs: Sequence[str]) -> dict[str, Any]:
@@ -125,6 +150,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["detach_grace_s"] = args.detach_grace
     if args.line_cap is not None:
         settings["line_cap_bytes"] = args.line_cap
+    if args.label:
+        settings["labels"] = _pairs(args.label, "--label")
     config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
 
     def ready(node: Any) -> None:
@@ -169,7 +196,9 @@ async def _run(args: argparse.Namespace) -> int:
         await agent.start()
         nodes = [EmbeddedNode(agent)]
     cwd = args.cwd_resolved
-    session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options)
+    session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options,
+                      strategy=args.strategy, selector=_pairs(args.selector, "--selector"),
+                      on_node_lost=args.on_node_lost)
     interrupted = False
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -288,6 +317,54 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return asyncio.run(_nodes(args))
 
 
+# -- asm node drain -----------------------------------------------------------------
+
+
+async def _drain(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for target in _remote_nodes(args):
+        try:
+            handle = await connect(target)
+        except NodeNotReady:
+            # Already draining: report its state instead of failing.
+            from asm_controller import GrpcNodeClient
+
+            client = GrpcNodeClient(target)
+            try:
+                resp = await client.drain(pb.DrainRequest(deadline_ms=int(args.deadline * 1000)))
+            finally:
+                await client.close()
+        except AsmError as err:
+            rows.append({"node": target.address, "error": err.to_dict()})
+            failed = True
+            continue
+        else:
+            try:
+                resp = await handle.api.drain(pb.DrainRequest(deadline_ms=int(args.deadline * 1000)))
+            finally:
+                await handle.close()
+        state = pb.NodeState.Name(resp.state).removeprefix("NODE_STATE_").lower()
+        rows.append({"node": target.address, "state": state, "active_runs": resp.active_runs,
+                     "deadline_unix_nano": resp.deadline_unix_nano})
+    for row in rows:
+        if args.output == "json":
+            continue
+        if "error" in row:
+            sys.stdout.write(f"{row['node']:<22} ERROR  {row['error'].get('reason') or row['error']['kind']}: "
+                             f"{row['error']['message']}\n")
+        else:
+            sys.stdout.write(f"{row['node']:<22} {row['state']} ({row['active_runs']} active run(s); "
+                             f"interrupted after {args.deadline:g}s)\n")
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    return EXIT_NODE if failed else EXIT_OK
+
+
+def cmd_node_drain(args: argparse.Namespace) -> int:
+    return asyncio.run(_drain(args))
+
+
 # -- asm providers ------------------------------------------------------------------
 
 
@@ -334,12 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--env-allow", action="append", metavar="VAR", help="env var a run request may set")
     s.add_argument("--detach-grace", type=float, metavar="SECONDS", help="interrupt runs left unattached this long")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
+    s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.set_defaults(func=cmd_node_serve)
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--token-file", metavar="F", help="bearer token file (default: env ASM_TOKEN)")
         _tls_args(p, server=False)
         p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+
+    d = node_sub.add_parser("drain", help="stop a node taking runs; interrupt its runs after a deadline")
+    d.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
+    d.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS",
+                   help="in-flight runs are interrupted after this long (default 300)")
+    d.add_argument("--output", default="text", choices=["text", "json"])
+    client_args(d)
+    d.set_defaults(func=cmd_node_drain)
 
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
@@ -349,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
     r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
+    r.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"],
+                   help="how to pick among several --node (HOST:PORT[,weight=N][,priority=N])")
+    r.add_argument("--selector", action="append", metavar="KEY=VALUE", help="only nodes with this label")
+    r.add_argument("--on-node-lost", default="fail", choices=["fail", "resume"],
+                   help="resume: continue the provider session on another node (shared workspace only)")
+    r.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS",
+                   help="a node silent this long is lost and its run ends with node_lost (default 8)")
     client_args(r)
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)

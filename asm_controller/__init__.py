@@ -8,10 +8,11 @@ admission, approvals), ``_reducer`` (EventReducer, Result), ``_events`` (Event).
         result = await s.query("echo hello")
 """
 
-from asm_controller._client import GrpcNodeClient, KeepaliveConfig, RemoteNode, TLSConfig
+from asm_controller._client import GrpcNodeClient, KeepaliveConfig, LivenessConfig, RemoteNode, TLSConfig
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
 from asm_controller._events import Event
 from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
 from asm_wire import (
     AsmError,
@@ -30,9 +31,39 @@ from asm_wire import (
 )
 
 __all__ = [
-    "AsmError", "Checkpoint", "ConfigError", "Cost", "CwdNotAllowed", "EmbeddedNode", "Event", "EventReducer",
-    "GrpcNodeClient", "KeepaliveConfig", "NodeAtCapacity", "NodeCapabilityMismatch", "NodeConnectTimeout",
-    "NodeConnectionError", "NodeHandle", "NodeNotReady", "NodeTarget", "NodeUnauthenticated", "NodeUnreachable",
-    "NodeVersionMismatch", "ProviderMissing", "RemoteNode", "Result", "RunError", "RunOptions", "RunStream",
-    "Session", "TLSConfig", "check_compatible", "connect", "preflight", "query",
+    "AsmError",
+    "Checkpoint",
+    "ConfigError",
+    "Cost",
+    "CwdNotAllowed",
+    "EmbeddedNode",
+    "Event",
+    "EventReducer",
+    "GrpcNodeClient",
+    "HealthTracker",
+    "KeepaliveConfig",
+    "LivenessConfig",
+    "NodeAtCapacity",
+    "NodeCapabilityMismatch",
+    "NodeConnectTimeout",
+    "NodeConnectionError",
+    "NodeHandle",
+    "NodeNotReady",
+    "NodeTarget",
+    "NodeUnauthenticated",
+    "NodeUnreachable",
+    "NodeVersionMismatch",
+    "ProviderMissing",
+    "RemoteNode",
+    "Result",
+    "Router",
+    "RunError",
+    "RunOptions",
+    "RunStream",
+    "Session",
+    "TLSConfig",
+    "check_compatible",
+    "connect",
+    "preflight",
+    "query",
 ]
