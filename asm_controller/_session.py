@@ -367,10 +367,13 @@ class _Run:
         psid = self.reducer.provider_session_id
         if not psid:
             raise make_error("node_lost", "transport", f"{err.message}; no provider session id to resume")
-        self.reducer.apply(Event.synthetic(
+        notice = Event.synthetic(
             "error", run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
             seq=self.reducer.last_seq + 1, message=f"{err.message}; resuming provider session {psid} on another node",
-            code="node_lost", domain="transport", severity=pb.SEVERITY_WARNING, exit_code=-1))
+            code="node_lost", domain="transport", severity=pb.SEVERITY_WARNING, exit_code=-1)
+        self.reducer.apply(notice)
+        if self.channel is not None:
+            self.channel.put_final([notice])
         self._seq_offset = self.reducer.last_seq
         self.reducer.metadata.setdefault("resumed", []).append({"from": lost.target.address, "provider_session_id": psid})
         self._node_run_id = f"{self.run_id}.r{len(self.reducer.metadata['resumed'])}"

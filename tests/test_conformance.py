@@ -223,3 +223,42 @@ async def test_intervene_interrupts_then_continues_the_same_session(cli_node: tu
         assert result.provider_session_id == psid
         assert "Hello from the fake model" in result.text
         assert events[0].kind == "run_started"
+
+
+async def test_node_lost_resume_continues_the_provider_session_on_another_node(
+    model_server: FakeModelServer, tmp_path: Path,
+) -> None:
+    """on_node_lost="resume" with a shared workspace: the Claude session moves to the surviving node."""
+    import signal
+
+    from asm_controller import LivenessConfig
+
+    path = find_cli("claude")
+    if path is None:
+        pytest.skip("claude CLI not installed (run scripts/install_clis.sh)")
+    env = hermetic_env({**cli_env("claude", model_server.base_url, tmp_path), "CLAUDE_CLI_PATH": str(path)})
+    a = start_node_process(tmp_path, "--node-id", "resume-a", env=env, inherit=False)
+    b = start_node_process(tmp_path, "--node-id", "resume-b", env=env, inherit=False)
+    workspace = tmp_path / "shared-ws"
+    workspace.mkdir()
+    live = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=3.0)
+    try:
+        nodes = [RemoteNode(a.address, liveness=live), RemoteNode(b.address, liveness=live)]
+        async with Session("claude", node=nodes, cwd=str(workspace), on_node_lost="resume") as s:
+            stream = s.stream("Talk slowly. SCENARIO_SLOW")
+            events: list[Event] = []
+            async for ev in stream:
+                events.append(ev)
+                if ev.kind == "assistant_delta" and a.proc.poll() is None:
+                    a.proc.send_signal(signal.SIGKILL)
+            result = stream.result
+        assert result is not None and result.ok, result and result.error
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert [w.kind for w in result.warnings if w.kind == "node_lost"] == ["node_lost"]
+        assert result.metadata["node_address"] == b.address
+        assert result.metadata["resumed"][0]["from"] == a.address
+        assert result.metadata["resumed"][0]["provider_session_id"] == result.provider_session_id
+        assert "Hello from the fake model" in result.text
+    finally:
+        a.stop()
+        b.stop()

@@ -269,3 +269,15 @@ async def test_drain_interrupts_runs_at_the_deadline(node_process: Callable[...,
         info = await handle.heartbeat(2.0)
         assert info.state == pb.NODE_STATE_DRAINING
 
+
+
+async def test_label_selector_and_weighted_routing(node_process: Callable[..., NodeProcess]) -> None:
+    a, b = node_process(*node_args(), "--label", "gpu=t4"), node_process(*node_args(), "--label", "gpu=a100")
+    nodes = [RemoteNode(a.address, weight=1), RemoteNode(b.address, weight=3)]
+    async with Session("shell", node=nodes, selector={"gpu": "a100"}) as s:
+        for _ in range(3):
+            r = await s.query("echo picked")
+            assert r.ok and r.metadata["node_address"] == b.address
+    async with Session("shell", node=nodes, strategy="weighted") as s:
+        picks = [(await s.query("echo w")).metadata["node_address"] for _ in range(8)]
+    assert picks.count(b.address) == 6 and picks.count(a.address) == 2
