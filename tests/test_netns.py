@@ -1,0 +1,105 @@
+"""A real network link between controller and node: a network namespace joined by a veth pair.
+
+Root only (it creates the namespace and the link itself; nothing else is
+touched); skipped cleanly otherwise. The link is cut with ``ip link set down``,
+which loses packets silently, unlike the proxy tests' resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asm_controller import LivenessConfig, RemoteNode, Session
+from tests.conftest import PYTHON_BASENAME, NodeProcess
+from tests.test_faults import assert_exactly_once, ticker
+
+pytestmark = pytest.mark.netns
+
+HOST_IP, NODE_IP = "10.213.7.1", "10.213.7.2"
+LIVE = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=4.0)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+
+
+@pytest.fixture
+def netns_node(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, node_if = f"asmt{tag}", f"asmh{tag}", f"asmn{tag}"
+    probe = _ip("netns", "add", ns, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.strip()}")
+    node: NodeProcess | None = None
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", node_if)
+        _ip("link", "set", node_if, "netns", ns)
+        _ip("addr", "add", f"{HOST_IP}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", f"{NODE_IP}/30", "dev", node_if)
+        _ip("-n", ns, "link", "set", node_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        token = "netns-token"
+        (tmp_path / "tok").write_text(token)
+        log = tmp_path / "node.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "asm_cli", "node", "serve", "--listen",
+                 f"{NODE_IP}:7070", "--token-file", str(tmp_path / "tok"), "--shell-allow", PYTHON_BASENAME,
+                 "--detach-grace", "3"], stdout=subprocess.DEVNULL, stderr=f, cwd=str(tmp_path))
+        node = NodeProcess(proc, 7070, "", log)
+        deadline = time.monotonic() + 20
+        while "listening on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"node in namespace did not start: {log.read_text()}")
+            time.sleep(0.05)
+        yield f"{NODE_IP}:7070", token, host_if
+    finally:
+        if node is not None:
+            node.stop()
+        _ip("link", "del", host_if, check=False)
+        _ip("netns", "del", ns, check=False)
+
+
+async def test_link_cut_and_restored_within_bound(netns_node: tuple[str, str, str]) -> None:
+    address, token, host_if = netns_node
+    async with Session("shell", node=RemoteNode(address, token=token, liveness=LIVE)) as s:
+        stream = s.stream(ticker(40, 0.05))
+        events = []
+        async for ev in stream:
+            events.append(ev)
+            if ev.kind == "assistant_delta" and ev.payload["content"] == "10\n":
+                _ip("link", "set", host_if, "down")
+                await asyncio.sleep(1.5)
+                _ip("link", "set", host_if, "up")
+        result = stream.result
+    assert result is not None and result.ok, result and result.error
+    assert_exactly_once(events, 40)
+
+
+async def test_link_cut_past_bound_is_node_lost(netns_node: tuple[str, str, str]) -> None:
+    address, token, host_if = netns_node
+    async with Session("shell", node=RemoteNode(address, token=token, liveness=LIVE)) as s:
+        stream = s.stream("sleep 30")
+        await stream.__anext__()
+        t0 = time.monotonic()
+        _ip("link", "set", host_if, "down")
+        try:
+            rest = [ev async for ev in stream]
+        finally:
+            _ip("link", "set", host_if, "up")
+        assert rest[-1].kind == "run_completed"
+        assert stream.result is not None and stream.result.error is not None
+        assert stream.result.error.kind == "node_lost"
+        assert time.monotonic() - t0 <= LIVE.node_lost_timeout_s + 3
