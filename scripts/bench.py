@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import gc
 import io
@@ -84,8 +85,9 @@ RUN_OPTIONS = {"command_timeout_ms": 600_000}
 class NodeProcess:
     """``asm node serve`` as a child process; stopped by its PID."""
 
-    def __init__(self, workdir: Path, profile_path: Path | None = None) -> None:
-        self.log_path = workdir / "node.log"
+    def __init__(self, workdir: Path, profile_path: Path | None = None, extra: list[str] | None = None) -> None:
+        self.extra = extra or []
+        self.log_path = workdir / f"node-{time.monotonic_ns()}.log"
         self.profile_path = profile_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -96,7 +98,7 @@ class NodeProcess:
         with open(self.log_path, "wb") as log:
             prefix = ["-m", "cProfile", "-o", str(self.profile_path)] if self.profile_path else []
             self.proc = subprocess.Popen(
-                [sys.executable, *prefix, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0"],
+                [sys.executable, *prefix, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *self.extra],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd=str(self.workdir),
@@ -511,6 +513,118 @@ def report_profile(args: argparse.Namespace, out: dict[str, Any], node_stats: st
     print(node_stats.rstrip())
 
 
+# -- (c) faults: detection, reconnect-and-replay, forced reconnects ---------------------------------
+
+
+def _ticker(n: int, interval: float) -> str:
+    code = f"import time\nfor i in range({n}):\n    print(i, flush=True)\n    time.sleep({interval})"
+    encoded = base64.b64encode(code.encode()).decode()
+    return f"{os.path.basename(sys.executable)} -c \"exec(__import__('base64').b64decode('{encoded}'))\""
+
+
+async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from asm_controller import LivenessConfig
+    from tests.tcp_proxy import TcpProxy  # the same controllable proxy the fault tests use
+
+    live = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=args.lost_timeout)
+    extra = ["--shell-allow", os.path.basename(sys.executable), "--detach-grace", "5"]
+    out: dict[str, Any] = {"lost_timeout": args.lost_timeout, "kill_to_lost": [], "replay": []}
+
+    # SIGKILL of the agent running the run -> node_lost reaches the subscriber.
+    for _ in range(3 if not args.quick else 1):
+        node = NodeProcess(workdir, extra=extra)
+        node.start()
+        try:
+            async with Session("shell", node=RemoteNode(f"127.0.0.1:{node.port}", liveness=live)) as s:
+                stream = s.stream("sleep 60")
+                await stream.__anext__()
+                t0 = time.perf_counter()
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGKILL)
+                async for _ev in stream:
+                    pass
+                kind = stream.result.error.kind if stream.result and stream.result.error else "none"
+                out["kill_to_lost"].append((time.perf_counter() - t0, kind))
+        finally:
+            node.stop()
+
+    node = NodeProcess(workdir, extra=extra)
+    node.start()
+    proxy = await TcpProxy(node.port).start()
+    try:
+        # Reconnect and replay: cut the connection, restore it at once, time until the next event arrives.
+        async with Session("shell", node=RemoteNode(proxy.address, liveness=live)) as s:
+            stream = s.stream(_ticker(400, 0.01))
+            cut_at: float | None = None
+            conns = 0
+            async for ev in stream:
+                # Time to the first event that came over the new connection (not one already queued here).
+                if cut_at is not None and proxy.connections > conns and ev.kind == "assistant_delta":
+                    out["replay"].append(time.perf_counter() - cut_at)
+                    cut_at = None
+                if ev.kind == "assistant_delta" and int(ev.pb.assistant_delta.content) % 20 == 5 and cut_at is None:
+                    conns = proxy.connections
+                    proxy.cut()
+                    proxy.restore()
+                    cut_at = time.perf_counter()
+
+        # 100 forced reconnects under load: every event must arrive exactly once.
+        n_lines = 40_000 if not args.quick else 8_000
+        async with Session("shell", node=RemoteNode(proxy.address, liveness=live)) as s:
+            stream = s.stream(_ticker(n_lines, 0.0005))
+            cuts = 0
+            target = 100 if not args.quick else 20
+
+            async def cutter() -> None:
+                nonlocal cuts
+                while cuts < target:
+                    await asyncio.sleep(0.12)
+                    proxy.cut()
+                    proxy.restore()
+                    cuts += 1
+
+            task = asyncio.create_task(cutter())
+            seqs: list[int] = []
+            lines: list[str] = []
+            t0 = time.perf_counter()
+            async for ev in stream:
+                seqs.append(ev.seq)
+                if ev.kind == "assistant_delta":
+                    lines.append(ev.pb.assistant_delta.content)
+            task.cancel()
+            wall = time.perf_counter() - t0
+            result = stream.result
+            expected = [f"{i}\n" for i in range(n_lines)]
+            out["forced"] = {
+                "cuts": cuts, "reconnects": result.metadata.get("reconnects", 0) if result else 0,
+                "events": len(seqs), "lines": n_lines,
+                "lost": len(set(expected) - set(lines)), "duplicated": len(seqs) - len(set(seqs)),
+                "in_order": seqs == sorted(seqs), "ok": bool(result and result.ok), "wall": wall,
+            }
+    finally:
+        await proxy.stop()
+        node.stop()
+    return out
+
+
+def report_faults(out: dict[str, Any]) -> None:
+    print(f"\n(c) faults (node_lost_timeout {out['lost_timeout']:g}s, heartbeat 0.5s)")
+    kills = out["kill_to_lost"]
+    if kills:
+        times = [t for t, _ in kills]
+        print(f"  SIGKILL of the node -> node_lost at the subscriber: median {median(times):.2f}s, "
+              f"max {max(times):.2f}s over {len(times)} (kinds: {', '.join(sorted({k for _, k in kills}))})")
+    if out["replay"]:
+        print(f"  cut + immediate restore -> next event: median {ms(median(out['replay']) * 1000)} ms, "
+              f"p90 {ms(p90(out['replay']) * 1000)} ms over {len(out['replay'])} cuts")
+    f = out.get("forced")
+    if f:
+        print(f"  {f['cuts']} forced reconnects under load ({f['lines']:,} lines, {f['reconnects']} re-attaches, "
+              f"{f['wall']:.1f}s): lost {f['lost']}, duplicated {f['duplicated']}, "
+              f"in order {f['in_order']}, run ok {f['ok']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=None, help="latency runs per target (default 200; 20 with --quick)")
@@ -522,6 +636,9 @@ def main() -> int:
     )
     parser.add_argument("--warmup", type=int, default=5, help="warm-up runs before timing (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run with small N")
+    parser.add_argument("--lost-timeout", type=float, default=3.0,
+                        help="node_lost_timeout for the fault figures (default 3 s; the product default is 8 s)")
+    parser.add_argument("--no-faults", action="store_true", help="skip the (c) fault figures")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -544,12 +661,16 @@ def main() -> int:
     node = NodeProcess(workdir, workdir / "node.prof" if args.profile else None)
     node_pid: int | None = None
     out: dict[str, Any] | None = None
+    faults: dict[str, Any] | None = None
     node_stats = ""
     try:
         node.start()
         node_pid = node.pid
         print(f"node agent pid {node_pid} on 127.0.0.1:{node.port} (epoch {node.epoch})", flush=True)
         out = asyncio.run((run_profile if args.profile else run_all)(args, workdir, node))
+        node.stop()
+        if not args.profile and not args.no_faults:
+            faults = asyncio.run(run_faults(args, workdir))
         if args.profile:
             node.stop()  # SIGTERM: the node exits cleanly and cProfile writes its file
             buf = io.StringIO()
@@ -575,6 +696,8 @@ def main() -> int:
             report_profile(args, out, node_stats)
         else:
             report(args, out, node_pid)
+    if faults is not None:
+        report_faults(faults)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 
