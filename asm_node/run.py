@@ -228,6 +228,11 @@ class Run:
         if timer is None:
             return
         timer.cancel()
+        # Deliver the decision to the CLI when it can take one (Claude Code's stdio permission prompt).
+        payload = self.parser.approval_response(approval_id, decision, reason)
+        proc = self._proc
+        if payload and proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(payload)
         self._emit([
             pb.Event(
                 kind=KIND_VALUES["approval_resolved"],
@@ -269,6 +274,10 @@ class Run:
             return
         out: list[pb.Event] = []
         self.parser.feed_lines(lines, out)
+        if self.parser.terminal and self.command.close_stdin_at_end:
+            proc = self._proc
+            if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()  # the turn is over: let a stream-json CLI exit
         if self._interrupt.is_set():
             # What a CLI reports while it is being interrupted (Claude: an error_during_execution
             # result) is a consequence of the interrupt: kept, but the run ends as user_cancelled.
@@ -354,6 +363,8 @@ class Run:
             return self._fail_before_spawn(make_error("transport_error", "transport", f"spawn failed: {exc}"))
         self._proc = proc
         self.pid = proc.pid
+        if cmd.stdin_data and proc.stdin is not None:
+            proc.stdin.write(cmd.stdin_data)
         if self.reaper is not None:
             self.reaper.track(proc.pid)
         self.status = "running"

@@ -262,3 +262,39 @@ async def test_node_lost_resume_continues_the_provider_session_on_another_node(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("decision", ["allow", "deny"])
+async def test_claude_approval_is_delivered_to_the_cli(model_server: FakeModelServer, tmp_path: Path,
+                                                       decision: str) -> None:
+    """--opt approvals=true: Claude asks over stdio, the session's approve() answers the real CLI."""
+    path = find_cli("claude")
+    if path is None:
+        pytest.skip("claude CLI not installed (run scripts/install_clis.sh)")
+    env = hermetic_env({**cli_env("claude", model_server.base_url, tmp_path), "CLAUDE_CLI_PATH": str(path)})
+    node = start_node_process(tmp_path, env=env, inherit=False)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    try:
+        async with Session("claude", node=RemoteNode(node.address), cwd=str(workspace),
+                           options={"approvals": True}) as s:
+            stream = s.stream("Write a file. SCENARIO_TOOLWRITE")
+            events: list[Event] = []
+            async for ev in stream:
+                events.append(ev)
+                if ev.kind == "approval_requested":
+                    assert ev.payload["subject"] == "Bash"
+                    assert "touch" in ev.payload["details"]["tool_input"]["command"]
+                    await s.approve(ev.payload["approval_id"], decision)
+            result = stream.result
+        assert result is not None and result.ok, result and result.error
+        kinds_seen = [e.kind for e in events]
+        assert kinds_seen.count("approval_requested") == 1 and kinds_seen.count("approval_resolved") == 1
+        tool_result = next(e for e in events if e.kind == "tool_result")
+        created = (workspace / "denied-file.txt").exists()
+        if decision == "allow":
+            assert created and not tool_result.payload["is_error"]
+        else:
+            assert not created and tool_result.payload["is_error"]
+    finally:
+        node.stop()

@@ -46,6 +46,10 @@ class CommandSpec:
     stdin: bool = False
     #: Total deadline for the process, or None.
     timeout_s: float | None = None
+    #: Written to stdin right after spawn (a prompt sent as stream-json input).
+    stdin_data: bytes = b""
+    #: Close stdin once the parser saw the terminal event (a stream-json CLI waits for more input).
+    close_stdin_at_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class LineParser(ABC):
     @abstractmethod
     def finish(self, exit: ExitInfo) -> list[pb.Event]:
         """Events for the process exit (a result or an error), unless already terminal."""
+
+    def approval_response(self, approval_id: str, decision: str, reason: str) -> bytes | None:
+        """What to write to the CLI's stdin to deliver an approval decision; None if the CLI cannot take one."""
+        return None
 
 
 class Provider(ABC):

@@ -11,6 +11,8 @@ still says ``success``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -29,8 +31,8 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
-from asm_node.providers.base import RunSpec, error_event, result_event
-from asm_wire import ConfigError, pb
+from asm_node.providers.base import CommandSpec, RunSpec, error_event, result_event
+from asm_wire import KIND_VALUES, ConfigError, pb
 
 
 class ClaudeOptions(CommonOptions):
@@ -44,6 +46,9 @@ class ClaudeOptions(CommonOptions):
     #: Stream text as it is generated (``--include-partial-messages``).
     include_partial_messages: bool = True
     include_thinking: bool = False
+    #: Route tool permission prompts through asm (approval_requested / approve()): the prompt goes
+    #: in as stream-json input and Claude asks over stdio (--permission-prompt-tool stdio).
+    approvals: bool = False
 
 
 def _text_of(content: Any) -> Any:
@@ -59,6 +64,7 @@ class ClaudeParser(JsonLineParser):
         self._seen_blocks: dict[str, set[str]] = {}
         self.last_usage: dict[str, Any] = {}
         self.last_stop_reason = ""
+        self._permission_requests: dict[str, dict[str, Any]] = {}
 
     def _block_key(self, b: Any) -> str:
         if isinstance(b, dict):
@@ -128,8 +134,31 @@ class ClaudeParser(JsonLineParser):
         stop = str(obj.get("stop_reason") or self.last_stop_reason or subtype or "end_turn")
         self.end(out, result_event("completed", stop, output))
 
+    def approval_response(self, approval_id: str, decision: str, reason: str) -> bytes | None:
+        request = self._permission_requests.pop(approval_id, None)
+        if request is None:
+            return None
+        if decision == "allow":
+            answer: dict[str, Any] = {"behavior": "allow", "updatedInput": request.get("input") or {}}
+        else:
+            answer = {"behavior": "deny", "message": f"Denied by the operator ({reason or 'deny'})"}
+        msg = {"type": "control_response",
+               "response": {"subtype": "success", "request_id": approval_id, "response": answer}}
+        return (json.dumps(msg) + "\n").encode()
+
     def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
         t = obj.get("type") or obj.get("event")
+        if t == "control_request":
+            req: dict[str, Any] = obj["request"] if isinstance(obj.get("request"), dict) else {}
+            rid = str(obj.get("request_id") or "")
+            if req.get("subtype") == "can_use_tool" and rid:
+                self._permission_requests[rid] = req
+                details = {"tool_input": req.get("input") or {}, "tool_use_id": req.get("tool_use_id")}
+                out.append(pb.Event(kind=KIND_VALUES["approval_requested"], approval_requested=pb.ApprovalRequested(
+                    approval_id=rid, subject=str(req.get("tool_name") or ""), details_json=json.dumps(details))))
+            else:
+                out.append(ev_raw(obj))
+            return
         if t == "stream_event":
             event = obj.get("event") or {}
             delta = event.get("delta") if isinstance(event, dict) else None
@@ -185,6 +214,15 @@ class ClaudeProvider(CliProvider):
     }
     parser_class = ClaudeParser
 
+    def build_command(self, spec: RunSpec) -> CommandSpec:
+        cmd = super().build_command(spec)
+        if not spec.options["parsed"].approvals:
+            return cmd
+        # The prompt goes in as a stream-json user message; stdin stays open for approval answers.
+        message = {"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": spec.prompt}]}}
+        return dataclasses.replace(cmd, stdin=True, stdin_data=(json.dumps(message) + "\n").encode(),
+                                   close_stdin_at_end=True)
+
     def apply_ollama(self, opts: Any) -> None:
         if opts.provider_backend not in (None, "ollama"):
             raise ConfigError("Ollama needs provider_backend ollama (or unset) for claude")
@@ -219,7 +257,10 @@ class ClaudeProvider(CliProvider):
         elif opts.resume:
             argv.append(f"--resume={opts.resume}")
         argv += opts.args
-        argv += ["--", spec.prompt]
+        if not opts.approvals:
+            argv += ["--", spec.prompt]
+        else:
+            argv += ["--input-format", "stream-json", "--permission-prompt-tool", "stdio"]
         env: dict[str, str] = {}
         if opts.anthropic_base_url:
             env["ANTHROPIC_BASE_URL"] = opts.anthropic_base_url
