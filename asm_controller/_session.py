@@ -661,24 +661,23 @@ class Session:
 
     # -- public API ------------------------------------------------------------
 
-    def stream(self, prompt: str, **overrides: Any) -> RunStream:
-        """A lazy stream of the run's events (submitted on first iteration)."""
+    def _prepare(self, prompt: str, overrides: Mapping[str, Any]) -> tuple[RunOptions, str]:
         if not isinstance(prompt, str):
             raise ConfigError("prompt must be a string")
         opts = self.defaults.merged(overrides)
         run_id = overrides.get("run_id") or ulid()
         if not valid_id(run_id):
             raise ConfigError(f"invalid run_id {run_id!r}")
+        return opts, run_id
+
+    def stream(self, prompt: str, **overrides: Any) -> RunStream:
+        """A lazy stream of the run's events (submitted on first iteration)."""
+        opts, run_id = self._prepare(prompt, overrides)
         return RunStream(self, prompt, opts, run_id)
 
     async def query(self, prompt: str, **overrides: Any) -> Result:
         """Run to completion and return the Result (check ``result.ok`` / ``result.error``)."""
-        if not isinstance(prompt, str):
-            raise ConfigError("prompt must be a string")
-        opts = self.defaults.merged(overrides)
-        run_id = overrides.get("run_id") or ulid()
-        if not valid_id(run_id):
-            raise ConfigError(f"invalid run_id {run_id!r}")
+        opts, run_id = self._prepare(prompt, overrides)
         run = self._submit(prompt, opts, run_id, subscribed=False)
         try:
             await run.done.wait()
