@@ -152,11 +152,15 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["line_cap_bytes"] = args.line_cap
     if args.label:
         settings["labels"] = _pairs(args.label, "--label")
+    if args.metrics_listen:
+        settings["metrics_listen"] = args.metrics_listen
     config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
 
     def ready(node: Any) -> None:
+        metrics = f", metrics on port {node.metrics_port}" if node.metrics_port else ""
         sys.stderr.write(
-            f"asm node {node.agent.node_id} listening on {args.listen} (port {node.port}, epoch {node.agent.boot_epoch})\n"
+            f"asm node {node.agent.node_id} listening on {args.listen} (port {node.port}, epoch {node.agent.boot_epoch})"
+            f"{metrics}\n"
         )
         sys.stderr.flush()
 
@@ -412,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach-grace", type=float, metavar="SECONDS", help="interrupt runs left unattached this long")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     s.set_defaults(func=cmd_node_serve)
 
     def client_args(p: argparse.ArgumentParser) -> None:

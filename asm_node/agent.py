@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from asm_node.config import NodeConfig
+from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
 from asm_node.run import Run, options_from_json
 from asm_wire import (
+    KIND_NAMES,
     PROTOCOL_VERSION,
     AsmError,
     ConfigError,
@@ -47,7 +49,8 @@ CAPABILITIES = (
 class NodeAgent:
     """Runs CLIs on this host on behalf of controllers."""
 
-    def __init__(self, config: NodeConfig | None = None, providers: dict[str, Provider] | None = None) -> None:
+    def __init__(self, config: NodeConfig | None = None, providers: dict[str, Provider] | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.config = config or NodeConfig()
         self.providers = providers if providers is not None else build_providers(self.config)
         self.node_id = self.config.node_id
@@ -61,6 +64,9 @@ class NodeAgent:
         self._drain_task: asyncio.Task[None] | None = None
         self._drain_deadline_ns = 0
         self._env = self._base_env()
+        self.kind_totals = [0] * len(KIND_NAMES)
+        self.metrics = metrics or NodeMetrics()
+        self.metrics.bind(self)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -194,6 +200,7 @@ class NodeAgent:
         try:
             provider, cwd = self._admit(request.provider, request.cwd)
         except AsmError as err:
+            self.metrics.rejected.labels(_reject_reason(err)).inc()
             resp = pb.PreflightResponse(ok=False, error=error_info(err))
             if request.provider in self.providers:
                 resp.provider.CopyFrom(self._provider_info(self.providers[request.provider]))
@@ -221,13 +228,19 @@ class NodeAgent:
             permission_mode=req.permission_mode or "default", options=options, env=env,
         )
         command = provider.build_command(spec)
-        run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished)
+        run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics)
+        self.metrics.runs_started.labels(provider.name).inc()
         self.runs[req.run_id] = run
         run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
         return run
 
     def _run_finished(self, run: Run) -> None:
         log.info("run %s finished: %s (exit %s)", run.spec.run_id, run.status, run.exit_code)
+        self.kind_totals = [a + b for a, b in zip(self.kind_totals, run.kind_counts, strict=True)]
+        run.counted = True
+        m = self.metrics
+        m.runs_finished.labels(run.spec.provider, run.status).inc()
+        m.run_duration.labels(run.spec.provider).observe((run.finished_ns - run.started_ns) / 1e9)
 
     def _get(self, run_id: str) -> Run:
         run = self.runs.get(run_id)
@@ -241,11 +254,23 @@ class NodeAgent:
             raise ConfigError(f"invalid run_id {request.run_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
         run = self.runs.get(request.run_id)
         if run is None:
-            run = self._create_run(request)
+            try:
+                run = self._create_run(request)
+            except AsmError as err:
+                self.metrics.rejected.labels(_reject_reason(err)).inc()
+                raise
+        else:
+            self._count_attach(run, request.after_seq)
         return run.follow(request.after_seq)
 
     def attach_run_frames(self, request: pb.AttachRunRequest) -> AsyncIterator[bytes]:
-        return self._get(request.run_id).follow(request.after_seq)
+        run = self._get(request.run_id)
+        self._count_attach(run, request.after_seq)
+        return run.follow(request.after_seq)
+
+    def _count_attach(self, run: Run, after_seq: int) -> None:
+        self.metrics.attaches.inc()
+        self.metrics.replayed.inc(max(0, run.last_seq - after_seq))
 
     async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
         async for data in self.start_run_frames(request):
@@ -292,3 +317,12 @@ class NodeAgent:
         runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]
         return pb.ListRunsResponse(runs=runs)
 
+
+def _reject_reason(err: AsmError) -> str:
+    if err.reason == "at_capacity":
+        return "capacity"
+    if err.reason == "not_ready":
+        return "not_ready"
+    if err.reason in ("provider_missing", "cwd_not_allowed", "cwd_not_writable", "cwd_not_found"):
+        return "preflight"
+    return "config"

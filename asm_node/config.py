@@ -23,6 +23,8 @@ class NodeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASM_NODE_", extra="forbid")
 
     listen: str = "127.0.0.1:7070"
+    #: Serve Prometheus metrics over HTTP here (/metrics); None = off.
+    metrics_listen: str | None = None
     node_id: str = Field(default_factory=lambda: os.uname().nodename)
     token: SecretStr | None = None
     tls_cert: Path | None = None

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
-from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
+from asm_wire import KIND_NAMES, KIND_VALUES, AsmError, ConfigError, make_error, pb
 
 if TYPE_CHECKING:
     from asm_node.config import NodeConfig
+    from asm_node.metrics import NodeMetrics
 
 log = logging.getLogger("asm_node.run")
 
@@ -68,7 +69,14 @@ class Run:
         config: NodeConfig,
         reaper: Reaper | None,
         on_finished: Callable[[Run], None],
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
+        #: Events emitted, by kind value (summed into the node's metrics at scrape time).
+        self.kind_counts = [0] * len(KIND_NAMES)
+        self.counted = False
+        self.last_event_mono = time.monotonic()
+        self._first_output = False
         self.spec = spec
         self.command = command
         self.parser = parser
@@ -111,9 +119,11 @@ class Run:
         psid = self.parser.provider_session_id
         ts = time.time_ns()
         seq = self.last_seq
-        frames, cum = self._frames, self._cum
+        frames, cum, counts = self._frames, self._cum, self.kind_counts
         total = cum[-1] if cum else 0
+        self.last_event_mono = time.monotonic()
         for ev in events:
+            counts[ev.kind] += 1
             seq += 1
             ev.id = f"{rid}:{seq}"
             ev.run_id = rid
@@ -164,6 +174,8 @@ class Run:
             while True:
                 if nxt <= self.last_seq:
                     if nxt < self._base_seq:
+                        if self.metrics is not None:
+                            self.metrics.overflows.labels("replay").inc()
                         raise make_error(
                             "buffer_overflow", "transport",
                             f"events {nxt}..{self._base_seq - 1} of run {self.spec.run_id} are no longer held "
@@ -274,6 +286,10 @@ class Run:
             return
         out: list[pb.Event] = []
         self.parser.feed_lines(lines, out)
+        if out and not self._first_output:
+            self._first_output = True
+            if self.metrics is not None:
+                self.metrics.first_event.labels(self.spec.provider).observe((time.time_ns() - self.started_ns) / 1e9)
         if self.parser.terminal and self.command.close_stdin_at_end:
             proc = self._proc
             if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
@@ -287,6 +303,8 @@ class Run:
         self._emit(out)
 
     def _on_overflow(self, size: int) -> None:
+        if self.metrics is not None:
+            self.metrics.overflows.labels("stdout").inc()
         self._emit([
             error_event(
                 f"stdout line of {size} bytes exceeds the node's line cap of {self.config.line_cap_bytes} bytes; line dropped",
@@ -304,6 +322,8 @@ class Run:
                 if self._stderr_sent >= cap:
                     if not self._stderr_capped:
                         self._stderr_capped = True
+                        if self.metrics is not None:
+                            self.metrics.overflows.labels("stderr").inc()
                         out.append(error_event(
                             f"stderr exceeded {cap} bytes; further stderr is dropped (its tail is kept for diagnostics)",
                             "buffer_overflow", "transport", severity=pb.SEVERITY_WARNING,

@@ -210,7 +210,7 @@ async def test_failover_to_second_node_when_first_refuses(grpc_node: NodeServer)
 )
 async def test_errors_round_trip_through_grpc_status(err: AsmError) -> None:
     """An AsmError raised in a servicer arrives as the same class, kind, domain and reason."""
-    from asm_node.server import _abort
+    from asm_wire._server import abort as _abort
 
     async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await _abort(context, err)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
-import asm_node.server
+import asm_wire._server
 from asm_controller import (
     GrpcNodeClient,
     NodeConnectionError,
@@ -185,7 +185,7 @@ async def test_token_compared_with_hmac_compare_digest(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(asm_node.server.hmac, "compare_digest", recording)
+    monkeypatch.setattr(asm_wire._server.hmac, "compare_digest", recording)
     client = GrpcNodeClient(RemoteNode(_addr(token_node), token=TOKEN))
     try:
         info = await _handshake(client)

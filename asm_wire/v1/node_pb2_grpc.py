@@ -487,3 +487,118 @@ class NodeService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ControllerServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListNodes = channel.unary_unary(
+                '/asm.v1.ControllerService/ListNodes',
+                request_serializer=asm_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/asm.v1.ControllerService/DrainNode',
+                request_serializer=asm_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+                _registered_method=True)
+
+
+class ControllerServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControllerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.ListNodesRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.DrainNodeRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'asm.v1.ControllerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('asm.v1.ControllerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ControllerService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.ControllerService/ListNodes',
+            asm_dot_v1_dot_node__pb2.ListNodesRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.ControllerService/DrainNode',
+            asm_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -152,3 +152,34 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ControllerServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ControllerServiceAsyncStub: ...
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]
+
+@_typing.type_check_only
+class ControllerServiceAsyncStub(ControllerServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
+    DrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
+
+class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _node_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListNodesResponse, _abc.Awaitable[_node_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _node_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]: ...
+
+def add_ControllerServiceServicer_to_server(servicer: ControllerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
