@@ -20,17 +20,22 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import grpc
+import prometheus_client
 from pydantic import ValidationError
 
 from asm_controller import (
     EmbeddedNode,
+    GrpcNodeClient,
     LivenessConfig,
     NodeConnectionError,
     NodeNotReady,
+    NodeUnreachable,
     RemoteNode,
     Session,
     TLSConfig,
@@ -38,7 +43,7 @@ from asm_controller import (
     preflight,
 )
 from asm_node import NodeAgent, NodeConfig, serve
-from asm_wire import AsmError, ConfigError, __version__, pb
+from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -255,6 +260,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.controller:
+        if args.node:
+            raise ConfigError("give either --node or --controller, not both")
+        args.node = [args.controller]  # a controller serves the node API: it is one big node
     # For an embedded node --cwd is a local path; a remote node gets it as given (it must be absolute there).
     if args.node:
         args.cwd_resolved = args.cwd or ""
@@ -266,12 +275,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- asm nodes --------------------------------------------------------------------
 
 
-async def _nodes(args: argparse.Namespace) -> int:
+def _status_row(st: pb.NodeStatus) -> dict[str, Any]:
+    row: dict[str, Any] = {"node": st.address}
+    if st.HasField("error") and st.error.kind:
+        row["error"] = {"kind": st.error.kind, "domain": st.error.domain, "message": st.error.message,
+                        "reason": st.error.reason}
+        return row
+    row.update(
+        node_id=st.node_id, version=st.agent_version, epoch=st.epoch, state=st.state, health=st.health, up=st.up,
+        load={"active_runs": st.active_runs, "max_runs": st.max_runs},
+        heartbeat_age_s=round(st.heartbeat_age_ms / 1000, 1), labels=dict(st.labels),
+        providers=[{"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
+                   for p in st.providers],
+    )
+    return row
+
+
+async def _controller_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from asm_wire.v1 import node_pb2_grpc
+
+    (target,) = _remote_nodes(argparse.Namespace(**{**vars(args), "node": [args.controller]}))
+    client = GrpcNodeClient(target)
+    try:
+        stub = node_pb2_grpc.ControllerServiceStub(client.channel)
+        try:
+            resp = await stub.ListNodes(pb.ListNodesRequest(), metadata=client._md, timeout=target.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata())
+            raise NodeUnreachable(f"controller {args.controller}: {err.message}") from None
+    finally:
+        await client.close()
+    return [_status_row(st) for st in resp.nodes]
+
+
+async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for target in _remote_nodes(args):
         row: dict[str, Any] = {"node": target.address}
         try:
             handle = await connect(target)
+        except NodeNotReady as err:
+            row["error"] = err.to_dict()
+            rows.append(row)
+            continue
         except AsmError as err:
             row["error"] = err.to_dict()
             rows.append(row)
@@ -280,7 +326,8 @@ async def _nodes(args: argparse.Namespace) -> int:
             info = handle.info
             row.update(
                 node_id=info.node_id, version=info.agent_version, protocol=info.protocol_version,
-                epoch=info.boot_epoch, state="ready",
+                epoch=info.boot_epoch, state=pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower(),
+                health="healthy", up=True, heartbeat_age_s=0.0, labels=dict(info.labels),
                 load={"active_runs": info.load.active_runs, "max_runs": info.limits.max_runs},
                 providers=[
                     {"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
@@ -297,28 +344,91 @@ async def _nodes(args: argparse.Namespace) -> int:
         finally:
             await handle.close()
         rows.append(row)
-    if args.output == "json":
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    else:
-        for row in rows:
-            if "error" in row:
-                e = row["error"]
-                sys.stdout.write(f"{row['node']:<22} ERROR  {e.get('reason') or e['kind']}: {e['message']}\n")
-                continue
-            provs = ", ".join(f"{p['name']} {p['version']}" if p["available"] else f"{p['name']} (missing)"
-                              for p in row["providers"])
-            load = f"{row['load']['active_runs']}/{row['load']['max_runs']}"
-            line = f"{row['node']:<22} {row['state']:<6} {row['node_id']} v{row['version']} epoch {row['epoch']} load {load} providers: {provs}"
-            if "preflight" in row:
-                pf = row["preflight"]
-                line += " preflight: ok" if pf["ok"] else f" preflight: {pf['error'].get('reason') or pf['error']['kind']}: {pf['error']['message']}"
-            sys.stdout.write(line + "\n")
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ("NODE", "STATE", "HEALTH", "EPOCH", "LOAD", "HEARTBEAT", "PROVIDERS")
+    lines = [head]
+    errors = []
+    for row in rows:
+        if "error" in row:
+            e = row["error"]
+            lines.append((row["node"], "error", "-", "-", "-", "-", f"{e.get('reason') or e['kind']}"))
+            errors.append(f"  {row['node']}: {e['message']}")
+            continue
+        provs = ", ".join(f"{p['name']} {p['version']}".strip() if p["available"] else f"{p['name']} (missing)"
+                          for p in row["providers"])
+        load = f"{row['load']['active_runs']}/{row['load']['max_runs']}"
+        extra = ""
+        if "preflight" in row:
+            pf = row["preflight"]
+            extra = " | preflight ok" if pf["ok"] else \
+                f" | preflight {pf['error'].get('reason') or pf['error']['kind']}: {pf['error']['message']}"
+        lines.append((row["node"], row["state"], row["health"], row["epoch"][-10:], load,
+                      f"{row['heartbeat_age_s']:.1f}s", provs + extra))
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(head) - 1)]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1]) for r in lines]
+    return "\n".join(out + errors) + "\n"
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    if bool(args.controller) == bool(args.node):
+        raise ConfigError("give either --node HOST:PORT (repeatable) or --controller HOST:PORT")
+    rounds = 0
+    while True:
+        rows = await (_controller_rows(args) if args.controller else _direct_rows(args))
+        if args.output == "json":
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        else:
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+                sys.stdout.write(time.strftime("%H:%M:%S ") + f"every {args.watch:g}s (Ctrl-C to stop)\n")
+            sys.stdout.write(_table(rows))
+        sys.stdout.flush()
+        rounds += 1
+        if not args.watch or (args.watch_count and rounds >= args.watch_count):
+            break
+        await asyncio.sleep(args.watch)
     failed = any("error" in r or not r.get("preflight", {"ok": True})["ok"] for r in rows)
     return EXIT_NODE if failed else EXIT_OK
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    return asyncio.run(_nodes(args))
+    try:
+        return asyncio.run(_nodes(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# -- asm controller serve -------------------------------------------------------------
+
+
+def cmd_controller_serve(args: argparse.Namespace) -> int:
+    from asm_controller.service import ControllerConfig, serve_controller
+
+    token = _read_token(args.token_file)
+    node_token = _read_token(args.node_token_file) if args.node_token_file else token
+    node_tls = None
+    if args.node_tls_ca or args.node_tls_cert or args.node_tls_key:
+        node_tls = TLSConfig.from_files(args.node_tls_ca, args.node_tls_cert, args.node_tls_key)
+    config = ControllerConfig(
+        listen=args.listen, nodes=list(args.node or []),
+        nodes_file=Path(args.nodes_file) if args.nodes_file else None, nodes_dns=args.nodes_dns,
+        metrics_listen=args.metrics_listen, token=token, node_token=node_token,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_ca=Path(args.tls_ca) if args.tls_ca else None, node_tls=node_tls, insecure=args.insecure,
+        strategy=args.strategy, liveness=LivenessConfig(node_lost_timeout_s=args.node_lost_timeout),
+    )
+
+    def ready(ctl: Any) -> None:
+        metrics = f", metrics on port {ctl.metrics_port}" if ctl.metrics_port else ""
+        sys.stderr.write(f"asm controller listening on {args.listen} (port {ctl.port}){metrics}; "
+                         f"nodes: {', '.join(t.address for t in ctl.api.targets) or '(none yet)'}\n")
+        sys.stderr.flush()
+
+    asyncio.run(serve_controller(config, on_ready=ready))
+    return EXIT_OK
 
 
 # -- asm node drain -----------------------------------------------------------------
@@ -434,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
+    r.add_argument("--controller", metavar="HOST:PORT", help="run through a controller service (it picks the node)")
     r.add_argument("--provider", required=True, help="claude, codex, gemini, amp or shell")
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=["default", "auto", "bypass", "plan"])
@@ -451,12 +562,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)
 
+    c = sub.add_parser("controller", help="controller service commands")
+    c_sub = c.add_subparsers(dest="controller_command", required=True, parser_class=_Parser)
+    cs = c_sub.add_parser("serve", help="serve a long-running controller in front of a fleet of nodes")
+    cs.add_argument("--listen", required=True, metavar="HOST:PORT")
+    cs.add_argument("--node", action="append", metavar="HOST:PORT", help="a node of the fleet (repeatable)")
+    cs.add_argument("--nodes-file", metavar="F", help="file with one HOST:PORT per line (re-read periodically)")
+    cs.add_argument("--nodes-dns", metavar="NAME:PORT",
+                    help="DNS name resolving to every node (e.g. a Kubernetes headless Service); re-resolved")
+    cs.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    cs.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
+    cs.add_argument("--node-token-file", metavar="F", help="token for the nodes (default: the same token)")
+    _tls_args(cs, server=True)
+    cs.add_argument("--node-tls-ca", metavar="F", help="CA of the nodes' certificates")
+    cs.add_argument("--node-tls-cert", metavar="F", help="client certificate for the nodes (mutual TLS)")
+    cs.add_argument("--node-tls-key", metavar="F", help="its key")
+    cs.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
+    cs.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"])
+    cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
+    cs.set_defaults(func=cmd_controller_serve)
+
     pr = sub.add_parser("providers", help="what each provider supports (permission modes, features, options)")
     pr.add_argument("--output", default="text", choices=["text", "json"])
     pr.set_defaults(func=cmd_providers)
 
-    n = sub.add_parser("nodes", help="show each node's handshake or its typed error")
-    n.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
+    n = sub.add_parser("nodes", help="the fleet as a table: state, epoch, load, providers, heartbeat age")
+    n.add_argument("--node", action="append", metavar="HOST:PORT")
+    n.add_argument("--controller", metavar="HOST:PORT", help="ask a controller for its fleet")
+    n.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    n.add_argument("--watch-count", type=int, default=0, help=argparse.SUPPRESS)
     n.add_argument("--provider", help="also preflight this provider")
     n.add_argument("--cwd", metavar="DIR", help="cwd to preflight")
     n.add_argument("--output", default="table", choices=["table", "json"])
@@ -467,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # `*_created` series double every counter for no use on a dashboard.
+    prometheus_client.disable_created_metrics()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)

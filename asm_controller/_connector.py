@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,6 +85,8 @@ class NodeHandle:
         self.lost_reason = ""
         self.epoch_changes = 0
         self._runs: set[RunWatcher] = set()
+        #: Called with each heartbeat's latency (the controller's metrics hook).
+        self.on_heartbeat: Callable[[float], None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         if isinstance(target, RemoteNode):
             self._monitor = asyncio.create_task(self._watch(target), name=f"asm-node-watch-{target.address}")
@@ -118,9 +121,12 @@ class NodeHandle:
     async def heartbeat(self, timeout: float) -> pb.HandshakeResponse:
         """One handshake; updates the node's view (load, state, epoch) and spots restarts."""
         assert isinstance(self.api, GrpcNodeClient)
+        t0 = time.monotonic()
         info = await self.api.handshake(
             pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION), timeout=timeout)
         self.last_ok = time.monotonic()
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(self.last_ok - t0)
         if info.boot_epoch != self.info.boot_epoch:
             old = self.info.boot_epoch
             self.epoch_changes += 1

@@ -218,6 +218,10 @@ class EventReducer:
         return True
 
     @property
+    def error(self) -> AsmError | None:
+        return self._error
+
+    @property
     def provider_session_id(self) -> str | None:
         return self._psid
 

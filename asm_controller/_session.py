@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
 from asm_controller._events import Event
+from asm_controller._metrics import ControllerMetrics
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._routing import Candidate, Router, eligible
 from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
@@ -260,6 +261,8 @@ class _Run:
                     return
                 except _NodeLost as lost:
                     self.session._router.health.failure(handle.target.key, "node_lost")
+                    if self.session.metrics is not None:
+                        self.session.metrics.node_lost.labels(handle.target.address).inc()
                     err = make_error("node_lost", "transport", lost.reason)
                     if self.opts.on_node_lost != "resume" or self.cancel_requested:
                         raise err from None
@@ -322,7 +325,10 @@ class _Run:
                     continue
                 cwd = self.opts.cwd
                 if self.opts.preflight:
+                    t0 = time.perf_counter()
                     cwd = await preflight(handle, self.opts.provider, cwd)
+                    if session.metrics is not None:
+                        session.metrics.preflight.labels(target.address).observe(time.perf_counter() - t0)
                 self.handle = handle
                 self._started_on_node = True
                 batches = aiter(handle.api.start_run(request(cwd)))
@@ -332,6 +338,8 @@ class _Run:
                 if err.reason in _NODE_FAULTS:  # a refusal for this run (cwd, capacity, ...) says nothing of health
                     session._router.health.failure(target.key, err.reason)
                 attempts.append({"node": target.address, "error": err.to_dict()})
+                if session.metrics is not None:
+                    session.metrics.failovers.inc()
                 last = err
                 continue
             except StopAsyncIteration:
@@ -419,6 +427,8 @@ class _Run:
         bound = target.liveness.node_lost_timeout_s if isinstance(target, RemoteNode) else 0.0
         self.reconnects += 1
         self.reducer.metadata["reconnects"] = self.reconnects
+        if self.session.metrics is not None:
+            self.session.metrics.reconnects.labels(target.address).inc()
 
         async def attempt() -> AsyncIterator[pb.EventBatch]:
             if self._lost is not None:
@@ -495,6 +505,13 @@ class _Run:
 
     def _finish(self) -> None:
         self.state = "done"
+        metrics = self.session.metrics
+        if metrics is not None:
+            err = self.reducer.error
+            outcome = "node_lost" if err is not None and err.kind == "node_lost" else self.reducer.status
+            if outcome not in ("completed", "failed", "interrupted", "node_lost"):
+                outcome = "failed"
+            metrics.routed.labels(str(self.reducer.metadata.get("node_address", "none")), outcome).inc()
         if self._typed_error is not None:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
             self.reducer.set_error(self._typed_error)
@@ -581,6 +598,21 @@ class RunStream:
         self._batch, self._index = batch, 1
         return batch[0]
 
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The events in the batches they arrived in (cheaper than one at a time for relays)."""
+        if self._index < len(self._batch):
+            yield self._batch[self._index:]
+            self._index = len(self._batch)
+        run = self._submit()
+        assert run.channel is not None
+        try:
+            while (batch := await run.channel.get()) is not None:
+                yield batch
+        finally:
+            self._ended = True
+            if run.state != "done":
+                run.channel.abandon()  # the relay went away: the run goes on (detach, don't kill)
+
     @property
     def result(self) -> Result | None:
         """The reduced Result (final once iteration has ended)."""
@@ -630,6 +662,7 @@ class Session:
         selector: Mapping[str, str] | None = None,
         on_node_lost: str = "fail",
         failure_cooldown_s: float = 30.0,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.session_id = session_id or ulid()
         if not valid_id(self.session_id):
@@ -644,6 +677,9 @@ class Session:
             preflight=preflight, selector=dict(selector or {}), on_node_lost=on_node_lost,
         )
         self._router = Router(strategy, failure_cooldown_s)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(self)
         self.defaults.validate()
         self.max_concurrent_runs = max_concurrent_runs
         self.max_queued_runs = max_queued_runs
@@ -871,9 +907,25 @@ class Session:
                 self._approvals[ev.pb.approval_requested.approval_id] = run
             elif kind == pb.EVENT_KIND_APPROVAL_RESOLVED:
                 self._approvals.pop(ev.pb.approval_resolved.approval_id, None)
+                if self.metrics is not None and ev.pb.approval_resolved.reason == "timeout":
+                    self.metrics.approvals_timed_out.inc()
             elif kind == pb.EVENT_KIND_COST_UPDATE:
                 c = ev.pb.cost_update
                 self._cost.add(Cost(c.input_tokens, c.output_tokens, c.cost_usd))
+                if self.metrics is not None:
+                    provider = run.opts.provider
+                    self.metrics.tokens.labels(provider, "input").inc(c.input_tokens)
+                    self.metrics.tokens.labels(provider, "output").inc(c.output_tokens)
+                    self.metrics.cost.labels(provider).inc(c.cost_usd)
+
+    async def _connect(self, target: NodeTarget) -> NodeHandle:
+        t0 = time.perf_counter()
+        handle = await connect(target)
+        if self.metrics is not None:
+            histogram = self.metrics.handshake.labels(target.address)
+            histogram.observe(time.perf_counter() - t0)
+            handle.on_heartbeat = histogram.observe
+        return handle
 
     async def _handle(self, target: NodeTarget | None) -> NodeHandle:
         if target is None:
@@ -884,7 +936,7 @@ class Session:
             return handle
         pending = self._connecting.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(connect(target))
+            pending = asyncio.ensure_future(self._connect(target))
             self._connecting[key] = pending
             try:
                 handle = await asyncio.shield(pending)

@@ -1,0 +1,384 @@
+"""``asm controller serve``: a long-running controller in front of a fleet of nodes.
+
+To its clients the controller *is* a node: it serves the same NodeService
+(start, attach, interrupt, approve, ...) and routes each run to a node of its
+fleet, with the session runtime's admission, health, failover, re-attachment
+and node-loss handling. ``asm run --controller HOST:PORT`` is therefore just a
+remote node run. ControllerService adds the fleet view (ListNodes) and
+DrainNode. Nodes come from ``--node`` flags, a file, or a DNS name that
+resolves to many addresses (a Kubernetes headless Service), re-resolved
+periodically. Metrics (``asm_controller_*``), health checking and reflection
+are served too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import start_http_server
+
+from asm_controller._client import LivenessConfig, RemoteNode, TLSConfig
+from asm_controller._metrics import ControllerMetrics
+from asm_controller._routing import eligible
+from asm_controller._session import Session
+from asm_wire import (
+    PROTOCOL_VERSION,
+    AsmError,
+    ConfigError,
+    __version__,
+    error_info,
+    make_error,
+    parse_address,
+    pb,
+)
+from asm_wire._server import (
+    CONTROLLER_SERVICE,
+    NODE_SERVICE,
+    SERVER_OPTIONS,
+    TokenAuthInterceptor,
+    add_health_and_reflection,
+    bind,
+    check_exposure,
+    node_service_handler,
+    server_credentials,
+    set_serving,
+    unary,
+)
+
+log = logging.getLogger("asm_controller.service")
+
+CAPABILITIES = (
+    "run.start.v1", "run.attach.v1", "run.interrupt.v1", "run.query.v1", "approval.resolve.v1", "input.send.v1",
+    "fleet.v1",
+)
+
+
+@dataclass
+class ControllerConfig:
+    listen: str = "127.0.0.1:7080"
+    nodes: list[str] = field(default_factory=list)
+    nodes_file: Path | None = None
+    nodes_dns: str | None = None
+    dns_interval_s: float = 15.0
+    metrics_listen: str | None = None
+    token: str | None = None  # clients must present it
+    node_token: str | None = None  # presented to the nodes
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    node_tls: TLSConfig | None = None
+    insecure: bool = False
+    strategy: str = "priority"
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    max_concurrent_runs: int = 1000
+
+
+def read_nodes_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read nodes file {path}: {exc.strerror}") from None
+    out = [ln.split("#", 1)[0].strip() for ln in lines]
+    out = [ln for ln in out if ln]
+    for addr in out:
+        parse_address(addr)
+    return out
+
+
+async def resolve_dns(name_port: str) -> list[str]:
+    """NAME:PORT → every address NAME resolves to (a headless Service lists its pods)."""
+    host, port = parse_address(name_port)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise make_error("connection_failed", "transport", f"cannot resolve {host}: {exc}",
+                         reason="unreachable") from None
+    addrs = sorted({(str(i[4][0]), int(i[4][1])) for i in infos})
+    return [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in addrs]
+
+
+class FleetApi:
+    """NodeService as the controller serves it: every run is routed through one Session over the fleet."""
+
+    def __init__(self, config: ControllerConfig, metrics: ControllerMetrics) -> None:
+        self.config = config
+        self.epoch = f"controller-{int(time.time() * 1000)}"
+        self.session = Session("shell", node=[], max_concurrent_runs=config.max_concurrent_runs,
+                               max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True)
+        self._targets: dict[str, RemoteNode] = {}
+
+    def set_nodes(self, addresses: Sequence[str]) -> None:
+        targets = []
+        for addr in addresses:
+            target = self._targets.get(addr)
+            if target is None:
+                target = RemoteNode(addr, token=self.config.node_token, tls=self.config.node_tls,
+                                    liveness=self.config.liveness)
+                self._targets[addr] = target
+            targets.append(target)
+        self.session.defaults = replace(self.session.defaults, node=targets)
+
+    @property
+    def targets(self) -> list[RemoteNode]:
+        return [t for t in self.session.defaults.nodes if isinstance(t, RemoteNode)]
+
+    async def refresh(self) -> None:
+        """Contact every node once (so routing and ListNodes know them)."""
+        async def one(t: RemoteNode) -> None:
+            with contextlib.suppress(AsmError):
+                await self.session._handle(t)
+        await asyncio.gather(*(one(t) for t in self.targets))
+
+    # -- NodeService ------------------------------------------------------------------
+
+    async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        providers: dict[str, pb.ProviderInfo] = {}
+        active = max_runs = 0
+        for handle in self.session._handles.values():
+            if handle.state == "lost":
+                continue
+            active += handle.info.load.active_runs
+            max_runs += handle.info.limits.max_runs
+            for p in handle.info.providers:
+                if p.available and p.name not in providers:
+                    providers[p.name] = p
+        return pb.HandshakeResponse(
+            agent_version=__version__, protocol_version=PROTOCOL_VERSION, capabilities=list(CAPABILITIES),
+            node_id=f"controller@{socket.gethostname()}", boot_epoch=self.epoch,
+            host=pb.HostFacts(hostname=socket.gethostname(), cpu_count=os.cpu_count() or 0),
+            providers=list(providers.values()), limits=pb.Limits(max_runs=max_runs),
+            load=pb.Load(active_runs=active), state=pb.NODE_STATE_READY,
+        )
+
+    async def preflight(self, request: pb.PreflightRequest) -> pb.PreflightResponse:
+        reasons = []
+        for t in self.targets:
+            handle = self.session._handles.get(t.key)
+            if handle is None or handle.state == "lost":
+                reasons.append(f"{t.address}: not connected")
+                continue
+            why = eligible(handle.info, request.provider, {})
+            if why is None:
+                return pb.PreflightResponse(ok=True, resolved_cwd=request.cwd)
+            reasons.append(f"{t.address}: {why}")
+        err = make_error("connection_failed", "transport",
+                         f"no node of this controller can take a {request.provider} run ({'; '.join(reasons) or 'no nodes'})",
+                         reason="no_eligible_node")
+        return pb.PreflightResponse(ok=False, error=error_info(err))
+
+    async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        run = self.session._runs.get(request.run_id)
+        if run is not None:  # an existing run id attaches (never a second CLI)
+            async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
+                yield batch
+            return
+        try:
+            options = json.loads(request.options_json) if request.options_json else {}
+        except ValueError:
+            raise ConfigError("options are not valid JSON") from None
+        overrides: dict[str, Any] = {
+            "run_id": request.run_id, "provider": request.provider, "cwd": request.cwd,
+            "permission_mode": request.permission_mode or "default", "options": options, "env": dict(request.env),
+        }
+        if request.approval_timeout_ms:
+            overrides["approval_timeout_ms"] = request.approval_timeout_ms
+        stream = self.session.stream(request.prompt, **overrides)
+        async for events in stream.batches():
+            yield pb.EventBatch(events=[ev.pb for ev in events])
+
+    async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
+        run = self.session._runs.get(request.run_id)
+        if run is None or run.handle is None:
+            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
+        async for batch in run.handle.api.attach_run(pb.AttachRunRequest(run_id=run._node_run_id,
+                                                                         after_seq=request.after_seq)):
+            yield batch
+
+    async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
+        await self.session.interrupt(request.run_id)
+        return pb.InterruptRunResponse(accepted=True)
+
+    async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
+        await self.session.approve(request.approval_id, request.decision, request.reason)
+        return pb.ResolveApprovalResponse()
+
+    async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
+        run = self.session._runs.get(request.run_id)
+        if run is None or run.handle is None:
+            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
+        return await run.handle.api.send_input(pb.SendInputRequest(run_id=run._node_run_id, data=request.data,
+                                                                   end_input=request.end_input))
+
+    async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
+        run = self.session._runs.get(request.run_id)
+        if run is None or run.handle is None:
+            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
+        info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run._node_run_id))
+        info.run_id = request.run_id
+        return info
+
+    async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        out = pb.ListRunsResponse()
+        for handle in list(self.session._handles.values()):
+            with contextlib.suppress(AsmError):
+                out.runs.extend((await handle.api.list_runs(request)).runs)
+        return out
+
+    async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
+        raise ConfigError("drain a node of this controller with DrainNode (asm node drain --controller ... --node ...)")
+
+    # -- ControllerService --------------------------------------------------------------
+
+    async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
+        out = pb.ListNodesResponse()
+        health = self.session._router.health
+        for t in self.targets:
+            status = pb.NodeStatus(address=t.address, health=health.status(t.key))
+            handle = self.session._handles.get(t.key)
+            if handle is None:
+                try:
+                    handle = await self.session._handle(t)
+                except AsmError as err:
+                    status.state, status.up = "unknown", False
+                    status.error.CopyFrom(error_info(err))
+                    out.nodes.append(status)
+                    continue
+            info = handle.info
+            status.node_id, status.epoch, status.agent_version = info.node_id, info.boot_epoch, info.agent_version
+            status.up = handle.state != "lost"
+            status.state = "lost" if handle.state == "lost" else \
+                pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+            status.heartbeat_age_ms = int(handle.heartbeat_age_s * 1000)
+            status.active_runs, status.max_runs = info.load.active_runs, info.limits.max_runs
+            status.providers.extend(info.providers)
+            status.labels.update(info.labels)
+            out.nodes.append(status)
+        return out
+
+    async def drain_node(self, request: pb.DrainNodeRequest) -> pb.DrainResponse:
+        target = next((t for t in self.targets if t.address == request.address), None)
+        if target is None:
+            raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
+        handle = await self.session._handle(target)
+        resp = await handle.api.drain(pb.DrainRequest(deadline_ms=request.deadline_ms))
+        with contextlib.suppress(AsmError):
+            await handle.heartbeat(2.0)  # routing sees "draining" at once
+        return resp
+
+
+def controller_service_handler(api: FleetApi) -> grpc.GenericRpcHandler:
+    u = grpc.unary_unary_rpc_method_handler
+    return grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
+        "ListNodes": u(unary(api.list_nodes), pb.ListNodesRequest.FromString, pb.ListNodesResponse.SerializeToString),
+        "DrainNode": u(unary(api.drain_node), pb.DrainNodeRequest.FromString, pb.DrainResponse.SerializeToString),
+    })
+
+
+class ControllerServer:
+    def __init__(self, api: FleetApi, server: grpc.aio.Server, port: int, metrics_port: int | None) -> None:
+        self.api = api
+        self.server = server
+        self.port = port
+        self.metrics_port = metrics_port
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_http: Any = None
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.server.stop(grace=1.0)
+        await self.api.session.stop(timeout=5.0)
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+
+
+async def _node_addresses(config: ControllerConfig) -> list[str]:
+    addrs = list(config.nodes)
+    if config.nodes_file is not None:
+        addrs += read_nodes_file(config.nodes_file)
+    if config.nodes_dns:
+        try:
+            addrs += await resolve_dns(config.nodes_dns)
+        except AsmError as err:
+            log.warning("%s", err.message)
+    return list(dict.fromkeys(addrs))
+
+
+async def start_controller(config: ControllerConfig, metrics: ControllerMetrics | None = None) -> ControllerServer:
+    if not (config.nodes or config.nodes_file or config.nodes_dns):
+        raise ConfigError("a controller needs nodes: --node HOST:PORT, --nodes-file F or --nodes-dns NAME:PORT")
+    for addr in config.nodes:
+        parse_address(addr)
+    check_exposure(config.listen, token=config.token is not None, tls_cert=config.tls_cert is not None,
+                   tls_ca=config.tls_ca is not None, insecure=config.insecure)
+    creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    metrics = metrics or ControllerMetrics()
+    api = FleetApi(config, metrics)
+    api.set_nodes(await _node_addresses(config))
+    interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((node_service_handler(api), controller_service_handler(api)))
+    health = add_health_and_reflection(server, [NODE_SERVICE, CONTROLLER_SERVICE])
+    port = bind(server, config.listen, creds)
+    metrics_http = None
+    metrics_port = None
+    if config.metrics_listen:
+        host, mport = parse_address(config.metrics_listen)
+        try:
+            metrics_http = start_http_server(mport, addr=host, registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
+        metrics_port = metrics_http[0].server_port
+    await server.start()
+    await api.refresh()
+    await set_serving(health, [NODE_SERVICE, CONTROLLER_SERVICE], True)
+    ctl = ControllerServer(api, server, port, metrics_port)
+    ctl._metrics_http = metrics_http
+    if config.nodes_dns or config.nodes_file:
+        ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
+    return ctl
+
+
+async def _rediscover(config: ControllerConfig, api: FleetApi) -> None:
+    """Re-resolve the DNS name (and re-read the file): pods come and go."""
+    while True:
+        await asyncio.sleep(config.dns_interval_s)
+        try:
+            addrs = await _node_addresses(config)
+        except AsmError as err:
+            log.warning("node discovery failed: %s", err.message)
+            continue
+        if addrs != [t.address for t in api.targets]:
+            log.info("fleet is now: %s", ", ".join(addrs) or "(empty)")
+            api.set_nodes(addrs)
+            await api.refresh()
+
+
+async def serve_controller(config: ControllerConfig, on_ready: Callable[[ControllerServer], None] | None = None) -> None:
+    ctl = await start_controller(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(ctl)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await ctl.stop()
