@@ -210,10 +210,13 @@ async def test_intervene_interrupts_then_continues_the_same_session(cli_node: tu
         stream = s.stream("Talk slowly. SCENARIO_SLOW")
         psid = None
         async for ev in stream:
-            if ev.kind in ("assistant_delta", "assistant_message"):
+            # Codex sends its agent message whole, at the end: intervene as soon as the
+            # provider session exists (and has had a moment to be saved), not at the first text.
+            if ev.provider_session_id:
                 psid = ev.provider_session_id
+                await asyncio.sleep(0.5)
                 break
-        assert psid, "the CLI reported its session id before its first text"
+        assert psid, "the CLI reported its session id"
         follow_up = await s.intervene(stream.run_id, "Change of plan. SCENARIO_TEXT")
         events = [ev async for ev in follow_up]
         first = s.result(stream.run_id)
