@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -603,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # `*_created` series double every counter for no use on a dashboard.
-    prometheus_client.disable_created_metrics()
+    disable_created: Callable[[], None] = prometheus_client.disable_created_metrics
+    disable_created()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
