@@ -237,6 +237,15 @@ class FleetApi:
                 out.runs.extend((await handle.api.list_runs(request)).runs)
         return out
 
+    async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
+        raise ConfigError("workspace snapshots are taken on a node: ask the node that owns the workspace")
+
+    async def diff(self, request: pb.DiffRequest) -> pb.DiffResponse:
+        raise ConfigError("workspace snapshots are taken on a node: ask the node that owns the workspace")
+
+    async def rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
+        raise ConfigError("workspace snapshots are taken on a node: ask the node that owns the workspace")
+
     async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
         raise ConfigError("drain a node of this controller with DrainNode (asm node drain --controller ... --node ...)")
 

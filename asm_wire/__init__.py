@@ -42,7 +42,7 @@ PROTOCOL_VERSION = 1
 KIND_NAMES: tuple[str, ...] = (
     "unspecified", "run_started", "assistant_delta", "assistant_message", "user_message",
     "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved",
-    "cost_update", "result", "error", "stderr", "raw", "run_completed",
+    "cost_update", "result", "error", "stderr", "raw", "run_completed", "guardrail_triggered",
 )
 KIND_VALUES: dict[str, pb.EventKind.ValueType] = {name: pb.EventKind.ValueType(i) for i, name in enumerate(KIND_NAMES)}
 

@@ -50,6 +50,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_STDERR: _EventKind.ValueType  # 13
     EVENT_KIND_RAW: _EventKind.ValueType  # 14
     EVENT_KIND_RUN_COMPLETED: _EventKind.ValueType  # 15
+    EVENT_KIND_GUARDRAIL_TRIGGERED: _EventKind.ValueType  # 16
+    """Not in ASM 0.9.2's vocabulary (its policy enforcer's "warn" crashed runs for that reason)."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -73,6 +75,8 @@ EVENT_KIND_ERROR: EventKind.ValueType  # 12
 EVENT_KIND_STDERR: EventKind.ValueType  # 13
 EVENT_KIND_RAW: EventKind.ValueType  # 14
 EVENT_KIND_RUN_COMPLETED: EventKind.ValueType  # 15
+EVENT_KIND_GUARDRAIL_TRIGGERED: EventKind.ValueType  # 16
+"""Not in ASM 0.9.2's vocabulary (its policy enforcer's "warn" crashed runs for that reason)."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _Severity:
@@ -583,6 +587,40 @@ class Raw(_message.Message):
 Global___Raw: _TypeAlias = Raw  # noqa: Y015
 
 @_typing.final
+class GuardrailTriggered(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """e.g. tool_deny, max_output_tokens, allowed_tools"""
+    direction: _builtins.str
+    """input | output"""
+    action: _builtins.str
+    """block | warn | request_approval | cancel"""
+    message: _builtins.str
+    details_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        direction: _builtins.str = ...,
+        action: _builtins.str = ...,
+        message: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "details_json", b"details_json", "direction", b"direction", "message", b"message", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuardrailTriggered: _TypeAlias = GuardrailTriggered  # noqa: Y015
+
+@_typing.final
 class RunCompleted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -665,6 +703,7 @@ class Event(_message.Message):
     STDERR_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     RUN_COMPLETED_FIELD_NUMBER: _builtins.int
+    GUARDRAIL_TRIGGERED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"<run_id>:<seq>": unique, and stable across replays"""
     run_id: _builtins.str
@@ -706,6 +745,8 @@ class Event(_message.Message):
     def raw(self) -> Global___Raw: ...
     @_builtins.property
     def run_completed(self) -> Global___RunCompleted: ...
+    @_builtins.property
+    def guardrail_triggered(self) -> Global___GuardrailTriggered: ...
     def __init__(
         self,
         *,
@@ -733,12 +774,13 @@ class Event(_message.Message):
         stderr: Global___Stderr | None = ...,
         raw: Global___Raw | None = ...,
         run_completed: Global___RunCompleted | None = ...,
+        guardrail_triggered: Global___GuardrailTriggered | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "payload", b"payload", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_started", b"run_started", "stderr", b"stderr", "thinking", b"thinking", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "payload", b"payload", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_started", b"run_started", "stderr", b"stderr", "thinking", b"thinking", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "id", b"id", "kind", b"kind", "metadata", b"metadata", "payload", b"payload", "provider", b"provider", "provider_session_id", b"provider_session_id", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "session_id", b"session_id", "stderr", b"stderr", "thinking", b"thinking", "timestamp_unix_nano", b"timestamp_unix_nano", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "id", b"id", "kind", b"kind", "metadata", b"metadata", "payload", b"payload", "provider", b"provider", "provider_session_id", b"provider_session_id", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "session_id", b"session_id", "stderr", b"stderr", "thinking", b"thinking", "timestamp_unix_nano", b"timestamp_unix_nano", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "assistant_delta", "assistant_message", "user_message", "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved", "cost_update", "result", "error", "stderr", "raw", "run_completed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "assistant_delta", "assistant_message", "user_message", "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved", "cost_update", "result", "error", "stderr", "raw", "run_completed", "guardrail_triggered"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1433,6 +1475,185 @@ class ListRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRunsResponse: _TypeAlias = ListRunsResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CWD_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    cwd: _builtins.str
+    """must be inside the node's workspace roots"""
+    backend: _builtins.str
+    """git | hash"""
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        cwd: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cwd", b"cwd", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    GIT_HEAD_FIELD_NUMBER: _builtins.int
+    GIT_TREE_FIELD_NUMBER: _builtins.int
+    FILE_COUNT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    backend: _builtins.str
+    cwd: _builtins.str
+    label: _builtins.str
+    created_unix_nano: _builtins.int
+    git_head: _builtins.str
+    """git: HEAD when taken (rollback refuses if it moved)"""
+    git_tree: _builtins.str
+    """git: tree of the working directory (tracked + untracked, not ignored)"""
+    file_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        cwd: _builtins.str = ...,
+        label: _builtins.str = ...,
+        created_unix_nano: _builtins.int = ...,
+        git_head: _builtins.str = ...,
+        git_tree: _builtins.str = ...,
+        file_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created_unix_nano", b"created_unix_nano", "cwd", b"cwd", "file_count", b"file_count", "git_head", b"git_head", "git_tree", b"git_tree", "id", b"id", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotInfo: _TypeAlias = SnapshotInfo  # noqa: Y015
+
+@_typing.final
+class DiffRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CWD_FIELD_NUMBER: _builtins.int
+    FROM_ID_FIELD_NUMBER: _builtins.int
+    TO_ID_FIELD_NUMBER: _builtins.int
+    MAX_PATCH_BYTES_FIELD_NUMBER: _builtins.int
+    cwd: _builtins.str
+    from_id: _builtins.str
+    to_id: _builtins.str
+    """empty: the working directory now"""
+    max_patch_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        cwd: _builtins.str = ...,
+        from_id: _builtins.str = ...,
+        to_id: _builtins.str = ...,
+        max_patch_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "from_id", b"from_id", "max_patch_bytes", b"max_patch_bytes", "to_id", b"to_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffRequest: _TypeAlias = DiffRequest  # noqa: Y015
+
+@_typing.final
+class DiffResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    MODIFIED_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    PATCH_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    patch: _builtins.str
+    """git: unified diff (truncated to max_patch_bytes)"""
+    truncated: _builtins.bool
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def modified(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        modified: _abc.Iterable[_builtins.str] | None = ...,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
+        patch: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "deleted", b"deleted", "modified", b"modified", "patch", b"patch", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffResponse: _TypeAlias = DiffResponse  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CWD_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    cwd: _builtins.str
+    snapshot_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        cwd: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "snapshot_id", b"snapshot_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class RollbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESTORED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def restored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        restored: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed", "restored", b"restored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackResponse: _TypeAlias = RollbackResponse  # noqa: Y015
 
 @_typing.final
 class NodeStatus(_message.Message):

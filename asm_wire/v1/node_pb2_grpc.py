@@ -84,6 +84,21 @@ class NodeServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/asm.v1.NodeService/Snapshot',
+                request_serializer=asm_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.Diff = channel.unary_unary(
+                '/asm.v1.NodeService/Diff',
+                request_serializer=asm_dot_v1_dot_node__pb2.DiffRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.DiffResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/asm.v1.NodeService/Rollback',
+                request_serializer=asm_dot_v1_dot_node__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.RollbackResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -154,6 +169,25 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Workspace snapshots, taken and compared on the node that owns the workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Diff(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +240,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=asm_dot_v1_dot_node__pb2.DrainRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.SnapshotRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'Diff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diff,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.DiffRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.DiffResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.RollbackRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.RollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +527,87 @@ class NodeService:
             '/asm.v1.NodeService/Drain',
             asm_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
             asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/Snapshot',
+            asm_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/Diff',
+            asm_dot_v1_dot_node__pb2.DiffRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.DiffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/Rollback',
+            asm_dot_v1_dot_node__pb2.RollbackRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class NodeServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]
     Drain: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]
     """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
+    Snapshot: _grpc.UnaryUnaryMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotInfo]
+    """Workspace snapshots, taken and compared on the node that owns the workspace."""
+    Diff: _grpc.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]
+    Rollback: _grpc.UnaryUnaryMultiCallable[_node_pb2.RollbackRequest, _node_pb2.RollbackResponse]
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -74,6 +78,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]  # type: ignore[assignment]
     Drain: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
     """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
+    Snapshot: _aio.UnaryUnaryMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotInfo]  # type: ignore[assignment]
+    """Workspace snapshots, taken and compared on the node that owns the workspace."""
+    Diff: _aio.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]  # type: ignore[assignment]
+    Rollback: _aio.UnaryUnaryMultiCallable[_node_pb2.RollbackRequest, _node_pb2.RollbackResponse]  # type: ignore[assignment]
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -150,6 +158,28 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]:
         """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _node_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.SnapshotInfo, _abc.Awaitable[_node_pb2.SnapshotInfo]]:
+        """Workspace snapshots, taken and compared on the node that owns the workspace."""
+
+    @_abc_1.abstractmethod
+    def Diff(
+        self,
+        request: _node_pb2.DiffRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DiffResponse, _abc.Awaitable[_node_pb2.DiffResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _node_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RollbackResponse, _abc.Awaitable[_node_pb2.RollbackResponse]]: ...
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
