@@ -178,3 +178,15 @@ class GrpcNodeClient:
     async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
         resp: pb.DrainResponse = await self._unary(self._stub.Drain, request)
         return resp
+
+    async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
+        resp: pb.SnapshotInfo = await self._unary(self._stub.Snapshot, request, timeout=120.0)
+        return resp
+
+    async def diff(self, request: pb.DiffRequest) -> pb.DiffResponse:
+        resp: pb.DiffResponse = await self._unary(self._stub.Diff, request, timeout=120.0)
+        return resp
+
+    async def rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
+        resp: pb.RollbackResponse = await self._unary(self._stub.Rollback, request, timeout=120.0)
+        return resp

@@ -21,6 +21,7 @@ from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
 from asm_node.run import Run, options_from_json
+from asm_node.workspace import Workspaces
 from asm_wire import (
     KIND_NAMES,
     PROTOCOL_VERSION,
@@ -65,6 +66,7 @@ class NodeAgent:
         self._drain_deadline_ns = 0
         self._env = self._base_env()
         self.kind_totals = [0] * len(KIND_NAMES)
+        self.workspace = Workspaces()
         self.metrics = metrics or NodeMetrics()
         self.metrics.bind(self)
 
@@ -312,6 +314,21 @@ class NodeAgent:
             for run in self.runs.values():
                 if not run.done:
                     run.interrupt()
+
+    # -- workspace snapshots (asm_node.workspace does the work, off the event loop) ---------
+
+    async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
+        cwd = self._resolve_cwd(request.cwd)
+        return await asyncio.to_thread(self.workspace.snapshot, cwd, request.backend or "git", request.label)
+
+    async def diff(self, request: pb.DiffRequest) -> pb.DiffResponse:
+        cwd = self._resolve_cwd(request.cwd)
+        return await asyncio.to_thread(self.workspace.diff, cwd, request.from_id, request.to_id,
+                                       request.max_patch_bytes or 256 * 1024)
+
+    async def rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
+        cwd = self._resolve_cwd(request.cwd)
+        return await asyncio.to_thread(self.workspace.rollback, cwd, request.snapshot_id)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]

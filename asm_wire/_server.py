@@ -111,6 +111,9 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
         "GetRun": u(unary(api.get_run), pb.GetRunRequest.FromString, pb.RunInfo.SerializeToString),
         "ListRuns": u(unary(api.list_runs), pb.ListRunsRequest.FromString, pb.ListRunsResponse.SerializeToString),
         "Drain": u(unary(api.drain), pb.DrainRequest.FromString, pb.DrainResponse.SerializeToString),
+        "Snapshot": u(unary(api.snapshot), pb.SnapshotRequest.FromString, pb.SnapshotInfo.SerializeToString),
+        "Diff": u(unary(api.diff), pb.DiffRequest.FromString, pb.DiffResponse.SerializeToString),
+        "Rollback": u(unary(api.rollback), pb.RollbackRequest.FromString, pb.RollbackResponse.SerializeToString),
     })
 
 
