@@ -204,6 +204,8 @@ class EventReducer:
             rc = m.run_completed
             if rc.status:
                 self.status = rc.status
+            if self._error is not None and self._error.kind != "user_cancelled":
+                self.status = "failed"  # e.g. a guardrail stopped the run: the interrupt was only the means
             elif self.status in ("pending", "running"):
                 self.status = "completed"
             if rc.exit_code >= 0:

@@ -35,6 +35,7 @@ from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._routing import Candidate, Router, eligible
+from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
 
 log = logging.getLogger("asm_controller.session")
@@ -63,6 +64,12 @@ class RunOptions:
     #: provider session on another eligible node (only meaningful with a shared workspace).
     on_node_lost: str = "fail"
     resume_prompt: str = "Continue where you left off."
+    #: Plugs run over every event on the controller (asm_controller.extensions.pipeline).
+    pipeline: Sequence[Any] = ()
+    #: Only these tools may be used (a tool_use of another fails the run, guardrail_blocked).
+    allowed_tools: Sequence[str] = ()
+    #: Called with each batch of final events (persistence, pubsub, rendering); must not block.
+    observers: Sequence[Callable[[list[Event]], None]] = ()
 
     def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
         unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id"})
@@ -73,6 +80,9 @@ class RunOptions:
             changes["options"] = {**self.options, **changes["options"]}
         if "env" in changes:
             changes["env"] = {**self.env, **changes["env"]}
+        for key in ("pipeline", "allowed_tools", "observers"):
+            if key in changes:
+                changes[key] = tuple(changes[key])
         merged = replace(self, **changes)
         merged.validate()
         return merged
@@ -221,7 +231,16 @@ class _Run:
         self._epoch = ""
         self._follow_task: asyncio.Task[None] | None = None
         self._node_run_id = run_id  # differs after a resume on another node
-        self._seq_offset = 0
+        # The node's sequence number seen so far (the re-attach cursor). Events are renumbered
+        # for the subscriber when a pipeline injects or drops events, or after a resume elsewhere.
+        self._node_seq = 0
+        plugs = list(opts.pipeline)
+        if opts.allowed_tools:
+            plugs.insert(0, AllowedTools(opts.allowed_tools))
+        self._pipeline = Pipeline(plugs) if plugs else None
+        self._ctx: dict[str, Any] = {}
+        self._renumber = self._pipeline is not None
+        self._local_approvals: dict[str, asyncio.TimerHandle] = {}
 
     # -- node watching (called by NodeHandle) ----------------------------------------
 
@@ -382,7 +401,9 @@ class _Run:
         self.reducer.apply(notice)
         if self.channel is not None:
             self.channel.put_final([notice])
-        self._seq_offset = self.reducer.last_seq
+        self._emit_observers([notice])
+        self._node_seq = 0  # a new run on the new node: its events are renumbered into this one
+        self._renumber = True
         self.reducer.metadata.setdefault("resumed", []).append({"from": lost.target.address, "provider_session_id": psid})
         self._node_run_id = f"{self.run_id}.r{len(self.reducer.metadata['resumed'])}"
         options = {**self.opts.options, "resume": psid}
@@ -416,7 +437,7 @@ class _Run:
                 if self._lost is not None:
                     raise _NodeLost(self._lost)
                 log.info("run %s: stream from %s broke (%s); re-attaching after seq %d", self.run_id,
-                         handle.target.address, broke.message, self.reducer.last_seq)
+                         handle.target.address, broke.message, self._node_seq)
                 batches, first = await self._reattach(handle), None
         finally:
             handle.unregister(self)
@@ -438,7 +459,7 @@ class _Run:
                 if info.boot_epoch != self._epoch:
                     raise _NodeLost(f"node {target.address} restarted (epoch {self._epoch} -> {info.boot_epoch})")
             return aiter(handle.api.attach_run(pb.AttachRunRequest(
-                run_id=self._node_run_id, after_seq=self.reducer.last_seq - self._seq_offset)))
+                run_id=self._node_run_id, after_seq=self._node_seq)))
 
         try:
             async for retry in AsyncRetrying(
@@ -461,20 +482,23 @@ class _Run:
 
     async def _consume(self, first: pb.EventBatch | None, batches: AsyncIterator[pb.EventBatch]) -> None:
         reducer, channel, session = self.reducer, self.channel, self.session
+        observers = self.opts.observers
         batch: pb.EventBatch | None = first if first is not None else await anext(batches, None)
-        offset = self._seq_offset
         while batch is not None:
-            if offset:
-                # A resumed run on another node: keep one run id and one sequence for the subscriber.
-                for m in batch.events:
-                    m.seq += offset
-                    m.run_id = self.run_id
-                    m.id = f"{self.run_id}:{m.seq}"
-            fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
+            if self._renumber:
+                fresh = self._transform(batch)
+                if fresh is None:  # the pipeline failed the run
+                    return
+            else:
+                # The hot path: node events as they are (the reducer drops any seen twice).
+                fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
+                self._node_seq = reducer.last_seq
             if reducer.bookkeeping:
                 # Approvals and cost reach the session before the subscriber sees the event.
                 session._observe(self, reducer.bookkeeping)
                 reducer.bookkeeping.clear()
+            if observers and fresh:
+                self._emit_observers(fresh)
             if self.cancel_requested and not self._interrupt_sent:
                 await self._send_interrupt()
             if channel is not None and fresh:
@@ -482,6 +506,77 @@ class _Run:
             if reducer.finished:
                 return
             batch = await anext(batches, None)
+
+    def _transform(self, batch: pb.EventBatch) -> list[Event] | None:
+        """Pipeline and renumbering; None when a plug failed the run (already ended here)."""
+        reducer, pipeline = self.reducer, self._pipeline
+        out: list[Event] = []
+        for m in batch.events:
+            if m.seq <= self._node_seq:
+                continue  # seen before a re-attach
+            self._node_seq = m.seq
+            ev = Event(m)
+            emitted, err = pipeline.run(ev, self._ctx) if pipeline is not None else ([ev], None)
+            if err is not None:
+                if self.channel is not None and out:
+                    self.channel.put_final(out)
+                self._emit_observers(out)
+                self._reject(err)
+                return None
+            for e in emitted:
+                seq = reducer.last_seq + 1
+                e.pb.seq, e.pb.run_id, e.pb.id = seq, self.run_id, f"{self.run_id}:{seq}"
+                if not e.pb.session_id:
+                    e.pb.session_id = self.session.session_id
+                reducer.apply(e)
+                out.append(e)
+                if e.pb.kind == pb.EVENT_KIND_APPROVAL_REQUESTED and e.pb.metadata.get("policy") == "1":
+                    self._arm_local_approval(e.pb.approval_requested.approval_id)
+        return out
+
+    def _reject(self, err: AsmError) -> None:
+        """A plug failed the run: stop the CLI on its node and end the stream with the error."""
+        self.cancel_requested = True
+        if self.handle is not None and not self._interrupt_sent:
+            task = asyncio.get_running_loop().create_task(self._send_interrupt())
+            self.session._background.add(task)
+            task.add_done_callback(self.session._background.discard)
+        self._synthesize_failure(err)
+
+    def _emit_observers(self, events: list[Event]) -> None:
+        for observer in self.opts.observers:
+            try:
+                observer(events)
+            except Exception:  # an observer must never break a run
+                log.exception("observer %r failed on run %s", observer, self.run_id)
+
+    # -- policy approvals (raised by a pipeline plug, answered on the controller) ---------
+
+    def _arm_local_approval(self, approval_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._local_approvals[approval_id] = loop.call_later(
+            self.opts.approval_timeout_ms / 1000, self.resolve_local_approval, approval_id, "deny", "timeout")
+
+    def resolve_local_approval(self, approval_id: str, decision: str, reason: str = "") -> bool:
+        timer = self._local_approvals.pop(approval_id, None)
+        if timer is None or self.reducer.finished:
+            return False
+        timer.cancel()
+        r = self.reducer
+        ev = Event.synthetic("approval_resolved", run_id=self.run_id, session_id=self.session.session_id,
+                             provider=self.opts.provider, seq=r.last_seq + 1, approval_id=approval_id,
+                             decision=decision, reason=reason)
+        r.apply(ev)
+        self.session._observe(self, r.bookkeeping)
+        r.bookkeeping.clear()
+        if self.channel is not None:
+            self.channel.put_final([ev])
+        self._emit_observers([ev])
+        if decision != "allow":
+            # The CLI already went ahead (the policy sees events after the fact): a denial stops the run.
+            self._reject(make_error("guardrail_blocked", "guardrail",
+                                    f"policy approval {approval_id} denied ({reason or 'deny'})"))
+        return True
 
     def _synthesize_failure(self, err: AsmError) -> None:
         """End the run's stream with an error and run_completed made here (the node never finished it)."""
@@ -501,6 +596,7 @@ class _Run:
             r.apply(ev)
         if self.channel is not None:
             self.channel.put_final(events)
+        self._emit_observers(events)
         self._typed_error = err
 
     def _finish(self) -> None:
@@ -661,6 +757,9 @@ class Session:
         strategy: str = "priority",
         selector: Mapping[str, str] | None = None,
         on_node_lost: str = "fail",
+        pipeline: Sequence[Any] = (),
+        allowed_tools: Sequence[str] = (),
+        observers: Sequence[Callable[[list[Event]], None]] = (),
         failure_cooldown_s: float = 30.0,
         metrics: ControllerMetrics | None = None,
     ) -> None:
@@ -675,6 +774,7 @@ class Session:
             provider=provider, node=node, cwd=cwd, permission_mode=permission_mode,
             options=dict(options or {}), env=dict(env or {}), approval_timeout_ms=approval_timeout_ms,
             preflight=preflight, selector=dict(selector or {}), on_node_lost=on_node_lost,
+            pipeline=tuple(pipeline), allowed_tools=tuple(allowed_tools), observers=tuple(observers),
         )
         self._router = Router(strategy, failure_cooldown_s)
         self.metrics = metrics
@@ -694,6 +794,7 @@ class Session:
         self._connecting: dict[str, asyncio.Future[NodeHandle]] = {}
         self._cost = Cost()
         self._checkpoint: Checkpoint | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- public API ------------------------------------------------------------
 
@@ -752,6 +853,9 @@ class Session:
         if decision not in ("allow", "deny"):
             raise ConfigError(f"invalid decision {decision!r}: expected 'allow' or 'deny'")
         run = self._approvals.pop(approval_id, None)
+        if run is not None and approval_id in run._local_approvals:
+            run.resolve_local_approval(approval_id, decision, reason)
+            return
         if run is None or run.handle is None:
             raise make_error("unknown", "approval", f"Unknown approval id: {approval_id}")
         await run.handle.api.resolve_approval(
