@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -196,6 +197,7 @@ def _print_event(ev: Any, output: str) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     options = _parse_opts(args.opt)
+    last_err: AsmError = ConfigError("no node to snapshot on")
     agent: NodeAgent | None = None
     nodes: list[Any]
     if args.node:
@@ -208,6 +210,20 @@ async def _run(args: argparse.Namespace) -> int:
     session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options,
                       strategy=args.strategy, selector=_pairs(args.selector, "--selector"),
                       on_node_lost=args.on_node_lost)
+    before: pb.SnapshotInfo | None = None
+    snap_handle = None
+    if args.snapshot:
+        # Snapshots are taken on the node that owns the workspace: pin the run to the first reachable node.
+        for target in nodes:
+            try:
+                snap_handle = await session._handle(target)
+                break
+            except NodeConnectionError as err:
+                last_err = err
+        if snap_handle is None:
+            raise last_err
+        session.defaults = dataclasses.replace(session.defaults, node=snap_handle.target)
+        before = await snap_handle.api.snapshot(pb.SnapshotRequest(cwd=cwd, backend=args.snapshot, label="before"))
     interrupted = False
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -228,6 +244,20 @@ async def _run(args: argparse.Namespace) -> int:
             _print_event(ev, args.output)
         result = stream.result
         assert result is not None
+        if before is not None and snap_handle is not None:
+            after = await snap_handle.api.snapshot(pb.SnapshotRequest(cwd=cwd, backend=before.backend, label="after"))
+            diff = await snap_handle.api.diff(pb.DiffRequest(cwd=cwd, from_id=before.id, to_id=after.id,
+                                                             max_patch_bytes=1))
+            result.metadata["snapshots"] = {
+                "backend": before.backend, "before": before.id, "after": after.id,
+                "diff": {"added": list(diff.added), "modified": list(diff.modified), "deleted": list(diff.deleted)},
+            }
+            if args.output != "jsonl":
+                sys.stderr.write(f"asm: workspace changes: {len(diff.added)} added, {len(diff.modified)} modified, "
+                                 f"{len(diff.deleted)} deleted (snapshots {before.id} -> {after.id})\n")
+                for mark, paths in (("A", diff.added), ("M", diff.modified), ("D", diff.deleted)):
+                    for path in list(paths)[:50]:
+                        sys.stderr.write(f"  {mark} {path}\n")
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         await session.stop()
@@ -551,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
     r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
+    r.add_argument("--snapshot", nargs="?", const="auto", choices=["auto", "git", "hash"],
+                   help="snapshot the workspace before and after (git when it is a repository); diff in the result")
     r.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"],
                    help="how to pick among several --node (HOST:PORT[,weight=N][,priority=N])")
     r.add_argument("--selector", action="append", metavar="KEY=VALUE", help="only nodes with this label")

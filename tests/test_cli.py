@@ -155,3 +155,24 @@ def test_provider_manifest_cli() -> None:
     assert "reasoning_effort" in by_name["codex"]["options"]
     bad = asm("run", "--provider", "codex", "--permission-mode", "auto", "hi")
     assert bad.returncode in (2, 3) and "Traceback" not in bad.stderr
+
+
+def test_run_with_snapshot_reports_the_workspace_diff(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    (repo / "kept.txt").write_text("x\n")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True)
+    node = node_process("--shell-allow", "touch", "--workspace-root", str(tmp_path))
+    proc = asm("run", "--node", node.address, "--provider", "shell", "--snapshot", "--cwd", str(repo),
+               "--output", "jsonl", "touch made-by-agent.txt")
+    assert proc.returncode == 0, proc.stderr
+    snaps = json.loads(proc.stdout.splitlines()[-1])["metadata"]["snapshots"]
+    assert snaps["backend"] == "git"
+    assert snaps["diff"] == {"added": ["made-by-agent.txt"], "modified": [], "deleted": []}
+    text = asm("run", "--node", node.address, "--provider", "shell", "--snapshot", "hash", "--cwd", str(repo),
+               "touch second.txt")
+    assert text.returncode == 0 and "1 added" in text.stderr and "A second.txt" in text.stderr
