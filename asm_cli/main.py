@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ from asm_controller import (
     connect,
     preflight,
 )
+from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig, serve
 from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
 
@@ -225,6 +227,8 @@ async def _run(args: argparse.Namespace) -> int:
         session.defaults = dataclasses.replace(session.defaults, node=snap_handle.target)
         before = await snap_handle.api.snapshot(pb.SnapshotRequest(cwd=cwd, backend=args.snapshot, label="before"))
     interrupted = False
+    rendering = (Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+                 if args.output == "text" else None)
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     try:
@@ -241,7 +245,10 @@ async def _run(args: argparse.Namespace) -> int:
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         async for ev in stream:
-            _print_event(ev, args.output)
+            if rendering is not None:
+                rendering.feed(ev)
+            else:
+                _print_event(ev, args.output)
         result = stream.result
         assert result is not None
         if before is not None and snap_handle is not None:
@@ -259,6 +266,9 @@ async def _run(args: argparse.Namespace) -> int:
                     for path in list(paths)[:50]:
                         sys.stderr.write(f"  {mark} {path}\n")
     finally:
+        if rendering is not None and sys.exc_info()[0] is not None:
+            with contextlib.suppress(Exception):
+                rendering.close()
         loop.remove_signal_handler(signal.SIGINT)
         await session.stop()
         if agent is not None:
@@ -268,17 +278,12 @@ async def _run(args: argparse.Namespace) -> int:
         if result.error is not None:
             sys.stderr.write(f"asm: error: {result.error}\n")
     elif isinstance(result.error, NodeConnectionError):
+        if rendering is not None:
+            rendering.close()
         sys.stderr.write(f"asm: error: {result.error.message}\n")  # nothing ran: no summary to give
-    else:
-        if result.text and not result.text.endswith("\n"):
-            sys.stdout.write("\n")
-        where = result.metadata.get("node_id", "?")
-        line = f"asm: {result.status} on {where} in {result.duration_ms if result.duration_ms is not None else '?'} ms"
-        if result.cost.input_tokens or result.cost.output_tokens:
-            line += f", {result.cost.input_tokens} in / {result.cost.output_tokens} out tokens, ${result.cost.cost_usd:.4f}"
-        if result.error is not None:
-            line += f": {result.error}"
-        sys.stderr.write(line + "\n")
+    elif rendering is not None:
+        with contextlib.suppress(OSError):  # a closed pipe on stdout is not the run's failure
+            rendering.finish(result)  # ends the open text line on stdout; the summary line on stderr
     sys.stdout.flush()
     if result.ok:
         return EXIT_OK
