@@ -44,6 +44,7 @@ from asm_controller import (
     connect,
     preflight,
 )
+from asm_controller.extensions.persistence import open_recorder, replay_file
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig, serve
 from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
@@ -199,6 +200,7 @@ def _print_event(ev: Any, output: str) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     options = _parse_opts(args.opt)
+    recorder = await open_recorder(args.record) if args.record else None  # a locked/unwritable file fails at once
     last_err: AsmError = ConfigError("no node to snapshot on")
     agent: NodeAgent | None = None
     nodes: list[Any]
@@ -249,6 +251,8 @@ async def _run(args: argparse.Namespace) -> int:
                 rendering.feed(ev)
             else:
                 _print_event(ev, args.output)
+            if recorder is not None:
+                await recorder.put(ev)
         result = stream.result
         assert result is not None
         if before is not None and snap_handle is not None:
@@ -273,6 +277,12 @@ async def _run(args: argparse.Namespace) -> int:
         await session.stop()
         if agent is not None:
             await agent.stop()
+        if recorder is not None:
+            await recorder.close()  # drains, fsyncs, closes; never raises for a write error
+            lost = recorder.failed + recorder.dropped
+            if lost:
+                why = f": {recorder.errors[-1]}" if recorder.errors else ""
+                sys.stderr.write(f"asm: warning: {lost} event(s) not recorded to {args.record}{why}\n")
     if args.output == "jsonl":
         sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         if result.error is not None:
@@ -305,6 +315,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         args.cwd_resolved = os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()
     return asyncio.run(_run(args))
+
+
+# -- asm replay -------------------------------------------------------------------
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    for events, result in await replay_file(args.path, session_id=args.session, run_id=args.run):
+        if args.output == "jsonl":
+            for ev in events:
+                _print_event(ev, "jsonl")
+            sys.stdout.write(json.dumps(result.to_summary()) + "\n")
+        else:
+            rendering = Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+            for ev in events:
+                rendering.feed(ev)
+            with contextlib.suppress(OSError):
+                rendering.finish(result)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    return asyncio.run(_replay(args))
 
 
 # -- asm nodes --------------------------------------------------------------------
@@ -586,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
     r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
+    r.add_argument("--record", metavar="PATH",
+                   help="append the run's events to this event store (JSON lines; see 'asm replay')")
     r.add_argument("--snapshot", nargs="?", const="auto", choices=["auto", "git", "hash"],
                    help="snapshot the workspace before and after (git when it is a repository); diff in the result")
     r.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"],
@@ -618,6 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"])
     cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
     cs.set_defaults(func=cmd_controller_serve)
+
+    rp = sub.add_parser("replay", help="print a recorded run's events and its Result, rebuilt from an event store")
+    rp.add_argument("path", metavar="PATH", help="an event store written by 'asm run --record'")
+    rp.add_argument("--session", metavar="ID", help="this session's runs (every one unless --run is given)")
+    rp.add_argument("--run", metavar="ID", help="this run (default: the last run recorded in the file)")
+    rp.add_argument("--output", default="text", choices=["text", "jsonl"])
+    rp.set_defaults(func=cmd_replay)
 
     pr = sub.add_parser("providers", help="what each provider supports (permission modes, features, options)")
     pr.add_argument("--output", default="text", choices=["text", "json"])

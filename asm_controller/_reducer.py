@@ -160,6 +160,13 @@ class EventReducer:
                 self._committed.append(text)
         elif kind == _STARTED:
             self.status = "running"
+            stamped = m.metadata.get("asm.controller")
+            if stamped:
+                # Recorded by the controller that ran it (node, epoch, attempts): restored on replay.
+                try:
+                    self.metadata = {**json.loads(stamped), **self.metadata}
+                except ValueError:
+                    pass
             if m.run_started.provider_session_id:
                 self._psid = m.run_started.provider_session_id
             return True

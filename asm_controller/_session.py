@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -173,6 +174,7 @@ class _BatchChannel:
         return batch
 
 
+CONTROLLER_METADATA_KEY = "asm.controller"
 _TRANSIENT_KINDS = frozenset({"connection_failed", "transport_error", "timeout"})
 
 
@@ -274,6 +276,7 @@ class _Run:
                 handle, batches, first = await self._attach_existing()
             else:
                 handle, batches, first = await self._admit(self._request)
+                self._stamp(first)
             while True:
                 try:
                     await self._follow(handle, batches, first)
@@ -296,6 +299,14 @@ class _Run:
             self._synthesize_failure(make_error("runtime", "runtime", f"controller error: {exc}"))
         finally:
             self._finish()
+
+    def _stamp(self, batch: pb.EventBatch) -> None:
+        """Carry the controller's view of the run (node, epoch, attempts) on its run_started event,
+        so a recorded run replays into the same Result metadata."""
+        for m in batch.events:
+            if m.kind == pb.EVENT_KIND_RUN_STARTED:
+                m.metadata[CONTROLLER_METADATA_KEY] = json.dumps(self.reducer.metadata, default=str)
+                return
 
     def _bind(self, handle: NodeHandle, target: NodeTarget) -> None:
         self.handle = handle
@@ -642,8 +653,6 @@ class _Run:
 
 
 def _json(options: Mapping[str, Any]) -> str:
-    import json
-
     try:
         return json.dumps(dict(options)) if options else ""
     except (TypeError, ValueError) as exc:

@@ -176,3 +176,23 @@ def test_run_with_snapshot_reports_the_workspace_diff(node_process: Callable[...
     text = asm("run", "--node", node.address, "--provider", "shell", "--snapshot", "hash", "--cwd", str(repo),
                "touch second.txt")
     assert text.returncode == 0 and "1 added" in text.stderr and "A second.txt" in text.stderr
+
+
+def test_record_then_replay_prints_the_same_result_summary(node_process: Callable[..., NodeProcess],
+                                                           tmp_path: Path) -> None:
+    node = node_process()
+    store = tmp_path / "events.jsonl"
+    live = asm("run", "--node", node.address, "--provider", "shell", "--record", str(store), "--output", "jsonl",
+               "echo recorded run")
+    assert live.returncode == 0, live.stderr
+    replay = asm("replay", str(store), "--output", "jsonl")
+    assert replay.returncode == 0, replay.stderr
+    live_lines, replay_lines = live.stdout.splitlines(), replay.stdout.splitlines()
+    assert json.loads(replay_lines[-1]) == json.loads(live_lines[-1])
+    assert [json.loads(x)["seq"] for x in replay_lines[:-1]] == [json.loads(x)["seq"] for x in live_lines[:-1]]
+    text = asm("replay", str(store))
+    assert text.returncode == 0 and text.stdout == "recorded run\n"
+    missing = asm("replay", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and missing.stderr.startswith("asm: error:") and "Traceback" not in missing.stderr
+    unknown = asm("replay", str(store), "--run", "no-such-run")
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
