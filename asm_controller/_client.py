@@ -110,7 +110,7 @@ class GrpcNodeClient:
             ("grpc.http2.max_pings_without_data", 0),
             # Fail fast on a dead address instead of backing off for minutes.
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
         ]
         target = grpc_target(node.address)
         if node.tls is not None:

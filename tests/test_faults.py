@@ -95,7 +95,8 @@ async def test_hung_node_sigstop_is_declared_lost(node_process: Callable[..., No
 async def test_cut_connection_restored_within_bound_delivers_every_event_once(
     node_process: Callable[..., NodeProcess],
 ) -> None:
-    a = node_process(*node_args())
+    # The node's detach grace (60 s by default) must outlast the cut plus the channel's reconnect backoff.
+    a = node_process("--shell-allow", PYTHON_BASENAME, "--detach-grace", "15")
     proxy = await TcpProxy(a.port).start()
     try:
         async with Session("shell", node=RemoteNode(proxy.address, liveness=LIVE)) as s:
