@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import start_http_server
 
 from asm_controller._client import LivenessConfig, RemoteNode, TLSConfig
 from asm_controller._metrics import ControllerMetrics
@@ -52,8 +50,10 @@ from asm_wire._server import (
     bind,
     check_exposure,
     node_service_handler,
+    run_until_signal,
     server_credentials,
     set_serving,
+    start_metrics_http,
     unary,
 )
 
@@ -342,15 +342,9 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     server.add_generic_rpc_handlers((node_service_handler(api), controller_service_handler(api)))
     health = add_health_and_reflection(server, [NODE_SERVICE, CONTROLLER_SERVICE])
     port = bind(server, config.listen, creds)
-    metrics_http = None
-    metrics_port = None
+    metrics_http, metrics_port = None, None
     if config.metrics_listen:
-        host, mport = parse_address(config.metrics_listen)
-        try:
-            metrics_http = start_http_server(mport, addr=host, registry=metrics.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
-        metrics_port = metrics_http[0].server_port
+        metrics_http, metrics_port = start_metrics_http(config.metrics_listen, metrics.registry)
     await server.start()
     await api.refresh()
     await set_serving(health, [NODE_SERVICE, CONTROLLER_SERVICE], True)
@@ -377,17 +371,4 @@ async def _rediscover(config: ControllerConfig, api: FleetApi) -> None:
 
 
 async def serve_controller(config: ControllerConfig, on_ready: Callable[[ControllerServer], None] | None = None) -> None:
-    ctl = await start_controller(config)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(ctl)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await ctl.stop()
+    await run_until_signal(await start_controller(config), on_ready)

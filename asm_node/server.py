@@ -7,18 +7,15 @@ Event streams are sent as the pre-serialized batches the runs keep.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 import grpc
-from prometheus_client import start_http_server
 
 from asm_node.agent import NodeAgent
 from asm_node.config import NodeConfig
-from asm_wire import ConfigError, parse_address, pb
+from asm_wire import pb
 from asm_wire._server import (
     NODE_SERVICE,
     SERVER_OPTIONS,
@@ -26,8 +23,10 @@ from asm_wire._server import (
     add_health_and_reflection,
     bind,
     node_service_handler,
+    run_until_signal,
     server_credentials,
     set_serving,
+    start_metrics_http,
 )
 from asm_wire._server import check_exposure as _check_exposure
 
@@ -75,15 +74,9 @@ async def start_server(config: NodeConfig, agent: NodeAgent | None = None) -> No
     server.add_generic_rpc_handlers((node_service_handler(agent),))
     health = add_health_and_reflection(server, [NODE_SERVICE])
     port = bind(server, config.listen, creds)
-    metrics_http = None
-    metrics_port = None
+    metrics_http, metrics_port = None, None
     if config.metrics_listen:
-        host, mport = parse_address(config.metrics_listen)
-        try:
-            metrics_http = start_http_server(mport, addr=host, registry=agent.metrics.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
-        metrics_port = metrics_http[0].server_port
+        metrics_http, metrics_port = start_metrics_http(config.metrics_listen, agent.metrics.registry)
     await agent.start()
     await server.start()
     await set_serving(health, [NODE_SERVICE], True)
@@ -94,17 +87,4 @@ async def start_server(config: NodeConfig, agent: NodeAgent | None = None) -> No
 
 async def serve(config: NodeConfig, on_ready: Callable[[NodeServer], None] | None = None) -> None:
     """Run a node agent until SIGINT/SIGTERM, then stop its runs and exit cleanly."""
-    node = await start_server(config)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(node)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await node.stop()
+    await run_until_signal(await start_server(config), on_ready)

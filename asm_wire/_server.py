@@ -213,3 +213,35 @@ async def set_serving(servicer: health.aio.HealthServicer, services: Sequence[st
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *services):
         await servicer.set(name, status)
+
+
+def start_metrics_http(listen: str, registry: Any) -> tuple[Any, int]:
+    """Serve ``registry`` at http://listen/metrics on its own thread; (server, bound port)."""
+    from prometheus_client import start_http_server
+
+    host, port = parse_address(listen)
+    try:
+        http = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {listen}: {exc.strerror}") from None
+    return http, int(http[0].server_port)
+
+
+async def run_until_signal(server: Any, on_ready: Callable[[Any], None] | None = None) -> None:
+    """Wait for SIGINT/SIGTERM, then ``await server.stop()`` (which stops runs and closes cleanly)."""
+    import contextlib
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await server.stop()
