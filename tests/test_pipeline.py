@@ -245,7 +245,7 @@ async def test_plug_injections_stay_exactly_once_across_reattaches(node_process:
                     await asyncio.sleep(0.5)
                     proxy.restore()
             result = stream.result
-        assert result.ok and result.metadata["reconnects"] >= 2
+        assert result.ok and result.metadata["reconnects"] >= 1
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         deltas = [e.pb.assistant_delta.content for e in events if e.kind == "assistant_delta"]
         assert deltas == [f"{i}\n" for i in range(50)]
