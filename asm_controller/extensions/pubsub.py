@@ -253,13 +253,10 @@ class Subscription:
     def _offer(self, msg: Message) -> None:
         if self.closed:
             return
-        q = self._queue
-        if len(q) >= self.maxsize:
+        if not _bounded_append(self._queue, msg, self.maxsize, self.policy):
             self.dropped += 1
             if self.policy == "drop_newest":
                 return
-            q.popleft()
-        q.append(msg)
         self.delivered += 1
         w = self._waiter
         if w is not None and not w.done():
@@ -483,13 +480,10 @@ class _Pump:
         if self._closing:
             self.dropped += 1
             return
-        q = self._queue
-        if len(q) >= self.maxsize:
+        if not _bounded_append(self._queue, event, self.maxsize, self.policy):
             self.dropped += 1
             if self.policy == "drop_newest":
                 return
-            q.popleft()
-        q.append(event)
         if self._task is None:
             self._try_start()
         if self._wake is not None:
@@ -712,3 +706,15 @@ class ExternalBridge(_Pump):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _bounded_append(q: Any, item: Any, maxsize: int, policy: str) -> bool:
+    """Append under a drop policy; False when something was dropped (the item, or the oldest one)."""
+    if len(q) < maxsize:
+        q.append(item)
+        return True
+    if policy == "drop_newest":
+        return False
+    q.popleft()
+    q.append(item)
+    return False
