@@ -29,6 +29,11 @@ def _payload_dict(msg: Any) -> dict[str, Any]:
                 out[new] = json.loads(raw) if raw else None
             except ValueError:
                 out[new] = raw
+    if "data" in out and isinstance(msg, (pb.AssistantDelta, pb.Raw)):
+        # Output that was not valid UTF-8, kept exactly: MessageToDict already gives base64.
+        data = out.pop("data")
+        if data:
+            out["data_b64"] = data
     if "severity" in out:
         out["severity"] = SEVERITY_NAMES[msg.severity] if msg.severity < len(SEVERITY_NAMES) else "error"
     for block in out.get("content", []) if isinstance(out.get("content"), list) else []:
@@ -107,6 +112,22 @@ class Event:
             field = self.pb.WhichOneof("payload")
             self._payload = _payload_dict(getattr(self.pb, field)) if field else {}
         return self._payload
+
+    @property
+    def output_bytes(self) -> bytes:
+        """The exact output bytes of an ``assistant_delta`` or ``raw`` event (b"" for other kinds).
+
+        ``data`` when the provider sent bytes that are not UTF-8, else ``content`` encoded:
+        concatenating them over a run gives the command's stdout as it was written.
+        """
+        field = self.pb.WhichOneof("payload")
+        if field == "assistant_delta":
+            d: pb.AssistantDelta | pb.Raw = self.pb.assistant_delta
+        elif field == "raw":
+            d = self.pb.raw
+        else:
+            return b""
+        return d.data or d.content.encode()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -145,7 +145,9 @@ class EventReducer:
             self._psid = m.provider_session_id
         kind = m.kind
         if kind == _DELTA:
-            self._deltas.append(m.assistant_delta.content)
+            d = m.assistant_delta
+            # Bytes that are not UTF-8 are decoded for display only; the event keeps them exactly.
+            self._deltas.append(d.content or d.data.decode("utf-8", "replace"))
             return True
         if kind == _MESSAGE:
             # The full message supersedes the deltas that streamed it; deltas that

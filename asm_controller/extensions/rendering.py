@@ -374,7 +374,8 @@ class _BaseRenderer:
         self._last_ns = ts
         kind = m.kind
         if kind == _DELTA:  # the hot path: no allocation beyond the span
-            content = m.assistant_delta.content
+            d = m.assistant_delta
+            content = d.content or d.data.decode("utf-8", "replace")  # binary output: shown, kept in the event
             if not content:
                 return []
             self._deltas.append(content)
@@ -631,7 +632,8 @@ class VerboseRenderer(_BaseRenderer):
         return [(f"· user: {_one_line(text, self.width)}", "dim"), _NL] if text else None
 
     def _on_raw(self, m: pb.Event) -> list[Span]:
-        return [(f"· raw {m.raw.stream or 'stdout'}: {_one_line(m.raw.content, self.width)}", "dim"), _NL]
+        text = m.raw.content or m.raw.data.decode("utf-8", "replace")
+        return [(f"· raw {m.raw.stream or 'stdout'}: {_one_line(text, self.width)}", "dim"), _NL]
 
 
 # -- sinks -------------------------------------------------------------------------------

@@ -154,12 +154,16 @@ class ShellParser(LineParser):
     def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
         # Hot path: one delta per line. Setting the field in place avoids the copy
         # that passing a ready-made AssistantDelta to the constructor costs.
+        # Lossless: a line that is valid UTF-8 is text (``content``, a ``\r`` kept);
+        # any other line travels as its exact bytes in ``data`` with ``content`` empty,
+        # never decoded with U+FFFD replacements.
         event, kind, append = pb.Event, KIND_VALUES["assistant_delta"], out.append
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
             ev = event(kind=kind)
-            ev.assistant_delta.content = line.decode("utf-8", "replace") + "\n"
+            try:
+                ev.assistant_delta.content = line.decode("utf-8") + "\n"
+            except UnicodeDecodeError:
+                ev.assistant_delta.data = line + b"\n"
             append(ev)
 
     def finish(self, exit: ExitInfo) -> list[pb.Event]:

@@ -229,21 +229,27 @@ class AssistantDelta(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """never trimmed: deltas are byte-meaningful"""
     index: _builtins.int
     format: _builtins.str
     """"text" unless the provider says otherwise"""
+    data: _builtins.bytes
+    """The output's exact bytes when they are not valid UTF-8 (content is then empty):
+    binary stdout stays lossless. Empty for text.
+    """
     def __init__(
         self,
         *,
         content: _builtins.str = ...,
         index: _builtins.int = ...,
         format: _builtins.str = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "format", b"format", "index", b"index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "data", b"data", "format", b"format", "index", b"index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -568,19 +574,23 @@ class Raw(_message.Message):
 
     STREAM_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     stream: _builtins.str
     """stdout"""
     content: _builtins.str
     """the line, or the JSON value that had no known type"""
+    data: _builtins.bytes
+    """the line's exact bytes when they are not valid UTF-8 (content is then empty)"""
     def __init__(
         self,
         *,
         stream: _builtins.str = ...,
         content: _builtins.str = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "data", b"data", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
