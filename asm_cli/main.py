@@ -200,7 +200,10 @@ def _print_event(ev: Any, output: str) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     options = _parse_opts(args.opt)
-    recorder = await open_recorder(args.record) if args.record else None  # a locked/unwritable file fails at once
+    # Before anything runs: a file that is not an event store, a device/FIFO/directory,
+    # a locked or unwritable store is refused here (ConfigError: exit 2, file untouched).
+    recorder = await open_recorder(args.record) if args.record else None
+    unrecorded: dict[str, Any] | None = None
     last_err: AsmError = ConfigError("no node to snapshot on")
     agent: NodeAgent | None = None
     nodes: list[Any]
@@ -280,9 +283,14 @@ async def _run(args: argparse.Namespace) -> int:
         if recorder is not None:
             await recorder.close()  # drains, fsyncs, closes; never raises for a write error
             lost = recorder.failed + recorder.dropped
-            if lost:
-                why = f": {recorder.errors[-1]}" if recorder.errors else ""
-                sys.stderr.write(f"asm: warning: {lost} event(s) not recorded to {args.record}{why}\n")
+            if lost or recorder.sync_error is not None:
+                rec_err = recorder.errors[-1] if recorder.errors else recorder.sync_error
+                unrecorded = {"path": args.record, "unrecorded_events": lost, "recorded_events": recorder.written,
+                              "durable": recorder.sync_error is None, "error": rec_err.to_dict() if rec_err else None}
+                what = f"{lost} event(s) not recorded" if lost else "the recording is not durable (fsync failed)"
+                sys.stderr.write(f"asm: error: {what} to {args.record}{f': {rec_err.message}' if rec_err else ''}\n")
+    if unrecorded is not None:
+        result.metadata["recording"] = unrecorded
     if args.output == "jsonl":
         sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         if result.error is not None:
@@ -296,7 +304,7 @@ async def _run(args: argparse.Namespace) -> int:
             rendering.finish(result)  # ends the open text line on stdout; the summary line on stderr
     sys.stdout.flush()
     if result.ok:
-        return EXIT_OK
+        return EXIT_OK if unrecorded is None else EXIT_FAILED  # the run worked, its record did not
     if result.error is not None and result.error.kind == "user_cancelled":
         return EXIT_INTERRUPTED
     if isinstance(result.error, NodeConnectionError):
@@ -320,8 +328,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- asm replay -------------------------------------------------------------------
 
 
+def _damage_line(d: dict[str, Any]) -> str:
+    kind = d.get("kind")
+    if kind == "seq_gap":
+        return f"events {d['from']}..{d['to']} are missing ({d['missing']})"
+    if kind == "missing_run_completed":
+        return f"the run has no run_completed event (last seq {d['last_seq']}): it is incomplete"
+    if kind == "torn_tail":
+        return f"{d['lines']} damaged line(s) ({d['bytes']} bytes) at the end, from byte {d['offset']}"
+    if kind == "bad_lines":
+        return f"{d['lines']} bad line(s) ({d['bytes']} bytes) skipped, first line {d['first_line']}: {d['reason']}"
+    if kind == "newer_format":
+        return f"{d['lines']} line(s) of a newer format version cannot be read"
+    return json.dumps(d)
+
+
 async def _replay(args: argparse.Namespace) -> int:
+    damaged = False
     for events, result in await replay_file(args.path, session_id=args.session, run_id=args.run):
+        damage = result.metadata.get("damage") or []
+        if damage:
+            damaged = True
+            label = "warning" if args.allow_damaged else "error"
+            for d in damage:
+                sys.stderr.write(f"asm: {label}: {args.path}: run {result.run_id}: {_damage_line(d)}\n")
         if args.output == "jsonl":
             for ev in events:
                 _print_event(ev, "jsonl")
@@ -333,6 +363,10 @@ async def _replay(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 rendering.finish(result)
     sys.stdout.flush()
+    if damaged and not args.allow_damaged:
+        sys.stderr.write("asm: error: the event store is damaged: the replay is incomplete "
+                         "(--allow-damaged accepts it)\n")
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -620,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
     r.add_argument("--record", metavar="PATH",
-                   help="append the run's events to this event store (JSON lines; see 'asm replay')")
+                   help="append the run's events to this event store (JSON lines; see 'asm replay'); "
+                        "a file that is not one is refused; exit 1 if some events could not be recorded")
     r.add_argument("--snapshot", nargs="?", const="auto", choices=["auto", "git", "hash"],
                    help="snapshot the workspace before and after (git when it is a repository); diff in the result")
     r.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"],
@@ -659,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--session", metavar="ID", help="this session's runs (every one unless --run is given)")
     rp.add_argument("--run", metavar="ID", help="this run (default: the last run recorded in the file)")
     rp.add_argument("--output", default="text", choices=["text", "jsonl"])
+    rp.add_argument("--allow-damaged", action="store_true",
+                    help="exit 0 for a damaged store (the damage is still reported in the summary and on stderr)")
     rp.set_defaults(func=cmd_replay)
 
     pr = sub.add_parser("providers", help="what each provider supports (permission modes, features, options)")

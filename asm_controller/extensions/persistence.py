@@ -65,6 +65,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import zlib
@@ -336,6 +337,61 @@ def _write_all(fd: int, data: bytes) -> None:
         done += os.write(fd, view[done:])
 
 
+_SNIFF_BYTES: Final = 1 << 20
+_SNIFF_LINES: Final = 64
+_LINE_PREFIX: Final = b'{"v":'  # every line encode_line writes starts so
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open ``path`` only if it is a regular file: O_NOFOLLOW (the caller resolved a symlink)
+    and O_NONBLOCK (a FIFO swapped in meanwhile cannot block the open), then fstat."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"event store {path} is not a file: it is {_file_kind(st.st_mode)}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sniff_store(fd: int) -> str | None:
+    """None when the open regular file ``fd`` looks like an event store of ours, else why not.
+
+    Ours: one of its first 64 complete lines (within the first MiB) is a store record
+    (it decodes, or is a newer format version), or it is a single unfinished line that
+    starts like one (a first write torn by a crash). An empty file is ours.
+    """
+    head = os.pread(fd, _SNIFF_BYTES, 0)
+    if not head:
+        return None
+    lines = head.split(b"\n")
+    complete = lines[:-1]
+    for line in complete[:_SNIFF_LINES]:
+        try:
+            decode_line(line)
+        except _Corrupt:
+            continue
+        return None
+    if not complete and head.startswith(_LINE_PREFIX):
+        return None
+    return "its first line is not an event record" if complete else "it does not start with an event record"
+
+
 class FileStore:
     """An append-only JSON-lines :class:`EventStore` (see the module docstring for format and guarantees).
 
@@ -371,6 +427,7 @@ class FileStore:
         self._size = 0
         self._dirty = False
         self._broken: AsmError | None = None
+        self._sync_error: OSError | None = None  # a periodic fsync failed: what was appended may be lost
         self._sync_timer: asyncio.TimerHandle | None = None
         self._opened = False
         self._closed = False
@@ -419,20 +476,41 @@ class FileStore:
 
     def _open_sync(self) -> None:
         try:
+            if os.path.islink(self.path):
+                # A symlink is followed once, here: the store *is* its target (the lock,
+                # compaction's rename and every append apply to the target; the link stays).
+                self.path = Path(os.path.realpath(self.path))
+            try:
+                st: os.stat_result | None = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"event store {self.path} is not a file: it is {_file_kind(st.st_mode)}")
             if self.readonly:
-                if not self.path.exists():
+                if st is None:
                     raise ConfigError(f"event store {self.path} does not exist")
-                if not self.path.is_file():
-                    raise ConfigError(f"event store {self.path} is not a file")
-                self._load(write=False)
+                fd = _open_regular(self.path, os.O_RDONLY)
+                try:
+                    self._load(write=False, fd=fd)
+                finally:
+                    os.close(fd)
                 return
-            created = not self.path.exists()
+            if st is not None and st.st_size > 0:
+                # Before the lock file or any byte is written: never take over a file that is not ours.
+                fd = _open_regular(self.path, os.O_RDONLY)
+                try:
+                    why = sniff_store(fd)
+                finally:
+                    os.close(fd)
+                if why is not None:
+                    raise ConfigError(f"{self.path} is not an event store ({why}); refusing to write to it")
+            created = st is None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._take_lock()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self._fd = _open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
             if created and self.fsync != "never":
                 _fsync_dir(self.path.parent)
-            self._load(write=True)
+            self._load(write=True, fd=self._fd)
         except AsmError:
             self._release()
             raise
@@ -469,14 +547,15 @@ class FileStore:
                     pass
                 setattr(self, attr, -1)
 
-    def _load(self, write: bool) -> None:
+    def _load(self, write: bool, fd: int) -> None:
         report = RecoveryReport(str(self.path))
         ix = _Index()
         future: list[bytes] = []
         good_end = 0  # end offset of the last line worth keeping (good or newer-version)
         pending_tail: list[LineProblem] = []  # bad lines after good_end (tail unless a good line follows)
         offset = 0
-        with open(self.path, "rb") as f:
+        os.lseek(fd, 0, os.SEEK_SET)  # appends ignore the offset (O_APPEND): reading through the same fd is safe
+        with open(os.dup(fd), "rb") as f:
             for lineno, line in enumerate(f, 1):
                 length = len(line)
                 try:
@@ -502,6 +581,10 @@ class FileStore:
                         ix.add(Event(decoded))
                     good_end = offset + length
                 offset += length
+        if pending_tail and write and good_end == 0 and not pending_tail[0].reason.startswith("unterminated"):
+            # Nothing in the file is ours (it changed since the check at open): cutting the
+            # "damaged tail" would erase all of it.
+            raise ConfigError(f"{self.path} is not an event store (no line is an event record); refusing to write to it")
         if pending_tail:
             report.tail_lines = len(pending_tail)
             report.tail_bytes = offset - good_end
@@ -583,6 +666,9 @@ class FileStore:
             try:
                 self._sync_sync()
             except OSError as exc:
+                # Kept: Linux reports a writeback error to one fsync only, so the next one may
+                # "succeed" although the data is gone. sync() raises it from now on.
+                self._sync_error = exc
                 log.warning("event store %s: periodic fsync failed: %s", self.path, exc)
 
         self._executor.submit(run)
@@ -693,6 +779,8 @@ class FileStore:
         if not self.readonly:
             try:
                 await self._io(self._sync_sync)
+                if self._sync_error is not None:
+                    raise self._sync_error
             except OSError as exc:
                 raise _runtime_error(f"fsync of event store {self.path} failed: {exc}", "store_sync_failed",
                                      exc) from exc
@@ -769,6 +857,8 @@ class AsyncWriter:
         self.dropped = 0
         self.failed = 0
         self.errors: deque[AsmError] = deque(maxlen=100)
+        #: Set by close() when the final sync failed: the written events may not be durable.
+        self.sync_error: AsmError | None = None
         self._q: deque[tuple[int, Event]] = deque()
         self._ticket = 0  # last ticket issued (tickets number accepted events 1, 2, ...)
         self._inflight_first = 0  # first ticket of the batch being written, 0 when none
@@ -953,12 +1043,20 @@ class AsyncWriter:
                 err = exc if isinstance(exc, AsmError) else _runtime_error(
                     f"persistence sync failed: {type(exc).__name__}: {exc}", "store_sync_failed", exc)
                 self.errors.append(err)
+                self.sync_error = err
                 log.warning("persistence writer: final sync failed: %s", err)
         finally:
             self._closed = True
             self._notify()
             if self.close_store:
-                await self.store.close()
+                try:
+                    await self.store.close()
+                except Exception as exc:
+                    err = exc if isinstance(exc, AsmError) else _runtime_error(
+                        f"persistence close failed: {type(exc).__name__}: {exc}", "store_sync_failed", exc)
+                    self.errors.append(err)
+                    self.sync_error = self.sync_error or err
+                    log.warning("persistence writer: closing the store failed: %s", err)
 
 
 # -- history ----------------------------------------------------------------------------
@@ -1039,6 +1137,43 @@ async def open_recorder(path: str | os.PathLike[str], fsync: str = "batch", queu
     return AsyncWriter(store, queue_size=queue_size, overflow="block", close_store=True)
 
 
+_COMPLETED_KIND: Final = KIND_NAMES.index("run_completed")
+
+
+def store_damage(report: RecoveryReport | None) -> list[dict[str, Any]]:
+    """The file-level damage opening found, as ``result_summary.metadata.damage`` entries."""
+    if report is None:
+        return []
+    out: list[dict[str, Any]] = []
+    if report.tail_lines:
+        out.append({"kind": "torn_tail", "lines": report.tail_lines, "bytes": report.tail_bytes,
+                    "offset": report.truncated_at})
+    middle = [p for p in report.problems if p.where == "middle" and not p.reason.startswith("format version")]
+    if report.skipped_lines:
+        first = middle[0] if middle else None
+        out.append({"kind": "bad_lines", "lines": report.skipped_lines, "bytes": report.skipped_bytes,
+                    "first_line": first.line if first else None, "first_offset": first.offset if first else None,
+                    "reason": first.reason if first else None})
+    if report.future_lines:
+        out.append({"kind": "newer_format", "lines": report.future_lines})
+    return out
+
+
+def run_damage(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """What is missing from one run's stored events: seq gaps (the node numbers a run's
+    events 1, 2, 3, ... with no holes) and a missing ``run_completed`` (its last event)."""
+    out: list[dict[str, Any]] = []
+    expected = 1
+    for seq in sorted({e.pb.seq for e in events}):
+        if seq > expected:
+            if len(out) < _MAX_PROBLEMS:
+                out.append({"kind": "seq_gap", "from": expected, "to": seq - 1, "missing": seq - expected})
+        expected = max(expected, seq + 1)
+    if not any(e.pb.kind == _COMPLETED_KIND for e in events):
+        out.append({"kind": "missing_run_completed", "last_seq": expected - 1})
+    return out
+
+
 async def replay_file(path: str | os.PathLike[str], session_id: str | None = None,
                       run_id: str | None = None) -> list[tuple[list[Event], Result]]:
     """Runs rebuilt from an event store file, each as (its events in seq order, its Result).
@@ -1051,6 +1186,11 @@ async def replay_file(path: str | os.PathLike[str], session_id: str | None = Non
     recorded can be replayed. Errors are AsmError: a missing file is a ConfigError
     (``config_invalid``); an empty store, an unknown session or run are kind
     ``unknown`` (reasons ``store_empty``, ``session_not_found``, ``run_not_found``).
+
+    Damage is never silent: a Result whose record is incomplete gets
+    ``metadata["damage"]``, a list of :func:`store_damage` entries (the file's torn
+    tail, bad lines, newer-format lines: every run of the file gets them) and
+    :func:`run_damage` entries (seq gaps, no ``run_completed``). Intact: no key.
     """
     p = Path(path)
     async with FileStore(p, readonly=True) as store:
@@ -1061,16 +1201,23 @@ async def replay_file(path: str | os.PathLike[str], session_id: str | None = Non
             known = ", ".join(sessions[-10:])
             raise _runtime_error(f"session {session_id!r} is not in {p} (sessions: {known})", "session_not_found")
         if run_id is not None:
-            return [await _rebuild(store, run_id, session_id)]
-        if session_id is not None:
-            return [await _rebuild(store, rid, session_id) for rid in await store.runs(session_id)]
-        last = await store.last_run()
-        assert last is not None
-        return [await _rebuild(store, last[1], last[0])]
+            runs = [await _rebuild(store, run_id, session_id)]
+        elif session_id is not None:
+            runs = [await _rebuild(store, rid, session_id) for rid in await store.runs(session_id)]
+        else:
+            last = await store.last_run()
+            assert last is not None
+            runs = [await _rebuild(store, last[1], last[0])]
+        file_damage = store_damage(store.recovered)
+        for events, result in runs:
+            damage = file_damage + run_damage(events)
+            if damage:
+                result.metadata["damage"] = damage
+        return runs
 
 
 __all__ = [
     "FORMAT_VERSION", "FSYNC_MODES", "OVERFLOW_POLICIES", "AsyncWriter", "EventStore", "FileStore", "LineProblem",
     "MemoryStore", "RecoveryReport", "decode_line", "encode_line", "open_recorder", "rebuild_run", "record_events",
-    "replay_file", "replay_session",
+    "replay_file", "replay_session", "run_damage", "sniff_store", "store_damage",
 ]
