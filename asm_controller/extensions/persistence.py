@@ -625,12 +625,13 @@ class FileStore:
                 _datasync(self._fd)
             else:
                 self._dirty = True
-        except OSError:
+        except OSError as failed:
             try:
                 os.ftruncate(self._fd, start)  # no half line may stay in front of the next append
             except OSError as exc:
                 self._broken = _runtime_error(
-                    f"event store {self.path} could not undo a failed write; compact() or reopen it", "store_broken", exc)
+                    f"event store {self.path} could not undo a failed write ({failed.strerror or failed}); "
+                    "compact() or reopen it", "store_broken", exc)
             raise
         self._size = start + len(data)
 
