@@ -33,10 +33,10 @@ from asm_controller.extensions.persistence import (
     sniff_store,
 )
 from asm_wire import AsmError, ConfigError, pb
-from tests.conftest import ROOT, NodeProcess
+from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
 
 ASM = [sys.executable, "-m", "asm_cli"]
-PY = "python3"
+PY = PYTHON_BASENAME
 
 
 def asm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -69,8 +69,6 @@ def store_bytes(events: list[Event]) -> bytes:
 
 @pytest.fixture
 def py_node(node_process: Callable[..., NodeProcess]) -> NodeProcess:
-    if shutil.which(PY) is None:
-        pytest.skip("python3 is not on PATH")
     return node_process("--shell-allow", PY)
 
 
