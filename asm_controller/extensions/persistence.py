@@ -40,8 +40,13 @@ Crash safety:
   cut back to the end of the last good line; a bad line in the middle (invalid
   JSON, bad version, bad base64/checksum/protobuf, header mismatch) is skipped
   and left in the file until ``compact()`` or a ``reset_session`` rewrites it.
-  Both are logged and described in :attr:`FileStore.recovered`. A store never
-  refuses to open because of its content (ASM refused on any bad line).
+  Both are logged and described in :attr:`FileStore.recovered` (and by
+  :func:`replay_file` in ``Result.metadata["damage"]``). A store of ours never
+  refuses to open because of damage (ASM refused on any bad line).
+* Opening for writing never takes over a file that is not ours: a non-empty file
+  in which :func:`sniff_store` finds no record, or anything but a regular file
+  (directory, FIFO, socket, device), is a ConfigError before the lock file or any
+  byte is written. A symlink is followed once: the store is its target.
 * File I/O runs on one dedicated thread per store, never on the event loop.
   ``reset_session``/``compact`` rewrite the file (temp file, fsync, atomic rename).
 
