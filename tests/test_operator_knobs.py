@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from asm_controller import RemoteNode, TLSConfig
 from asm_controller.service import ControllerConfig
@@ -378,5 +379,5 @@ def test_reprs_never_show_tokens() -> None:
     secret = "repr-" + os.urandom(8).hex()
     key = b"-----BEGIN PRIVATE KEY-----" + secret.encode()
     for obj in (ControllerConfig(token=secret, node_token=secret), RemoteNode("127.0.0.1:1", token=secret),
-                TLSConfig(key=key), NodeConfig(token=secret)):
+                TLSConfig(key=key), NodeConfig(token=SecretStr(secret))):
         assert secret not in repr(obj) and secret not in str(obj), type(obj)
