@@ -48,6 +48,7 @@ from asm_controller.extensions.persistence import open_recorder, replay_file
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig, serve
 from asm_node.config import SECRET_ENV
+from asm_node.providers import operator_option_names
 from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -280,7 +281,9 @@ async def _run(args: argparse.Namespace) -> int:
     if args.node:
         nodes = list(_remote_nodes(args))
     else:
-        agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded"))
+        # An embedded node runs as the user who typed the command: that user is its operator.
+        agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded",
+                                     allow_run_options=sorted(operator_option_names())))
         await agent.start()
         nodes = [EmbeddedNode(agent)]
     cwd = args.cwd_resolved

@@ -189,6 +189,16 @@ def test_client_options_still_work(claude_node: Callable[..., NodeProcess]) -> N
     assert "--model=sonnet" in argv and "--max-turns=2" in argv
 
 
+def test_embedded_node_user_is_its_operator(fake_claude: Path, tmp_path: Path) -> None:
+    """`asm run` without --node runs as the user who typed it: operator options allowed, cli_path still not."""
+    env = _clean_env(CLAUDE_CLI_PATH=str(fake_claude), MARK_FILE=str(tmp_path / "mark"))
+    base = ("run", "--provider", "claude", "--cwd", str(tmp_path), "--output", "jsonl")
+    summary = _summary(_asm(*base, "--opt", 'args=["--add-dir=/x"]', "hi", env=env))
+    assert summary["status"] == "completed", summary
+    assert "--add-dir=/x" in json.loads(summary["text"])["argv"]
+    _assert_not_allowed(_summary(_asm(*base, "--opt", "cli_path=/bin/sh", "hi", env=env)), "cli_path")
+
+
 # -- 2. every provider declares its privileged options; each is refused by default -----------------
 
 

@@ -19,17 +19,22 @@ from asm_node.providers.gemini import GeminiProvider
 from asm_node.providers.shell import ShellProvider
 from asm_wire import ConfigError
 
+_CLI_CLASSES: tuple[type[CliProvider], ...] = (ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider)
+
 
 def build_providers(config: NodeConfig) -> dict[str, Provider]:
-    allowed = config.allow_run_options
-    clis: list[CliProvider] = [ClaudeProvider(allowed), CodexProvider(allowed), GeminiProvider(allowed),
-                               AmpProvider(allowed)]
+    clis = [cls(config.allow_run_options) for cls in _CLI_CLASSES]
     check_operator_config(config, clis)
     providers: list[Provider] = [
         ShellProvider(config.shell_allowed_commands, config.shell_denied_commands, config.shell_allow_interpolation),
         *clis,
     ]
     return {p.name: p for p in providers}
+
+
+def operator_option_names() -> frozenset[str]:
+    """Every operator-only option of every CLI provider."""
+    return frozenset().union(*(cls.operator_options for cls in _CLI_CLASSES))
 
 
 def check_operator_config(config: NodeConfig, clis: list[CliProvider]) -> None:
@@ -62,4 +67,5 @@ __all__ = [
     "RunSpec",
     "ShellProvider",
     "build_providers",
+    "operator_option_names",
 ]
