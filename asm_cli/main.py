@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -114,9 +115,14 @@ def _take_secrets(argv: list[str] | None) -> dict[str, str]:
     env[_SECRETS_FD_ENV] = str(read_fd)
     sys.stdout.flush()
     sys.stderr.flush()
-    # -P: the new image never imports from the cwd (a workspace could plant a module there).
+    # The interpreter's own flags (-X, -W, -E ...) are kept; -P: the new image never imports from the cwd
+    # (a workspace could plant a module there).
+    flags_of: Callable[[], list[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
+    flags = flags_of()
+    if "-I" not in flags and "-P" not in flags:
+        flags.append("-P")
     try:
-        os.execve(sys.executable, [sys.executable, "-P", "-m", "asm_cli", *argv], env)
+        os.execve(sys.executable, [sys.executable, *flags, "-m", "asm_cli", *argv], env)
     except OSError as exc:
         os.close(read_fd)
         raise ConfigError(f"cannot re-execute {sys.executable!r} without {', '.join(secrets)} in its environment "
