@@ -32,7 +32,7 @@ from asm_controller import RemoteNode, TLSConfig
 from asm_controller.service import ControllerConfig
 from asm_node import NodeAgent, NodeConfig
 from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, GeminiProvider
-from asm_node.providers._cli import CliProvider
+from asm_node.providers._cli import CliProvider, cli_version
 from asm_node.providers.features import manifests
 from asm_wire import ConfigError, pb
 from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, node_config, start_node_process
@@ -302,6 +302,7 @@ def test_node_with_token_in_env_keeps_it_out_of_proc_environ(tmp_path: Path, var
         assert summary["status"] == "completed", summary
         assert "PATH=" in summary["text"] and token not in summary["text"]
         assert "ASM_TOKEN=" not in summary["text"] and "ASM_NODE_TOKEN=" not in summary["text"]
+        assert "ASM_SECRETS_FD=" not in summary["text"]  # the hand-over is the agent's business only
         assert token not in node.log()
     finally:
         node.stop()
@@ -383,6 +384,19 @@ async def test_secret_env_never_inherited_even_if_env_deny_is_emptied(
     events = [e for f in frames for e in pb.EventBatch.FromString(f).events]
     text = "".join(e.assistant_delta.content for e in events)
     assert "PATH=" in text and secret not in text
+
+
+def test_cli_version_probe_gets_no_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`<cli> --version` (run by the handshake) starts from the agent's environment minus its secrets too."""
+    secret = "probe-" + os.urandom(8).hex()
+    monkeypatch.setenv("ASM_TOKEN", secret)
+    monkeypatch.setenv("ASM_NODE_TOKEN", secret)
+    seen = tmp_path / "seen-env"
+    cli = tmp_path / "probe-cli"
+    cli.write_text(f"#!/bin/sh\nenv > {seen}\necho 1.2.3\n")
+    cli.chmod(0o755)
+    assert cli_version(str(cli)) == "1.2.3"
+    assert "PATH=" in seen.read_text() and secret not in seen.read_text()
 
 
 def test_reprs_never_show_tokens() -> None:

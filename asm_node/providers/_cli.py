@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from asm_node.config import SECRET_ENV
 from asm_node.providers.base import (
     CommandSpec,
     ExitInfo,
@@ -114,7 +115,7 @@ def cli_version(path: str) -> str:
     try:
         proc = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, "NO_COLOR": "1"},
         )
         out = (proc.stdout or proc.stderr).strip().splitlines()
         version = out[0].strip() if proc.returncode == 0 and out else ""
