@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,8 @@ from asm_controller import (
 from asm_controller.extensions.persistence import open_recorder, replay_file
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig, serve
+from asm_node.config import SECRET_ENV
+from asm_node.providers import operator_option_names
 from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -63,7 +66,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def _read_token(token_file: str | None) -> str | None:
+def _read_token(token_file: str | None, secrets: dict[str, str] | None = None) -> str | None:
+    """The token from its file (read once, at start), else ASM_TOKEN (from ``secrets`` when a server took them)."""
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
@@ -72,7 +76,79 @@ def _read_token(token_file: str | None) -> str | None:
         if not token:
             raise ConfigError(f"token file {token_file} is empty")
         return token
-    return os.environ.get("ASM_TOKEN") or None
+    env = os.environ if secrets is None else secrets
+    return env.get("ASM_TOKEN") or None
+
+
+#: Internal: the fd of the pipe a re-executed server reads its secrets from.
+_SECRETS_FD_ENV = "ASM_SECRETS_FD"
+#: A pipe holds at least one page: the hand-over write can never block.
+_SECRETS_MAX_BYTES = 4096
+
+
+def _take_secrets(argv: list[str] | None) -> dict[str, str]:
+    """A server's secrets (SECRET_ENV), gone from its environment for good.
+
+    ``/proc/<pid>/environ`` shows the environment a process was started with,
+    even after it unsets a variable, to anything running as the same user (a
+    run's CLI included). So a server started with ASM_TOKEN in its environment
+    re-executes itself (same pid, same argv) without it, handing the values over
+    through an inherited pipe that the new image reads once and closes.
+    ``argv`` is None for an in-process call (nothing to re-execute: the
+    secrets are only read; the CLIs never inherit them either way).
+    """
+    fd_text = os.environ.pop(_SECRETS_FD_ENV, None)
+    if fd_text is not None:
+        return _read_secrets_pipe(fd_text)
+    secrets = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if not secrets or argv is None:
+        return secrets
+    payload = json.dumps(secrets).encode()
+    if len(payload) > _SECRETS_MAX_BYTES:
+        raise ConfigError(f"{', '.join(secrets)} too long to hand over (over {_SECRETS_MAX_BYTES} bytes): "
+                          "use --token-file")
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, payload)
+    os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env[_SECRETS_FD_ENV] = str(read_fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The interpreter's own flags (-X, -W, -E ...) are kept; -P: the new image never imports from the cwd
+    # (a workspace could plant a module there).
+    flags_of: Callable[[], list[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
+    flags = flags_of()
+    if "-I" not in flags and "-P" not in flags:
+        flags.append("-P")
+    try:
+        os.execve(sys.executable, [sys.executable, *flags, "-m", "asm_cli", *argv], env)
+    except OSError as exc:
+        os.close(read_fd)
+        raise ConfigError(f"cannot re-execute {sys.executable!r} without {', '.join(secrets)} in its environment "
+                          f"({exc.strerror}): use --token-file") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_secrets_pipe(fd_text: str) -> dict[str, str]:
+    if not fd_text.isdigit():
+        raise ConfigError(f"{_SECRETS_FD_ENV} must be a file descriptor number, got {fd_text!r}")
+    fd = int(fd_text)
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(fd, _SECRETS_MAX_BYTES + 1):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > _SECRETS_MAX_BYTES:
+                raise ConfigError(f"{_SECRETS_FD_ENV}: more than {_SECRETS_MAX_BYTES} bytes")
+        os.close(fd)
+        value = json.loads(b"".join(chunks))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secrets handed over on fd {fd}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"the secrets handed over on fd {fd} are not a JSON object") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"the secrets handed over on fd {fd} are not a JSON object of strings")
+    return {k: v for k, v in value.items() if k in SECRET_ENV}
 
 
 def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
@@ -138,7 +214,9 @@ def _parse_opts(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
-    token = _read_token(args.token_file)
+    secrets = _take_secrets(getattr(args, "reexec_argv", None))
+    # Precedence as before: --token-file, then ASM_TOKEN, then ASM_NODE_TOKEN (NodeConfig's own variable).
+    token = _read_token(args.token_file, secrets) or secrets.get("ASM_NODE_TOKEN")
     settings: dict[str, Any] = {
         "listen": args.listen, "insecure": args.insecure, "token": token,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
@@ -155,6 +233,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["shell_allow_interpolation"] = True
     if args.env_allow:
         settings["env_allow"] = args.env_allow
+    if args.allow_run_option:
+        settings["allow_run_options"] = args.allow_run_option
     if args.detach_grace is not None:
         settings["detach_grace_s"] = args.detach_grace
     if args.line_cap is not None:
@@ -210,7 +290,9 @@ async def _run(args: argparse.Namespace) -> int:
     if args.node:
         nodes = list(_remote_nodes(args))
     else:
-        agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded"))
+        # An embedded node runs as the user who typed the command: that user is its operator.
+        agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded",
+                                     allow_run_options=sorted(operator_option_names())))
         await agent.start()
         nodes = [EmbeddedNode(agent)]
     cwd = args.cwd_resolved
@@ -509,7 +591,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_controller_serve(args: argparse.Namespace) -> int:
     from asm_controller.service import ControllerConfig, serve_controller
 
-    token = _read_token(args.token_file)
+    secrets = _take_secrets(getattr(args, "reexec_argv", None))
+    token = _read_token(args.token_file, secrets)
     node_token = _read_token(args.node_token_file) if args.node_token_file else token
     node_tls = None
     if args.node_tls_ca or args.node_tls_cert or args.node_tls_key:
@@ -599,7 +682,13 @@ def cmd_providers(args: argparse.Namespace) -> int:
             sys.stdout.write(f"  permission {mode:<8} {text}\n")
         for feat, info in m["common_features"].items():
             sys.stdout.write(f"  {feat:<10} {'yes' if info['supported'] else 'no ':<4} {info['notes']}\n")
-        sys.stdout.write(f"  options: {', '.join(m['options'])}\n")
+        sys.stdout.write(f"  options any client may set: {', '.join(m['client_options'])}\n")
+        if m["operator_options"]:
+            sys.stdout.write(f"  operator-only (asm node serve --allow-run-option NAME): "
+                             f"{', '.join(m['operator_options'])}\n")
+        if m["node_only_options"]:
+            sys.stdout.write(f"  node configuration only, never a run's: {', '.join(m['node_only_options'])} "
+                             f"(set ${m['env_var']})\n")
     return EXIT_OK
 
 
@@ -625,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shell-allow", action="append", metavar="CMD", help="add a command to the shell allow-list")
     s.add_argument("--shell-allow-interpolation", action="store_true", help="let runs ask for /bin/sh -c")
     s.add_argument("--env-allow", action="append", metavar="VAR", help="env var a run request may set")
+    s.add_argument("--allow-run-option", action="append", metavar="NAME",
+                   help="operator-only provider option a run may set, e.g. args or anthropic_base_url "
+                        "(repeatable; see 'asm providers')")
     s.add_argument("--detach-grace", type=float, metavar="SECONDS", help="interrupt runs left unattached this long")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
@@ -718,6 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # A server started from the command line may re-execute itself (see _take_secrets); an in-process call never.
+    args.reexec_argv = list(sys.argv[1:]) if argv is None else None
     # `*_created` series double every counter for no use on a dashboard.
     disable_created: Callable[[], None] = prometheus_client.disable_created_metrics
     disable_created()

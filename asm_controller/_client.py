@@ -26,7 +26,7 @@ class TLSConfig:
 
     ca: bytes | None = None
     cert: bytes | None = None
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)  # a private key: never in a repr/log
     server_name: str | None = None
 
     @classmethod
@@ -78,7 +78,7 @@ class RemoteNode:
     """A node agent reachable over gRPC."""
 
     address: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a repr/log
     tls: TLSConfig | None = None
     connect_timeout_s: float = 5.0
     rpc_timeout_s: float = 15.0

@@ -73,8 +73,8 @@ class ControllerConfig:
     nodes_dns: str | None = None
     dns_interval_s: float = 15.0
     metrics_listen: str | None = None
-    token: str | None = None  # clients must present it
-    node_token: str | None = None  # presented to the nodes
+    token: str | None = field(default=None, repr=False)  # clients must present it; never in a repr/log
+    node_token: str | None = field(default=None, repr=False)  # presented to the nodes
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from asm_node.config import NodeConfig
+from asm_node.config import SECRET_ENV, NodeConfig
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
@@ -109,8 +109,12 @@ class NodeAgent:
             for rid in [rid for rid, r in self.runs.items() if r.done and r.subscribers == 0 and r.finished_mono < cutoff]:
                 del self.runs[rid]
 
+    def _denied_env(self) -> set[str]:
+        return {*self.config.env_deny, *SECRET_ENV}
+
     def _base_env(self) -> dict[str, str]:
-        deny = set(self.config.env_deny)
+        """The agent's environment minus its secrets: what every CLI starts from."""
+        deny = self._denied_env()
         return {k: v for k, v in os.environ.items() if k not in deny}
 
     # -- admission --------------------------------------------------------------
@@ -216,7 +220,8 @@ class NodeAgent:
         session_id = req.session_id or req.run_id
         if not valid_id(session_id):
             raise ConfigError(f"invalid session_id {session_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
-        refused = sorted(k for k in req.env if k not in self.config.env_allow)
+        denied = self._denied_env()
+        refused = sorted(k for k in req.env if k not in self.config.env_allow or k in denied)
         if refused:
             raise ConfigError(
                 f"environment variable(s) not allowed by this node: {', '.join(refused)} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # ASM.Options.Shell defaults (asm_runtime.md 4.2).
@@ -15,6 +15,9 @@ DEFAULT_SHELL_ALLOWED = (
 DEFAULT_SHELL_DENIED = (
     "rm", "sudo", "su", "chmod", "chown", "dd", "mkfs", "shutdown", "reboot", "kill", "killall",
 )
+
+#: The agent's own secrets: no CLI, hook or watchdog environment ever carries them.
+SECRET_ENV = ("ASM_TOKEN", "ASM_NODE_TOKEN")
 
 
 class NodeConfig(BaseSettings):
@@ -54,14 +57,25 @@ class NodeConfig(BaseSettings):
     shell_allowed_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_ALLOWED))
     shell_denied_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_DENIED))
     shell_allow_interpolation: bool = False
-    #: Environment variables of the agent that CLIs must not inherit (secrets of the agent itself).
-    env_deny: list[str] = Field(default_factory=lambda: ["ASM_TOKEN", "ASM_NODE_TOKEN"])
-    #: Variables a run request may set; anything else in a request is refused.
+    #: Environment variables of the agent that CLIs must not inherit (secrets of the agent itself);
+    #: SECRET_ENV is never inherited, whatever this says.
+    env_deny: list[str] = Field(default_factory=lambda: list(SECRET_ENV))
+    #: Variables a run request may set; anything else in a request is refused. Never a denied one.
     env_allow: list[str] = Field(default_factory=list)
+    #: Operator-only provider options a run may set (a CLI's args, base URLs, auth tokens ...);
+    #: the providers declare which options are operator-only, ``cli_path`` is never a run's.
+    allow_run_options: list[str] = Field(default_factory=list)
     #: Operator labels reported in the handshake (routing selectors match them).
     labels: dict[str, str] = Field(default_factory=dict)
     #: Spawn a watchdog that kills every CLI process group if the agent dies (even by SIGKILL).
     reaper: bool = True
+
+    @model_validator(mode="after")
+    def _allow_no_denied_env(self) -> NodeConfig:
+        denied = sorted(set(self.env_allow) & ({*self.env_deny, *SECRET_ENV}))
+        if denied:
+            raise ValueError(f"env_allow names a denied variable ({', '.join(denied)}): a run may never set it")
+        return self
 
     @field_validator("workspace_roots")
     @classmethod

@@ -17,8 +17,9 @@ from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "cli"
+# Command builders under test: every operator-only option allowed (tests/test_operator_knobs.py tests the refusal).
 PROVIDERS: dict[str, CliProvider] = {
-    "claude": ClaudeProvider(), "codex": CodexProvider(), "gemini": GeminiProvider(), "amp": AmpProvider(),
+    p.name: p for p in (cls(cls.operator_options) for cls in (ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider))
 }
 
 

@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import threading
 from abc import abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from asm_node.config import SECRET_ENV
 from asm_node.providers.base import (
     CommandSpec,
     ExitInfo,
@@ -60,7 +61,7 @@ class CommonOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     model: str | None = None
-    cli_path: str | None = None
+    #: Extra CLI arguments, appended verbatim (operator-only: a flag can point the CLI at any file or URL).
     args: list[str] = Field(default_factory=list)
     #: Continue a provider session: an exact id, or "latest".
     resume: str | None = None
@@ -114,7 +115,7 @@ def cli_version(path: str) -> str:
     try:
         proc = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, "NO_COLOR": "1"},
         )
         out = (proc.stdout or proc.stderr).strip().splitlines()
         version = out[0].strip() if proc.returncode == 0 and out else ""
@@ -127,8 +128,20 @@ def cli_version(path: str) -> str:
     return version
 
 
+#: Why a run may not set an option (ConfigError reason).
+OPTION_NOT_ALLOWED = "option_not_allowed"
+
+
 class CliProvider(Provider):
-    """A provider backed by an agent CLI that prints JSON lines."""
+    """A provider backed by an agent CLI that prints JSON lines.
+
+    Options are split by who may set them. A client sets the ordinary ones; an
+    option that changes which binary runs, where the CLI sends credentials or
+    the CLI's environment is an operator privilege (``operator_options``): a
+    run may set it only when the node allows it (``asm node serve
+    --allow-run-option NAME``). ``node_only_options`` no run may set at all:
+    the CLI binary is node configuration (``env_var`` in the node's environment).
+    """
 
     env_var: str
     path_candidates: ClassVar[tuple[str, ...]] = ()
@@ -139,21 +152,49 @@ class CliProvider(Provider):
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
     unsupported_modes: ClassVar[dict[str, str]] = {}
     stdin_input: ClassVar[bool] = False
+    #: Options a run may set only with the operator's allowance (every CLI: extra args, a model server URL).
+    operator_options: ClassVar[frozenset[str]] = frozenset({"args", "ollama_base_url"})
+    #: Options no run may set: node configuration.
+    node_only_options: ClassVar[frozenset[str]] = frozenset({"cli_path"})
 
-    def resolve(self, env: Mapping[str, str], override: str | None = None) -> tuple[str | None, str]:
-        """Find the CLI: explicit option, then the env var, then PATH, then known locations."""
+    def __init__(self, allow_run_options: Iterable[str] = ()) -> None:
+        self.allowed_run_options = frozenset(allow_run_options) & self.operator_options
+
+    def client_options(self) -> list[str]:
+        """The options any client may set on this node (the operator's allowances included)."""
+        fields = set(self.options_model.model_fields) - self.node_only_options
+        return sorted(fields - (self.operator_options - self.allowed_run_options))
+
+    def check_run_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse options that are node configuration, or operator privileges the node did not allow."""
+        for name in sorted(options):
+            if name in self.node_only_options:
+                raise ConfigError(
+                    f"option {name} is node configuration, never set by a run: the node operator chooses the "
+                    f"{self.display_name} binary with {self.env_var} in the node's environment",
+                    reason=OPTION_NOT_ALLOWED,
+                )
+            if name in self.operator_options and name not in self.allowed_run_options:
+                raise ConfigError(
+                    f"option {name} of provider {self.name} is not allowed on this node: it changes which binary "
+                    f"runs, where {self.display_name} sends credentials or its environment (the node operator "
+                    f"allows it with --allow-run-option {name})",
+                    reason=OPTION_NOT_ALLOWED,
+                )
+
+    def resolve(self, env: Mapping[str, str]) -> tuple[str | None, str]:
+        """Find the CLI: the env var, then PATH, then known locations."""
         path_env = env.get("PATH")
-        for source, value in (("cli_path option", override), (self.env_var, env.get(self.env_var))):
-            if not value:
-                continue
+        value = env.get(self.env_var)
+        if value:
             if "/" in value:
                 if os.path.isfile(value) and os.access(value, os.X_OK):
                     return value, ""
-                return None, f"{source} points to {value!r}, which is not an executable file"
+                return None, f"{self.env_var} points to {value!r}, which is not an executable file"
             found = shutil.which(value, path=path_env)
             if found:
                 return found, ""
-            return None, f"{source} names {value!r}, which is not on the node's PATH"
+            return None, f"{self.env_var} names {value!r}, which is not on the node's PATH"
         for name in self.path_candidates:
             found = shutil.which(name, path=path_env)
             if found:
@@ -182,6 +223,7 @@ class CliProvider(Provider):
         return self.permission_modes[m]
 
     def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
+        self.check_run_options(options)
         opts = validate_model(self.options_model, options, self.name)
         self.native_mode(permission_mode)
         if opts.ollama_requested():
@@ -198,7 +240,7 @@ class CliProvider(Provider):
 
     def build_command(self, spec: RunSpec) -> CommandSpec:
         opts = spec.options["parsed"]
-        path, error = self.resolve(spec.env, opts.cli_path)
+        path, error = self.resolve(spec.env)
         if path is None:
             from asm_wire import make_error
 

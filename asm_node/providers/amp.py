@@ -100,10 +100,12 @@ class AmpProvider(CliProvider):
         "plan": ("plan", ()),
     }
     parser_class = AmpParser
+    #: MCP servers are programs Amp starts: choosing them is choosing what runs.
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"mcp_config"}
 
-    def resolve(self, env: Any, override: str | None = None) -> tuple[str | None, str]:
+    def resolve(self, env: Any) -> tuple[str | None, str]:
         # Known locations first for Amp (its installer puts it in ~/.amp/bin).
-        if not override and not env.get(self.env_var):
+        if not env.get(self.env_var):
             home = env.get("HOME", "")
             for loc in self.known_locations:
                 import os
@@ -111,7 +113,7 @@ class AmpProvider(CliProvider):
                 p = loc.replace("~", home, 1)
                 if os.path.isfile(p) and os.access(p, os.X_OK):
                     return p, ""
-        return super().resolve(env, override)
+        return super().resolve(env)
 
     def argv(self, path: str, spec: RunSpec, opts: Any) -> tuple[list[str], dict[str, str]]:
         _, mode_args = self.native_mode(spec.permission_mode)

@@ -213,6 +213,9 @@ class ClaudeProvider(CliProvider):
         "plan": ("plan", ("--permission-mode", "plan")),
     }
     parser_class = ClaudeParser
+    #: Where Claude sends the node's ANTHROPIC_API_KEY, and the credential it sends.
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {
+        "anthropic_base_url", "anthropic_auth_token"}
 
     def build_command(self, spec: RunSpec) -> CommandSpec:
         cmd = super().build_command(spec)

@@ -145,6 +145,9 @@ class CodexProvider(CliProvider):
         ),
     }
     parser_class = CodexParser
+    #: Any ``-c`` setting: model_providers.*.base_url (where the key goes), mcp_servers.*.command (what runs),
+    #: shell_environment_policy (the tools' environment).
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config"}
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         out = super().validate_options(options, permission_mode)

@@ -1,7 +1,8 @@
 """ProviderFeatures: what each provider supports, with native permission names and CLI flags.
 
 Queryable from Python (:func:`manifest`, :func:`manifests`) and from
-``asm providers [--output json]``.
+``asm providers [--output json]``, with which options a client may set and
+which only the node operator may allow (``--allow-run-option``).
 """
 
 from __future__ import annotations
@@ -78,9 +79,13 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
                 native, args = p.permission_modes[mode]
                 modes[mode] = {"supported": True, "native": native, "cli_args": list(args)}
         options = sorted(p.options_model.model_fields)
+        client_options = p.client_options()
+        operator_options = sorted(p.operator_options)
+        node_only = sorted(p.node_only_options)
     else:
         modes = {m: {"supported": True, "native": m, "cli_args": []} for m in ("default", "auto", "bypass", "plan")}
         options = ["allowed_commands", "command_timeout_ms", "denied_commands", "interpolate", "success_exit_codes"]
+        client_options, operator_options, node_only = options, [], []
     return {
         "provider": name,
         "display_name": p.display_name,
@@ -88,6 +93,10 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
         "permission_modes": modes,
         "common_features": {k: {"supported": s, "notes": n} for k, (s, n) in _FEATURES[name].items()},
         "options": options,
+        #: Who may set what: any client / a run only with `--allow-run-option NAME` / never a run.
+        "client_options": client_options,
+        "operator_options": operator_options,
+        "node_only_options": node_only,
     }
 
 

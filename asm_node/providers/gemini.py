@@ -111,6 +111,8 @@ class GeminiProvider(CliProvider):
         "plan": ("plan", ("--approval-mode", "plan")),
     }
     parser_class = GeminiParser
+    #: Only the common ones: the Gemini endpoint (GOOGLE_GEMINI_BASE_URL) comes from the node's environment.
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         out = super().validate_options(options, permission_mode)
