@@ -20,7 +20,7 @@ from asm_node.providers.shell import ShellProvider
 
 def build_providers(config: NodeConfig) -> dict[str, Provider]:
     providers: list[Provider] = [
-        ShellProvider(config.shell_allowed_commands, config.shell_denied_commands, config.shell_allow_interpolation),
+        ShellProvider.from_config(config),
         ClaudeProvider(),
         CodexProvider(),
         GeminiProvider(),
