@@ -144,6 +144,13 @@ async def test_a_link_to_an_allowed_binary_runs_the_operators_binary(node: NodeP
     assert ok.ok and ok.text == "inside the workspace\n", ok.error
     # The same binary under another name is another executable (multi-call binaries switch on the name).
     _refused(await _run(node, "bin/other inside.txt", ws), "not in the allowed list")
+    # A denied binary stays denied under an allowed name (deny-list by real path).
+    rm = shutil.which("rm")
+    assert rm is not None
+    (ws / "bin2").mkdir()
+    (ws / "bin2" / "cat").symlink_to(rm)
+    _refused(await _run(node, "bin2/cat inside.txt", ws), "is denied")
+    assert (ws / "inside.txt").exists()
 
 
 async def test_bare_names_use_the_nodes_startup_path_not_the_requests(tmp_path: Path, ws: Path) -> None:
