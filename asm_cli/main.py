@@ -231,6 +231,10 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["shell_allowed_commands"] = [*NodeConfig().shell_allowed_commands, *args.shell_allow]
     if args.shell_allow_interpolation:
         settings["shell_allow_interpolation"] = True
+    if args.shell_unconfined_reads:
+        settings["shell_confine_reads"] = False
+    if args.shell_max_prompt_bytes is not None:
+        settings["shell_max_prompt_bytes"] = args.shell_max_prompt_bytes
     if args.env_allow:
         settings["env_allow"] = args.env_allow
     if args.allow_run_option:
@@ -711,8 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-runs", type=int, metavar="N", help="concurrent runs (default 8)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
     s.add_argument("--node-id", help="node id (default: the hostname)")
-    s.add_argument("--shell-allow", action="append", metavar="CMD", help="add a command to the shell allow-list")
+    s.add_argument("--shell-allow", action="append", metavar="CMD", help="add a command to the shell allow-list (a name on the node's PATH, or an absolute path)")
     s.add_argument("--shell-allow-interpolation", action="store_true", help="let runs ask for /bin/sh -c")
+    s.add_argument("--shell-unconfined-reads", action="store_true",
+                   help="let cat/head/tail/ls/wc/date read outside the workspace roots (/proc, /sys, /dev stay refused)")
+    s.add_argument("--shell-max-prompt-bytes", type=int, metavar="N",
+                   help="refuse longer shell command lines before parsing (default 65536)")
     s.add_argument("--env-allow", action="append", metavar="VAR", help="env var a run request may set")
     s.add_argument("--allow-run-option", action="append", metavar="NAME",
                    help="operator-only provider option a run may set, e.g. args or anthropic_base_url "

@@ -15,6 +15,8 @@ DEFAULT_SHELL_ALLOWED = (
 DEFAULT_SHELL_DENIED = (
     "rm", "sudo", "su", "chmod", "chown", "dd", "mkfs", "shutdown", "reboot", "kill", "killall",
 )
+#: Allowed commands that read the files they are given: their path arguments are confined.
+DEFAULT_SHELL_CONFINED = ("cat", "head", "tail", "ls", "wc", "date")
 
 #: The agent's own secrets: no CLI, hook or watchdog environment ever carries them.
 SECRET_ENV = ("ASM_TOKEN", "ASM_NODE_TOKEN")
@@ -57,6 +59,12 @@ class NodeConfig(BaseSettings):
     shell_allowed_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_ALLOWED))
     shell_denied_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_DENIED))
     shell_allow_interpolation: bool = False
+    #: Shell commands whose path-like arguments must resolve inside the workspace roots (the run's cwd
+    #: when there are none); /proc, /sys and /dev are refused through them even when not confined.
+    shell_confined_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_CONFINED))
+    shell_confine_reads: bool = True
+    #: A longer shell command line is refused (config_invalid) before it is parsed.
+    shell_max_prompt_bytes: int = Field(default=64 * 1024, ge=1)
     #: Environment variables of the agent that CLIs must not inherit (secrets of the agent itself);
     #: SECRET_ENV is never inherited, whatever this says.
     env_deny: list[str] = Field(default_factory=lambda: list(SECRET_ENV))

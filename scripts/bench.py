@@ -334,7 +334,8 @@ async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) ->
     remote = Session("shell", node=RemoteNode(f"127.0.0.1:{node.port}"), options=RUN_OPTIONS)
     agent = NodeAgent(NodeConfig())
     await agent.start()
-    embedded = Session("shell", node=EmbeddedNode(agent), options=RUN_OPTIONS)
+    # The embedded node confines `cat` to the run's cwd: the bench files live in workdir.
+    embedded = Session("shell", node=EmbeddedNode(agent), options=RUN_OPTIONS, cwd=str(workdir))
     try:
         await warm(remote, args.warmup)
         await warm(embedded, args.warmup)

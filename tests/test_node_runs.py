@@ -311,7 +311,7 @@ async def test_slow_subscriber_gets_every_event_and_the_end(agent: NodeAgent, tm
     n = 30_000
     data = Path(str(tmp_path)) / "lines.txt"
     data.write_text("".join(f"line {i}\n" for i in range(n)))
-    async with Session("shell", node=EmbeddedNode(agent)) as s:
+    async with Session("shell", node=EmbeddedNode(agent), cwd=str(tmp_path)) as s:
         stream = s.stream(f"cat {data}")
         count = 0
         async for _ev in stream:
@@ -328,7 +328,7 @@ async def test_abandoned_stream_does_not_block_the_run(agent: NodeAgent, tmp_pat
 
     data = Path(str(tmp_path)) / "lines.txt"
     data.write_text("x\n" * 200_000)
-    async with Session("shell", node=EmbeddedNode(agent)) as s:
+    async with Session("shell", node=EmbeddedNode(agent), cwd=str(tmp_path)) as s:
         stream = s.stream(f"cat {data}")
         async for _ev in stream:
             break  # walk away without aclose()

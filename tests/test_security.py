@@ -35,7 +35,7 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, ConfigError, __version__, pb
 from asm_wire import NodeUnauthenticated as WireNodeUnauthenticated
-from tests.conftest import ROOT, NodeProcess
+from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
 from tests.conftest import node_config as make_config
 
 TOKEN = "s3cret"
@@ -525,7 +525,8 @@ async def test_agent_token_not_inherited_by_runs(monkeypatch: pytest.MonkeyPatch
     server = await start_server(make_config(token=secret))
     try:
         async with Session("shell", node=RemoteNode(_addr(server), token=secret)) as s:
-            result = await s.query("cat /proc/self/environ")
+            # cat cannot read /proc (the shell provider confines it); the interpreter can.
+            result = await s.query(f"{PYTHON_BASENAME} -c \"print(open('/proc/self/environ').read())\"")
     finally:
         await server.stop()
     assert result.ok is True, result.error

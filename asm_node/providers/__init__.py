@@ -26,7 +26,7 @@ def build_providers(config: NodeConfig) -> dict[str, Provider]:
     clis = [cls(config.allow_run_options) for cls in _CLI_CLASSES]
     check_operator_config(config, clis)
     providers: list[Provider] = [
-        ShellProvider(config.shell_allowed_commands, config.shell_denied_commands, config.shell_allow_interpolation),
+        ShellProvider.from_config(config),
         *clis,
     ]
     return {p.name: p for p in providers}

@@ -1,22 +1,42 @@
 """The ``shell`` provider: the prompt is one command line, run without a shell.
 
-The line is split into argv POSIX-style, checked against allowed/denied lists
-(ASM.Options.Shell defaults; the node's lists bound what a run may ask for)
-and executed directly. Each stdout line becomes an ``assistant_delta``; the
-exit status becomes the ``result`` (or a ``tool_failed`` error).
+It is a security boundary: any client with a valid token chooses the line, and
+the node runs it as its own user. So:
 
-Shell interpolation (``/bin/sh -c``) is off unless the node operator enables it
-and the run asks for it: with it the allow-list can only see the first word.
+* The line is capped (``shell_max_prompt_bytes``) before it is parsed, then split
+  POSIX-style in linear time (``shlex`` is quadratic in a token's length, and this
+  runs on the event loop).
+* The allow-list is a set of executables resolved once, when the provider is built:
+  an absolute entry is used as given (it must be an executable file), a name is
+  looked up on the node's PATH at startup. A run's argv[0] is resolved the same
+  way (a path against the run's cwd, a bare name against that fixed PATH, never the
+  request's env) to its real path, and it runs only if (real path, name) is one of
+  the allowed executables; the operator's path is executed, not the client's. The
+  name is part of the identity because multi-call binaries (busybox) pick their
+  behaviour from it. An empty set runs nothing; a run may only narrow the set.
+* File-reading commands (``shell_confined_commands``) get every path-like argument
+  resolved against the run's cwd and refused outside the workspace roots (the run's
+  cwd when the node has none), unless the operator turns that off; /proc, /sys and
+  /dev are never readable through them.
+
+Each stdout line becomes an ``assistant_delta``; the exit status becomes the
+``result`` (or a ``tool_failed`` error). Shell interpolation (``/bin/sh -c``) is
+off unless the node operator enables it and the run asks for it: then only the
+first word is checked (and replaced by the resolved executable); arguments are
+not confined, the shell can do anything the allowed command can.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from asm_node.config import DEFAULT_SHELL_CONFINED, NodeConfig
 from asm_node.providers.base import (
     CommandSpec,
     ExitInfo,
@@ -30,10 +50,60 @@ from asm_node.providers.base import (
     result_event,
     stderr_summary,
 )
-from asm_wire import KIND_VALUES, ConfigError, make_error, pb
+from asm_wire import KIND_VALUES, AsmError, ConfigError, make_error, pb
 
 _FORBIDDEN = ("$(", "\n", "\r", ";", "|", "&", "<", ">", "`")
 _OPTIONS = {"allowed_commands", "denied_commands", "command_timeout_ms", "success_exit_codes", "interpolate"}
+DEFAULT_MAX_PROMPT_BYTES = 64 * 1024
+#: Never readable through a confined command, whatever the roots or the operator's opt-out.
+_NEVER = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+#: An executable as the allow-list sees it: (real path, name it is invoked under).
+Exe = tuple[str, str]
+
+# One token piece per match; possessive quantifiers keep a failed match linear.
+_PIECE = re.compile(r"""[ \t\r\n]++|'[^']*+'|"(?:[^"\\]|\\[\s\S])*+"|\\[\s\S]|[^ \t\r\n'"\\]++""")
+_DQ_ESCAPE = re.compile(r"\\([\s\S])")
+_FIRST_WORD = re.compile(r"[^ \t\r\n]+")
+
+
+def split_command(line: str) -> list[str]:
+    """``shlex.split(line)`` (POSIX, no comments) in linear time; the same ValueError messages."""
+    words: list[str] = []
+    buf: list[str] = []
+    in_word = False
+    pos, end = 0, len(line)
+    while pos < end:
+        m = _PIECE.match(line, pos)
+        if m is None:  # an unterminated quote, or a backslash at the very end
+            rest = line[pos:]
+            if rest.startswith("\\"):
+                raise ValueError("No escaped character")
+            if rest.startswith('"') and re.fullmatch(r'"(?:[^"\\]|\\[\s\S])*+\\', rest):
+                raise ValueError("No escaped character")
+            raise ValueError("No closing quotation")
+        piece = m.group()
+        pos = m.end()
+        first = piece[0]
+        if first in " \t\r\n":
+            if in_word:
+                words.append("".join(buf))
+                buf.clear()
+                in_word = False
+            continue
+        in_word = True
+        if first == "'":
+            buf.append(piece[1:-1])
+        elif first == '"':
+            # Inside double quotes a backslash escapes only a backslash or a double quote.
+            buf.append(_DQ_ESCAPE.sub(lambda e: e.group(1) if e.group(1) in '\\"' else e.group(0), piece[1:-1]))
+        elif first == "\\":
+            buf.append(piece[1])
+        else:
+            buf.append(piece)
+    if in_word:
+        words.append("".join(buf))
+    return words
 
 
 def _str_list(options: Mapping[str, Any], key: str) -> list[str] | None:
@@ -47,6 +117,16 @@ def _str_list(options: Mapping[str, Any], key: str) -> list[str] | None:
     return [v.strip() for v in value]
 
 
+def _denied(message: str) -> AsmError:
+    return make_error("guardrail_blocked", "guardrail", message, reason="command_denied")
+
+
+def _fixed_path(path: str) -> str:
+    """The PATH names are resolved against: absolute directories only (a relative one would
+    follow whatever the current directory is)."""
+    return os.pathsep.join(d for d in path.split(os.pathsep) if os.path.isabs(d))
+
+
 class ShellProvider(Provider):
     name = "shell"
     display_name = "Shell"
@@ -56,27 +136,96 @@ class ShellProvider(Provider):
         allowed: Sequence[str],
         denied: Sequence[str],
         allow_interpolation: bool = False,
+        *,
+        confined: Sequence[str] = DEFAULT_SHELL_CONFINED,
+        confine_reads: bool = True,
+        workspace_roots: Sequence[Path] = (),
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        path: str | None = None,
     ) -> None:
-        self.allowed = list(allowed)
-        self.denied = list(denied)
+        self.path = _fixed_path(os.environ.get("PATH", os.defpath) if path is None else path)
         self.allow_interpolation = allow_interpolation
+        self.confined = frozenset(confined)
+        self.confine_reads = confine_reads
+        self.roots = tuple(Path(os.path.realpath(r)) for r in workspace_roots)
+        self.max_prompt_bytes = max_prompt_bytes
+        #: Allowed executable -> the operator's path for it (what is executed).
+        self.allowed: dict[Exe, str] = {}
+        #: Allowed names not found on the PATH at startup (a run naming one gets cli_not_found).
+        self.missing: frozenset[str] = frozenset()
+        missing = set()
+        for entry in allowed:
+            found = self._resolve_entry(entry, "shell_allowed_commands", strict=True)
+            if found is None:
+                missing.add(entry.strip())
+            else:
+                self.allowed.setdefault(found[0], found[1])
+        self.missing = frozenset(missing)
+        self.denied_names, self.denied_reals = self._deny_sets(denied)
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> ShellProvider:
+        """Built from a NodeConfig (its shell_* fields and workspace roots)."""
+        return cls(
+            config.shell_allowed_commands, config.shell_denied_commands, config.shell_allow_interpolation,
+            confined=config.shell_confined_commands, confine_reads=config.shell_confine_reads,
+            workspace_roots=config.workspace_roots, max_prompt_bytes=config.shell_max_prompt_bytes,
+        )
+
+    # -- resolution ----------------------------------------------------------------------
+
+    def _which(self, name: str) -> Exe | None:
+        exe = shutil.which(name, path=self.path)
+        return None if exe is None else (os.path.realpath(exe), name)
+
+    def _resolve_entry(self, entry: str, field: str, strict: bool) -> tuple[Exe, str] | None:
+        """An operator's (or a run's) list entry: an absolute path or a bare name."""
+        entry = entry.strip()
+        if not entry or "\0" in entry:
+            raise ConfigError(f"{field}: empty or NUL-containing entry {entry!r}")
+        if "/" not in entry:
+            exe = shutil.which(entry, path=self.path)
+            return None if exe is None else ((os.path.realpath(exe), entry), exe)
+        if not os.path.isabs(entry):
+            raise ConfigError(f"{field} entry {entry!r} must be a command name or an absolute path")
+        real = os.path.realpath(entry)
+        if not (os.path.isfile(real) and os.access(real, os.X_OK)):
+            if strict:
+                raise ConfigError(f"{field} entry {entry!r} is not an executable file")
+            return None
+        return (real, os.path.basename(entry)), entry
+
+    def _deny_sets(self, denied: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """Denied names, and denied real paths (minus those an allowed executable shares: a
+        multi-call binary is then refused by name, not everything it provides)."""
+        names, reals = set(), set()
+        for entry in denied:
+            names.add(os.path.basename(entry.strip()))
+            found = self._resolve_entry(entry, "denied_commands", strict=False)
+            if found is not None:
+                reals.add(found[0][0])
+        return frozenset(names), frozenset(reals - {real for real, _ in self.allowed})
+
+    def _resolve_word(self, word: str, cwd: str) -> Exe | None:
+        """argv[0] of a run: a path against the run's cwd, a bare name against the fixed PATH."""
+        if "/" in word:
+            return os.path.realpath(os.path.join(cwd, word)), os.path.basename(word)
+        return self._which(word)
+
+    # -- Provider ------------------------------------------------------------------------
 
     def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
-        # Commands are resolved per run; nothing to probe (and this is on every run's path).
+        # Commands are resolved at construction and per run; nothing to probe.
         return ProviderStatus(available=True, cli_path="", version="builtin")
 
     def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
         reject_unknown(options, _OPTIONS, self.name)
         check_permission_mode(permission_mode)
         out: dict[str, Any] = {}
-        allowed = _str_list(options, "allowed_commands")
-        denied = _str_list(options, "denied_commands")
-        # A run may narrow the node's policy, never widen it.
-        if self.allowed:
-            out["allowed"] = [c for c in (allowed if allowed is not None else self.allowed) if c in self.allowed]
-        else:
-            out["allowed"] = allowed or []
-        out["denied"] = sorted(set(self.denied) | set(denied or []))
+        out["allowed"], out["allowed_missing"] = self._narrow(_str_list(options, "allowed_commands"))
+        extra_names, extra_reals = self._deny_sets(_str_list(options, "denied_commands") or [])
+        out["denied_names"] = self.denied_names | extra_names
+        out["denied_reals"] = self.denied_reals | extra_reals
         timeout = options.get("command_timeout_ms", 30_000)
         if isinstance(timeout, str) and timeout.isdigit():
             timeout = int(timeout)
@@ -100,45 +249,117 @@ class ShellProvider(Provider):
         out["interpolate"] = bool(interpolate)
         return out
 
-    def _check(self, word: str, opts: Mapping[str, Any]) -> None:
-        base = os.path.basename(word)
-        if base in opts["denied"]:
-            raise make_error("guardrail_blocked", "guardrail", f"command {base!r} is denied", reason="command_denied")
-        if opts["allowed"] and base not in opts["allowed"]:
-            raise make_error(
-                "guardrail_blocked", "guardrail", f"command {base!r} is not in the allowed list", reason="command_denied"
-            )
+    def _narrow(self, entries: list[str] | None) -> tuple[frozenset[Exe], frozenset[str]]:
+        """A run's allowed_commands: each entry must name an executable the node allows."""
+        if entries is None:
+            return frozenset(self.allowed), self.missing
+        allowed: set[Exe] = set()
+        missing: set[str] = set()
+        for entry in entries:
+            found = self._resolve_entry(entry, "allowed_commands", strict=False)
+            if found is not None and found[0] in self.allowed:
+                allowed.add(found[0])
+            elif entry in self.missing:
+                missing.add(entry)
+            else:
+                raise _denied(
+                    f"allowed_commands entry {entry!r} is not allowed on this node: "
+                    "a run can only narrow the node's allow-list"
+                )
+        return frozenset(allowed), frozenset(missing)
+
+    def _executable(self, word: str, cwd: str, opts: Mapping[str, Any]) -> tuple[str, Exe]:
+        """The operator's path to execute for argv[0] ``word``, or a typed refusal."""
+        denied_names = opts["denied_names"]
+        if os.path.basename(word) in denied_names:
+            raise _denied(f"command {word!r} is denied")
+        try:
+            exe = self._resolve_word(word, cwd)
+        except (OSError, ValueError):
+            exe = None
+        if exe is None:  # a bare name not on the node's PATH
+            if word in opts["allowed_missing"]:
+                raise make_error("cli_not_found", "provider", f"command {word!r} not found on the node's PATH",
+                                 reason="provider_missing")
+            raise _denied(f"command {word!r} is not in the allowed list")
+        real = exe[0]
+        if os.path.basename(real) in denied_names or real in opts["denied_reals"]:
+            raise _denied(f"command {word!r} (resolves to {real}) is denied")
+        if exe not in opts["allowed"]:
+            where = f" (resolves to {real})" if "/" in word else ""
+            raise _denied(f"command {word!r}{where} is not in the allowed list")
+        return self.allowed[exe], exe
+
+    def _check_paths(self, command: str, args: Sequence[str], cwd: str) -> None:
+        """Every path-like argument of a confined command must resolve inside the roots."""
+        roots = (self.roots or (Path(cwd),)) if self.confine_reads else None
+        options_done = False
+        for arg in args:
+            if options_done:
+                candidate: str | None = arg
+            elif arg == "--":
+                options_done = True
+                continue
+            elif arg == "-":
+                continue  # stdin (/dev/null)
+            elif arg.startswith("--"):
+                candidate = arg.partition("=")[2] if "=" in arg else None  # --files0-from=F
+            elif arg.startswith("-"):
+                candidate = arg[2:] or None  # an attached value: -fFILE
+            else:
+                candidate = arg
+            if candidate is None:
+                continue
+            try:
+                resolved = Path(os.path.realpath(os.path.join(cwd, candidate)))
+            except (OSError, ValueError):
+                raise _denied(f"{command}: argument {arg!r} is not a usable path") from None
+            if any(resolved == n or resolved.is_relative_to(n) for n in _NEVER):
+                raise _denied(f"{command}: argument {arg!r} resolves to {str(resolved)!r}: "
+                              "/proc, /sys and /dev are never readable through the shell provider")
+            if roots is not None and not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+                where = "workspace roots" if self.roots else "run's cwd"
+                raise _denied(
+                    f"{command}: argument {arg!r} resolves to {str(resolved)!r}, outside the {where} "
+                    f"({', '.join(str(r) for r in roots)}); the node operator can lift this with "
+                    "--shell-unconfined-reads"
+                )
 
     def build_command(self, spec: RunSpec) -> CommandSpec:
         opts = spec.options
-        line = spec.prompt.strip()
+        prompt = spec.prompt
+        # Capped before anything looks at it: the cost of everything below is bounded by the cap.
+        if len(prompt) > self.max_prompt_bytes or len(prompt.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
+            raise make_error(
+                "config_invalid", "config",
+                f"command line too long: {len(prompt.encode('utf-8', 'surrogatepass'))} bytes, "
+                f"the node's limit is {self.max_prompt_bytes} bytes (shell_max_prompt_bytes)",
+                reason="prompt_too_large",
+            )
+        line = prompt.strip()
         if not line:
             raise ConfigError("empty command: the shell provider runs the prompt as a command line")
+        if "\0" in line:
+            raise ConfigError("the command line contains a NUL byte")
         if opts["interpolate"]:
-            first = line.split(maxsplit=1)[0]
-            self._check(first, opts)
-            argv = ["/bin/sh", "-c", line]
+            m = _FIRST_WORD.match(line)
+            assert m is not None  # line is stripped and non-empty
+            exe, _ = self._executable(m.group(), spec.cwd, opts)
+            # The shell runs exactly the executable that was checked, whatever its PATH says.
+            argv = ["/bin/sh", "-c", shlex.quote(exe) + line[m.end():]]
         else:
             bad = [c for c in _FORBIDDEN if c in line]
             if bad:
-                raise make_error(
-                    "guardrail_blocked", "guardrail",
-                    f"shell metacharacter {bad[0]!r} is not allowed (no shell interpolation)",
-                    reason="command_denied",
-                )
+                raise _denied(f"shell metacharacter {bad[0]!r} is not allowed (no shell interpolation)")
             try:
-                argv = shlex.split(line, posix=True)
+                argv = split_command(line)
             except ValueError as exc:
                 raise ConfigError(f"cannot parse command line: {exc}") from None
             if not argv:
                 raise ConfigError("empty command")
-            self._check(argv[0], opts)
-            exe = shutil.which(argv[0], path=spec.env.get("PATH"))
-            if exe is None:
-                raise make_error(
-                    "cli_not_found", "provider", f"command {argv[0]!r} not found on the node's PATH",
-                    reason="provider_missing",
-                )
+            exe, (real, name) = self._executable(argv[0], spec.cwd, opts)
+            if name in self.confined or os.path.basename(real) in self.confined:
+                self._check_paths(argv[0], argv[1:], spec.cwd)
             argv[0] = exe
         return CommandSpec(argv=argv, cwd=spec.cwd, env=dict(spec.env), timeout_s=opts["timeout_s"])
 
