@@ -272,7 +272,7 @@ def env_printer(tmp_path: Path) -> str:
     """A shell-provider command line whose output is the exec-time environment of the run's process."""
     script = tmp_path / "print_environ.py"
     script.write_text("import sys\nsys.stdout.write(open('/proc/self/environ').read().replace('\\0', '\\n'))\n")
-    return f"{sys.executable} {script}"
+    return f"{PYTHON_BASENAME} {script}"
 
 
 @pytest.mark.parametrize("var", ["ASM_TOKEN", "ASM_NODE_TOKEN"])
