@@ -58,7 +58,7 @@ class _NoScan(dict[str, Run]):
     def _scan(self, *_: object) -> Any:
         raise AssertionError("the run registry was scanned")
 
-    __iter__ = values = items = keys = _scan  # type: ignore[assignment]
+    __iter__ = values = items = keys = _scan
 
 
 class _CountingFinished(OrderedDict[str, tuple[Run, int]]):
