@@ -42,7 +42,8 @@
     each) and one writing ``--flood-long-bytes`` of 1 MiB lines, each on a fresh
     node process, streamed over gRPC; every event is counted (seq without gaps)
     and the node's peak RSS is sampled. The tiny-line node gets a replay buffer
-    holding the whole run (see tests/test_flood.py for why).
+    holding the whole run unless ``--flood-replay-events`` says otherwise (see
+    tests/test_flood.py for why).
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
@@ -782,7 +783,7 @@ def run_flood(args: argparse.Namespace, workdir: Path) -> list[tuple[str, Any]]:
     for name, prompt, lines in cases:
         extra = list(allow)
         if name == "tiny":
-            os.environ["ASM_NODE_REPLAY_BUFFER_EVENTS"] = str(lines + 16)
+            os.environ["ASM_NODE_REPLAY_BUFFER_EVENTS"] = str(args.flood_replay_events or lines + 16)
         node = NodeProcess(workdir, extra=extra)
         try:
             node.start()
@@ -833,8 +834,11 @@ def main() -> int:
                         help="soak intervals starting before this are not in the slopes (default: one interval)")
     parser.add_argument("--soak-concurrency", type=int, default=4, metavar="N", help="soak clients (default 4)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
-    parser.add_argument("--flood-tiny-bytes", type=int, default=20_000_000, metavar="B",
-                        help="bytes of 2-byte lines for --flood (default 20 MB = 10M events; the issue asks 1 GB)")
+    parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
+                        help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
+    parser.add_argument("--flood-replay-events", type=int, default=0, metavar="N",
+                        help="replay_buffer_events of the tiny-flood node (default 0: hold the whole run, "
+                        "~170 B per event; the node default 100000 ends a large tiny flood with replay_gap)")
     parser.add_argument("--flood-long-bytes", type=int, default=256 * 2**20, metavar="B",
                         help="bytes of 1 MiB lines for --flood (default 256 MiB)")
     args = parser.parse_args()
