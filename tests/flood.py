@@ -95,6 +95,7 @@ class FloodResult:
     start_rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     end_rss_mb: float = 0.0
+    rss_samples: int = 0
     deltas: int = 0
     delta_bytes: int = 0
 
@@ -131,4 +132,5 @@ async def flood(address: str, node_pid: int, run_id: str, prompt: str, lines: in
             await client.close()
     out.wall_s = time.perf_counter() - t0
     out.start_rss_mb, out.peak_rss_mb, out.end_rss_mb = rss.start_mb, rss.peak_mb, rss_mb(node_pid)
+    out.rss_samples = rss.samples
     return out

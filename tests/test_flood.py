@@ -48,6 +48,7 @@ async def test_tiny_line_flood_every_event_arrives_rss_bounded(node_process: Cal
     assert r.status == "completed" and not r.gaps
     assert r.deltas == lines and r.delta_bytes == 2 * lines
     assert r.events == lines + 3  # run_started, the lines, result, run_completed
+    assert r.rss_samples > 0 and r.peak_rss_mb > r.start_rss_mb  # the node was sampled under load
     assert r.peak_rss_mb < RSS_BOUND_MB, f"node peak RSS {r.peak_rss_mb:.0f} MB for {lines:,} events"
     assert node.proc.poll() is None
 
@@ -60,5 +61,6 @@ async def test_long_line_flood_every_event_arrives_rss_bounded(node_process: Cal
     assert r.status == "completed" and not r.gaps
     assert r.deltas == lines and r.delta_bytes == lines * LONG_LINE_BYTES
     assert r.events == lines + 3
+    assert r.rss_samples > 0 and r.peak_rss_mb > r.start_rss_mb  # the node was sampled under load
     assert r.peak_rss_mb < RSS_BOUND_MB, f"node peak RSS {r.peak_rss_mb:.0f} MB for {lines} lines of 1 MiB"
     assert node.proc.poll() is None
