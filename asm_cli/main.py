@@ -241,6 +241,12 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["allow_run_options"] = args.allow_run_option
     if args.detach_grace is not None:
         settings["detach_grace_s"] = args.detach_grace
+    if args.retention_seconds is not None:
+        settings["retention_s"] = args.retention_seconds
+    if args.retention_runs is not None:
+        settings["retention_max_runs"] = args.retention_runs
+    if args.retention_bytes is not None:
+        settings["retention_max_bytes"] = args.retention_bytes
     if args.line_cap is not None:
         settings["line_cap_bytes"] = args.line_cap
     if args.label:
@@ -726,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operator-only provider option a run may set, e.g. args or anthropic_base_url "
                         "(repeatable; see 'asm providers')")
     s.add_argument("--detach-grace", type=float, metavar="SECONDS", help="interrupt runs left unattached this long")
+    s.add_argument("--retention-seconds", type=float, metavar="S",
+                   help="keep finished runs attachable this long (default 300)")
+    s.add_argument("--retention-runs", type=int, metavar="N", help="keep at most N finished runs (default 1000)")
+    s.add_argument("--retention-bytes", type=int, metavar="B",
+                   help="keep at most B bytes of finished runs' events (default 268435456)")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

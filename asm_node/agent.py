@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -58,7 +59,14 @@ class NodeAgent:
         self.boot_epoch = ulid()
         self.started_ns = time.time_ns()
         self.state = pb.NODE_STATE_READY
+        #: Every run the node holds: active ones and retained finished ones (lookup by id).
         self.runs: dict[str, Run] = {}
+        # The indexes that keep admission and eviction independent of how many finished runs
+        # are retained: the active runs, and the finished ones in finish order (oldest first)
+        # with the frame bytes each was counted for.
+        self._active: dict[str, Run] = {}
+        self._finished: OrderedDict[str, tuple[Run, int]] = OrderedDict()
+        self._retained_bytes = 0
         self._reaper = Reaper() if self.config.reaper else None
         self._sweeper: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[object] | None = None
@@ -103,14 +111,38 @@ class NodeAgent:
         return self._reaper.pid if self._reaper else None
 
     async def _sweep(self) -> None:
+        """Age out finished runs: each pass looks at the oldest ones only (O(1 + evicted))."""
         while True:
             await asyncio.sleep(min(max(self.config.retention_s / 4, 0.05), 30.0))
-            cutoff = time.monotonic() - self.config.retention_s
-            for rid in [rid for rid, r in self.runs.items() if r.done and r.subscribers == 0 and r.finished_mono < cutoff]:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest finished runs while retention is over its age, count or byte bound.
+
+        A run being streamed to a follower may be evicted: the follower holds the Run object
+        and finishes its replay; only a new attach by id gets the unknown-run error. Active
+        runs are never in ``_finished``, so they are never evicted.
+        """
+        cfg = self.config
+        finished = self._finished
+        cutoff = time.monotonic() - cfg.retention_s
+        while finished:
+            rid, (run, nbytes) = next(iter(finished.items()))
+            if (len(finished) <= cfg.retention_max_runs and self._retained_bytes <= cfg.retention_max_bytes
+                    and run.finished_mono >= cutoff):
+                return
+            finished.popitem(last=False)
+            self._retained_bytes -= nbytes
+            if self.runs.get(rid) is run:
                 del self.runs[rid]
 
     def _denied_env(self) -> set[str]:
         return {*self.config.env_deny, *SECRET_ENV}
+
+    @property
+    def retained_bytes(self) -> int:
+        """Event frame bytes held by retained finished runs (bounded by ``retention_max_bytes``)."""
+        return self._retained_bytes
 
     def _base_env(self) -> dict[str, str]:
         """The agent's environment minus its secrets: what every CLI starts from."""
@@ -120,7 +152,8 @@ class NodeAgent:
     # -- admission --------------------------------------------------------------
 
     def active_runs(self) -> int:
-        return sum(1 for r in self.runs.values() if not r.done)
+        # O(1): admission must not cost more the more finished runs are retained.
+        return len(self._active)
 
     def _provider(self, name: str) -> Provider:
         provider = self.providers.get(name)
@@ -195,7 +228,7 @@ class NodeAgent:
                 workspace_roots=[str(r) for r in cfg.workspace_roots],
                 detach_grace_ms=int(cfg.detach_grace_s * 1000),
             ),
-            load=pb.Load(active_runs=self.active_runs(), retained_runs=len(self.runs)),
+            load=pb.Load(active_runs=self.active_runs(), retained_runs=len(self._finished)),  # finished, attachable
             state=self.state,
             started_unix_nano=self.started_ns,
             labels=dict(cfg.labels),
@@ -237,11 +270,23 @@ class NodeAgent:
         command = provider.build_command(spec)
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics)
         self.metrics.runs_started.labels(provider.name).inc()
-        self.runs[req.run_id] = run
+        self._register(run)
         run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
         return run
 
+    def _register(self, run: Run) -> None:
+        rid = run.spec.run_id
+        self.runs[rid] = run
+        self._active[rid] = run
+
     def _run_finished(self, run: Run) -> None:
+        rid = run.spec.run_id
+        if self._active.get(rid) is run:
+            del self._active[rid]
+            nbytes = run.held_bytes
+            self._finished[rid] = (run, nbytes)
+            self._retained_bytes += nbytes
+            self._evict()  # incremental: at most the runs now over a bound
         log.info("run %s finished: %s (exit %s)", run.spec.run_id, run.status, run.exit_code)
         self.kind_totals = [a + b for a, b in zip(self.kind_totals, run.kind_counts, strict=True)]
         run.counted = True
@@ -313,12 +358,11 @@ class NodeAgent:
                                 deadline_unix_nano=self._drain_deadline_ns)
 
     async def _drain(self, deadline_s: float) -> None:
-        tasks = [r.task for r in self.runs.values() if not r.done and r.task is not None]
+        tasks = [r.task for r in self._active.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=deadline_s)
-            for run in self.runs.values():
-                if not run.done:
-                    run.interrupt()
+            for run in list(self._active.values()):
+                run.interrupt()
 
     # -- workspace snapshots (asm_node.workspace does the work, off the event loop) ---------
 

@@ -48,6 +48,11 @@ class NodeConfig(BaseSettings):
     replay_buffer_events: int = Field(default=100_000, ge=16)
     #: How long a finished run stays attachable.
     retention_s: float = Field(default=300.0, ge=0)
+    #: At most this many finished runs are kept attachable; the oldest finished ones are evicted first.
+    retention_max_runs: int = Field(default=1000, ge=0)
+    #: ... and at most this many bytes of their held event frames (a finished run larger than this
+    #: on its own is evicted at once; a follower already streaming it keeps its copy).
+    retention_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     #: A running run with no subscriber is interrupted after this long.
     detach_grace_s: float = Field(default=60.0, ge=0)
     #: Interrupt escalation: SIGINT, wait, SIGTERM, wait, SIGKILL.

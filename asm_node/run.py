@@ -112,6 +112,13 @@ class Run:
     def first_held_seq(self) -> int:
         return self._base_seq
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of serialized event frames held for replay (O(1): from the running totals)."""
+        if not self._cum:
+            return 0
+        return self._cum[-1] - self._cum[0] + len(self._frames[0])
+
     def _emit(self, events: list[pb.Event]) -> None:
         if not events:
             return
@@ -366,6 +373,10 @@ class Run:
         self._approvals.clear()
         self.done = True
         self.finished_mono = time.monotonic()
+        # A retained run keeps only its frames: the stderr tail (up to 64 KiB) and the
+        # process handle served the run that just ended, and the node may hold many runs.
+        self._stderr_tail = bytearray()
+        self._proc = None
         self._wake()
         self._on_finished(self)
 

@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench.py --quick         # smoke run: 20 runs, 20k events
     .venv/bin/python scripts/bench.py --runs 500 --events 500000
     .venv/bin/python scripts/bench.py --profile       # instead: cProfile one remote query (both processes)
+    .venv/bin/python scripts/bench.py --soak 10       # instead: (d) 10 minutes of back-to-back runs
+    .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -27,6 +29,21 @@
     (best and median reported); events/s = N / wall time. A run must be ok and
     carry exactly N + 3 events (run_started, N assistant_delta, result,
     run_completed), else it is reported as failed.
+
+(d) ``--soak MINUTES``: ``--soak-concurrency`` clients run ``true`` back to back
+    against one node process for MINUTES. Every ``--soak-interval`` seconds it
+    prints the interval's throughput (runs/s) and the node's RSS (VmRSS), open
+    fds and threads from /proc; at the end, least-squares slopes of each over
+    the intervals after ``--soak-warmup`` seconds, and the throughput ratio of
+    the last to the first of those intervals. Targets: ratio >= 0.8, RSS flat
+    (grows less than max(5 MB, 5 %) over the measured span).
+
+(e) ``--flood``: a run writing ``--flood-tiny-bytes`` of 2-byte lines (one event
+    each) and one writing ``--flood-long-bytes`` of 1 MiB lines, each on a fresh
+    node process, streamed over gRPC; every event is counted (seq without gaps)
+    and the node's peak RSS is sampled. The tiny-line node gets a replay buffer
+    holding the whole run unless ``--flood-replay-events`` says otherwise (see
+    tests/test_flood.py for why).
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
@@ -626,6 +643,170 @@ def report_faults(out: dict[str, Any]) -> None:
               f"in order {f['in_order']}, run ok {f['ok']}")
 
 
+# -- (d) soak ---------------------------------------------------------------------------------
+
+
+def proc_figures(pid: int) -> tuple[float, int, int]:
+    """(VmRSS in MB, open fds, threads) of a process, from /proc; NaN/-1 when unavailable."""
+    rss, threads = float("nan"), -1
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = -1
+    return rss, fds, threads
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (NaN with fewer than two points)."""
+    if len(xs) < 2:
+        return float("nan")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else float("nan")
+
+
+async def run_soak(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]:
+    from asm_controller import GrpcNodeClient
+    from asm_wire import pb
+
+    assert node.pid is not None
+    pid, address = node.pid, f"127.0.0.1:{node.port}"
+    duration = args.soak * 60
+    sessions = [Session("shell", node=RemoteNode(address), options=RUN_OPTIONS) for _ in range(args.soak_concurrency)]
+    done = 0
+    failures: list[str] = []
+    stop_at = time.monotonic() + duration
+
+    failed = 0
+
+    def fail(what: str) -> None:
+        nonlocal failed
+        failed += 1
+        if len(failures) < 20:
+            failures.append(what)
+
+    async def worker(session: Session) -> None:
+        nonlocal done
+        while time.monotonic() < stop_at:
+            try:
+                result = await asyncio.wait_for(session.query("true"), 30)
+            except Exception as exc:  # a soak reports a failed run, it does not stop
+                fail(f"{type(exc).__name__}: {exc}")
+                continue
+            if result.ok:
+                done += 1
+            else:
+                fail(f"{result.status}: {result.error}")
+
+    rows: list[dict[str, float]] = []
+    print(f"[d] soak: {args.soak:g} min of 'true' runs, {args.soak_concurrency} clients, node pid {pid}; "
+          f"interval {args.soak_interval:g}s, warm-up {args.soak_warmup:g}s", flush=True)
+    print(f"    {'t(s)':>6} {'runs/s':>8} {'rss MB':>8} {'fds':>5} {'threads':>7} {'client MB':>9}", flush=True)
+
+    async def sampler() -> None:
+        t0 = last_t = time.monotonic()
+        last_done = 0
+        while True:
+            await asyncio.sleep(min(args.soak_interval, max(0.0, stop_at - time.monotonic())))
+            now = time.monotonic()
+            rss, fds, threads = proc_figures(pid)
+            row = {"t": now - t0, "rate": (done - last_done) / (now - last_t), "rss": rss, "fds": fds,
+                   "threads": threads, "client_rss": rss_mb()}
+            rows.append(row)
+            last_t, last_done = now, done
+            print(f"    {row['t']:6.0f} {row['rate']:8.0f} {rss:8.1f} {fds:5d} {threads:7d} {row['client_rss']:9.1f}",
+                  flush=True)
+            if now >= stop_at:
+                return
+
+    try:
+        await warm(sessions[0], args.warmup)
+        tasks = [asyncio.create_task(worker(s)) for s in sessions]
+        await sampler()
+        await asyncio.gather(*tasks)
+        client = GrpcNodeClient(RemoteNode(address))
+        try:
+            hs = await client.handshake(pb.HandshakeRequest(), timeout=30)
+        finally:
+            await client.close()
+    finally:
+        for session in sessions:
+            await session.stop()
+    return {"rows": rows, "runs": done, "failures": failures, "failed": failed, "duration": duration,
+            "retained_runs": hs.load.retained_runs, "active_runs": hs.load.active_runs}
+
+
+def report_soak(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    rows = out["rows"]
+    print(f"\n(d) soak: {out['runs']:,} runs in {out['duration']:.0f}s ({out['runs'] / out['duration']:.0f} runs/s), "
+          f"{out['failed']} failed; node retains {out['retained_runs']} finished runs, "
+          f"{out['active_runs']} active at the end")
+    for f in out["failures"][:3]:
+        print(f"    failure: {f}")
+    # Intervals that started after the warm-up (a short last interval is measured like the others).
+    measured = [r for i, r in enumerate(rows) if (rows[i - 1]["t"] if i else 0.0) >= args.soak_warmup]
+    if len(measured) < 2:
+        print("    fewer than two intervals after the warm-up: no slopes (use a longer --soak or a shorter interval)")
+        return
+    ts = [r["t"] / 60 for r in measured]
+    for key, unit in (("rate", "runs/s"), ("rss", "MB"), ("fds", "fds"), ("threads", "threads"),
+                      ("client_rss", "client MB")):
+        ys = [float(r[key]) for r in measured]
+        print(f"    {key:>10}: first {ys[0]:8.1f}  last {ys[-1]:8.1f}  min {min(ys):8.1f}  max {max(ys):8.1f}  "
+              f"slope {slope(ts, ys):+8.2f} {unit}/min")
+    first, last = measured[0], measured[-1]
+    ratio = last["rate"] / first["rate"] if first["rate"] else float("nan")
+    span_min = ts[-1] - ts[0]
+    rss_growth = slope(ts, [r["rss"] for r in measured]) * span_min
+    rss_allow = max(5.0, 0.05 * first["rss"])
+    print(f"    throughput last/first interval after warm-up: {ratio:.2f} (target >= 0.80: "
+          f"{'ok' if ratio >= 0.8 else 'MISSED'})")
+    print(f"    RSS trend over the {span_min:.1f} measured min: {rss_growth:+.1f} MB (flat target: < {rss_allow:.1f} MB: "
+          f"{'ok' if rss_growth < rss_allow else 'MISSED'})")
+
+
+# -- (e) flood --------------------------------------------------------------------------------
+
+
+def run_flood(args: argparse.Namespace, workdir: Path) -> list[tuple[str, Any]]:
+    from tests.flood import flood, long_lines, tiny_lines
+
+    py = sys.executable
+    allow = ["--shell-allow", py, "--shell-allow", os.path.basename(py)]
+    out: list[tuple[str, Any]] = []
+    cases = [("tiny", *tiny_lines(py, args.flood_tiny_bytes)), ("long", *long_lines(py, args.flood_long_bytes))]
+    for name, prompt, lines in cases:
+        extra = list(allow)
+        if name == "tiny":
+            os.environ["ASM_NODE_REPLAY_BUFFER_EVENTS"] = str(args.flood_replay_events or lines + 16)
+        node = NodeProcess(workdir, extra=extra)
+        try:
+            node.start()
+            assert node.pid is not None
+            print(f"[e] flood {name}: {lines:,} lines on node pid {node.pid}", flush=True)
+            out.append((name, asyncio.run(flood(f"127.0.0.1:{node.port}", node.pid, f"flood-{name}", prompt, lines))))
+        finally:
+            os.environ.pop("ASM_NODE_REPLAY_BUFFER_EVENTS", None)
+            node.stop()
+    return out
+
+
+def report_flood(out: list[tuple[str, Any]]) -> None:
+    print("\n(e) flood: every event streamed from a node process over gRPC, node RSS sampled every 20 ms")
+    for name, r in out:
+        ok = r.error is None and not r.gaps and r.deltas == r.lines and r.events == r.lines + 3
+        print(f"  {name:<5} {r.lines:>12,} lines {r.delta_bytes / 2**20:9.1f} MiB  {r.wall_s:7.1f}s  "
+              f"{r.events_per_s:>10,.0f} ev/s {r.delta_bytes / 2**20 / r.wall_s if r.wall_s else 0:7.1f} MiB/s  "
+              f"node RSS {r.start_rss_mb:.0f} -> peak {r.peak_rss_mb:.0f} (end {r.end_rss_mb:.0f}) MB  "
+              f"{'all events' if ok else f'INCOMPLETE: {r.events} events, error {r.error}, gaps {r.gaps[:3]}'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=None, help="latency runs per target (default 200; 20 with --quick)")
@@ -646,7 +827,24 @@ def main() -> int:
         help="instead of the benchmark: one remote query throughput run under cProfile, with the "
         "node agent under cProfile too; prints the top 15 functions of each process",
     )
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="instead of the benchmark: (d) back-to-back runs for MINUTES, with RSS/fd/thread slopes")
+    parser.add_argument("--soak-interval", type=float, default=None, metavar="SECONDS",
+                        help="soak sampling interval (default 60 s; 10 s for a soak under 5 minutes)")
+    parser.add_argument("--soak-warmup", type=float, default=None, metavar="SECONDS",
+                        help="soak intervals starting before this are not in the slopes (default: one interval)")
+    parser.add_argument("--soak-concurrency", type=int, default=4, metavar="N", help="soak clients (default 4)")
+    parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
+    parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
+                        help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
+    parser.add_argument("--flood-replay-events", type=int, default=0, metavar="N",
+                        help="replay_buffer_events of the tiny-flood node (default 0: hold the whole run, "
+                        "~170 B per event; the node default 100000 ends a large tiny flood with replay_gap)")
+    parser.add_argument("--flood-long-bytes", type=int, default=256 * 2**20, metavar="B",
+                        help="bytes of 1 MiB lines for --flood (default 256 MiB)")
     args = parser.parse_args()
+    if args.soak is not None or args.flood:
+        return main_soak_flood(args, parser)
     if args.runs is None:
         args.runs = 20 if args.quick else 200
     if args.events is None:
@@ -699,6 +897,52 @@ def main() -> int:
             report(args, out, node_pid)
     if faults is not None:
         report_faults(faults)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def main_soak_flood(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.soak is not None:
+        if args.soak <= 0 or args.soak_concurrency < 1:
+            parser.error("--soak needs MINUTES > 0 and --soak-concurrency >= 1")
+        if args.soak_interval is None:
+            args.soak_interval = 60.0 if args.soak >= 5 else 10.0
+        if args.soak_interval <= 0:
+            parser.error("--soak-interval must be > 0")
+        if args.soak_warmup is None:
+            args.soak_warmup = args.soak_interval
+    if args.flood and (args.flood_tiny_bytes < 2 or args.flood_long_bytes < 2**20):
+        parser.error("--flood-tiny-bytes must be >= 2 and --flood-long-bytes >= 1 MiB")
+    t_start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-"))
+    print(f"asm bench  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
+          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    node = NodeProcess(workdir)
+    soak: dict[str, Any] | None = None
+    floods: list[tuple[str, Any]] = []
+    try:
+        if args.soak is not None:
+            node.start()
+            soak = asyncio.run(run_soak(args, node))
+            node.stop()
+        if args.flood:
+            floods = run_flood(args, workdir)
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+            log = node.log()
+            if log:
+                print(f"--- node log (last 2000 chars) ---\n{log[-2000:]}", file=sys.stderr)
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if soak is not None:
+        report_soak(args, soak)
+    if floods:
+        report_flood(floods)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 
