@@ -481,3 +481,13 @@ def test_the_cluster_still_runs_after_the_fuzzing(cluster: Cluster) -> None:
     assert text == "still alive\n"
     assert events[-1].kind == pb.EVENT_KIND_RUN_COMPLETED and events[-1].run_completed.status == "completed"
     assert not _slice(cluster.log, before).tracebacks()
+
+
+@pytest.mark.parametrize("target", ["node", "controller"])
+def test_an_error_echoing_a_huge_field_still_arrives_typed(cluster: Cluster, target: str) -> None:
+    """"Unknown run id: <200 KB>" overflowed the 16 KiB trailer limit: the client saw gRPC's own
+    "Stream removed" RESOURCE_EXHAUSTED instead of NOT_FOUND. The status message is cut now."""
+    for run_id in ("x" * HUGE, "\u00e9" * (HUGE // 2)):
+        code, details = cluster.run(call(cluster.channels[target], "GetRun", pb.GetRunRequest(run_id=run_id)))
+        assert code == grpc.StatusCode.NOT_FOUND, (code, details[:200])
+        assert details.startswith("Unknown run id: ") and details.endswith(" characters)") and len(details) < 1100
