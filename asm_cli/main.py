@@ -614,6 +614,7 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_ca=Path(args.tls_ca) if args.tls_ca else None, node_tls=node_tls, insecure=args.insecure,
         strategy=args.strategy, liveness=LivenessConfig(node_lost_timeout_s=args.node_lost_timeout),
+        expected_providers=list(args.expect_provider or []),
     )
 
     def ready(ctl: Any) -> None:
@@ -798,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
     cs.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"])
     cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
+    cs.add_argument("--expect-provider", action="append", metavar="NAME",
+                    help="a provider the fleet must offer: NoHealthyNodeForProvider alerts for it even before any "
+                         "node advertised it (repeatable)")
     cs.set_defaults(func=cmd_controller_serve)
 
     rp = sub.add_parser("replay", help="print a recorded run's events and its Result, rebuilt from an event store")

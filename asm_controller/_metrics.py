@@ -1,30 +1,49 @@
 """Prometheus metrics of a controller (``asm_controller_*``), in a registry of its own.
 
 Node labels are node addresses (bounded by the fleet); never run or session ids.
+
+Every counter series whose label values are known up front exists at 0 from the first scrape
+(providers, outcomes, and each node address once the controller knows it): a series born at its
+first increment has no earlier sample, so ``increase()`` over it stays 0 and an alert such as
+``NodeLost`` would miss the first loss (deploy/prometheus/rules/asm.yml).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from asm_wire import __version__, pb
+from asm_wire import ConfigError, __version__, pb
 
 if TYPE_CHECKING:
     from asm_controller._session import Session
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STATES = ("healthy", "degraded", "unhealthy", "draining", "lost")
+PROVIDERS = ("claude", "codex", "gemini", "amp", "shell")
+#: Outcomes of ``asm_controller_runs_routed_total`` (Session._finish maps every end to one of them).
+OUTCOMES = ("completed", "failed", "interrupted", "node_lost")
 
 
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        #: Providers NoHealthyNodeForProvider may page for: the operator's list plus every provider a
+        #: node has advertised (available) in a handshake since this controller started. Sticky, so a
+        #: provider whose only node died (or left the DNS name) still pages.
+        self.advertised: set[str] = set()
+        self._nodes_known: set[str] = set()
+        self._sessions: list[Session] = []
+        # Registered first: the registry collects in registration order, so the node-labelled
+        # counters created at 0 here are in the same scrape.
+        r.register(_SessionCollector(self))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         Gauge("asm_controller_build_info", "Controller version", ["version"], registry=r).labels(__version__).set(1)
         self.handshake = Histogram("asm_controller_handshake_duration_seconds", "Handshake (and heartbeat) latency",
                                    ["node"], buckets=LATENCY_BUCKETS, registry=r)
@@ -43,11 +62,33 @@ class ControllerMetrics:
         self.tokens = Counter("asm_controller_tokens", "Tokens reported by providers", ["provider", "direction"],
                               registry=r)
         self.cost = Counter("asm_controller_cost_usd", "Cost reported by providers (USD)", ["provider"], registry=r)
-        self._sessions: list[Session] = []
-        r.register(_SessionCollector(self))
+        for provider in PROVIDERS:
+            self.cost.labels(provider)
+            for direction in ("input", "output"):
+                self.tokens.labels(provider, direction)
+
+    def expect_providers(self, names: Sequence[str]) -> None:
+        """The operator's list (``--expect-provider``): these page when no node can run them, even
+        if no node has ever been seen advertising them."""
+        unknown = sorted(set(names) - set(PROVIDERS))
+        if unknown:
+            raise ConfigError(f"unknown provider(s) {', '.join(unknown)}: use {', '.join(PROVIDERS)}")
+        self.advertised.update(names)
 
     def watch(self, session: Session) -> None:
         self._sessions.append(session)
+        for target in session.defaults.nodes:
+            self.node_known(target.address)
+
+    def node_known(self, address: str) -> None:
+        """Create the node's counter series at 0 (idempotent; called for every node at each scrape)."""
+        if address in self._nodes_known:
+            return
+        self._nodes_known.add(address)
+        self.node_lost.labels(address)
+        self.reconnects.labels(address)
+        for outcome in OUTCOMES:
+            self.routed.labels(address, outcome)
 
 
 class _SessionCollector(Collector):
@@ -62,14 +103,21 @@ class _SessionCollector(Collector):
                                 labels=["node"])
         providers = GaugeMetricFamily("asm_controller_provider_nodes",
                                       "Healthy, ready nodes that have the provider's CLI", labels=["provider"])
+        advertised = GaugeMetricFamily(
+            "asm_controller_provider_advertised",
+            "1 if some node advertised the provider since the controller started, or the operator expects it "
+            "(--expect-provider)", labels=["provider"])
         counts: dict[str, int] = {}
         active = pending = 0
         for session in self.metrics._sessions:
             active += len(session._active)
             pending += len(session._approvals)
             for target in session.defaults.nodes:
+                self.metrics.node_known(target.address)
                 handle = session._handles.get(target.key)
                 health = session._router.health.status(target.key)
+                if handle is not None:  # its last good handshake, kept while the node is lost
+                    self.metrics.advertised.update(p.name for p in handle.info.providers if p.available)
                 if handle is None:
                     current, is_up, hb = health, 0.0, None
                 elif handle.state == "lost":
@@ -88,11 +136,13 @@ class _SessionCollector(Collector):
                 up.add_metric([node], is_up)
                 if hb is not None:
                     age.add_metric([node], hb)
-        for name in ("claude", "codex", "gemini", "amp", "shell"):
+        for name in PROVIDERS:
             providers.add_metric([name], counts.get(name, 0))
+            advertised.add_metric([name], 1.0 if name in self.metrics.advertised else 0.0)
         yield state
         yield up
         yield age
         yield providers
+        yield advertised
         yield GaugeMetricFamily("asm_controller_runs_active", "Runs in progress", value=active)
         yield GaugeMetricFamily("asm_controller_approvals_pending", "Approvals waiting for a decision", value=pending)

@@ -83,6 +83,7 @@ class ControllerConfig:
     strategy: str = "priority"
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     max_concurrent_runs: int = 1000
+    expected_providers: list[str] = field(default_factory=list)  # always alerted on (--expect-provider)
 
 
 def read_nodes_file(path: Path) -> list[str]:
@@ -335,6 +336,7 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
                    tls_ca=config.tls_ca is not None, insecure=config.insecure)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
+    metrics.expect_providers(config.expected_providers)
     api = FleetApi(config, metrics)
     api.set_nodes(await _node_addresses(config))
     interceptors = [TokenAuthInterceptor(config.token)] if config.token else []

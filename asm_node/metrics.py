@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 # Agent runs last from seconds to hours.
 RUN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+#: Final run statuses (asm_node.run.Run._complete).
+RUN_OUTCOMES = ("completed", "failed", "interrupted")
 FIRST_EVENT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -47,9 +49,17 @@ class NodeMetrics:
             self.rejected.labels(reason)
         for stream in ("stdout", "stderr", "replay"):
             self.overflows.labels(stream)
+        ProcessCollector(registry=r)  # process_* (CPU, RSS, fds, start time)
+        PlatformCollector(registry=r)  # python_info
 
     def bind(self, agent: NodeAgent) -> None:
         self.build_info.labels(__version__, agent.boot_epoch, agent.node_id).set(1)
+        # Series at 0 for every provider this node has: a counter born at its first increment is
+        # invisible to increase()/rate() until its second.
+        for provider in agent.providers:
+            self.runs_started.labels(provider)
+            for outcome in RUN_OUTCOMES:
+                self.runs_finished.labels(provider, outcome)
         self.registry.register(_AgentCollector(agent))
 
 

@@ -50,9 +50,18 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+#: The status message travels in a (percent-encoded) trailer: past the peer's metadata limit (16 KiB)
+#: the client gets "Stream removed" RESOURCE_EXHAUSTED instead of the typed error, so a message
+#: that echoes a huge field (an id, a cwd) is cut.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
 async def abort(context: Context, err: AsmError) -> None:
     context.set_trailing_metadata(err.grpc_trailers())
-    await context.abort(err.grpc_status(), err.message)
+    message = err.message
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = f"{message[:MAX_STATUS_MESSAGE_CHARS]}... ({len(message)} characters)"
+    await context.abort(err.grpc_status(), message)
 
 
 def unary(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:

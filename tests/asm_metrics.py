@@ -42,6 +42,7 @@ CONTROLLER_METRICS = frozenset({
     "asm_controller_tokens_total",
     "asm_controller_cost_usd_total",
     "asm_controller_provider_nodes",
+    "asm_controller_provider_advertised",
     "asm_controller_runs_active",
 })
 

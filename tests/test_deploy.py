@@ -424,14 +424,21 @@ def test_alert_rules_structure() -> None:
     def squash(s: str) -> str:
         return re.sub(r"\s+", "", s)
     assert squash(by_name["NodeDown"]["expr"]) == 'up{job="asm-node"}==0' and by_name["NodeDown"]["for"] == "1m"
-    assert squash(by_name["NodeLost"]["expr"]) == "increase(asm_controller_node_lost_total[5m])>0"
-    assert squash(by_name["NoHealthyNodeForProvider"]["expr"]) == "asm_controller_provider_nodes==0"
+    # Counter alerts count a first increment too: increase(), or a series > 0 that did not exist
+    # one window ago while its target did (tests/test_monitoring.py runs them in a real Prometheus).
+    for alert, counter, window in (("NodeLost", "asm_controller_node_lost_total", "5m"),
+                                   ("ApprovalsTimingOut", "asm_controller_approvals_timed_out_total", "15m")):
+        assert squash(by_name[alert]["expr"]) == (
+            f"increase({counter}[{window}])>0or(({counter}>0unless{counter}offset{window})"
+            f"andon(job,instance)(upoffset{window}))"), alert
+    # Only providers some node advertised (or the operator expects): never one nobody installed.
+    assert squash(by_name["NoHealthyNodeForProvider"]["expr"]) == (
+        "asm_controller_provider_nodes==0andon(job,instance,provider)asm_controller_provider_advertised==1")
     assert by_name["NoHealthyNodeForProvider"]["for"] == "2m"
     hafr = by_name["HighAdmissionFailureRate"]["expr"]
     assert "rate(asm_controller_admission_failovers_total" in hafr and "rate(asm_controller_runs_routed_total" in hafr
     assert squash(by_name["RunsStuckWithoutEvents"]["expr"]) == "asm_node_run_idle_seconds_max>900"
     assert by_name["RunsStuckWithoutEvents"]["for"] == "5m"
-    assert squash(by_name["ApprovalsTimingOut"]["expr"]) == "increase(asm_controller_approvals_timed_out_total[15m])>0"
     # Job selectors name jobs that exist.
     jobs = {j["job_name"] for j in load_yaml(PROM_CONFIG)["scrape_configs"]}
     for rule in by_name.values():
@@ -444,6 +451,17 @@ def test_rule_unit_tests_cover_the_key_alerts() -> None:
     assert [(RULES_TEST.parent / f).resolve() for f in data["rule_files"]] == [RULES.resolve()]
     firing = {t["alertname"] for test in data["tests"] for t in test["alert_rule_test"] if t["exp_alerts"]}
     assert {"NodeDown", "NodeLost", "NoHealthyNodeForProvider"} <= firing
+    # Realistic inputs: a counter series that is born at its first increment (no earlier sample,
+    # `_` in promtool's notation) must be among the NodeLost inputs that fire, and a provider nobody
+    # advertised among the NoHealthyNodeForProvider inputs.
+    def inputs(alert: str) -> list[str]:
+        return [s["values"] for test in data["tests"] if any(t["alertname"] == alert and t["exp_alerts"]
+                                                              for t in test["alert_rule_test"])
+                for s in test["input_series"]]
+    assert any(v.startswith("_") and "1" in v for v in inputs("NodeLost"))
+    assert any('provider="amp"' in s["series"] and s["values"].startswith("0")
+               for test in data["tests"] for s in test["input_series"]
+               if s["series"].startswith("asm_controller_provider_advertised"))
 
 
 def test_metric_names_in_rules_and_dashboard_are_known() -> None:

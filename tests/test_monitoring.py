@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -255,3 +256,105 @@ async def test_controller_discovers_nodes_by_dns_and_file(
 def test_controller_without_nodes_is_a_clear_error() -> None:
     proc = asm("controller", "serve", "--listen", "127.0.0.1:0")
     assert proc.returncode == 2 and proc.stderr.startswith("asm: error:") and "Traceback" not in proc.stderr
+
+
+# --- alerts that fire: series at zero, process collectors, the deploy rules on live exporters ---------
+
+NODE_PROVIDERS = ("claude", "codex", "gemini", "amp", "shell")
+
+
+def assert_process_metrics(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], pid: int) -> None:
+    """prometheus_client's ProcessCollector/PlatformCollector, read from the exporter's own /proc."""
+    assert value(samples, "process_resident_memory_bytes") > 1_000_000
+    assert value(samples, "process_open_fds") >= 3 and value(samples, "process_max_fds") > 0
+    assert value(samples, "process_cpu_seconds_total") > 0
+    start = value(samples, "process_start_time_seconds")
+    assert abs(start - time.time()) < 600, start
+    assert any(name == "python_info" for name, _ in samples)
+    with open(f"/proc/{pid}/status") as f:  # the numbers are the exporter's, not the test's
+        rss_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    assert 0.5 < value(samples, "process_resident_memory_bytes") / (rss_kb * 1024) < 2
+
+
+async def test_counters_exist_at_zero_and_process_metrics_are_scraped(
+    node_process: Callable[..., NodeProcess], controller_process: Callable[..., ControllerProcess],
+) -> None:
+    """Every counter series a rule relies on exists at 0 before its first increment: a series born at
+    its first increment is invisible to increase() (NodeLost never fired on a first loss)."""
+    node = node_process("--metrics-listen", "127.0.0.1:0")
+    gone = f"127.0.0.1:{closed_port()}"  # a node of the fleet that never answered
+    ctl = controller_process("--node", node.address, "--node", gone, "--expect-provider", "gemini")
+    n = scrape(metrics_port(node))
+    for provider in NODE_PROVIDERS:
+        assert (("asm_node_runs_started_total", (("provider", provider),)) in n), provider
+        for outcome in ("completed", "failed", "interrupted"):
+            key = ("asm_node_runs_finished_total", (("outcome", outcome), ("provider", provider)))
+            assert n.get(key) == 0, key
+    assert_process_metrics(n, node.pid)
+    c = scrape(ctl.metrics_port)
+    for address in (node.address, gone):
+        assert c.get(("asm_controller_node_lost_total", (("node", address),))) == 0, address
+        assert c.get(("asm_controller_reconnects_total", (("node", address),))) == 0, address
+        for outcome in ("completed", "failed", "interrupted", "node_lost"):
+            assert c.get(("asm_controller_runs_routed_total", (("node", address), ("outcome", outcome)))) == 0
+    for provider in NODE_PROVIDERS:
+        assert c.get(("asm_controller_cost_usd_total", (("provider", provider),))) == 0
+        assert c.get(("asm_controller_tokens_total", (("direction", "input"), ("provider", provider)))) == 0
+    # Advertised: shell by the node's handshake; gemini because the operator expects it; amp (in no
+    # image, not on this machine's PATH) by nobody.
+    advertised = {p: c.get(("asm_controller_provider_advertised", (("provider", p),))) for p in NODE_PROVIDERS}
+    assert advertised["shell"] == 1 and advertised["gemini"] == 1 and advertised["amp"] == 0, advertised
+    assert_process_metrics(c, ctl.proc.pid)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_expect_provider_must_name_a_provider() -> None:
+    proc = asm("controller", "serve", "--listen", "127.0.0.1:0", "--node", "127.0.0.1:1", "--expect-provider", "zzz")
+    assert proc.returncode == 2 and "unknown provider(s) zzz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_deploy_alerts_fire_on_a_first_node_loss_and_not_for_uninstalled_providers(
+    node_process: Callable[..., NodeProcess], controller_process: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    """A real Prometheus with deploy/prometheus/rules/asm.yml over a live controller: the first loss of
+    a node fires NodeLost within seconds; amp (installed nowhere) is never even pending."""
+    from tests.prometheus_server import PrometheusServer, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (scripts/install_prometheus.sh)")
+    rules = ROOT / "deploy" / "prometheus" / "rules" / "asm.yml"
+    node = node_process()
+    ctl = controller_process("--node", node.address, "--node-lost-timeout", "1")
+    jobs = {"asm-controller": [f"127.0.0.1:{ctl.metrics_port}"]}
+    lost_series = f'asm_controller_node_lost_total{{job="asm-controller", node="{node.address}"}}'
+    with PrometheusServer.start(tmp_path / "prom", jobs, rule_files=[rules]) as prom:
+        prom.wait_for_targets_up(timeout=15)
+        # A few scrapes of the healthy fleet first, as in production (the loss is not at the first scrape).
+        assert prom.wait_for(lambda: (prom.query_value('count_over_time(up{job="asm-controller"}[1m])') or 0) >= 3)
+        async with Session("shell", node=RemoteNode(ctl.address)) as s:
+            busy = s.stream("sleep 60")
+            await busy.__anext__()
+            node.stop(signal.SIGKILL)
+            async for _ in busy:
+                pass
+        assert busy.result is not None and busy.result.error is not None
+        assert busy.result.error.kind == "node_lost", busy.result.error
+
+        def node_lost_firing() -> list[dict[str, object]]:
+            return [a for a in prom.alerts() if a["labels"]["alertname"] == "NodeLost"
+                    and a["labels"].get("node") == node.address and a["state"] == "firing"]
+        assert prom.wait_for(node_lost_firing, timeout=20)
+        assert prom.query_value(lost_series) == 1
+        no_node = [a["labels"].get("provider") for a in prom.alerts()
+                   if a["labels"]["alertname"] == "NoHealthyNodeForProvider"]
+        # shell was advertised and its only node is gone: pending (for: 2m). Nothing else.
+        assert set(no_node) <= {"shell"}, no_node
+        assert prom.query_value('asm_controller_provider_advertised{provider="amp"}') == 0
+        assert prom.query_value('process_resident_memory_bytes{job="asm-controller"}') > 0  # type: ignore[operator]

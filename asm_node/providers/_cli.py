@@ -271,6 +271,9 @@ class CliProvider(Provider):
 # -- JSON line parsing -------------------------------------------------------------
 
 _SESSION_KEYS = ("session_id", "thread_id", "sessionId", "provider_session_id", "conversation_id")
+#: A session id the node can stamp on every event and pass back as ``--resume ID``: printable,
+#: bounded, no NUL, no lone surrogate (either would fail the protobuf encoding or the exec).
+_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")
 
 
 def ev_delta(text: str) -> pb.Event:
@@ -390,22 +393,23 @@ class JsonLineParser(LineParser):
                 continue
             try:
                 obj = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
                 out.append(ev_raw(text.decode("utf-8", "replace")))
                 continue
             if not isinstance(obj, dict):
-                out.append(ev_raw(obj))
+                # The line as printed: re-encoding the value can fail (a lone surrogate in a string).
+                out.append(ev_raw(text.decode("utf-8", "replace")))
                 continue
             if not self.provider_session_id:
                 for key in _SESSION_KEYS:
                     value = obj.get(key)
-                    if isinstance(value, str) and value.strip():
+                    if isinstance(value, str) and _SESSION_ID.fullmatch(value.strip()):
                         self.provider_session_id = value.strip()
                         break
             try:
                 self.handle(obj, out)
             except Exception as exc:  # a surprising shape must not kill the run
-                out.append(ev_raw(obj))
+                out.append(ev_raw(text.decode("utf-8", "replace")))
                 out.append(error_event(f"could not decode {self.provider.display_name} line: {exc}", "parse_error",
                                        "parser", severity=pb.SEVERITY_WARNING))
 
