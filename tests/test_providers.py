@@ -1,4 +1,4 @@
-"""Provider command builders and parsers, on the real CLIs' captured output (shared/fixtures/cli)."""
+"""Provider command builders and parsers, on the real CLIs' captured output (tests/fixtures/cli, copied from shared/fixtures/cli)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from asm_node.providers._cli import CliProvider
 from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "cli"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cli"  # copies of shared/fixtures/cli
 # Command builders under test: every operator-only option allowed (tests/test_operator_knobs.py tests the refusal).
 PROVIDERS: dict[str, CliProvider] = {
     p.name: p for p in (cls(cls.operator_options) for cls in (ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider))
