@@ -304,3 +304,13 @@ def test_missing_cli_names_the_env_var(tmp_path: Path) -> None:
     with pytest.raises(AsmError) as exc:
         PROVIDERS["claude"].build_command(spec("claude", env=env))
     assert exc.value.kind == "cli_not_found" and "CLAUDE_CLI_PATH" in exc.value.message
+
+
+@pytest.mark.parametrize("value", ["abc\n", "abc\n--dangerous", "-x", "a b", ""])
+def test_resume_session_id_is_anchored_at_the_very_end(value: str) -> None:
+    # A `$`-anchored pattern accepted "abc\n": the id goes to the CLI's --resume as is.
+    from asm_node.providers._cli import check_session_id
+
+    with pytest.raises(ConfigError):
+        check_session_id(value, "claude")
+    assert check_session_id("abc-1.2:x@y", "claude") == "abc-1.2:x@y"

@@ -91,12 +91,12 @@ def validate_model(model_cls: type[BaseModel], options: Mapping[str, Any], provi
         raise ConfigError(f"invalid options for provider {provider}: {problems}") from None
 
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,511}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,511}")
 
 
 def check_session_id(value: str, provider: str) -> str:
     """A provider session id for resume: no leading '-', no spaces or control chars (flag injection)."""
-    if value == "latest" or _SAFE_ID.match(value):
+    if value == "latest" or _SAFE_ID.fullmatch(value):
         return value
     raise ConfigError(f"invalid {provider} session id to resume: {value!r}")
 
