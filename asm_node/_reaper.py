@@ -98,9 +98,21 @@ def main() -> None:
     deadline = time.monotonic() + 2.0
     while any(_populated(c) for c in groups.values() if c) and time.monotonic() < deadline:
         time.sleep(0.02)
-    for cgroup in [c for c in groups.values() if c] + ([node_cgroup] if node_cgroup else []):
+    leftover: list[str] = []
+    if node_cgroup:
+        try:
+            # Also run cgroups the agent had not registered yet (or was still removing): empty ones go.
+            leftover = [os.path.join(node_cgroup, d) for d in os.listdir(node_cgroup) if d.startswith("run-")]
+        except OSError:
+            pass
+    for cgroup in {*[c for c in groups.values() if c], *leftover}:
         try:
             os.rmdir(cgroup)
+        except OSError:
+            pass
+    if node_cgroup:
+        try:
+            os.rmdir(node_cgroup)
         except OSError:
             pass
 

@@ -266,6 +266,9 @@ class Cgroups:
     def __init__(self, root: str) -> None:
         self.root = root
         self._n = 0
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # run cgroups whose members are still exiting
+        self._closed = False
 
     @classmethod
     def create(cls) -> Cgroups | None:
@@ -352,9 +355,16 @@ class Cgroups:
         self.signal(path, signal.SIGKILL)
         if self.remove(path):
             return
+        with self._lock:
+            self._pending.add(path)
 
         def retry(left: int) -> None:
             if self.remove(path):
+                with self._lock:
+                    self._pending.discard(path)
+                    last = self._closed and not self._pending
+                if last:
+                    self.remove(self.root)  # close() could not: this run was still in it
                 return
             if left:
                 self.signal(path, signal.SIGKILL)
@@ -365,7 +375,11 @@ class Cgroups:
         threading.Timer(0.01, retry, (100,)).start()
 
     def close(self) -> None:
-        if not self.remove(self.root):
+        """Remove the node's directory (now, or as soon as the last run cgroup is gone)."""
+        with self._lock:
+            self._closed = True
+            pending = bool(self._pending)
+        if not self.remove(self.root) and not pending:
             log.warning("cannot remove %s (runs still in it?)", self.root)
 
 
