@@ -113,6 +113,7 @@ Operations on one repository are serialized by a per-repository lock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -126,9 +127,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, ParamSpec, TypeVar
 
 from asm_wire import AsmError, ConfigError, pb, ulid
 
@@ -203,6 +204,22 @@ class _Change:
     new_mode: str  # mode in the snapshot
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _typed_io(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """An OS error on the way (temp index, unreadable or vanished file) is a typed error, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            raise AsmError(f"workspace {fn.__name__} failed: {exc}", kind="tool_failed", domain="tool",
+                           reason="workspace_io") from exc
+    return wrapper
+
+
 class Workspaces:
     """Snapshot, diff and rollback of working directories (blocking; called in a thread)."""
 
@@ -222,6 +239,7 @@ class Workspaces:
 
     # -- public API -------------------------------------------------------------
 
+    @_typed_io
     def snapshot(self, cwd: str, backend: str, label: str) -> pb.SnapshotInfo:
         root = self._root(cwd)
         backend = (backend or "git").strip().lower()
@@ -243,6 +261,7 @@ class Workspaces:
             snap = self._store_git_snapshot(repo, tree, head, label)
         return snap.info()
 
+    @_typed_io
     def diff(self, cwd: str, from_id: str, to_id: str, max_patch_bytes: int) -> pb.DiffResponse:
         root = self._root(cwd)
         if not from_id:
@@ -279,6 +298,7 @@ class Workspaces:
         return pb.DiffResponse(added=sorted(added), modified=sorted(modified), deleted=sorted(deleted),
                                patch=patch, truncated=truncated or over)
 
+    @_typed_io
     def rollback(self, cwd: str, snapshot_id: str) -> pb.RollbackResponse:
         root = self._root(cwd)
         if not snapshot_id:
@@ -656,7 +676,8 @@ class Workspaces:
         while i < len(fields) and fields[i]:
             meta = fields[i].decode().split(" ")
             if len(meta) != 5 or not meta[0].startswith(":") or i + 1 >= len(fields):
-                raise AsmError(f"unexpected git diff-tree output {fields[i]!r}")
+                raise AsmError(f"unexpected git diff-tree output {fields[i]!r}", kind="tool_failed", domain="tool",
+                               reason="git_failed")
             status = meta[4][:1]
             npaths = 2 if status in ("R", "C") else 1
             path = fields[i + npaths]

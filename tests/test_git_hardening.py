@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,3 +236,12 @@ async def test_git_failures_are_typed_over_grpc(
     assert (err.value.kind, err.value.domain, err.value.reason) == ("tool_failed", "tool", "git_failed")
     assert "git write-tree failed" in err.value.message
     assert not [r for r in caplog.records if r.exc_info], "a git failure logged a traceback"
+
+
+def test_io_failures_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path / "repo")
+    ws = Workspaces()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))  # the temp index has nowhere to go
+    with pytest.raises(AsmError, match="workspace snapshot failed") as err:
+        ws.snapshot(str(repo), "git", "")
+    assert (err.value.kind, err.value.reason) == ("tool_failed", "workspace_io")

@@ -30,7 +30,7 @@ import pytest
 from asm_controller import EmbeddedNode, RemoteNode, Session
 from asm_controller._client import LivenessConfig
 from asm_node import NodeAgent
-from asm_node.process import Cgroups, Reaper
+from asm_node.process import Cgroups, Reaper, spawn
 from tests.conftest import _READY, PYTHON_BASENAME, NodeProcess, node_config, pid_alive, wait_until
 
 EVIL = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('hijacked by a planted ' + __name__)\n"
@@ -289,3 +289,47 @@ def test_reaper_without_cgroups_tracks_groups_only() -> None:
     finally:
         reaper.stop()
     assert not reaper.up
+
+
+async def test_the_cli_is_in_its_cgroup_before_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper shell puts the CLI in its cgroup before exec: even with the parent's own write
+    failing, the CLI's first look at /proc/self/cgroup is the run's cgroup."""
+    _cgroups_or_skip()
+    import asm_node.process as process
+
+    real_write = process._write_file
+
+    def parent_cannot_write(path: str, data: str) -> None:
+        if path.endswith("cgroup.procs"):
+            raise PermissionError(13, "denied for the test")
+        real_write(path, data)
+
+    monkeypatch.setattr(process, "_write_file", parent_cannot_write)
+    agent = NodeAgent(node_config(workspace_roots=[tmp_path]))
+    await agent.start()
+    try:
+        async with Session("shell", node=EmbeddedNode(agent)) as s:
+            result = await s.query(py("print(open('/proc/self/cgroup').read().strip().rpartition('/')[2])"),
+                                   cwd=str(tmp_path))
+        assert result.ok, result.error
+        assert result.text.strip() == "run-1"
+    finally:
+        await agent.stop()
+
+
+async def test_spawn_errors_stay_typed_with_the_cgroup_wrapper(tmp_path: Path) -> None:
+    _cgroups_or_skip()
+    tree = Cgroups.create()
+    assert tree is not None
+    try:
+        not_exec = tmp_path / "not-executable"
+        not_exec.write_text("#!/bin/sh\necho hi\n")
+        for argv0, exc in (("no-such-cli-anywhere", FileNotFoundError), (str(not_exec), PermissionError),
+                           ("./not-executable", PermissionError)):
+            cgroup = tree.new_run()
+            assert cgroup is not None
+            with pytest.raises(exc):
+                await spawn([argv0], str(tmp_path), {"PATH": os.defpath}, False, cgroup)
+            assert not await asyncio.to_thread(os.path.exists, cgroup), "a failed spawn left its cgroup"
+    finally:
+        tree.close()
