@@ -8,6 +8,9 @@
 * Termination escalates SIGINT -> SIGTERM -> SIGKILL on the group, waiting for
   the *group* to be gone (not just the leader), and the leader is always reaped.
 * A :class:`Reaper` watchdog kills registered groups if the agent itself dies.
+* Where the node can create cgroup v2 groups (:class:`Cgroups`), each run also
+  has its own cgroup, entered before the CLI runs: what leaves the process
+  group (``setsid``) is still killed at run end and by the watchdog.
 """
 
 from __future__ import annotations
@@ -199,8 +202,9 @@ async def spawn(
     """Start a CLI in its own session; in ``cgroup`` (a directory of :class:`Cgroups`) when given.
 
     The cgroup is entered before the CLI runs, through ``/bin/sh -c 'echo $$ > cgroup.procs; exec
-    "$@"'`` (``preexec_fn`` is not allowed: gRPC is threaded). The parent writes the pid too, so a
-    failed write in the wrapper is caught; a cgroup that cannot be entered leaves the run with
+    "$@"'`` (``preexec_fn`` is not allowed: gRPC is threaded); the only trace of the wrapper is the
+    ``PWD`` variable the shell sets to the run's cwd. The parent writes the pid too, so a failed
+    write in the wrapper is caught; a cgroup that cannot be entered leaves the run with
     process-group tracking only (logged). On a failed spawn the cgroup is removed.
     """
     procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
@@ -439,10 +443,10 @@ class Reaper:
         self._want_cgroups = cgroups
         self.cgroups: Cgroups | None = None
         self.failures = 0
-        self._stopped = False
+        self._started = self._stopped = False
 
     def start(self) -> None:
-        self._stopped = False
+        self._started, self._stopped = True, False
         if self._want_cgroups and self.cgroups is None:
             self.cgroups = Cgroups.create()
         self._spawn()
@@ -467,7 +471,7 @@ class Reaper:
 
     def check(self) -> bool:
         """True when the watchdog is alive; otherwise log, count and restart it (re-registering every group)."""
-        if self._stopped or self.up:
+        if not self._started or self._stopped or self.up:
             return True
         proc, self._proc = self._proc, None
         self.failures += 1
