@@ -432,7 +432,7 @@ class Reaper:
     The watchdog is ``python -I <path>/_reaper.py`` with cwd ``/`` and an environment of ``PATH``
     alone: isolated mode puts neither the cwd nor ``PYTHON*`` variables on ``sys.path``, so nothing
     planted next to the agent (a ``signal.py``) is imported, and no secret of the agent is in its
-    environment. The agent checks it is alive (every ``check_interval_s``, and at each
+    environment. The agent checks it is alive (every ``agent.REAPER_CHECK_S`` seconds, and at each
     :meth:`track`); a dead watchdog is logged at ERROR, counted (:attr:`failures`) and restarted
     with every live group registered again.
     """
@@ -476,6 +476,9 @@ class Reaper:
         proc, self._proc = self._proc, None
         self.failures += 1
         status = proc.poll() if proc is not None else None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         log.error("reaper watchdog%s died (status %s): CLIs would outlive a crash of the agent; restarting it "
                   "with %d live group(s)", f" {proc.pid}" if proc else "", status, len(self._groups))
         try:
