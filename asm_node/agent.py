@@ -42,6 +42,9 @@ from asm_wire import (
 
 log = logging.getLogger("asm_node.agent")
 
+#: How often the agent checks that its reaper watchdog is alive (it also checks at every spawn).
+REAPER_CHECK_S = 1.0
+
 CAPABILITIES = (
     "run.start.v1", "run.attach.v1", "run.interrupt.v1", "run.query.v1",
     "approval.resolve.v1", "input.send.v1",
@@ -68,6 +71,7 @@ class NodeAgent:
         self._finished: OrderedDict[str, tuple[Run, int]] = OrderedDict()
         self._retained_bytes = 0
         self._reaper = Reaper() if self.config.reaper else None
+        self._reaper_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[object] | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -83,6 +87,7 @@ class NodeAgent:
     async def start(self) -> None:
         if self._reaper is not None:
             self._reaper.start()
+            self._reaper_watch = asyncio.create_task(self._watch_reaper())
         # Warm the CLI version cache in the background so the first handshake is quick.
         self._probe = asyncio.create_task(asyncio.to_thread(
             lambda: [p.status(self._env, True) for p in self.providers.values()]))
@@ -104,11 +109,24 @@ class NodeAgent:
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
         if self._reaper is not None:
+            if self._reaper_watch is not None:
+                self._reaper_watch.cancel()
             self._reaper.stop()
 
     @property
     def reaper_pid(self) -> int | None:
         return self._reaper.pid if self._reaper else None
+
+    @property
+    def reaper(self) -> Reaper | None:
+        return self._reaper
+
+    async def _watch_reaper(self) -> None:
+        """A dead watchdog is logged at ERROR, counted and restarted (process.Reaper.check)."""
+        assert self._reaper is not None
+        while True:
+            await asyncio.sleep(REAPER_CHECK_S)
+            self._reaper.check()
 
     async def _sweep(self) -> None:
         """Age out finished runs: each pass looks at the oldest ones only (O(1 + evicted))."""

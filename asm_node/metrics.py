@@ -90,3 +90,14 @@ class _AgentCollector(Collector):
         for i, name in enumerate(KIND_NAMES[1:], start=1):
             events.add_metric([name], counts[i])
         yield events
+        reaper = agent.reaper
+        if reaper is not None:
+            yield GaugeMetricFamily("asm_node_reaper_up",
+                                    "1 while the reaper watchdog (kills CLIs if the agent dies) is alive",
+                                    value=1.0 if reaper.up else 0.0)
+            yield CounterMetricFamily("asm_node_reaper_failures",
+                                      "Times the reaper watchdog was found dead (then restarted)",
+                                      value=reaper.failures)
+            yield GaugeMetricFamily("asm_node_cgroup_tracking",
+                                    "1 when runs are tracked by cgroup (setsid cannot escape), 0 by process group",
+                                    value=1.0 if reaper.cgroups is not None else 0.0)

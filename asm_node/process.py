@@ -8,17 +8,23 @@
 * Termination escalates SIGINT -> SIGTERM -> SIGKILL on the group, waiting for
   the *group* to be gone (not just the leader), and the leader is always reaped.
 * A :class:`Reaper` watchdog kills registered groups if the agent itself dies.
+* Where the node can create cgroup v2 groups (:class:`Cgroups`), each run also
+  has its own cgroup, entered before the CLI runs: what leaves the process
+  group (``setsid``) is still killed at run end and by the watchdog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger("asm_node.process")
@@ -172,66 +178,366 @@ async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[
             return
 
 
+# Runs the CLI only once it is in its cgroup: the shell moves itself there, then execs the CLI
+# (same pid), so nothing the CLI starts - even with setsid - is ever outside the cgroup.
+_CGROUP_EXEC = 'echo $$ 2>/dev/null >"$0"; exec "$@"'
+
+
+def _check_executable(argv0: str, cwd: str, env: dict[str, str]) -> None:
+    """What ``exec`` would say about ``argv0``, raised here (the wrapper shell would only print it)."""
+    if "/" in argv0:
+        candidates = [os.path.join(cwd, argv0)]
+    else:
+        candidates = [os.path.join(d or ".", argv0) for d in env.get("PATH", os.defpath).split(os.pathsep)]
+    found = [c for c in candidates if os.path.isfile(c)]
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", argv0)
+    if not any(os.access(c, os.X_OK) for c in found):
+        raise PermissionError(errno.EACCES, "Permission denied", argv0)
+
+
 async def spawn(
-    argv: list[str], cwd: str, env: dict[str, str], stdin: bool
+    argv: list[str], cwd: str, env: dict[str, str], stdin: bool, cgroup: str | None = None
 ) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        limit=1024 * 1024,
-    )
+    """Start a CLI in its own session; in ``cgroup`` (a directory of :class:`Cgroups`) when given.
+
+    The cgroup is entered before the CLI runs, through ``/bin/sh -c 'echo $$ > cgroup.procs; exec
+    "$@"'`` (``preexec_fn`` is not allowed: gRPC is threaded); the only trace of the wrapper is the
+    ``PWD`` variable the shell sets to the run's cwd. The parent writes the pid too, so a failed
+    write in the wrapper is caught; a cgroup that cannot be entered leaves the run with
+    process-group tracking only (logged). On a failed spawn the cgroup is removed.
+    """
+    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+    try:
+        if procs is not None:
+            _check_executable(argv[0], cwd, env)
+            argv = ["/bin/sh", "-c", _CGROUP_EXEC, procs, *argv]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            limit=1024 * 1024,
+        )
+    except BaseException:
+        if cgroup is not None:
+            Cgroups.remove(cgroup)
+        raise
+    if procs is not None:
+        try:
+            _write_file(procs, str(proc.pid))
+        except ProcessLookupError:
+            pass  # already exited
+        except OSError as exc:
+            log.warning("cannot put CLI %d into %s (%s): only its process group is tracked", proc.pid, cgroup, exc)
+    return proc
+
+
+def _write_file(path: str, data: str) -> None:
+    """One write(2) of ``data`` (cgroup files take one value per write)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _cgroup_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        pass
+    return None
+
+
+class Cgroups:
+    """Per-run cgroup v2 directories, so that a process that left its process group (``setsid``) is
+    still found and killed.
+
+    Lives under the agent's *own* cgroup (``/proc/self/cgroup``; in a container that is the delegated
+    subtree): ``asm-node-<pid>-<random>/run-<n>``. No controller is enabled, so cgroup v2's "no
+    internal processes" rule does not apply and the agent stays where it is; only membership
+    (``cgroup.procs``) and ``cgroup.kill`` (kernel >= 5.14; otherwise every member gets SIGKILL) are
+    used. :meth:`create` returns None when this is not possible (no cgroup2 mount, not writable, ...).
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._n = 0
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # run cgroups whose members are still exiting
+        self._closed = False
+
+    @classmethod
+    def create(cls) -> Cgroups | None:
+        try:
+            base = _own_cgroup_dir()
+            if base is None:
+                log.info("cgroup v2 is not mounted: runs are tracked by process group only (setsid escapes it)")
+                return None
+            root = os.path.join(base, f"asm-node-{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(root)
+        except OSError as exc:
+            log.info("cannot create cgroups (%s): runs are tracked by process group only (setsid escapes it)", exc)
+            return None
+        tree = cls(root)
+        probe = os.path.join(root, "probe")
+        try:
+            os.mkdir(probe)
+            res = subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && cat /proc/self/cgroup',
+                                  os.path.join(probe, "cgroup.procs")], capture_output=True, cwd="/",
+                                 env={"PATH": os.defpath}, timeout=10)
+            ok = res.returncode == 0 and res.stdout.rstrip().endswith(b"/probe")
+            why = res.stderr.decode("utf-8", "replace").strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            ok, why = False, str(exc)
+        cls.remove(probe)
+        if not ok:
+            cls.remove(root)
+            log.info("cannot move processes into cgroups (%s): runs are tracked by process group only", why)
+            return None
+        log.info("runs are tracked by cgroup under %s", root)
+        return tree
+
+    def new_run(self) -> str | None:
+        """A fresh, empty cgroup for one run (None if it could not be created)."""
+        self._n += 1
+        path = os.path.join(self.root, f"run-{self._n}")
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            log.warning("cannot create %s (%s): the run is tracked by process group only", path, exc)
+            return None
+        return path
+
+    @staticmethod
+    def pids(path: str) -> list[int]:
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as fh:
+                return [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            return []
+
+    @staticmethod
+    def populated(path: str) -> bool:
+        try:
+            with open(os.path.join(path, "cgroup.events")) as fh:
+                return "populated 1" in fh.read()
+        except OSError:
+            return False
+
+    @classmethod
+    def signal(cls, path: str, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            try:
+                _write_file(os.path.join(path, "cgroup.kill"), "1")
+                return
+            except OSError:
+                pass  # kernel < 5.14: one by one
+        for pid in cls.pids(path):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+    @staticmethod
+    def remove(path: str) -> bool:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    def kill_and_remove(self, path: str) -> None:
+        """SIGKILL every member and remove the directory (retried in the background while members exit)."""
+        self.signal(path, signal.SIGKILL)
+        if self.remove(path):
+            return
+        with self._lock:
+            self._pending.add(path)
+
+        def retry(left: int) -> None:
+            if self.remove(path):
+                with self._lock:
+                    self._pending.discard(path)
+                    last = self._closed and not self._pending
+                if last:
+                    self.remove(self.root)  # close() could not: this run was still in it
+                return
+            if left:
+                self.signal(path, signal.SIGKILL)
+                threading.Timer(0.05, retry, (left - 1,)).start()
+            else:
+                log.warning("cgroup %s still has processes %s after SIGKILL; left in place", path, self.pids(path))
+
+        threading.Timer(0.01, retry, (100,)).start()
+
+    def close(self) -> None:
+        """Remove the node's directory (now, or as soon as the last run cgroup is gone)."""
+        with self._lock:
+            self._closed = True
+            pending = bool(self._pending)
+        if not self.remove(self.root) and not pending:
+            log.warning("cannot remove %s (runs still in it?)", self.root)
+
+
+def _own_cgroup_dir() -> str | None:
+    """The directory of this process's cgroup in the (unified) cgroup v2 hierarchy, if mounted."""
+    own = _cgroup_of(os.getpid())
+    if own is None:
+        return None
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields, _, rest = line.partition(" - ")
+            if rest.split(" ", 1)[0] != "cgroup2":
+                continue
+            parts = fields.split(" ")
+            mount_root, mount_point = parts[3], parts[4].replace("\\040", " ")
+            rel = os.path.relpath(own, mount_root) if mount_root != "/" else own.lstrip("/")
+            if rel.startswith(".."):
+                continue
+            path = os.path.normpath(os.path.join(mount_point, rel))
+            if os.path.isfile(os.path.join(path, "cgroup.procs")):
+                return path
+    return None
+
+
+async def terminate_cgroup(path: str, grace: float) -> None:
+    """SIGTERM every process left in a run's cgroup, SIGKILL after ``grace``; wait until it is empty."""
+    if not Cgroups.populated(path):
+        return
+    Cgroups.signal(path, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    term_until, kill_until = loop.time() + grace, loop.time() + grace + 2.0
+    while True:
+        await asyncio.sleep(0.02)
+        if not Cgroups.populated(path) or loop.time() > kill_until:
+            return
+        if loop.time() > term_until:
+            Cgroups.signal(path, signal.SIGKILL)
+
+
+_REAPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
 
 
 class Reaper:
-    """Client side of the :mod:`asm_node._reaper` watchdog."""
+    """Client side of the :mod:`asm_node._reaper` watchdog, and the runs' cgroups.
 
-    def __init__(self) -> None:
+    The watchdog is ``python -I <path>/_reaper.py`` with cwd ``/`` and an environment of ``PATH``
+    alone: isolated mode puts neither the cwd nor ``PYTHON*`` variables on ``sys.path``, so nothing
+    planted next to the agent (a ``signal.py``) is imported, and no secret of the agent is in its
+    environment. The agent checks it is alive (every ``agent.REAPER_CHECK_S`` seconds, and at each
+    :meth:`track`); a dead watchdog is logged at ERROR, counted (:attr:`failures`) and restarted
+    with every live group registered again.
+    """
+
+    def __init__(self, cgroups: bool = True) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._groups: dict[int, str | None] = {}
+        self._want_cgroups = cgroups
+        self.cgroups: Cgroups | None = None
+        self.failures = 0
+        self._started = self._stopped = False
 
     def start(self) -> None:
+        self._started, self._stopped = True, False
+        if self._want_cgroups and self.cgroups is None:
+            self.cgroups = Cgroups.create()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        argv = [sys.executable, "-I", _REAPER_SCRIPT]
+        if self.cgroups is not None:
+            argv.append(self.cgroups.root)
         # Its own session: a signal to the agent's group must not reach it.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "asm_node._reaper"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+            cwd="/", env={"PATH": os.environ.get("PATH") or os.defpath, "LC_ALL": "C"},
         )
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def _write(self, line: bytes) -> None:
+    @property
+    def up(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def check(self) -> bool:
+        """True when the watchdog is alive; otherwise log, count and restart it (re-registering every group)."""
+        if not self._started or self._stopped or self.up:
+            return True
+        proc, self._proc = self._proc, None
+        self.failures += 1
+        status = proc.poll() if proc is not None else None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        log.error("reaper watchdog%s died (status %s): CLIs would outlive a crash of the agent; restarting it "
+                  "with %d live group(s)", f" {proc.pid}" if proc else "", status, len(self._groups))
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("cannot restart the reaper watchdog: %s", exc)
+            return False
+        for pgid, cgroup in list(self._groups.items()):
+            self._send(pgid, cgroup)
+        return self.up
+
+    def _write(self, line: bytes) -> bool:
         if self._proc is None or self._proc.stdin is None:
-            return
+            return False
         try:
             self._proc.stdin.write(line)
             self._proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
-            log.warning("reaper watchdog is gone; CLI groups will not be cleaned up if the agent dies")
-            self._proc = None
+            return False
+        return True
 
-    def track(self, pgid: int) -> None:
-        self._write(b"+%d\n" % pgid)
+    def _send(self, pgid: int, cgroup: str | None) -> bool:
+        return self._write(b"+%d %s\n" % (pgid, os.fsencode(cgroup)) if cgroup else b"+%d\n" % pgid)
+
+    def new_cgroup(self) -> str | None:
+        """A cgroup for the next run, or None (no cgroup tracking on this node)."""
+        return self.cgroups.new_run() if self.cgroups is not None else None
+
+    def track(self, pgid: int, cgroup: str | None = None) -> None:
+        self._groups[pgid] = cgroup
+        self.check()
+        if not self._send(pgid, cgroup) and not self._stopped:
+            self.check()  # died between the check and the write: restarted with this group too
 
     def untrack(self, pgid: int) -> None:
+        """The run is over: kill what is left in its cgroup, remove it, and forget the group."""
+        cgroup = self._groups.pop(pgid, None)
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.kill_and_remove(cgroup)
         self._write(b"-%d\n" % pgid)
 
+    async def kill_leftovers(self, pgid: int, grace: float) -> None:
+        """Terminate what is left in the run's cgroup once its group is gone (processes that used setsid)."""
+        cgroup = self._groups.get(pgid)
+        if cgroup is not None:
+            await terminate_cgroup(cgroup, grace)
+
     def stop(self) -> None:
-        if self._proc is None:
-            return
+        self._stopped = True
         proc, self._proc = self._proc, None
-        with contextlib.suppress(OSError, ValueError):
-            if proc.stdin:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if proc.stdin:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.cgroups is not None:
+            self.cgroups.close()
+            self.cgroups = None

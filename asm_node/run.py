@@ -382,8 +382,9 @@ class Run:
 
     async def main(self) -> None:
         cmd = self.command
+        cgroup = self.reaper.new_cgroup() if self.reaper is not None else None
         try:
-            proc = await spawn(cmd.argv, cmd.cwd, cmd.env, cmd.stdin)
+            proc = await spawn(cmd.argv, cmd.cwd, cmd.env, cmd.stdin, cgroup)
         except FileNotFoundError:
             return self._fail_before_spawn(
                 make_error("cli_not_found", "provider", f"{cmd.argv[0]} not found on the node", reason="provider_missing")
@@ -397,7 +398,7 @@ class Run:
         if cmd.stdin_data and proc.stdin is not None:
             proc.stdin.write(cmd.stdin_data)
         if self.reaper is not None:
-            self.reaper.track(proc.pid)
+            self.reaper.track(proc.pid, cgroup)
         self.status = "running"
         self._emit([
             pb.Event(
@@ -438,6 +439,9 @@ class Run:
             if group_alive(proc.pid):
                 # The leader is gone but something it started lives on: no process is left behind.
                 await terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 0.5))])
+            if self.reaper is not None:
+                # What left the process group (setsid) is still in the run's cgroup.
+                await self.reaper.kill_leftovers(proc.pid, min(cfg.term_grace_s, 0.5))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stdout_task), 5.0)
             with contextlib.suppress(TimeoutError):

@@ -44,7 +44,7 @@ against "now" captures the current state into an unreferenced temp tree.
 current state, compares it with the snapshot and touches only what differs:
 files that differ or are missing are written from the snapshot with
 ``git checkout-index -f`` out of a temporary index (so modes, symlinks and
-smudge/eol filters apply as on a checkout), files that are not in the
+eol conversion apply as on a checkout; filter drivers never run), files that are not in the
 snapshot (tracked or untracked, never ignored ones) are deleted, and
 directories left empty by those deletions are removed. Before anything is
 changed, every path is checked (relative, no ``..`` or ``.git`` component,
@@ -73,13 +73,47 @@ Hash snapshots live in this process's memory only (the newest
 ``max_hash_snapshots`` are kept): a node restart forgets them. They cannot be
 rolled back (they store no content).
 
-Git is always run without a shell, with a timeout, ``-c core.quotepath=off``
-and the repository-locating ``GIT_*`` variables removed from its environment.
+**No repository-controlled code.** Whatever ran in the workspace may have
+written ``.git/config``; git runs as the agent. So git is always run without a
+shell, with a timeout (a ``timeout`` error), and:
+
+* ``core.fsmonitor=false``, ``core.hooksPath=/dev/null`` (no hook, e.g.
+  ``reference-transaction`` on ``update-ref``), ``gc.auto=0``, a ``cat``
+  pager, ``safe.bareRepository=explicit`` (no bare repository planted in the
+  work tree is discovered); diffs with ``--no-ext-diff --no-textconv``,
+  commits with ``--no-gpg-sign``;
+* every filter driver the repository's config defines (includes followed) is
+  made a no-op by name (``filter.<name>.clean/smudge/process`` empty,
+  ``required=false``), read again before *each* git command: not only ``add``
+  and ``checkout-index`` run filters, any command that writes the index
+  re-hashes racily-clean entries through them. A driver name git cannot take
+  on its command line (``=`` in it) refuses the repository
+  (``unsafe_git_config``). Snapshots therefore hold the working tree's bytes:
+  when any filter driver exists (the repository's, or the operator's own such
+  as git-lfs), tracked files are re-hashed (``add --renormalize``) instead of
+  trusting index blobs that went through a filter; a rollback writes those
+  bytes back;
+* a scrubbed environment: ``PATH``, an empty private ``HOME``, ``LC_ALL=C``,
+  ``GIT_CONFIG_NOSYSTEM=1``, ``GIT_CONFIG_GLOBAL=/dev/null``,
+  ``GIT_ATTR_NOSYSTEM=1``, ``core.attributesFile=/dev/null``: nothing of the
+  agent's environment (``ASM_TOKEN``, API keys) and none of the user's or the
+  system's git config;
+* ``safe.directory`` keeps git's meaning and is never set to ``*`` by the
+  node: a repository owned by another user than the agent's is refused
+  (``git_unsafe_repository``; ``auto`` falls back to ``hash``), unless the
+  operator listed it in the agent user's own global/system config (those
+  entries alone are read from it, once). The agent normally runs as the
+  workspace owner; an agent running as root on a volume owned by someone else
+  is exactly where planted config is hostile.
+
+Git failures are typed: ``tool_failed`` (domain ``tool``, reason
+``git_failed``) with git's message; a missing git is ``git_missing``.
 Operations on one repository are serialized by a per-repository lock.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,10 +125,11 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, ParamSpec, TypeVar
 
 from asm_wire import AsmError, ConfigError, pb, ulid
 
@@ -109,17 +144,19 @@ _IDENTITY = {
     "GIT_AUTHOR_NAME": "asm-node", "GIT_AUTHOR_EMAIL": "asm-node@localhost",
     "GIT_COMMITTER_NAME": "asm-node", "GIT_COMMITTER_EMAIL": "asm-node@localhost",
 }
-# Variables that would make git look at another repository, index or object store,
-# change pathspec or diff semantics, or fake an identity: never inherited.
-_GIT_ENV_DROP = frozenset({
-    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_INDEX_VERSION", "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_NAMESPACE", "GIT_PREFIX",
-    "GIT_QUARANTINE_PATH", "GIT_REPLACE_REF_BASE", "GIT_NO_REPLACE_OBJECTS", "GIT_GRAFT_FILE",
-    "GIT_SHALLOW_FILE", "GIT_LITERAL_PATHSPECS", "GIT_GLOB_PATHSPECS", "GIT_NOGLOB_PATHSPECS",
-    "GIT_ICASE_PATHSPECS", "GIT_EXTERNAL_DIFF", "GIT_DIFF_OPTS", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL",
-    "GIT_AUTHOR_DATE", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "GIT_COMMITTER_DATE",
-    "GIT_CONFIG_PARAMETERS",
-})
+# The variables that say where the operator's own (global, system) git config is.
+_OPERATOR_CONFIG_ENV = frozenset({"HOME", "XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
+                                  "GIT_CONFIG_NOSYSTEM", "PREFIX"})
+
+# Every git command runs with these: nothing configured in the repository (or by the agent's user)
+# can make git run a program. Filter drivers are disabled per name (see Workspaces._filter_overrides);
+# diffs use --no-ext-diff --no-textconv; commit-tree --no-gpg-sign.
+_SAFE_CONFIG = (
+    "-c", "core.quotepath=off", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null",
+    "-c", "core.attributesFile=/dev/null", "-c", "core.pager=cat",
+    "-c", "commit.gpgSign=false", "-c", "gc.auto=0", "-c", "maintenance.auto=false",
+    "-c", "safe.bareRepository=explicit", "-c", "core.untrackedCache=false",
+)
 
 
 def _display(path: bytes) -> str:
@@ -167,6 +204,22 @@ class _Change:
     new_mode: str  # mode in the snapshot
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _typed_io(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """An OS error on the way (temp index, unreadable or vanished file) is a typed error, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            raise AsmError(f"workspace {fn.__name__} failed: {exc}", kind="tool_failed", domain="tool",
+                           reason="workspace_io") from exc
+    return wrapper
+
+
 class Workspaces:
     """Snapshot, diff and rollback of working directories (blocking; called in a thread)."""
 
@@ -179,9 +232,14 @@ class Workspaces:
         self._lock = threading.Lock()
         self._snapshots: OrderedDict[str, _Snap] = OrderedDict()
         self._repo_locks: dict[str, threading.RLock] = {}
+        self._operator_cfg: tuple[list[str], frozenset[str]] | None = None
+        # An empty private HOME: git finds no ~/.gitconfig or ~/.config/git/attributes of the agent's user.
+        self._home = tempfile.mkdtemp(prefix="asm-git-home-")
+        weakref.finalize(self, shutil.rmtree, self._home, True)
 
     # -- public API -------------------------------------------------------------
 
+    @_typed_io
     def snapshot(self, cwd: str, backend: str, label: str) -> pb.SnapshotInfo:
         root = self._root(cwd)
         backend = (backend or "git").strip().lower()
@@ -203,6 +261,7 @@ class Workspaces:
             snap = self._store_git_snapshot(repo, tree, head, label)
         return snap.info()
 
+    @_typed_io
     def diff(self, cwd: str, from_id: str, to_id: str, max_patch_bytes: int) -> pb.DiffResponse:
         root = self._root(cwd)
         if not from_id:
@@ -239,6 +298,7 @@ class Workspaces:
         return pb.DiffResponse(added=sorted(added), modified=sorted(modified), deleted=sorted(deleted),
                                patch=patch, truncated=truncated or over)
 
+    @_typed_io
     def rollback(self, cwd: str, snapshot_id: str) -> pb.RollbackResponse:
         root = self._root(cwd)
         if not snapshot_id:
@@ -355,26 +415,102 @@ class Workspaces:
             return self._repo_locks.setdefault(repo.toplevel, threading.RLock())
 
     def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
-        env.update(GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
+        """A scrubbed environment: nothing of the agent's (no ``ASM_TOKEN``), no user or system git config."""
+        env = {
+            "PATH": os.environ.get("PATH") or os.defpath, "HOME": self._home, "XDG_CONFIG_HOME": self._home,
+            "LC_ALL": "C", "LANG": "C", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_ATTR_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "GIT_PAGER": "cat",
+        }
         env.update(extra or {})
         return env
 
-    def _cmd(self, cwd: str, args: Sequence[str | bytes]) -> list[str | bytes]:
-        return [self.git, "-c", "core.quotepath=off", "-C", cwd, *args]
+    def _cmd(self, cwd: str, args: Sequence[str | bytes], overrides: Sequence[str] = ()) -> list[str | bytes]:
+        return [self.git, "--no-pager", *_SAFE_CONFIG, *self._operator()[0], *overrides, "-C", cwd, *args]
+
+    def _operator(self) -> tuple[list[str], frozenset[str]]:
+        """(``-c safe.directory=..`` options, filter driver names) from the operator's own global/system config.
+
+        Our git never reads that config (it would bring the operator's filters, hooks and helpers), but
+        the ``safe.directory`` entries the operator set are honoured, and filter drivers configured there
+        (``git lfs install``) mean the real index may hold filtered blobs: see :meth:`_capture_tree`.
+        Read once; reading config runs nothing.
+        """
+        with self._lock:
+            if self._operator_cfg is not None:
+                return self._operator_cfg
+        safe: list[str] = []
+        names: set[str] = set()
+        # Only what locates the operator's config files: no secret of the agent's reaches this git either.
+        env = {k: v for k, v in os.environ.items() if k in _OPERATOR_CONFIG_ENV}
+        env.update(LC_ALL="C", GIT_TERMINAL_PROMPT="0", PATH=os.environ.get("PATH") or os.defpath)
+        for scope in ("--system", "--global"):
+            for key, value in self._config_entries(["config", scope, "--null", "--get-regexp",
+                                                    r"^(safe\.directory|filter\.)"], "/", env):
+                if key == "safe.directory":
+                    safe += ["-c", f"safe.directory={value}"]
+                elif key.startswith("filter."):
+                    names.add(key[len("filter."):].rpartition(".")[0])
+        with self._lock:
+            self._operator_cfg = (safe, frozenset(names))
+            return self._operator_cfg
+
+    def _config_entries(self, args: list[str], cwd: str, env: dict[str, str]) -> list[tuple[str, str]]:
+        try:
+            res = subprocess.run([self.git, *args], cwd=cwd, env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                                 timeout=self.git_timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            return []  # no git, or none usable: the snapshot's own git call reports it
+        out: list[tuple[str, str]] = []
+        for entry in res.stdout.split(b"\0") if res.returncode == 0 else []:
+            key, _, value = entry.partition(b"\n")
+            if key:
+                out.append((key.decode("utf-8", "replace"), value.decode("utf-8", "surrogateescape")))
+        return out
+
+    def _filter_names(self, cwd: str) -> list[str]:
+        """Names of the filter drivers the repository's own config defines (``filter.<name>.*``)."""
+        res = subprocess.run(self._cmd(cwd, ["config", "--null", "--get-regexp", r"^filter\."]), capture_output=True,
+                             env=self._env(None), timeout=self.git_timeout_s, stdin=subprocess.DEVNULL)
+        if res.returncode not in (0, 1):  # 1: no such key
+            raise _git_failed(["config"], cwd, res.returncode, res.stderr)
+        names = {entry.partition(b"\n")[0][len(b"filter."):].rpartition(b".")[0]
+                 for entry in res.stdout.split(b"\0") if entry}
+        for name in names:
+            if b"=" in name or b"\n" in name:
+                raise ConfigError(f"the repository of {cwd!r} defines a filter driver named {_display(name)!r}, "
+                                  "which cannot be disabled on git's command line: refusing to run git there",
+                                  reason="unsafe_git_config")
+        return sorted(os.fsdecode(n) for n in names)
+
+    def _filter_overrides(self, cwd: str) -> list[str]:
+        """``-c`` options that turn every filter driver the repository defines into a no-op.
+
+        Read right before *every* git command, not only ``add`` and ``checkout-index``: any command
+        that writes the index (``write-tree``) re-hashes "racily clean" entries through the clean
+        filter. Reading it each time also disables a driver added to ``.git/config`` since the last
+        command.
+        """
+        out: list[str] = []
+        for name in self._filter_names(cwd):
+            for var, value in (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false")):
+                out += ["-c", f"filter.{name}.{var}={value}"]
+        return out
 
     def _git(self, cwd: str, args: Sequence[str | bytes], *, input: bytes | None = None,
              env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         try:
-            res = subprocess.run(self._cmd(cwd, args), input=input, capture_output=True, env=self._env(env),
-                                 timeout=self.git_timeout_s, stdin=None if input is not None else subprocess.DEVNULL)
+            overrides = self._filter_overrides(cwd)
+            res = subprocess.run(self._cmd(cwd, args, overrides), input=input, capture_output=True,
+                                 env=self._env(env), timeout=self.git_timeout_s,
+                                 stdin=None if input is not None else subprocess.DEVNULL)
         except FileNotFoundError as exc:
             raise ConfigError(f"git executable {self.git!r} is not available on this node", reason="git_missing") from exc
         except subprocess.TimeoutExpired as exc:
-            raise AsmError(f"git {args[0]!s} in {cwd!r} timed out after {self.git_timeout_s:g}s",
-                           kind="timeout", domain="runtime") from exc
+            raise AsmError(f"git {_subcommand(args)!s} in {cwd!r} timed out after {self.git_timeout_s:g}s",
+                           kind="timeout", domain="tool", reason="git_timeout") from exc
         except OSError as exc:
-            raise AsmError(f"cannot run git in {cwd!r}: {exc}") from exc
+            raise AsmError(f"cannot run git in {cwd!r}: {exc}", kind="tool_failed", domain="tool",
+                           reason="git_failed") from exc
         if check and res.returncode != 0:
             raise _git_failed(args, cwd, res.returncode, res.stderr)
         return res
@@ -384,13 +520,18 @@ class Workspaces:
         timed_out: list[bool] = []
         with tempfile.TemporaryFile() as err:
             try:
-                proc = subprocess.Popen(self._cmd(cwd, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=err, env=self._env(None))
+                overrides = self._filter_overrides(cwd)
+                proc = subprocess.Popen(self._cmd(cwd, args, overrides), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=err, env=self._env(None))
             except FileNotFoundError as exc:
                 raise ConfigError(f"git executable {self.git!r} is not available on this node",
                                   reason="git_missing") from exc
+            except subprocess.TimeoutExpired as exc:
+                raise AsmError(f"git config in {cwd!r} timed out after {self.git_timeout_s:g}s",
+                               kind="timeout", domain="tool", reason="git_timeout") from exc
             except OSError as exc:
-                raise AsmError(f"cannot run git in {cwd!r}: {exc}") from exc
+                raise AsmError(f"cannot run git in {cwd!r}: {exc}", kind="tool_failed", domain="tool",
+                               reason="git_failed") from exc
 
             def kill() -> None:
                 timed_out.append(True)
@@ -418,8 +559,8 @@ class Workspaces:
                     proc.kill()
                     proc.wait()
             if timed_out:
-                raise AsmError(f"git {args[0]} in {cwd!r} timed out after {self.git_timeout_s:g}s",
-                               kind="timeout", domain="runtime")
+                raise AsmError(f"git {_subcommand(args)} in {cwd!r} timed out after {self.git_timeout_s:g}s",
+                               kind="timeout", domain="tool", reason="git_timeout")
             if not over and rc != 0:
                 err.seek(0)
                 raise _git_failed(args, cwd, rc, err.read())
@@ -429,12 +570,14 @@ class Workspaces:
         try:
             return self._repo(root)
         except ConfigError as exc:
-            if exc.reason in ("git_missing", "not_a_git_work_tree", "cwd_ignored"):
+            if exc.reason in ("git_missing", "not_a_git_work_tree", "cwd_ignored", "git_unsafe_repository"):
                 return None
             raise
 
     def _repo(self, root: str) -> _Repo:
         res = self._git(root, ["rev-parse", "--is-inside-work-tree"], check=False)
+        if res.returncode != 0 and b"dubious ownership" in res.stderr:
+            raise _unsafe_repository(root)
         if res.returncode != 0 or res.stdout.strip() != b"true":
             raise ConfigError(f"{root!r} is not inside a git work tree: the git backend needs one "
                               "(use backend \"hash\" for a plain directory)", reason="not_a_git_work_tree")
@@ -481,6 +624,11 @@ class Workspaces:
                     raise _git_failed(["add"], repo.cwd, added.returncode, added.stderr)
                 self._git(repo.cwd, ["add", "-A", "--", ":(literal).",
                                      *(b":(exclude,literal)" + p for p in unborn)], env=env)
+            if self._filter_names(repo.cwd) or self._operator()[1]:
+                # Filter drivers exist (the repository's, or the operator's, e.g. git-lfs) but never run
+                # here: the copied index may hold *filtered* blobs for unchanged files. Re-hash every
+                # tracked file as it is on disk, so the snapshot is the working tree's bytes throughout.
+                self._git(repo.cwd, ["--literal-pathspecs", "add", "--renormalize", "--", "."], env=env)
             res = self._git(repo.cwd, ["write-tree"], env=env, check=False)
             if res.returncode != 0:
                 # Unmerged entries elsewhere in the repository (a conflict outside cwd) block
@@ -528,7 +676,8 @@ class Workspaces:
         while i < len(fields) and fields[i]:
             meta = fields[i].decode().split(" ")
             if len(meta) != 5 or not meta[0].startswith(":") or i + 1 >= len(fields):
-                raise AsmError(f"unexpected git diff-tree output {fields[i]!r}")
+                raise AsmError(f"unexpected git diff-tree output {fields[i]!r}", kind="tool_failed", domain="tool",
+                               reason="git_failed")
             status = meta[4][:1]
             npaths = 2 if status in ("R", "C") else 1
             path = fields[i + npaths]
@@ -634,9 +783,29 @@ class Workspaces:
 # -- helpers ---------------------------------------------------------------------------
 
 
+def _subcommand(args: Sequence[str | bytes]) -> str:
+    """The git subcommand in ``args`` (after any global ``--option``)."""
+    for arg in args:
+        text = os.fsdecode(arg)
+        if not text.startswith("-"):
+            return text
+    return ""
+
+
 def _git_failed(args: Sequence[str | bytes], cwd: str, rc: int, stderr: bytes) -> AsmError:
     tail = stderr.decode("utf-8", "replace").strip()[-2000:]
-    return AsmError(f"git {args[0]!s} failed in {cwd!r} (exit {rc}): {tail or 'no message'}")
+    if "dubious ownership" in tail:
+        return _unsafe_repository(cwd)
+    return AsmError(f"git {_subcommand(args)} failed in {cwd!r} (exit {rc}): {tail or 'no message'}",
+                    kind="tool_failed", domain="tool", reason="git_failed")
+
+
+def _unsafe_repository(cwd: str) -> ConfigError:
+    return ConfigError(
+        f"the git repository of {cwd!r} is owned by another user than the node agent's, so git refuses it "
+        "(safe.directory): the node never overrides that; the operator can allow it for the agent's user with "
+        "`git config --global --add safe.directory <repository>`, or use backend \"hash\"",
+        reason="git_unsafe_repository")
 
 
 def _cut(data: bytes, limit: int) -> tuple[str, bool]:

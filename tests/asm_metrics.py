@@ -24,6 +24,9 @@ NODE_METRICS = frozenset({
     "asm_node_requests_rejected_total",
     "asm_node_run_idle_seconds_max",
     "asm_node_state",
+    "asm_node_reaper_up",
+    "asm_node_reaper_failures_total",
+    "asm_node_cgroup_tracking",
 })
 
 CONTROLLER_METRICS = frozenset({
