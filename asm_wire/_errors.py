@@ -237,6 +237,10 @@ def error_from_rpc(
         # gRPC's own overload answers (maximum_concurrent_rpcs, the pending-request backlog) carry no
         # asm trailers: still a typed, retryable "the server is full".
         return NodeAtCapacity(f"the server is at capacity, retry later ({message})")
+    if code == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in message:
+        # HTTP/2 REFUSED_STREAM: the server's cap on concurrent streams per connection; the call
+        # was never processed and may be retried.
+        return NodeAtCapacity(f"the server refused the call: too many concurrent streams, retry later ({message})")
     if code == grpc.StatusCode.CANCELLED:
         return AsmError(f"the call was cancelled by the server or the transport, not by this client ({message})",
                         kind="transport_error", domain="transport", reason="cancelled_by_peer")
