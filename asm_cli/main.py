@@ -96,7 +96,8 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-streams-per-connection", type=int, metavar="N",
                    help="concurrent HTTP/2 streams on one connection (default 1000)")
     p.add_argument("--max-concurrent-rpcs", type=int, metavar="N",
-                   help="RPCs in flight in all; more are refused RESOURCE_EXHAUSTED, at_capacity (default 1000)")
+                   help="RPCs in flight in all; more are refused RESOURCE_EXHAUSTED, at_capacity "
+                   "(default 1000 on a node, 4000 on a controller)")
 
 
 def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -498,7 +499,6 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 def cmd_controller_serve(args: argparse.Namespace) -> int:
     from asm_controller.service import ControllerConfig, serve_controller
-    from asm_wire._server import ServerLimits
 
     token = _read_token(args.token_file)
     node_token = _read_token(args.node_token_file) if args.node_token_file else token
@@ -512,7 +512,8 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_ca=Path(args.tls_ca) if args.tls_ca else None, node_tls=node_tls, insecure=args.insecure,
         strategy=args.strategy, liveness=LivenessConfig(node_lost_timeout_s=args.node_lost_timeout),
-        metrics_insecure=args.metrics_insecure, limits=ServerLimits(**_limit_settings(args)),
+        metrics_insecure=args.metrics_insecure,
+        limits=dataclasses.replace(ControllerConfig().limits, **_limit_settings(args)),
     )
 
     def ready(ctl: Any) -> None:

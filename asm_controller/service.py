@@ -86,7 +86,9 @@ class ControllerConfig:
     strategy: str = "priority"
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     max_concurrent_runs: int = 1000
-    limits: ServerLimits = field(default_factory=ServerLimits)  # connection/stream/RPC caps, handshake timeout
+    # Connection/stream/RPC caps and handshake timeout. Every run routed through the controller holds
+    # one of its RPCs: the RPC cap stays well above max_concurrent_runs, or health probes would be refused.
+    limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_concurrent_rpcs=4_000))
 
 
 def read_nodes_file(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -32,7 +32,7 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, NodeAtCapacity, __version__, pb
 from asm_wire._server import ServerLimits, start_metrics_http
-from tests.conftest import ROOT
+from tests.conftest import ROOT, NodeProcess
 from tests.conftest import node_config as make_config
 
 TOKEN = "abuse-test-token-0123456789"
@@ -375,6 +375,31 @@ def test_cli_refuses_non_loopback_metrics_in_one_line() -> None:
     for flag in ("--metrics-insecure", "--max-connections", "--max-streams-per-connection", "--max-concurrent-rpcs",
                  "--handshake-timeout"):
         assert flag in help_text
+
+
+def test_cli_limit_flags_reach_the_server(node_process: Callable[..., NodeProcess]) -> None:
+    node = node_process("--handshake-timeout", "1", "--max-connections", "64", "--max-streams-per-connection", "8",
+                        "--max-concurrent-rpcs", "16")
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    sock.settimeout(6.0)
+    t0, data = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    finally:
+        sock.close()
+    assert b"handshake timeout" in data
+    assert time.monotonic() - t0 < 4.0
+
+
+@pytest.mark.parametrize("component", ["node", "controller"])
+def test_cli_invalid_limit_is_a_one_line_usage_error(component: str) -> None:
+    extra = ["--node", "127.0.0.1:1"] if component == "controller" else []
+    proc = _asm(component, "serve", "--listen", "127.0.0.1:0", *extra, "--max-concurrent-rpcs", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("asm: error:") and "max_concurrent_rpcs" in line
 
 
 # -- (e) token length ----------------------------------------------------------------------------------
