@@ -231,7 +231,11 @@ class NodeAgent:
                 f"environment variable(s) not allowed by this node: {', '.join(refused)} "
                 "(the operator allows them with --env-allow)"
             )
-        options = provider.validate_options(options_from_json(req.options_json), req.permission_mode or "default")
+        options_in = options_from_json(req.options_json)
+        try:
+            options = provider.validate_options(options_in, req.permission_mode or "default")
+        except (ValueError, OverflowError, TypeError) as exc:  # a provider's own conversion of a client value
+            raise ConfigError(f"invalid {provider.name} options: {exc}") from None
         env = dict(self._env)
         env.update(req.env)
         spec = RunSpec(

@@ -139,6 +139,9 @@ _BAD_OPTIONS = [
     pytest.param("[1, 2]", "must be a JSON object", id="list"),
     pytest.param('"text"', "must be a JSON object", id="string"),
     pytest.param("{not json", "not valid JSON", id="syntax"),
+    # Within the JSON limits, but the provider converts the string: typed (whatever its message).
+    pytest.param(json.dumps({"command_timeout_ms": "1" + "0" * 400}), "", id="str-10**400"),
+    pytest.param(json.dumps({"command_timeout_ms": "9" * 5000}), "", id="str-5000-digits"),
 ]
 
 
