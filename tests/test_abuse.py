@@ -218,6 +218,31 @@ async def test_burst_past_the_rpc_cap_fails_typed_at_capacity_never_cancelled() 
     assert all(isinstance(f, NodeAtCapacity) for f in failures)
 
 
+async def test_a_node_at_its_rpc_cap_is_not_declared_lost() -> None:
+    """Heartbeats refused as at_capacity prove the node is alive: its runs must not end as node_lost."""
+    from asm_controller import LivenessConfig, connect
+
+    server = await start_server(make_config(token=TOKEN, max_concurrent_rpcs=2))
+    hog = GrpcNodeClient(RemoteNode(f"127.0.0.1:{server.port}", token=TOKEN))
+    live = LivenessConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5, node_lost_timeout_s=0.6)
+    handle = await connect(RemoteNode(f"127.0.0.1:{server.port}", token=TOKEN, liveness=live))
+    streams = [hog.start_run(pb.StartRunRequest(run_id=f"hog-{i}", provider="shell", prompt="sleep 30"))
+               for i in range(2)]
+    try:
+        for st in streams:
+            await anext(st)
+        with pytest.raises(NodeAtCapacity):  # the cap is really full
+            await handle.heartbeat(1.0)
+        await asyncio.sleep(2.0)
+        assert handle.state == "up", handle.lost_reason
+    finally:
+        for st in streams:
+            await st.aclose()  # type: ignore[attr-defined]
+        await handle.close()
+        await hog.close()
+        await server.stop()
+
+
 @pytest.fixture
 async def bare_server() -> AsyncIterator[tuple[int, asyncio.Event]]:
     """A NodeService whose GetRun ends CANCELLED without asm trailers, and whose ListRuns never answers."""
