@@ -85,7 +85,7 @@ class ServerLimits:
     handshake_timeout_s: float = 5.0
     #: Open connections at once (a new one past the cap is closed at once); None = default_max_connections().
     max_connections: int | None = None
-    #: HTTP/2 streams in flight on one connection (a well-behaved client queues beyond it).
+    #: HTTP/2 streams in flight on one connection; past it a stream gets REFUSED_STREAM (client: at_capacity).
     max_concurrent_streams: int = 1000
     #: RPCs in flight on the whole server; one more is answered RESOURCE_EXHAUSTED (client: at_capacity).
     max_concurrent_rpcs: int = 1000
