@@ -3,7 +3,7 @@
 #   docker build -t asm:0.1.0 .
 #   docker run --rm asm:0.1.0 --version
 #   docker run -d -e ASM_TOKEN=... -p 7070:7070 -p 9470:9470 asm:0.1.0 \
-#       node serve --listen 0.0.0.0:7070 --workspace-root /home/asm/workspaces --metrics-listen 0.0.0.0:9470
+#       node serve --listen 0.0.0.0:7070 --workspace-root /home/asm/workspaces --metrics-listen 0.0.0.0:9470 --metrics-insecure
 #
 # python:3.11-slim on Debian trixie: its nodejs (20.x) satisfies every pinned CLI (the Gemini CLI
 # needs Node >= 20; bookworm's nodejs is 18).

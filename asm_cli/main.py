@@ -161,6 +161,29 @@ def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
         p.add_argument("--tls-server-name", metavar="NAME", help="expected name in the node's certificate")
 
 
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """Abuse bounds of a gRPC server (node or controller) and the metrics exposure switch."""
+    p.add_argument("--metrics-insecure", action="store_true",
+                   help="allow a non-loopback --metrics-listen (the metrics endpoint has no authentication)")
+    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                   help="close a connection that has not finished its handshake by then (default 5)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections at once (default: half the open-file limit)")
+    p.add_argument("--max-streams-per-connection", type=int, metavar="N",
+                   help="concurrent HTTP/2 streams on one connection (default 1000)")
+    p.add_argument("--max-concurrent-rpcs", type=int, metavar="N",
+                   help="RPCs in flight in all; more are refused RESOURCE_EXHAUSTED, at_capacity "
+                   "(default 1000 on a node, 4000 on a controller)")
+
+
+def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The _limit_args given, as ServerLimits/NodeConfig field names."""
+    given = {"handshake_timeout_s": args.handshake_timeout, "max_connections": args.max_connections,
+             "max_concurrent_streams": args.max_streams_per_connection,
+             "max_concurrent_rpcs": args.max_concurrent_rpcs}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
     if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
@@ -253,6 +276,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["labels"] = _pairs(args.label, "--label")
     if args.metrics_listen:
         settings["metrics_listen"] = args.metrics_listen
+    settings["metrics_insecure"] = args.metrics_insecure
+    settings.update(_limit_settings(args))
     config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
 
     def ready(node: Any) -> None:
@@ -615,6 +640,8 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         tls_ca=Path(args.tls_ca) if args.tls_ca else None, node_tls=node_tls, insecure=args.insecure,
         strategy=args.strategy, liveness=LivenessConfig(node_lost_timeout_s=args.node_lost_timeout),
         expected_providers=list(args.expect_provider or []),
+        metrics_insecure=args.metrics_insecure,
+        limits=dataclasses.replace(ControllerConfig().limits, **_limit_settings(args)),
     )
 
     def ready(ctl: Any) -> None:
@@ -741,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    _limit_args(s)
     s.set_defaults(func=cmd_node_serve)
 
     def client_args(p: argparse.ArgumentParser) -> None:
@@ -790,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--nodes-dns", metavar="NAME:PORT",
                     help="DNS name resolving to every node (e.g. a Kubernetes headless Service); re-resolved")
     cs.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    _limit_args(cs)
     cs.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
     cs.add_argument("--node-token-file", metavar="F", help="token for the nodes (default: the same token)")
     _tls_args(cs, server=True)

@@ -145,6 +145,9 @@ class NodeHandle:
             try:
                 await self.heartbeat(live.heartbeat_timeout_s)
             except AsmError as err:
+                if err.kind == "at_capacity":  # refused by a full server: it answered, so it is alive
+                    self.last_ok = time.monotonic()
+                    continue
                 silent = time.monotonic() - self.last_ok
                 if self.state != "lost" and silent >= live.node_lost_timeout_s:
                     self.state = "lost"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -41,20 +40,23 @@ from asm_wire import (
     parse_address,
     pb,
 )
+from asm_wire._options import parse_options_json
 from asm_wire._server import (
     CONTROLLER_SERVICE,
     NODE_SERVICE,
-    SERVER_OPTIONS,
+    ServerLimits,
     TokenAuthInterceptor,
     add_health_and_reflection,
     bind,
     check_exposure,
+    new_server,
     node_service_handler,
     run_until_signal,
     server_credentials,
     set_serving,
     start_metrics_http,
     unary,
+    unary_method,
 )
 
 log = logging.getLogger("asm_controller.service")
@@ -73,6 +75,7 @@ class ControllerConfig:
     nodes_dns: str | None = None
     dns_interval_s: float = 15.0
     metrics_listen: str | None = None
+    metrics_insecure: bool = False  # allow a non-loopback metrics_listen (no auth on /metrics)
     token: str | None = field(default=None, repr=False)  # clients must present it; never in a repr/log
     node_token: str | None = field(default=None, repr=False)  # presented to the nodes
     tls_cert: Path | None = None
@@ -84,6 +87,9 @@ class ControllerConfig:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     max_concurrent_runs: int = 1000
     expected_providers: list[str] = field(default_factory=list)  # always alerted on (--expect-provider)
+    # Connection/stream/RPC caps and handshake timeout. Every run routed through the controller holds
+    # one of its RPCs: the RPC cap stays well above max_concurrent_runs, or health probes would be refused.
+    limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_concurrent_rpcs=4_000))
 
 
 def read_nodes_file(path: Path) -> list[str]:
@@ -186,10 +192,7 @@ class FleetApi:
             async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
                 yield batch
             return
-        try:
-            options = json.loads(request.options_json) if request.options_json else {}
-        except ValueError:
-            raise ConfigError("options are not valid JSON") from None
+        options = parse_options_json(request.options_json)  # a bounded JSON object, like a node checks
         overrides: dict[str, Any] = {
             "run_id": request.run_id, "provider": request.provider, "cwd": request.cwd,
             "permission_mode": request.permission_mode or "default", "options": options, "env": dict(request.env),
@@ -290,10 +293,10 @@ class FleetApi:
 
 
 def controller_service_handler(api: FleetApi) -> grpc.GenericRpcHandler:
-    u = grpc.unary_unary_rpc_method_handler
+    u = unary_method  # an undecodable request is INVALID_ARGUMENT, not UNKNOWN with a traceback
     return grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
-        "ListNodes": u(unary(api.list_nodes), pb.ListNodesRequest.FromString, pb.ListNodesResponse.SerializeToString),
-        "DrainNode": u(unary(api.drain_node), pb.DrainNodeRequest.FromString, pb.DrainResponse.SerializeToString),
+        "ListNodes": u("ListNodes", unary(api.list_nodes), pb.ListNodesRequest, pb.ListNodesResponse.SerializeToString),
+        "DrainNode": u("DrainNode", unary(api.drain_node), pb.DrainNodeRequest, pb.DrainResponse.SerializeToString),
     })
 
 
@@ -332,15 +335,16 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
         raise ConfigError("a controller needs nodes: --node HOST:PORT, --nodes-file F or --nodes-dns NAME:PORT")
     for addr in config.nodes:
         parse_address(addr)
-    check_exposure(config.listen, token=config.token is not None, tls_cert=config.tls_cert is not None,
-                   tls_ca=config.tls_ca is not None, insecure=config.insecure)
+    check_exposure(config.listen, token=config.token, tls_cert=config.tls_cert is not None,
+                   tls_ca=config.tls_ca is not None, insecure=config.insecure,
+                   metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
     metrics.expect_providers(config.expected_providers)
     api = FleetApi(config, metrics)
     api.set_nodes(await _node_addresses(config))
     interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server = new_server(interceptors, config.limits)
     server.add_generic_rpc_handlers((node_service_handler(api), controller_service_handler(api)))
     health = add_health_and_reflection(server, [NODE_SERVICE, CONTROLLER_SERVICE])
     port = bind(server, config.listen, creds)

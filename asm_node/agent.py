@@ -184,10 +184,17 @@ class NodeAgent:
         roots = self.config.workspace_roots
         if not cwd:
             return str(roots[0]) if roots else os.getcwd()
+        _check_path_text(cwd)  # before any filesystem call: a NUL or an over-long name raises there
         path = Path(os.path.expanduser(cwd))
         if not path.is_absolute():
             raise ConfigError(f"cwd {cwd!r} must be an absolute path")
-        resolved = Path(os.path.realpath(path))
+        try:
+            return self._check_cwd(cwd, Path(os.path.realpath(path)), roots)
+        except OSError as exc:  # ENAMETOOLONG after expansion, EACCES on a parent, ...
+            raise make_error("config_invalid", "config", f"cwd {cwd[:200]!r} cannot be used: {exc.strerror}",
+                             reason="cwd_not_found") from None
+
+    def _check_cwd(self, cwd: str, resolved: Path, roots: list[Path]) -> str:
         if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
             raise CwdNotAllowed(
                 f"cwd {cwd!r} resolves to {str(resolved)!r}, outside the node's workspace roots "
@@ -271,6 +278,8 @@ class NodeAgent:
         session_id = req.session_id or req.run_id
         if not valid_id(session_id):
             raise ConfigError(f"invalid session_id {session_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
+        if any("\0" in k or "=" in k or "\0" in v for k, v in req.env.items()):
+            raise ConfigError("environment variable names and values must not contain NUL (nor names '=')")
         denied = self._denied_env()
         refused = sorted(k for k in req.env if k not in self.config.env_allow or k in denied)
         if refused:
@@ -278,7 +287,11 @@ class NodeAgent:
                 f"environment variable(s) not allowed by this node: {', '.join(refused)} "
                 "(the operator allows them with --env-allow)"
             )
-        options = provider.validate_options(options_from_json(req.options_json), req.permission_mode or "default")
+        options_in = options_from_json(req.options_json)
+        try:
+            options = provider.validate_options(options_in, req.permission_mode or "default")
+        except (ValueError, OverflowError, TypeError) as exc:  # a provider's own conversion of a client value
+            raise ConfigError(f"invalid {provider.name} options: {exc}") from None
         env = dict(self._env)
         env.update(req.env)
         spec = RunSpec(
@@ -400,6 +413,23 @@ class NodeAgent:
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]
         return pb.ListRunsResponse(runs=runs)
+
+
+#: Linux's NAME_MAX and PATH_MAX: longer names fail in the kernel anyway, with ENAMETOOLONG.
+MAX_PATH_COMPONENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+def _check_path_text(path: str) -> None:
+    """A client's path as text: no NUL byte, no component over 255 bytes, at most 4096 bytes in all."""
+    if "\0" in path:
+        raise ConfigError("cwd must not contain a NUL byte")
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size > MAX_PATH_BYTES:
+        raise ConfigError(f"cwd is {size} bytes long: the limit is {MAX_PATH_BYTES} bytes")
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in path.split("/")), default=0)
+    if longest > MAX_PATH_COMPONENT_BYTES:
+        raise ConfigError(f"cwd has a {longest}-byte path component: the limit is {MAX_PATH_COMPONENT_BYTES} bytes")
 
 
 def _reject_reason(err: AsmError) -> str:

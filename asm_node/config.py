@@ -30,12 +30,21 @@ class NodeConfig(BaseSettings):
     listen: str = "127.0.0.1:7070"
     #: Serve Prometheus metrics over HTTP here (/metrics); None = off.
     metrics_listen: str | None = None
+    #: Allow a non-loopback metrics_listen (the metrics endpoint has no authentication).
+    metrics_insecure: bool = False
     node_id: str = Field(default_factory=lambda: os.uname().nodename)
     token: SecretStr | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
     insecure: bool = False
+    #: Abuse bounds of the gRPC server (asm_wire._server.ServerLimits): a connection must finish its
+    #: handshake in handshake_timeout_s; at most max_connections open (None: half the fd limit),
+    #: max_concurrent_streams per connection, max_concurrent_rpcs in all (then RESOURCE_EXHAUSTED).
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int | None = Field(default=None, ge=1)
+    max_concurrent_streams: int = Field(default=1000, ge=1)
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
     #: A run's cwd must resolve (after symlinks) inside one of these; empty = anywhere.
     workspace_roots: list[Path] = Field(default_factory=list)
     max_runs: int = Field(default=8, ge=1)

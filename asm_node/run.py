@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
 from asm_wire import KIND_NAMES, KIND_VALUES, AsmError, ConfigError, make_error, pb
+from asm_wire._options import parse_options_json
 
 if TYPE_CHECKING:
     from asm_node.config import NodeConfig
@@ -482,12 +482,5 @@ class Run:
 
 
 def options_from_json(text: str) -> dict[str, object]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"options are not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError("options must be a JSON object")
-    return value
+    """A request's options: a JSON object within size, depth and number limits (ConfigError otherwise)."""
+    return parse_options_json(text)

@@ -18,10 +18,11 @@ from asm_node.config import NodeConfig
 from asm_wire import pb
 from asm_wire._server import (
     NODE_SERVICE,
-    SERVER_OPTIONS,
+    ServerLimits,
     TokenAuthInterceptor,
     add_health_and_reflection,
     bind,
+    new_server,
     node_service_handler,
     run_until_signal,
     server_credentials,
@@ -35,8 +36,9 @@ log = logging.getLogger("asm_node.server")
 
 def check_exposure(config: NodeConfig) -> None:
     """Refuse to serve a non-loopback address with no authentication at all."""
-    _check_exposure(config.listen, token=config.token is not None, tls_cert=config.tls_cert is not None,
-                    tls_ca=config.tls_ca is not None, insecure=config.insecure)
+    _check_exposure(config.listen, token=config.token.get_secret_value() if config.token else None,
+                    tls_cert=config.tls_cert is not None, tls_ca=config.tls_ca is not None, insecure=config.insecure,
+                    metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
 
 
 class NodeServer:
@@ -70,7 +72,9 @@ async def start_server(config: NodeConfig, agent: NodeAgent | None = None) -> No
     if config.token:
         rejected = agent.metrics.rejected.labels("auth")
         interceptors.append(TokenAuthInterceptor(config.token.get_secret_value(), on_reject=rejected.inc))
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server = new_server(interceptors, ServerLimits(
+        handshake_timeout_s=config.handshake_timeout_s, max_connections=config.max_connections,
+        max_concurrent_streams=config.max_concurrent_streams, max_concurrent_rpcs=config.max_concurrent_rpcs))
     server.add_generic_rpc_handlers((node_service_handler(agent),))
     health = add_health_and_reflection(server, [NODE_SERVICE])
     port = bind(server, config.listen, creds)

@@ -210,7 +210,8 @@ _STATUS_KIND: Final[dict[grpc.StatusCode, tuple[str, str]]] = {
     grpc.StatusCode.NOT_FOUND: ("unknown", "runtime"),
     grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", "transport"),
     grpc.StatusCode.UNAVAILABLE: ("connection_failed", "transport"),
-    grpc.StatusCode.CANCELLED: ("user_cancelled", "runtime"),
+    # No CANCELLED: a call this client cancels ends in asyncio.CancelledError (grpc.aio raises it for a
+    # locally cancelled call), so a CANCELLED status always comes from the peer or the transport.
 }
 
 
@@ -230,5 +231,18 @@ def error_from_rpc(
     message = details or (code.name if code else "RPC failed")
     if _MD_KIND in md:
         return make_error(md[_MD_KIND], md.get(_MD_DOMAIN, "runtime"), message, md.get(_MD_REASON, ""))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in message:  # gRPC's own message-size limit, not a busy server
+            return AsmError(message, kind="buffer_overflow", domain="transport", reason="message_too_large")
+        # gRPC's own overload answers (maximum_concurrent_rpcs, the pending-request backlog) carry no
+        # asm trailers: still a typed, retryable "the server is full".
+        return NodeAtCapacity(f"the server is at capacity, retry later ({message})")
+    if code == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in message:
+        # HTTP/2 REFUSED_STREAM: the server's cap on concurrent streams per connection; the call
+        # was never processed and may be retried.
+        return NodeAtCapacity(f"the server refused the call: too many concurrent streams, retry later ({message})")
+    if code == grpc.StatusCode.CANCELLED:
+        return AsmError(f"the call was cancelled by the server or the transport, not by this client ({message})",
+                        kind="transport_error", domain="transport", reason="cancelled_by_peer")
     kind, domain = _STATUS_KIND.get(code, ("transport_error", "transport")) if code else ("transport_error", "transport")
     return AsmError(message, kind=kind, domain=domain)

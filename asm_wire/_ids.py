@@ -8,7 +8,8 @@ import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Ids cross the wire and end up in logs and file names: keep them to a safe charset.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Always matched with fullmatch: ``$`` would also accept a trailing newline.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def ulid() -> str:
@@ -22,4 +23,4 @@ def ulid() -> str:
 
 def valid_id(value: str) -> bool:
     """True for ids asm accepts from callers: 1-128 chars of ``[A-Za-z0-9._:-]``."""
-    return bool(_ID_RE.match(value))
+    return _ID_RE.fullmatch(value) is not None
