@@ -299,6 +299,10 @@ class NodeAgent:
             permission_mode=req.permission_mode or "default", options=options, env=env,
         )
         command = provider.build_command(spec)
+        # exec() refuses NUL in argv/env: refused here, typed, before a run (and a slot) exists.
+        if any("\0" in a for a in command.argv) or any("\0" in k or "\0" in v for k, v in command.env.items()):
+            raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
+                              reason="nul_byte")
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics)
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)

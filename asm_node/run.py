@@ -393,6 +393,8 @@ class Run:
             return self._fail_before_spawn(make_error("cli_not_found", "provider", f"cannot execute {cmd.argv[0]}: {exc}"))
         except OSError as exc:
             return self._fail_before_spawn(make_error("transport_error", "transport", f"spawn failed: {exc}"))
+        except ValueError as exc:  # e.g. "embedded null byte": the run must still end with run_completed
+            return self._fail_before_spawn(make_error("config_invalid", "config", f"cannot start {cmd.argv[0]}: {exc}"))
         self._proc = proc
         self.pid = proc.pid
         if cmd.stdin_data and proc.stdin is not None:

@@ -335,3 +335,26 @@ async def test_env_with_nul_is_refused(node: NodeServer, tmp_path: Path) -> None
     finally:
         await c.close()
         await server.stop()
+
+
+@pytest.mark.parametrize(("prompt", "options"), [("hi\0there", {}), ("hi", {"model": "a\0b"})])
+async def test_nul_in_a_cli_command_line_is_refused_not_hung(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    prompt: str, options: dict[str, str],
+) -> None:
+    # exec() raises ValueError on NUL: the run task died before run_completed and the stream hung.
+    monkeypatch.setenv("GEMINI_CLI_PATH", "/bin/true")
+    server = await start_server(make_config(workspace_roots=[tmp_path]))
+    c = GrpcNodeClient(RemoteNode(f"127.0.0.1:{server.port}"))
+    try:
+        request = pb.StartRunRequest(run_id="nul-run", provider="gemini", prompt=prompt, cwd=str(tmp_path),
+                                     options_json=json.dumps(options))
+        with pytest.raises(ConfigError) as info:
+            async for _ in c.start_run(request):
+                pass
+        assert info.value.reason == "nul_byte"
+        assert server.agent.runs == {} and server.agent.active_runs() == 0
+        _no_traceback(caplog)
+    finally:
+        await c.close()
+        await server.stop()
