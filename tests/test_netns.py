@@ -82,7 +82,7 @@ def netns_node(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
         _ip("-n", ns, "addr", "add", f"{NODE_IP}/30", "dev", node_if)
         _ip("-n", ns, "link", "set", node_if, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
-        token = "netns-token"
+        token = "netns-token-0123456789"  # >= 16 bytes: the node listens on a non-loopback address
         (tmp_path / "tok").write_text(token)
         log = tmp_path / "node.log"
         with open(log, "wb") as f:
