@@ -162,9 +162,10 @@ def load_tokens(token: str | None, tokens_file: Path | None) -> TokenTable | Non
     if tokens_file is not None:
         try:
             text = tokens_file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read tokens file {tokens_file}: {getattr(exc, 'strerror', None) or exc}") \
-                from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read tokens file {tokens_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"tokens file {tokens_file} is not UTF-8 text") from None
         entries = parse_tokens(text, f"tokens file {tokens_file}")
     if token:
         if any(p.name == DEFAULT_PRINCIPAL for p, _ in entries):

@@ -339,6 +339,10 @@ async def test_bad_tokens_file_refused_at_start(tmp_path: Path) -> None:
         await start_server(make_config(tokens_file=bad))
     with pytest.raises(ConfigError, match="cannot read tokens file"):
         await start_server(make_config(tokens_file=tmp_path / "missing"))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"alice:" + b"\xff" * 20 + b"\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        await start_server(make_config(tokens_file=binary))
     clash = tmp_path / "clash"
     clash.write_text(f"default:{A16}\n")
     with pytest.raises(ConfigError, match="'default'"):
