@@ -1,6 +1,6 @@
 """The ``asm`` command line: the composition root of node and controller.
 
-    asm node serve --listen HOST:PORT [--token-file F] [--tls-cert F --tls-key F [--tls-ca F]]
+    asm node serve --listen HOST:PORT [--token-file F] [--tokens-file F] [--tls-cert F --tls-key F [--tls-ca F]]
                    [--workspace-root DIR ...] [--max-runs N] [--insecure]
     asm run [--node HOST:PORT ...] --provider P [--cwd DIR] [--permission-mode M]
             [--output text|jsonl] [--opt KEY=VALUE ...] PROMPT
@@ -244,6 +244,10 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         "listen": args.listen, "insecure": args.insecure, "token": token,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
     }
+    if args.tokens_file:
+        settings["tokens_file"] = args.tokens_file
+    if args.admin_principal:
+        settings["admin_principals"] = args.admin_principal
     if args.workspace_root:
         settings["workspace_roots"] = args.workspace_root
     if args.max_runs is not None:
@@ -636,6 +640,8 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         listen=args.listen, nodes=list(args.node or []),
         nodes_file=Path(args.nodes_file) if args.nodes_file else None, nodes_dns=args.nodes_dns,
         metrics_listen=args.metrics_listen, token=token, node_token=node_token,
+        tokens_file=Path(args.tokens_file) if args.tokens_file else None,
+        admin_principals=list(args.admin_principal or []),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_ca=Path(args.tls_ca) if args.tls_ca else None, node_tls=node_tls, insecure=args.insecure,
         strategy=args.strategy, liveness=LivenessConfig(node_lost_timeout_s=args.node_lost_timeout),
@@ -744,6 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = node_sub.add_parser("serve", help="serve a node agent")
     s.add_argument("--listen", required=True, metavar="HOST:PORT")
     s.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
+    s.add_argument("--tokens-file", metavar="F",
+                   help="named client tokens, NAME:TOKEN[:admin] per line; each name owns its runs")
+    s.add_argument("--admin-principal", action="append", metavar="NAME",
+                   help="client-certificate principal (cn:<CN>) with the admin role (repeatable)")
     _tls_args(s, server=True)
     s.add_argument("--workspace-root", action="append", metavar="DIR", help="runs' cwd must be inside (repeatable)")
     s.add_argument("--max-runs", type=int, metavar="N", help="concurrent runs (default 8)")
@@ -820,6 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     _limit_args(cs)
     cs.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
+    cs.add_argument("--tokens-file", metavar="F",
+                    help="named client tokens, NAME:TOKEN[:admin] per line; each name owns its runs")
+    cs.add_argument("--admin-principal", action="append", metavar="NAME",
+                    help="client-certificate principal (cn:<CN>) with the admin role (repeatable)")
     cs.add_argument("--node-token-file", metavar="F", help="token for the nodes (default: the same token)")
     _tls_args(cs, server=True)
     cs.add_argument("--node-tls-ca", metavar="F", help="CA of the nodes' certificates")

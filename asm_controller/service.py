@@ -5,7 +5,9 @@ To its clients the controller *is* a node: it serves the same NodeService
 fleet, with the session runtime's admission, health, failover, re-attachment
 and node-loss handling. ``asm run --controller HOST:PORT`` is therefore just a
 remote node run. ControllerService adds the fleet view (ListNodes) and
-DrainNode. Nodes come from ``--node`` flags, a file, or a DNS name that
+DrainNode (admin only). Clients are principals (named tokens, or client
+certificates) as on a node: each sees and touches only the runs it started
+here, which the controller records in memory. Nodes come from ``--node`` flags, a file, or a DNS name that
 resolves to many addresses (a Kubernetes headless Service), re-resolved
 periodically. Metrics (``asm_controller_*``), health checking and reflection
 are served too.
@@ -41,6 +43,7 @@ from asm_wire import (
     pb,
 )
 from asm_wire._options import parse_options_json
+from asm_wire._principal import check_owner, current_principal, load_tokens, may_access, require_admin
 from asm_wire._server import (
     CONTROLLER_SERVICE,
     NODE_SERVICE,
@@ -77,6 +80,8 @@ class ControllerConfig:
     metrics_listen: str | None = None
     metrics_insecure: bool = False  # allow a non-loopback metrics_listen (no auth on /metrics)
     token: str | None = field(default=None, repr=False)  # clients must present it; never in a repr/log
+    tokens_file: Path | None = None  # named client tokens (NAME:TOKEN[:admin] per line): principals
+    admin_principals: list[str] = field(default_factory=list)  # client-cert principals with the admin role
     node_token: str | None = field(default=None, repr=False)  # presented to the nodes
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -126,6 +131,9 @@ class FleetApi:
         self.session = Session("shell", node=[], max_concurrent_runs=config.max_concurrent_runs,
                                max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True)
         self._targets: dict[str, RemoteNode] = {}
+        # run_id -> the principal that started it through this controller. In memory only: a
+        # restarted controller forgets its runs anyway (durable controller state is a later issue).
+        self._owners: dict[str, str] = {}
 
     def set_nodes(self, addresses: Sequence[str]) -> None:
         targets = []
@@ -186,7 +194,23 @@ class FleetApi:
                          reason="no_eligible_node")
         return pb.PreflightResponse(ok=False, error=error_info(err))
 
+    def _check_run(self, run_id: str) -> None:
+        """PermissionDenied for another principal's run (admins may use every run)."""
+        owner = self._owners.get(run_id)
+        if owner is not None:
+            check_owner(owner, f"run {run_id}")
+
+    def _claim(self, run_id: str) -> None:
+        """Record the caller as the owner of a new run id; another principal's id is refused (no attach)."""
+        me = current_principal().name
+        owner = self._owners.setdefault(run_id, me)
+        if owner != me:
+            check_owner(owner, f"run {run_id}")
+        if len(self._owners) > 2 * len(self.session._runs) + 1024:  # forget runs the session forgot
+            self._owners = {k: v for k, v in self._owners.items() if k in self.session._runs or k == run_id}
+
     async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        self._claim(request.run_id)
         run = self.session._runs.get(request.run_id)
         if run is not None:  # an existing run id attaches (never a second CLI)
             async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
@@ -204,6 +228,7 @@ class FleetApi:
             yield pb.EventBatch(events=[ev.pb for ev in events])
 
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
+        self._check_run(request.run_id)
         run = self.session._runs.get(request.run_id)
         if run is None or run.handle is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
@@ -212,14 +237,19 @@ class FleetApi:
             yield batch
 
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
+        self._check_run(request.run_id)
         await self.session.interrupt(request.run_id)
         return pb.InterruptRunResponse(accepted=True)
 
     async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
+        pending = self.session._approvals.get(request.approval_id)  # approvals are keyed by id, not run
+        if pending is not None:
+            self._check_run(pending.run_id)
         await self.session.approve(request.approval_id, request.decision, request.reason)
         return pb.ResolveApprovalResponse()
 
     async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
+        self._check_run(request.run_id)
         run = self.session._runs.get(request.run_id)
         if run is None or run.handle is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
@@ -227,18 +257,33 @@ class FleetApi:
                                                                    end_input=request.end_input))
 
     async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
+        self._check_run(request.run_id)
         run = self.session._runs.get(request.run_id)
         if run is None or run.handle is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
         info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run._node_run_id))
         info.run_id = request.run_id
+        info.owner = self._owners.get(request.run_id, info.owner)
         return info
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        """Every node's runs, under the controller's run ids and owners; a non-admin sees only its own."""
+        mine = {(r.handle.target.key, r._node_run_id): r.run_id
+                for r in list(self.session._runs.values()) if r.handle is not None}
+        admin = current_principal().admin
         out = pb.ListRunsResponse()
         for handle in list(self.session._handles.values()):
             with contextlib.suppress(AsmError):
-                out.runs.extend((await handle.api.list_runs(request)).runs)
+                for info in (await handle.api.list_runs(request)).runs:
+                    run_id = mine.get((handle.target.key, info.run_id))
+                    if run_id is None:  # not started through this controller: only an admin sees it
+                        if admin:
+                            out.runs.append(info)
+                        continue
+                    info.run_id = run_id
+                    info.owner = self._owners.get(run_id, info.owner)
+                    if may_access(info.owner):
+                        out.runs.append(info)
         return out
 
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
@@ -251,6 +296,7 @@ class FleetApi:
         raise ConfigError("workspace snapshots are taken on a node: ask the node that owns the workspace")
 
     async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
+        require_admin("Drain")
         raise ConfigError("drain a node of this controller with DrainNode (asm node drain --controller ... --node ...)")
 
     # -- ControllerService --------------------------------------------------------------
@@ -282,6 +328,7 @@ class FleetApi:
         return out
 
     async def drain_node(self, request: pb.DrainNodeRequest) -> pb.DrainResponse:
+        require_admin("DrainNode")
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
             raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
@@ -335,15 +382,20 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
         raise ConfigError("a controller needs nodes: --node HOST:PORT, --nodes-file F or --nodes-dns NAME:PORT")
     for addr in config.nodes:
         parse_address(addr)
-    check_exposure(config.listen, token=config.token, tls_cert=config.tls_cert is not None,
-                   tls_ca=config.tls_ca is not None, insecure=config.insecure,
+    # A tokens file's tokens are held to the 16-byte minimum when it is read.
+    check_exposure(config.listen, token=config.token or (config.tokens_file is not None),
+                   tls_cert=config.tls_cert is not None, tls_ca=config.tls_ca is not None, insecure=config.insecure,
                    metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
+    tokens = load_tokens(config.token, config.tokens_file)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
     metrics.expect_providers(config.expected_providers)
     api = FleetApi(config, metrics)
     api.set_nodes(await _node_addresses(config))
-    interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
+    interceptors = []
+    if tokens is not None or config.tls_ca is not None:
+        interceptors.append(TokenAuthInterceptor(tokens, client_certs=config.tls_ca is not None,
+                                                 admins=config.admin_principals))
     server = new_server(interceptors, config.limits)
     server.add_generic_rpc_handlers((node_service_handler(api), controller_service_handler(api)))
     health = add_health_and_reflection(server, [NODE_SERVICE, CONTROLLER_SERVICE])

@@ -39,6 +39,7 @@ from asm_wire import (
     ulid,
     valid_id,
 )
+from asm_wire._principal import check_owner, current_principal, may_access, require_admin
 
 log = logging.getLogger("asm_node.agent")
 
@@ -333,6 +334,7 @@ class NodeAgent:
         run = self.runs.get(run_id)
         if run is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+        check_owner(run.owner, f"run {run_id}")
         return run
 
     def start_run_frames(self, request: pb.StartRunRequest) -> AsyncIterator[bytes]:
@@ -346,7 +348,10 @@ class NodeAgent:
             except AsmError as err:
                 self.metrics.rejected.labels(_reject_reason(err)).inc()
                 raise
+            run.owner = current_principal().name  # before the run's task first runs
         else:
+            # Another principal's run id is refused, never attached to.
+            check_owner(run.owner, f"run {request.run_id}")
             self._count_attach(run, request.after_seq)
         return run.follow(request.after_seq)
 
@@ -383,6 +388,7 @@ class NodeAgent:
 
     async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
         """Refuse new runs from now on; interrupt the ones still running at the deadline."""
+        require_admin("Drain")
         if self.state == pb.NODE_STATE_READY:
             self.state = pb.NODE_STATE_DRAINING
             deadline_s = request.deadline_ms / 1000
@@ -415,7 +421,8 @@ class NodeAgent:
         return await asyncio.to_thread(self.workspace.rollback, cwd, request.snapshot_id)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        runs = [r.info() for r in self.runs.values() if not (request.active_only and r.done)]
+        runs = [r.info() for r in self.runs.values()
+                if not (request.active_only and r.done) and may_access(r.owner)]
         return pb.ListRunsResponse(runs=runs)
 
 

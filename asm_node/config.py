@@ -34,6 +34,10 @@ class NodeConfig(BaseSettings):
     metrics_insecure: bool = False
     node_id: str = Field(default_factory=lambda: os.uname().nodename)
     token: SecretStr | None = None
+    #: Named tokens, one ``NAME:TOKEN[:admin]`` per line; each name is a principal that owns its runs.
+    tokens_file: Path | None = None
+    #: Client-certificate principals (``cn:<CN>``) with the admin role (see all runs, drain).
+    admin_principals: list[str] = Field(default_factory=list)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

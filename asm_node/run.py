@@ -78,6 +78,8 @@ class Run:
         self.last_event_mono = time.monotonic()
         self._first_output = False
         self.spec = spec
+        #: The principal that started the run (asm_wire._principal); set by the agent.
+        self.owner = ""
         self.command = command
         self.parser = parser
         self.config = config
@@ -284,6 +286,7 @@ class Run:
             started_unix_nano=self.started_ns,
             finished_unix_nano=self.finished_ns,
             cwd=self.spec.cwd,
+            owner=self.owner,
         )
 
     # -- lifecycle -------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The node agent's gRPC server: NodeService over a :class:`NodeAgent`, plus health, reflection and metrics.
 
-Auth is a bearer token (constant-time comparison) and/or mutual TLS; a
+Auth is a bearer token or named tokens (constant-time comparison) and/or
+mutual TLS; each call runs as its principal, which owns the runs it starts. A
 non-loopback listen address without either is refused unless ``insecure``.
 Event streams are sent as the pre-serialized batches the runs keep.
 """
@@ -16,6 +17,7 @@ import grpc
 from asm_node.agent import NodeAgent
 from asm_node.config import NodeConfig
 from asm_wire import pb
+from asm_wire._principal import load_tokens
 from asm_wire._server import (
     NODE_SERVICE,
     ServerLimits,
@@ -36,7 +38,9 @@ log = logging.getLogger("asm_node.server")
 
 def check_exposure(config: NodeConfig) -> None:
     """Refuse to serve a non-loopback address with no authentication at all."""
-    _check_exposure(config.listen, token=config.token.get_secret_value() if config.token else None,
+    # A tokens file's tokens are held to the 16-byte minimum when it is read.
+    _check_exposure(config.listen,
+                    token=config.token.get_secret_value() if config.token else config.tokens_file is not None,
                     tls_cert=config.tls_cert is not None, tls_ca=config.tls_ca is not None, insecure=config.insecure,
                     metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
 
@@ -67,11 +71,14 @@ class NodeServer:
 async def start_server(config: NodeConfig, agent: NodeAgent | None = None) -> NodeServer:
     check_exposure(config)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    # Principals: named tokens (plus the single token as "default", admin), else client certificates.
+    tokens = load_tokens(config.token.get_secret_value() if config.token else None, config.tokens_file)
     agent = agent or NodeAgent(config)
     interceptors = []
-    if config.token:
+    if tokens is not None or config.tls_ca is not None:
         rejected = agent.metrics.rejected.labels("auth")
-        interceptors.append(TokenAuthInterceptor(config.token.get_secret_value(), on_reject=rejected.inc))
+        interceptors.append(TokenAuthInterceptor(tokens, on_reject=rejected.inc, client_certs=config.tls_ca is not None,
+                                                 admins=config.admin_principals))
     server = new_server(interceptors, ServerLimits(
         handshake_timeout_s=config.handshake_timeout_s, max_connections=config.max_connections,
         max_concurrent_streams=config.max_concurrent_streams, max_concurrent_rpcs=config.max_concurrent_rpcs))

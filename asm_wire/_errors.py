@@ -19,6 +19,7 @@ Exception tree::
     │   ├── ProviderMissing        reason=provider_missing   (preflight: CLI not on the node)
     │   ├── CwdNotAllowed          reason=cwd_not_allowed    (preflight: cwd outside the roots)
     │   └── NodeAtCapacity         reason=at_capacity        (preflight: no free run slot)
+    ├── PermissionDenied           reason=permission_denied  (another principal's run; admin-only call)
     └── RunError                   a run ended in failure (carried by Result.error)
 
 A node that refuses a client certificate under mutual TLS just closes the
@@ -169,6 +170,14 @@ class NodeAtCapacity(NodeConnectionError):
     default_reason = "at_capacity"
 
 
+class PermissionDenied(AsmError):
+    """The caller is authenticated but may not do this (another principal's run, or an admin-only call)."""
+
+    default_kind = "auth_error"
+    default_domain = "transport"
+    default_reason = "permission_denied"
+
+
 class RunError(AsmError):
     """A run's failure as reduced from its events (``Result.error``)."""
 
@@ -178,6 +187,7 @@ _BY_REASON: Final[dict[str, type[AsmError]]] = {
     for cls in (
         NodeUnreachable, NodeConnectTimeout, NodeUnauthenticated, NodeVersionMismatch,
         NodeCapabilityMismatch, NodeNotReady, ProviderMissing, CwdNotAllowed, NodeAtCapacity,
+        PermissionDenied,
     )
 }
 
@@ -200,6 +210,7 @@ _REASON_STATUS: Final[dict[str, grpc.StatusCode]] = {
     "cwd_not_allowed": grpc.StatusCode.PERMISSION_DENIED,
     "not_ready": grpc.StatusCode.UNAVAILABLE,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
 }
 _STATUS_KIND: Final[dict[grpc.StatusCode, tuple[str, str]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: ("config_invalid", "config"),

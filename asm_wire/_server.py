@@ -5,8 +5,10 @@
 * error mapping: an :class:`AsmError` becomes a status code plus
   ``asm-error-*`` trailers; anything else is logged and sent as INTERNAL
   without internals;
-* bearer-token auth (constant-time comparison), TLS credentials, the rule
-  that a non-loopback address needs authentication;
+* authentication (bearer tokens compared in constant time, or the client
+  certificate under mutual TLS) that makes each call's principal current
+  (:mod:`asm_wire._principal`), audit lines for refused calls, TLS
+  credentials, the rule that a non-loopback address needs authentication;
 * standard gRPC health checking and server reflection;
 * limits that keep a node bounded under abuse (:class:`ServerLimits`): a
   handshake timeout, idle-connection reaping, caps on connections, streams per
@@ -18,7 +20,7 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hmac  # noqa: F401  (the comparison lives in _principal; tests patch hmac through here)
 import logging
 import resource
 import socket
@@ -35,6 +37,16 @@ from grpc_reflection.v1alpha import reflection
 
 from asm_wire._address import is_loopback_host, parse_address
 from asm_wire._errors import AsmError, ConfigError
+from asm_wire._principal import (
+    ANONYMOUS,
+    AUDIT,
+    Principal,
+    TokenTable,
+    acting_as,
+    cert_principal,
+    current_method,
+    current_principal,
+)
 from asm_wire.v1 import node_pb2 as pb
 
 log = logging.getLogger("asm.server")
@@ -132,11 +144,17 @@ async def abort(context: Context, err: AsmError) -> None:
     await context.abort(err.grpc_status(), message)
 
 
+def _audit_denied(err: AsmError, context: Context, name: str) -> None:
+    if err.reason == "permission_denied":
+        AUDIT.record(current_principal().name, context.peer(), current_method() or name, "permission_denied")
+
+
 def unary(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handler(request: Any, context: Context) -> Any:
         try:
             return await fn(request)
         except AsmError as err:
+            _audit_denied(err, context, getattr(fn, "__name__", "rpc"))
             await abort(context, err)
         except Exception:
             log.exception("unexpected error in %s", getattr(fn, "__name__", "rpc"))
@@ -151,6 +169,7 @@ def stream(fn: Callable[[Any], AsyncIterator[Any]]) -> Callable[[Any, Context], 
             async for item in fn(request):
                 yield item
         except AsmError as err:
+            _audit_denied(err, context, getattr(fn, "__name__", "rpc"))
             await abort(context, err)
         except asyncio.CancelledError:
             raise  # the client went away; a run itself keeps going (detach, don't kill)
@@ -267,13 +286,26 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
 
 
 _AUTH_ERR = AsmError("missing or invalid bearer token", kind="auth_error", domain="transport", reason="unauthenticated")
+_CERT_ERR = AsmError("no verified client certificate subject", kind="auth_error", domain="transport",
+                     reason="unauthenticated")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` (constant-time comparison); health and reflection stay open."""
+    """Authenticates every call and makes its principal current; health and reflection stay open.
 
-    def __init__(self, token: str, on_reject: Callable[[], None] | None = None) -> None:
-        self._expected = f"Bearer {token}".encode()
+    ``tokens`` (one token, or named ones): the call must present
+    ``authorization: Bearer <token>``, compared in constant time against every
+    token; the matching name is the principal. Without tokens, under mutual TLS
+    (``client_certs``) the principal is the client certificate's subject
+    (``cn:<CN>``). ``admins`` names certificate principals with the admin role.
+    A refused call gets UNAUTHENTICATED and a rate-limited ``asm.audit`` line.
+    """
+
+    def __init__(self, tokens: str | TokenTable | None, on_reject: Callable[[], None] | None = None, *,
+                 client_certs: bool = False, admins: Sequence[str] = ()) -> None:
+        self._tokens = TokenTable.single(tokens) if isinstance(tokens, str) else tokens
+        self._client_certs = client_certs
+        self._admins = frozenset(admins)
         self._on_reject = on_reject
 
     async def intercept_service(
@@ -284,24 +316,77 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(("/grpc.health.v1.", "/grpc.reflection.")):
             return await continuation(handler_call_details)
-        presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
-                break
-        if hmac.compare_digest(presented, self._expected):
-            return await continuation(handler_call_details)
+        principal: Principal | None = None
+        if self._tokens is not None:
+            presented = b""
+            for key, value in handler_call_details.invocation_metadata or ():
+                if key == "authorization":
+                    presented = value.encode() if isinstance(value, str) else value
+                    break
+            principal = self._tokens.match(presented)
+            if principal is None:
+                return self._deny(method, _AUTH_ERR)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self._as_principal(handler, method, principal)
+        return wrapped
+
+    def _deny(self, method: str, err: AsmError) -> grpc.RpcMethodHandler[Any, Any]:
         if self._on_reject is not None:
             self._on_reject()
-        return _deny_handler(method)
+        return _deny_handler(method, err)
+
+    def _resolve(self, context: Context, principal: Principal | None) -> Principal | None:
+        if principal is not None:
+            return principal
+        if self._client_certs:
+            return cert_principal(context.auth_context(), self._admins)
+        return ANONYMOUS
+
+    def _as_principal(self, handler: Any, method: str, principal: Principal | None) -> Any:
+        """``handler`` with its behaviour run as the call's principal (one per call: a ContextVar)."""
+        if handler.unary_unary is not None:
+            inner_u = handler.unary_unary
+
+            async def unary_as(request: Any, context: Context) -> Any:
+                who = self._resolve(context, principal)
+                if who is None:
+                    return await self._refuse(context, method)
+                with acting_as(who, method):
+                    return await inner_u(request, context)
+
+            return handler._replace(unary_unary=unary_as)
+        if handler.unary_stream is not None:
+            inner_s = handler.unary_stream
+
+            async def stream_as(request: Any, context: Context) -> AsyncIterator[Any]:
+                who = self._resolve(context, principal)
+                if who is None:
+                    await self._refuse(context, method)
+                    return
+                with acting_as(who, method):
+                    async for item in inner_s(request, context):
+                        yield item
+
+            return handler._replace(unary_stream=stream_as)
+        return handler  # no client-streaming methods are served
+
+    async def _refuse(self, context: Context, method: str) -> None:
+        if self._on_reject is not None:
+            self._on_reject()
+        AUDIT.record("-", context.peer(), method, "unauthenticated")
+        await abort(context, _CERT_ERR)
 
 
-def _deny_handler(method: str) -> grpc.RpcMethodHandler[Any, Any]:
+def _deny_handler(method: str, err: AsmError = _AUTH_ERR) -> grpc.RpcMethodHandler[Any, Any]:
     async def deny_unary(request: Any, context: Context) -> Any:
-        await abort(context, _AUTH_ERR)
+        AUDIT.record("-", context.peer(), method, "unauthenticated")
+        await abort(context, err)
 
     async def deny_stream(request: Any, context: Context) -> AsyncIterator[bytes]:
-        await abort(context, _AUTH_ERR)
+        AUDIT.record("-", context.peer(), method, "unauthenticated")
+        await abort(context, err)
         yield b""  # pragma: no cover - abort raises
 
     if method.endswith(("/StartRun", "/AttachRun")):

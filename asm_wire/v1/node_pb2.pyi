@@ -1346,6 +1346,7 @@ class RunInfo(_message.Message):
     STARTED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     FINISHED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     session_id: _builtins.str
     provider: _builtins.str
@@ -1359,6 +1360,8 @@ class RunInfo(_message.Message):
     started_unix_nano: _builtins.int
     finished_unix_nano: _builtins.int
     cwd: _builtins.str
+    owner: _builtins.str
+    """the principal that started the run (see README "Security")"""
     def __init__(
         self,
         *,
@@ -1374,10 +1377,11 @@ class RunInfo(_message.Message):
         started_unix_nano: _builtins.int = ...,
         finished_unix_nano: _builtins.int = ...,
         cwd: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "pid", b"pid", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "owner", b"owner", "pid", b"pid", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
