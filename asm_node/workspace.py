@@ -138,7 +138,7 @@ log = logging.getLogger("asm_node.workspace")
 BACKENDS = ("git", "hash", "auto")
 REF_PREFIX = "refs/asm/snapshots/"
 _META_TAG = b"asm-snapshot: "
-_ID_RE = re.compile(r"^(git|hash)-[0-9a-z]{1,64}$")
+_ID_RE = re.compile(r"(git|hash)-[0-9a-z]{1,64}")
 _GITLINK = "160000"
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "asm-node", "GIT_AUTHOR_EMAIL": "asm-node@localhost",
@@ -348,7 +348,7 @@ class Workspaces:
                     del self._snapshots[k]
 
     def _lookup(self, snapshot_id: str, root: str) -> _Snap:
-        if not _ID_RE.match(snapshot_id):
+        if not _ID_RE.fullmatch(snapshot_id):
             raise _not_found(snapshot_id, "snapshot ids look like git-<id> or hash-<id>")
         with self._lock:
             snap = self._snapshots.get(snapshot_id)

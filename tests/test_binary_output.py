@@ -113,3 +113,19 @@ def test_cli_jsonl_and_the_recorded_store_keep_the_bytes_without_inflation(
     replayed = [json.loads(x) for x in replay.stdout.splitlines()]
     assert b"".join(delta_bytes(x) for x in replayed if x.get("kind") == "assistant_delta") == blob
     assert store.stat().st_size < 3 * len(blob)  # pb base64 in the store: ~4/3 of the output, plus headers
+
+
+def test_json_cli_parsers_keep_non_utf8_lines_exactly() -> None:
+    # A JSON CLI's non-JSON line that is not UTF-8 used to become U+FFFD in raw.content.
+    from asm_node.providers import ClaudeProvider
+
+    provider = ClaudeProvider()
+    parser = provider.parser_class(provider, 0.0, 0.0, False)
+    junk, text = b"\xff\xfe binary \x80\x81", "plain words ü"
+    out: list[pb.Event] = []
+    parser.feed_lines([junk, text.encode()], out)
+    raws = [e.raw for e in out if e.WhichOneof("payload") == "raw"]
+    assert [(r.content, r.data) for r in raws] == [("", junk), (text, b"")]
+    events = [Event(e) for e in out]
+    assert [e.output_bytes for e in events] == [junk, text.encode()]
+    assert base64.b64decode(events[0].to_dict()["payload"]["data_b64"]) == junk

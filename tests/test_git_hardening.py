@@ -245,3 +245,14 @@ def test_io_failures_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(AsmError, match="workspace snapshot failed") as err:
         ws.snapshot(str(repo), "git", "")
     assert (err.value.kind, err.value.reason) == ("tool_failed", "workspace_io")
+
+
+def test_snapshot_ids_are_matched_whole(tmp_path: Path) -> None:
+    # `^...$` with .match let "git-<id>\n" through to git as a ref name.
+    repo = make_repo(tmp_path / "repo")
+    ws = Workspaces()
+    snap = ws.snapshot(str(repo), "git", "")
+    with pytest.raises(AsmError) as info:
+        ws.diff(str(repo), snap.id + "\n", "", 1024)
+    assert "snapshot ids look like" in info.value.message
+    assert ws.diff(str(repo), snap.id, "", 1024) is not None

@@ -332,6 +332,14 @@ def ev_raw(content: Any) -> pb.Event:
     return pb.Event(kind=KIND_VALUES["raw"], raw=pb.Raw(stream="stdout", content=text))
 
 
+def ev_raw_line(line: bytes) -> pb.Event:
+    """A stdout line as printed: text when it is UTF-8, else its exact bytes in ``Raw.data`` (lossless)."""
+    try:
+        return pb.Event(kind=KIND_VALUES["raw"], raw=pb.Raw(stream="stdout", content=line.decode("utf-8")))
+    except UnicodeDecodeError:
+        return pb.Event(kind=KIND_VALUES["raw"], raw=pb.Raw(stream="stdout", data=line))
+
+
 def as_int(value: Any) -> int:
     if isinstance(value, bool):
         return 0
@@ -394,11 +402,11 @@ class JsonLineParser(LineParser):
             try:
                 obj = json.loads(text)
             except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
-                out.append(ev_raw(text.decode("utf-8", "replace")))
+                out.append(ev_raw_line(text))
                 continue
             if not isinstance(obj, dict):
                 # The line as printed: re-encoding the value can fail (a lone surrogate in a string).
-                out.append(ev_raw(text.decode("utf-8", "replace")))
+                out.append(ev_raw_line(text))
                 continue
             if not self.provider_session_id:
                 for key in _SESSION_KEYS:
@@ -409,7 +417,7 @@ class JsonLineParser(LineParser):
             try:
                 self.handle(obj, out)
             except Exception as exc:  # a surprising shape must not kill the run
-                out.append(ev_raw(text.decode("utf-8", "replace")))
+                out.append(ev_raw_line(text))
                 out.append(error_event(f"could not decode {self.provider.display_name} line: {exc}", "parse_error",
                                        "parser", severity=pb.SEVERITY_WARNING))
 
