@@ -120,6 +120,16 @@ async def test_find_delete_is_refused_and_deletes_nothing(node: NodeProcess, ws:
     assert (ws / "inside.txt").exists()
 
 
+async def test_date_prints_the_clock_but_never_sets_it(node: NodeProcess, ws: Path) -> None:
+    # `date` is allowed by default and a node often runs as root: `date -s` would set the host's clock.
+    for prompt in ("date -s 2001-01-01", "date -us 2001-01-01", "date --set=2001-01-01", "date --se 2001-01-01"):
+        _refused(await _run(node, prompt, ws), "would set the system clock")
+    ok = await _run(node, "date -u -d @0 +%Y", ws)
+    assert ok.ok and ok.text == "1970\n", ok.error
+    ok = await _run(node, "date -dsunday +%A", ws)  # a value after -d, not a set
+    assert ok.ok and ok.text == "Sunday\n", ok.error
+
+
 # -- resolved executables, never basenames of client paths --------------------------------
 
 

@@ -360,11 +360,31 @@ class ShellProvider(Provider):
             exe, (real, name) = self._executable(argv[0], spec.cwd, opts)
             if name in self.confined or os.path.basename(real) in self.confined:
                 self._check_paths(argv[0], argv[1:], spec.cwd)
+            if "date" in (name, os.path.basename(real)):
+                _refuse_clock_setting(argv[0], argv[1:])
             argv[0] = exe
         return CommandSpec(argv=argv, cwd=spec.cwd, env=dict(spec.env), timeout_s=opts["timeout_s"])
 
     def new_parser(self, spec: RunSpec) -> LineParser:
         return ShellParser(spec.options["success_exit_codes"])
+
+
+def _refuse_clock_setting(command: str, args: Sequence[str]) -> None:
+    """``date`` is in ASM's default allow-list to *print* the time; ``-s``/``--set`` sets the host's clock
+    (a node often runs as root). Short clusters are read like getopt: ``d f r I`` take the rest as their
+    value, so ``-us`` sets but ``-dsunday`` only displays."""
+    for arg in args:
+        if arg == "--":
+            return
+        if arg.startswith("--"):
+            if "--set".startswith(arg.partition("=")[0]) and len(arg.partition("=")[0]) >= 4:
+                raise _denied(f"{command}: {arg!r} would set the system clock; the shell provider only reads it")
+        elif arg.startswith("-") and len(arg) > 1:
+            for ch in arg[1:]:
+                if ch == "s":
+                    raise _denied(f"{command}: {arg!r} would set the system clock; the shell provider only reads it")
+                if ch in "dfrI":
+                    break
 
 
 class ShellParser(LineParser):
