@@ -26,6 +26,7 @@ from asm_wire import (
     NodeUnauthenticated,
     NodeUnreachable,
     NodeVersionMismatch,
+    PermissionDenied,
     ProviderMissing,
     RunError,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "NodeUnauthenticated",
     "NodeUnreachable",
     "NodeVersionMismatch",
+    "PermissionDenied",
     "ProviderMissing",
     "RemoteNode",
     "Result",
