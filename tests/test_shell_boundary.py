@@ -120,14 +120,21 @@ async def test_find_delete_is_refused_and_deletes_nothing(node: NodeProcess, ws:
     assert (ws / "inside.txt").exists()
 
 
-async def test_date_prints_the_clock_but_never_sets_it(node: NodeProcess, ws: Path) -> None:
+async def test_date_prints_the_clock_but_never_sets_it(tmp_path: Path, ws: Path) -> None:
     # `date` is allowed by default and a node often runs as root: `date -s` would set the host's clock.
-    for prompt in ("date -s 2001-01-01", "date -us 2001-01-01", "date --set=2001-01-01", "date --se 2001-01-01"):
-        _refused(await _run(node, prompt, ws), "would set the system clock")
-    ok = await _run(node, "date -u -d @0 +%Y", ws)
-    assert ok.ok and ok.text == "1970\n", ok.error
-    ok = await _run(node, "date -dsunday +%A", ws)  # a value after -d, not a set
-    assert ok.ok and ok.text == "Sunday\n", ok.error
+    # The refusals are tried on a stand-in `date` the operator allows by absolute path (same name, so the
+    # same rule applies): if the guard ever regresses, this test fails without touching the real clock.
+    fake = tmp_path / "fakebin" / "date"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "fake date ran: $*"\n')
+    fake.chmod(0o755)
+    with _node(tmp_path, "--workspace-root", str(ws), "--shell-allow", str(fake)) as n:
+        for args in ("-s 2001-01-01", "-us 2001-01-01", "--set=2001-01-01", "--se 2001-01-01"):
+            _refused(await _run(n, f"{fake} {args}", ws), "would set the system clock")
+        ok = await _run(n, f"{fake} -dsunday +%A", ws)  # a value after -d, not a set
+        assert ok.ok and ok.text == "fake date ran: -dsunday +%A\n", ok.error
+        ok = await _run(n, "date -u -d @0 +%Y", ws)  # the real one still prints
+        assert ok.ok and ok.text == "1970\n", ok.error
 
 
 # -- resolved executables, never basenames of client paths --------------------------------
