@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger("asm_node.process")
@@ -281,6 +282,7 @@ class Cgroups:
             if base is None:
                 log.info("cgroup v2 is not mounted: runs are tracked by process group only (setsid escapes it)")
                 return None
+            cls.sweep_stale(base)
             root = os.path.join(base, f"asm-node-{os.getpid()}-{secrets.token_hex(4)}")
             os.mkdir(root)
         except OSError as exc:
@@ -304,6 +306,48 @@ class Cgroups:
             return None
         log.info("runs are tracked by cgroup under %s", root)
         return tree
+
+    @classmethod
+    def sweep_stale(cls, base: str) -> int:
+        """Remove the cgroups of earlier agents that died with their watchdog (both SIGKILLed, a host OOM):
+        what is still in them is an orphaned CLI, killed; returns how many node directories went.
+
+        A directory is stale only when its agent pid is gone, so a live agent (another node on the
+        host sharing the parent cgroup) is never touched.
+        """
+        removed = 0
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return 0
+        for name in names:
+            prefix, _, rest = name.partition("-node-")
+            pid_text = rest.partition("-")[0]
+            if prefix != "asm" or not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+                continue  # its agent is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+            node_dir = os.path.join(base, name)
+            try:
+                runs = [os.path.join(node_dir, r) for r in os.listdir(node_dir) if r.startswith(("run-", "probe"))]
+            except OSError:
+                continue
+            for run_dir in runs:
+                if cls.populated(run_dir):
+                    log.warning("killing processes %s left in %s by a dead agent", cls.pids(run_dir), run_dir)
+                    cls.signal(run_dir, signal.SIGKILL)
+                for _ in range(100):  # members take a moment to exit after SIGKILL
+                    if cls.remove(run_dir):
+                        break
+                    time.sleep(0.02)
+            if cls.remove(node_dir):
+                removed += 1
+        return removed
 
     def new_run(self) -> str | None:
         """A fresh, empty cgroup for one run (None if it could not be created)."""

@@ -333,3 +333,37 @@ async def test_spawn_errors_stay_typed_with_the_cgroup_wrapper(tmp_path: Path) -
             assert not await asyncio.to_thread(os.path.exists, cgroup), "a failed spawn left its cgroup"
     finally:
         tree.close()
+
+
+def test_cgroups_left_by_a_dead_agent_and_watchdog_are_swept_at_start() -> None:
+    """Both the agent and its watchdog SIGKILLed (a host OOM): the next agent kills what was left in the
+    dead agent's run cgroups and removes them; a live agent's directory is never touched."""
+    import threading
+
+    from asm_node.process import _own_cgroup_dir
+
+    _cgroups_or_skip()
+    base = _own_cgroup_dir()
+    assert base is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free: the "dead agent"
+    stale = os.path.join(base, f"asm-node-{gone.pid}-t{os.getpid()}")
+    live = os.path.join(base, f"asm-node-1-t{os.getpid()}")  # pid 1 is alive: another agent
+    os.makedirs(os.path.join(stale, "run-1"))
+    os.makedirs(os.path.join(live, "run-1"))
+    orphan = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    threading.Thread(target=orphan.wait, daemon=True).start()  # reap it once killed
+    try:
+        with open(os.path.join(stale, "run-1", "cgroup.procs"), "w") as fh:
+            fh.write(str(orphan.pid))
+        tree = Cgroups.create()
+        assert tree is not None
+        tree.close()
+        assert wait_until(lambda: not pid_alive(orphan.pid), 5.0), "the orphaned CLI survived"
+        assert not os.path.exists(stale)
+        assert os.path.isdir(os.path.join(live, "run-1"))
+    finally:
+        if pid_alive(orphan.pid):
+            orphan.kill()
+        for d in (os.path.join(stale, "run-1"), stale, os.path.join(live, "run-1"), live):
+            wait_until(lambda d=d: Cgroups.remove(d), 2.0)
