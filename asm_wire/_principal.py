@@ -22,8 +22,9 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,31 +211,55 @@ def _clean(value: Any) -> str:
 class AuditLog:
     """Audit lines for refused calls, at most ``per_second`` a second (a flood cannot fill the disk).
 
-    Lines beyond the budget are counted; the next line written after the window
-    says how many were suppressed.
+    Lines beyond the budget are counted; the count is logged by the next line written after the
+    window, or by a timer one second after suppression began, so a flood that simply stops is
+    still accounted for.
     """
 
-    def __init__(self, per_second: int = 20, clock: Any = time.monotonic) -> None:
+    def __init__(self, per_second: int = 20, clock: Any = time.monotonic,
+                 schedule: Callable[[float, Callable[[], None]], None] | None = None) -> None:
         self.per_second = per_second
         self._clock = clock
+        self._schedule = schedule or _daemon_timer
         self._window = 0.0
         self._written = 0
+        self._flush_pending = False
+        self._lock = threading.Lock()
         self.suppressed = 0
 
     def record(self, principal: str, peer: str, method: str, outcome: str) -> None:
-        now = self._clock()
-        if now - self._window >= 1.0:
-            self._window, self._written = now, 0
-        if self._written >= self.per_second:
-            self.suppressed += 1
-            return
-        self._written += 1
+        with self._lock:
+            now = self._clock()
+            if now - self._window >= 1.0:
+                self._window, self._written = now, 0
+            if self._written >= self.per_second:
+                self.suppressed += 1
+                if not self._flush_pending:
+                    self._flush_pending = True
+                    self._schedule(1.0, self.flush)
+                return
+            self._written += 1
+            self._flush_locked()
+        audit_log.warning("audit: principal=%s peer=%s method=%s outcome=%s",
+                          _clean(principal), _clean(peer), _clean(method), outcome)
+
+    def flush(self) -> None:
+        """Log how many refused calls went unlogged (nothing when none did)."""
+        with self._lock:
+            self._flush_pending = False
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if self.suppressed:
             audit_log.warning("audit: %d refused call(s) not logged (rate limit %d/s)", self.suppressed,
                               self.per_second)
             self.suppressed = 0
-        audit_log.warning("audit: principal=%s peer=%s method=%s outcome=%s",
-                          _clean(principal), _clean(peer), _clean(method), outcome)
+
+
+def _daemon_timer(delay: float, fn: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, fn)
+    timer.daemon = True
+    timer.start()
 
 
 #: The process's audit log (shared by every server in it, so the budget is per process).

@@ -39,7 +39,7 @@ from asm_wire._principal import (
     parse_tokens,
 )
 from asm_wire.v1 import node_pb2_grpc
-from tests.conftest import ROOT, NodeProcess
+from tests.conftest import ROOT, NodeProcess, wait_until
 from tests.conftest import node_config as make_config
 from tests.test_approvals import ScriptedProvider
 
@@ -432,6 +432,29 @@ def test_audit_log_budget_and_summary(caplog: pytest.LogCaptureFixture) -> None:
     summary, line = (r.getMessage() for r in caplog.records[5:])
     assert "45 refused call(s) not logged" in summary
     assert "\n" not in line and "/m\\x0aforged line" in line  # client text cannot forge log lines
+
+
+def test_audit_summary_is_logged_when_a_flood_simply_stops(caplog: pytest.LogCaptureFixture) -> None:
+    # The count of suppressed lines used to wait for the next refused call, which may never come.
+    timers: list[tuple[float, Callable[[], None]]] = []
+    audit = AuditLog(per_second=3, clock=lambda: 5.0, schedule=lambda delay, fn: timers.append((delay, fn)))
+    caplog.set_level(logging.WARNING, logger="asm.audit")
+    for _ in range(10):
+        audit.record("-", "ipv4:127.0.0.1:1", "/asm.v1.NodeService/GetRun", "unauthenticated")
+    assert len(caplog.records) == 3 and len(timers) == 1 and timers[0][0] == 1.0  # one timer per flood
+    timers[0][1]()  # the flood stopped; the timer fires
+    assert "7 refused call(s) not logged" in caplog.records[-1].getMessage()
+    assert audit.suppressed == 0
+    timers[0][1]()  # a second firing logs nothing more
+    assert len(caplog.records) == 4
+
+
+def test_audit_summary_timer_is_real(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="asm.audit")
+    audit = AuditLog(per_second=1)
+    for _ in range(3):
+        audit.record("-", "peer", "/m", "unauthenticated")
+    assert wait_until(lambda: any("2 refused call(s)" in r.getMessage() for r in caplog.records), 5.0)
 
 
 # -- mutual TLS principals ---------------------------------------------------------------------
