@@ -80,6 +80,8 @@ class NodeAgent:
         self._env = self._base_env()
         self.kind_totals = [0] * len(KIND_NAMES)
         self.workspace = Workspaces()
+        #: Who made each snapshot (bounded; see _check_snapshot).
+        self._snapshot_owners: OrderedDict[str, str] = OrderedDict()
         self.metrics = metrics or NodeMetrics()
         self.metrics.bind(self)
 
@@ -409,15 +411,36 @@ class NodeAgent:
 
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
         cwd = self._resolve_cwd(request.cwd)
-        return await asyncio.to_thread(self.workspace.snapshot, cwd, request.backend or "git", request.label)
+        owner = current_principal().name
+        info = await asyncio.to_thread(self.workspace.snapshot, cwd, request.backend or "git", request.label)
+        self._snapshot_owners[info.id] = owner
+        while len(self._snapshot_owners) > _MAX_SNAPSHOT_OWNERS:
+            self._snapshot_owners.popitem(last=False)
+        return info
+
+    def _check_snapshot(self, snapshot_id: str) -> None:
+        """A snapshot is its maker's: diffing or rolling back another principal's is PERMISSION_DENIED.
+
+        Git snapshots outlive the agent (refs) but their makers do not: one made before this agent
+        started (or forgotten past the bound) is an admin's only.
+        """
+        owner = self._snapshot_owners.get(snapshot_id)
+        if owner is None:
+            if snapshot_id and not current_principal().admin:
+                require_admin(f"snapshot {snapshot_id[:80]!r} has no known maker on this node; using it")
+            return
+        check_owner(owner, f"snapshot {snapshot_id[:80]!r}")
 
     async def diff(self, request: pb.DiffRequest) -> pb.DiffResponse:
         cwd = self._resolve_cwd(request.cwd)
+        self._check_snapshot(request.from_id)
+        self._check_snapshot(request.to_id)
         return await asyncio.to_thread(self.workspace.diff, cwd, request.from_id, request.to_id,
                                        request.max_patch_bytes or 256 * 1024)
 
     async def rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
         cwd = self._resolve_cwd(request.cwd)
+        self._check_snapshot(request.snapshot_id)
         return await asyncio.to_thread(self.workspace.rollback, cwd, request.snapshot_id)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
@@ -426,6 +449,7 @@ class NodeAgent:
         return pb.ListRunsResponse(runs=runs)
 
 
+_MAX_SNAPSHOT_OWNERS = 10_000
 #: Linux's NAME_MAX and PATH_MAX: longer names fail in the kernel anyway, with ENAMETOOLONG.
 MAX_PATH_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096

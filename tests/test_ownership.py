@@ -457,6 +457,32 @@ def test_audit_summary_timer_is_real(caplog: pytest.LogCaptureFixture) -> None:
     assert wait_until(lambda: any("2 refused call(s)" in r.getMessage() for r in caplog.records), 5.0)
 
 
+async def test_another_principals_snapshot_cannot_be_diffed_or_rolled_back(tmp_path: Path, tokens_file: Path) -> None:
+    # Snapshots are addressed by cwd: before, bob could roll back the workspace alice had snapshotted.
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "f.txt").write_text("alice's work\n")
+    server = await start_server(make_config(tokens_file=tokens_file, workspace_roots=[ws]))
+    addr = _addr(server.port)
+    alice, bob, root = _client(addr, ALICE), _client(addr, BOB), _client(addr, ROOT_TOKEN)
+    try:
+        snap = await alice.snapshot(pb.SnapshotRequest(cwd=str(ws), backend="hash"))
+        (ws / "f.txt").write_text("alice's newer work\n")
+        await _denied(lambda: bob.diff(pb.DiffRequest(cwd=str(ws), from_id=snap.id)))
+        await _denied(lambda: bob.rollback(pb.RollbackRequest(cwd=str(ws), snapshot_id=snap.id)))
+        assert (ws / "f.txt").read_text() == "alice's newer work\n"
+        mine = await bob.snapshot(pb.SnapshotRequest(cwd=str(ws), backend="hash"))
+        await _denied(lambda: bob.diff(pb.DiffRequest(cwd=str(ws), from_id=mine.id, to_id=snap.id)))
+        assert (await alice.diff(pb.DiffRequest(cwd=str(ws), from_id=snap.id))).modified == ["f.txt"]
+        assert (await root.diff(pb.DiffRequest(cwd=str(ws), from_id=snap.id))).modified == ["f.txt"]  # an admin may
+        # A snapshot id this agent did not make (a git ref from before a restart) is an admin's only.
+        await _denied(lambda: alice.diff(pb.DiffRequest(cwd=str(ws), from_id="git-" + "0" * 40)), owner="bob")
+    finally:
+        for c in (alice, bob, root):
+            await c.close()
+        await server.stop()
+
+
 # -- mutual TLS principals ---------------------------------------------------------------------
 
 
