@@ -88,6 +88,15 @@ def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         node.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the machine's own asm settings: NodeConfig is a BaseSettings (an ambient
+    ``ASM_NODE_TOKEN`` would change every config) and clients read ``ASM_TOKEN``."""
+    for key in list(os.environ):
+        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
+            monkeypatch.delenv(key)
+
+
 def node_config(**overrides: object) -> NodeConfig:
     """A NodeConfig with short graces so tests finish quickly."""
     base: dict[str, object] = {

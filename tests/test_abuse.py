@@ -38,13 +38,6 @@ from tests.conftest import node_config as make_config
 TOKEN = "abuse-test-token-0123456789"
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
-
-
 def _hello() -> pb.HandshakeRequest:
     return pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION)
 

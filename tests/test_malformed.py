@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,13 +24,6 @@ from asm_node import NodeServer, start_server
 from asm_wire import AsmError, ConfigError, pb, valid_id
 from asm_wire._options import MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH
 from tests.conftest import node_config as make_config
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
 
 
 @pytest.fixture(autouse=True)

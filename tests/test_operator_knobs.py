@@ -47,13 +47,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
-
-
 def _asm(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asm_cli", *args], capture_output=True, text=True, timeout=timeout,
                           env=env if env is not None else _clean_env(), cwd=str(ROOT))

@@ -54,13 +54,6 @@ COMPLETED = KIND_VALUES["run_completed"]
 
 
 @pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(autouse=True)
 def _fresh_audit_budget() -> None:
     # The audit log is per process: earlier tests in this second must not eat this test's lines.
     AUDIT._window, AUDIT._written, AUDIT.suppressed = 0.0, 0, 0

@@ -48,14 +48,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    # NodeConfig is a BaseSettings: an ASM_NODE_TOKEN in the environment would change every config here.
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
-
-
 async def _handshake(client: GrpcNodeClient) -> pb.HandshakeResponse:
     return await client.handshake(
         pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION), timeout=5.0

@@ -9,7 +9,6 @@ and must never have started a process (no ``run_started`` event).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shlex
 import shutil
@@ -27,14 +26,6 @@ from asm_wire import ConfigError
 from tests.conftest import PYTHON_BASENAME, NodeProcess, start_node_process
 
 TOKEN = "shell-boundary-" + "t" * 16
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_asm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    # NodeConfig is a BaseSettings: ASM_NODE_* in the environment would change every node here.
-    for key in list(os.environ):
-        if key == "ASM_TOKEN" or key.startswith("ASM_NODE_"):
-            monkeypatch.delenv(key)
 
 
 @pytest.fixture
