@@ -5,6 +5,7 @@
     asm run [--node HOST:PORT ...] --provider P [--cwd DIR] [--permission-mode M]
             [--output text|jsonl] [--opt KEY=VALUE ...] PROMPT
     asm nodes --node HOST:PORT ... [--provider P [--cwd DIR]] [--output table|json]
+    asm node drain [--controller C] --node HOST:PORT [--deadline S];  asm node undrain [--controller C] --node HOST:PORT
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
 3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
@@ -545,10 +546,13 @@ async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"node": target.address}
         try:
             handle = await connect(target)
-        except NodeNotReady:
-            # Draining (or stopping): the node answered; its state is shown, it is not an error.
+        except NodeNotReady as not_ready:
+            # Draining (or stopping): the node answered; its state is shown, it is not an error
+            # (a --provider preflight still fails: the node admits no run).
             try:
                 row.update(_info_row(await _bare_handshake(target)))
+                if args.provider:
+                    row["preflight"] = {"ok": False, "error": not_ready.to_dict()}
             except AsmError as err:
                 row["error"] = err.to_dict()
             rows.append(row)

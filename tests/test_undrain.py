@@ -124,6 +124,11 @@ def test_nodes_shows_a_draining_node_as_a_state(node_process: Callable[..., Node
     assert as_json.returncode == 0, as_json.stderr
     (row,) = json.loads(as_json.stdout)
     assert row["state"] == "draining" and row["epoch"] == node.epoch and row["drain_deadline_unix_nano"] > 0
+    # Asked whether it would take a run now: no (a preflight failure, exit 3), still with its state.
+    pre = asm("nodes", "--node", node.address, "--output", "json", "--provider", "shell")
+    assert pre.returncode == 3, pre.stderr
+    (row,) = json.loads(pre.stdout)
+    assert row["state"] == "draining" and row["preflight"]["error"]["reason"] == "not_ready"
 
 
 def test_undrain_needs_an_admin(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
