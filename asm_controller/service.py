@@ -355,7 +355,15 @@ class FleetApi:
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
             raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
-        handle = await self.session._handle(target)
+        try:
+            handle = await self.session._handle(target)
+        except NodeNotReady:
+            # Already draining (first contact): Drain answers its current state, as a node does.
+            client = GrpcNodeClient(target)
+            try:
+                return await client.drain(pb.DrainRequest(deadline_ms=request.deadline_ms))
+            finally:
+                await client.close()
         resp = await handle.api.drain(pb.DrainRequest(deadline_ms=request.deadline_ms))
         with contextlib.suppress(AsmError):
             await handle.heartbeat(2.0)  # routing sees "draining" at once

@@ -209,6 +209,8 @@ def test_controller_meeting_a_draining_node_shows_its_state(node_process: Callab
     nodes = asm("nodes", "--controller", ctl, "--output", "json")
     assert nodes.returncode == 0, nodes.stderr
     assert json.loads(nodes.stdout)[0]["state"] == "draining"
+    again = asm("node", "drain", "--controller", ctl, "--node", node.address, "--output", "json")
+    assert again.returncode == 0 and json.loads(again.stdout)[0]["state"] == "draining", again.stderr
     assert asm("node", "undrain", "--controller", ctl, "--node", node.address).returncode == 0
     ok = asm("run", "--controller", ctl, "--provider", "shell", "echo back")
     assert ok.returncode == 0 and "back" in ok.stdout, ok.stderr
