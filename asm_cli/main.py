@@ -5,9 +5,11 @@
     asm run [--node HOST:PORT ...] --provider P [--cwd DIR] [--permission-mode M]
             [--output text|jsonl] [--opt KEY=VALUE ...] PROMPT
     asm nodes --node HOST:PORT ... [--provider P [--cwd DIR]] [--output table|json]
+    asm node drain [--controller C] --node HOST:PORT [--deadline S];  asm node undrain [--controller C] --node HOST:PORT
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
-3 no node could be used (unreachable, refused, incompatible); 130 interrupted.
+3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
+the run (node_draining, node_shutdown: retry elsewhere); 130 interrupted (Ctrl-C).
 A user mistake prints one ``asm: error: ...`` line, never a traceback.
 """
 
@@ -50,9 +52,12 @@ from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYS
 from asm_node import NodeAgent, NodeConfig, serve
 from asm_node.config import SECRET_ENV
 from asm_node.providers import operator_option_names
-from asm_wire import AsmError, ConfigError, __version__, error_from_rpc, pb
+from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, error_from_rpc, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.
+EXIT_NODE_STOPPED = 4
+NODE_STOPPED_KINDS = frozenset({"node_draining", "node_shutdown"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -428,6 +433,8 @@ async def _run(args: argparse.Namespace) -> int:
         return EXIT_OK if unrecorded is None else EXIT_FAILED  # the run worked, its record did not
     if result.error is not None and result.error.kind == "user_cancelled":
         return EXIT_INTERRUPTED
+    if result.error is not None and result.error.kind in NODE_STOPPED_KINDS:
+        return EXIT_NODE_STOPPED
     if isinstance(result.error, NodeConnectionError):
         return EXIT_NODE
     return EXIT_FAILED
@@ -511,6 +518,8 @@ def _status_row(st: pb.NodeStatus) -> dict[str, Any]:
         providers=[{"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
                    for p in st.providers],
     )
+    if st.drain_deadline_unix_nano:
+        row["drain_deadline_unix_nano"] = st.drain_deadline_unix_nano
     return row
 
 
@@ -537,8 +546,15 @@ async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"node": target.address}
         try:
             handle = await connect(target)
-        except NodeNotReady as err:
-            row["error"] = err.to_dict()
+        except NodeNotReady as not_ready:
+            # Draining (or stopping): the node answered; its state is shown, it is not an error
+            # (a --provider preflight still fails: the node admits no run).
+            try:
+                row.update(_info_row(await _bare_handshake(target)))
+                if args.provider:
+                    row["preflight"] = {"ok": False, "error": not_ready.to_dict()}
+            except AsmError as err:
+                row["error"] = err.to_dict()
             rows.append(row)
             continue
         except AsmError as err:
@@ -546,19 +562,7 @@ async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         try:
-            info = handle.info
-            row.update(
-                node_id=info.node_id, version=info.agent_version, protocol=info.protocol_version,
-                epoch=info.boot_epoch, state=pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower(),
-                health="healthy", up=True, heartbeat_age_s=0.0, labels=dict(info.labels),
-                load={"active_runs": info.load.active_runs, "max_runs": info.limits.max_runs},
-                providers=[
-                    {"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
-                    for p in info.providers
-                ],
-                host={"hostname": info.host.hostname, "os": info.host.os, "arch": info.host.arch},
-                capabilities=list(info.capabilities),
-            )
+            row.update(_info_row(handle.info))
             if args.provider:
                 try:
                     row["preflight"] = {"ok": True, "cwd": await preflight(handle, args.provider, args.cwd or "")}
@@ -568,6 +572,35 @@ async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             await handle.close()
         rows.append(row)
     return rows
+
+
+async def _bare_handshake(target: RemoteNode) -> pb.HandshakeResponse:
+    """A handshake without connect()'s readiness check (a draining node refuses runs, not questions)."""
+    client = GrpcNodeClient(target)
+    try:
+        return await client.handshake(
+            pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION),
+            timeout=target.connect_timeout_s)
+    finally:
+        await client.close()
+
+
+def _info_row(info: pb.HandshakeResponse) -> dict[str, Any]:
+    row: dict[str, Any] = dict(
+        node_id=info.node_id, version=info.agent_version, protocol=info.protocol_version,
+        epoch=info.boot_epoch, state=pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower(),
+        health="healthy", up=True, heartbeat_age_s=0.0, labels=dict(info.labels),
+        load={"active_runs": info.load.active_runs, "max_runs": info.limits.max_runs},
+        providers=[
+            {"name": p.name, "available": p.available, "version": p.version, "cli_path": p.cli_path}
+            for p in info.providers
+        ],
+        host={"hostname": info.host.hostname, "os": info.host.os, "arch": info.host.arch},
+        capabilities=list(info.capabilities),
+    )
+    if info.drain_deadline_unix_nano:
+        row["drain_deadline_unix_nano"] = info.drain_deadline_unix_nano
+    return row
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -588,7 +621,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
             pf = row["preflight"]
             extra = " | preflight ok" if pf["ok"] else \
                 f" | preflight {pf['error'].get('reason') or pf['error']['kind']}: {pf['error']['message']}"
-        lines.append((row["node"], row["state"], row["health"], row["epoch"][-10:], load,
+        state = row["state"]
+        if row.get("drain_deadline_unix_nano"):
+            left = max(0.0, (row["drain_deadline_unix_nano"] - time.time_ns()) / 1e9)
+            state = f"{state} (deadline in {left:.0f}s)"
+        lines.append((row["node"], state, row["health"], row["epoch"][-10:], load,
                       f"{row['heartbeat_age_s']:.1f}s", provs + extra))
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(head) - 1)]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1]) for r in lines]
@@ -663,10 +700,42 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
 # -- asm node drain -----------------------------------------------------------------
 
 
+async def _controller_call(args: argparse.Namespace, method: str, request: Any) -> pb.DrainResponse:
+    """One ControllerService call (DrainNode, UndrainNode) with this command's credentials; typed errors."""
+    from asm_wire.v1 import node_pb2_grpc
+
+    (target,) = _remote_nodes(argparse.Namespace(**{**vars(args), "node": [args.controller]}))
+    client = GrpcNodeClient(target)
+    try:
+        stub = node_pb2_grpc.ControllerServiceStub(client.channel)
+        try:
+            resp: pb.DrainResponse = await getattr(stub, method)(request, metadata=client._md,
+                                                                  timeout=target.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata())
+            if err.kind in ("connection_failed", "transport_error") and not err.reason:
+                raise NodeUnreachable(f"controller {args.controller}: {err.message}") from None
+            raise err from None
+    finally:
+        await client.close()
+    return resp
+
+
+def _drain_row(address: str, resp: pb.DrainResponse) -> dict[str, Any]:
+    state = pb.NodeState.Name(resp.state).removeprefix("NODE_STATE_").lower()
+    return {"node": address, "state": state, "active_runs": resp.active_runs,
+            "deadline_unix_nano": resp.deadline_unix_nano}
+
+
 async def _drain(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     failed = False
-    for target in _remote_nodes(args):
+    if args.controller:
+        for address in args.node:
+            resp = await _controller_call(args, "DrainNode", pb.DrainNodeRequest(
+                address=address, deadline_ms=int(args.deadline * 1000)))
+            rows.append(_drain_row(address, resp))
+    for target in [] if args.controller else _remote_nodes(args):
         try:
             handle = await connect(target)
         except NodeNotReady:
@@ -687,9 +756,7 @@ async def _drain(args: argparse.Namespace) -> int:
                 resp = await handle.api.drain(pb.DrainRequest(deadline_ms=int(args.deadline * 1000)))
             finally:
                 await handle.close()
-        state = pb.NodeState.Name(resp.state).removeprefix("NODE_STATE_").lower()
-        rows.append({"node": target.address, "state": state, "active_runs": resp.active_runs,
-                     "deadline_unix_nano": resp.deadline_unix_nano})
+        rows.append(_drain_row(target.address, resp))
     for row in rows:
         if args.output == "json":
             continue
@@ -706,6 +773,33 @@ async def _drain(args: argparse.Namespace) -> int:
 
 def cmd_node_drain(args: argparse.Namespace) -> int:
     return asyncio.run(_drain(args))
+
+
+async def _undrain(args: argparse.Namespace) -> int:
+    """Cancel drains: the nodes take runs again; their running runs are not interrupted at the old deadline."""
+    rows: list[dict[str, Any]] = []
+    if args.controller:
+        for address in args.node:
+            rows.append(_drain_row(address, await _controller_call(
+                args, "UndrainNode", pb.UndrainNodeRequest(address=address))))
+    else:
+        for target in _remote_nodes(args):
+            # No connect(): its readiness check refuses the very node being undrained.
+            client = GrpcNodeClient(target)
+            try:
+                rows.append(_drain_row(target.address, await client.undrain(pb.UndrainRequest())))
+            finally:
+                await client.close()
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        for row in rows:
+            sys.stdout.write(f"{row['node']:<22} {row['state']} ({row['active_runs']} active run(s))\n")
+    return EXIT_OK
+
+
+def cmd_node_undrain(args: argparse.Namespace) -> int:
+    return asyncio.run(_undrain(args))
 
 
 # -- asm providers ------------------------------------------------------------------
@@ -788,11 +882,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = node_sub.add_parser("drain", help="stop a node taking runs; interrupt its runs after a deadline")
     d.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
+    d.add_argument("--controller", metavar="HOST:PORT", help="drain --node through this controller (DrainNode)")
     d.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS",
                    help="in-flight runs are interrupted after this long (default 300)")
     d.add_argument("--output", default="text", choices=["text", "json"])
     client_args(d)
     d.set_defaults(func=cmd_node_drain)
+    ud = node_sub.add_parser("undrain", help="cancel a drain: the node takes runs again, nothing is interrupted")
+    ud.add_argument("--node", action="append", required=True, metavar="HOST:PORT")
+    ud.add_argument("--controller", metavar="HOST:PORT", help="undrain --node through this controller (UndrainNode)")
+    ud.add_argument("--output", default="text", choices=["text", "json"])
+    client_args(ud)
+    ud.set_defaults(func=cmd_node_undrain)
 
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")

@@ -179,6 +179,10 @@ class GrpcNodeClient:
         resp: pb.DrainResponse = await self._unary(self._stub.Drain, request)
         return resp
 
+    async def undrain(self, request: pb.UndrainRequest) -> pb.DrainResponse:
+        resp: pb.DrainResponse = await self._unary(self._stub.Undrain, request)
+        return resp
+
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
         resp: pb.SnapshotInfo = await self._unary(self._stub.Snapshot, request, timeout=120.0)
         return resp

@@ -32,6 +32,10 @@ _COST = KIND_VALUES["cost_update"]
 _APPROVAL_REQ = KIND_VALUES["approval_requested"]
 _APPROVAL_RES = KIND_VALUES["approval_resolved"]
 _TERMINAL_SEVERITIES = (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)
+#: Error kinds of an interrupted run: a client asked, or the node stopped it (drain deadline, shutdown).
+INTERRUPT_KINDS = frozenset({"user_cancelled", "node_draining", "node_shutdown"})
+#: The node ended the run itself; with on_node_lost="resume" it continues on another node.
+NODE_STOPPED_KINDS = frozenset({"node_draining", "node_shutdown"})
 
 
 @dataclass
@@ -206,14 +210,14 @@ class EventReducer:
             if e.severity in _TERMINAL_SEVERITIES:
                 if self._error is None:
                     self._error = err
-                self.status = "interrupted" if err.kind == "user_cancelled" else "failed"
+                self.status = "interrupted" if err.kind in INTERRUPT_KINDS else "failed"
             else:
                 self._warnings.append(err)
         elif kind == _COMPLETED:
             rc = m.run_completed
             if rc.status:
                 self.status = rc.status
-            if self._error is not None and self._error.kind != "user_cancelled":
+            if self._error is not None and self._error.kind not in INTERRUPT_KINDS:
                 self.status = "failed"  # e.g. a guardrail stopped the run: the interrupt was only the means
             elif self.status in ("pending", "running"):
                 self.status = "completed"

@@ -34,7 +34,7 @@ from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
 from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
-from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, Cost, EventReducer, Result
 from asm_controller._routing import Candidate, Router, eligible
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb, ulid, valid_id
@@ -188,11 +188,13 @@ _NODE_FAULTS = frozenset({"unreachable", "connect_timeout", "not_ready", "versio
 
 
 class _NodeLost(Exception):
-    """Internal: the run's node was declared lost (or restarted)."""
+    """Internal: the run's node was declared lost (or restarted), or stopped the run (``kind``
+    node_draining / node_shutdown: its drain deadline passed, it is shutting down)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "node_lost") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 class _Run:
@@ -282,10 +284,13 @@ class _Run:
                     await self._follow(handle, batches, first)
                     return
                 except _NodeLost as lost:
-                    self.session._router.health.failure(handle.target.key, "node_lost")
-                    if self.session.metrics is not None:
-                        self.session.metrics.node_lost.labels(handle.target.address).inc()
-                    err = make_error("node_lost", "transport", lost.reason)
+                    if lost.kind == "node_lost":
+                        self.session._router.health.failure(handle.target.key, "node_lost")
+                        if self.session.metrics is not None:
+                            self.session.metrics.node_lost.labels(handle.target.address).inc()
+                        err = make_error("node_lost", "transport", lost.reason)
+                    else:  # the node said why it stopped the run (routing skips a draining/stopping node)
+                        err = make_error(lost.kind, "runtime", lost.reason)
                     if self.opts.on_node_lost != "resume" or self.cancel_requested:
                         raise err from None
                     handle, batches, first = await self._resume_elsewhere(handle, err)
@@ -404,11 +409,11 @@ class _Run:
         """on_node_lost="resume": continue the provider session on another node (same run, re-sequenced)."""
         psid = self.reducer.provider_session_id
         if not psid:
-            raise make_error("node_lost", "transport", f"{err.message}; no provider session id to resume")
+            raise make_error(err.kind, err.domain, f"{err.message}; no provider session id to resume")
         notice = Event.synthetic(
             "error", run_id=self.run_id, session_id=self.session.session_id, provider=self.opts.provider,
             seq=self.reducer.last_seq + 1, message=f"{err.message}; resuming provider session {psid} on another node",
-            code="node_lost", domain="transport", severity=pb.SEVERITY_WARNING, exit_code=-1)
+            code=err.kind, domain=err.domain, severity=pb.SEVERITY_WARNING, exit_code=-1)
         self.reducer.apply(notice)
         if self.channel is not None:
             self.channel.put_final([notice])
@@ -496,6 +501,10 @@ class _Run:
         observers = self.opts.observers
         batch: pb.EventBatch | None = first if first is not None else await anext(batches, None)
         while batch is not None:
+            stopped = self._node_stopped(batch)
+            if stopped is not None:
+                gone = batch.events[stopped].error
+                batch = pb.EventBatch(events=batch.events[:stopped])
             if self._renumber:
                 fresh = self._transform(batch)
                 if fresh is None:  # the pipeline failed the run
@@ -516,7 +525,23 @@ class _Run:
                 await channel.put(fresh)
             if reducer.finished:
                 return
+            if stopped is not None:
+                raise _NodeLost(gone.message, gone.code)
             batch = await anext(batches, None)
+
+    def _node_stopped(self, batch: pb.EventBatch) -> int | None:
+        """With on_node_lost="resume": the index of the node's final node_draining/node_shutdown error.
+
+        The run ends there on this node; its error and run_completed are not delivered: the
+        run moves on (resumes) elsewhere, like a lost node's run.
+        """
+        if self.opts.on_node_lost != "resume" or self.cancel_requested:
+            return None
+        for i, m in enumerate(batch.events):
+            if (m.kind == pb.EVENT_KIND_ERROR and m.error.code in NODE_STOPPED_KINDS
+                    and m.error.severity in (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)):
+                return i
+        return None
 
     def _transform(self, batch: pb.EventBatch) -> list[Event] | None:
         """Pipeline and renumbering; None when a plug failed the run (already ended here)."""
@@ -594,7 +619,7 @@ class _Run:
         r = self.reducer
         if r.finished:
             return
-        status = "interrupted" if err.kind == "user_cancelled" else "failed"
+        status = "interrupted" if err.kind in INTERRUPT_KINDS else "failed"
         common = {"run_id": self.run_id, "session_id": self.session.session_id, "provider": self.opts.provider}
         events = [
             Event.synthetic("error", **common, seq=r.last_seq + 1, message=err.message, code=err.kind,

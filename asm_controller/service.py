@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from asm_controller._client import LivenessConfig, RemoteNode, TLSConfig
+from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode, TLSConfig
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._routing import eligible
 from asm_controller._session import Session
@@ -36,6 +36,7 @@ from asm_wire import (
     PROTOCOL_VERSION,
     AsmError,
     ConfigError,
+    NodeNotReady,
     __version__,
     error_info,
     make_error,
@@ -299,6 +300,11 @@ class FleetApi:
         require_admin("Drain")
         raise ConfigError("drain a node of this controller with DrainNode (asm node drain --controller ... --node ...)")
 
+    async def undrain(self, request: pb.UndrainRequest) -> pb.DrainResponse:
+        require_admin("Undrain")
+        raise ConfigError("undrain a node of this controller with UndrainNode "
+                          "(asm node undrain --controller ... --node ...)")
+
     # -- ControllerService --------------------------------------------------------------
 
     async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
@@ -307,20 +313,37 @@ class FleetApi:
         for t in self.targets:
             status = pb.NodeStatus(address=t.address, health=health.status(t.key))
             handle = self.session._handles.get(t.key)
+            info: pb.HandshakeResponse | None = None
             if handle is None:
                 try:
-                    handle = await self.session._handle(t)
+                    try:
+                        handle = await self.session._handle(t)
+                    except NodeNotReady:
+                        # A draining node the controller meets first now: a state to show, not an error.
+                        info = await self._bare_handshake(t)
                 except AsmError as err:
                     status.state, status.up = "unknown", False
                     status.error.CopyFrom(error_info(err))
                     out.nodes.append(status)
                     continue
-            info = handle.info
+            if info is None:
+                assert handle is not None
+                info = handle.info
+            if handle is None:
+                status.node_id, status.epoch, status.agent_version = info.node_id, info.boot_epoch, info.agent_version
+                status.up, status.state = True, pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+                status.active_runs, status.max_runs = info.load.active_runs, info.limits.max_runs
+                status.drain_deadline_unix_nano = info.drain_deadline_unix_nano
+                status.providers.extend(info.providers)
+                status.labels.update(info.labels)
+                out.nodes.append(status)
+                continue
             status.node_id, status.epoch, status.agent_version = info.node_id, info.boot_epoch, info.agent_version
             status.up = handle.state != "lost"
             status.state = "lost" if handle.state == "lost" else \
                 pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
             status.heartbeat_age_ms = int(handle.heartbeat_age_s * 1000)
+            status.drain_deadline_unix_nano = info.drain_deadline_unix_nano
             status.active_runs, status.max_runs = info.load.active_runs, info.limits.max_runs
             status.providers.extend(info.providers)
             status.labels.update(info.labels)
@@ -332,10 +355,50 @@ class FleetApi:
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
             raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
-        handle = await self.session._handle(target)
+        try:
+            handle = await self.session._handle(target)
+        except NodeNotReady:
+            # Already draining (first contact): Drain answers its current state, as a node does.
+            client = GrpcNodeClient(target)
+            try:
+                return await client.drain(pb.DrainRequest(deadline_ms=request.deadline_ms))
+            finally:
+                await client.close()
         resp = await handle.api.drain(pb.DrainRequest(deadline_ms=request.deadline_ms))
         with contextlib.suppress(AsmError):
             await handle.heartbeat(2.0)  # routing sees "draining" at once
+        return resp
+
+    async def _bare_handshake(self, target: RemoteNode) -> pb.HandshakeResponse:
+        """A handshake without connect()'s readiness check; a failure is the node's error, as in ListNodes."""
+        client = GrpcNodeClient(target)
+        try:
+            return await client.handshake(
+                pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION),
+                timeout=target.connect_timeout_s)
+        finally:
+            await client.close()
+
+    async def undrain_node(self, request: pb.UndrainNodeRequest) -> pb.DrainResponse:
+        require_admin("UndrainNode")
+        target = next((t for t in self.targets if t.address == request.address), None)
+        if target is None:
+            raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
+        handle = self.session._handles.get(target.key)
+        if handle is None:
+            # First contact with a draining node: connect() refuses a node that is not ready, so
+            # undrain it over a bare client, then connect as usual.
+            client = GrpcNodeClient(target)
+            try:
+                resp = await client.undrain(pb.UndrainRequest())
+            finally:
+                await client.close()
+            with contextlib.suppress(AsmError):
+                await self.session._handle(target)
+            return resp
+        resp = await handle.api.undrain(pb.UndrainRequest())
+        with contextlib.suppress(AsmError):
+            await handle.heartbeat(2.0)  # routing sees "ready" at once
         return resp
 
 
@@ -344,6 +407,8 @@ def controller_service_handler(api: FleetApi) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
         "ListNodes": u("ListNodes", unary(api.list_nodes), pb.ListNodesRequest, pb.ListNodesResponse.SerializeToString),
         "DrainNode": u("DrainNode", unary(api.drain_node), pb.DrainNodeRequest, pb.DrainResponse.SerializeToString),
+        "UndrainNode": u("UndrainNode", unary(api.undrain_node), pb.UndrainNodeRequest,
+                         pb.DrainResponse.SerializeToString),
     })
 
 

@@ -101,9 +101,12 @@ class NodeAgent:
         self.state = pb.NODE_STATE_STOPPING
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
         active = [r for r in self.runs.values() if not r.done]
         for run in active:
-            run.interrupt()
+            # node_shutdown, not user_cancelled: the client should retry elsewhere.
+            run.interrupt("node_shutdown", f"node {self.node_id} is shutting down")
         tasks = [r.task for r in active if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -405,7 +408,23 @@ class NodeAgent:
         if tasks:
             await asyncio.wait(tasks, timeout=deadline_s)
             for run in list(self._active.values()):
-                run.interrupt()
+                run.interrupt("node_draining", f"node {self.node_id} is draining: its deadline of "
+                                               f"{deadline_s:g}s passed")
+
+    async def undrain(self, request: pb.UndrainRequest) -> pb.DrainResponse:
+        """Cancel a drain: take runs again; the runs still going are not interrupted at the old deadline."""
+        require_admin("Undrain")
+        if self.state == pb.NODE_STATE_DRAINING:
+            if self._drain_task is not None:
+                self._drain_task.cancel()
+                self._drain_task = None
+            self._drain_deadline_ns = 0
+            self.state = pb.NODE_STATE_READY
+            log.warning("node %s undrained: taking runs again (%d active)", self.node_id, self.active_runs())
+        elif self.state != pb.NODE_STATE_READY:
+            state = pb.NodeState.Name(self.state).removeprefix("NODE_STATE_").lower()
+            raise NodeNotReady(f"node {self.node_id} is {state}: it cannot be undrained")
+        return pb.DrainResponse(state=self.state, active_runs=self.active_runs(), deadline_unix_nano=0)
 
     # -- workspace snapshots (asm_node.workspace does the work, off the event loop) ---------
 

@@ -100,6 +100,9 @@ class Run:
         self.last_seq = 0
         self._waiter: asyncio.Future[None] | None = None
         self._interrupt = asyncio.Event()
+        # Why the run was interrupted: the kind and message of its final error event.
+        self._interrupt_kind = "user_cancelled"
+        self._interrupt_message = "Run interrupted"
         self._detach_timer: asyncio.TimerHandle | None = None
         self._approvals: dict[str, asyncio.TimerHandle] = {}
         self._proc: asyncio.subprocess.Process | None = None
@@ -221,9 +224,16 @@ class Run:
 
     # -- control ---------------------------------------------------------------
 
-    def interrupt(self) -> bool:
+    def interrupt(self, kind: str = "user_cancelled", message: str = "Run interrupted") -> bool:
+        """Stop the CLI; the run ends ``interrupted`` with a final error of ``kind``.
+
+        ``kind`` tells a client why: ``user_cancelled`` (a client asked), ``node_draining``
+        (the drain deadline passed) or ``node_shutdown`` (the agent is stopping). The
+        first interrupt's reason wins.
+        """
         if self.done or self._interrupt.is_set():
             return not self.done
+        self._interrupt_kind, self._interrupt_message = kind, message
         self._interrupt.set()
         # Nobody will answer a pending approval of an interrupted run: resolve it now.
         for approval_id in list(self._approvals):
@@ -306,7 +316,7 @@ class Run:
                 proc.stdin.close()  # the turn is over: let a stream-json CLI exit
         if self._interrupt.is_set():
             # What a CLI reports while it is being interrupted (Claude: an error_during_execution
-            # result) is a consequence of the interrupt: kept, but the run ends as user_cancelled.
+            # result) is a consequence of the interrupt: kept, but the run ends with the interrupt's kind.
             for ev in out:
                 if ev.kind == _ERROR:
                     ev.error.severity = pb.SEVERITY_WARNING
@@ -468,7 +478,7 @@ class Run:
         sig = -rc if rc is not None and rc < 0 else 0
         exit_code = rc if rc is not None and rc >= 0 else -1
         if end == "interrupted":
-            self._emit([error_event("Run interrupted", "user_cancelled", "runtime")])
+            self._emit([error_event(self._interrupt_message, self._interrupt_kind, "runtime")])
             status = "interrupted"
         elif end == "timeout":
             timeout = self.command.timeout_s

@@ -39,7 +39,9 @@ from typing import Any, Final
 
 import grpc
 
-# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared) and
+# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared),
+# ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
+# passed / it was stopped; retry elsewhere, unlike ``user_cancelled``) and
 # ``runtime`` (ASM uses it as a kind although it is not in its typed list).
 KINDS: Final = frozenset(
     {
@@ -47,6 +49,7 @@ KINDS: Final = frozenset(
         "auth_error", "rate_limit", "buffer_overflow", "transport_error", "transport_busy",
         "queue_full", "at_capacity", "user_cancelled", "approval_denied", "guardrail_blocked",
         "tool_failed", "config_invalid", "unknown", "runtime", "node_lost",
+        "node_draining", "node_shutdown",
     }
 )
 DOMAINS: Final = frozenset(
@@ -204,6 +207,8 @@ _KIND_STATUS: Final[dict[str, grpc.StatusCode]] = {
     "connection_failed": grpc.StatusCode.UNAVAILABLE,
     "transport_error": grpc.StatusCode.UNAVAILABLE,
     "node_lost": grpc.StatusCode.UNAVAILABLE,
+    "node_draining": grpc.StatusCode.UNAVAILABLE,
+    "node_shutdown": grpc.StatusCode.UNAVAILABLE,
     "user_cancelled": grpc.StatusCode.CANCELLED,
 }
 _REASON_STATUS: Final[dict[str, grpc.StatusCode]] = {

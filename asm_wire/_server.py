@@ -279,6 +279,7 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
         "GetRun": u("GetRun", unary(api.get_run), pb.GetRunRequest, pb.RunInfo.SerializeToString),
         "ListRuns": u("ListRuns", unary(api.list_runs), pb.ListRunsRequest, pb.ListRunsResponse.SerializeToString),
         "Drain": u("Drain", unary(api.drain), pb.DrainRequest, pb.DrainResponse.SerializeToString),
+        "Undrain": u("Undrain", unary(api.undrain), pb.UndrainRequest, pb.DrainResponse.SerializeToString),
         "Snapshot": u("Snapshot", unary(api.snapshot), pb.SnapshotRequest, pb.SnapshotInfo.SerializeToString),
         "Diff": u("Diff", unary(api.diff), pb.DiffRequest, pb.DiffResponse.SerializeToString),
         "Rollback": u("Rollback", unary(api.rollback), pb.RollbackRequest, pb.RollbackResponse.SerializeToString),

@@ -1433,6 +1433,23 @@ class DrainResponse(_message.Message):
 Global___DrainResponse: _TypeAlias = DrainResponse  # noqa: Y015
 
 @_typing.final
+class UndrainRequest(_message.Message):
+    """Cancel a drain: the node takes runs again and interrupts nothing at the old deadline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainRequest: _TypeAlias = UndrainRequest  # noqa: Y015
+
+@_typing.final
 class GetRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1711,6 +1728,7 @@ class NodeStatus(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_UNIX_NANO_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     node_id: _builtins.str
     epoch: _builtins.str
@@ -1723,6 +1741,8 @@ class NodeStatus(_message.Message):
     active_runs: _builtins.int
     max_runs: _builtins.int
     agent_version: _builtins.str
+    drain_deadline_unix_nano: _builtins.int
+    """when draining: when its remaining runs get interrupted"""
     @_builtins.property
     def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderInfo]: ...
     @_builtins.property
@@ -1747,10 +1767,11 @@ class NodeStatus(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         error: Global___ErrorInfo | None = ...,
         agent_version: _builtins.str = ...,
+        drain_deadline_unix_nano: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "address", b"address", "agent_version", b"agent_version", "epoch", b"epoch", "error", b"error", "health", b"health", "heartbeat_age_ms", b"heartbeat_age_ms", "labels", b"labels", "max_runs", b"max_runs", "node_id", b"node_id", "providers", b"providers", "state", b"state", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "address", b"address", "agent_version", b"agent_version", "drain_deadline_unix_nano", b"drain_deadline_unix_nano", "epoch", b"epoch", "error", b"error", "health", b"health", "heartbeat_age_ms", b"heartbeat_age_ms", "labels", b"labels", "max_runs", b"max_runs", "node_id", b"node_id", "providers", b"providers", "state", b"state", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1812,3 +1833,22 @@ class DrainNodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class UndrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainNodeRequest: _TypeAlias = UndrainNodeRequest  # noqa: Y015

@@ -84,6 +84,11 @@ class NodeServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/asm.v1.NodeService/Undrain',
+                request_serializer=asm_dot_v1_dot_node__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+                _registered_method=True)
         self.Snapshot = channel.unary_unary(
                 '/asm.v1.NodeService/Snapshot',
                 request_serializer=asm_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
@@ -169,6 +174,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undrain(self, request, context):
+        """Cancel a drain (admin only, like Drain): state back to ready, deadline cleared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Snapshot(self, request, context):
         """Workspace snapshots, taken and compared on the node that owns the workspace.
         """
@@ -239,6 +251,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=asm_dot_v1_dot_node__pb2.DrainRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.UndrainRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
             ),
             'Snapshot': grpc.unary_unary_rpc_method_handler(
@@ -538,6 +555,33 @@ class NodeService:
             _registered_method=True)
 
     @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/Undrain',
+            asm_dot_v1_dot_node__pb2.UndrainRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Snapshot(request,
             target,
             options=(),
@@ -638,6 +682,11 @@ class ControllerServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/asm.v1.ControllerService/UndrainNode',
+                request_serializer=asm_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -655,6 +704,12 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -666,6 +721,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
                     request_deserializer=asm_dot_v1_dot_node__pb2.DrainNodeRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.UndrainNodeRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
             ),
     }
@@ -722,6 +782,33 @@ class ControllerService:
             target,
             '/asm.v1.ControllerService/DrainNode',
             asm_dot_v1_dot_node__pb2.DrainNodeRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.ControllerService/UndrainNode',
+            asm_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
             asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
             options,
             channel_credentials,

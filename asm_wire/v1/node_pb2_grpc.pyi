@@ -55,6 +55,8 @@ class NodeServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]
     Drain: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]
     """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
+    Undrain: _grpc.UnaryUnaryMultiCallable[_node_pb2.UndrainRequest, _node_pb2.DrainResponse]
+    """Cancel a drain (admin only, like Drain): state back to ready, deadline cleared."""
     Snapshot: _grpc.UnaryUnaryMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotInfo]
     """Workspace snapshots, taken and compared on the node that owns the workspace."""
     Diff: _grpc.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]
@@ -78,6 +80,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_node_pb2.ListRunsRequest, _node_pb2.ListRunsResponse]  # type: ignore[assignment]
     Drain: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
     """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
+    Undrain: _aio.UnaryUnaryMultiCallable[_node_pb2.UndrainRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
+    """Cancel a drain (admin only, like Drain): state back to ready, deadline cleared."""
     Snapshot: _aio.UnaryUnaryMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotInfo]  # type: ignore[assignment]
     """Workspace snapshots, taken and compared on the node that owns the workspace."""
     Diff: _aio.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]  # type: ignore[assignment]
@@ -160,6 +164,14 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stop accepting runs; let active ones finish until the deadline, then interrupt them."""
 
     @_abc_1.abstractmethod
+    def Undrain(
+        self,
+        request: _node_pb2.UndrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]:
+        """Cancel a drain (admin only, like Drain): state back to ready, deadline cleared."""
+
+    @_abc_1.abstractmethod
     def Snapshot(
         self,
         request: _node_pb2.SnapshotRequest,
@@ -190,12 +202,14 @@ class ControllerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ControllerServiceAsyncStub: ...
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]
+    UndrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.DrainResponse]
 
 @_typing.type_check_only
 class ControllerServiceAsyncStub(ControllerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
+    UndrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -209,6 +223,13 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     def DrainNode(
         self,
         request: _node_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UndrainNode(
+        self,
+        request: _node_pb2.UndrainNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]: ...
 
