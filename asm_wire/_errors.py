@@ -39,14 +39,15 @@ from typing import Any, Final
 
 import grpc
 
-# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared) and
+# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared), ``run_lost`` (the node
+# restarted while the run ran: its outcome is unknown, it is never run again) and
 # ``runtime`` (ASM uses it as a kind although it is not in its typed list).
 KINDS: Final = frozenset(
     {
         "cli_not_found", "connection_failed", "timeout", "parse_error", "json_decode_error",
         "auth_error", "rate_limit", "buffer_overflow", "transport_error", "transport_busy",
         "queue_full", "at_capacity", "user_cancelled", "approval_denied", "guardrail_blocked",
-        "tool_failed", "config_invalid", "unknown", "runtime", "node_lost",
+        "tool_failed", "config_invalid", "unknown", "runtime", "node_lost", "run_lost",
     }
 )
 DOMAINS: Final = frozenset(
@@ -204,6 +205,7 @@ _KIND_STATUS: Final[dict[str, grpc.StatusCode]] = {
     "connection_failed": grpc.StatusCode.UNAVAILABLE,
     "transport_error": grpc.StatusCode.UNAVAILABLE,
     "node_lost": grpc.StatusCode.UNAVAILABLE,
+    "run_lost": grpc.StatusCode.FAILED_PRECONDITION,
     "user_cancelled": grpc.StatusCode.CANCELLED,
 }
 _REASON_STATUS: Final[dict[str, grpc.StatusCode]] = {
