@@ -361,15 +361,15 @@ class NodeAgent:
             return None
         check_owner(entry.owner, f"run {run_id}")
         if entry.status == "running":
-            # Not held although journaled as running: only a previous agent (another epoch) can have
-            # started it, and that agent is gone. (Marked at open; this covers an entry written since.)
+            # Not held although journaled as running: a previous agent (another epoch) started it and
+            # is gone (such entries are marked lost at open), or this run's end failed to be written.
             self.journal.mark_lost(run_id)
         elif entry.status != "lost":
             return entry
-        raise make_error(
-            "run_lost", "runtime",
-            f"run {run_id} was running on node {self.node_id} when its agent stopped (epoch {entry.epoch}, "
-            f"now {self.boot_epoch}); its outcome is unknown and it is not run again", reason="run_lost")
+        why = ("its end was not journaled (a journal write failed)" if entry.epoch == self.boot_epoch else
+               f"it was running when the node's agent stopped (epoch {entry.epoch}, now {self.boot_epoch})")
+        raise make_error("run_lost", "runtime", f"run {run_id} on node {self.node_id} is lost: {why}; "
+                         "its outcome is unknown and it is not run again", reason="run_lost")
 
     def _ended_frames(self, entry: JournalEntry, after_seq: int) -> AsyncIterator[bytes]:
         """A journaled run's outcome as its last events: its failing error (if any) and its run_completed.

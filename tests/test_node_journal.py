@@ -16,7 +16,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ def test_journal_entries_are_pruned_by_age(node_process: Callable[..., NodeProce
     # Pruning at start: the entry written just now is over the age when the node comes back.
     node.stop()
     assert journaled() == 1
-    wait_until(lambda: False, 1.2)
+    time.sleep(1.2)
     node_process(*serve_args(state, "--journal-max-age", "1"))
     assert journaled() == 0
 
@@ -249,6 +250,10 @@ async def test_another_principals_journaled_run_is_denied(node_process: Callable
     assert lines(marker) == 1
 
 
+async def _events(stream: AsyncIterator[pb.EventBatch]) -> list[pb.Event]:
+    return [ev async for batch in stream for ev in batch.events]
+
+
 async def test_in_memory_journal_and_write_failures(tmp_path: Path) -> None:
     """NodeAgent() keeps its journal in memory; a failing journal write is counted and the run goes on."""
     marker = tmp_path / "marker.txt"
@@ -264,10 +269,24 @@ async def test_in_memory_journal_and_write_failures(tmp_path: Path) -> None:
         assert [e.kind for e in again] == [COMPLETED] and again[0].seq == first[-1].seq
         failures = agent.metrics.journal_failures.labels("write")
         before = failures._value.get()
+        # The end of a run cannot be written (the journal refuses writes): counted, and the id is
+        # then lost rather than run again.
+        slow = pb.StartRunRequest(run_id="jr-unended", provider="shell", prompt=counting(marker, sleep=0.5))
+        frames = agent.start_run_frames(slow)  # admitted and journaled here, synchronously
+        agent.journal._db.execute("PRAGMA query_only=1")
+        ended = [ev async for data in frames for ev in pb.EventBatch.FromString(data).events]
+        assert ended[-1].run_completed.status == "completed" and lines(marker) == 2
+        assert failures._value.get() == before + 1
+        with pytest.raises(AsmError) as caught:
+            await _events(agent.start_run(slow))
+        assert caught.value.kind == "run_lost" and "not journaled" in caught.value.message
+        assert lines(marker) == 2
+        agent.journal._db.execute("PRAGMA query_only=0")
+        before = failures._value.get()
         agent.journal._db.close()  # every journal write fails from now on
         other = pb.StartRunRequest(run_id="jr-mem-2", provider="shell", prompt=counting(marker))
         events = [ev async for b in agent.start_run(other) for ev in b.events]
-        assert events[-1].run_completed.status == "completed" and lines(marker) == 2
-        assert failures._value.get() >= before + 2  # the admission and the end
+        assert events[-1].run_completed.status == "completed" and lines(marker) == 3
+        assert failures._value.get() == before + 2  # the admission and the end
     finally:
         await agent.stop()
