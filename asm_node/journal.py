@@ -84,7 +84,8 @@ def default_state_dir() -> Path:
 
 
 def _unusable(where: object, why: str) -> ConfigError:
-    return ConfigError(f"the node's run journal in {where} cannot be used: {why}", reason="journal_unusable")
+    return ConfigError(f"the node's run journal in {where} cannot be used: {why} "
+                       "(give --state-dir a writable directory of its own)", reason="journal_unusable")
 
 
 class Journal:
@@ -100,6 +101,8 @@ class Journal:
         self.lost_at_open = 0
         try:
             if state_dir is not None:
+                if state_dir.exists() and not state_dir.is_dir():
+                    raise _unusable(state_dir, "it is not a directory")
                 state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._lock(state_dir)
             self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", isolation_level=None,

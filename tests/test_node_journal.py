@@ -196,7 +196,7 @@ def test_unusable_state_dir_is_a_typed_startup_error(node_process: Callable[...,
     (corrupt / "journal.sqlite3").write_bytes(b"this is not an SQLite database at all" * 100)
     shared = tmp_path / "shared"
     node_process("--state-dir", str(shared))
-    for state, words in ((not_a_dir, "run journal"), (corrupt, "not a database"), (shared, "another node agent")):
+    for state, words in ((not_a_dir, "not a directory"), (corrupt, "not a database"), (shared, "another node agent")):
         proc = _serve_fails(tmp_path, "--state-dir", str(state))
         assert proc.returncode == 2, proc.stderr
         assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
