@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from asm_controller import GrpcNodeClient, RemoteNode, Session
+from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent
 from asm_wire import AsmError, PermissionDenied, pb
 from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, node_config, pid_alive, wait_until
@@ -288,5 +288,29 @@ async def test_in_memory_journal_and_write_failures(tmp_path: Path) -> None:
         events = [ev async for b in agent.start_run(other) for ev in b.events]
         assert events[-1].run_completed.status == "completed" and lines(marker) == 3
         assert failures._value.get() == before + 2  # the admission and the end
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed", "interrupted"])
+async def test_session_reduces_a_journaled_outcome_like_the_run(tmp_path: Path, outcome: str) -> None:
+    """Through the controller's Session and reducer: same status, exit code and error kind as the run had."""
+    marker = tmp_path / "marker.txt"
+    agent = NodeAgent(node_config(retention_max_runs=0, state_dir=tmp_path / "state"))
+    await agent.start()
+    prompt = counting(marker, exit_code=4 if outcome == "failed" else 0, sleep=30 if outcome == "interrupted" else 0)
+    try:
+        async with Session("shell", node=EmbeddedNode(agent)) as session:
+            stream = session.stream(prompt, run_id=f"jr-{outcome}")
+            async for ev in stream:
+                if ev.kind == "assistant_delta" and outcome == "interrupted":
+                    await session.interrupt(f"jr-{outcome}")
+            first = stream.result
+            assert first is not None and first.status == outcome
+        async with Session("shell", node=EmbeddedNode(agent)) as session:  # a new client, same node
+            again = await session.query(prompt, run_id=f"jr-{outcome}")
+        assert "jr-" + outcome not in agent.runs and lines(marker) == 1
+        assert (again.status, again.exit_code) == (first.status, first.exit_code)
+        assert (again.error.kind if again.error else None) == (first.error.kind if first.error else None)
     finally:
         await agent.stop()
