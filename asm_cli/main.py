@@ -51,6 +51,7 @@ from asm_controller.extensions.persistence import open_recorder, replay_file
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig, serve
 from asm_node.config import SECRET_ENV
+from asm_node.journal import default_state_dir
 from asm_node.providers import operator_option_names
 from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, error_from_rpc, pb
 
@@ -279,6 +280,13 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["retention_max_runs"] = args.retention_runs
     if args.retention_bytes is not None:
         settings["retention_max_bytes"] = args.retention_bytes
+    # The run journal is durable by default for a served node (ASM_NODE_STATE_DIR also sets it).
+    if args.state_dir is not None:
+        settings["state_dir"] = args.state_dir
+    elif "ASM_NODE_STATE_DIR" not in os.environ:
+        settings["state_dir"] = default_state_dir()
+    if args.journal_max_age is not None:
+        settings["journal_max_age_s"] = args.journal_max_age
     if args.line_cap is not None:
         settings["line_cap_bytes"] = args.line_cap
     if args.label:
@@ -869,6 +877,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retention-runs", type=int, metavar="N", help="keep at most N finished runs (default 1000)")
     s.add_argument("--retention-bytes", type=int, metavar="B",
                    help="keep at most B bytes of finished runs' events (default 268435456)")
+    s.add_argument("--state-dir", metavar="DIR",
+                   help="where the node's run journal lives (default $XDG_STATE_HOME/asm/node or "
+                        "~/.local/state/asm/node); one node agent per directory")
+    s.add_argument("--journal-max-age", type=float, metavar="S",
+                   help="forget journaled runs this many seconds after they ended (default 604800: 7 days)")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

@@ -442,7 +442,8 @@ class _Run:
                         raise
                     raise _NodeLost(self._lost) from None
                 except AsmError as err:
-                    if err.kind == "unknown" and err.domain == "runtime":
+                    # run_lost: the node restarted while the run ran (its run journal says so).
+                    if (err.kind == "unknown" and err.domain == "runtime") or err.kind == "run_lost":
                         raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "
                                         f"({err.message})") from None
                     if not _transient(err):

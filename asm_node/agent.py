@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from asm_node.config import SECRET_ENV, NodeConfig
+from asm_node.journal import Journal, JournalEntry
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
-from asm_node.run import Run, options_from_json
+from asm_node.run import _STATUS_PB, Run, options_from_json
 from asm_node.workspace import Workspaces
 from asm_wire import (
     KIND_NAMES,
+    KIND_VALUES,
     PROTOCOL_VERSION,
     AsmError,
     ConfigError,
@@ -84,6 +86,13 @@ class NodeAgent:
         self._snapshot_owners: OrderedDict[str, str] = OrderedDict()
         self.metrics = metrics or NodeMetrics()
         self.metrics.bind(self)
+        # Opened here, not in start(): a state dir that cannot be used is a typed error before anything serves.
+        self.journal = Journal(self.config.state_dir, self.boot_epoch, self.config.journal_max_age_s,
+                               on_failure=lambda op: self.metrics.journal_failures.labels(op).inc())
+        if self.journal.lost_at_open:
+            log.warning("run journal: %d run(s) were running when the previous agent stopped; they are lost",
+                        self.journal.lost_at_open)
+        self._pruned_mono = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -118,6 +127,7 @@ class NodeAgent:
             if self._reaper_watch is not None:
                 self._reaper_watch.cancel()
             self._reaper.stop()
+        self.journal.close()  # after the runs ended: their outcomes are journaled
 
     @property
     def reaper_pid(self) -> int | None:
@@ -139,6 +149,9 @@ class NodeAgent:
         while True:
             await asyncio.sleep(min(max(self.config.retention_s / 4, 0.05), 30.0))
             self._evict()
+            if time.monotonic() - self._pruned_mono >= min(self.config.journal_max_age_s / 4, 600.0):
+                self._pruned_mono = time.monotonic()
+                self.journal.prune()
 
     def _evict(self) -> None:
         """Drop the oldest finished runs while retention is over its age, count or byte bound.
@@ -310,8 +323,11 @@ class NodeAgent:
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics)
+        run.owner = current_principal().name  # before the run's task first runs
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)
+        # Journaled before the CLI is spawned (the task has not run yet): a restart can never forget this id.
+        self.journal.started(req.run_id, run.owner, session_id, provider.name, run.started_ns)
         run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
         return run
 
@@ -329,6 +345,7 @@ class NodeAgent:
             self._retained_bytes += nbytes
             self._evict()  # incremental: at most the runs now over a bound
         log.info("run %s finished: %s (exit %s)", run.spec.run_id, run.status, run.exit_code)
+        self.journal.finished(rid, run.status, run.exit_code, run.last_seq, run.finished_ns, run.first_error)
         self.kind_totals = [a + b for a, b in zip(self.kind_totals, run.kind_counts, strict=True)]
         run.counted = True
         m = self.metrics
@@ -342,18 +359,66 @@ class NodeAgent:
         check_owner(run.owner, f"run {run_id}")
         return run
 
+    def _journaled(self, run_id: str) -> JournalEntry | None:
+        """The journal's entry of a run this node no longer holds: owner-checked; run_lost if it never ended."""
+        entry = self.journal.get(run_id)
+        if entry is None:
+            return None
+        check_owner(entry.owner, f"run {run_id}")
+        if entry.status == "running":
+            # Not held although journaled as running: a previous agent (another epoch) started it and
+            # is gone (such entries are marked lost at open), or this run's end failed to be written.
+            self.journal.mark_lost(run_id)
+        elif entry.status != "lost":
+            return entry
+        why = ("its end was not journaled (a journal write failed)" if entry.epoch == self.boot_epoch else
+               f"it was running when the node's agent stopped (epoch {entry.epoch}, now {self.boot_epoch})")
+        raise make_error("run_lost", "runtime", f"run {run_id} on node {self.node_id} is lost: {why}; "
+                         "its outcome is unknown and it is not run again", reason="run_lost")
+
+    def _ended_frames(self, entry: JournalEntry, after_seq: int) -> AsyncIterator[bytes]:
+        """A journaled run's outcome as its last events: its failing error (if any) and its run_completed.
+
+        They carry the seqs the run's own last events had (run_completed was its last, ``last_seq``),
+        so a follower's reducer ends with the journaled status and exit code, and one that already
+        saw them gets nothing. ``metadata["origin"] = "node_journal"`` says they are a summary.
+        """
+        self.metrics.attaches.inc()
+        events = []
+        if entry.error_kind or entry.status in ("failed", "interrupted"):
+            code = entry.error_kind or ("user_cancelled" if entry.status == "interrupted" else "runtime")
+            events.append(pb.Event(kind=KIND_VALUES["error"], error=pb.Error(
+                code=code, domain=entry.error_domain or "runtime", severity=pb.SEVERITY_ERROR, exit_code=-1,
+                message=entry.error_message or f"run {entry.run_id} {entry.status}")))
+        duration_ms = max(0, (entry.finished_ns - entry.started_ns) // 1_000_000)
+        events.append(pb.Event(kind=KIND_VALUES["run_completed"], run_completed=pb.RunCompleted(
+            status=entry.status, exit_code=entry.exit_code, duration_ms=duration_ms)))
+        first = entry.last_seq - len(events) + 1
+        batch = pb.EventBatch()
+        for seq, ev in enumerate(events, start=first):
+            if seq <= after_seq or seq < 1:
+                continue
+            ev.id, ev.run_id, ev.session_id, ev.provider = f"{entry.run_id}:{seq}", entry.run_id, entry.session_id, entry.provider
+            ev.seq, ev.timestamp_unix_nano = seq, entry.finished_ns
+            ev.metadata["origin"] = "node_journal"
+            batch.events.append(ev)
+        return _frames_of(batch)
+
     def start_run_frames(self, request: pb.StartRunRequest) -> AsyncIterator[bytes]:
         """Start or attach; serialized EventBatch messages (the gRPC server sends them as is)."""
         if not valid_id(request.run_id):
             raise ConfigError(f"invalid run_id {request.run_id!r}: use 1-128 characters of [A-Za-z0-9._:-]")
         run = self.runs.get(request.run_id)
         if run is None:
+            # An id this node started before (evicted since, or before a restart) never runs again.
+            entry = self._journaled(request.run_id)
+            if entry is not None:
+                return self._ended_frames(entry, request.after_seq)
             try:
                 run = self._create_run(request)
             except AsmError as err:
                 self.metrics.rejected.labels(_reject_reason(err)).inc()
                 raise
-            run.owner = current_principal().name  # before the run's task first runs
         else:
             # Another principal's run id is refused, never attached to.
             check_owner(run.owner, f"run {request.run_id}")
@@ -361,6 +426,10 @@ class NodeAgent:
         return run.follow(request.after_seq)
 
     def attach_run_frames(self, request: pb.AttachRunRequest) -> AsyncIterator[bytes]:
+        if request.run_id not in self.runs:
+            entry = self._journaled(request.run_id)
+            if entry is not None:
+                return self._ended_frames(entry, request.after_seq)
         run = self._get(request.run_id)
         self._count_attach(run, request.after_seq)
         return run.follow(request.after_seq)
@@ -389,6 +458,14 @@ class NodeAgent:
         return pb.SendInputResponse()
 
     async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
+        if request.run_id not in self.runs:
+            entry = self._journaled(request.run_id)
+            if entry is not None:  # nothing is held: first_held_seq is past the end
+                return pb.RunInfo(
+                    run_id=entry.run_id, session_id=entry.session_id, provider=entry.provider,
+                    status=_STATUS_PB.get(entry.status, pb.RUN_STATUS_UNSPECIFIED), last_seq=entry.last_seq,
+                    first_held_seq=entry.last_seq + 1, exit_code=entry.exit_code, started_unix_nano=entry.started_ns,
+                    finished_unix_nano=entry.finished_ns, owner=entry.owner)
         return self._get(request.run_id).info()
 
     async def drain(self, request: pb.DrainRequest) -> pb.DrainResponse:
@@ -484,6 +561,11 @@ def _check_path_text(path: str) -> None:
     longest = max((len(part.encode("utf-8", "surrogateescape")) for part in path.split("/")), default=0)
     if longest > MAX_PATH_COMPONENT_BYTES:
         raise ConfigError(f"cwd has a {longest}-byte path component: the limit is {MAX_PATH_COMPONENT_BYTES} bytes")
+
+
+async def _frames_of(batch: pb.EventBatch) -> AsyncIterator[bytes]:
+    if batch.events:
+        yield batch.SerializeToString()
 
 
 def _reject_reason(err: AsmError) -> str:

@@ -66,6 +66,12 @@ class NodeConfig(BaseSettings):
     #: ... and at most this many bytes of their held event frames (a finished run larger than this
     #: on its own is evicted at once; a follower already streaming it keeps its copy).
     retention_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    #: The run journal (asm_node.journal: every run id started, so none runs twice) lives here as
+    #: SQLite; None = in memory (library NodeAgent(), embedded node). `asm node serve` defaults it to
+    #: asm_node.journal.default_state_dir().
+    state_dir: Path | None = None
+    #: Journal entries of ended runs are forgotten this long after they ended (at start and periodically).
+    journal_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     #: A running run with no subscriber is interrupted after this long.
     detach_grace_s: float = Field(default=60.0, ge=0)
     #: Interrupt escalation: SIGINT, wait, SIGTERM, wait, SIGKILL.

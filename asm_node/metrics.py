@@ -45,6 +45,10 @@ class NodeMetrics:
         self.overflows = Counter("asm_node_buffer_overflows", "Lines dropped or buffers exceeded", ["stream"],
                                  registry=r)
         self.rejected = Counter("asm_node_requests_rejected", "Requests refused", ["reason"], registry=r)
+        self.journal_failures = Counter("asm_node_journal_failures",
+                                        "Run journal reads/writes that failed (logged at ERROR)", ["op"], registry=r)
+        for op in ("write", "read"):
+            self.journal_failures.labels(op)
         for reason in ("auth", "capacity", "preflight", "config", "not_ready"):
             self.rejected.labels(reason)
         for stream in ("stdout", "stderr", "replay"):

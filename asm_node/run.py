@@ -38,6 +38,8 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 _APPROVAL_REQUESTED = KIND_VALUES["approval_requested"]
 _ERROR = KIND_VALUES["error"]
+#: Error severities that fail a run (as the controller's reducer reads them).
+_TERMINAL_SEVERITIES = (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)
 _STATUS_PB = {
     "starting": pb.RUN_STATUS_STARTING,
     "running": pb.RUN_STATUS_RUNNING,
@@ -110,6 +112,8 @@ class Run:
         self._stderr_sent = 0
         self._stderr_capped = False
         self.task: asyncio.Task[None] | None = None
+        #: The run's first failing error event (code, domain, message), kept for the node's run journal.
+        self.first_error: tuple[str, str, str] | None = None
 
     # -- events ----------------------------------------------------------------
 
@@ -147,6 +151,8 @@ class Run:
                 ev.provider_session_id = psid
             if ev.kind == _APPROVAL_REQUESTED:
                 self._arm_approval(ev.approval_requested.approval_id)
+            elif ev.kind == _ERROR and self.first_error is None and ev.error.severity in _TERMINAL_SEVERITIES:
+                self.first_error = (ev.error.code, ev.error.domain, ev.error.message)
             frame = _frame(ev.SerializeToString())
             frames.append(frame)
             total += len(frame)

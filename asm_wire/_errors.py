@@ -39,7 +39,8 @@ from typing import Any, Final
 
 import grpc
 
-# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared),
+# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared), ``run_lost`` (the node
+# restarted while the run ran: its outcome is unknown, it is never run again),
 # ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
 # passed / it was stopped; retry elsewhere, unlike ``user_cancelled``) and
 # ``runtime`` (ASM uses it as a kind although it is not in its typed list).
@@ -48,7 +49,7 @@ KINDS: Final = frozenset(
         "cli_not_found", "connection_failed", "timeout", "parse_error", "json_decode_error",
         "auth_error", "rate_limit", "buffer_overflow", "transport_error", "transport_busy",
         "queue_full", "at_capacity", "user_cancelled", "approval_denied", "guardrail_blocked",
-        "tool_failed", "config_invalid", "unknown", "runtime", "node_lost",
+        "tool_failed", "config_invalid", "unknown", "runtime", "node_lost", "run_lost",
         "node_draining", "node_shutdown",
     }
 )
@@ -209,6 +210,7 @@ _KIND_STATUS: Final[dict[str, grpc.StatusCode]] = {
     "node_lost": grpc.StatusCode.UNAVAILABLE,
     "node_draining": grpc.StatusCode.UNAVAILABLE,
     "node_shutdown": grpc.StatusCode.UNAVAILABLE,
+    "run_lost": grpc.StatusCode.FAILED_PRECONDITION,
     "user_cancelled": grpc.StatusCode.CANCELLED,
 }
 _REASON_STATUS: Final[dict[str, grpc.StatusCode]] = {

@@ -122,6 +122,8 @@ class NodeProcess:
                 env={
                     **os.environ,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                    # The node's run journal in the benchmark's temp dir, not the user's state dir.
+                    "ASM_NODE_STATE_DIR": str(self.log_path.with_suffix(".state")),
                 },
             )
         deadline = time.monotonic() + timeout

@@ -54,10 +54,15 @@ def start_node_process(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0, inherit: bool = True
 ) -> NodeProcess:
     log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
+    env = dict(env or {})
+    if "--state-dir" not in args and "ASM_NODE_STATE_DIR" not in env:
+        # Each node its own run journal: nodes of one test run side by side, and a fixed run id
+        # must not find another test's (or an earlier session's) journaled outcome.
+        env["ASM_NODE_STATE_DIR"] = str(log_path.with_suffix(".state"))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.DEVNULL, stderr=log, env={**(os.environ if inherit else {}), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=log, env={**(os.environ if inherit else {}), **env},
             cwd=str(tmp_path),
         )
     deadline = time.monotonic() + timeout
@@ -71,6 +76,12 @@ def start_node_process(
     proc.kill()
     proc.wait()
     raise RuntimeError(f"node agent did not become ready: {log_path.read_text()}")
+
+
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node agents a test starts itself journal under a per-test XDG_STATE_HOME, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
 
 
 @pytest.fixture

@@ -198,9 +198,10 @@ async def test_node_serve_retention_flags(node_process: Any) -> None:
         hs = await client.handshake(pb.HandshakeRequest())
         assert hs.load.retained_runs == 1
         assert (await client.get_run(pb.GetRunRequest(run_id="flag-b"))).status == pb.RUN_STATUS_COMPLETED
-        with pytest.raises(AsmError) as exc:
-            await client.get_run(pb.GetRunRequest(run_id="flag-a"))
-        assert exc.value.kind == "unknown"
+        # Evicted: no longer held (not listed, no events) though the run journal still has its outcome.
+        assert [r.run_id for r in (await client.list_runs(pb.ListRunsRequest())).runs] == ["flag-b"]
+        evicted = await client.get_run(pb.GetRunRequest(run_id="flag-a"))
+        assert evicted.status == pb.RUN_STATUS_COMPLETED and evicted.first_held_seq == evicted.last_seq + 1
     finally:
         await client.close()
 

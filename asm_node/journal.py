@@ -1,0 +1,210 @@
+"""The node's run journal: every run id it has started, durable across restarts (SQLite).
+
+The journal is what makes a StartRun idempotent beyond the in-memory retention:
+a run id is written (status ``running``) before its CLI is spawned and updated
+when the run ends, so after an eviction or a node restart the same id gets the
+run's final outcome, or ``run_lost`` when the node restarted while it ran, and
+never a second execution.
+
+One small table in WAL mode with ``synchronous=NORMAL``: a commit is a write to
+the WAL without fsync (durable against a crash of the agent, not of the host's
+power), tens of microseconds, so it is done inline on the event loop. A write
+that fails after the journal was opened is logged at ERROR and counted
+(``asm_node_journal_failures{op}``); the run goes on. A journal that cannot
+be opened is a :class:`ConfigError` at start-up (``reason=journal_unusable``).
+
+``path=None`` keeps the journal in memory (library ``NodeAgent()`` and the
+embedded node of ``asm run``): same behaviour within one process, nothing kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from asm_wire import ConfigError
+
+log = logging.getLogger("asm_node.journal")
+
+JOURNAL_FILE = "journal.sqlite3"
+LOCK_FILE = "journal.lock"
+SCHEMA_VERSION = 1
+#: The first terminal error of a run is kept, cut to this many characters.
+MAX_ERROR_CHARS = 2000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id        TEXT PRIMARY KEY,
+    owner         TEXT NOT NULL,
+    session_id    TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    started_ns    INTEGER NOT NULL,
+    epoch         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    exit_code     INTEGER NOT NULL DEFAULT -1,
+    last_seq      INTEGER NOT NULL DEFAULT 0,
+    finished_ns   INTEGER NOT NULL DEFAULT 0,
+    error_kind    TEXT NOT NULL DEFAULT '',
+    error_domain  TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_ns);
+"""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    run_id: str
+    owner: str
+    session_id: str
+    provider: str
+    started_ns: int
+    epoch: str
+    #: running | completed | failed | interrupted | lost
+    status: str
+    exit_code: int
+    last_seq: int
+    finished_ns: int
+    error_kind: str
+    error_domain: str
+    error_message: str
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/asm/node``, else ``~/.local/state/asm/node``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "asm" / "node"
+
+
+def _unusable(where: object, why: str) -> ConfigError:
+    return ConfigError(f"the node's run journal in {where} cannot be used: {why} "
+                       "(give --state-dir a writable directory of its own)", reason="journal_unusable")
+
+
+class Journal:
+    """The run journal of one node agent (one process per state dir: it is locked)."""
+
+    def __init__(self, state_dir: Path | None, epoch: str, max_age_s: float,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.epoch = epoch
+        self.max_age_s = max_age_s
+        self.path = state_dir / JOURNAL_FILE if state_dir is not None else None
+        self._on_failure = on_failure
+        self._lock_fd: int | None = None
+        self.lost_at_open = 0
+        try:
+            if state_dir is not None:
+                if state_dir.exists() and not state_dir.is_dir():
+                    raise _unusable(state_dir, "it is not a directory")
+                state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._lock(state_dir)
+            self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", isolation_level=None,
+                                       check_same_thread=False)
+            try:
+                self._setup()
+            except BaseException:
+                self._db.close()
+                raise
+        except OSError as exc:
+            self._unlock()
+            raise _unusable(state_dir, exc.strerror or str(exc)) from None
+        except sqlite3.Error as exc:
+            self._unlock()
+            raise _unusable(self.path, str(exc)) from None
+
+    def _lock(self, state_dir: Path) -> None:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _unusable(state_dir, "another node agent uses this state dir (give each its own --state-dir)") \
+                from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _setup(self) -> None:
+        db = self._db
+        if self.path is not None:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"WAL mode refused (journal_mode={mode})")
+        db.execute("PRAGMA synchronous=NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version} is newer than this agent's ({SCHEMA_VERSION})")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # The previous agent on this state dir is gone (we hold its lock): what it left running is lost.
+        cur = db.execute("UPDATE runs SET status='lost', finished_ns=? WHERE status='running' AND epoch<>?",
+                         (time.time_ns(), self.epoch))
+        self.lost_at_open = cur.rowcount
+        self.prune()
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        self._unlock()
+
+    # -- writes (never raise: a failure is logged and counted, the run goes on) --------
+
+    def _write(self, what: str, sql: str, params: tuple[object, ...]) -> int:
+        try:
+            return self._db.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            log.error("run journal %s: %s failed: %s", self.path or ":memory:", what, exc)
+            if self._on_failure is not None:
+                self._on_failure("write")
+            return 0
+
+    def started(self, run_id: str, owner: str, session_id: str, provider: str, started_ns: int) -> None:
+        """A run was admitted (called before its CLI is spawned)."""
+        self._write(f"recording run {run_id}",
+                    "INSERT OR REPLACE INTO runs (run_id, owner, session_id, provider, started_ns, epoch, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                    (run_id, owner, session_id, provider, started_ns, self.epoch))
+
+    def finished(self, run_id: str, status: str, exit_code: int, last_seq: int, finished_ns: int,
+                 error: tuple[str, str, str] | None) -> None:
+        kind, domain, message = error or ("", "", "")
+        self._write(f"ending run {run_id}",
+                    "UPDATE runs SET status=?, exit_code=?, last_seq=?, finished_ns=?, error_kind=?, error_domain=?, "
+                    "error_message=? WHERE run_id=?",
+                    (status, exit_code, last_seq, finished_ns, kind, domain, message[:MAX_ERROR_CHARS], run_id))
+
+    def prune(self) -> int:
+        """Forget ended runs that ended more than ``max_age_s`` ago; the number forgotten."""
+        cutoff = time.time_ns() - int(self.max_age_s * 1e9)
+        return self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<?", (cutoff,))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> JournalEntry | None:
+        try:
+            row = self._db.execute(
+                "SELECT run_id, owner, session_id, provider, started_ns, epoch, status, exit_code, last_seq, "
+                "finished_ns, error_kind, error_domain, error_message FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("run journal %s: reading run %s failed: %s", self.path or ":memory:", run_id, exc)
+            if self._on_failure is not None:
+                self._on_failure("read")
+            return None
+        return JournalEntry(*row) if row else None
+
+    def mark_lost(self, run_id: str) -> None:
+        self._write(f"marking run {run_id} lost", "UPDATE runs SET status='lost', finished_ns=? WHERE run_id=? "
+                    "AND status='running'", (time.time_ns(), run_id))
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM runs").fetchone()[0])
