@@ -61,32 +61,56 @@ async def test_cli_jsonl_2m_lines_every_line_once_rss_bounded(
     prompt, n = tiny_lines(PYTHON, 2 * lines)
     assert n == lines
     node = node_process(*_allow_python())  # default bounds: nothing overridden
-    out_path = tmp_path / "run.jsonl"
-    with open(out_path, "wb") as out, RssSampler(node.pid) as rss:
+    tally = _JsonlTally()
+    with RssSampler(node.pid) as rss:
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "asm_cli", "run", "--node", node.address, "--provider", "shell",
             "--output", "jsonl", "--opt", "command_timeout_ms=600000", prompt,
-            stdout=out, stderr=subprocess.PIPE)
-        _, err = await asyncio.wait_for(cli.communicate(), 120)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, limit=1 << 20)
+        assert cli.stdout is not None and cli.stderr is not None
+        err_task = asyncio.create_task(cli.stderr.read())
+        while chunk := await asyncio.wait_for(cli.stdout.read(1 << 20), 120):
+            tally.feed(chunk)
+        await asyncio.wait_for(cli.wait(), 60)
+        err = await err_task
+    tally.close()
     assert cli.returncode == 0, err.decode()[-2000:]
-    deltas = 0
-    seqs = []
-    kinds: dict[str, int] = {}
-    with open(out_path, "rb") as f:
-        for raw in f:
-            ev = json.loads(raw)
-            kind = ev["kind"]
-            kinds[kind] = kinds.get(kind, 0) + 1
-            if "seq" in ev:
-                seqs.append(ev["seq"])
-            if kind == "assistant_delta":
-                deltas += 1
+    deltas, seqs, kinds = tally.deltas, tally.seqs, tally.kinds
     assert deltas == lines, kinds
     assert kinds.get("run_completed") == 1 and "error" not in kinds, kinds
     assert seqs == list(range(1, len(seqs) + 1))  # every event once, in order, no gap
     assert rss.samples > 0
     assert rss.peak_mb < RSS_BOUND_MB, f"node peak RSS {rss.peak_mb:.0f} MB over {lines:,} lines"
     assert node.proc.poll() is None
+
+
+class _JsonlTally:
+    """Counts the CLI's JSONL output as it streams: kinds, assistant_delta lines, event seqs."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, int] = {}
+        self.seqs: list[int] = []
+        self.deltas = 0
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self._rest + chunk).split(b"\n")
+        self._rest = lines.pop()
+        for raw in lines:
+            self._line(raw)
+
+    def close(self) -> None:
+        if self._rest.strip():
+            self._line(self._rest)
+
+    def _line(self, raw: bytes) -> None:
+        ev = json.loads(raw)
+        kind = ev["kind"]
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if "seq" in ev:
+            self.seqs.append(ev["seq"])
+        if kind == "assistant_delta":
+            self.deltas += 1
 
 
 async def test_slow_consumer_blocks_the_cli_and_gets_everything(
