@@ -274,6 +274,12 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["retention_max_runs"] = args.retention_runs
     if args.retention_bytes is not None:
         settings["retention_max_bytes"] = args.retention_bytes
+    if args.backlog_bytes is not None:
+        settings["backlog_max_bytes"] = args.backlog_bytes
+    if args.replay_bytes is not None:
+        settings["replay_max_bytes_per_run"] = args.replay_bytes
+    if args.replay_node_bytes is not None:
+        settings["replay_max_bytes_per_node"] = args.replay_node_bytes
     if args.line_cap is not None:
         settings["line_cap_bytes"] = args.line_cap
     if args.label:
@@ -775,6 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retention-runs", type=int, metavar="N", help="keep at most N finished runs (default 1000)")
     s.add_argument("--retention-bytes", type=int, metavar="B",
                    help="keep at most B bytes of finished runs' events (default 268435456)")
+    s.add_argument("--backlog-bytes", type=int, metavar="B",
+                   help="stop reading a CLI's stdout while its attached client is this far behind "
+                        "(default 33554432)")
+    s.add_argument("--replay-bytes", type=int, metavar="B",
+                   help="keep at most B bytes of a running run's sent events for re-attach (default 67108864)")
+    s.add_argument("--replay-node-bytes", type=int, metavar="B",
+                   help="... and of all running runs together (default 268435456)")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

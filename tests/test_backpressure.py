@@ -119,7 +119,7 @@ async def test_slow_consumer_blocks_the_cli_and_gets_everything(
     # 2 MiB read buffer, its 1 MiB backlog, the HTTP/2 windows, the library's 64-batch channel).
     lines, pad = 400_000, 100
     marker = tmp_path / "cli-done"
-    node = node_process(*_allow_python(), env={"ASM_NODE_BACKLOG_MAX_BYTES": str(1 << 20)})
+    node = node_process(*_allow_python(), "--backlog-bytes", str(1 << 20))
     sess = Session("shell", node=RemoteNode(node.address), options={"command_timeout_ms": 120_000})
     received, last_seq = 0, 0
     cli_done_at = None
@@ -161,7 +161,7 @@ async def test_backlog_paused_run_resumes_and_completes(
     """A follower that reads nothing for a while: the CLI is held (not read on), nothing is dropped."""
     lines = 200_000  # of ~108 bytes: 21 MB
     marker = tmp_path / "cli-done"
-    node = node_process(*_allow_python(), env={"ASM_NODE_BACKLOG_MAX_BYTES": str(1 << 20)})
+    node = node_process(*_allow_python(), "--backlog-bytes", str(1 << 20))
     client = GrpcNodeClient(RemoteNode(node.address))
     req = pb.StartRunRequest(run_id="held-1", provider="shell", prompt=_numbered_lines(lines, str(marker), 100),
                              options_json=json.dumps({"command_timeout_ms": 120_000}))
@@ -186,11 +186,11 @@ async def test_backlog_paused_run_resumes_and_completes(
 
 async def test_detached_run_past_the_bound_replay_gap_names_the_seqs(
         node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    lines = 200_000
+    # Fewer events than replay_buffer_events (100k): only the byte bound can evict here.
+    lines = 90_000
     marker = tmp_path / "cli-done"
-    per_run = 1 << 20  # ~10k tiny events; the run prints 20 times that
-    node = node_process(*_allow_python(), env={"ASM_NODE_REPLAY_MAX_BYTES_PER_RUN": str(per_run),
-                                                "ASM_NODE_DETACH_GRACE_S": "30"})
+    per_run = 1 << 20  # ~6k events of ~80 B (+ FRAME_OVERHEAD each)
+    node = node_process(*_allow_python(), "--replay-bytes", str(per_run), "--detach-grace", "30")
     # A long tail so the run is still running (detached, within the grace) when we re-attach.
     code_tail = "import time\ntime.sleep(30)\n"
     client = GrpcNodeClient(RemoteNode(node.address))
@@ -211,13 +211,14 @@ async def test_detached_run_past_the_bound_replay_gap_names_the_seqs(
         assert info.status == pb.RUN_STATUS_RUNNING and info.subscribers == 0
         assert info.last_seq == lines + 1  # run_started + every line, all read while detached
         first_held = info.first_held_seq
-        assert first_held > 2, first_held
+        assert 2 < first_held and info.last_seq - first_held < 10_000, (first_held, info.last_seq)
         with pytest.raises(AsmError) as exc:
             async for _ in client.attach_run(pb.AttachRunRequest(run_id="gone-1", after_seq=0)):
                 pass
         err = exc.value
         assert err.kind == "buffer_overflow" and err.reason == "replay_gap"
-        assert re.search(rf"events 1\.\.{first_held - 1} of run gone-1 are no longer held", err.message), err.message
+        assert re.search(rf"events 1\.\.{first_held - 1} of run gone-1 are no longer held .*"
+                         rf"held now: {first_held}\.\.{info.last_seq}", err.message), err.message
         # Re-attach from a held seq: every event after it, contiguous, then interrupt to end the run.
         after = info.last_seq - 1000
         got = []
@@ -233,3 +234,40 @@ async def test_detached_run_past_the_bound_replay_gap_names_the_seqs(
     finally:
         await client.close()
 
+
+
+async def test_node_budget_bounds_detached_runs_together(tmp_path: Path) -> None:
+    """Two detached runs on an embedded node: their held frames together stay within the node bound."""
+    from asm_node import NodeAgent
+    from tests.conftest import node_config
+
+    node_bound = 2 << 20
+    agent = NodeAgent(node_config(reaper=False, replay_max_bytes_per_node=node_bound, detach_grace_s=30))
+    await agent.start()
+    try:
+        markers = [tmp_path / f"done-{i}" for i in range(2)]
+        runs = []
+        for i, marker in enumerate(markers):
+            code = _code_of(60_000, str(marker)) + "import time\ntime.sleep(30)\n"
+            req = pb.StartRunRequest(run_id=f"budget-{i}", provider="shell",
+                                     prompt=_python_prompt(os.path.basename(PYTHON), code),
+                                     options_json=json.dumps({"command_timeout_ms": 60_000}))
+            frames = agent.start_run_frames(req)
+            await frames.__anext__()
+            await frames.aclose()  # detached at once
+            runs.append(agent.runs[f"budget-{i}"])
+        deadline = time.monotonic() + 30
+        while not all(m.exists() for m in markers):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        budget = agent.replay_budget
+        assert budget.held == sum(r.held_cost for r in runs)  # the bookkeeping is exact
+        assert budget.held <= node_bound
+        assert all(r.first_held_seq > 1 and r.last_seq == 60_001 for r in runs)  # both evicted, both read on
+        for r in runs:
+            r.interrupt()
+        await asyncio.wait([r.task for r in runs if r.task is not None], timeout=15)
+        assert all(r.done for r in runs) and budget.held == 0 and not budget.runs
+    finally:
+        await agent.stop()
