@@ -146,6 +146,8 @@ class Run:
         self._paused: asyncio.Future[None] | None = None
         #: How many times the stdout pump paused for a slow follower (tests, metrics).
         self.pauses = 0
+        # Set once the CLI is being stopped (interrupt, timeout): its last output is read at once.
+        self._unpaced = False
         self._waiter: asyncio.Future[None] | None = None
         self._interrupt = asyncio.Event()
         self._detach_timer: asyncio.TimerHandle | None = None
@@ -267,16 +269,21 @@ class Run:
 
     def _stdout_gate(self) -> asyncio.Future[None] | None:
         """Called by the stdout pump after each chunk: a future to wait on while the backlog is too big."""
-        if not self._cursors or self._interrupt.is_set() or self.backlog_bytes <= self.config.backlog_max_bytes:
+        if not self._cursors or self._unpaced or self.backlog_bytes <= self.config.backlog_max_bytes:
             return None
         if self._paused is None:
             self._paused = asyncio.get_running_loop().create_future()
             self.pauses += 1
         return self._paused
 
+    def _unpace(self) -> None:
+        """The CLI is being stopped: read what it wrote to its end, whatever the followers' pace."""
+        self._unpaced = True
+        self._maybe_resume()
+
     def _maybe_resume(self) -> None:
         paused = self._paused
-        if paused is not None and (not self._cursors or self._interrupt.is_set()
+        if paused is not None and (not self._cursors or self._unpaced
                                    or self.backlog_bytes <= self.config.backlog_max_bytes // 2):
             self._paused = None
             if not paused.done():
@@ -357,7 +364,7 @@ class Run:
         if self.done or self._interrupt.is_set():
             return not self.done
         self._interrupt.set()
-        self._maybe_resume()  # an interrupted CLI must be read to its end, not wait for a follower
+        self._unpace()
         # Nobody will answer a pending approval of an interrupted run: resolve it now.
         for approval_id in list(self._approvals):
             self._resolve_approval_now(approval_id, "deny", "interrupted")
@@ -572,6 +579,7 @@ class Run:
             elif not done:
                 end = "timeout"
             if end != "exit":
+                self._unpace()
                 await terminate_group(proc, escalation)
             elif wait_task not in done:
                 # stdout ended (EOF, or the parser saw the terminal event): let the CLI exit by itself.

@@ -271,3 +271,28 @@ async def test_node_budget_bounds_detached_runs_together(tmp_path: Path) -> None
         assert all(r.done for r in runs) and budget.held == 0 and not budget.runs
     finally:
         await agent.stop()
+
+
+async def test_timeout_of_a_held_cli_ends_the_run(node_process: Callable[..., NodeProcess]) -> None:
+    """A CLI held by a client that stopped reading still times out: the node reads its last output."""
+    node = node_process(*_allow_python(), "--backlog-bytes", str(1 << 20))
+    client = GrpcNodeClient(RemoteNode(node.address))
+    req = pb.StartRunRequest(run_id="held-timeout", provider="shell", prompt=_numbered_lines(200_000, "", 100),
+                             options_json=json.dumps({"command_timeout_ms": 1500}))
+    try:
+        stream = client.start_run(req).__aiter__()
+        first = await stream.__anext__()
+        deadline = time.monotonic() + 15
+        while (await client.get_run(pb.GetRunRequest(run_id="held-timeout"))).status == pb.RUN_STATUS_RUNNING:
+            assert time.monotonic() < deadline, "a held CLI past its timeout kept the run running"
+            await asyncio.sleep(0.1)
+        last, kinds = first.events[-1].seq, []
+        async for batch in stream:
+            assert batch.events[0].seq == last + 1
+            last = batch.events[-1].seq
+            kinds += [e.kind for e in batch.events if e.kind != pb.EVENT_KIND_ASSISTANT_DELTA]
+        assert kinds[-1] == pb.EVENT_KIND_RUN_COMPLETED and pb.EVENT_KIND_ERROR in kinds
+        info = await client.get_run(pb.GetRunRequest(run_id="held-timeout"))
+        assert info.status == pb.RUN_STATUS_FAILED and info.last_seq == last
+    finally:
+        await client.close()
