@@ -296,3 +296,27 @@ async def test_timeout_of_a_held_cli_ends_the_run(node_process: Callable[..., No
         assert info.status == pb.RUN_STATUS_FAILED and info.last_seq == last
     finally:
         await client.close()
+
+
+async def test_embedded_slow_consumer_pauses_the_pump(tmp_path: Path) -> None:
+    """The in-process node goes through the same Run.follow(): a slow consumer pauses the pump."""
+    from asm_controller import EmbeddedNode
+    from asm_node import NodeAgent
+    from tests.conftest import node_config
+
+    agent = NodeAgent(node_config(reaper=False, backlog_max_bytes=1 << 20))
+    await agent.start()
+    # More than the library's own 64-batch channel absorbs (64 x 4096 events) before it pushes back.
+    lines, received = 400_000, 0
+    try:
+        async with Session("shell", node=EmbeddedNode(agent), options={"command_timeout_ms": 60_000}) as sess:
+            async for ev in sess.stream(_python_prompt(os.path.basename(PYTHON), _code_of(lines, "", 100)),
+                                          run_id="embedded-slow"):
+                if ev.kind == "assistant_delta":
+                    received += 1
+                    if received == 50_000:
+                        await asyncio.sleep(1.0)  # the node (same event loop) parses on meanwhile
+        (run,) = agent.runs.values()
+        assert received == lines and run.pauses > 0 and run.first_held_seq >= 1
+    finally:
+        await agent.stop()

@@ -7,9 +7,9 @@ hour on a shared 2-core machine, so the sizes come from the environment with CI 
 that keep the module well under ~60 s; ``scripts/bench.py --flood`` runs larger sizes and
 docs/benchmarks.md has the figures.
 
-    ASM_FLOOD_TINY_BYTES   bytes of "x\\n" lines     (default 2 MB: 1M events; peak ~240 MB measured)
-    ASM_FLOOD_LONG_BYTES   bytes of 1 MiB lines      (default 256 MiB; peak ~320 MB measured)
-    ASM_FLOOD_RSS_MB       bound on the node's peak RSS (default 400 MB)
+    ASM_FLOOD_TINY_BYTES   bytes of "x\\n" lines     (default 2 MB: 1M events; peak ~100 MB measured)
+    ASM_FLOOD_LONG_BYTES   bytes of 1 MiB lines      (default 256 MiB; peak ~130 MB measured)
+    ASM_FLOOD_RSS_MB       bound on the node's peak RSS (default 256 MB)
 
 Both run on a DEFAULT node: a tiny-line flood outruns even a fast local follower (the CLI's
 output is read in 256 KiB chunks of up to 128k lines while the follower sends 4096 events a
@@ -28,7 +28,7 @@ from tests.flood import LONG_LINE_BYTES, flood, long_lines, tiny_lines
 
 TINY_BYTES = int(os.environ.get("ASM_FLOOD_TINY_BYTES", 2_000_000))
 LONG_BYTES = int(os.environ.get("ASM_FLOOD_LONG_BYTES", 256 * LONG_LINE_BYTES))
-RSS_BOUND_MB = float(os.environ.get("ASM_FLOOD_RSS_MB", 400))
+RSS_BOUND_MB = float(os.environ.get("ASM_FLOOD_RSS_MB", 256))
 PYTHON = sys.executable
 
 
