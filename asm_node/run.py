@@ -599,8 +599,9 @@ class Run:
             # What the CLI wrote before exiting is read to its end: 5 s, not counting time the pump
             # waits for a follower to catch up (an interrupt or the last detach releases that wait).
             while not stdout_task.done():
+                pauses = self.pauses
                 await asyncio.wait({stdout_task}, timeout=5.0)
-                if self._paused is None:
+                if self._paused is None and self.pauses == pauses:
                     break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 2.0)
