@@ -287,6 +287,12 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["state_dir"] = default_state_dir()
     if args.journal_max_age is not None:
         settings["journal_max_age_s"] = args.journal_max_age
+    if args.backlog_bytes is not None:
+        settings["backlog_max_bytes"] = args.backlog_bytes
+    if args.replay_bytes is not None:
+        settings["replay_max_bytes_per_run"] = args.replay_bytes
+    if args.replay_node_bytes is not None:
+        settings["replay_max_bytes_per_node"] = args.replay_node_bytes
     if args.line_cap is not None:
         settings["line_cap_bytes"] = args.line_cap
     if args.label:
@@ -882,6 +888,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.local/state/asm/node); one node agent per directory")
     s.add_argument("--journal-max-age", type=float, metavar="S",
                    help="forget journaled runs this many seconds after they ended (default 604800: 7 days)")
+    s.add_argument("--backlog-bytes", type=int, metavar="B",
+                   help="stop reading a CLI's stdout while its attached client is this far behind "
+                        "(default 33554432)")
+    s.add_argument("--replay-bytes", type=int, metavar="B",
+                   help="keep at most B bytes of a running run's sent events for re-attach (default 67108864)")
+    s.add_argument("--replay-node-bytes", type=int, metavar="B",
+                   help="... and of all running runs together (default 268435456)")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")

@@ -22,7 +22,7 @@ from asm_node.journal import Journal, JournalEntry
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
-from asm_node.run import _STATUS_PB, Run, options_from_json
+from asm_node.run import _STATUS_PB, ReplayBudget, Run, options_from_json
 from asm_node.workspace import Workspaces
 from asm_wire import (
     KIND_NAMES,
@@ -73,6 +73,8 @@ class NodeAgent:
         self._active: dict[str, Run] = {}
         self._finished: OrderedDict[str, tuple[Run, int]] = OrderedDict()
         self._retained_bytes = 0
+        #: Replay frames held by the running runs together (bounded by replay_max_bytes_per_node).
+        self.replay_budget = ReplayBudget(self.config.replay_max_bytes_per_node)
         self._reaper = Reaper() if self.config.reaper else None
         self._reaper_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -322,7 +324,8 @@ class NodeAgent:
         if any("\0" in a for a in command.argv) or any("\0" in k or "\0" in v for k, v in command.env.items()):
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
-        run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics)
+        run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics,
+                  self.replay_budget)
         run.owner = current_principal().name  # before the run's task first runs
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)

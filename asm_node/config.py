@@ -57,8 +57,19 @@ class NodeConfig(BaseSettings):
     #: Stderr bytes forwarded as events per run; the rest is dropped (the tail is kept).
     stderr_cap_bytes: int = Field(default=1024 * 1024, ge=1024)
     stderr_tail_bytes: int = Field(default=64 * 1024, ge=1024)
-    #: Events held per run for attach/replay; older ones are evicted first.
+    #: Events held per run for re-attach beyond what attached followers have yet to receive; older
+    #: ones are evicted first (at twice this, down to this). Events not yet sent to an attached
+    #: follower are never evicted: the stdout back-pressure below bounds them instead.
     replay_buffer_events: int = Field(default=100_000, ge=16)
+    #: A run's unsent backlog (held frames after its slowest attached follower, in bytes including
+    #: ~88 B of bookkeeping per event) above which the node stops reading the CLI's stdout, so the
+    #: CLI blocks on its pipe until the followers catch up (reading resumes at half of it).
+    backlog_max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    #: Bytes (same measure) a running run keeps for re-attach; the oldest already-sent frames (all of
+    #: them when nobody is attached) are evicted past it, down to three quarters of it.
+    replay_max_bytes_per_run: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    #: ... and all running runs of the node together (finished ones: ``retention_max_bytes``).
+    replay_max_bytes_per_node: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     #: How long a finished run stays attachable.
     retention_s: float = Field(default=300.0, ge=0)
     #: At most this many finished runs are kept attachable; the oldest finished ones are evicted first.

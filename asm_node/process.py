@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 log = logging.getLogger("asm_node.process")
 
@@ -168,7 +168,13 @@ class LineReader:
         self._pending, self._pending_len, self._skipping = [], 0, False
 
 
-async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[[], bool] | None = None) -> None:
+async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[[], bool] | None = None,
+               gate: Callable[[], Awaitable[None] | None] | None = None) -> None:
+    """Feed ``stream`` to ``reader`` until EOF or ``stop()``.
+
+    After each chunk ``gate()`` may return an awaitable: reading waits for it (back-pressure:
+    the CLI then blocks on its full pipe), so what is read is never more than the consumer takes.
+    """
     while True:
         chunk = await stream.read(READ_CHUNK)
         if not chunk:
@@ -177,6 +183,8 @@ async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[
         reader.feed(chunk)
         if stop is not None and stop():
             return
+        if gate is not None and (wait := gate()) is not None:
+            await wait
 
 
 # Runs the CLI only once it is in its cgroup: the shell moves itself there, then execs the CLI

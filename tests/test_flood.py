@@ -7,17 +7,14 @@ hour on a shared 2-core machine, so the sizes come from the environment with CI 
 that keep the module well under ~60 s; ``scripts/bench.py --flood`` runs larger sizes and
 docs/benchmarks.md has the figures.
 
-    ASM_FLOOD_TINY_BYTES   bytes of "x\\n" lines     (default 2 MB: 1M events; peak ~240 MB measured)
-    ASM_FLOOD_LONG_BYTES   bytes of 1 MiB lines      (default 256 MiB; peak ~320 MB measured)
-    ASM_FLOOD_RSS_MB       bound on the node's peak RSS (default 400 MB)
+    ASM_FLOOD_TINY_BYTES   bytes of "x\\n" lines     (default 2 MB: 1M events; peak ~100 MB measured)
+    ASM_FLOOD_LONG_BYTES   bytes of 1 MiB lines      (default 256 MiB; peak ~130 MB measured)
+    ASM_FLOOD_RSS_MB       bound on the node's peak RSS (default 256 MB)
 
-The node holds every event of a run in its replay buffer up to ``replay_buffer_events``
-(compacted at twice that). A tiny-line flood outruns even a fast local follower by more than
-the default 100k events (the CLI's output is read in 64 KiB chunks of 32k lines while the
-follower sends 4096 events a turn), which ends the stream with ``replay_gap``; bounding that
-by bytes and pacing the reader is another issue's job. Here the tiny-flood node gets a replay
-buffer that holds the whole run (``ASM_NODE_REPLAY_BUFFER_EVENTS``), so the RSS bound also
-covers holding all of its events (~170 bytes each, measured).
+Both run on a DEFAULT node: a tiny-line flood outruns even a fast local follower (the CLI's
+output is read in 256 KiB chunks of up to 128k lines while the follower sends 4096 events a
+turn), and the node no longer drops what the follower has yet to send: it stops reading the
+CLI's stdout past ``backlog_max_bytes`` (tests/test_backpressure.py covers the bounds).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from tests.flood import LONG_LINE_BYTES, flood, long_lines, tiny_lines
 
 TINY_BYTES = int(os.environ.get("ASM_FLOOD_TINY_BYTES", 2_000_000))
 LONG_BYTES = int(os.environ.get("ASM_FLOOD_LONG_BYTES", 256 * LONG_LINE_BYTES))
-RSS_BOUND_MB = float(os.environ.get("ASM_FLOOD_RSS_MB", 400))
+RSS_BOUND_MB = float(os.environ.get("ASM_FLOOD_RSS_MB", 256))
 PYTHON = sys.executable
 
 
@@ -42,7 +39,7 @@ def _allow_python() -> tuple[str, ...]:
 
 async def test_tiny_line_flood_every_event_arrives_rss_bounded(node_process: Callable[..., NodeProcess]) -> None:
     prompt, lines = tiny_lines(PYTHON, TINY_BYTES)
-    node = node_process(*_allow_python(), env={"ASM_NODE_REPLAY_BUFFER_EVENTS": str(lines + 16)})
+    node = node_process(*_allow_python())  # the default replay and backlog bounds
     r = await flood(node.address, node.pid, "flood-tiny", prompt, lines)
     assert r.error is None, r.error
     assert r.status == "completed" and not r.gaps
