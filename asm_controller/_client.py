@@ -62,14 +62,15 @@ class KeepaliveConfig:
 class LivenessConfig:
     """How the controller watches a node it runs on.
 
-    A heartbeat (a handshake) every ``heartbeat_interval_s``; a node with no good
-    heartbeat for ``node_lost_timeout_s`` is declared lost and its runs end with
-    ``node_lost``. A broken run stream is re-attached (jittered exponential
-    backoff) for at most that long as well.
+    A heartbeat (a handshake) every ``heartbeat_interval_s``, each timing out
+    within ``min(heartbeat_timeout_s, heartbeat_interval_s)``; a node with no
+    good heartbeat for ``node_lost_timeout_s`` is declared lost and its runs end
+    with ``node_lost``. A broken run stream is re-attached (jittered exponential
+    backoff) for at most that long as well, however often it breaks.
     """
 
     heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 2.0
+    heartbeat_timeout_s: float = 1.0
     node_lost_timeout_s: float = 8.0
 
 
