@@ -769,6 +769,25 @@ class _Run:
     def result(self) -> Result:
         return self.reducer.result()
 
+    def final_events(self, after_seq: int) -> list[pb.Event]:
+        """A finished run's last events after ``after_seq``, for a client re-attaching late.
+
+        When the client has seen further into the node's stream than this controller did
+        (its terminal events were numbered before the client's cursor), the terminal
+        ``error``/``run_completed`` are renumbered after the cursor, so the client still gets its end.
+        """
+        out = [pb.Event.FromString(e.pb.SerializeToString()) for e in self._tail if e.pb.seq > after_seq]
+        if any(m.kind == _RUN_COMPLETED for m in out) or not self._tail:
+            return out
+        tail = list(self._tail)
+        end = [e for e in tail[-2:] if e.pb.kind in (pb.EVENT_KIND_ERROR, _RUN_COMPLETED)]
+        renumbered = []
+        for i, e in enumerate(end, start=1):
+            m = pb.Event.FromString(e.pb.SerializeToString())
+            m.seq, m.id = after_seq + i, f"{m.run_id}:{after_seq + i}"
+            renumbered.append(m)
+        return renumbered
+
 
 def _json(options: Mapping[str, Any]) -> str:
     try:
