@@ -18,6 +18,8 @@ from asm_wire import ConfigError, error_from_rpc, grpc_target, pb
 from asm_wire.v1 import node_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: AsmError.details key: the error was the server's typed answer, not a transport failure.
+ANSWERED = "rpc_answered"
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,13 @@ class GrpcNodeClient:
             async for batch in call:
                 yield batch
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+            trailers = exc.trailing_metadata()
+            err = error_from_rpc(exc.code(), exc.details(), trailers)
+            if any(k == "asm-error-kind" for k, _ in (trailers or ())):
+                # The server itself answered (e.g. a controller whose node is gone), as opposed to
+                # a broken transport: the session bounds re-attaching on such answers by time.
+                err.details[ANSWERED] = True
+            raise err from None
         finally:
             call.cancel()
 

@@ -150,13 +150,16 @@ class NodeHandle:
         live = target.liveness
         interval = live.heartbeat_interval_s
         probe_timeout = probe_timeout_s(live)
-        next_at = time.monotonic()
+        next_at = time.monotonic() + interval
         while True:
-            next_at += interval
-            now = time.monotonic()
-            if next_at < now:  # a late wake-up (loaded loop): keep the cadence, do not burst
-                next_at = now
-            await asyncio.sleep(next_at - now)
+            # Wake for the next probe, or at the loss deadline if that comes first (a probe that
+            # failed fast, e.g. refused, must not push the verdict to the next tick).
+            deadline = self.last_ok + live.node_lost_timeout_s
+            wake = next_at if self.state == "lost" else min(next_at, deadline)
+            await asyncio.sleep(max(0.005, wake - time.monotonic()))  # never a busy loop
+            if wake >= next_at:
+                # A late wake-up (loaded loop) keeps the cadence without a burst of probes.
+                next_at = max(next_at + interval, time.monotonic())
             left = self.last_ok + live.node_lost_timeout_s - time.monotonic()
             try:
                 await self.heartbeat(max(0.05, min(probe_timeout, left)) if self.state != "lost" else probe_timeout)

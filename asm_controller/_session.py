@@ -29,9 +29,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
-
-from asm_controller._client import RemoteNode
+from asm_controller._client import ANSWERED, RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight, probe_timeout_s
 from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
@@ -549,9 +547,16 @@ class _Run:
                 log.info("run %s: stream from %s broke (%s); re-attaching after seq %d", self.run_id,
                          handle.target.address, broke.message, self._node_seq)
                 now = time.monotonic()
-                if broken_since is None or self._progress or now - opened >= steady:
-                    broken_since, failures = now, 0
-                # The bound runs from the start of the outage, however many re-attaches open and break.
+                # A broken transport is bounded by the heartbeats (the node is lost when none succeeds
+                # for the bound). A server that answers but cannot serve the run (a controller whose
+                # node is gone) is bounded here: from the first such answer, however many re-attaches
+                # open and break, until events flow again.
+                answered = bool(broke.details.get(ANSWERED))
+                recovered = self._progress or now - opened >= steady
+                if recovered:
+                    failures = 0  # the backoff counts breaks in a row without progress
+                if broken_since is None or recovered or not answered:
+                    broken_since = now
                 batches, first = await self._reattach(handle, broken_since, failures), None
                 failures += 1
         finally:
@@ -578,32 +583,32 @@ class _Run:
             return aiter(handle.api.attach_run(pb.AttachRunRequest(
                 run_id=self._node_run_id, after_seq=self._node_seq)))
 
+        # One loop with one deadline: the backoff sleeps are capped at it, and a declared loss
+        # cancels the waiting as well as an attempt (so node_lost comes at the bound, not a pause later).
+        self._follow_task = asyncio.current_task()
+        last: AsmError | None = None
+        tries = failures  # the last re-attach opened but broke at once: back off before the next
         try:
-            if failures:  # the last re-attach opened but broke at once: back off before the next
-                self._follow_task = asyncio.current_task()
+            while True:
+                if tries:
+                    await asyncio.sleep(min(_backoff(tries), max(0.0, deadline - time.monotonic())))
+                if self._lost is not None:
+                    raise _NodeLost(self._lost)
+                if bound and time.monotonic() >= deadline:
+                    raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching"
+                                    + (f": {last.message}" if last is not None else ""))
                 try:
-                    await asyncio.sleep(min(_backoff(failures), max(0.0, deadline - time.monotonic())))
-                finally:
-                    self._follow_task = None
-            if bound and time.monotonic() >= deadline:
-                raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching")
-            async for retry in AsyncRetrying(
-                retry=retry_if_exception(_transient), wait=wait_random_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(max(0.0, deadline - time.monotonic())), reraise=True,
-            ):
-                with retry:
-                    self._follow_task = asyncio.current_task()  # a declared loss cancels the waiting too
-                    try:
-                        return await attempt()
-                    finally:
-                        self._follow_task = None
+                    return await attempt()
+                except AsmError as err:
+                    if not bound or not _transient(err):
+                        raise _NodeLost(f"node {target.address} unreachable while re-attaching: {err.message}") from None
+                    last, tries = err, tries + 1
         except asyncio.CancelledError:
             if self._lost is None:
                 raise
             raise _NodeLost(self._lost) from None
-        except AsmError as err:
-            raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching: {err.message}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._follow_task = None
 
     async def _consume(self, first: pb.EventBatch | None, batches: AsyncIterator[pb.EventBatch]) -> None:
         reducer, channel, session = self.reducer, self.channel, self.session
