@@ -8,6 +8,7 @@ failed attempt is in ``metadata["attempts"]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from asm_controller.service import ControllerConfig, start_controller
 from tests.conftest import NodeProcess
+from tests.tcp_proxy import TcpProxy
 from tests.test_faults import node_args
 
 # The default bound (8 s): the point is that nobody waits for it.
@@ -80,3 +82,73 @@ async def test_controller_run_sent_after_its_node_died_moves_to_the_next(
         assert health[f"grpc://{first_node.address}"]["status"] == "unhealthy"
     finally:
         await ctl.stop()
+
+
+class _BlackholeProxy(TcpProxy):
+    """A TcpProxy that can swallow bytes (requests go out, nothing comes back) before a cut."""
+
+    blackhole = False
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while not self.cut_active:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if self.blackhole:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+
+
+async def test_start_run_sent_but_unanswered_is_retried_on_the_same_node_only(
+    node_process: Callable[..., NodeProcess],
+) -> None:
+    a, b = node_process(*node_args()), node_process(*node_args())
+    proxy = await _BlackholeProxy(a.port).start()
+    try:
+        nodes = [RemoteNode(proxy.address, liveness=LIVE), RemoteNode(b.address, liveness=LIVE)]
+        async with Session("shell", node=nodes) as s:
+            assert (await s.query("echo warm")).metadata["node_address"] == proxy.address
+            proxy.blackhole = True  # the next StartRun leaves, but no answer comes back...
+
+            async def break_it() -> None:
+                await asyncio.sleep(0.5)
+                proxy.cut()  # ...then the connection breaks: did it reach the node? We cannot know.
+                proxy.blackhole = False
+                proxy.restore()
+
+            breaker = asyncio.create_task(break_it())
+            result = await asyncio.wait_for(s.query("echo once", run_id="maybe-sent-1"), 30)
+            await breaker
+            # Never moved to b (it might have run twice): StartRun with the same run id went to a again.
+            assert result.ok, result.error
+            assert result.metadata["node_address"] == proxy.address
+            assert result.text == "once\n"
+            assert nodes[1].key not in s._handles  # b was never even contacted
+    finally:
+        await proxy.stop()
+
+
+async def test_hung_node_start_run_is_never_moved_elsewhere(node_process: Callable[..., NodeProcess]) -> None:
+    live = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=0.5, node_lost_timeout_s=3.0)
+    a, b = node_process(*node_args()), node_process(*node_args())
+    nodes = [RemoteNode(a.address, liveness=live), RemoteNode(b.address, liveness=live)]
+    try:
+        async with Session("shell", node=nodes) as s:
+            assert (await s.query("echo warm")).metadata["node_address"] == a.address
+            a.proc.send_signal(signal.SIGSTOP)  # StartRun is delivered to a's socket, never answered
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            result = await asyncio.wait_for(s.query("echo maybe"), 20)
+            took = time.monotonic() - t0
+            assert result.error is not None and result.error.kind == "node_lost", result.error
+            assert took <= 3.0 + 1.5, f"node_lost after {took:.1f}s"
+            assert nodes[1].key not in s._handles  # not started a second time on b
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
