@@ -518,7 +518,7 @@ class _Run:
         # A stream that stays up this long counts as recovered: the next break is a new outage.
         steady = 2 * live.heartbeat_interval_s if live is not None else 0.0
         broken_since: float | None = None
-        failures = 0
+        failures, was_answered = 0, False
         try:
             while True:
                 opened = time.monotonic()
@@ -549,14 +549,16 @@ class _Run:
                 now = time.monotonic()
                 # A broken transport is bounded by the heartbeats (the node is lost when none succeeds
                 # for the bound). A server that answers but cannot serve the run (a controller whose
-                # node is gone) is bounded here: from the first such answer, however many re-attaches
-                # open and break, until events flow again.
+                # node is gone) is bounded here: from the first of such answers in a row, however many
+                # re-attaches open and break, until events flow again. One heartbeat interval of grace
+                # lets a controller with the same bound deliver its own node_lost verdict first.
                 answered = bool(broke.details.get(ANSWERED))
                 recovered = self._progress or now - opened >= steady
                 if recovered:
                     failures = 0  # the backoff counts breaks in a row without progress
-                if broken_since is None or recovered or not answered:
-                    broken_since = now
+                if broken_since is None or recovered or not (answered and was_answered):
+                    broken_since = now + (live.heartbeat_interval_s if answered and live is not None else 0.0)
+                was_answered = answered
                 batches, first = await self._reattach(handle, broken_since, failures), None
                 failures += 1
         finally:
