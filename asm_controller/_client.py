@@ -18,6 +18,8 @@ from asm_wire import ConfigError, error_from_rpc, grpc_target, pb
 from asm_wire.v1 import node_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: AsmError.details key: the error was the server's typed answer, not a transport failure.
+ANSWERED = "rpc_answered"
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,15 @@ class KeepaliveConfig:
 class LivenessConfig:
     """How the controller watches a node it runs on.
 
-    A heartbeat (a handshake) every ``heartbeat_interval_s``; a node with no good
-    heartbeat for ``node_lost_timeout_s`` is declared lost and its runs end with
-    ``node_lost``. A broken run stream is re-attached (jittered exponential
-    backoff) for at most that long as well.
+    A heartbeat (a handshake) every ``heartbeat_interval_s``, each timing out
+    within ``min(heartbeat_timeout_s, heartbeat_interval_s)``; a node with no
+    good heartbeat for ``node_lost_timeout_s`` is declared lost and its runs end
+    with ``node_lost``. A broken run stream is re-attached (jittered exponential
+    backoff) for at most that long as well, however often it breaks.
     """
 
     heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 2.0
+    heartbeat_timeout_s: float = 1.0
     node_lost_timeout_s: float = 8.0
 
 
@@ -145,7 +148,13 @@ class GrpcNodeClient:
             async for batch in call:
                 yield batch
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+            trailers = exc.trailing_metadata()
+            err = error_from_rpc(exc.code(), exc.details(), trailers)
+            if any(k == "asm-error-kind" for k, _ in (trailers or ())):
+                # The server itself answered (e.g. a controller whose node is gone), as opposed to
+                # a broken transport: the session bounds re-attaching on such answers by time.
+                err.details[ANSWERED] = True
+            raise err from None
         finally:
             call.cancel()
 

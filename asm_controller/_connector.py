@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from asm_controller._client import GrpcNodeClient, RemoteNode
+from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode
 from asm_wire import (
     PROTOCOL_VERSION,
     AsmError,
@@ -139,17 +139,37 @@ class NodeHandle:
         return info
 
     async def _watch(self, target: RemoteNode) -> None:
+        """Probe on a fixed cadence; declare the node lost ``node_lost_timeout_s`` after the last good probe.
+
+        Each probe times out within the interval (and never past the loss deadline), so one is
+        always in flight while the node is silent and the loss is declared at
+        ``last_ok + node_lost_timeout_s`` exactly, not a probe timeout later. A node that hangs
+        at time S is therefore lost between S + bound - interval and S + bound, and a stall
+        shorter than bound - interval is answered by the probe in flight when it ends.
+        """
         live = target.liveness
+        interval = live.heartbeat_interval_s
+        probe_timeout = probe_timeout_s(live)
+        next_at = time.monotonic() + interval
         while True:
-            await asyncio.sleep(live.heartbeat_interval_s)
+            # Wake for the next probe, or at the loss deadline if that comes first (a probe that
+            # failed fast, e.g. refused, must not push the verdict to the next tick).
+            deadline = self.last_ok + live.node_lost_timeout_s
+            wake = next_at if self.state == "lost" else min(next_at, deadline)
+            await asyncio.sleep(max(0.005, wake - time.monotonic()))  # never a busy loop
+            if wake >= next_at:
+                # A late wake-up (loaded loop) keeps the cadence without a burst of probes.
+                next_at = max(next_at + interval, time.monotonic())
+            left = self.last_ok + live.node_lost_timeout_s - time.monotonic()
             try:
-                await self.heartbeat(live.heartbeat_timeout_s)
+                await self.heartbeat(max(0.05, min(probe_timeout, left)) if self.state != "lost" else probe_timeout)
             except AsmError as err:
                 if err.kind == "at_capacity":  # refused by a full server: it answered, so it is alive
                     self.last_ok = time.monotonic()
                     continue
                 silent = time.monotonic() - self.last_ok
-                if self.state != "lost" and silent >= live.node_lost_timeout_s:
+                # 10 ms of slack: a probe capped at the deadline may time out a hair early.
+                if self.state != "lost" and silent >= live.node_lost_timeout_s - 0.01:
                     self.state = "lost"
                     self.lost_reason = (f"node {target.address} unreachable for {silent:.1f}s "
                                         f"(node_lost_timeout {live.node_lost_timeout_s:g}s): {err.message}")
@@ -161,6 +181,11 @@ class NodeHandle:
             self._monitor.cancel()
         if isinstance(self.api, GrpcNodeClient):
             await self.api.close()
+
+
+def probe_timeout_s(live: LivenessConfig) -> float:
+    """A heartbeat probe's timeout: ``heartbeat_timeout_s``, but never longer than the interval."""
+    return min(live.heartbeat_timeout_s, live.heartbeat_interval_s)
 
 
 def check_compatible(info: pb.HandshakeResponse, address: str) -> None:

@@ -22,16 +22,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
-
-from asm_controller._client import RemoteNode
-from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight
+from asm_controller._client import ANSWERED, RemoteNode
+from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, connect, preflight, probe_timeout_s
 from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, Cost, EventReducer, Result
@@ -187,6 +186,25 @@ _ADMISSION_REASONS = frozenset({"unauthenticated", "version_mismatch", "capabili
 _NODE_FAULTS = frozenset({"unreachable", "connect_timeout", "not_ready", "version_mismatch", "capability_mismatch"})
 
 
+# What gRPC core says when the channel never reached the node: a call that failed like this was
+# never delivered, so it can go to another node without any risk of running twice.
+_NOT_DELIVERED = ("failed to connect", "connection refused", "connect failed", "dns resolution failed",
+                  "name resolution", "no route to host", "network is unreachable")
+
+
+def _not_delivered(err: AsmError) -> bool:
+    """True when a StartRun failed before the request could reach the node (refused, never connected)."""
+    if err.kind != "connection_failed":
+        return False
+    text = err.message.lower()
+    return any(s in text for s in _NOT_DELIVERED)
+
+
+def _backoff(failures: int) -> float:
+    """Jittered exponential pause before the next attempt after ``failures`` failed ones (50 ms .. 1 s)."""
+    return float(min(1.0, 0.05 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0))
+
+
 class _NodeLost(Exception):
     """Internal: the run's node was declared lost (or restarted), or stopped the run (``kind``
     node_draining / node_shutdown: its drain deadline passed, it is shutting down)."""
@@ -245,6 +263,10 @@ class _Run:
         self._ctx: dict[str, Any] = {}
         self._renumber = self._pipeline is not None
         self._local_approvals: dict[str, asyncio.TimerHandle] = {}
+        # The last events handed out (a client re-attaching through the controller after the run
+        # ended gets its end from here), and whether the current stream delivered anything.
+        self._tail: deque[Event] = deque(maxlen=256)
+        self._progress = False
 
     # -- node watching (called by NodeHandle) ----------------------------------------
 
@@ -351,6 +373,7 @@ class _Run:
             target = cand.target
             if self.cancel_requested:
                 raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
+            sent = False  # has a StartRun for this run left for this node?
             try:
                 handle = await session._handle(target)
                 reason = eligible(handle.info, self.opts.provider, self.opts.selector)
@@ -366,17 +389,31 @@ class _Run:
                         session.metrics.preflight.labels(target.address).observe(time.perf_counter() - t0)
                 self.handle = handle
                 self._started_on_node = True
-                batches = aiter(handle.api.start_run(request(cwd)))
-                first = await anext(batches)
-            except NodeConnectionError as err:
-                self._started_on_node = False
-                if err.reason in _NODE_FAULTS:  # a refusal for this run (cwd, capacity, ...) says nothing of health
-                    session._router.health.failure(target.key, err.reason)
-                attempts.append({"node": target.address, "error": err.to_dict()})
-                if session.metrics is not None:
-                    session.metrics.failovers.inc()
-                last = err
-                continue
+                sent = True
+                batches, first = await self._first_batch(handle, request(cwd))
+            except AsmError as err:
+                # Exactly-once rule: a node's typed refusal, a failed connect/handshake/preflight
+                # (nothing sent yet) and a StartRun the channel could not deliver (refused, never
+                # connected) move on to the next node. A StartRun that may have reached the node
+                # (sent, then no answer) is retried on the same node only: StartRun with the same
+                # run id attaches there, so it can never run twice.
+                transient = _transient(err)
+                delivered_maybe = sent and transient and not _not_delivered(err)
+                if not isinstance(err, NodeConnectionError) and not (transient and not delivered_maybe):
+                    if not delivered_maybe:
+                        raise
+                    handle, batches, first = await self._restart_same(handle, request(cwd), err)
+                else:
+                    self._started_on_node = False
+                    self.handle = None
+                    # A refusal for this run (cwd, capacity, ...) says nothing of the node's health.
+                    if err.reason in _NODE_FAULTS or (transient and not isinstance(err, NodeConnectionError)):
+                        session._router.health.failure(target.key, err.reason or "unreachable")
+                    attempts.append({"node": target.address, "error": err.to_dict()})
+                    if session.metrics is not None:
+                        session.metrics.failovers.inc()
+                    last = err
+                    continue
             except StopAsyncIteration:
                 raise make_error("node_lost", "transport", f"node {target.address} closed the run's stream") from None
             session._router.health.success(target.key)
@@ -393,6 +430,59 @@ class _Run:
         if tried > 1:
             last.message = f"no node admitted the run ({tried} tried); last: {last.message}"
         raise last
+
+    async def _first_batch(
+        self, handle: NodeHandle, req: pb.StartRunRequest
+    ) -> tuple[AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """Send StartRun and wait for its first batch; a node declared lost meanwhile ends the wait."""
+        self._epoch, self._lost = handle.epoch, None
+        batches = aiter(handle.api.start_run(req))
+        handle.register(self)
+        self._follow_task = asyncio.current_task()
+        try:
+            return batches, await anext(batches)
+        except asyncio.CancelledError:
+            if self._lost is None:
+                raise
+            raise make_error("node_lost", "transport", self._lost) from None
+        finally:
+            self._follow_task = None
+            handle.unregister(self)
+
+    async def _restart_same(
+        self, handle: NodeHandle, req: pb.StartRunRequest, err: AsmError
+    ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """StartRun was sent but not answered: repeat it (same run id: it attaches) on the same node.
+
+        Backoff between attempts, for at most the node-lost bound; a node that is lost or comes
+        back with a new epoch ends the run with node_lost (it may have started there: never elsewhere).
+        """
+        target = handle.target
+        bound = target.liveness.node_lost_timeout_s if isinstance(target, RemoteNode) else 0.0
+        deadline = time.monotonic() + bound
+        epoch, failures = handle.epoch, 0
+        while True:
+            if self.cancel_requested:
+                raise make_error("user_cancelled", "runtime", "Run interrupted before it started")
+            if handle.state == "lost" or time.monotonic() >= deadline:
+                raise make_error("node_lost", "transport", f"node {target.address} did not answer StartRun of run "
+                                 f"{self.run_id} within {bound:g}s (it may have started there): {err.message}")
+            failures += 1
+            await asyncio.sleep(min(_backoff(failures), max(0.0, deadline - time.monotonic())))
+            try:
+                if isinstance(target, RemoteNode):
+                    info = await handle.heartbeat(probe_timeout_s(target.liveness))
+                    if info.boot_epoch != epoch:
+                        raise make_error("node_lost", "transport", f"node {target.address} restarted (epoch {epoch}"
+                                         f" -> {info.boot_epoch}) before run {self.run_id} was known to start")
+                batches, first = await self._first_batch(handle, req)
+                return handle, batches, first
+            except StopAsyncIteration:
+                raise make_error("node_lost", "transport", f"node {target.address} closed the run's stream") from None
+            except AsmError as again:
+                if not _transient(again):
+                    raise
+                err = again
 
     async def _attach_existing(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch | None]:
         """Follow a run that already exists on a node (e.g. after a controller restart), from its first event."""
@@ -429,8 +519,15 @@ class _Run:
     async def _follow(self, handle: NodeHandle, batches: AsyncIterator[pb.EventBatch], first: pb.EventBatch | None) -> None:
         """Consume the run's stream to its end, re-attaching whenever the stream breaks."""
         handle.register(self)
+        live = handle.target.liveness if isinstance(handle.target, RemoteNode) else None
+        # A stream that stays up this long counts as recovered: the next break is a new outage.
+        steady = 2 * live.heartbeat_interval_s if live is not None else 0.0
+        broken_since: float | None = None
+        failures, was_answered = 0, False
         try:
             while True:
+                opened = time.monotonic()
+                self._progress = False
                 self._follow_task = asyncio.create_task(self._consume(first, batches))
                 try:
                     await self._follow_task
@@ -455,14 +552,30 @@ class _Run:
                     raise _NodeLost(self._lost)
                 log.info("run %s: stream from %s broke (%s); re-attaching after seq %d", self.run_id,
                          handle.target.address, broke.message, self._node_seq)
-                batches, first = await self._reattach(handle), None
+                now = time.monotonic()
+                # A broken transport is bounded by the heartbeats (the node is lost when none succeeds
+                # for the bound). A server that answers but cannot serve the run (a controller whose
+                # node is gone) is bounded here: from the first of such answers in a row, however many
+                # re-attaches open and break, until events flow again. One heartbeat interval of grace
+                # lets a controller with the same bound deliver its own node_lost verdict first.
+                answered = bool(broke.details.get(ANSWERED))
+                recovered = self._progress or now - opened >= steady
+                if recovered:
+                    failures = 0  # the backoff counts breaks in a row without progress
+                if broken_since is None or recovered or not (answered and was_answered):
+                    broken_since = now + (live.heartbeat_interval_s if answered and live is not None else 0.0)
+                was_answered = answered
+                batches, first = await self._reattach(handle, broken_since, failures), None
+                failures += 1
         finally:
             handle.unregister(self)
 
-    async def _reattach(self, handle: NodeHandle) -> AsyncIterator[pb.EventBatch]:
-        """Open AttachRun(after_seq) again, with jittered exponential backoff, until the node is declared lost."""
+    async def _reattach(self, handle: NodeHandle, since: float, failures: int) -> AsyncIterator[pb.EventBatch]:
+        """Open AttachRun(after_seq) again, with jittered exponential backoff, until the node is declared
+        lost or ``node_lost_timeout`` has passed since the outage began (``since``)."""
         target = handle.target
         bound = target.liveness.node_lost_timeout_s if isinstance(target, RemoteNode) else 0.0
+        deadline = since + bound
         self.reconnects += 1
         self.reducer.metadata["reconnects"] = self.reconnects
         if self.session.metrics is not None:
@@ -472,36 +585,45 @@ class _Run:
             if self._lost is not None:
                 raise _NodeLost(self._lost)
             if isinstance(target, RemoteNode):
-                info = await handle.heartbeat(target.liveness.heartbeat_timeout_s)
+                info = await handle.heartbeat(probe_timeout_s(target.liveness))
                 if info.boot_epoch != self._epoch:
                     raise _NodeLost(f"node {target.address} restarted (epoch {self._epoch} -> {info.boot_epoch})")
             return aiter(handle.api.attach_run(pb.AttachRunRequest(
                 run_id=self._node_run_id, after_seq=self._node_seq)))
 
+        # One loop with one deadline: the backoff sleeps are capped at it, and a declared loss
+        # cancels the waiting as well as an attempt (so node_lost comes at the bound, not a pause later).
+        self._follow_task = asyncio.current_task()
+        last: AsmError | None = None
+        tries = failures  # the last re-attach opened but broke at once: back off before the next
         try:
-            async for retry in AsyncRetrying(
-                retry=retry_if_exception(_transient), wait=wait_random_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(bound), reraise=True,
-            ):
-                with retry:
-                    self._follow_task = asyncio.current_task()  # a declared loss cancels the waiting too
-                    try:
-                        return await attempt()
-                    finally:
-                        self._follow_task = None
+            while True:
+                if tries:
+                    await asyncio.sleep(min(_backoff(tries), max(0.0, deadline - time.monotonic())))
+                if self._lost is not None:
+                    raise _NodeLost(self._lost)
+                if bound and time.monotonic() >= deadline:
+                    raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching"
+                                    + (f": {last.message}" if last is not None else ""))
+                try:
+                    return await attempt()
+                except AsmError as err:
+                    if not bound or not _transient(err):
+                        raise _NodeLost(f"node {target.address} unreachable while re-attaching: {err.message}") from None
+                    last, tries = err, tries + 1
         except asyncio.CancelledError:
             if self._lost is None:
                 raise
             raise _NodeLost(self._lost) from None
-        except AsmError as err:
-            raise _NodeLost(f"node {target.address} unreachable for {bound:g}s while re-attaching: {err.message}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._follow_task = None
 
     async def _consume(self, first: pb.EventBatch | None, batches: AsyncIterator[pb.EventBatch]) -> None:
         reducer, channel, session = self.reducer, self.channel, self.session
         observers = self.opts.observers
         batch: pb.EventBatch | None = first if first is not None else await anext(batches, None)
         while batch is not None:
+            self._progress = True
             stopped = self._node_stopped(batch)
             if stopped is not None:
                 gone = batch.events[stopped].error
@@ -518,6 +640,8 @@ class _Run:
                 # Approvals and cost reach the session before the subscriber sees the event.
                 session._observe(self, reducer.bookkeeping)
                 reducer.bookkeeping.clear()
+            if fresh:
+                self._tail.extend(fresh)
             if observers and fresh:
                 self._emit_observers(fresh)
             if self.cancel_requested and not self._interrupt_sent:
@@ -631,6 +755,7 @@ class _Run:
             events[0].pb.metadata["reason"] = err.reason
         for ev in events:
             r.apply(ev)
+        self._tail.extend(events)
         if self.channel is not None:
             self.channel.put_final(events)
         self._emit_observers(events)
@@ -676,6 +801,25 @@ class _Run:
 
     def result(self) -> Result:
         return self.reducer.result()
+
+    def final_events(self, after_seq: int) -> list[pb.Event]:
+        """A finished run's last events after ``after_seq``, for a client re-attaching late.
+
+        When the client has seen further into the node's stream than this controller did
+        (its terminal events were numbered before the client's cursor), the terminal
+        ``error``/``run_completed`` are renumbered after the cursor, so the client still gets its end.
+        """
+        out = [pb.Event.FromString(e.pb.SerializeToString()) for e in self._tail if e.pb.seq > after_seq]
+        if any(m.kind == _RUN_COMPLETED for m in out) or not self._tail:
+            return out
+        tail = list(self._tail)
+        end = [e for e in tail[-2:] if e.pb.kind in (pb.EVENT_KIND_ERROR, _RUN_COMPLETED)]
+        renumbered = []
+        for i, e in enumerate(end, start=1):
+            m = pb.Event.FromString(e.pb.SerializeToString())
+            m.seq, m.id = after_seq + i, f"{m.run_id}:{after_seq + i}"
+            renumbered.append(m)
+        return renumbered
 
 
 def _json(options: Mapping[str, Any]) -> str:

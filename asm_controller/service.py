@@ -229,13 +229,49 @@ class FleetApi:
             yield pb.EventBatch(events=[ev.pb for ev in events])
 
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
+        """Follow a run from ``after_seq``: the node's stream while the controller's run goes on, and
+        the controller's own end once it has ended (node_lost, failed, completed) -- so a client
+        never waits on a node this controller has given up on."""
         self._check_run(request.run_id)
         run = self.session._runs.get(request.run_id)
-        if run is None or run.handle is None:
+        if run is None or (run.handle is None and run.state != "done"):
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
-        async for batch in run.handle.api.attach_run(pb.AttachRunRequest(run_id=run._node_run_id,
-                                                                         after_seq=request.after_seq)):
-            yield batch
+        cursor = request.after_seq
+        if run.state == "done" or run.handle is None:
+            yield pb.EventBatch(events=run.final_events(cursor))
+            return
+        node_stream = aiter(run.handle.api.attach_run(pb.AttachRunRequest(run_id=run._node_run_id,
+                                                                          after_seq=cursor)))
+        ended = asyncio.ensure_future(run.done.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(node_stream, None))
+                await asyncio.wait({nxt, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # the controller ended the run while the node stream was silent
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, AsmError, StopAsyncIteration):
+                        await nxt
+                    break
+                try:
+                    batch = nxt.result()
+                except AsmError:
+                    if not run.done.is_set():
+                        raise  # the client re-attaches (with backoff); by then the run may have ended
+                    break
+                if batch is None:
+                    return
+                if batch.events:
+                    cursor = max(cursor, batch.events[-1].seq)
+                yield batch
+                if any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for m in batch.events):
+                    return
+            final = run.final_events(cursor)
+            if final:
+                yield pb.EventBatch(events=final)
+        finally:
+            ended.cancel()
+            with contextlib.suppress(Exception):
+                await node_stream.aclose()  # type: ignore[attr-defined]
 
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
         self._check_run(request.run_id)

@@ -567,6 +567,48 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         finally:
             node.stop()
 
+    # SIGSTOP (a hung agent) -> node_lost: the liveness bound (lost at last_ok + node_lost_timeout).
+    out["stop_to_lost"] = []
+    for _ in range(2 if not args.quick else 1):
+        node = NodeProcess(workdir, extra=extra)
+        node.start()
+        assert node.proc is not None
+        try:
+            async with Session("shell", node=RemoteNode(f"127.0.0.1:{node.port}", liveness=live)) as s:
+                stream = s.stream("sleep 60")
+                await stream.__anext__()
+                await asyncio.sleep(1.0)
+                node.proc.send_signal(signal.SIGSTOP)
+                t0 = time.perf_counter()
+                async for _ev in stream:
+                    pass
+                out["stop_to_lost"].append(time.perf_counter() - t0)
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+            node.stop()
+
+    # Failover latency: a run sent 0.5 s after its (connected, preferred) node was killed -9.
+    out["failover"] = []
+    for _ in range(3 if not args.quick else 1):
+        a, b = NodeProcess(workdir, extra=extra), NodeProcess(workdir, extra=extra)
+        a.start()
+        b.start()
+        assert a.proc is not None
+        try:
+            nodes = [RemoteNode(f"127.0.0.1:{a.port}", liveness=live), RemoteNode(f"127.0.0.1:{b.port}", liveness=live)]
+            async with Session("shell", node=nodes) as s:
+                await s.query("echo warm")
+                a.proc.send_signal(signal.SIGKILL)
+                a.proc.wait()
+                await asyncio.sleep(0.5)
+                t0 = time.perf_counter()
+                moved = await s.query("echo moved")
+                where = "other" if moved.ok and moved.metadata.get("node_address") == nodes[1].address else "FAILED"
+                out["failover"].append((time.perf_counter() - t0, where))
+        finally:
+            a.stop()
+            b.stop()
+
     node = NodeProcess(workdir, extra=extra)
     node.start()
     proxy = await TcpProxy(node.port).start()
@@ -590,7 +632,7 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # 100 forced reconnects under load: every event must arrive exactly once.
         n_lines = 40_000 if not args.quick else 8_000
         async with Session("shell", node=RemoteNode(proxy.address, liveness=live)) as s:
-            stream = s.stream(_ticker(n_lines, 0.0005))
+            stream = s.stream(_ticker(n_lines, 0.0005), options=RUN_OPTIONS)  # not cut off at 30 s when loaded
             cuts = 0
             target = 100 if not args.quick else 20
 
@@ -648,6 +690,16 @@ def report_faults(out: dict[str, Any]) -> None:
         times = [t for t, _ in kills]
         print(f"  SIGKILL of the node -> node_lost at the subscriber: median {median(times):.2f}s, "
               f"max {max(times):.2f}s over {len(times)} (kinds: {', '.join(sorted({k for _, k in kills}))})")
+    stops = out.get("stop_to_lost") or []
+    if stops:
+        print(f"  SIGSTOP of the node -> node_lost: median {median(stops):.2f}s, min {min(stops):.2f}s, "
+              f"max {max(stops):.2f}s over {len(stops)} (bound {out['lost_timeout']:g}s)")
+    fo = out.get("failover") or []
+    if fo:
+        lat = [t for t, _ in fo]
+        print(f"  run sent 0.5 s after its node was killed -9 -> done on the other node: median "
+              f"{ms(median(lat) * 1000)} ms, max {ms(max(lat) * 1000)} ms over {len(lat)} "
+              f"({', '.join(sorted({w for _, w in fo}))})")
     if out["replay"]:
         print(f"  cut + immediate restore -> next event: median {ms(median(out['replay']) * 1000)} ms, "
               f"p90 {ms(p90(out['replay']) * 1000)} ms over {len(out['replay'])} cuts")
