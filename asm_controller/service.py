@@ -98,6 +98,10 @@ class ControllerConfig:
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_concurrent_rpcs=4_000))
 
 
+#: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
+_MAX_SEQ = 2**63
+
+
 def read_nodes_file(path: Path) -> list[str]:
     try:
         lines = path.read_text().splitlines()
@@ -233,6 +237,8 @@ class FleetApi:
         the controller's own end once it has ended (node_lost, failed, completed) -- so a client
         never waits on a node this controller has given up on."""
         self._check_run(request.run_id)
+        if request.after_seq >= _MAX_SEQ:  # no run gets there; renumbering past it would overflow uint64
+            raise ConfigError(f"after_seq {request.after_seq} is past any run's events (at most {_MAX_SEQ - 1})")
         run = self.session._runs.get(request.run_id)
         if run is None or (run.handle is None and run.state != "done"):
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")

@@ -27,6 +27,7 @@ NODE_METRICS = frozenset({
     "asm_node_reaper_up",
     "asm_node_reaper_failures_total",
     "asm_node_cgroup_tracking",
+    "asm_node_journal_failures_total",
 })
 
 CONTROLLER_METRICS = frozenset({
