@@ -98,6 +98,14 @@ class RunOptions:
     def validate(self) -> None:
         if not self.provider:
             raise ConfigError("a provider is required")
+        node = self.node
+        if node is not None and not isinstance(node, EmbeddedNode | RemoteNode) and (
+            isinstance(node, str | bytes) or not isinstance(node, Sequence)
+            or not all(isinstance(n, EmbeddedNode | RemoteNode) for n in node)
+        ):
+            # A str is a Sequence too: "host:port" would have become one node per character.
+            raise ConfigError(f"node must be a RemoteNode, an EmbeddedNode or a list of them, not {self.node!r} "
+                              "(for an address: RemoteNode('host:port', token=...))")
         if self.permission_mode not in PERMISSION_MODES:
             raise ConfigError(
                 f"unsupported permission mode {self.permission_mode!r}: expected one of {', '.join(PERMISSION_MODES)}"

@@ -25,7 +25,7 @@ from asm_controller import (
     preflight,
 )
 from asm_node import NodeAgent, NodeServer, start_server
-from asm_wire import AsmError, error_from_rpc, make_error, pb
+from asm_wire import AsmError, ConfigError, error_from_rpc, make_error, pb
 from tests.conftest import node_config
 
 
@@ -238,3 +238,13 @@ def test_status_without_trailers_maps_from_code() -> None:
     assert (err.kind, err.domain) == ("connection_failed", "transport")
     err = error_from_rpc(grpc.StatusCode.DEADLINE_EXCEEDED, "slow", None)
     assert err.kind == "timeout"
+
+
+@pytest.mark.parametrize("node", ["127.0.0.1:7070", ["127.0.0.1:7070"], [None], 7070])
+def test_a_node_that_is_not_a_target_is_refused_at_once(node: object) -> None:
+    # A plain address string used to be taken as a sequence of one-character "nodes" and fail
+    # deep in the driver with an AttributeError.
+    from asm_controller import Session
+
+    with pytest.raises(ConfigError, match="RemoteNode"):
+        Session("shell", node=node)  # type: ignore[arg-type]
