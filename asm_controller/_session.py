@@ -261,6 +261,7 @@ class _Run:
         self._epoch = ""
         self._follow_task: asyncio.Task[None] | None = None
         self._node_run_id = run_id  # differs after a resume on another node
+        self._left_nodes: set[str] = set()  # nodes this run was lost on: never resumed onto again
         # The node's sequence number seen so far (the re-attach cursor). Events are renumbered
         # for the subscriber when a pipeline injects or drops events, or after a resume elsewhere.
         self._node_seq = 0
@@ -505,6 +506,12 @@ class _Run:
         self, lost: NodeHandle, err: AsmError
     ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
         """on_node_lost="resume": continue the provider session on another node (same run, re-sequenced)."""
+        # Every node the run has left stays excluded: at most one resume per node, so a run
+        # whose nodes keep failing ends (no eligible node) instead of bouncing between them.
+        self._left_nodes.add(lost.target.key)
+        if all(t.key in self._left_nodes for t in self.opts.nodes):
+            raise make_error(err.kind, err.domain, f"{err.message}; no node left to resume on "
+                             "(a run resumes at most once per node)")
         psid = self.reducer.provider_session_id
         if not psid:
             raise make_error(err.kind, err.domain, f"{err.message}; no provider session id to resume")
@@ -522,7 +529,7 @@ class _Run:
         self._node_run_id = f"{self.run_id}.r{len(self.reducer.metadata['resumed'])}"
         options = {**self.opts.options, "resume": psid}
         return await self._admit(lambda cwd: self._request(cwd, self.opts.resume_prompt, options),
-                                 exclude=frozenset({lost.target.key}))
+                                 exclude=frozenset(self._left_nodes))
 
     async def _follow(self, handle: NodeHandle, batches: AsyncIterator[pb.EventBatch], first: pb.EventBatch | None) -> None:
         """Consume the run's stream to its end, re-attaching whenever the stream breaks."""

@@ -170,3 +170,60 @@ async def test_claude_session_resumes_on_another_node(tmp_path: Path, how: str) 
         a.stop()
         b.stop()
         server.stop()
+
+
+async def test_a_resumed_run_never_goes_back_to_a_node_it_left(tmp_path: Path) -> None:
+    """At most one resume per node: drained off a, resumed on b, a undrained, then b drained too -- the
+    run ends instead of bouncing back to a (it used to exclude only the node it had just left)."""
+    from asm_controller import GrpcNodeClient
+    from tests.fake_model_server import FakeModelServer
+
+    path = find_cli("claude")
+    if path is None:
+        pytest.skip("claude CLI not installed (run scripts/install_clis.sh)")
+    server = FakeModelServer(slow_deltas=40, slow_interval=0.25).start()
+    env = hermetic_env({**cli_env("claude", server.base_url, tmp_path), "CLAUDE_CLI_PATH": str(path)})
+    a = start_node_process(tmp_path, "--node-id", "bounce-a", env=env, inherit=False)
+    b = start_node_process(tmp_path, "--node-id", "bounce-b", env=env, inherit=False)
+    workspace = tmp_path / "shared-ws"
+    workspace.mkdir()
+    live = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=3.0)
+
+    async def admin(address: str, request: pb.DrainRequest | None) -> None:
+        client = GrpcNodeClient(RemoteNode(address))
+        try:
+            await (client.drain(request) if request is not None else client.undrain(pb.UndrainRequest()))
+        finally:
+            await client.close()
+
+    try:
+        nodes = [RemoteNode(a.address, liveness=live), RemoteNode(b.address, liveness=live)]
+        async with Session("claude", node=nodes, cwd=str(workspace), on_node_lost="resume") as s:
+            # The resumed turn must be slow too, so that b can be drained while it runs.
+            stream = s.stream("Talk slowly. SCENARIO_SLOW", resume_prompt="Go on slowly. SCENARIO_SLOW")
+            step = 0
+            async for ev in stream:
+                if ev.kind == "assistant_delta" and step == 0:
+                    step = 1
+                    await admin(a.address, pb.DrainRequest(deadline_ms=200))
+                elif ev.kind == "assistant_delta" and step == 2:
+                    step = 3  # now on b, a is ready again: drain b
+                    await admin(b.address, pb.DrainRequest(deadline_ms=200))
+                elif ev.kind == "error" and step == 1 and "resuming" in str(ev.payload.get("message")):
+                    step = 2
+                    await admin(a.address, None)
+            result = stream.result
+        assert step == 3
+        assert result is not None and result.error is not None, result
+        assert result.error.kind == "node_draining", result.error  # ended: no node left to resume on
+        assert result.metadata["node_address"] == b.address
+        client = GrpcNodeClient(RemoteNode(a.address))
+        try:
+            runs = (await client.list_runs(pb.ListRunsRequest())).runs
+        finally:
+            await client.close()
+        assert len(runs) == 1, [r.run_id for r in runs]  # a never got the run back
+    finally:
+        a.stop()
+        b.stop()
+        server.stop()
