@@ -140,9 +140,11 @@ async def test_slow_consumer_blocks_the_cli_and_gets_everything(
     finally:
         await sess.stop()
     assert gaps == 0 and received == lines and marker.exists()
-    # Had the node read on, the CLI would have finished writing within the first sleeps; it
-    # could only finish once the consumer had taken all but about the backlog bound.
-    assert cli_done_at is None or cli_done_at > lines // 2, cli_done_at
+    # Had the node read on, the CLI would have finished writing within the first sleeps (the
+    # consumer sleeps 0.2 s per 20k lines: at most ~40k lines taken by then); held back, it can
+    # only finish once the consumer has taken all but the backlog bound and what sits in buffers
+    # on the way. A quarter of the output is far from both, on a loaded machine too.
+    assert cli_done_at is None or cli_done_at >= lines // 4, cli_done_at
     assert rss.peak_mb < RSS_BOUND_MB
     info = await _get_run(node.address, "slow-1")
     assert info.last_seq == last_seq
