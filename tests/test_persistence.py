@@ -37,7 +37,7 @@ from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures" / "cli"  # copies of shared/fixtures/cli: no test reads outside the repo
+FIXTURES = REPO / "tests" / "fixtures" / "cli"  # recorded by scripts/record_fixtures.py: no test reads outside the repo
 T0 = 1_700_000_000_000_000_000
 
 
