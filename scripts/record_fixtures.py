@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="record into a temp dir and compare parsed event kinds with the committed fixtures")
     ap.add_argument("--cli", action="append", choices=CLI_NAMES, help="only this CLI (repeatable)")
     ap.add_argument("--allow-missing", action="store_true", help="skip CLIs that are not installed (exit 0)")
+    ap.add_argument("--fixtures", type=Path, default=FIXTURES,
+                    help="the fixture directory to write (or, with --check, to compare with)")
     args = ap.parse_args(argv)
     wanted = list(args.cli or CLI_NAMES)
     names = [n for n in wanted if find_cli(n) is not None]
@@ -181,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if not args.check:
-            for f in record_all(FIXTURES, names):
-                print(f"wrote tests/fixtures/cli/{f}")
+            for f in record_all(args.fixtures, names):
+                print(f"wrote {args.fixtures / f}")
             return 0
         with tempfile.TemporaryDirectory(prefix="asm-fixture-check-") as tmp:
             failed = False
             for f in record_all(Path(tmp), names):
                 name = f.split("_")[0]
-                committed = FIXTURES / f
+                committed = args.fixtures / f
                 old = event_kinds(name, committed.read_bytes().splitlines()) if committed.exists() else []
                 new = event_kinds(name, (Path(tmp) / f).read_bytes().splitlines())
                 if old == new:
