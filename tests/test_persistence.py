@@ -621,7 +621,7 @@ def same(a: Result, b: Result) -> None:
 
 
 async def test_replay_equals_live_for_every_provider_fixture(tmp_path: Path) -> None:
-    assert len(CASES) >= 10, "the shared CLI fixtures are missing"
+    assert len(CASES) >= 10, "the CLI fixtures in tests/fixtures/cli are missing"
     path = tmp_path / "runs.jsonl"
     lives: dict[str, tuple[list[Event], Result]] = {}
     async with FileStore(path) as fs:
