@@ -37,7 +37,7 @@ from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures" / "cli"  # copies of shared/fixtures/cli: no test reads outside the repo
+FIXTURES = REPO / "tests" / "fixtures" / "cli"  # recorded by scripts/record_fixtures.py: no test reads outside the repo
 T0 = 1_700_000_000_000_000_000
 
 
@@ -621,7 +621,7 @@ def same(a: Result, b: Result) -> None:
 
 
 async def test_replay_equals_live_for_every_provider_fixture(tmp_path: Path) -> None:
-    assert len(CASES) >= 10, "the shared CLI fixtures are missing"
+    assert len(CASES) >= 10, "the CLI fixtures in tests/fixtures/cli are missing"
     path = tmp_path / "runs.jsonl"
     lives: dict[str, tuple[list[Event], Result]] = {}
     async with FileStore(path) as fs:

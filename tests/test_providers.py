@@ -1,4 +1,8 @@
-"""Provider command builders and parsers, on the real CLIs' captured output (tests/fixtures/cli, copied from shared/fixtures/cli)."""
+"""Provider command builders and parsers, on the real CLIs' captured output.
+
+The claude/codex/gemini captures in tests/fixtures/cli are recorded by scripts/record_fixtures.py from the real CLIs
+against tests/fake_model_server.py, so their texts are that server's scripted answers.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, Gemin
 from asm_node.providers._cli import CliProvider
 from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
+from tests.fake_model_server import TEXT_ANSWER, TOOL_COMMAND, TOOL_PREAMBLE
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cli"  # copies of shared/fixtures/cli
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cli"  # recorded by scripts/record_fixtures.py
+TOOL_OUTPUT = TOOL_COMMAND.removeprefix("echo ")
+TOOL_ANSWER = f"Tool said: {TOOL_OUTPUT}"  # the fake server's answer to the tool result
 # Command builders under test: every operator-only option allowed (tests/test_operator_knobs.py tests the refusal).
 PROVIDERS: dict[str, CliProvider] = {
     p.name: p for p in (cls(cls.operator_options) for cls in (ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider))
@@ -59,22 +66,23 @@ def kinds(events: list[pb.Event]) -> list[str]:
 
 def test_claude_text_capture() -> None:
     events, result = parse("claude", fixture("claude_text.jsonl"))
-    assert kinds(events) == ["raw", "assistant_message", "cost_update", "result", "run_completed"]
-    assert result.ok and result.text == "Hello from the fake model server."
-    assert result.provider_session_id == "8f377aee-d6c1-42b0-865d-e39293d97881"
+    assert kinds(events) == ["raw", "raw", "assistant_delta", "assistant_delta", "assistant_message", "cost_update",
+                             "result", "run_completed"]
+    assert result.ok and result.text == TEXT_ANSWER  # the deltas and the full message are not doubled
+    assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
     assert result.stop_reason == "end_turn"
     assert result.cost.cost_usd == pytest.approx(0.001)  # the CLI's own figure wins over the table
 
 
 def test_claude_tool_capture_splits_blocks_and_reads_user_tool_results() -> None:
     events, result = parse("claude", fixture("claude_tool.jsonl"))
-    assert kinds(events) == ["raw", "assistant_message", "tool_use", "tool_result", "assistant_message", "cost_update",
-                             "result", "run_completed"]
-    tool_use = events[2].tool_use
-    assert tool_use.tool_name == "Bash" and json.loads(tool_use.input_json)["command"] == "echo hello-from-tool"
-    assert events[3].tool_result.tool_call_id == tool_use.tool_call_id
-    assert json.loads(events[3].tool_result.content_json) == "hello-from-tool"
-    assert result.text == "I'll run a command.The tool ran and printed: hello-from-tool. Done."
+    assert kinds(events) == ["raw", "raw", "assistant_delta", "assistant_message", "tool_use", "tool_result", "raw",
+                             "assistant_delta", "assistant_message", "cost_update", "result", "run_completed"]
+    tool_use = events[4].tool_use
+    assert tool_use.tool_name == "Bash" and json.loads(tool_use.input_json)["command"] == TOOL_COMMAND
+    assert events[5].tool_result.tool_call_id == tool_use.tool_call_id
+    assert json.loads(events[5].tool_result.content_json) == TOOL_OUTPUT
+    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
 
 
 def test_claude_same_block_repeated_under_one_message_id_is_not_duplicated() -> None:
@@ -133,21 +141,22 @@ def test_claude_unknown_and_garbage_lines_never_crash() -> None:
 def test_codex_text_capture() -> None:
     events, result = parse("codex", fixture("codex_text.jsonl"))
     assert kinds(events) == ["raw", "raw", "assistant_message", "cost_update", "result", "run_completed"]
-    assert result.ok and result.text == "Hello from the fake model server."
-    assert result.provider_session_id == "01a1fc92-592e-7c43-b9a5-666fe4559d37"
+    assert result.ok and result.text == TEXT_ANSWER
+    assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
     assert (result.cost.input_tokens, result.cost.output_tokens) == (100, 20)
     assert result.cost.cost_usd == pytest.approx(100 * 0.000001 + 20 * 0.000004)
 
 
 def test_codex_tool_capture_maps_command_execution_to_bash() -> None:
     events, result = parse("codex", fixture("codex_tool.jsonl"))
-    assert kinds(events) == ["raw", "raw", "tool_use", "tool_result", "assistant_message", "cost_update", "result",
-                             "run_completed"]
-    assert events[2].tool_use.tool_name == "Bash"
-    assert "echo hello-from-tool" in json.loads(events[2].tool_use.input_json)["command"]
-    assert json.loads(events[3].tool_result.content_json) == "hello-from-tool\n"
-    assert not events[3].tool_result.is_error
-    assert result.text == "The tool ran and printed: hello-from-tool. Done."
+    assert kinds(events) == ["raw", "raw", "assistant_message", "tool_use", "tool_result", "assistant_message",
+                             "cost_update", "result", "run_completed"]
+    assert events[3].tool_use.tool_name == "Bash"
+    assert TOOL_COMMAND in json.loads(events[3].tool_use.input_json)["command"]
+    assert events[4].tool_result.tool_call_id == events[3].tool_use.tool_call_id
+    assert json.loads(events[4].tool_result.content_json) == TOOL_OUTPUT + "\n"
+    assert not events[4].tool_result.is_error
+    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
 
 
 def test_codex_turn_failed_is_terminal_and_reconnects_are_warnings() -> None:
@@ -173,8 +182,8 @@ def test_gemini_text_capture() -> None:
     events, result = parse("gemini", fixture("gemini_text.jsonl"))
     assert kinds(events) == ["raw", "user_message", "assistant_delta", "assistant_delta", "cost_update", "result",
                              "run_completed"]
-    assert result.ok and result.text == "Hello from the fake model server."
-    assert result.provider_session_id == "9faff64f-066d-4561-88d0-3bef0faaa961"
+    assert result.ok and result.text == TEXT_ANSWER
+    assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
 
 
 def test_gemini_tool_capture_reads_parameters_and_status() -> None:
@@ -182,9 +191,9 @@ def test_gemini_tool_capture_reads_parameters_and_status() -> None:
     use = next(e for e in events if e.kind == pb.EVENT_KIND_TOOL_USE).tool_use
     res = next(e for e in events if e.kind == pb.EVENT_KIND_TOOL_RESULT).tool_result
     assert use.tool_name == "run_shell_command"
-    assert json.loads(use.input_json) == {"command": "echo hello-from-tool", "description": "Print a test string"}
+    assert json.loads(use.input_json)["command"] == TOOL_COMMAND
     assert res.tool_call_id == use.tool_call_id and not res.is_error
-    assert result.text == "I'll run a command.The tool ran and printed: hello-from-tool. Done."
+    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
 
 
 def test_gemini_error_result_and_exit_codes() -> None:
