@@ -242,6 +242,19 @@ def _parse_opts(pairs: Sequence[str]) -> dict[str, Any]:
 # -- asm node serve -------------------------------------------------------------
 
 
+#: ``asm node serve`` flags that map one-to-one onto NodeConfig fields.
+_NODE_SERVE_FIELDS = {
+    "tokens_file": "tokens_file", "admin_principal": "admin_principals", "workspace_root": "workspace_roots",
+    "max_runs": "max_runs", "node_id": "node_id", "shell_allow_interpolation": "shell_allow_interpolation",
+    "shell_max_prompt_bytes": "shell_max_prompt_bytes", "env_allow": "env_allow",
+    "allow_run_option": "allow_run_options", "detach_grace": "detach_grace_s", "retention_seconds": "retention_s",
+    "retention_runs": "retention_max_runs", "retention_bytes": "retention_max_bytes",
+    "journal_max_age": "journal_max_age_s", "backlog_bytes": "backlog_max_bytes",
+    "replay_bytes": "replay_max_bytes_per_run", "replay_node_bytes": "replay_max_bytes_per_node",
+    "line_cap": "line_cap_bytes", "metrics_listen": "metrics_listen", "metrics_insecure": "metrics_insecure",
+}
+
+
 def cmd_node_serve(args: argparse.Namespace) -> int:
     secrets = _take_secrets(getattr(args, "reexec_argv", None))
     # Precedence as before: --token-file, then ASM_TOKEN, then ASM_NODE_TOKEN (NodeConfig's own variable).
@@ -250,56 +263,21 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         "listen": args.listen, "insecure": args.insecure, "token": token,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
     }
-    if args.tokens_file:
-        settings["tokens_file"] = args.tokens_file
-    if args.admin_principal:
-        settings["admin_principals"] = args.admin_principal
-    if args.workspace_root:
-        settings["workspace_roots"] = args.workspace_root
-    if args.max_runs is not None:
-        settings["max_runs"] = args.max_runs
-    if args.node_id:
-        settings["node_id"] = args.node_id
+    for flag, field_name in _NODE_SERVE_FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None and value is not False and value != [] and value != "":
+            settings[field_name] = value  # an unset flag keeps NodeConfig's default (or its ASM_NODE_* env)
     if args.shell_allow:
         settings["shell_allowed_commands"] = [*NodeConfig().shell_allowed_commands, *args.shell_allow]
-    if args.shell_allow_interpolation:
-        settings["shell_allow_interpolation"] = True
     if args.shell_unconfined_reads:
         settings["shell_confine_reads"] = False
-    if args.shell_max_prompt_bytes is not None:
-        settings["shell_max_prompt_bytes"] = args.shell_max_prompt_bytes
-    if args.env_allow:
-        settings["env_allow"] = args.env_allow
-    if args.allow_run_option:
-        settings["allow_run_options"] = args.allow_run_option
-    if args.detach_grace is not None:
-        settings["detach_grace_s"] = args.detach_grace
-    if args.retention_seconds is not None:
-        settings["retention_s"] = args.retention_seconds
-    if args.retention_runs is not None:
-        settings["retention_max_runs"] = args.retention_runs
-    if args.retention_bytes is not None:
-        settings["retention_max_bytes"] = args.retention_bytes
     # The run journal is durable by default for a served node (ASM_NODE_STATE_DIR also sets it).
     if args.state_dir is not None:
         settings["state_dir"] = args.state_dir
     elif "ASM_NODE_STATE_DIR" not in os.environ:
         settings["state_dir"] = default_state_dir()
-    if args.journal_max_age is not None:
-        settings["journal_max_age_s"] = args.journal_max_age
-    if args.backlog_bytes is not None:
-        settings["backlog_max_bytes"] = args.backlog_bytes
-    if args.replay_bytes is not None:
-        settings["replay_max_bytes_per_run"] = args.replay_bytes
-    if args.replay_node_bytes is not None:
-        settings["replay_max_bytes_per_node"] = args.replay_node_bytes
-    if args.line_cap is not None:
-        settings["line_cap_bytes"] = args.line_cap
     if args.label:
         settings["labels"] = _pairs(args.label, "--label")
-    if args.metrics_listen:
-        settings["metrics_listen"] = args.metrics_listen
-    settings["metrics_insecure"] = args.metrics_insecure
     settings.update(_limit_settings(args))
     config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
 
