@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +51,11 @@ class NodeProcess:
 
 
 def start_node_process(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0, inherit: bool = True
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 20.0, inherit: bool = True,
+    cwd: Path | None = None, python_flags: Sequence[str] = (),
 ) -> NodeProcess:
+    """``asm node serve --listen 127.0.0.1:0 ARGS`` in ``cwd`` (default ``tmp_path``), ready when it logs
+    its port. ``python_flags`` go before ``-m`` (``-I``: run as the installed console script does)."""
     log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
     env = dict(env or {})
     if "--state-dir" not in args and "ASM_NODE_STATE_DIR" not in env:
@@ -61,9 +64,9 @@ def start_node_process(
         env["ASM_NODE_STATE_DIR"] = str(log_path.with_suffix(".state"))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
+            [sys.executable, *python_flags, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
             stdout=subprocess.DEVNULL, stderr=log, env={**(os.environ if inherit else {}), **env},
-            cwd=str(tmp_path),
+            cwd=str(cwd or tmp_path),
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from asm_controller import EmbeddedNode, RemoteNode, Session
 from asm_controller._client import LivenessConfig
 from asm_node import NodeAgent
 from asm_node.process import Cgroups, Reaper, spawn
-from tests.conftest import _READY, PYTHON_BASENAME, NodeProcess, node_config, pid_alive, wait_until
+from tests.conftest import PYTHON_BASENAME, NodeProcess, node_config, pid_alive, start_node_process, wait_until
 
 EVIL = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('hijacked by a planted ' + __name__)\n"
 SECRET = "sk-secret-of-the-agent-0123456789"
@@ -77,23 +76,7 @@ def planted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 def start_isolated_node(cwd: Path, tmp_path: Path, *args: str) -> NodeProcess:
     """``asm node serve`` with cwd ``cwd`` and a secret in its environment (the agent itself isolated)."""
-    log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.DEVNULL, stderr=log, cwd=str(cwd), env={**os.environ, "ANTHROPIC_API_KEY": SECRET},
-        )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = _READY.search(log_path.read_text(errors="replace"))
-        if match:
-            return NodeProcess(proc, int(match.group(1)), match.group(2), log_path)
-        if proc.poll() is not None:
-            raise RuntimeError(f"node agent exited early ({proc.returncode}): {log_path.read_text()}")
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"node agent did not become ready: {log_path.read_text()}")
+    return start_node_process(tmp_path, *args, env={"ANTHROPIC_API_KEY": SECRET}, cwd=cwd, python_flags=("-I",))
 
 
 @pytest.fixture
