@@ -237,7 +237,7 @@ class _Run:
     """
 
     def __init__(self, session: Session, run_id: str, prompt: str, opts: RunOptions, subscribed: bool,
-                 attach: bool = False) -> None:
+                 attach: bool = False, after_seq: int = 0) -> None:
         self.session = session
         self.run_id = run_id
         self.prompt = prompt
@@ -264,7 +264,8 @@ class _Run:
         self._left_nodes: set[str] = set()  # nodes this run was lost on: never resumed onto again
         # The node's sequence number seen so far (the re-attach cursor). Events are renumbered
         # for the subscriber when a pipeline injects or drops events, or after a resume elsewhere.
-        self._node_seq = 0
+        self._node_seq = after_seq
+        self.reducer.last_seq = after_seq  # attach after_seq: events up to it are not wanted
         plugs = list(opts.pipeline)
         if opts.allowed_tools:
             plugs.insert(0, AllowedTools(opts.allowed_tools))
@@ -494,12 +495,12 @@ class _Run:
                 err = again
 
     async def _attach_existing(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch | None]:
-        """Follow a run that already exists on a node (e.g. after a controller restart), from its first event."""
+        """Follow a run that already exists on a node (e.g. after a controller restart), after ``after_seq``."""
         (target,) = self.opts.nodes[:1]
         handle = await self.session._handle(target)
         self._bind(handle, target)
         self._started_on_node = True
-        batches = aiter(handle.api.attach_run(pb.AttachRunRequest(run_id=self.run_id, after_seq=0)))
+        batches = aiter(handle.api.attach_run(pb.AttachRunRequest(run_id=self.run_id, after_seq=self._node_seq)))
         return handle, batches, None
 
     async def _resume_elsewhere(
@@ -852,8 +853,10 @@ class RunStream:
     when you stop reading early.
     """
 
-    def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str, attach: bool = False) -> None:
+    def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str, attach: bool = False,
+                 after_seq: int = 0) -> None:
         self._attach = attach
+        self._after_seq = after_seq
         self._session = session
         self._prompt = prompt
         self._opts = opts
@@ -866,7 +869,7 @@ class RunStream:
     def _submit(self) -> _Run:
         if self._run is None:
             self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True,
-                                              attach=self._attach)
+                                              attach=self._attach, after_seq=self._after_seq)
         return self._run
 
     def __aiter__(self) -> RunStream:
@@ -1017,16 +1020,19 @@ class Session:
             raise
         return run.result()
 
-    def attach(self, run_id: str, node: NodeTarget, provider: str | None = None) -> RunStream:
-        """Follow a run that already exists on ``node`` from its first held event.
+    def attach(self, run_id: str, node: NodeTarget, provider: str | None = None, *, after_seq: int = 0) -> RunStream:
+        """Follow a run that already exists on ``node``: its held events after ``after_seq``, then live.
 
-        For a controller that restarted: the node kept the run (and its CLI)
-        going while nobody was attached, and replays what it holds.
+        Never starts anything. For a controller that restarted: the node kept
+        the run (and its CLI) going while nobody was attached, and replays what
+        it holds. The Result is reduced from the events received.
         """
         if not valid_id(run_id):
             raise ConfigError(f"invalid run_id {run_id!r}")
+        if not isinstance(after_seq, int) or isinstance(after_seq, bool) or not 0 <= after_seq < 2**63:
+            raise ConfigError(f"after_seq must be an integer from 0 to 2**63-1, not {after_seq!r}")
         opts = self.defaults.merged({"node": node, **({"provider": provider} if provider else {})})
-        return RunStream(self, "", opts, run_id, attach=True)
+        return RunStream(self, "", opts, run_id, attach=True, after_seq=after_seq)
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Routing health per node (healthy / degraded / unhealthy) and the node's liveness."""
@@ -1155,14 +1161,15 @@ class Session:
 
     # -- internals -------------------------------------------------------------
 
-    def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool, attach: bool = False) -> _Run:
+    def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool, attach: bool = False,
+                after_seq: int = 0) -> _Run:
         if self.status != "ready":
             raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
         if run_id in self._runs:
             raise ConfigError(f"run id {run_id!r} was already used in this session")
         if not opts.nodes:
             raise ConfigError("no node to run on: give the session (or the run) a node")
-        run = _Run(self, run_id, prompt, opts, subscribed, attach=attach)
+        run = _Run(self, run_id, prompt, opts, subscribed, attach=attach, after_seq=after_seq)
         if len(self._active) < self.max_concurrent_runs:
             self._active[run_id] = run
             run.start()
