@@ -341,7 +341,7 @@ async def _run(args: argparse.Namespace) -> int:
         # Snapshots are taken on the node that owns the workspace: pin the run to the first reachable node.
         for target in nodes:
             try:
-                snap_handle = await session._handle(target)
+                snap_handle = await session.pool.handle(target)
                 break
             except NodeConnectionError as err:
                 last_err = err

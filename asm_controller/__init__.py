@@ -1,8 +1,11 @@
 """asm_controller: drive provider CLIs on node agents and reduce their events into Results.
 
 Layout: ``_client`` (gRPC NodeApi client, TLS/keepalive config), ``_connector``
-(connect, handshake, compatibility, preflight), ``_session`` (sessions, runs,
-admission, approvals), ``_reducer`` (EventReducer, Result), ``_events`` (Event).
+(connect, handshake, compatibility, preflight), ``_pool`` (NodePool: connections,
+health, routing), ``_options`` (RunOptions, Checkpoint), ``_run`` (one run's driver,
+behind a narrow host interface), ``_channel`` (driver -> subscriber hand-off),
+``_session`` (sessions: admission, approvals, cost), ``_reducer`` (EventReducer,
+Result), ``_events`` (Event).
 
     async with Session("shell", node=RemoteNode("10.0.0.5:7070", token=...)) as s:
         result = await s.query("echo hello")
@@ -11,6 +14,7 @@ admission, approvals), ``_reducer`` (EventReducer, Result), ``_events`` (Event).
 from asm_controller._client import GrpcNodeClient, KeepaliveConfig, LivenessConfig, RemoteNode, TLSConfig
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
 from asm_controller._events import Event
+from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
@@ -50,6 +54,7 @@ __all__ = [
     "NodeConnectionError",
     "NodeHandle",
     "NodeNotReady",
+    "NodePool",
     "NodeTarget",
     "NodeUnauthenticated",
     "NodeUnreachable",

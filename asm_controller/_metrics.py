@@ -110,12 +110,13 @@ class _SessionCollector(Collector):
         counts: dict[str, int] = {}
         active = pending = 0
         for session in self.metrics._sessions:
-            active += len(session._active)
-            pending += len(session._approvals)
+            stats = session.stats()
+            active += stats["active"]
+            pending += stats["approvals_pending"]
             for target in session.defaults.nodes:
                 self.metrics.node_known(target.address)
-                handle = session._handles.get(target.key)
-                health = session._router.health.status(target.key)
+                handle = session.pool.get(target.key)
+                health = session.pool.health.status(target.key)
                 if handle is not None:  # its last good handshake, kept while the node is lost
                     self.metrics.advertised.update(p.name for p in handle.info.providers if p.available)
                 if handle is None:

@@ -159,7 +159,7 @@ class FleetApi:
         """Contact every node once (so routing and ListNodes know them)."""
         async def one(t: RemoteNode) -> None:
             with contextlib.suppress(AsmError):
-                await self.session._handle(t)
+                await self.session.pool.handle(t)
         await asyncio.gather(*(one(t) for t in self.targets))
 
     # -- NodeService ------------------------------------------------------------------
@@ -167,7 +167,7 @@ class FleetApi:
     async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
         providers: dict[str, pb.ProviderInfo] = {}
         active = max_runs = 0
-        for handle in self.session._handles.values():
+        for handle in self.session.pool.handles():
             if handle.state == "lost":
                 continue
             active += handle.info.load.active_runs
@@ -186,7 +186,7 @@ class FleetApi:
     async def preflight(self, request: pb.PreflightRequest) -> pb.PreflightResponse:
         reasons = []
         for t in self.targets:
-            handle = self.session._handles.get(t.key)
+            handle = self.session.pool.get(t.key)
             if handle is None or handle.state == "lost":
                 reasons.append(f"{t.address}: not connected")
                 continue
@@ -211,12 +211,13 @@ class FleetApi:
         owner = self._owners.setdefault(run_id, me)
         if owner != me:
             check_owner(owner, f"run {run_id}")
-        if len(self._owners) > 2 * len(self.session._runs) + 1024:  # forget runs the session forgot
-            self._owners = {k: v for k, v in self._owners.items() if k in self.session._runs or k == run_id}
+        if len(self._owners) > 2 * self.session.stats()["runs"] + 1024:  # forget runs the session forgot
+            known = {r.run_id for r in self.session.runs()}
+            self._owners = {k: v for k, v in self._owners.items() if k in known or k == run_id}
 
     async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
         self._claim(request.run_id)
-        run = self.session._runs.get(request.run_id)
+        run = self.session.get_run(request.run_id)
         if run is not None:  # an existing run id attaches (never a second CLI)
             async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
                 yield batch
@@ -239,14 +240,14 @@ class FleetApi:
         self._check_run(request.run_id)
         if request.after_seq >= _MAX_SEQ:  # no run gets there; renumbering past it would overflow uint64
             raise ConfigError(f"after_seq {request.after_seq} is past any run's events (at most {_MAX_SEQ - 1})")
-        run = self.session._runs.get(request.run_id)
+        run = self.session.get_run(request.run_id)
         if run is None or (run.handle is None and run.state != "done"):
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
         cursor = request.after_seq
         if run.state == "done" or run.handle is None:
             yield pb.EventBatch(events=run.final_events(cursor))
             return
-        node_stream = aiter(run.handle.api.attach_run(pb.AttachRunRequest(run_id=run._node_run_id,
+        node_stream = aiter(run.handle.api.attach_run(pb.AttachRunRequest(run_id=run.node_run_id,
                                                                           after_seq=cursor)))
         ended = asyncio.ensure_future(run.done.wait())
         try:
@@ -285,7 +286,7 @@ class FleetApi:
         return pb.InterruptRunResponse(accepted=True)
 
     async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
-        pending = self.session._approvals.get(request.approval_id)  # approvals are keyed by id, not run
+        pending = self.session.approval_run(request.approval_id)  # approvals are keyed by id, not run
         if pending is not None:
             self._check_run(pending.run_id)
         await self.session.approve(request.approval_id, request.decision, request.reason)
@@ -293,29 +294,29 @@ class FleetApi:
 
     async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
         self._check_run(request.run_id)
-        run = self.session._runs.get(request.run_id)
+        run = self.session.get_run(request.run_id)
         if run is None or run.handle is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
-        return await run.handle.api.send_input(pb.SendInputRequest(run_id=run._node_run_id, data=request.data,
+        return await run.handle.api.send_input(pb.SendInputRequest(run_id=run.node_run_id, data=request.data,
                                                                    end_input=request.end_input))
 
     async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
         self._check_run(request.run_id)
-        run = self.session._runs.get(request.run_id)
+        run = self.session.get_run(request.run_id)
         if run is None or run.handle is None:
             raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
-        info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run._node_run_id))
+        info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run.node_run_id))
         info.run_id = request.run_id
         info.owner = self._owners.get(request.run_id, info.owner)
         return info
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """Every node's runs, under the controller's run ids and owners; a non-admin sees only its own."""
-        mine = {(r.handle.target.key, r._node_run_id): r.run_id
-                for r in list(self.session._runs.values()) if r.handle is not None}
+        mine = {(r.handle.target.key, r.node_run_id): r.run_id
+                for r in self.session.runs() if r.handle is not None}
         admin = current_principal().admin
         out = pb.ListRunsResponse()
-        for handle in list(self.session._handles.values()):
+        for handle in self.session.pool.handles():
             with contextlib.suppress(AsmError):
                 for info in (await handle.api.list_runs(request)).runs:
                     run_id = mine.get((handle.target.key, info.run_id))
@@ -351,15 +352,15 @@ class FleetApi:
 
     async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
         out = pb.ListNodesResponse()
-        health = self.session._router.health
+        health = self.session.pool.health
         for t in self.targets:
             status = pb.NodeStatus(address=t.address, health=health.status(t.key))
-            handle = self.session._handles.get(t.key)
+            handle = self.session.pool.get(t.key)
             info: pb.HandshakeResponse | None = None
             if handle is None:
                 try:
                     try:
-                        handle = await self.session._handle(t)
+                        handle = await self.session.pool.handle(t)
                     except NodeNotReady:
                         # A draining node the controller meets first now: a state to show, not an error.
                         info = await self._bare_handshake(t)
@@ -398,7 +399,7 @@ class FleetApi:
         if target is None:
             raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
         try:
-            handle = await self.session._handle(target)
+            handle = await self.session.pool.handle(target)
         except NodeNotReady:
             # Already draining (first contact): Drain answers its current state, as a node does.
             client = GrpcNodeClient(target)
@@ -426,7 +427,7 @@ class FleetApi:
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
             raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
-        handle = self.session._handles.get(target.key)
+        handle = self.session.pool.get(target.key)
         if handle is None:
             # First contact with a draining node: connect() refuses a node that is not ready, so
             # undrain it over a bare client, then connect as usual.
@@ -436,7 +437,7 @@ class FleetApi:
             finally:
                 await client.close()
             with contextlib.suppress(AsmError):
-                await self.session._handle(target)
+                await self.session.pool.handle(target)
             return resp
         resp = await handle.api.undrain(pb.UndrainRequest())
         with contextlib.suppress(AsmError):

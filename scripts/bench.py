@@ -393,8 +393,8 @@ async def run_all(args: argparse.Namespace, workdir: Path, node: NodeProcess) ->
         out["memory"] = {
             "controller_rss_mb": rss_mb(),
             "node_rss_mb": rss_mb(node.pid),
-            "remote_session_runs": len(remote._runs),
-            "embedded_session_runs": len(embedded._runs),
+            "remote_session_runs": remote.stats()["runs"],
+            "embedded_session_runs": embedded.stats()["runs"],
             "embedded_agent_runs": len(agent.runs),
         }
     finally:

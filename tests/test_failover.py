@@ -130,7 +130,7 @@ async def test_start_run_sent_but_unanswered_is_retried_on_the_same_node_only(
             assert result.ok, result.error
             assert result.metadata["node_address"] == proxy.address
             assert result.text == "once\n"
-            assert nodes[1].key not in s._handles  # b was never even contacted
+            assert s.pool.get(nodes[1].key) is None  # b was never even contacted
     finally:
         await proxy.stop()
 
@@ -149,6 +149,6 @@ async def test_hung_node_start_run_is_never_moved_elsewhere(node_process: Callab
             took = time.monotonic() - t0
             assert result.error is not None and result.error.kind == "node_lost", result.error
             assert took <= 3.0 + 1.5, f"node_lost after {took:.1f}s"
-            assert nodes[1].key not in s._handles  # not started a second time on b
+            assert s.pool.get(nodes[1].key) is None  # not started a second time on b
     finally:
         a.proc.send_signal(signal.SIGCONT)

@@ -217,7 +217,7 @@ async def test_library_attach_after_controller_loss(node_process: Callable[..., 
     s1 = Session("shell", node=RemoteNode(a.address, liveness=LIVE))
     stream = s1.stream(ticker(20, 0.05), run_id="lib-attach-1")
     await stream.__anext__()
-    for handle in list(s1._handles.values()):  # the controller vanishes without interrupting anything
+    for handle in s1.pool.handles():  # the controller vanishes without interrupting anything
         await handle.close()
     s2 = Session("shell")
     follow = s2.attach("lib-attach-1", RemoteNode(a.address, liveness=LIVE))
@@ -254,7 +254,7 @@ async def test_drain_interrupts_runs_at_the_deadline(node_process: Callable[...,
     async with Session("shell", node=RemoteNode(a.address, liveness=LIVE)) as s:
         stream = s.stream("sleep 30")
         first = await stream.__anext__()
-        handle = next(iter(s._handles.values()))
+        handle = s.pool.handles()[0]
         from asm_wire import pb
 
         t0 = time.monotonic()

@@ -222,9 +222,9 @@ async def test_controller_service_routes_runs_and_exports_fleet_metrics(
         from asm_wire import pb
         from asm_wire.v1 import node_pb2_grpc
 
-        client = next(iter(s._handles.values()), None)
+        client = next(iter(s.pool.handles()), None)
         assert client is None
-        handle = await s._handle(s.defaults.nodes[0])
+        handle = await s.pool.handle(s.defaults.nodes[0])
         stub = node_pb2_grpc.ControllerServiceStub(handle.api.channel)  # type: ignore[attr-defined]
         resp = await stub.DrainNode(pb.DrainNodeRequest(address=a.address, deadline_ms=5000),
                                     metadata=(("authorization", "Bearer fleet-token"),))
