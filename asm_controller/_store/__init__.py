@@ -1,0 +1,38 @@
+"""The controller's durable run store: the run registry and its event log (issue 10, item 2).
+
+    store = open_store("sqlite:////var/lib/asm/controller.sqlite3")   # or memory:, postgresql://...
+    await store.open()                                                # connects, migrates
+    await store.create(RunRecord(run_id, session_id, "claude", prompt_digest=digest, ...))
+    writer = StoreWriter(store)                                       # write-behind for the hot path
+    await writer.submit_events(run_id, first_seq, last_seq, batch.SerializeToString())
+    writer.submit_update(run_id, status="completed", ended_at=time.time(), result={...})
+    await writer.close(); await store.close()
+
+Layout: ``_base`` (RunRecord, errors, the RunStore protocol, input checks), ``_memory``
+(MemoryStore), ``_sql`` (SqlStore: SQLite and PostgreSQL through SQLAlchemy Core async),
+``_migrations`` (the schema and its versioned migrations), ``_writer`` (StoreWriter), ``_url``
+(open_store).
+"""
+
+from asm_controller._store._base import (
+    DEFAULT_HISTORY_MAX_BYTES,
+    IN_FLIGHT,
+    STATUSES,
+    InvalidRecord,
+    RunExists,
+    RunNotFound,
+    RunRecord,
+    RunStore,
+    StoreError,
+)
+from asm_controller._store._memory import MemoryStore
+from asm_controller._store._migrations import SCHEMA_VERSION
+from asm_controller._store._sql import SqlStore
+from asm_controller._store._url import URL_FORMS, open_store
+from asm_controller._store._writer import StoreWriter
+
+__all__ = [
+    "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "SCHEMA_VERSION", "STATUSES", "URL_FORMS", "InvalidRecord",
+    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SqlStore", "StoreError", "StoreWriter",
+    "open_store",
+]
