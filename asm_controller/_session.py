@@ -556,7 +556,7 @@ class _Run:
                     raise _NodeLost(self._lost) from None
                 except AsmError as err:
                     # run_lost: the node restarted while the run ran (its run journal says so).
-                    if (err.kind == "unknown" and err.domain == "runtime") or err.kind == "run_lost":
+                    if (err.kind in ("unknown", "not_found") and err.domain == "runtime") or err.kind == "run_lost":
                         raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "
                                         f"({err.message})") from None
                     if not _transient(err):
