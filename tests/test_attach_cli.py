@@ -204,6 +204,36 @@ def test_attach_to_a_failed_finished_run_exits_like_the_run(node: NodeProcess) -
     assert jsonl(followed.stdout)[-1]["error"]["kind"] == "tool_failed"
 
 
+def test_attach_after_a_node_restart_gets_the_journaled_outcome(
+    tmp_path: Path, node_process: Callable[..., NodeProcess], bg: Callable[..., Bg],
+    gated: Callable[[str, int, int, int], tuple[str, Path]],
+) -> None:
+    """The node forgot the runs (restart) but journaled them: an ended one gives its outcome, never a
+    new execution; one that was running when the agent died is run_lost (exit 1)."""
+    state = str(tmp_path / "journal")
+    first = node_process("--shell-allow", sys.executable, "--state-dir", state)
+    ran = asm("run", "--node", first.address, "--provider", "shell", "--run-id", "before-restart", "--output",
+              "jsonl", "false")
+    assert ran.returncode == 1
+    prompt, _gate = gated("k", 1, 0, 0)
+    doomed = bg("run", "--node", first.address, "--provider", "shell", "--run-id", "cut-off", "--output", "jsonl",
+                prompt)
+    doomed.lines(2)
+    first.stop(signal.SIGKILL)
+    doomed.kill()
+    second = node_process("--shell-allow", sys.executable, "--state-dir", state)
+    followed = asm("attach", "before-restart", "--node", second.address, "--output", "jsonl")
+    assert followed.returncode == 1, followed.stderr
+    *events, summary = jsonl(followed.stdout)
+    assert [e["kind"] for e in events] == ["error", "run_completed"]
+    assert all(e["metadata"]["origin"] == "node_journal" for e in events)
+    assert (summary["status"], summary["error"]["kind"]) == ("failed", "tool_failed")
+    lost = asm("attach", "cut-off", "--node", second.address)
+    assert lost.returncode == 1 and "run_lost" not in lost.stdout and "is lost" in lost.stderr, lost.stderr
+    no_traceback(lost)
+    assert runs_json("node", second.address) == []  # nothing ran again
+
+
 def test_unknown_run_id_is_a_typed_not_found_and_nothing_is_started(node: NodeProcess) -> None:
     proc = asm("attach", "never-started", "--node", node.address, "--output", "jsonl")
     assert proc.returncode == 5, proc.stderr
