@@ -6,10 +6,13 @@
             [--output text|jsonl] [--opt KEY=VALUE ...] PROMPT
     asm nodes --node HOST:PORT ... [--provider P [--cwd DIR]] [--output table|json]
     asm node drain [--controller C] --node HOST:PORT [--deadline S];  asm node undrain [--controller C] --node HOST:PORT
+    asm attach RUN_ID (--node HOST:PORT | --controller C) [--output text|jsonl] [--after-seq N]
+    asm runs (--node HOST:PORT | --controller C) [--status S] [--output text|json]
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
 3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
-the run (node_draining, node_shutdown: retry elsewhere); 130 interrupted (Ctrl-C).
+the run (node_draining, node_shutdown: retry elsewhere); 5 no such run (asm attach: not_found);
+130 interrupted (Ctrl-C; asm attach: detached, the run goes on).
 A user mistake prints one ``asm: error: ...`` line, never a traceback.
 """
 
@@ -42,6 +45,7 @@ from asm_controller import (
     NodeNotReady,
     NodeUnreachable,
     RemoteNode,
+    Result,
     Session,
     TLSConfig,
     connect,
@@ -53,11 +57,23 @@ from asm_node import NodeAgent, NodeConfig, serve
 from asm_node.config import SECRET_ENV
 from asm_node.journal import default_state_dir
 from asm_node.providers import operator_option_names
-from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, error_from_rpc, pb
+from asm_wire import (
+    PROTOCOL_VERSION,
+    AsmError,
+    ConfigError,
+    NodeConnectTimeout,
+    RunNotFound,
+    __version__,
+    error_from_rpc,
+    pb,
+    valid_id,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.
 EXIT_NODE_STOPPED = 4
+#: No run by that id (``asm attach``, error kind not_found): nothing was followed, nothing started.
+EXIT_NOT_FOUND = 5
 NODE_STOPPED_KINDS = frozenset({"node_draining", "node_shutdown"})
 
 
@@ -409,7 +425,14 @@ async def _run(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"asm: error: {what} to {args.record}{f': {rec_err.message}' if rec_err else ''}\n")
     if unrecorded is not None:
         result.metadata["recording"] = unrecorded
-    if args.output == "jsonl":
+    code = _report(result, args.output, rendering)
+    return EXIT_FAILED if code == EXIT_OK and unrecorded is not None else code  # the run worked, its record did not
+
+
+def _report(result: Result, output: str, rendering: Rendering | None) -> int:
+    """A run's end as ``asm run`` (and ``asm attach``) prints it -- the result_summary object (jsonl) or
+    the summary line (text) -- and the exit code of its outcome."""
+    if output == "jsonl":
         sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         if result.error is not None:
             sys.stderr.write(f"asm: error: {result.error}\n")
@@ -422,7 +445,7 @@ async def _run(args: argparse.Namespace) -> int:
             rendering.finish(result)  # ends the open text line on stdout; the summary line on stderr
     sys.stdout.flush()
     if result.ok:
-        return EXIT_OK if unrecorded is None else EXIT_FAILED  # the run worked, its record did not
+        return EXIT_OK
     if result.error is not None and result.error.kind == "user_cancelled":
         return EXIT_INTERRUPTED
     if result.error is not None and result.error.kind in NODE_STOPPED_KINDS:
@@ -443,6 +466,174 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         args.cwd_resolved = os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()
     return asyncio.run(_run(args))
+
+
+# -- asm attach / asm runs -----------------------------------------------------------
+
+
+_MAX_SEQ = 2**63 - 1
+_FINISHED = frozenset({pb.RUN_STATUS_COMPLETED, pb.RUN_STATUS_FAILED, pb.RUN_STATUS_INTERRUPTED})
+
+
+def _seq_arg(text: str) -> int:
+    """--after-seq: a sequence number, 0 to 2**63-1 (what the wire's uint64 cursor accepts everywhere)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sequence number (an integer >= 0), got {text[:40]!r}") from None
+    if not 0 <= value <= _MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {_MAX_SEQ}, got {text[:40]}")
+    return value
+
+
+def _limit_arg(text: str) -> int:
+    if not text.isdigit() or int(text) > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text[:40]!r}")
+    return int(text)
+
+
+def _server(args: argparse.Namespace) -> tuple[RemoteNode, str]:
+    """The one node or controller ``--node``/``--controller`` names, with this command's credentials."""
+    address = args.controller or args.node
+    (target,) = _remote_nodes(argparse.Namespace(**{**vars(args), "node": [address]}))
+    return target, f"{'controller' if args.controller else 'node'} {address}"
+
+
+async def _ask(target: RemoteNode, what: str, call: Callable[[GrpcNodeClient], Any]) -> Any:
+    """One unary call on a bare client (no readiness check: a draining node still answers questions),
+    its transport failures typed as for a node connection (exit 3)."""
+    client = GrpcNodeClient(target)
+    try:
+        return await call(client)
+    except AsmError as err:
+        if err.kind == "timeout" and not err.reason:
+            raise NodeConnectTimeout(f"{what} did not answer within {target.rpc_timeout_s:g}s") from None
+        if err.kind in ("connection_failed", "transport_error") and not err.reason:
+            raise NodeUnreachable(f"{what} is unreachable: {err.message}") from None
+        raise
+    finally:
+        await client.close()
+
+
+async def _run_info(target: RemoteNode, what: str, run_id: str) -> pb.RunInfo:
+    """GetRun: the run's provider, session and last seq; an id the server does not know is RunNotFound."""
+    try:
+        info: pb.RunInfo = await _ask(target, what, lambda c: c.get_run(pb.GetRunRequest(run_id=run_id)))
+    except AsmError as err:
+        # Nodes and controllers answer an id they do not hold with kind "unknown" (gRPC NOT_FOUND).
+        if err.kind in ("unknown", "not_found") and err.domain == "runtime":
+            raise RunNotFound(f"run {run_id} is not known to {what} (never started there, or forgotten since: "
+                              "see 'asm runs')") from None
+        raise
+    return info
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    """Follow an existing run to its end: what the server holds after --after-seq, then live. Never starts
+    or interrupts anything: Ctrl-C detaches (the run goes on)."""
+    if not valid_id(args.run_id):
+        raise ConfigError(f"invalid run id {args.run_id[:200]!r}: use 1-128 characters of [A-Za-z0-9._:-]")
+    target, what = _server(args)
+    info = await _run_info(target, what, args.run_id)
+    after = args.after_seq
+    if after > info.last_seq:
+        raise ConfigError(f"--after-seq {after} is past run {args.run_id}'s events (its last seq is {info.last_seq})")
+    # A finished run has nothing past its last seq to send: follow it from just before its end (its
+    # error and run_completed), so the summary still has its outcome; events up to --after-seq are not printed.
+    cursor = min(after, max(0, info.last_seq - 2)) if info.status in _FINISHED else after
+    session = Session(info.provider or "shell", node=target, session_id=info.session_id or None)
+    stream = session.attach(args.run_id, target, provider=info.provider or None, after_seq=cursor)
+    rendering = (Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+                 if args.output == "text" else None)
+    last_seq = after
+
+    async def follow() -> None:
+        nonlocal last_seq
+        async for ev in stream:
+            if ev.seq <= after:
+                continue
+            last_seq = ev.seq
+            if rendering is not None:
+                rendering.feed(ev)
+            else:
+                _print_event(ev, args.output)
+
+    following = asyncio.ensure_future(follow())
+    detached = False
+
+    def on_sigint() -> None:
+        nonlocal detached
+        detached = True
+        following.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        await following
+    except asyncio.CancelledError:
+        if not detached:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if rendering is not None and (detached or sys.exc_info()[0] is not None):
+            with contextlib.suppress(Exception):
+                rendering.close()
+    if detached:
+        # Detach, never interrupt: Session.stop() (and RunStream.aclose()) would interrupt the run, so
+        # neither is called. The run's follower task is left to asyncio.run's teardown, which cancels
+        # it here, in this process only: its AttachRun stream is cancelled, no InterruptRun is sent.
+        sys.stdout.flush()
+        sys.stderr.write(f"asm: detached from run {args.run_id}; it goes on on {what} "
+                         f"('asm attach {args.run_id} --{'controller' if args.controller else 'node'} "
+                         f"{args.controller or args.node} --after-seq {last_seq}' follows it again)\n")
+        return EXIT_INTERRUPTED
+    await session.stop()  # the run has ended: nothing is left to interrupt; this closes the connection
+    result = stream.result
+    assert result is not None
+    return _report(result, args.output, rendering)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return asyncio.run(_attach(args))
+
+
+def _run_row(info: pb.RunInfo, node: str) -> dict[str, Any]:
+    end = info.finished_unix_nano or (time.time_ns() if info.status not in _FINISHED else info.started_unix_nano)
+    return {
+        "run_id": info.run_id, "session_id": info.session_id, "provider": info.provider,
+        "node": info.node or node, "status": pb.RunStatus.Name(info.status).removeprefix("RUN_STATUS_").lower(),
+        "started": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.started_unix_nano / 1e9))
+                    if info.started_unix_nano else None),
+        "started_unix_nano": info.started_unix_nano, "finished_unix_nano": info.finished_unix_nano,
+        "duration_s": round(max(0, end - info.started_unix_nano) / 1e9, 3) if info.started_unix_nano else None,
+        "last_seq": info.last_seq, "exit_code": info.exit_code, "owner": info.owner,
+    }
+
+
+def _runs_table(rows: list[dict[str, Any]]) -> str:
+    head = ("RUN", "SESSION", "PROVIDER", "NODE", "STATUS", "STARTED", "DURATION")
+    lines = [head] + [
+        (r["run_id"], r["session_id"], r["provider"], r["node"] or "-", r["status"], r["started"] or "-",
+         "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s")
+        for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n"
+                   for line in lines)
+
+
+async def _runs(args: argparse.Namespace) -> int:
+    target, what = _server(args)
+    request = pb.ListRunsRequest(status=args.status or "", limit=args.limit)
+    resp: pb.ListRunsResponse = await _ask(target, what, lambda c: c.list_runs(request))
+    # A node leaves RunInfo.node empty (the runs are its own); a controller names the run's node.
+    rows = [_run_row(info, "" if args.controller else args.node) for info in resp.runs]
+    sys.stdout.write(json.dumps(rows, indent=2) + "\n" if args.output == "json" else _runs_table(rows))
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    return asyncio.run(_runs(args))
 
 
 # -- asm replay -------------------------------------------------------------------
@@ -924,6 +1115,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)
 
+    at = sub.add_parser("attach", help="follow an existing run to its end (replay, then live); never starts one")
+    at.add_argument("run_id", metavar="RUN_ID")
+    where = at.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", metavar="HOST:PORT", help="the node the run is on")
+    where.add_argument("--controller", metavar="HOST:PORT", help="the controller the run was started through")
+    at.add_argument("--output", default="text", choices=["text", "jsonl"])
+    at.add_argument("--after-seq", type=_seq_arg, default=0, metavar="N",
+                    help="only the events after seq N (e.g. the last one you saw; default 0: all held)")
+    client_args(at)
+    at.set_defaults(func=cmd_attach)
+
+    rs = sub.add_parser("runs", help="the runs a node holds, or a controller knows: a table or JSON")
+    where = rs.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", metavar="HOST:PORT")
+    where.add_argument("--controller", metavar="HOST:PORT")
+    rs.add_argument("--status", metavar="S", help="only runs in this status (running, completed, failed, ...)")
+    rs.add_argument("--limit", type=_limit_arg, default=0, metavar="N",
+                    help="at most the N most recently started runs (default: the server's, 1000)")
+    rs.add_argument("--output", default="text", choices=["text", "json"])
+    client_args(rs)
+    rs.set_defaults(func=cmd_runs)
+
     c = sub.add_parser("controller", help="controller service commands")
     c_sub = c.add_subparsers(dest="controller_command", required=True, parser_class=_Parser)
     cs = c_sub.add_parser("serve", help="serve a long-running controller in front of a fleet of nodes")
@@ -998,7 +1211,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except NodeConnectionError as exc:
         _fail(exc.message, EXIT_NODE)
     except AsmError as exc:
-        _fail(exc.message, EXIT_USAGE if exc.kind == "config_invalid" else EXIT_FAILED)
+        _fail(exc.message, EXIT_USAGE if exc.kind == "config_invalid" else
+              EXIT_NOT_FOUND if exc.kind == "not_found" else EXIT_FAILED)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:  # `asm ... | head`: the reader left; not an error of ours

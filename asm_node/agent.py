@@ -543,9 +543,18 @@ class NodeAgent:
         return await asyncio.to_thread(self.workspace.rollback, cwd, request.snapshot_id)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        runs = [r.info() for r in self.runs.values()
-                if not (request.active_only and r.done) and may_access(r.owner)]
-        return pb.ListRunsResponse(runs=runs)
+        """The runs held (in start order), optionally of one status; the newest ``limit`` (0: 1000)."""
+        status = request.status
+        if status and status not in _STATUS_PB:
+            raise ConfigError(f"unknown run status {status[:64]!r}: use one of {', '.join(_STATUS_PB)}")
+        runs = [r for r in self.runs.values()
+                if not (request.active_only and r.done) and (not status or r.status == status) and may_access(r.owner)]
+        limit = request.limit or LIST_RUNS_LIMIT
+        return pb.ListRunsResponse(runs=[r.info() for r in runs[-limit:]])
+
+
+#: ListRuns answers at most this many runs when the request sets no limit.
+LIST_RUNS_LIMIT = 1000
 
 
 _MAX_SNAPSHOT_OWNERS = 10_000

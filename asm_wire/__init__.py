@@ -28,6 +28,7 @@ from asm_wire._errors import (
     PermissionDenied,
     ProviderMissing,
     RunError,
+    RunNotFound,
     error_from_rpc,
     make_error,
     normalize_kind,
@@ -70,7 +71,7 @@ __all__ = [
     "DOMAINS", "KINDS", "KIND_NAMES", "KIND_VALUES", "PROTOCOL_VERSION", "SEVERITY_NAMES",
     "AsmError", "ConfigError", "CwdNotAllowed", "NodeApi", "NodeAtCapacity", "NodeCapabilityMismatch",
     "NodeConnectTimeout", "NodeConnectionError", "NodeNotReady", "NodeUnauthenticated",
-    "NodeUnreachable", "NodeVersionMismatch", "PermissionDenied", "ProviderMissing", "RunError", "__version__",
+    "NodeUnreachable", "NodeVersionMismatch", "PermissionDenied", "ProviderMissing", "RunError", "RunNotFound", "__version__",
     "error_from_info", "error_from_rpc", "error_info", "grpc_target", "is_loopback_host",
     "make_error", "normalize_kind", "parse_address", "pb", "ulid", "valid_id", "version_major_minor",
 ]

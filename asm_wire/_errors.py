@@ -20,6 +20,7 @@ Exception tree::
     │   ├── CwdNotAllowed          reason=cwd_not_allowed    (preflight: cwd outside the roots)
     │   └── NodeAtCapacity         reason=at_capacity        (preflight: no free run slot)
     ├── PermissionDenied           reason=permission_denied  (another principal's run; admin-only call)
+    ├── RunNotFound                kind=not_found, reason=run_not_found (no run by that id to follow)
     └── RunError                   a run ended in failure (carried by Result.error)
 
 A node that refuses a client certificate under mutual TLS just closes the
@@ -42,7 +43,9 @@ import grpc
 # ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared), ``run_lost`` (the node
 # restarted while the run ran: its outcome is unknown, it is never run again),
 # ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
-# passed / it was stopped; retry elsewhere, unlike ``user_cancelled``) and
+# passed / it was stopped; retry elsewhere, unlike ``user_cancelled``), ``not_found`` (no such
+# run id: nothing by that id exists to follow or list; gRPC NOT_FOUND, like ``unknown``, which the
+# node still answers for an id it does not hold) and
 # ``runtime`` (ASM uses it as a kind although it is not in its typed list).
 KINDS: Final = frozenset(
     {
@@ -50,7 +53,7 @@ KINDS: Final = frozenset(
         "auth_error", "rate_limit", "buffer_overflow", "transport_error", "transport_busy",
         "queue_full", "at_capacity", "user_cancelled", "approval_denied", "guardrail_blocked",
         "tool_failed", "config_invalid", "unknown", "runtime", "node_lost", "run_lost",
-        "node_draining", "node_shutdown",
+        "node_draining", "node_shutdown", "not_found",
     }
 )
 DOMAINS: Final = frozenset(
@@ -182,6 +185,14 @@ class PermissionDenied(AsmError):
     default_reason = "permission_denied"
 
 
+class RunNotFound(AsmError):
+    """No run by that id where it was looked for (``asm attach``): nothing to follow, nothing is started."""
+
+    default_kind = "not_found"
+    default_domain = "runtime"
+    default_reason = "run_not_found"
+
+
 class RunError(AsmError):
     """A run's failure as reduced from its events (``Result.error``)."""
 
@@ -191,7 +202,7 @@ _BY_REASON: Final[dict[str, type[AsmError]]] = {
     for cls in (
         NodeUnreachable, NodeConnectTimeout, NodeUnauthenticated, NodeVersionMismatch,
         NodeCapabilityMismatch, NodeNotReady, ProviderMissing, CwdNotAllowed, NodeAtCapacity,
-        PermissionDenied,
+        PermissionDenied, RunNotFound,
     )
 }
 
@@ -204,6 +215,7 @@ _KIND_STATUS: Final[dict[str, grpc.StatusCode]] = {
     "buffer_overflow": grpc.StatusCode.OUT_OF_RANGE,
     "cli_not_found": grpc.StatusCode.FAILED_PRECONDITION,
     "unknown": grpc.StatusCode.NOT_FOUND,
+    "not_found": grpc.StatusCode.NOT_FOUND,
     "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "connection_failed": grpc.StatusCode.UNAVAILABLE,
     "transport_error": grpc.StatusCode.UNAVAILABLE,

@@ -1347,6 +1347,7 @@ class RunInfo(_message.Message):
     FINISHED_UNIX_NANO_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     session_id: _builtins.str
     provider: _builtins.str
@@ -1362,6 +1363,8 @@ class RunInfo(_message.Message):
     cwd: _builtins.str
     owner: _builtins.str
     """the principal that started the run (see README "Security")"""
+    node: _builtins.str
+    """Where the run is: a controller fills in the node's address; a node leaves it empty."""
     def __init__(
         self,
         *,
@@ -1378,10 +1381,11 @@ class RunInfo(_message.Message):
         finished_unix_nano: _builtins.int = ...,
         cwd: _builtins.str = ...,
         owner: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "owner", b"owner", "pid", b"pid", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "node", b"node", "owner", b"owner", "pid", b"pid", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1473,15 +1477,25 @@ class ListRunsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     active_only: _builtins.bool
+    status: _builtins.str
+    """Only runs in this status (running, completed, failed, interrupted, starting); empty = all.
+    Another value is config_invalid, naming the valid ones.
+    """
+    limit: _builtins.int
+    """At most this many runs (the most recently started ones, listed oldest first); 0 = 1000."""
     def __init__(
         self,
         *,
         active_only: _builtins.bool = ...,
+        status: _builtins.str = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "limit", b"limit", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
