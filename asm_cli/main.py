@@ -486,6 +486,22 @@ def _seq_arg(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text[:40]!r}") from None
+    if not 0 < value < 10**10:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text[:40]}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 2**62:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}")
+    return int(text)
+
+
 def _limit_arg(text: str) -> int:
     if not text.isdigit() or int(text) > 2**32 - 1:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text[:40]!r}")
@@ -847,6 +863,15 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 # -- asm controller serve -------------------------------------------------------------
 
 
+def _controller_state(args: argparse.Namespace) -> str:
+    """--state as given, else SQLite in --state-dir (default: the per-user state directory)."""
+    if args.state:
+        return str(args.state)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    state_dir = Path(args.state_dir) if args.state_dir else Path(base) / "asm" / "controller"
+    return f"sqlite:///{state_dir.resolve() / 'controller.sqlite3'}"
+
+
 def cmd_controller_serve(args: argparse.Namespace) -> int:
     from asm_controller.service import ControllerConfig, serve_controller
 
@@ -868,6 +893,8 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         expected_providers=list(args.expect_provider or []),
         metrics_insecure=args.metrics_insecure,
         limits=dataclasses.replace(ControllerConfig().limits, **_limit_settings(args)),
+        state=_controller_state(args), state_max_age_s=args.state_max_age,
+        history_max_bytes=args.history_bytes,
     )
 
     def ready(ctl: Any) -> None:
@@ -1160,6 +1187,16 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
     cs.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"])
     cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
+    cs.add_argument("--state", metavar="URL",
+                    help="the run registry: sqlite:///PATH, postgresql://USER:PASS@HOST:PORT/DB or memory: "
+                         "(default: SQLite in --state-dir)")
+    cs.add_argument("--state-dir", metavar="DIR",
+                    help="where the default SQLite registry lives (default $XDG_STATE_HOME/asm/controller, "
+                         "else ~/.local/state/asm/controller)")
+    cs.add_argument("--state-max-age", type=_positive_float, default=7 * 86400.0, metavar="SECONDS",
+                    help="ended runs leave the registry after this long (default 7 days)")
+    cs.add_argument("--history-bytes", type=_positive_int, default=64 * 2**20, metavar="N",
+                    help="per-run bound of the registry's event log (default 64 MiB)")
     cs.add_argument("--expect-provider", action="append", metavar="NAME",
                     help="a provider the fleet must offer: NoHealthyNodeForProvider alerts for it even before any "
                          "node advertised it (repeatable)")

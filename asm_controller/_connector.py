@@ -188,7 +188,7 @@ def probe_timeout_s(live: LivenessConfig) -> float:
     return min(live.heartbeat_timeout_s, live.heartbeat_interval_s)
 
 
-def check_compatible(info: pb.HandshakeResponse, address: str) -> None:
+def check_compatible(info: pb.HandshakeResponse, address: str, *, ready: bool = True) -> None:
     ours, theirs = version_major_minor(__version__), version_major_minor(info.agent_version)
     if theirs is None or ours != theirs:
         raise NodeVersionMismatch(
@@ -206,7 +206,7 @@ def check_compatible(info: pb.HandshakeResponse, address: str) -> None:
         raise NodeCapabilityMismatch(
             f"node {address} lacks capabilities: {', '.join(missing)}", details={"missing": missing}
         )
-    if info.state != pb.NODE_STATE_READY:
+    if ready and info.state != pb.NODE_STATE_READY:
         state = pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
         raise NodeNotReady(f"node {address} is {state}")
 
@@ -225,12 +225,15 @@ def _connect_error(err: AsmError, node: RemoteNode) -> AsmError:
     return err
 
 
-async def connect(target: NodeTarget) -> NodeHandle:
-    """Open (or wrap) the node, handshake and check compatibility; typed errors on failure."""
+async def connect(target: NodeTarget, *, ready: bool = True) -> NodeHandle:
+    """Open (or wrap) the node, handshake and check compatibility; typed errors on failure.
+
+    ``ready=False`` accepts a draining node (to follow the runs it still has, never to start one).
+    """
     request = pb.HandshakeRequest(controller_version=__version__, protocol_version=PROTOCOL_VERSION)
     if isinstance(target, EmbeddedNode):
         info = await target.api.handshake(request)
-        check_compatible(info, target.name)
+        check_compatible(info, target.name, ready=ready)
         return NodeHandle(target, target.api, info)
     client = GrpcNodeClient(target)
     try:
@@ -238,7 +241,7 @@ async def connect(target: NodeTarget) -> NodeHandle:
             info = await client.handshake(request, timeout=target.connect_timeout_s)
         except AsmError as err:
             raise _connect_error(err, target) from None
-        check_compatible(info, target.address)
+        check_compatible(info, target.address, ready=ready)
     except BaseException:
         with contextlib.suppress(Exception):
             await client.close()

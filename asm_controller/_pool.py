@@ -48,8 +48,11 @@ class NodePool:
         """The routing order for a run and the candidates skipped (with why)."""
         return self.router.plan(cands, skip)
 
-    async def handle(self, target: NodeTarget | None) -> NodeHandle:
-        """The node's handle, connecting (handshake, compatibility check) on first use; typed errors."""
+    async def handle(self, target: NodeTarget | None, *, ready: bool = True) -> NodeHandle:
+        """The node's handle, connecting (handshake, compatibility check) on first use; typed errors.
+
+        ``ready=False`` also connects to a draining node (to follow its runs; routing still skips it).
+        """
         if target is None:
             raise ConfigError("no node to run on")
         key = target.key
@@ -58,7 +61,7 @@ class NodePool:
             return handle
         pending = self._connecting.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._connect(target))
+            pending = asyncio.ensure_future(self._connect(target, ready))
             self._connecting[key] = pending
             try:
                 handle = await asyncio.shield(pending)
@@ -68,9 +71,9 @@ class NodePool:
                 self._connecting.pop(key, None)
         return await asyncio.shield(pending)
 
-    async def _connect(self, target: NodeTarget) -> NodeHandle:
+    async def _connect(self, target: NodeTarget, ready: bool) -> NodeHandle:
         t0 = time.perf_counter()
-        handle = await connect(target)
+        handle = await connect(target, ready=ready)
         if self.metrics is not None:
             histogram = self.metrics.handshake.labels(target.address)
             histogram.observe(time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from asm_controller._channel import BatchChannel
@@ -23,6 +23,7 @@ from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import RunOptions
 from asm_controller._pool import NodePool
 from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, EventReducer, Result
+from asm_controller._registry import Registry, restore_reducer
 from asm_controller._routing import Candidate, eligible
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb
@@ -43,6 +44,9 @@ class RunHost(Protocol):
 
     @property
     def metrics(self) -> ControllerMetrics | None: ...
+
+    @property
+    def registry(self) -> Registry: ...
 
     def observe(self, run: Run, events: list[Event]) -> None:
         """Session bookkeeping (approvals, cost) for events, before the subscriber sees them."""
@@ -141,6 +145,14 @@ class Run:
         # The node's sequence number seen so far (the re-attach cursor). Events are renumbered
         # for the subscriber when a pipeline injects or drops events, or after a resume elsewhere.
         self._node_seq = after_seq
+        #: The principal that started the run (recorded in the registry; the service checks it).
+        self.owner = ""
+        #: Set once the run is bound to a node (a recovered run: once it has re-attached there).
+        self.bound = asyncio.Event()
+        #: True once the registry holds the run (its events and end are recorded from then on).
+        self.recorded = False
+        #: The controller is stopping without ending the run (Session.detach): nothing is recorded as its end.
+        self.detaching = False
         self.reducer.last_seq = after_seq  # attach after_seq: events up to it are not wanted
         plugs = list(opts.pipeline)
         if opts.allowed_tools:
@@ -153,6 +165,11 @@ class Run:
         # ended gets its end from here), and whether the current stream delivered anything.
         self._tail: deque[Event] = deque(maxlen=256)
         self._progress = False
+
+    @property
+    def node_seq(self) -> int:
+        """The node's sequence number seen so far (the re-attach cursor)."""
+        return self._node_seq
 
     @property
     def node_run_id(self) -> str:
@@ -190,6 +207,9 @@ class Run:
             if self.attach:
                 handle, batches, first = await self._attach_existing()
             else:
+                # Recorded before anything is sent: a restarted controller knows of it (never runs it twice).
+                await self.host.registry.record_new(self)
+                self.recorded = self.host.registry.durable
                 handle, batches, first = await self._admit(self._request)
                 self._stamp(first)
             while True:
@@ -210,7 +230,8 @@ class Run:
         except AsmError as err:
             self._synthesize_failure(err)
         except asyncio.CancelledError:
-            self._synthesize_failure(make_error("user_cancelled", "runtime", "Run cancelled"))
+            if not self.detaching:
+                self._synthesize_failure(make_error("user_cancelled", "runtime", "Run cancelled"))
             raise
         except Exception as exc:  # a bug must not leave a stream hanging
             log.exception("run %s driver failed", self.run_id)
@@ -230,6 +251,7 @@ class Run:
         self.handle = handle
         self._epoch = handle.epoch
         self._lost = None
+        self.bound.set()
         self.reducer.metadata.update(
             node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address, execution=handle.execution,
         )
@@ -279,6 +301,7 @@ class Run:
                     if host.metrics is not None:
                         host.metrics.preflight.labels(target.address).observe(time.perf_counter() - t0)
                 self.handle = handle
+                await host.registry.placing(self, handle)  # durable: where the run may now be
                 self._started_on_node = True
                 sent = True
                 batches, first = await self._first_batch(handle, request(cwd))
@@ -378,10 +401,24 @@ class Run:
     async def _attach_existing(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch | None]:
         """Follow a run that already exists on a node (e.g. after a controller restart), after ``after_seq``."""
         (target,) = self.opts.nodes[:1]
-        handle = await self.host.pool.handle(target)
+        # The node may be briefly unreachable (a controller restarting with its fleet): try within
+        # the node-lost bound, with backoff, before the run is given up as lost.
+        bound = target.liveness.node_lost_timeout_s if isinstance(target, RemoteNode) else 0.0
+        deadline, failures = time.monotonic() + bound, 0
+        while True:
+            try:
+                handle = await self.host.pool.handle(target, ready=False)
+                break
+            except NodeConnectionError as err:
+                failures += 1
+                if time.monotonic() + _backoff(failures) >= deadline or err.reason not in _NODE_FAULTS:
+                    raise make_error("node_lost", "transport", f"cannot re-attach run {self.run_id} on "
+                                     f"{target.address}: {err.message}") from None
+                await asyncio.sleep(_backoff(failures))
         self._bind(handle, target)
         self._started_on_node = True
-        batches = aiter(handle.api.attach_run(pb.AttachRunRequest(run_id=self.run_id, after_seq=self._node_seq)))
+        batches = aiter(handle.api.attach_run(pb.AttachRunRequest(run_id=self._node_run_id,
+                                                                  after_seq=self._node_seq)))
         return handle, batches, None
 
     async def _resume_elsewhere(
@@ -402,6 +439,7 @@ class Run:
             seq=self.reducer.last_seq + 1, message=f"{err.message}; resuming provider session {psid} on another node",
             code=err.kind, domain=err.domain, severity=pb.SEVERITY_WARNING, exit_code=-1)
         self.reducer.apply(notice)
+        self.host.registry.log(self, [notice])
         if self.channel is not None:
             self.channel.put_final([notice])
         self._emit_observers([notice])
@@ -437,7 +475,7 @@ class Run:
                     raise _NodeLost(self._lost) from None
                 except AsmError as err:
                     # run_lost: the node restarted while the run ran (its run journal says so).
-                    if (err.kind == "unknown" and err.domain == "runtime") or err.kind == "run_lost":
+                    if (err.kind in ("unknown", "not_found") and err.domain == "runtime") or err.kind == "run_lost":
                         raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "
                                         f"({err.message})") from None
                     if not _transient(err):
@@ -539,6 +577,7 @@ class Run:
                 reducer.bookkeeping.clear()
             if fresh:
                 self._tail.extend(fresh)
+                await host.registry.events(self, fresh)
             if observers and fresh:
                 self._emit_observers(fresh)
             if self.cancel_requested and not self._interrupt_sent:
@@ -578,6 +617,7 @@ class Run:
             if err is not None:
                 if self.channel is not None and out:
                     self.channel.put_final(out)
+                self.host.registry.log(self, out)
                 self._emit_observers(out)
                 self._reject(err)
                 return None
@@ -625,6 +665,7 @@ class Run:
         r.apply(ev)
         self.host.observe(self, r.bookkeeping)
         r.bookkeeping.clear()
+        self.host.registry.log(self, [ev])
         if self.channel is not None:
             self.channel.put_final([ev])
         self._emit_observers([ev])
@@ -651,10 +692,21 @@ class Run:
         for ev in events:
             r.apply(ev)
         self._tail.extend(events)
+        self.host.registry.log(self, events)
         if self.channel is not None:
             self.channel.put_final(events)
         self._emit_observers(events)
         self._typed_error = err
+
+    def restore(self, events: Sequence[pb.Event], node_run_id: str) -> None:
+        """A recovered run: fold in its stored events (the re-attach goes on after them), mark it recorded."""
+        self.reducer.last_seq = 0
+        applied = restore_reducer(self.reducer, events)
+        self._tail.extend(applied)
+        self._node_run_id = node_run_id
+        if node_run_id != self.run_id:  # it had resumed on another node: that node's events are renumbered
+            self._renumber = True
+        self.recorded = True
 
     def _finish(self) -> None:
         self.state = "done"
@@ -668,10 +720,15 @@ class Run:
         if self._typed_error is not None:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
             self.reducer.set_error(self._typed_error)
+        registry = self.host.registry
+        if not self.detaching:
+            registry.ended(self)
         if self.channel is not None:
             self.channel.close()
         self.done.set()
         self.host.run_finished(self)
+        if registry.durable:
+            self.host.spawn(registry.flush())  # the end is durable soon, without holding the stream
 
     async def _send_interrupt(self) -> None:
         if self.handle is None or self._interrupt_sent:

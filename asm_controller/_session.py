@@ -30,7 +30,9 @@ from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import Checkpoint, RunOptions
 from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, Result
+from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
+from asm_controller._store import RunRecord
 from asm_wire import ConfigError, make_error, pb, ulid, valid_id
 
 
@@ -43,7 +45,8 @@ class RunStream:
     """
 
     def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str, attach: bool = False,
-                 after_seq: int = 0) -> None:
+                 after_seq: int = 0, owner: str = "") -> None:
+        self._owner = owner
         self._attach = attach
         self._after_seq = after_seq
         self._session = session
@@ -58,7 +61,8 @@ class RunStream:
     def _submit(self) -> Run:
         if self._run is None:
             self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True,
-                                              attach=self._attach, after_seq=self._after_seq)
+                                              attach=self._attach, after_seq=self._after_seq,
+                                              owner=self._owner)
         return self._run
 
     def __aiter__(self) -> RunStream:
@@ -149,6 +153,7 @@ class Session:
         failure_cooldown_s: float = 30.0,
         metrics: ControllerMetrics | None = None,
         pool: NodePool | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.session_id = session_id or ulid()
         if not valid_id(self.session_id):
@@ -166,6 +171,8 @@ class Session:
         self._own_pool = pool is None
         self.pool = pool if pool is not None else NodePool(strategy, failure_cooldown_s, metrics)
         self.metrics = metrics
+        #: Where runs are recorded (nothing by default; the controller service gives a durable one).
+        self.registry: Registry = registry if registry is not None else NullRegistry()
         if metrics is not None:
             metrics.watch(self)
         self.defaults.validate()
@@ -194,9 +201,15 @@ class Session:
         return opts, run_id
 
     def stream(self, prompt: str, **overrides: Any) -> RunStream:
-        """A lazy stream of the run's events (submitted on first iteration)."""
+        """A lazy stream of the run's events (submitted on first iteration).
+
+        ``run_id`` names the run (default: a new ULID); ``owner`` is recorded as the principal that started it.
+        """
         opts, run_id = self._prepare(prompt, overrides)
-        return RunStream(self, prompt, opts, run_id)
+        owner = overrides.get("owner") or ""
+        if not isinstance(owner, str):
+            raise ConfigError("owner must be a string")
+        return RunStream(self, prompt, opts, run_id, owner=owner)
 
     async def query(self, prompt: str, **overrides: Any) -> Result:
         """Run to completion and return the Result (check ``result.ok`` / ``result.error``)."""
@@ -348,9 +361,48 @@ class Session:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
+        await self._close()
+
+    async def detach(self, timeout: float = 5.0) -> None:
+        """Stop following every run *without* interrupting it: the runs go on on their nodes.
+
+        For a controller with a durable registry that is stopping (an upgrade, a restart): its
+        runs stay in flight in the registry and the next controller re-attaches them.
+        """
+        self.status = "stopping"
+        runs = list(self._active.values())
+        for run in runs:
+            run.detaching = True
+            if run.task is not None:
+                run.task.cancel()
+        tasks = [r.task for r in runs if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        await self._close()
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.registry.flush()
         if self._own_pool:
             await self.pool.close()
         self.status = "stopped"
+
+    def adopt(self, record: RunRecord, node: NodeTarget, events: Sequence[pb.Event]) -> Run:
+        """Take over a run a previous controller recorded (in flight on ``node``), and re-attach it there.
+
+        ``events`` are the run's stored events: the reducer is rebuilt from them and the run goes
+        on after the record's node cursor, so every event is reduced (and recorded) once.
+        """
+        spec = record.spec
+        overrides: dict[str, Any] = {"node": node, "provider": record.provider}
+        for key in ("cwd", "permission_mode", "options", "approval_timeout_ms", "on_node_lost", "selector",
+                    "resume_prompt"):
+            if key in spec:
+                overrides[key] = spec[key]
+        opts = self.defaults.merged(overrides)
+        run = self._submit("", opts, record.run_id, subscribed=False, attach=True, after_seq=record.node_seq,
+                           owner=record.owner, restored=events, node_run_id=record.node_run_id or record.run_id)
+        return run
 
     async def __aenter__(self) -> Session:
         return self
@@ -361,7 +413,8 @@ class Session:
     # -- internals -------------------------------------------------------------
 
     def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool, attach: bool = False,
-                after_seq: int = 0) -> Run:
+                after_seq: int = 0, owner: str = "", restored: Sequence[pb.Event] | None = None,
+                node_run_id: str = "") -> Run:
         if self.status != "ready":
             raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
         if run_id in self._runs:
@@ -369,6 +422,9 @@ class Session:
         if not opts.nodes:
             raise ConfigError("no node to run on: give the session (or the run) a node")
         run = Run(self, run_id, prompt, opts, subscribed, attach=attach, after_seq=after_seq)
+        run.owner = owner
+        if restored is not None:
+            run.restore(restored, node_run_id)
         if len(self._active) < self.max_concurrent_runs:
             self._active[run_id] = run
             run.start()

@@ -7,7 +7,11 @@ and node-loss handling. ``asm run --controller HOST:PORT`` is therefore just a
 remote node run. ControllerService adds the fleet view (ListNodes) and
 DrainNode (admin only). Clients are principals (named tokens, or client
 certificates) as on a node: each sees and touches only the runs it started
-here, which the controller records in memory. Nodes come from ``--node`` flags, a file, or a DNS name that
+here. Every run is recorded in the controller's run registry (``--state``:
+SQLite by default, PostgreSQL, or memory) before StartRun leaves for a node;
+a restarted controller reloads it, re-attaches the runs still in flight on
+their nodes and keeps its boot epoch, so its clients reconnect instead of
+losing their runs. Nodes come from ``--node`` flags, a file, or a DNS name that
 resolves to many addresses (a Kubernetes headless Service), re-resolved
 periodically. Metrics (``asm_controller_*``), health checking and reflection
 are served too.
@@ -29,9 +33,13 @@ from typing import Any
 import grpc
 
 from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode, TLSConfig
+from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
+from asm_controller._registry import StoreRegistry, decode_chunks
 from asm_controller._routing import eligible
+from asm_controller._run import Run
 from asm_controller._session import Session
+from asm_controller._store import DEFAULT_HISTORY_MAX_BYTES, MemoryStore, RunRecord, RunStore, open_store
 from asm_wire import (
     PROTOCOL_VERSION,
     AsmError,
@@ -44,7 +52,7 @@ from asm_wire import (
     pb,
 )
 from asm_wire._options import parse_options_json
-from asm_wire._principal import check_owner, current_principal, load_tokens, may_access, require_admin
+from asm_wire._principal import check_owner, current_principal, load_tokens, require_admin
 from asm_wire._server import (
     CONTROLLER_SERVICE,
     NODE_SERVICE,
@@ -96,6 +104,14 @@ class ControllerConfig:
     # Connection/stream/RPC caps and handshake timeout. Every run routed through the controller holds
     # one of its RPCs: the RPC cap stays well above max_concurrent_runs, or health probes would be refused.
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_concurrent_rpcs=4_000))
+    #: The run registry: "memory:" (forgotten on exit), "sqlite:///PATH" (the CLI's default, under
+    #: --state-dir) or "postgresql://...". See asm_controller._store.
+    state: str = "memory:"
+    #: Ended runs (and their event logs) are pruned from the registry after this long.
+    state_max_age_s: float = 7 * 86400.0
+    #: Per-run bound of the registry's event log (older events are dropped; a re-attach before them
+    #: gets replay_gap).
+    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
 
 
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
@@ -127,29 +143,114 @@ async def resolve_dns(name_port: str) -> list[str]:
     return [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in addrs]
 
 
+def new_epoch() -> str:
+    return f"controller-{int(time.time() * 1000)}"
+
+
+def _not_found(run_id: str) -> AsmError:
+    return make_error("not_found", "runtime", f"Unknown run id: {run_id}", reason="run_not_found")
+
+
+#: ListRuns' status filter: the CLI's names -> the registry's.
+_STATUS_NAMES = {"pending": "pending", "starting": "pending", "running": "running", "completed": "completed",
+                 "failed": "failed", "interrupted": "interrupted"}
+_RUN_STATUS = {"pending": pb.RUN_STATUS_STARTING, "running": pb.RUN_STATUS_RUNNING,
+               "completed": pb.RUN_STATUS_COMPLETED, "failed": pb.RUN_STATUS_FAILED,
+               "interrupted": pb.RUN_STATUS_INTERRUPTED}
+
+
+def run_info(rec: RunRecord) -> pb.RunInfo:
+    """A registry record as the wire's RunInfo."""
+    info = pb.RunInfo(run_id=rec.run_id, session_id=rec.session_id, provider=rec.provider,
+                      status=_RUN_STATUS.get(rec.status, pb.RUN_STATUS_UNSPECIFIED), last_seq=rec.last_seq,
+                      first_held_seq=rec.first_held_seq, owner=rec.owner, cwd=str(rec.spec.get("cwd", "")),
+                      started_unix_nano=int(rec.created_at * 1e9),
+                      finished_unix_nano=int(rec.ended_at * 1e9) if rec.ended_at else 0)
+    info.node = rec.node_address
+    exit_code = (rec.result or {}).get("exit_code")
+    if isinstance(exit_code, int):
+        info.exit_code = exit_code
+    return info
+
+
+def end_after(events: Sequence[pb.Event], cursor: int) -> list[pb.Event]:
+    """A finished run's events after ``cursor``; when the client has seen further than the log (its end
+    was numbered before the client's cursor), the terminal error/run_completed renumbered after it."""
+    out = [m for m in events if m.seq > cursor]
+    if any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for m in out) or not events:
+        return out
+    end = [m for m in events[-2:] if m.kind in (pb.EVENT_KIND_ERROR, pb.EVENT_KIND_RUN_COMPLETED)]
+    renumbered = []
+    for i, m in enumerate(end, start=1):
+        c = pb.Event.FromString(m.SerializeToString())
+        c.seq, c.id = cursor + i, f"{c.run_id}:{cursor + i}"
+        renumbered.append(c)
+    return renumbered
+
+
 class FleetApi:
     """NodeService as the controller serves it: every run is routed through one Session over the fleet."""
 
-    def __init__(self, config: ControllerConfig, metrics: ControllerMetrics) -> None:
+    def __init__(self, config: ControllerConfig, metrics: ControllerMetrics, store: RunStore | None = None,
+                 epoch: str | None = None) -> None:
         self.config = config
-        self.epoch = f"controller-{int(time.time() * 1000)}"
+        self.epoch = epoch or new_epoch()
+        self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
+        self.registry = StoreRegistry(self.store)
+        #: The registry outlives this process (SQLite, PostgreSQL): stopping detaches instead of interrupting.
+        self.durable = False
         self.session = Session("shell", node=[], max_concurrent_runs=config.max_concurrent_runs,
-                               max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True)
+                               max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True,
+                               registry=self.registry)
         self._targets: dict[str, RemoteNode] = {}
-        # run_id -> the principal that started it through this controller. In memory only: a
-        # restarted controller forgets its runs anyway (durable controller state is a later issue).
-        self._owners: dict[str, str] = {}
+
+    def _target(self, addr: str) -> RemoteNode:
+        target = self._targets.get(addr)
+        if target is None:
+            target = RemoteNode(addr, token=self.config.node_token, tls=self.config.node_tls,
+                                liveness=self.config.liveness)
+            self._targets[addr] = target
+        return target
 
     def set_nodes(self, addresses: Sequence[str]) -> None:
-        targets = []
-        for addr in addresses:
-            target = self._targets.get(addr)
-            if target is None:
-                target = RemoteNode(addr, token=self.config.node_token, tls=self.config.node_tls,
-                                    liveness=self.config.liveness)
-                self._targets[addr] = target
-            targets.append(target)
-        self.session.defaults = replace(self.session.defaults, node=targets)
+        self.session.defaults = replace(self.session.defaults, node=[self._target(a) for a in addresses])
+
+    async def recover(self) -> int:
+        """Re-attach every run the registry has in flight on the node that owns it; returns how many.
+
+        A run recorded but never placed on a node (the controller died before StartRun left)
+        never ran anywhere: it is ended as failed (run_lost), never started now.
+        """
+        adopted = 0
+        for rec in await self.store.in_flight():
+            if not rec.node_address:
+                await self._end_unplaced(rec)
+                continue
+            try:
+                parse_address(rec.node_address)
+                events = decode_chunks(await self.store.events_after(rec.run_id, 0))
+                self.session.adopt(rec, self._target(rec.node_address), events)
+                adopted += 1
+            except AsmError as err:
+                log.warning("run %s cannot be recovered: %s", rec.run_id, err.message)
+                await self._end_unplaced(rec, f"cannot be re-attached: {err.message}")
+        if adopted:
+            log.info("recovered %d run(s) from %s", adopted, self.store.url)
+        return adopted
+
+    async def _end_unplaced(self, rec: RunRecord, why: str = "") -> None:
+        """Record the end of a run that never started (or cannot be followed again), with its final events."""
+        message = (f"the controller restarted before run {rec.run_id} was sent to a node; it never ran"
+                   if not why else f"run {rec.run_id} {why}")
+        common = {"run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider}
+        end = [Event.synthetic("error", **common, seq=rec.last_seq + 1, message=message, code="run_lost",
+                               domain="runtime", severity=pb.SEVERITY_ERROR, exit_code=-1),
+               Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status="failed", exit_code=-1)]
+        await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2,
+                                       pb.EventBatch(events=[e.pb for e in end]).SerializeToString())
+        await self.store.update(rec.run_id, status="failed", ended_at=time.time(), result={
+            "kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider,
+            "status": "failed", "error": {"kind": "run_lost", "domain": "runtime", "message": message}})
 
     @property
     def targets(self) -> list[RemoteNode]:
@@ -199,26 +300,34 @@ class FleetApi:
                          reason="no_eligible_node")
         return pb.PreflightResponse(ok=False, error=error_info(err))
 
-    def _check_run(self, run_id: str) -> None:
-        """PermissionDenied for another principal's run (admins may use every run)."""
-        owner = self._owners.get(run_id)
-        if owner is not None:
-            check_owner(owner, f"run {run_id}")
+    async def _record(self, run_id: str) -> RunRecord | None:
+        """The registry's record of a run, after the caller's ownership is checked (PermissionDenied)."""
+        rec = await self.store.get(run_id) if run_id else None
+        if rec is not None and rec.owner:
+            check_owner(rec.owner, f"run {run_id}")
+        return rec
 
-    def _claim(self, run_id: str) -> None:
-        """Record the caller as the owner of a new run id; another principal's id is refused (no attach)."""
-        me = current_principal().name
-        owner = self._owners.setdefault(run_id, me)
-        if owner != me:
-            check_owner(owner, f"run {run_id}")
-        if len(self._owners) > 2 * self.session.stats()["runs"] + 1024:  # forget runs the session forgot
-            known = {r.run_id for r in self.session.runs()}
-            self._owners = {k: v for k, v in self._owners.items() if k in known or k == run_id}
+    async def _check_run(self, run_id: str) -> tuple[Run | None, RunRecord | None]:
+        """The live run and/or its record; PermissionDenied for another principal's run (admins may use every
+        run); a run neither knows is not_found."""
+        run = self.session.get_run(run_id)
+        if run is not None:
+            if run.owner:
+                check_owner(run.owner, f"run {run_id}")
+            return run, None
+        rec = await self._record(run_id)
+        if rec is None:
+            raise _not_found(run_id)
+        return None, rec
 
     async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
-        self._claim(request.run_id)
+        """A new run id starts a run (recorded first); a known one (live, or in the registry: also after a
+        restart, also when it has ended) attaches to it -- never a second execution."""
         run = self.session.get_run(request.run_id)
-        if run is not None:  # an existing run id attaches (never a second CLI)
+        known = run is not None or await self._record(request.run_id) is not None
+        if run is not None and run.owner:
+            check_owner(run.owner, f"run {request.run_id}")
+        if known or self.session.get_run(request.run_id) is not None:
             async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
                 yield batch
             return
@@ -226,6 +335,7 @@ class FleetApi:
         overrides: dict[str, Any] = {
             "run_id": request.run_id, "provider": request.provider, "cwd": request.cwd,
             "permission_mode": request.permission_mode or "default", "options": options, "env": dict(request.env),
+            "owner": current_principal().name,
         }
         if request.approval_timeout_ms:
             overrides["approval_timeout_ms"] = request.approval_timeout_ms
@@ -236,14 +346,24 @@ class FleetApi:
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
         """Follow a run from ``after_seq``: the node's stream while the controller's run goes on, and
         the controller's own end once it has ended (node_lost, failed, completed) -- so a client
-        never waits on a node this controller has given up on."""
-        self._check_run(request.run_id)
+        never waits on a node this controller has given up on. A run this controller no longer
+        follows (ended, or forgotten by the session) is answered from the registry's event log."""
         if request.after_seq >= _MAX_SEQ:  # no run gets there; renumbering past it would overflow uint64
             raise ConfigError(f"after_seq {request.after_seq} is past any run's events (at most {_MAX_SEQ - 1})")
-        run = self.session.get_run(request.run_id)
-        if run is None or (run.handle is None and run.state != "done"):
-            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
+        run, rec = await self._check_run(request.run_id)
         cursor = request.after_seq
+        if run is None:
+            assert rec is not None
+            yield await self._logged_end(rec, cursor)
+            return
+        if run.handle is None and run.state != "done":
+            # A recovered run re-attaching on its node, or one being admitted: wait (bounded) for it.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.bound.wait()),
+                                       self.config.liveness.node_lost_timeout_s)
+            if run.handle is None and run.state != "done":
+                raise make_error("connection_failed", "transport",
+                                 f"run {request.run_id} is not on a node yet; try again", reason="not_ready")
         if run.state == "done" or run.handle is None:
             yield pb.EventBatch(events=run.final_events(cursor))
             return
@@ -280,54 +400,68 @@ class FleetApi:
             with contextlib.suppress(Exception):
                 await node_stream.aclose()  # type: ignore[attr-defined]
 
+    async def _logged_end(self, rec: RunRecord, cursor: int) -> pb.EventBatch:
+        """A run from the registry: its logged events after ``cursor`` (an ended run's end always)."""
+        if rec.status not in ("completed", "failed", "interrupted"):
+            # In flight but not followed here (it could not be recovered yet): the client retries.
+            raise make_error("connection_failed", "transport", f"run {rec.run_id} is being recovered; try again",
+                             reason="not_ready")
+        if cursor and cursor + 1 < rec.first_held_seq:
+            raise make_error("replay_gap", "runtime", f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
+                             f"{rec.run_id} are no longer held by the controller (history bound)",
+                             details={"first_held_seq": rec.first_held_seq})
+        events = decode_chunks(await self.store.events_after(rec.run_id, 0))
+        return pb.EventBatch(events=end_after(events, cursor))
+
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
-        self._check_run(request.run_id)
+        await self._check_run(request.run_id)
         await self.session.interrupt(request.run_id)
         return pb.InterruptRunResponse(accepted=True)
 
     async def resolve_approval(self, request: pb.ResolveApprovalRequest) -> pb.ResolveApprovalResponse:
         pending = self.session.approval_run(request.approval_id)  # approvals are keyed by id, not run
         if pending is not None:
-            self._check_run(pending.run_id)
+            await self._check_run(pending.run_id)
         await self.session.approve(request.approval_id, request.decision, request.reason)
         return pb.ResolveApprovalResponse()
 
     async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
-        self._check_run(request.run_id)
-        run = self.session.get_run(request.run_id)
-        if run is None or run.handle is None:
-            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
+        run, _ = await self._check_run(request.run_id)
+        if run is None or run.handle is None or run.state == "done":
+            raise make_error("config_invalid", "runtime", f"run {request.run_id} is not running",
+                             reason="run_not_running")
         return await run.handle.api.send_input(pb.SendInputRequest(run_id=run.node_run_id, data=request.data,
                                                                    end_input=request.end_input))
 
     async def get_run(self, request: pb.GetRunRequest) -> pb.RunInfo:
-        self._check_run(request.run_id)
-        run = self.session.get_run(request.run_id)
-        if run is None or run.handle is None:
-            raise make_error("unknown", "runtime", f"Unknown run id: {request.run_id}")
-        info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run.node_run_id))
-        info.run_id = request.run_id
-        info.owner = self._owners.get(request.run_id, info.owner)
-        return info
+        run, rec = await self._check_run(request.run_id)
+        if run is not None and run.handle is not None and run.state != "done":
+            with contextlib.suppress(AsmError):
+                info = await run.handle.api.get_run(pb.GetRunRequest(run_id=run.node_run_id))
+                info.run_id = request.run_id
+                info.owner = run.owner or info.owner
+                info.node = run.handle.target.address
+                return info
+        if rec is None:
+            rec = await self.store.get(request.run_id)
+        if rec is None:
+            raise _not_found(request.run_id)
+        return run_info(rec)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        """Every node's runs, under the controller's run ids and owners; a non-admin sees only its own."""
-        mine = {(r.handle.target.key, r.node_run_id): r.run_id
-                for r in self.session.runs() if r.handle is not None}
-        admin = current_principal().admin
+        """The registry's runs (newest first); a non-admin sees only its own."""
+        status = request.status.strip().lower()
+        if status and status not in _STATUS_NAMES:
+            raise ConfigError(f"unknown run status {request.status!r}: expected one of {', '.join(_STATUS_NAMES)}",
+                              reason="invalid_status")
+        me = current_principal()
+        records = await self.store.list_runs(status=_STATUS_NAMES.get(status) if status else None,
+                                             owner=None if me.admin else me.name, limit=request.limit or 1000)
         out = pb.ListRunsResponse()
-        for handle in self.session.pool.handles():
-            with contextlib.suppress(AsmError):
-                for info in (await handle.api.list_runs(request)).runs:
-                    run_id = mine.get((handle.target.key, info.run_id))
-                    if run_id is None:  # not started through this controller: only an admin sees it
-                        if admin:
-                            out.runs.append(info)
-                        continue
-                    info.run_id = run_id
-                    info.owner = self._owners.get(run_id, info.owner)
-                    if may_access(info.owner):
-                        out.runs.append(info)
+        for rec in records:
+            if request.active_only and rec.status not in ("pending", "running"):
+                continue
+            out.runs.append(run_info(rec))
         return out
 
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
@@ -465,10 +599,19 @@ class ControllerServer:
         self._metrics_http: Any = None
 
     async def stop(self) -> None:
+        """Stop serving. With a durable registry the runs go on on their nodes (the next controller
+        re-attaches them); with a memory one they are interrupted, as nothing could follow them again."""
         for t in self._tasks:
             t.cancel()
         await self.server.stop(grace=1.0)
-        await self.api.session.stop(timeout=5.0)
+        if self.api.durable:
+            await self.api.session.detach(timeout=5.0)
+        else:
+            await self.api.session.stop(timeout=5.0)
+        with contextlib.suppress(Exception):
+            await self.api.registry.writer.close()
+        with contextlib.suppress(Exception):
+            await self.api.store.close()
         if self._metrics_http is not None:
             self._metrics_http[0].shutdown()
 
@@ -498,8 +641,30 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
     metrics.expect_providers(config.expected_providers)
-    api = FleetApi(config, metrics)
-    api.set_nodes(await _node_addresses(config))
+    store = open_store(config.state, history_max_bytes=config.history_max_bytes)
+    await store.open()
+    try:
+        durable = not isinstance(store, MemoryStore)
+        epoch = new_epoch()
+        if durable:
+            # The epoch lives with the registry: a restarted controller is the same controller to its
+            # clients (they reconnect and re-attach), not a new one whose runs are gone.
+            stored = await store.meta_get("controller_epoch")
+            if stored is None:
+                await store.meta_set("controller_epoch", epoch)
+            else:
+                epoch = stored
+            pruned = await store.prune(time.time() - config.state_max_age_s)
+            if pruned:
+                log.info("pruned %d ended run(s) older than %gs from %s", pruned, config.state_max_age_s, store.url)
+        api = FleetApi(config, metrics, store, epoch)
+        api.durable = durable
+        api.set_nodes(await _node_addresses(config))
+        await api.recover()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await store.close()
+        raise
     interceptors = []
     if tokens is not None or config.tls_ca is not None:
         interceptors.append(TokenAuthInterceptor(tokens, client_certs=config.tls_ca is not None,
@@ -518,7 +683,19 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     ctl._metrics_http = metrics_http
     if config.nodes_dns or config.nodes_file:
         ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
+    if durable:
+        ctl._tasks.append(asyncio.create_task(_prune_periodically(config, store)))
     return ctl
+
+
+async def _prune_periodically(config: ControllerConfig, store: RunStore) -> None:
+    """Ended runs older than state_max_age_s leave the registry (hourly, or sooner for short ages)."""
+    while True:
+        await asyncio.sleep(min(3600.0, max(1.0, config.state_max_age_s / 4)))
+        try:
+            await store.prune(time.time() - config.state_max_age_s)
+        except AsmError as err:
+            log.warning("pruning the run registry failed: %s", err.message)
 
 
 async def _rediscover(config: ControllerConfig, api: FleetApi) -> None:

@@ -70,6 +70,14 @@ class StoreWriter:
             async with self._progress:
                 await self._progress.wait_for(lambda: self.pending_bytes <= self.max_pending_bytes or self._closed)
 
+    def submit_events_nowait(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None:
+        """Queue one chunk without waiting (a few events made on the controller, e.g. a run's end)."""
+        check_chunk(run_id, first_seq, last_seq, data)
+        self._check_open()
+        self._enqueue(EventsOp(run_id, first_seq, last_seq, bytes(data)))
+        self._last_update.pop(run_id, None)
+        self.pending_bytes += len(data)
+
     def submit_update(self, run_id: str, **fields: Any) -> None:
         """Queue an update; merged into the run's queued update when nothing of the run came after it."""
         check_update(dict(fields))  # an unknown field is the caller's TypeError now, not a log line later

@@ -1,0 +1,168 @@
+"""The run registry: what a controller records of its runs, so nothing runs twice and nothing is forgotten.
+
+A run is recorded *before* StartRun leaves for a node (``record_new``, then
+``placing`` with the node's address, id and epoch: both durable when they
+return), its events go to the store's event log behind the run (write-behind,
+never a drop: a slow database slows the run), and its end is recorded with the
+result summary. After a restart the controller reloads the runs still in flight
+(:func:`restore_reducer` rebuilds what was reduced) and re-attaches each on the
+node that owns it.
+
+:class:`NullRegistry` is the no-op collaborator: a library :class:`Session`
+without a store keeps its runs in memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from asm_controller._events import Event
+from asm_controller._reducer import EventReducer
+from asm_controller._store import RunRecord, RunStore, StoreWriter
+from asm_wire import pb
+
+if TYPE_CHECKING:
+    from asm_controller._connector import NodeHandle
+    from asm_controller._run import Run
+
+#: The result summary's text is cut to this many characters in the registry (the event log has it all).
+SUMMARY_TEXT_MAX = 64 * 1024
+_END_STATUSES = ("completed", "failed", "interrupted")
+
+
+def prompt_digest(prompt: str) -> str:
+    return "sha256:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def run_spec(run: Run) -> dict[str, Any]:
+    """What re-attaching (or resuming) the run needs, as JSON. Never its env: values there may be secrets."""
+    o = run.opts
+    return {"cwd": o.cwd, "permission_mode": o.permission_mode, "options": dict(o.options),
+            "approval_timeout_ms": o.approval_timeout_ms, "on_node_lost": o.on_node_lost,
+            "selector": dict(o.selector), "resume_prompt": o.resume_prompt}
+
+
+class NullRegistry:
+    """Records nothing (a library session without a store)."""
+
+    durable = False
+
+    async def record_new(self, run: Run) -> None:
+        return None
+
+    async def placing(self, run: Run, handle: NodeHandle) -> None:
+        return None
+
+    async def events(self, run: Run, events: Sequence[Event]) -> None:
+        return None
+
+    def progress(self, run: Run, **fields: Any) -> None:
+        return None
+
+    def log(self, run: Run, events: Sequence[Event]) -> None:
+        return None
+
+    def ended(self, run: Run) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+
+class StoreRegistry:
+    """Records runs in a :class:`RunStore` (memory, SQLite, PostgreSQL)."""
+
+    durable = True
+
+    def __init__(self, store: RunStore, writer: StoreWriter | None = None) -> None:
+        self.store = store
+        self.writer = writer if writer is not None else StoreWriter(store)
+
+    async def record_new(self, run: Run) -> None:
+        now = time.time()
+        await self.store.create(RunRecord(
+            run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider, owner=run.owner,
+            prompt_digest=prompt_digest(run.prompt), spec=run_spec(run), node_run_id=run.node_run_id,
+            status="pending", created_at=now, updated_at=now))
+
+    async def placing(self, run: Run, handle: NodeHandle) -> None:
+        # Durable before StartRun is sent: a controller killed right after knows where the run may be.
+        if not run.recorded:
+            return
+        await self.writer.flush()  # earlier queued writes of this run (a resume's events) come first
+        await self.store.update(run.run_id, node_address=handle.target.address, node_id=handle.node_id,
+                                node_epoch=handle.epoch, node_run_id=run.node_run_id, node_seq=run.node_seq)
+
+    async def events(self, run: Run, events: Sequence[Event]) -> None:
+        if not events or not run.recorded:
+            return
+        data = pb.EventBatch(events=[e.pb for e in events]).SerializeToString()
+        await self.writer.submit_events(run.run_id, events[0].pb.seq, events[-1].pb.seq, data)
+        self.writer.submit_update(run.run_id, node_seq=run.node_seq, **_live_fields(run))
+
+    def progress(self, run: Run, **fields: Any) -> None:
+        self.writer.submit_update(run.run_id, **fields)
+
+    def log(self, run: Run, events: Sequence[Event]) -> None:
+        """Events made on the controller (its own end of a run, a policy's answer): queued, no back-pressure."""
+        if events and run.recorded:
+            data = pb.EventBatch(events=[e.pb for e in events]).SerializeToString()
+            self.writer.submit_events_nowait(run.run_id, events[0].pb.seq, events[-1].pb.seq, data)
+
+    def ended(self, run: Run) -> None:
+        """The run's end is queued; ``flush`` makes it durable."""
+        if not run.recorded:
+            return
+        result = run.result()
+        summary = result.to_summary()
+        if len(summary.get("text") or "") > SUMMARY_TEXT_MAX:
+            summary["text"] = summary["text"][:SUMMARY_TEXT_MAX]
+            summary["text_truncated"] = True
+        status = result.status if result.status in _END_STATUSES else "failed"
+        self.writer.submit_update(run.run_id, status=status, ended_at=time.time(), result=_jsonable(summary),
+                                  node_seq=run.node_seq, **_live_fields(run))
+
+    async def flush(self) -> None:
+        await self.writer.flush()
+
+
+Registry = NullRegistry | StoreRegistry
+
+
+def _live_fields(run: Run) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    psid = run.reducer.provider_session_id
+    if psid:
+        fields["provider_session_id"] = psid
+    if run.reducer.status == "running":
+        fields["status"] = "running"
+    return fields
+
+
+def _jsonable(value: Any) -> Any:
+    """The summary as plain JSON (metadata may hold tuples or other non-JSON values)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def decode_chunks(chunks: Sequence[tuple[int, int, bytes]], after_seq: int = 0) -> list[pb.Event]:
+    """The stored events after ``after_seq``, in order."""
+    out: list[pb.Event] = []
+    for _first, _last, data in chunks:
+        out.extend(m for m in pb.EventBatch.FromString(data).events if m.seq > after_seq)
+    return out
+
+
+def restore_reducer(reducer: EventReducer, events: Sequence[pb.Event]) -> list[Event]:
+    """Fold stored events into a fresh reducer (a recovered run goes on from where it was)."""
+    applied = []
+    for m in events:
+        ev = Event(m)
+        if reducer.apply(ev):
+            applied.append(ev)
+    reducer.bookkeeping.clear()
+    return applied
