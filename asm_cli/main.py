@@ -557,7 +557,8 @@ async def _attach(args: argparse.Namespace) -> int:
     # A finished run has nothing past its last seq to send: follow it from just before its end (its
     # error and run_completed), so the summary still has its outcome; events up to --after-seq are not printed.
     cursor = min(after, max(0, info.last_seq - 2)) if info.status in _FINISHED else after
-    session = Session(info.provider or "shell", node=target, session_id=info.session_id or None)
+    session = Session(info.provider or "shell", node=target,
+                      session_id=info.session_id if valid_id(info.session_id) else None)
     stream = session.attach(args.run_id, target, provider=info.provider or None, after_seq=cursor)
     rendering = (Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
                  if args.output == "text" else None)
