@@ -14,6 +14,20 @@ from asm_controller._events import Event
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
+from asm_controller._store import (
+    IN_FLIGHT,
+    SCHEMA_VERSION,
+    InvalidRecord,
+    MemoryStore,
+    RunExists,
+    RunNotFound,
+    RunRecord,
+    RunStore,
+    SqlStore,
+    StoreError,
+    StoreWriter,
+    open_store,
+)
 from asm_wire import (
     AsmError,
     ConfigError,
@@ -32,6 +46,8 @@ from asm_wire import (
 )
 
 __all__ = [
+    "IN_FLIGHT",
+    "SCHEMA_VERSION",
     "AsmError",
     "Checkpoint",
     "ConfigError",
@@ -42,8 +58,10 @@ __all__ = [
     "EventReducer",
     "GrpcNodeClient",
     "HealthTracker",
+    "InvalidRecord",
     "KeepaliveConfig",
     "LivenessConfig",
+    "MemoryStore",
     "NodeAtCapacity",
     "NodeCapabilityMismatch",
     "NodeConnectTimeout",
@@ -60,12 +78,20 @@ __all__ = [
     "Result",
     "Router",
     "RunError",
+    "RunExists",
+    "RunNotFound",
     "RunOptions",
+    "RunRecord",
+    "RunStore",
     "RunStream",
     "Session",
+    "SqlStore",
+    "StoreError",
+    "StoreWriter",
     "TLSConfig",
     "check_compatible",
     "connect",
+    "open_store",
     "preflight",
     "query",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -57,7 +58,8 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         except (sa.exc.ArgumentError, ValueError) as exc:
             raise _bad(url.replace(url.split("@")[0], "postgresql://***") if "@" in url else url,
                        f"not a URL ({exc})") from None
-        display = parsed.set(drivername="postgresql").render_as_string(hide_password=True)
+        # Unquoted for people (a socket dir reads as /run/postgresql, not %2Frun%2Fpostgresql).
+        display = urllib.parse.unquote(parsed.set(drivername="postgresql").render_as_string(hide_password=True))
         if not parsed.database:
             raise _bad(display, "a postgresql URL needs a database name")
         unknown = sorted(set(parsed.query) - _PG_QUERY)
