@@ -16,14 +16,12 @@ from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
 from asm_controller._store import (
     IN_FLIGHT,
-    SCHEMA_VERSION,
     InvalidRecord,
     MemoryStore,
     RunExists,
     RunNotFound,
     RunRecord,
     RunStore,
-    SqlStore,
     StoreError,
     StoreWriter,
     open_store,
@@ -47,7 +45,6 @@ from asm_wire import (
 
 __all__ = [
     "IN_FLIGHT",
-    "SCHEMA_VERSION",
     "AsmError",
     "Checkpoint",
     "ConfigError",
@@ -85,7 +82,6 @@ __all__ = [
     "RunStore",
     "RunStream",
     "Session",
-    "SqlStore",
     "StoreError",
     "StoreWriter",
     "TLSConfig",

@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from asm_controller import (
     IN_FLIGHT,
-    SCHEMA_VERSION,
     ConfigError,
     InvalidRecord,
     RunExists,
@@ -38,7 +37,7 @@ from asm_controller import (
     StoreWriter,
     open_store,
 )
-from asm_controller._store._migrations import MIGRATIONS, Migration
+from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from asm_controller._store._sql import SqlStore
 from asm_wire import AsmError
 from tests.pg_server import PASSWORD, PostgresServer, postgres_bin_dir
@@ -336,7 +335,7 @@ _MIGRATE_SCRIPT = textwrap.dedent("""
     import asyncio, sys, time
     import sqlalchemy as sa
     from asm_controller import open_store
-    from asm_controller._store._migrations import MIGRATIONS, Migration
+    from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 
     def v2(conn):
         # Not idempotent: applied twice, the second CREATE fails.
@@ -697,3 +696,15 @@ class socket_closed_port:
 def test_record_json_shape_matches_fields() -> None:
     # The record is what the coordinator stores and lists: every field has a JSON-able default.
     json.dumps(RunRecord("R", "S", "shell").__dict__)
+
+
+def test_importing_the_library_does_not_load_sqlalchemy() -> None:
+    # The CLI imports asm_controller on every invocation; the SQL stack loads when a SQL store is used.
+    code = ("import sys, asm_controller, asm_controller._store as s\n"
+            "assert 'sqlalchemy' not in sys.modules, 'eager'\n"
+            "asm_controller.open_store('memory:')\n"
+            "assert 'sqlalchemy' not in sys.modules, 'memory'\n"
+            "asm_controller.open_store('sqlite:///x.db')\n"
+            "assert 'sqlalchemy' in sys.modules and s.SCHEMA_VERSION >= 1\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()

@@ -6,11 +6,8 @@ import os
 import urllib.parse
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from asm_controller._store._base import DEFAULT_HISTORY_MAX_BYTES, RunStore
 from asm_controller._store._memory import MemoryStore
-from asm_controller._store._sql import SqlStore
 from asm_wire import ConfigError
 
 URL_FORMS = ("memory:", "sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH",
@@ -49,10 +46,16 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         if not raw or raw == ":memory:" or raw.endswith("/"):
             raise _bad(url, "a sqlite URL needs a file path (use memory: for a store in memory)")
         path = Path(os.path.abspath(raw))
+        import sqlalchemy as sa
+
+        from asm_controller._store._sql import SqlStore
         return SqlStore(sa.URL.create("sqlite+aiosqlite", database=str(path)), display_url=f"sqlite:///{path}",
                         sqlite_path=path, history_max_bytes=history_max_bytes,
                         connect_timeout_s=connect_timeout_s)
     if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        import sqlalchemy as sa
+
+        from asm_controller._store._sql import SqlStore
         try:
             parsed = sa.make_url(url)
         except (sa.exc.ArgumentError, ValueError) as exc:
