@@ -13,7 +13,7 @@ are root they run as the Debian ``postgres`` user, or a dedicated system user cr
 the superuser's password over TCP (scram), so both URL forms and an auth failure can be tested.
 It runs without fsync (a test cluster's durability does not matter; speed does). ``stop()`` sends
 SIGINT (fast shutdown) to the PID in ``postmaster.pid``, waits a bounded time, then SIGKILLs, and
-removes the temp dir.
+removes the temp dir (``stop(remove=False)`` + ``restart()``: the server goes down and comes back).
 """
 
 from __future__ import annotations
@@ -135,10 +135,14 @@ class PostgresServer:
         if done.returncode != 0:
             raise PostgresError(f"initdb failed ({done.returncode}):\n{done.stdout.decode()}{done.stderr.decode()}")
 
-    def _serve(self, timeout: float) -> None:
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start the stopped (``stop(remove=False)``) cluster again, on the same port."""
+        self._serve(timeout, port=self.port)
+
+    def _serve(self, timeout: float, port: int | None = None) -> None:
         last = ""
-        for _attempt in range(3):  # a free port can be taken between probing and binding it
-            self.port = _free_port()
+        for _attempt in range(1 if port else 3):  # a free port can be taken between probing and binding it
+            self.port = port or _free_port()
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port),

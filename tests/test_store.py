@@ -668,6 +668,35 @@ async def test_postgresql_driver_errors_are_store_errors(pg: PostgresServer) -> 
         assert time.monotonic() - started < 5
 
 
+async def test_postgresql_server_down_is_a_store_error_and_the_writer_waits_it_out(pg: PostgresServer) -> None:
+    del pg  # only for its skip: this test stops a cluster of its own
+    with PostgresServer.start() as server:
+        store = open_store(server.create_database(), connect_timeout_s=1.0)
+        await store.open()
+        try:
+            await store.create(record("R1"))
+            writer = StoreWriter(store, flush_interval_s=0.01, retry_min_s=0.05, retry_max_s=0.2)
+            server.stop(remove=False)
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await store.get("R1")
+            assert info.value.reason == "store_unavailable" and time.monotonic() - started < 5
+            assert PASSWORD not in info.value.message
+            await writer.submit_events("R1", 1, 3, b"while down")
+            writer.submit_update("R1", status="running")
+            flushed = asyncio.create_task(writer.flush())
+            await asyncio.sleep(0.5)
+            assert not flushed.done() and writer.errors >= 1
+            server.restart()
+            await asyncio.wait_for(flushed, 15)
+            got = await store.get("R1")  # the pool reconnected
+            assert got is not None and (got.status, got.last_seq) == ("running", 3)
+            assert await store.events_after("R1", 0) == [(1, 3, b"while down")]
+            await writer.close()
+        finally:
+            await store.close()
+
+
 async def test_postgresql_unix_socket_url(pg: PostgresServer) -> None:
     name = pg.create_database().rsplit("/", 1)[1]
     store = open_store(pg.url(name, socket=True))
