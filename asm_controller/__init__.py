@@ -18,6 +18,18 @@ from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
+from asm_controller._store import (
+    IN_FLIGHT,
+    InvalidRecord,
+    MemoryStore,
+    RunExists,
+    RunNotFound,
+    RunRecord,
+    RunStore,
+    StoreError,
+    StoreWriter,
+    open_store,
+)
 from asm_wire import (
     AsmError,
     ConfigError,
@@ -36,6 +48,7 @@ from asm_wire import (
 )
 
 __all__ = [
+    "IN_FLIGHT",
     "AsmError",
     "Checkpoint",
     "ConfigError",
@@ -46,8 +59,10 @@ __all__ = [
     "EventReducer",
     "GrpcNodeClient",
     "HealthTracker",
+    "InvalidRecord",
     "KeepaliveConfig",
     "LivenessConfig",
+    "MemoryStore",
     "NodeAtCapacity",
     "NodeCapabilityMismatch",
     "NodeConnectTimeout",
@@ -65,12 +80,19 @@ __all__ = [
     "Result",
     "Router",
     "RunError",
+    "RunExists",
+    "RunNotFound",
     "RunOptions",
+    "RunRecord",
+    "RunStore",
     "RunStream",
     "Session",
+    "StoreError",
+    "StoreWriter",
     "TLSConfig",
     "check_compatible",
     "connect",
+    "open_store",
     "preflight",
     "query",
 ]

@@ -12,7 +12,13 @@ Layout: ``_base`` (RunRecord, errors, the RunStore protocol, input checks), ``_m
 (MemoryStore), ``_sql`` (SqlStore: SQLite and PostgreSQL through SQLAlchemy Core async),
 ``_migrations`` (the schema and its versioned migrations), ``_writer`` (StoreWriter), ``_url``
 (open_store).
+
+SQLAlchemy and the drivers are imported when a SQL store is first opened (``open_store`` of a
+sqlite/postgresql URL, or ``SqlStore`` / ``SCHEMA_VERSION`` read from here): ``import
+asm_controller`` stays fast for the CLI and the library's in-memory default.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from asm_controller._store._base import (
     DEFAULT_HISTORY_MAX_BYTES,
@@ -26,10 +32,22 @@ from asm_controller._store._base import (
     StoreError,
 )
 from asm_controller._store._memory import MemoryStore
-from asm_controller._store._migrations import SCHEMA_VERSION
-from asm_controller._store._sql import SqlStore
 from asm_controller._store._url import URL_FORMS, open_store
 from asm_controller._store._writer import StoreWriter
+
+if TYPE_CHECKING:
+    from asm_controller._store._migrations import SCHEMA_VERSION
+    from asm_controller._store._sql import SqlStore
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SqlStore":
+        from asm_controller._store._sql import SqlStore
+        return SqlStore
+    if name == "SCHEMA_VERSION":
+        from asm_controller._store._migrations import SCHEMA_VERSION
+        return SCHEMA_VERSION
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "SCHEMA_VERSION", "STATUSES", "URL_FORMS", "InvalidRecord",

@@ -97,8 +97,16 @@ class SqlStore:
     def _prepare_sqlite_file(self, path: Path) -> None:
         """The directory (0700) and the file (0600) before SQLite creates them with the umask."""
         try:
-            if not path.parent.is_dir():
-                path.parent.mkdir(parents=True, mode=0o700)
+            for parent in (path.parent, *path.parent.parents):
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise StoreError(f"the run store {self.url} cannot be created: {parent} is not a directory")
+                    break
+            if path.is_dir():
+                raise StoreError(f"the run store {self.url} cannot be used: {path} is a directory")
+            missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+            for directory in reversed(missing):  # mkdir(parents=True) would give the parents the umask's mode
+                directory.mkdir(mode=0o700)
             if not path.exists():
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         except OSError as exc:
@@ -152,8 +160,8 @@ class SqlStore:
     def _describe(self, exc: BaseException) -> str:
         orig = getattr(exc, "orig", None) or exc
         text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-        if type(orig).__name__ not in text:
-            text = f"{type(orig).__name__}: {text}"
+        if isinstance(orig, OSError) and type(orig).__name__ not in text:
+            text = f"{type(orig).__name__}: {text}"  # "[Errno 111] Connect call failed" needs its name
         password = self._sa_url.password
         if password:
             text = text.replace(str(password), "***")

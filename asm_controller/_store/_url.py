@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
-
-import sqlalchemy as sa
 
 from asm_controller._store._base import DEFAULT_HISTORY_MAX_BYTES, RunStore
 from asm_controller._store._memory import MemoryStore
-from asm_controller._store._sql import SqlStore
 from asm_wire import ConfigError
 
 URL_FORMS = ("memory:", "sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH",
@@ -48,16 +46,23 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         if not raw or raw == ":memory:" or raw.endswith("/"):
             raise _bad(url, "a sqlite URL needs a file path (use memory: for a store in memory)")
         path = Path(os.path.abspath(raw))
+        import sqlalchemy as sa
+
+        from asm_controller._store._sql import SqlStore
         return SqlStore(sa.URL.create("sqlite+aiosqlite", database=str(path)), display_url=f"sqlite:///{path}",
                         sqlite_path=path, history_max_bytes=history_max_bytes,
                         connect_timeout_s=connect_timeout_s)
     if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        import sqlalchemy as sa
+
+        from asm_controller._store._sql import SqlStore
         try:
             parsed = sa.make_url(url)
         except (sa.exc.ArgumentError, ValueError) as exc:
             raise _bad(url.replace(url.split("@")[0], "postgresql://***") if "@" in url else url,
                        f"not a URL ({exc})") from None
-        display = parsed.set(drivername="postgresql").render_as_string(hide_password=True)
+        # Unquoted for people (a socket dir reads as /run/postgresql, not %2Frun%2Fpostgresql).
+        display = urllib.parse.unquote(parsed.set(drivername="postgresql").render_as_string(hide_password=True))
         if not parsed.database:
             raise _bad(display, "a postgresql URL needs a database name")
         unknown = sorted(set(parsed.query) - _PG_QUERY)
