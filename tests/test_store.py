@@ -166,7 +166,7 @@ async def test_update_sets_fields_and_updated_at(store: RunStore) -> None:
         await store.update("R1", **fields)
     with pytest.raises(RunNotFound) as info:
         await store.update("R404", status="failed")
-    assert info.value.reason == "not_found"
+    assert (info.value.kind, info.value.reason) == ("not_found", "run_not_found")
     with pytest.raises(InvalidRecord, match="status"):
         await store.update("R1", status="exploded")
     assert (await store.get("R1")).status == "completed"  # type: ignore[union-attr]

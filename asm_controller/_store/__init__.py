@@ -26,7 +26,6 @@ from asm_controller._store._base import (
     STATUSES,
     InvalidRecord,
     RunExists,
-    RunNotFound,
     RunRecord,
     RunStore,
     StoreError,
@@ -34,6 +33,7 @@ from asm_controller._store._base import (
 from asm_controller._store._memory import MemoryStore
 from asm_controller._store._url import URL_FORMS, open_store
 from asm_controller._store._writer import StoreWriter
+from asm_wire import RunNotFound
 
 if TYPE_CHECKING:
     from asm_controller._store._migrations import SCHEMA_VERSION

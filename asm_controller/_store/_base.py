@@ -60,13 +60,6 @@ class RunExists(ConfigError):
     default_reason = "run_exists"
 
 
-class RunNotFound(AsmError):
-    """update() of a run id the store does not hold."""
-
-    default_kind = "unknown"
-    default_reason = "not_found"
-
-
 class InvalidRecord(ConfigError):
     """A value the store refuses (oversized id, non-JSON spec, unknown status, overlapping events, ...)."""
 

@@ -13,7 +13,6 @@ from asm_controller._store._base import (
     BatchOp,
     EventsOp,
     RunExists,
-    RunNotFound,
     RunRecord,
     check_chunk,
     check_limit,
@@ -24,7 +23,7 @@ from asm_controller._store._base import (
     overlap_error,
     record_from_columns,
 )
-from asm_wire import AsmError
+from asm_wire import AsmError, RunNotFound
 
 
 class MemoryStore:

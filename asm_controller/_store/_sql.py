@@ -31,7 +31,6 @@ from asm_controller._store._base import (
     BatchOp,
     EventsOp,
     RunExists,
-    RunNotFound,
     RunRecord,
     StoreError,
     check_chunk,
@@ -44,7 +43,7 @@ from asm_controller._store._base import (
     record_from_columns,
 )
 from asm_controller._store._migrations import MIGRATIONS, Migration, meta, migrate_step, run_events, runs
-from asm_wire import AsmError
+from asm_wire import AsmError, RunNotFound
 
 log = logging.getLogger("asm_controller.store")
 
