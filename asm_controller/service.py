@@ -644,6 +644,7 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     store = open_store(config.state, history_max_bytes=config.history_max_bytes)
     await store.open()
     try:
+        await store.claim()
         durable = not isinstance(store, MemoryStore)
         epoch = new_epoch()
         if durable:

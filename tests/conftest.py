@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from asm_node import NodeAgent, NodeConfig, NodeServer, start_server
+from tests.pg_server import PostgresServer, postgres_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"listening on \S+ \(port (\d+), epoch (\w+)\)")
@@ -79,6 +80,60 @@ def start_node_process(
     proc.kill()
     proc.wait()
     raise RuntimeError(f"node agent did not become ready: {log_path.read_text()}")
+
+
+@dataclass
+class ControllerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        return NodeProcess.stop(self, sig, timeout)  # type: ignore[arg-type]
+
+
+_CTL_READY = re.compile(r"listening on \S+ \(port (\d+)\)")
+
+
+def start_controller_process(tmp_path: Path, *args: str, listen: str = "127.0.0.1:0", timeout: float = 20.0,
+                             env: dict[str, str] | None = None) -> ControllerProcess:
+    """``asm controller serve --listen LISTEN ARGS``, ready when it logs its port."""
+    log_path = tmp_path / f"controller-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", listen, *args],
+                                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})},
+                                cwd=str(tmp_path))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = _CTL_READY.search(log_path.read_text(errors="replace"))
+        if match:
+            return ControllerProcess(proc, int(match.group(1)), log_path)
+        if proc.poll() is not None:
+            raise RuntimeError(f"controller exited early ({proc.returncode}): {log_path.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"controller did not become ready: {log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster (initdb in a temp dir, a free port), stopped by PID afterwards."""
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed: run scripts/install_postgres.sh")
+    with PostgresServer.start() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

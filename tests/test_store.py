@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,9 @@ from asm_controller import (
 from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from asm_controller._store._sql import SqlStore
 from asm_wire import AsmError
-from tests.pg_server import PASSWORD, PostgresServer, postgres_bin_dir
+from tests.pg_server import PASSWORD, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    if postgres_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed: run scripts/install_postgres.sh")
-    with PostgresServer.start() as server:
-        yield server
 
 
 @pytest.fixture

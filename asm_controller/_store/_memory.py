@@ -44,6 +44,10 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    async def claim(self) -> None:
+        """Nothing to share: a memory store lives in one process."""
+        return None
+
     async def meta_get(self, key: str) -> str | None:
         check_meta(key)
         return self._meta.get(key)

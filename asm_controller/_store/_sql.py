@@ -11,6 +11,7 @@ translated at this edge into :class:`StoreError` with the display URL (password 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -66,6 +67,8 @@ class SqlStore:
         self._migrations = tuple(migrations)
         self._engine: AsyncEngine | None = None
         self._wengine: AsyncEngine | None = None
+        self._claim_fd: int | None = None
+        self._claim_conn: AsyncConnection | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -87,7 +90,54 @@ class SqlStore:
             await self.close()
             raise
 
+    async def claim(self) -> None:
+        """Make this process the store's only controller (until close); StoreError ``store_in_use`` if
+        another holds it. Two controllers on one registry would both re-attach (and end) the same runs.
+
+        SQLite: an exclusive lock on ``PATH.lock``. PostgreSQL: a session advisory lock held on a
+        connection of its own (released by the server if this process dies).
+        """
+        engine, _ = self._engines()
+        if self._sqlite_path is not None:
+            if self._claim_fd is not None:
+                return
+            lock = self._sqlite_path.with_name(self._sqlite_path.name + ".lock")
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise StoreError(f"the run store {self.url} cannot be locked: {exc.strerror} ({lock})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise StoreError(f"another controller uses the run store {self.url} (one controller per "
+                                 "registry: give each its own --state)", reason="store_in_use") from None
+            self._claim_fd = fd
+            return
+        if self._claim_conn is not None:
+            return
+        with self._translated("claim"):
+            conn = await engine.connect()
+            try:
+                got = (await conn.execute(sa.text("SELECT pg_try_advisory_lock(7101976210)"))).scalar()
+                await conn.commit()
+            except BaseException:
+                await conn.close()
+                raise
+        if not got:
+            await conn.close()
+            raise StoreError(f"another controller uses the run store {self.url} (one controller per "
+                             "registry: give each its own --state)", reason="store_in_use")
+        self._claim_conn = conn
+
     async def close(self) -> None:
+        if self._claim_fd is not None:
+            os.close(self._claim_fd)  # releases the flock
+            self._claim_fd = None
+        if self._claim_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._claim_conn.close()
+            self._claim_conn = None
         engine, self._engine, self._wengine = self._engine, None, None
         if engine is not None:
             with contextlib.suppress(Exception):  # a dead server must not turn close() into an error
