@@ -16,6 +16,7 @@ from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, chec
 from asm_controller._events import Event
 from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, EventReducer, Result
+from asm_controller._registry import NullRegistry, StoreRegistry
 from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
 from asm_controller._store import (
@@ -74,6 +75,7 @@ __all__ = [
     "NodeUnauthenticated",
     "NodeUnreachable",
     "NodeVersionMismatch",
+    "NullRegistry",
     "PermissionDenied",
     "ProviderMissing",
     "RemoteNode",
@@ -88,6 +90,7 @@ __all__ = [
     "RunStream",
     "Session",
     "StoreError",
+    "StoreRegistry",
     "StoreWriter",
     "TLSConfig",
     "check_compatible",

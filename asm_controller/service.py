@@ -50,6 +50,7 @@ from asm_wire import (
     make_error,
     parse_address,
     pb,
+    valid_id,
 )
 from asm_wire._options import parse_options_json
 from asm_wire._principal import check_owner, current_principal, load_tokens, require_admin
@@ -302,7 +303,8 @@ class FleetApi:
 
     async def _record(self, run_id: str) -> RunRecord | None:
         """The registry's record of a run, after the caller's ownership is checked (PermissionDenied)."""
-        rec = await self.store.get(run_id) if run_id else None
+        # An id no run can have is held by no registry either: not_found, like a node answers it.
+        rec = await self.store.get(run_id) if valid_id(run_id) else None
         if rec is not None and rec.owner:
             check_owner(rec.owner, f"run {run_id}")
         return rec
@@ -406,7 +408,7 @@ class FleetApi:
             # In flight but not followed here (it could not be recovered yet): the client retries.
             raise make_error("connection_failed", "transport", f"run {rec.run_id} is being recovered; try again",
                              reason="not_ready")
-        if cursor and cursor + 1 < rec.first_held_seq:
+        if cursor + 1 < rec.first_held_seq:
             raise make_error("replay_gap", "runtime", f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
                              f"{rec.run_id} are no longer held by the controller (history bound)",
                              details={"first_held_seq": rec.first_held_seq})

@@ -64,6 +64,7 @@ import pstats
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -666,6 +667,8 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await proxy.stop()
         node.stop()
 
+    out["controller"] = await controller_figures(args, workdir, live)
+
     # Node RSS during a 2M-line run on a node with the default bounds (back-pressure, bounded retention).
     from tests.flood import flood, tiny_lines
     prompt, lines = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
@@ -674,6 +677,99 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         assert node.pid is not None
         out["rss_run"] = await flood(f"127.0.0.1:{node.port}", node.pid, "rss-run", prompt, lines)
+    finally:
+        node.stop()
+    return out
+
+
+_CTL_READY = re.compile(r"listening on \S+ \(port (\d+)\)")
+
+
+def start_controller(workdir: Path, *args: str, listen: str = "127.0.0.1:0", timeout: float = 20.0
+                     ) -> tuple[subprocess.Popen[bytes], int]:
+    """``asm controller serve`` as a child process (stopped by its PID by the caller); its port."""
+    log_path = workdir / f"controller-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", listen, *args],
+                                stdout=subprocess.DEVNULL, stderr=log, cwd=str(workdir),
+                                env={**os.environ, "XDG_STATE_HOME": str(workdir / "xdg")})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = _CTL_READY.search(log_path.read_text(errors="replace"))
+        if match:
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"controller exited early: {log_path.read_text(errors='replace')}")
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("controller did not become ready")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any) -> dict[str, Any]:
+    """Controller restart -> next event at the following client; throughput through a controller by registry."""
+    extra = ["--shell-allow", os.path.basename(sys.executable)]
+    out: dict[str, Any] = {"restart": [], "through": {}}
+    node = NodeProcess(workdir, extra=extra)
+    node.start()
+    try:
+        node_addr = f"127.0.0.1:{node.port}"
+        for i in range(3 if not args.quick else 1):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            state = f"sqlite:///{workdir / f'ctl-{i}.sqlite3'}"
+            ctl, _ = start_controller(workdir, "--node", node_addr, "--state", state, listen=f"127.0.0.1:{port}")
+            try:
+                async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=live)) as s:
+                    stream = s.stream(_ticker(300, 0.01))
+                    seqs: list[int] = []
+                    killed_at = restarted_at = None
+                    gap = None
+                    async for ev in stream:
+                        seqs.append(ev.seq)
+                        if killed_at is not None and gap is None and ev.kind == "assistant_delta":
+                            now = time.perf_counter()
+                            assert restarted_at is not None
+                            gap = (now - killed_at, now - restarted_at)
+                        if killed_at is None and len(seqs) == 30:
+                            ctl.send_signal(signal.SIGKILL)
+                            ctl.wait()
+                            killed_at = time.perf_counter()
+                            ctl, _ = start_controller(workdir, "--node", node_addr, "--state", state,
+                                                      listen=f"127.0.0.1:{port}")
+                            restarted_at = time.perf_counter()
+                    once = seqs == list(range(1, len(seqs) + 1))
+                    ok = bool(stream.result and stream.result.ok)
+                    if gap is not None:
+                        out["restart"].append((*gap, once and ok))
+            finally:
+                _stop(ctl)
+        # The cost of the durable registry: one run's events through a controller, memory vs SQLite.
+        n = 100_000 if not args.quick else 20_000
+        path = workdir / "through.jsonl"
+        write_jsonl(path, n)
+        for name in ("memory", "sqlite"):
+            state = "memory:" if name == "memory" else f"sqlite:///{workdir / 'through.sqlite3'}"
+            ctl, port = start_controller(workdir, "--node", node_addr, "--state", state)
+            try:
+                async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=live)) as s:
+                    t0 = time.perf_counter()
+                    count = 0
+                    async for _ev in s.stream(f"cat {path}", cwd=str(workdir), options=RUN_OPTIONS):
+                        count += 1
+                    out["through"][name] = count / (time.perf_counter() - t0)
+            finally:
+                _stop(ctl)
     finally:
         node.stop()
     return out
@@ -708,6 +804,18 @@ def report_faults(out: dict[str, Any]) -> None:
         print(f"  {f['cuts']} forced reconnects under load ({f['lines']:,} lines, {f['reconnects']} re-attaches, "
               f"{f['wall']:.1f}s): lost {f['lost']}, duplicated {f['duplicated']}, "
               f"in order {f['in_order']}, run ok {f['ok']}")
+    c = out.get("controller") or {}
+    if c.get("restart"):
+        kill = [k for k, _, _ in c["restart"]]
+        start = [r for _, r, _ in c["restart"]]
+        print(f"  controller kill -9 + restart (SQLite registry) -> next event at the following client: median "
+              f"{ms(median(kill) * 1000)} ms after the kill, {ms(median(start) * 1000)} ms after the new "
+              f"controller was ready, over {len(kill)} (every event once, run ok: "
+              f"{all(ok for _, _, ok in c['restart'])})")
+    through = c.get("through") or {}
+    if len(through) == 2:
+        print(f"  one run's events through a controller: memory registry {rate(through['memory'])}, SQLite "
+              f"{rate(through['sqlite'])} ({through['sqlite'] / through['memory']:.2f}x)")
     r = out.get("rss_run")
     if r:
         ok = r.error is None and not r.gaps and r.deltas == r.lines
