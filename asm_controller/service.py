@@ -174,6 +174,20 @@ def run_info(rec: RunRecord) -> pb.RunInfo:
     return info
 
 
+def batched(events: Sequence[pb.Event], max_bytes: int = 1 << 20, max_events: int = 512) -> list[pb.EventBatch]:
+    """Events as batches well inside gRPC's message limit (always at least one batch)."""
+    out: list[pb.EventBatch] = [pb.EventBatch()]
+    size = 0
+    for m in events:
+        n = m.ByteSize()
+        if out[-1].events and (size + n > max_bytes or len(out[-1].events) >= max_events):
+            out.append(pb.EventBatch())
+            size = 0
+        out[-1].events.append(m)
+        size += n
+    return out
+
+
 def end_after(events: Sequence[pb.Event], cursor: int) -> list[pb.Event]:
     """A finished run's events after ``cursor``; when the client has seen further than the log (its end
     was numbered before the client's cursor), the terminal error/run_completed renumbered after it."""
@@ -356,7 +370,8 @@ class FleetApi:
         cursor = request.after_seq
         if run is None:
             assert rec is not None
-            yield await self._logged_end(rec, cursor)
+            for logged in await self._logged_end(rec, cursor):
+                yield logged
             return
         if run.handle is None and run.state != "done":
             # A recovered run re-attaching on its node, or one being admitted: wait (bounded) for it.
@@ -367,7 +382,8 @@ class FleetApi:
                 raise make_error("connection_failed", "transport",
                                  f"run {request.run_id} is not on a node yet; try again", reason="not_ready")
         if run.state == "done" or run.handle is None:
-            yield pb.EventBatch(events=run.final_events(cursor))
+            for done_batch in await self._ended(run, cursor):
+                yield done_batch
             return
         node_stream = aiter(run.handle.api.attach_run(pb.AttachRunRequest(run_id=run.node_run_id,
                                                                           after_seq=cursor)))
@@ -394,26 +410,39 @@ class FleetApi:
                 yield batch
                 if any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for m in batch.events):
                     return
-            final = run.final_events(cursor)
-            if final:
-                yield pb.EventBatch(events=final)
+            for end_batch in await self._ended(run, cursor):
+                if end_batch.events:
+                    yield end_batch
         finally:
             ended.cancel()
             with contextlib.suppress(Exception):
                 await node_stream.aclose()  # type: ignore[attr-defined]
 
-    async def _logged_end(self, rec: RunRecord, cursor: int) -> pb.EventBatch:
+    async def _ended(self, run: Run, cursor: int) -> list[pb.EventBatch]:
+        """An ended run's events after ``cursor``: from the registry's log (a gap is typed), else its tail."""
+        if run.recorded:
+            await self.registry.flush()  # its end is in the log now
+            rec = await self.store.get(run.run_id)
+            if rec is not None and rec.status in ("completed", "failed", "interrupted"):
+                return await self._logged_end(rec, cursor)
+        return [pb.EventBatch(events=run.final_events(cursor))]
+
+    async def _logged_end(self, rec: RunRecord, cursor: int) -> list[pb.EventBatch]:
         """A run from the registry: its logged events after ``cursor`` (an ended run's end always)."""
         if rec.status not in ("completed", "failed", "interrupted"):
             # In flight but not followed here (it could not be recovered yet): the client retries.
             raise make_error("connection_failed", "transport", f"run {rec.run_id} is being recovered; try again",
                              reason="not_ready")
         if cursor + 1 < rec.first_held_seq:
-            raise make_error("replay_gap", "runtime", f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
-                             f"{rec.run_id} are no longer held by the controller (history bound)",
-                             details={"first_held_seq": rec.first_held_seq})
-        events = decode_chunks(await self.store.events_after(rec.run_id, 0))
-        return pb.EventBatch(events=end_after(events, cursor))
+            # As a node says it (same kind and reason): the client's code handles one gap.
+            raise make_error("buffer_overflow", "transport", f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
+                             f"{rec.run_id} are no longer held by the controller (its history keeps "
+                             f"{self.config.history_max_bytes} bytes per run; held: "
+                             f"{rec.first_held_seq}..{rec.last_seq})", reason="replay_gap")
+        chunks = await self.store.events_after(rec.run_id, cursor)
+        if not chunks:  # the client has seen past the log's end: its last events, to renumber the end
+            chunks = await self.store.events_after(rec.run_id, max(0, rec.last_seq - 2))
+        return batched(end_after(decode_chunks(chunks), cursor))
 
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
         await self._check_run(request.run_id)
