@@ -110,6 +110,8 @@ def start_controller_process(tmp_path: Path, *args: str, listen: str = "127.0.0.
                              env: dict[str, str] | None = None) -> ControllerProcess:
     """``asm controller serve --listen LISTEN ARGS``, ready when it logs its port."""
     log_path = tmp_path / f"controller-{time.monotonic_ns()}.log"
+    if "--state" not in args and "--state-dir" not in args:
+        args = (*args, "--state-dir", str(log_path.with_suffix(".state")))  # each its own registry
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", listen, *args],
                                 stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})},

@@ -74,7 +74,8 @@ def controller_process(tmp_path: Path) -> Iterator[Callable[..., ControllerProce
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", "127.0.0.1:0",
-                 "--metrics-listen", "127.0.0.1:0", *args], stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT))
+                 "--metrics-listen", "127.0.0.1:0", "--state-dir", str(log_path.with_suffix(".state")), *args],
+                stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             m = re.search(r"\(port (\d+)\), metrics on port (\d+)", log_path.read_text())

@@ -69,7 +69,8 @@ def controller(tmp_path: Path) -> Iterator[Callable[..., str]]:
         args = [a for n in nodes for a in ("--node", n)]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen",
-                                     "127.0.0.1:0", *args], stdout=subprocess.DEVNULL, stderr=log, env=_env(),
+                                     "127.0.0.1:0", "--state-dir", str(log_path.with_suffix(".state")), *args],
+                                    stdout=subprocess.DEVNULL, stderr=log, env=_env(),
                                     cwd=str(tmp_path))
         procs.append(proc)
         deadline = time.monotonic() + 20
