@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from asm_wire import ConfigError, __version__, pb
@@ -61,6 +61,8 @@ class ControllerMetrics:
                                            registry=r)
         self.tokens = Counter("asm_controller_tokens", "Tokens reported by providers", ["provider", "direction"],
                               registry=r)
+        self.recovered = Counter("asm_controller_runs_recovered",
+                                 "In-flight runs a restarted controller took over from its registry", registry=r)
         self.cost = Counter("asm_controller_cost_usd", "Cost reported by providers (USD)", ["provider"], registry=r)
         for provider in PROVIDERS:
             self.cost.labels(provider)
@@ -95,7 +97,7 @@ class _SessionCollector(Collector):
     def __init__(self, metrics: ControllerMetrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = GaugeMetricFamily("asm_controller_node_state", "Node state (1 for the current one)",
                                   labels=["node", "state"])
         up = GaugeMetricFamily("asm_controller_node_up", "Node answering heartbeats", labels=["node"])
@@ -146,4 +148,17 @@ class _SessionCollector(Collector):
         yield providers
         yield advertised
         yield GaugeMetricFamily("asm_controller_runs_active", "Runs in progress", value=active)
+        # The run registry's writer (its database): bytes queued behind the runs, failed writes so far.
+        pending_bytes = errors = 0
+        seen: set[int] = set()
+        for session in self.metrics._sessions:
+            writer = getattr(session.registry, "writer", None)
+            if writer is not None and id(writer) not in seen:
+                seen.add(id(writer))
+                pending_bytes += writer.pending_bytes
+                errors += writer.errors
+        yield GaugeMetricFamily("asm_controller_registry_pending_bytes",
+                                "Event-log bytes queued for the run registry's database", value=pending_bytes)
+        yield CounterMetricFamily("asm_controller_registry_write_errors",
+                                  "Failed writes to the run registry's database (each retried)", value=errors)
         yield GaugeMetricFamily("asm_controller_approvals_pending", "Approvals waiting for a decision", value=pending)

@@ -251,6 +251,8 @@ class FleetApi:
                 await self._end_unplaced(rec, f"cannot be re-attached: {err.message}")
         if adopted:
             log.info("recovered %d run(s) from %s", adopted, self.store.url)
+            if self.session.metrics is not None:
+                self.session.metrics.recovered.inc(adopted)
         return adopted
 
     async def _end_unplaced(self, rec: RunRecord, why: str = "") -> None:

@@ -48,6 +48,9 @@ CONTROLLER_METRICS = frozenset({
     "asm_controller_provider_nodes",
     "asm_controller_provider_advertised",
     "asm_controller_runs_active",
+    "asm_controller_runs_recovered_total",
+    "asm_controller_registry_pending_bytes",
+    "asm_controller_registry_write_errors_total",
 })
 
 ASM_METRICS = NODE_METRICS | CONTROLLER_METRICS

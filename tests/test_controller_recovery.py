@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,8 @@ def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_run
         assert asm("node", "undrain", "--node", a.address).returncode == 0  # a is free again
         ctl.proc.send_signal(signal.SIGKILL)
         ctl.proc.wait(10)
-        ctl = controllers(*args, listen=listen)  # same address, same state
+        ctl = controllers(*args, "--metrics-listen", "127.0.0.1:0", listen=listen)  # same address, same state
+        metrics_port = int(re.search(r"metrics on port (\d+)", ctl.log()).group(1))  # type: ignore[union-attr]
         out, err = client.communicate(timeout=90)
     finally:
         if client.poll() is None:
@@ -130,6 +133,8 @@ def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_run
     assert deltas == [f"{i}\n" for i in range(LINES)]
     assert summary["text"] == "".join(f"{i}\n" for i in range(LINES))
     assert len(pids.read_text().split()) == 1, "the prompt was executed more than once"
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert "asm_controller_runs_recovered_total 1.0" in scrape
 
     # After the restart the registry still knows the run: attach prints its summary, runs lists it.
     attach = asm("attach", "survivor-1", "--controller", ctl.address, "--output", "jsonl")
