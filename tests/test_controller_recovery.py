@@ -92,11 +92,14 @@ def _read_until(proc: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bo
     raise AssertionError("condition never met")
 
 
-@pytest.mark.parametrize("state_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize(("state_url", "sig"), [("sqlite", signal.SIGKILL), ("postgresql", signal.SIGKILL),
+                                               ("sqlite", signal.SIGTERM)], indirect=["state_url"])
 def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_runs_one_cli(
-    state_url: str, node_process: Callable[..., NodeProcess], controllers: Callable[..., ControllerProcess],
-    tmp_path: Path,
+    state_url: str, sig: signal.Signals, node_process: Callable[..., NodeProcess],
+    controllers: Callable[..., ControllerProcess], tmp_path: Path,
 ) -> None:
+    """SIGKILL: the controller vanishes. SIGTERM: it stops gracefully and, its registry being durable,
+    detaches (the run goes on on its node) instead of interrupting the run."""
     a = node_process("--shell-allow", PYTHON_BASENAME)
     b = node_process("--shell-allow", PYTHON_BASENAME)
     port = _free_port()
@@ -114,8 +117,8 @@ def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_run
     try:
         seen = _read_until(client, lambda e: e["kind"] == "assistant_delta" and e["payload"]["content"] == "5\n")
         assert asm("node", "undrain", "--node", a.address).returncode == 0  # a is free again
-        ctl.proc.send_signal(signal.SIGKILL)
-        ctl.proc.wait(10)
+        ctl.proc.send_signal(sig)
+        ctl.proc.wait(20)
         ctl = controllers(*args, "--metrics-listen", "127.0.0.1:0", listen=listen)  # same address, same state
         metrics_port = int(re.search(r"metrics on port (\d+)", ctl.log()).group(1))  # type: ignore[union-attr]
         out, err = client.communicate(timeout=90)
