@@ -653,6 +653,10 @@ class Run:
         self._local_approvals[approval_id] = loop.call_later(
             self.opts.approval_timeout_ms / 1000, self.resolve_local_approval, approval_id, "deny", "timeout")
 
+    def is_local_approval(self, approval_id: str) -> bool:
+        """Whether a pipeline plug raised this approval (answered here, not by the node)."""
+        return approval_id in self._local_approvals
+
     def resolve_local_approval(self, approval_id: str, decision: str, reason: str = "") -> bool:
         timer = self._local_approvals.pop(approval_id, None)
         if timer is None or self.reducer.finished:

@@ -267,7 +267,7 @@ class Session:
         if decision not in ("allow", "deny"):
             raise ConfigError(f"invalid decision {decision!r}: expected 'allow' or 'deny'")
         run = self._approvals.pop(approval_id, None)
-        if run is not None and approval_id in run._local_approvals:
+        if run is not None and run.is_local_approval(approval_id):
             run.resolve_local_approval(approval_id, decision, reason)
             return
         if run is None or run.handle is None:
