@@ -1,8 +1,8 @@
 """The run registry: what a controller records of its runs, so nothing runs twice and nothing is forgotten.
 
-A run is recorded *before* StartRun leaves for a node (``record_new``, then
-``placing`` with the node's address, id and epoch: both durable when they
-return), its events go to the store's event log behind the run (write-behind,
+A run is recorded *before* StartRun leaves for a node (``placing``: created
+with the node's address, id and epoch in one commit, durable when it
+returns; a resume elsewhere updates it the same way), its events go to the store's event log behind the run (write-behind,
 never a drop: a slow database slows the run), and its end is recorded with the
 result summary. After a restart the controller reloads the runs still in flight
 (:func:`restore_reducer` rebuilds what was reduced) and re-attaches each on the
@@ -82,15 +82,20 @@ class StoreRegistry:
         self.writer = writer if writer is not None else StoreWriter(store)
 
     async def record_new(self, run: Run) -> None:
-        now = time.time()
-        await self.store.create(RunRecord(
-            run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider, owner=run.owner,
-            prompt_digest=prompt_digest(run.prompt), spec=run_spec(run), node_run_id=run.node_run_id,
-            status="pending", created_at=now, updated_at=now))
+        # Nothing yet: the record is created with its first node in one commit (placing), still before
+        # any StartRun leaves. A run no node would take was never anywhere and is not recorded.
+        return None
 
     async def placing(self, run: Run, handle: NodeHandle) -> None:
-        # Durable before StartRun is sent: a controller killed right after knows where the run may be.
+        """Durable before StartRun is sent: a controller killed right after knows where the run may be."""
         if not run.recorded:
+            now = time.time()
+            await self.store.create(RunRecord(
+                run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider, owner=run.owner,
+                prompt_digest=prompt_digest(run.prompt), spec=run_spec(run), node_address=handle.target.address,
+                node_id=handle.node_id, node_epoch=handle.epoch, node_run_id=run.node_run_id,
+                node_seq=run.node_seq, status="pending", created_at=now, updated_at=now))
+            run.recorded = True
             return
         await self.writer.flush()  # earlier queued writes of this run (a resume's events) come first
         await self.store.update(run.run_id, node_address=handle.target.address, node_id=handle.node_id,

@@ -207,9 +207,9 @@ class Run:
             if self.attach:
                 handle, batches, first = await self._attach_existing()
             else:
-                # Recorded before anything is sent: a restarted controller knows of it (never runs it twice).
+                # Recorded before anything is sent (with the node it goes to, see _admit): a restarted
+                # controller knows of it and never runs it twice.
                 await self.host.registry.record_new(self)
-                self.recorded = self.host.registry.durable
                 handle, batches, first = await self._admit(self._request)
                 self._stamp(first)
             while True:

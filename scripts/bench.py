@@ -765,6 +765,17 @@ async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any)
             ctl, port = start_controller(workdir, "--node", node_addr, "--state", state)
             try:
                 async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=live)) as s:
+                    # Start latency through the controller: the registry records every run (durably for
+                    # SQLite) before its StartRun leaves for the node.
+                    starts = []
+                    for _ in range(5):
+                        await s.query("true")
+                    for _ in range(40 if not args.quick else 10):
+                        t1 = time.perf_counter()
+                        r = await s.query("true")
+                        if r.ok:
+                            starts.append(time.perf_counter() - t1)
+                    out.setdefault("start", {})[name] = median(starts) if starts else float("nan")
                     t0 = time.perf_counter()
                     count = 0
                     async for _ev in s.stream(f"cat {path}", cwd=str(workdir), options=RUN_OPTIONS):
@@ -814,6 +825,10 @@ def report_faults(out: dict[str, Any]) -> None:
               f"{ms(median(kill) * 1000)} ms after the kill, {ms(median(start) * 1000)} ms after the new "
               f"controller was ready, over {len(kill)} (every event once, run ok: "
               f"{all(ok for _, _, ok in c['restart'])})")
+    start = c.get("start") or {}
+    if len(start) == 2:
+        print(f"  a run of 'true' through a controller, completed: median {ms(start['memory'] * 1000)} ms with a memory "
+              f"registry, {ms(start['sqlite'] * 1000)} ms with SQLite ({start['sqlite'] / start['memory']:.2f}x)")
     through = c.get("through") or {}
     if len(through) == 2:
         print(f"  one run's events through a controller: memory registry {rate(through['memory'])}, SQLite "
