@@ -79,11 +79,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, cast, runtime_checkable
 
 from google.protobuf.message import DecodeError
 
 from asm_controller._events import Event
+from asm_controller._queue import BoundedQueue, Overflow
 from asm_controller._reducer import EventReducer, Result
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
 
@@ -860,18 +861,16 @@ class AsyncWriter:
         #: Counters: accepted into the queue, handed to the store, dropped (overflow, or after close), given up.
         self.enqueued = 0
         self.written = 0
-        self.dropped = 0
         self.failed = 0
         self.errors: deque[AsmError] = deque(maxlen=100)
         #: Set by close() when the final sync failed: the written events may not be durable.
         self.sync_error: AsmError | None = None
-        self._q: deque[tuple[int, Event]] = deque()
+        # (ticket, event); the queue counts what it drops (overflow, or after close).
+        self._q: BoundedQueue[tuple[int, Event]] = BoundedQueue(queue_size, cast(Overflow, overflow))
         self._ticket = 0  # last ticket issued (tickets number accepted events 1, 2, ...)
         self._inflight_first = 0  # first ticket of the batch being written, 0 when none
         self._unreported: list[tuple[int, int, AsmError]] = []
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._space = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -888,6 +887,11 @@ class AsyncWriter:
         """The observer form: enqueue a batch of events."""
         for ev in events:
             self.enqueue(ev)
+
+    @property
+    def dropped(self) -> int:
+        """Events not accepted: overflow, or given after :meth:`close` began."""
+        return self._q.dropped
 
     @property
     def queued(self) -> int:
@@ -907,37 +911,26 @@ class AsyncWriter:
 
     def enqueue(self, ev: Event) -> bool:
         """Queue one event without waiting; False when it was dropped."""
-        if self._closing:
-            self.dropped += 1
-            return False
         q = self._q
-        if len(q) >= self.queue_size:
-            if self.overflow == "drop_oldest":
-                q.popleft()
-                self.dropped += 1
-                if self._waiters:
-                    self._notify()
-            else:
-                if self.overflow == "block" and not self._warned_sync_block:
-                    self._warned_sync_block = True
-                    log.warning("persistence writer: queue full and overflow='block' needs `await put()`; "
-                                "dropping events given to the synchronous enqueue")
-                self.dropped += 1
-                return False
+        evicting = q.full() and not self._closing
+        if not q.offer((self._ticket + 1, ev)):
+            if self.overflow == "block" and not self._closing and not self._warned_sync_block:
+                self._warned_sync_block = True
+                log.warning("persistence writer: queue full and overflow='block' needs `await put()`; "
+                            "dropping events given to the synchronous enqueue")
+            return False
         self._ticket += 1
-        q.append((self._ticket, ev))
         self.enqueued += 1
+        if evicting and self._waiters:  # drop_oldest evicted an event: a flush may be satisfied now
+            self._notify()
         if self._task is None:
             self._start()
-        self._wake.set()
         return True
 
     async def put(self, ev: Event) -> bool:
         """Queue one event; with ``overflow="block"`` wait for room first."""
         if self.overflow == "block":
-            while len(self._q) >= self.queue_size and not self._closing:
-                self._space.clear()
-                await self._space.wait()
+            await self._q.wait_room()  # room, or closing (then enqueue counts it as dropped)
         return self.enqueue(ev)
 
     async def put_many(self, events: Iterable[Event]) -> int:
@@ -951,7 +944,7 @@ class AsyncWriter:
         if self._inflight_first:
             return self._inflight_first - 1
         if self._q:
-            return self._q[0][0] - 1
+            return self._q.peek()[0] - 1
         return self._ticket
 
     def _notify(self) -> None:
@@ -968,14 +961,10 @@ class AsyncWriter:
     async def _drain(self) -> None:
         q = self._q
         while True:
-            while not q:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-            batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+            if not await q.wait():  # closing, and everything queued was written
+                return
+            batch = q.get_batch(self.batch_size)  # wakes a put() waiting for room
             self._inflight_first = batch[0][0]
-            self._space.set()
             try:
                 await self._write(batch)
             finally:
@@ -1020,7 +1009,6 @@ class AsyncWriter:
             self._start()
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((target, fut))
-            self._wake.set()
             await asyncio.wait_for(fut, timeout)
         await self.store.sync()
         failed = [u for u in self._unreported if u[0] <= target]
@@ -1036,8 +1024,7 @@ class AsyncWriter:
         if self._closed:
             return
         self._closing = True
-        self._space.set()
-        self._wake.set()
+        self._q.close()  # refuses new events, releases blocked put()s, lets the drain finish
         if self._q and self._task is None:
             self._start()
         try:
