@@ -3,7 +3,8 @@
 Layout: ``_client`` (gRPC NodeApi client, TLS/keepalive config), ``_connector``
 (connect, handshake, compatibility, preflight), ``_pool`` (NodePool: connections,
 health, routing), ``_options`` (RunOptions, Checkpoint), ``_run`` (one run's driver,
-behind a narrow host interface), ``_channel`` (driver -> subscriber hand-off),
+behind a narrow host interface), ``_channel`` (driver -> subscriber hand-off), ``_queue``
+(BoundedQueue: one bounded queue with named overflow policies),
 ``_session`` (sessions: admission, approvals, cost), ``_reducer`` (EventReducer,
 Result), ``_events`` (Event).
 
@@ -15,6 +16,7 @@ from asm_controller._client import GrpcNodeClient, KeepaliveConfig, LivenessConf
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
 from asm_controller._events import Event
 from asm_controller._pool import NodePool
+from asm_controller._queue import BoundedQueue, Overflow, QueueClosed, QueueDisconnected, QueueEmpty
 from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._registry import NullRegistry, StoreRegistry
 from asm_controller._routing import HealthTracker, Router
@@ -51,6 +53,7 @@ from asm_wire import (
 __all__ = [
     "IN_FLIGHT",
     "AsmError",
+    "BoundedQueue",
     "Checkpoint",
     "ConfigError",
     "Cost",
@@ -76,8 +79,12 @@ __all__ = [
     "NodeUnreachable",
     "NodeVersionMismatch",
     "NullRegistry",
+    "Overflow",
     "PermissionDenied",
     "ProviderMissing",
+    "QueueClosed",
+    "QueueDisconnected",
+    "QueueEmpty",
     "RemoteNode",
     "Result",
     "Router",

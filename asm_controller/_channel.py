@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-
 from asm_controller._events import Event
+from asm_controller._queue import BoundedQueue
 
 
 class BatchChannel:
@@ -18,45 +16,21 @@ class BatchChannel:
     """
 
     def __init__(self, high_water: int = 64) -> None:
-        self._items: deque[list[Event]] = deque()
-        self._high = high_water
-        self._closed = False
-        self._abandoned = False
-        self._getter: asyncio.Future[None] | None = None
-        self._putter: asyncio.Future[None] | None = None
-
-    @staticmethod
-    def _wake(fut: asyncio.Future[None] | None) -> None:
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        self._queue: BoundedQueue[list[Event]] = BoundedQueue(high_water, "block")
 
     async def put(self, batch: list[Event]) -> None:
-        while len(self._items) >= self._high and not self._abandoned:
-            self._putter = asyncio.get_running_loop().create_future()
-            await self._putter
-        self.put_final(batch)
+        await self._queue.put(batch)  # waits for room, or until the reader abandons
 
     def put_final(self, batch: list[Event]) -> None:
-        if not self._abandoned:
-            self._items.append(batch)
-            self._wake(self._getter)
+        self._queue.force(batch)
 
     def close(self) -> None:
-        self._closed = True
-        self._wake(self._getter)
+        self._queue.close()
 
     def abandon(self) -> None:
-        self._abandoned = True
-        self._items.clear()
-        self._wake(self._putter)
+        self._queue.abandon()
 
     async def get(self) -> list[Event] | None:
-        while not self._items:
-            if self._closed:
-                return None
-            self._getter = asyncio.get_running_loop().create_future()
-            await self._getter
-        batch = self._items.popleft()
-        self._wake(self._putter)
-        return batch
-
+        if not await self._queue.wait():
+            return None
+        return self._queue.get_nowait()

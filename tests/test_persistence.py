@@ -146,7 +146,7 @@ async def test_file_io_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(("mode", "syncs_after_append"), [("always", 1), ("batch", 0), ("never", 0)])
 async def test_fsync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, syncs_after_append: int) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(persistence, "_datasync", lambda fd: calls.append(fd))
+    monkeypatch.setattr(persistence._file, "_datasync", lambda fd: calls.append(fd))  # where FileStore looks it up
     fs = FileStore(tmp_path / "e.jsonl", fsync=mode, fsync_interval=0.05)
     await fs.append([mk("assistant_delta", 1, content="x"), mk("assistant_delta", 2, content="y")])
     assert len(calls) == syncs_after_append  # one fsync per append call, not per event

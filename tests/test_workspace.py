@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asm_node import NodeAgent, NodeConfig
-from asm_node.workspace import REF_PREFIX, Workspaces, _Repo
+from asm_node.workspace import REF_PREFIX, GitBackend, Workspaces, _Repo
 from asm_wire import AsmError, ConfigError, CwdNotAllowed, pb
 
 SPACED = "notes with spaces.txt"
@@ -299,17 +299,17 @@ def test_failed_rollback_restores_the_previous_state(repo: Path, monkeypatch: py
     info = ws.snapshot(str(repo), "git", "")
     mutate(repo)
     mutated = files(repo)
-    real_apply = Workspaces._apply
+    real_apply = GitBackend._apply  # the git backend writes the working tree
     calls: list[int] = []
 
-    def failing_apply(self: Workspaces, repo_: _Repo, tree: str, restore: list[bytes], remove: list[bytes]) -> None:
+    def failing_apply(self: GitBackend, repo_: _Repo, tree: str, restore: list[bytes], remove: list[bytes]) -> None:
         calls.append(1)
         if len(calls) == 1:  # the rollback: delete what it would delete, then fail
             real_apply(self, repo_, tree, [], remove)
             raise OSError("disk on fire")
         real_apply(self, repo_, tree, restore, remove)
 
-    monkeypatch.setattr(Workspaces, "_apply", failing_apply)
+    monkeypatch.setattr(GitBackend, "_apply", failing_apply)
     with pytest.raises(AsmError, match=r"disk on fire.*restored to its previous state"):
         ws.rollback(str(repo), info.id)
     assert files(repo) == mutated

@@ -100,12 +100,12 @@ import contextlib
 import inspect
 import json
 import logging
-from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from asm_controller._events import Event
+from asm_controller._queue import BoundedQueue
 from asm_wire import ConfigError
 
 __all__ = [
@@ -239,28 +239,28 @@ class Subscription:
         self.topic = topic
         self.maxsize = maxsize
         self.policy: Policy = policy
-        self.dropped = 0
-        self.delivered = 0
         self.errors = 0
         self.last_error: BaseException | None = None
         self.closed = False
-        self._queue: deque[Message] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._queue: BoundedQueue[Message] = BoundedQueue(maxsize, policy)
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Messages lost to overflow (refused under drop_newest, evicted under drop_oldest)."""
+        return self._queue.dropped
+
+    @property
+    def delivered(self) -> int:
+        """Messages queued for this subscriber (an evicted one still counts: it was delivered)."""
+        return self._queue.accepted
 
     # -- the publisher's side (never blocks, never raises) --------------------------------
 
     def _offer(self, msg: Message) -> None:
         if self.closed:
-            return
-        if not _bounded_append(self._queue, msg, self.maxsize, self.policy):
-            self.dropped += 1
-            if self.policy == "drop_newest":
-                return
-        self.delivered += 1
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+            return  # not counted as a drop: nobody listens any more
+        self._queue.offer(msg)
 
     # -- the subscriber's side ---------------------------------------------------------------
 
@@ -269,19 +269,13 @@ class Subscription:
 
     def get_nowait(self) -> Message | None:
         """The next queued message, or None."""
-        return self._queue.popleft() if self._queue else None
+        return self._queue.get_nowait() if self._queue else None
 
     async def get(self) -> Message:
         """The next message; raises :class:`StopAsyncIteration` once unsubscribed and drained."""
-        while not self._queue:
-            if self.closed:
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
+        if not await self._queue.wait():
+            raise StopAsyncIteration
+        return self._queue.get_nowait()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -296,10 +290,7 @@ class Subscription:
         self.closed = True
         if self._bus is not None:
             self._bus._remove(self)
-        w = self._waiter
-        if w is not None and not w.done():
-            with contextlib.suppress(RuntimeError):  # its loop is gone
-                w.set_result(None)
+        self._queue.close()  # wakes the reader (skipping one whose loop is gone); queued ones stay
 
     async def aclose(self, timeout: float | None = 5.0) -> None:
         """Unsubscribe; in handler mode, let the handler finish what is queued (up to ``timeout``
@@ -467,27 +458,22 @@ class _Pump:
         _check_queue(maxsize, policy)
         self.maxsize = maxsize
         self.policy: Policy = policy
-        self.dropped = 0
         self._name = name
-        self._queue: deque[Event] = deque()
-        self._wake: asyncio.Event | None = None
+        self._queue: BoundedQueue[Event] = BoundedQueue(maxsize, policy)
         self._idle: asyncio.Event | None = None
         self._busy = False
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+
+    @property
+    def dropped(self) -> int:
+        """Events lost: to overflow, or offered after :meth:`aclose` began."""
+        return self._queue.dropped
 
     def _enqueue(self, event: Event) -> None:
-        if self._closing:
-            self.dropped += 1
-            return
-        if not _bounded_append(self._queue, event, self.maxsize, self.policy):
-            self.dropped += 1
-            if self.policy == "drop_newest":
-                return
+        if not self._queue.offer(event):
+            return  # refused (counted): closing, or full under drop_newest
         if self._task is None:
             self._try_start()
-        if self._wake is not None:
-            self._wake.set()
         if self._idle is not None:
             self._idle.clear()
 
@@ -496,7 +482,7 @@ class _Pump:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop yet: the events wait for start()
-        self._wake, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle = asyncio.Event()
         if not self._queue:
             self._idle.set()
         self._task = loop.create_task(self._drain(), name=self._name)
@@ -509,18 +495,15 @@ class _Pump:
                 raise RuntimeError(f"{self._name}: start() needs a running event loop")
 
     async def _drain(self) -> None:
-        assert self._wake is not None and self._idle is not None
-        wake, idle = self._wake, self._idle
+        assert self._idle is not None
+        idle = self._idle
         while True:
             if not self._queue:
                 idle.set()
-                if self._closing:
+                if not await self._queue.wait():  # closed and drained
                     return
-                wake.clear()
-                await wake.wait()
                 continue
-            n = min(len(self._queue), 256)
-            batch = [self._queue.popleft() for _ in range(n)]
+            batch = self._queue.get_batch(256)
             self._busy = True
             try:
                 await self._dispatch(batch)
@@ -549,7 +532,7 @@ class _Pump:
 
     async def aclose(self, timeout: float | None = 5.0) -> None:
         """Dispatch what is queued (up to ``timeout`` seconds), then stop."""
-        self._closing = True
+        self._queue.close()  # later events are refused (counted); the queued ones are still dispatched
         task = self._task
         if task is None:
             if self._queue:
@@ -557,8 +540,6 @@ class _Pump:
                 task = self._task
             if task is None:
                 return
-        assert self._wake is not None
-        self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
@@ -707,14 +688,3 @@ class ExternalBridge(_Pump):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-
-def _bounded_append(q: Any, item: Any, maxsize: int, policy: str) -> bool:
-    """Append under a drop policy; False when something was dropped (the item, or the oldest one)."""
-    if len(q) < maxsize:
-        q.append(item)
-        return True
-    if policy == "drop_newest":
-        return False
-    q.popleft()
-    q.append(item)
-    return False
