@@ -57,6 +57,7 @@ from asm_controller.extensions.rendering import (
 from asm_wire import KIND_VALUES
 
 __all__ = [
+    "FitTable",
     "RunView",
     "nodes_table",
     "nodes_text",
@@ -362,19 +363,60 @@ def nodes_text(rows: list[dict[str, Any]]) -> str:
 _STATE_STYLES = {"ready": "green", "draining": "yellow", "stopping": "yellow", "error": "red"}
 
 
-def nodes_table(rows: list[dict[str, Any]]) -> Table:
-    """``asm nodes`` as a rich table: one line per node at any width (long cells are cut with ``…``,
-    the providers column first), the state coloured."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
-    for name in _NODE_HEAD:
-        last = name == "PROVIDERS"
-        table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=3 if last else None,
-                         min_width=9 if last else None, justify="right" if name in ("LOAD", "HEARTBEAT") else "left")
+class FitTable:
+    """A table that keeps one line per row at any width, laid out when it is drawn (so a live table
+    follows a resized terminal). The columns not in ``flexible`` keep their full width (rich's own
+    layout drops whole columns of a table that does not fit); the ``flexible`` ones (name -> (ratio,
+    min width)) share what is left and cut their cells with ``…``. Columns are two spaces apart, as
+    in the plain text."""
+
+    def __init__(self, head: Sequence[str], cells: list[tuple[str, ...]], flexible: dict[str, tuple[int, int]],
+                 *, right: Sequence[str] = (), styles: dict[str, dict[str, str]] | None = None) -> None:
+        self.head = tuple(head)
+        self.cells = cells
+        self.flexible = flexible
+        self.right = set(right)
+        self.styles = styles or {}
+
+    def widths(self, max_width: int) -> list[int]:
+        """Each column's width for a console ``max_width`` wide."""
+        natural = [max([len(name), *(len(c[i]) for c in self.cells)]) for i, name in enumerate(self.head)]
+        room = max_width - 2 * (len(self.head) - 1)
+        if sum(natural) <= room:
+            return natural
+        flex = [i for i, name in enumerate(self.head) if name in self.flexible]
+        left = room - sum(w for i, w in enumerate(natural) if i not in flex)
+        widths = list(natural)
+        # Share what is left by ratio; a column never gets more than it needs, and what it leaves goes
+        # to the others (largest ratio first).
+        pending = sorted(flex, key=lambda i: self.flexible[self.head[i]][0])
+        while pending:
+            total = sum(self.flexible[self.head[i]][0] for i in pending)
+            i = pending.pop(0)
+            ratio, min_width = self.flexible[self.head[i]]
+            share = max(min_width, left * ratio // total if total else 0)
+            widths[i] = min(natural[i], share)
+            left -= widths[i]
+        return widths
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(box=None, pad_edge=False, padding=(0, 1), collapse_padding=False, show_edge=False,
+                      header_style="bold", expand=False)
+        for name, width in zip(self.head, self.widths(options.max_width), strict=True):
+            table.add_column(name, no_wrap=True, overflow="ellipsis", width=width, min_width=width, max_width=width,
+                             justify="right" if name in self.right else "left")
+        for cell in self.cells:
+            table.add_row(*(Text(c, style=self.styles.get(name, {}).get(c.split(" ")[0], ""))
+                            for name, c in zip(self.head, cell, strict=True)))
+        yield table
+
+
+def nodes_table(rows: list[dict[str, Any]]) -> FitTable:
+    """``asm nodes`` as a rich table: one line per node at any width (the node, state and providers
+    cells are cut with ``…`` when the terminal is narrow), the state coloured."""
     cells, _ = _node_cells(rows)
-    for cell in cells:
-        state_style = _STATE_STYLES.get(cell[1].split(" ")[0], "")
-        table.add_row(cell[0], Text(cell[1], style=state_style), *cell[2:])
-    return table
+    return FitTable(_NODE_HEAD, cells, {"NODE": (2, 8), "STATE": (1, 8), "PROVIDERS": (3, 9)},
+                    right=("LOAD", "HEARTBEAT"), styles={"STATE": _STATE_STYLES})
 
 
 def _node_errors(rows: list[dict[str, Any]]) -> Text | None:
@@ -405,16 +447,19 @@ _STATUS_STYLES = {"completed": "green", "running": "cyan", "failed": "red", "int
                   "lost": "red", "queued": "dim"}
 
 
-def runs_table(rows: list[dict[str, Any]]) -> Table:
-    """``asm runs`` as a rich table: one line per run at any width (ids are cut with ``…`` first)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
-    for name in _RUN_HEAD:
-        wide = name in ("RUN", "SESSION", "NODE")
-        table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1 if wide else None,
-                         min_width=6 if wide else None, justify="right" if name == "DURATION" else "left")
-    for cell in _run_cells(rows):
-        table.add_row(*cell[:4], Text(cell[4], style=_STATUS_STYLES.get(cell[4], "")), *cell[5:])
-    return table
+def _short_time(started: str) -> str:
+    """``2026-12-01T14:00:00Z`` as ``12-01 14:00:00`` (UTC): the year is noise in a terminal's table."""
+    if len(started) == 20 and started[10] == "T" and started.endswith("Z"):
+        return f"{started[5:10]} {started[11:19]}"
+    return started
+
+
+def runs_table(rows: list[dict[str, Any]]) -> FitTable:
+    """``asm runs`` as a rich table: one line per run at any width (run, session and node are cut
+    with ``…`` when the terminal is narrow; the start time is UTC without its year)."""
+    cells = [(*c[:5], _short_time(c[5]), c[6]) for c in _run_cells(rows)]
+    return FitTable(_RUN_HEAD, cells, {"RUN": (3, 8), "SESSION": (2, 7), "NODE": (2, 6)}, right=("DURATION",),
+                    styles={"STATUS": _STATUS_STYLES})
 
 
 def print_nodes(rows: list[dict[str, Any]], stream: IO[str] | None = None, *, no_color: bool = False) -> None:
