@@ -199,7 +199,8 @@ class RunView(Sink):
             self._tool_result(m)
         elif spans:
             self._write(spans)
-        self._refresh()
+        # No redraw here: Live redraws the footer after each print and on its own timer
+        # (refresh_per_second), so a flood of deltas costs no redraw per delta.
 
     def write(self, spans: Sequence[Span]) -> None:
         self._write(spans)
@@ -233,10 +234,6 @@ class RunView(Sink):
         live, self._live = self._live, None
         if live is not None:
             live.stop()
-
-    def _refresh(self) -> None:
-        if self._live is not None:
-            self._live.refresh()
 
     def _write(self, spans: Sequence[Span]) -> None:
         """Assistant text streams (its unfinished line stays in the footer); other spans are whole lines."""
