@@ -24,6 +24,7 @@ Tables: :func:`nodes_table` / :func:`runs_table` build rich tables from the row 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -59,6 +60,7 @@ from asm_wire import KIND_VALUES
 __all__ = [
     "FitTable",
     "RunView",
+    "add_no_color_option",
     "nodes_table",
     "nodes_text",
     "print_nodes",
@@ -82,6 +84,12 @@ _SILENT_S = 1.0
 #: Lines of a tool result shown in its panel.
 _RESULT_LINES = 8
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def add_no_color_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-color``: plain text even on a terminal (as ``NO_COLOR=1``); sets ``args.no_color``."""
+    parser.add_argument("--no-color", action="store_true", default=False,
+                        help="plain text, no colour or live display, even on a terminal (as NO_COLOR=1)")
 
 
 def use_rich(stream: Any, *, no_color: bool = False) -> bool:

@@ -3,6 +3,7 @@ the plain text the CLI printed before rich, unchanged."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from asm_cli.ui import (
     RunView,
+    add_no_color_option,
     nodes_table,
     nodes_text,
     print_nodes,
@@ -304,7 +306,8 @@ while not __import__("os").path.exists(sys.argv[1] + ".go"):
     time.sleep(0.02)
 feed(ev(1, "run_started", pid=1))
 feed(ev(2, "assistant_delta", content="Thinking about it"))
-time.sleep(1.3)
+while not __import__("os").path.exists(sys.argv[1] + ".go2"):  # the test has seen the run go silent
+    time.sleep(0.02)
 feed(ev(3, "assistant_delta", content=" done.\\n"))
 feed(ev(4, "tool_use", tool_name="Bash", tool_call_id="c1", input_json=json.dumps({"command": "echo hi"})))
 feed(ev(5, "tool_result", tool_call_id="c1", content_json=json.dumps("hi\\n")))
@@ -344,8 +347,10 @@ def test_a_real_terminal_shows_the_spinner_then_the_run(tmp_path: Path) -> None:
         assert "run r-tmux" in waiting and "asm: a notice" in waiting
         assert any(f in waiting for f in SPINNER_FRAMES)
         Path(str(flag) + ".go").touch()
-        assert _wait_for(lambda: "silent for 1s" in screen()), screen()
-        assert "Thinking about it" in screen()  # the unfinished line is on screen, above the spinner
+        assert _wait_for(lambda: "silent for " in screen()), screen()
+        silent = screen()
+        assert "Thinking about it" in silent and "waiting for output" not in silent  # the unfinished line
+        Path(str(flag) + ".go2").touch()
         assert _wait_for(lambda: "END-OF-DRIVE" in screen()), screen()
         done = [line.rstrip() for line in screen().splitlines() if line.strip()]
         assert done[-1] == "END-OF-DRIVE"
@@ -354,3 +359,9 @@ def test_a_real_terminal_shows_the_spinner_then_the_run(tmp_path: Path) -> None:
         assert not any(f in "".join(done) for f in SPINNER_FRAMES)  # the spinner is gone at the end
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+
+
+def test_no_color_option() -> None:
+    parser = argparse.ArgumentParser()
+    add_no_color_option(parser)
+    assert parser.parse_args([]).no_color is False and parser.parse_args(["--no-color"]).no_color is True
