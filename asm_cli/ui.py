@@ -179,8 +179,8 @@ class RunView(Sink):
             console.show_cursor(True)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if self.partial:
-            yield Text(self.partial)
+        if self.partial:  # its tail: a long line without a newline is printed whole when it ends
+            yield Text(self.partial[-4 * max(options.max_width, 20):])
         now = time.monotonic()
         frame = self._spinner.render(console.get_time())
         line = Text.assemble(frame if isinstance(frame, Text) else Text(""), " ")
@@ -199,13 +199,15 @@ class RunView(Sink):
         self.last_event = time.monotonic()
         if m.run_id and m.run_id != self.run_id:
             self.run_id = m.run_id
+        if not spans:
+            return  # nothing to show, or an event already shown (a replay overlap: the renderer dedups)
         if m.kind == _TOOL_USE:
             self._flush_partial()
             self._tool_use(m)
         elif m.kind == _TOOL_RESULT:
             self._flush_partial()
             self._tool_result(m)
-        elif spans:
+        else:
             self._write(spans)
         # No redraw here: Live redraws the footer after each print and on its own timer
         # (refresh_per_second), so a flood of deltas costs no redraw per delta.

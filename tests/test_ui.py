@@ -365,3 +365,14 @@ def test_no_color_option() -> None:
     parser = argparse.ArgumentParser()
     add_no_color_option(parser)
     assert parser.parse_args([]).no_color is False and parser.parse_args(["--no-color"]).no_color is True
+
+
+def test_a_replayed_tool_call_is_drawn_once() -> None:
+    console, _ = terminal()
+    rendering = Rendering(CompactRenderer(), [RunView(console, live=False)])
+    evs = events()
+    for e in evs[:5] + evs[3:5]:  # an attach that overlaps what was shown: seq 4 and 5 again
+        rendering.feed(e)
+    rendering.close()
+    shown = console.export_text()
+    assert shown.count("╭─ ▸ Bash") == 1 and shown.count("╭─ ✓ Bash") == 1
