@@ -30,17 +30,7 @@ from collections.abc import Callable, Sequence
 import prometheus_client
 from pydantic import ValidationError
 
-from asm_cli.commands import (
-    attach,
-    controller_serve,
-    node_drain,
-    node_serve,
-    nodes,
-    providers,
-    replay,
-    run,
-    runs,
-)
+from asm_cli.commands import attach, controller_serve, node_drain, node_serve, nodes, providers, replay, run, runs
 from asm_cli.commands._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,

@@ -22,12 +22,7 @@ from asm_controller import (
     TLSConfig,
 )
 from asm_controller.extensions.rendering import Rendering
-from asm_wire import (
-    AsmError,
-    ConfigError,
-    NodeConnectTimeout,
-    pb,
-)
+from asm_wire import AsmError, ConfigError, NodeConnectTimeout, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.

@@ -9,9 +9,7 @@ import sys
 from collections.abc import Callable
 
 from asm_node.config import SECRET_ENV
-from asm_wire import (
-    ConfigError,
-)
+from asm_wire import ConfigError
 
 #: Internal: the fd of the pipe a re-executed server reads its secrets from.
 _SECRETS_FD_ENV = "ASM_SECRETS_FD"

@@ -18,18 +18,9 @@ from asm_cli.commands._common import (
     report,
     server_target,
 )
-from asm_controller import (
-    RemoteNode,
-    Session,
-)
+from asm_controller import RemoteNode, Session
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
-from asm_wire import (
-    AsmError,
-    ConfigError,
-    RunNotFound,
-    pb,
-    valid_id,
-)
+from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
 
 _MAX_SEQ = 2**63 - 1
 

@@ -10,19 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_OK,
-    Subcommands,
-    limit_args,
-    limit_settings,
-    read_token,
-    tls_args,
-)
+from asm_cli.commands._common import EXIT_OK, Subcommands, limit_args, limit_settings, read_token, tls_args
 from asm_cli.commands._secrets import take_secrets
-from asm_controller import (
-    LivenessConfig,
-    TLSConfig,
-)
+from asm_controller import LivenessConfig, TLSConfig
 
 
 def _positive_float(text: str) -> float:

@@ -9,24 +9,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_NODE,
-    EXIT_OK,
-    Subcommands,
-    client_args,
-    remote_nodes,
-)
-from asm_controller import (
-    ControllerClient,
-    GrpcNodeClient,
-    NodeNotReady,
-    NodeUnreachable,
-    connect,
-)
-from asm_wire import (
-    AsmError,
-    pb,
-)
+from asm_cli.commands._common import EXIT_NODE, EXIT_OK, Subcommands, client_args, remote_nodes
+from asm_controller import ControllerClient, GrpcNodeClient, NodeNotReady, NodeUnreachable, connect
+from asm_wire import AsmError, pb
 
 
 async def _controller_call(args: argparse.Namespace, address: str,

@@ -8,15 +8,7 @@ import os
 import sys
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_OK,
-    Subcommands,
-    limit_args,
-    limit_settings,
-    pairs,
-    read_token,
-    tls_args,
-)
+from asm_cli.commands._common import EXIT_OK, Subcommands, limit_args, limit_settings, pairs, read_token, tls_args
 from asm_cli.commands._secrets import take_secrets
 from asm_node import NodeConfig, serve
 from asm_node.journal import default_state_dir

@@ -9,13 +9,7 @@ import sys
 import time
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_NODE,
-    EXIT_OK,
-    Subcommands,
-    client_args,
-    remote_nodes,
-)
+from asm_cli.commands._common import EXIT_NODE, EXIT_OK, Subcommands, client_args, remote_nodes
 from asm_controller import (
     ControllerClient,
     GrpcNodeClient,
@@ -25,13 +19,7 @@ from asm_controller import (
     connect,
     preflight,
 )
-from asm_wire import (
-    PROTOCOL_VERSION,
-    AsmError,
-    ConfigError,
-    __version__,
-    pb,
-)
+from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, pb
 
 
 def _status_row(st: pb.NodeStatus) -> dict[str, Any]:

@@ -6,10 +6,7 @@ import argparse
 import json
 import sys
 
-from asm_cli.commands._common import (
-    EXIT_OK,
-    Subcommands,
-)
+from asm_cli.commands._common import EXIT_OK, Subcommands
 
 
 def cmd_providers(args: argparse.Namespace) -> int:

@@ -9,12 +9,7 @@ import json
 import sys
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_FAILED,
-    EXIT_OK,
-    Subcommands,
-    print_event,
-)
+from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, print_event
 from asm_controller.extensions.persistence import replay_file
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 

@@ -23,20 +23,12 @@ from asm_cli.commands._common import (
     remote_nodes,
     report,
 )
-from asm_controller import (
-    EmbeddedNode,
-    Session,
-    SnapshotRun,
-    SnapshotStream,
-    stream_with_snapshot,
-)
+from asm_controller import EmbeddedNode, Session, SnapshotRun, SnapshotStream, stream_with_snapshot
 from asm_controller.extensions.persistence import open_recorder
 from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
 from asm_node import NodeAgent, NodeConfig
 from asm_node.providers import operator_option_names
-from asm_wire import (
-    ConfigError,
-)
+from asm_wire import ConfigError
 
 
 def _text_rendering() -> Rendering:

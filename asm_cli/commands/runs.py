@@ -9,17 +9,8 @@ import sys
 import time
 from typing import Any
 
-from asm_cli.commands._common import (
-    EXIT_OK,
-    FINISHED,
-    Subcommands,
-    ask,
-    client_args,
-    server_target,
-)
-from asm_wire import (
-    pb,
-)
+from asm_cli.commands._common import EXIT_OK, FINISHED, Subcommands, ask, client_args, server_target
+from asm_wire import pb
 
 
 def _limit_arg(text: str) -> int:
