@@ -5,7 +5,7 @@ to the first reachable node of its targets (no failover to another node's
 copy of the workspace). The outcome lands in ``result.metadata["snapshots"]``
 (``backend``, ``before``, ``after``, ``diff``) and in a :class:`SnapshotRun`.
 
-    run = await run_with_snapshot(session, "fix the tests", backend="git")
+    run = await session.run_with_snapshot("fix the tests", backend="git")  # or run_with_snapshot(session, ...)
     print(run.result.ok, run.diff.added)
 
 :func:`stream_with_snapshot` is the streaming form (``asm run --snapshot``
@@ -15,13 +15,15 @@ renders the events as they come).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asm_controller._connector import NodeHandle
 from asm_controller._events import Event
 from asm_controller._reducer import Result
-from asm_controller._session import RunStream, Session
 from asm_wire import AsmError, ConfigError, NodeConnectionError, pb
+
+if TYPE_CHECKING:  # Session delegates here (Session.run_with_snapshot): no import back at run time
+    from asm_controller._session import RunStream, Session
 
 __all__ = ["SNAPSHOT_BACKENDS", "SnapshotRun", "SnapshotStream", "run_with_snapshot", "stream_with_snapshot"]
 

@@ -58,7 +58,7 @@ async def test_run_with_snapshot_returns_the_result_and_the_diff(tmp_path: Path)
                 "diff": {"added": ["made.txt"], "modified": [], "deleted": []},
             }
             # Overrides as for Session.stream; an explicit backend.
-            hashed = await run_with_snapshot(s, "touch hashed.txt", backend="hash", run_id="snap-2")
+            hashed = await s.run_with_snapshot("touch hashed.txt", backend="hash", run_id="snap-2")  # the method
             assert hashed.result.ok and hashed.result.run_id == "snap-2" and hashed.backend == "hash"
             assert list(hashed.diff.added) == ["hashed.txt"]
     finally:
@@ -71,7 +71,7 @@ async def test_stream_with_snapshot_streams_then_diffs_at_the_end(tmp_path: Path
     await agent.start()
     try:
         async with Session("shell", node=EmbeddedNode(agent)) as s:
-            stream = await stream_with_snapshot(s, "touch streamed.txt", cwd=str(repo))
+            stream = await s.stream_with_snapshot("touch streamed.txt", cwd=str(repo))
             assert stream.before.backend == "git" and stream.snapshots is None
             kinds = [ev.kind async for ev in stream]
             assert "run_completed" in kinds
