@@ -1,18 +1,25 @@
 """asm_controller: drive provider CLIs on node agents and reduce their events into Results.
 
-Layout: ``_client`` (gRPC NodeApi client, TLS/keepalive config), ``_connector``
+Layout: ``_client`` (gRPC NodeApi client, ControllerClient, TLS/keepalive config), ``_connector``
 (connect, handshake, compatibility, preflight), ``_pool`` (NodePool: connections,
 health, routing), ``_options`` (RunOptions, Checkpoint), ``_run`` (one run's driver,
 behind a narrow host interface), ``_channel`` (driver -> subscriber hand-off), ``_queue``
 (BoundedQueue: one bounded queue with named overflow policies),
 ``_session`` (sessions: admission, approvals, cost), ``_reducer`` (EventReducer,
-Result), ``_events`` (Event).
+Result), ``_events`` (Event), ``_snapshot`` (a run between two workspace snapshots).
 
     async with Session("shell", node=RemoteNode("10.0.0.5:7070", token=...)) as s:
         result = await s.query("echo hello")
 """
 
-from asm_controller._client import GrpcNodeClient, KeepaliveConfig, LivenessConfig, RemoteNode, TLSConfig
+from asm_controller._client import (
+    ControllerClient,
+    GrpcNodeClient,
+    KeepaliveConfig,
+    LivenessConfig,
+    RemoteNode,
+    TLSConfig,
+)
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget, check_compatible, connect, preflight
 from asm_controller._events import Event
 from asm_controller._pool import NodePool
@@ -21,6 +28,7 @@ from asm_controller._reducer import Cost, EventReducer, Result
 from asm_controller._registry import NullRegistry, StoreRegistry
 from asm_controller._routing import HealthTracker, Router
 from asm_controller._session import Checkpoint, RunOptions, RunStream, Session, query
+from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
 from asm_controller._store import (
     IN_FLIGHT,
     InvalidRecord,
@@ -56,6 +64,7 @@ __all__ = [
     "BoundedQueue",
     "Checkpoint",
     "ConfigError",
+    "ControllerClient",
     "Cost",
     "CwdNotAllowed",
     "EmbeddedNode",
@@ -96,6 +105,8 @@ __all__ = [
     "RunStore",
     "RunStream",
     "Session",
+    "SnapshotRun",
+    "SnapshotStream",
     "StoreError",
     "StoreRegistry",
     "StoreWriter",
@@ -105,4 +116,6 @@ __all__ = [
     "open_store",
     "preflight",
     "query",
+    "run_with_snapshot",
+    "stream_with_snapshot",
 ]

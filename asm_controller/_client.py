@@ -1,4 +1,4 @@
-"""The gRPC implementation of :class:`asm_wire.NodeApi`, and its typed config.
+"""The gRPC implementation of :class:`asm_wire.NodeApi`, the controller's own API client, and their typed config.
 
 One channel per node, reused by every run. Failures come out as
 :class:`AsmError` (rebuilt from the node's ``asm-error-*`` trailers, or mapped
@@ -99,32 +99,40 @@ class RemoteNode:
         return f"grpc://{self.address}"
 
 
+def _open_channel(node: RemoteNode) -> grpc.aio.Channel:
+    """One channel to ``node`` with its TLS and keepalive settings (nodes and controllers alike)."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", node.keepalive.time_ms),
+        ("grpc.keepalive_timeout_ms", node.keepalive.timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Fail fast on a dead address instead of backing off for minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+    ]
+    target = grpc_target(node.address)
+    if node.tls is not None:
+        if node.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", node.tls.server_name))
+        creds = grpc.ssl_channel_credentials(node.tls.ca, node.tls.key, node.tls.cert)
+        return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
+
+
+def _auth_metadata(node: RemoteNode) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {node.token}"),) if node.token else ()
+
+
 class GrpcNodeClient:
     """NodeApi over a gRPC channel."""
 
     def __init__(self, node: RemoteNode) -> None:
         self.node = node
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", node.keepalive.time_ms),
-            ("grpc.keepalive_timeout_ms", node.keepalive.timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            # Fail fast on a dead address instead of backing off for minutes.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 1_000),
-        ]
-        target = grpc_target(node.address)
-        if node.tls is not None:
-            if node.tls.server_name:
-                options.append(("grpc.ssl_target_name_override", node.tls.server_name))
-            creds = grpc.ssl_channel_credentials(node.tls.ca, node.tls.key, node.tls.cert)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = _open_channel(node)
         self._stub = node_pb2_grpc.NodeServiceStub(self.channel)
-        self._md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {node.token}"),) if node.token else ()
+        self._md = _auth_metadata(node)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -202,4 +210,50 @@ class GrpcNodeClient:
 
     async def rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
         resp: pb.RollbackResponse = await self._unary(self._stub.Rollback, request, timeout=120.0)
+        return resp
+
+
+class ControllerClient:
+    """The controller's own API (``ControllerService``: ListNodes, DrainNode, UndrainNode) over gRPC.
+
+    ``target`` names the controller and carries the credentials (token, TLS) as
+    for a node. Failures come out as :class:`AsmError`, exactly as from
+    :class:`GrpcNodeClient` (the server's typed answer, or the mapped gRPC status).
+    """
+
+    def __init__(self, target: RemoteNode) -> None:
+        self.target = target
+        self.channel = _open_channel(target)
+        self._stub = node_pb2_grpc.ControllerServiceStub(self.channel)
+        self._md = _auth_metadata(target)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> ControllerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._md, timeout=self.target.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def list_nodes(self) -> pb.ListNodesResponse:
+        """The fleet as the controller sees it (one NodeStatus per node, an error for one it cannot reach)."""
+        resp: pb.ListNodesResponse = await self._unary(self._stub.ListNodes, pb.ListNodesRequest())
+        return resp
+
+    async def drain_node(self, address: str, deadline_ms: int) -> pb.DrainResponse:
+        """Drain the fleet's node ``address``: no new runs; its runs are interrupted after ``deadline_ms``."""
+        resp: pb.DrainResponse = await self._unary(
+            self._stub.DrainNode, pb.DrainNodeRequest(address=address, deadline_ms=deadline_ms))
+        return resp
+
+    async def undrain_node(self, address: str) -> pb.DrainResponse:
+        """Cancel a drain of the fleet's node ``address``: it takes runs again, nothing is interrupted."""
+        resp: pb.DrainResponse = await self._unary(self._stub.UndrainNode, pb.UndrainNodeRequest(address=address))
         return resp

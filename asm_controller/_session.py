@@ -32,6 +32,7 @@ from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, Result
 from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
+from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
 from asm_controller._store import RunRecord
 from asm_wire import ConfigError, make_error, pb, ulid, valid_id
 
@@ -221,6 +222,14 @@ class Session:
             await run.interrupt()
             raise
         return run.result()
+
+    async def run_with_snapshot(self, prompt: str, *, backend: str = "auto", **overrides: Any) -> SnapshotRun:
+        """Run between two workspace snapshots: the Result, the snapshots and their diff (see ``_snapshot``)."""
+        return await run_with_snapshot(self, prompt, backend=backend, **overrides)
+
+    async def stream_with_snapshot(self, prompt: str, *, backend: str = "auto", **overrides: Any) -> SnapshotStream:
+        """The streaming form of :meth:`run_with_snapshot` (the diff is taken when the stream ends)."""
+        return await stream_with_snapshot(self, prompt, backend=backend, **overrides)
 
     def attach(self, run_id: str, node: NodeTarget, provider: str | None = None, *, after_seq: int = 0) -> RunStream:
         """Follow a run that already exists on ``node``: its held events after ``after_seq``, then live.

@@ -1,0 +1,212 @@
+"""What several commands share: exit codes, the parser class, connection flags, tokens,
+printing events and a run's end (``report``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+from asm_controller import (
+    GrpcNodeClient,
+    LivenessConfig,
+    NodeConnectionError,
+    NodeUnreachable,
+    RemoteNode,
+    Result,
+    TLSConfig,
+)
+from asm_controller.extensions.rendering import Rendering
+from asm_wire import AsmError, ConfigError, NodeConnectTimeout, pb
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.
+EXIT_NODE_STOPPED = 4
+#: No run by that id (``asm attach``, error kind not_found): nothing was followed, nothing started.
+EXIT_NOT_FOUND = 5
+NODE_STOPPED_KINDS = frozenset({"node_draining", "node_shutdown"})
+
+
+class Subcommands(Protocol):
+    """Where a command module adds its parser (``argparse``'s subparsers action)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one ``asm: error: ...`` line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"asm: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    sys.stderr.write(f"asm: error: {message}\n")
+    sys.exit(code)
+
+
+def read_token(token_file: str | None, secrets: dict[str, str] | None = None) -> str | None:
+    """The token from its file (read once, at start), else ASM_TOKEN (from ``secrets`` when a server took them)."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"token file {token_file} is empty")
+        return token
+    env = os.environ if secrets is None else secrets
+    return env.get("ASM_TOKEN") or None
+
+
+def tls_args(p: argparse.ArgumentParser, server: bool) -> None:
+    p.add_argument("--tls-cert", metavar="F", help="certificate (PEM)" + ("" if server else " for mutual TLS"))
+    p.add_argument("--tls-key", metavar="F", help="private key (PEM)")
+    p.add_argument("--tls-ca", metavar="F",
+                   help="CA bundle: clients must present a cert it signed (mutual TLS)" if server
+                   else "CA bundle that signed the node's certificate (enables TLS)")
+    if not server:
+        p.add_argument("--tls-server-name", metavar="NAME", help="expected name in the node's certificate")
+
+
+def limit_args(p: argparse.ArgumentParser) -> None:
+    """Abuse bounds of a gRPC server (node or controller) and the metrics exposure switch."""
+    p.add_argument("--metrics-insecure", action="store_true",
+                   help="allow a non-loopback --metrics-listen (the metrics endpoint has no authentication)")
+    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                   help="close a connection that has not finished its handshake by then (default 5)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections at once (default: half the open-file limit)")
+    p.add_argument("--max-streams-per-connection", type=int, metavar="N",
+                   help="concurrent HTTP/2 streams on one connection (default 1000)")
+    p.add_argument("--max-concurrent-rpcs", type=int, metavar="N",
+                   help="RPCs in flight in all; more are refused RESOURCE_EXHAUSTED, at_capacity "
+                   "(default 1000 on a node, 4000 on a controller)")
+
+
+def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit_args given, as ServerLimits/NodeConfig field names."""
+    given = {"handshake_timeout_s": args.handshake_timeout, "max_connections": args.max_connections,
+             "max_concurrent_streams": args.max_streams_per_connection,
+             "max_concurrent_rpcs": args.max_concurrent_rpcs}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TLSConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
+def remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
+    """The ``--node`` targets (HOST:PORT[,weight=N][,priority=N]) with this command's credentials."""
+    token = read_token(args.token_file)
+    tls = _client_tls(args)
+    live = LivenessConfig(node_lost_timeout_s=getattr(args, "node_lost_timeout", 8.0))
+    nodes = []
+    for spec in args.node:
+        # HOST:PORT[,weight=N][,priority=N]
+        addr, *attrs = spec.split(",")
+        kw: dict[str, int] = {}
+        for attr in attrs:
+            key, _, value = attr.partition("=")
+            if key not in ("weight", "priority") or not value.lstrip("-").isdigit():
+                raise ConfigError(f"bad node attribute {attr!r} in {spec!r}: use HOST:PORT[,weight=N][,priority=N]")
+            kw[key] = int(value)
+        nodes.append(RemoteNode(addr, token=token, tls=tls, connect_timeout_s=args.connect_timeout, liveness=live,
+                                priority=kw.get("priority", 100), weight=kw.get("weight", 1)))
+    return nodes
+
+
+def pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def client_args(p: argparse.ArgumentParser) -> None:
+    """The connection flags of a client command: credentials, TLS, connect timeout."""
+    p.add_argument("--token-file", metavar="F", help="bearer token file (default: env ASM_TOKEN)")
+    tls_args(p, server=False)
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+
+
+def print_event(ev: Any, output: str) -> None:
+    """One event as ``--output jsonl`` prints it (a JSON line), or the plain fallback of a text output."""
+    if output == "jsonl":
+        sys.stdout.write(json.dumps(ev.to_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    kind = ev.kind
+    if kind == "assistant_delta":
+        sys.stdout.write(ev.pb.assistant_delta.content)
+        sys.stdout.flush()
+    elif kind == "assistant_message":
+        sys.stdout.write("".join(b.text for b in ev.pb.assistant_message.content if b.type == "text") + "\n")
+        sys.stdout.flush()
+    elif kind == "stderr":
+        sys.stderr.write(ev.pb.stderr.content + "\n")
+    elif kind == "error" and ev.pb.error.severity in (1, 2):  # warnings; a failure is in the summary line
+        sys.stderr.write(f"asm: warning: {ev.pb.error.code or 'error'}: {ev.pb.error.message}\n")
+
+
+def report(result: Result, output: str, rendering: Rendering | None) -> int:
+    """A run's end as ``asm run`` (and ``asm attach``) prints it -- the result_summary object (jsonl) or
+    the summary line (text) -- and the exit code of its outcome."""
+    if output == "jsonl":
+        sys.stdout.write(json.dumps(result.to_summary()) + "\n")
+        if result.error is not None:
+            sys.stderr.write(f"asm: error: {result.error}\n")
+    elif isinstance(result.error, NodeConnectionError):
+        if rendering is not None:
+            rendering.close()
+        sys.stderr.write(f"asm: error: {result.error.message}\n")  # nothing ran: no summary to give
+    elif rendering is not None:
+        with contextlib.suppress(OSError):  # a closed pipe on stdout is not the run's failure
+            rendering.finish(result)  # ends the open text line on stdout; the summary line on stderr
+    sys.stdout.flush()
+    if result.ok:
+        return EXIT_OK
+    if result.error is not None and result.error.kind == "user_cancelled":
+        return EXIT_INTERRUPTED
+    if result.error is not None and result.error.kind in NODE_STOPPED_KINDS:
+        return EXIT_NODE_STOPPED
+    if isinstance(result.error, NodeConnectionError):
+        return EXIT_NODE
+    return EXIT_FAILED
+
+
+FINISHED = frozenset({pb.RUN_STATUS_COMPLETED, pb.RUN_STATUS_FAILED, pb.RUN_STATUS_INTERRUPTED})
+
+
+def server_target(args: argparse.Namespace) -> tuple[RemoteNode, str]:
+    """The one node or controller ``--node``/``--controller`` names, with this command's credentials."""
+    address = args.controller or args.node
+    (target,) = remote_nodes(argparse.Namespace(**{**vars(args), "node": [address]}))
+    return target, f"{'controller' if args.controller else 'node'} {address}"
+
+
+async def ask(target: RemoteNode, what: str, call: Callable[[GrpcNodeClient], Any]) -> Any:
+    """One unary call on a bare client (no readiness check: a draining node still answers questions),
+    its transport failures typed as for a node connection (exit 3)."""
+    client = GrpcNodeClient(target)
+    try:
+        return await call(client)
+    except AsmError as err:
+        if err.kind == "timeout" and not err.reason:
+            raise NodeConnectTimeout(f"{what} did not answer within {target.rpc_timeout_s:g}s") from None
+        if err.kind in ("connection_failed", "transport_error") and not err.reason:
+            raise NodeUnreachable(f"{what} is unreachable: {err.message}") from None
+        raise
+    finally:
+        await client.close()

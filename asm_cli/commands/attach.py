@@ -1,0 +1,136 @@
+"""``asm attach``: follow an existing run to its end; never starts or interrupts one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from asm_cli.commands._common import (
+    EXIT_INTERRUPTED,
+    FINISHED,
+    Subcommands,
+    ask,
+    client_args,
+    print_event,
+    report,
+    server_target,
+)
+from asm_controller import RemoteNode, Session
+from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
+from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
+
+_MAX_SEQ = 2**63 - 1
+
+
+def _text_rendering() -> Rendering:
+    """The ``--output text`` rendering of a run's events and its summary line (the one place to swap it)."""
+    return Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+
+
+def _seq_arg(text: str) -> int:
+    """--after-seq: a sequence number, 0 to 2**63-1 (what the wire's uint64 cursor accepts everywhere)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sequence number (an integer >= 0), got {text[:40]!r}") from None
+    if not 0 <= value <= _MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {_MAX_SEQ}, got {text[:40]}")
+    return value
+
+
+async def _run_info(target: RemoteNode, what: str, run_id: str) -> pb.RunInfo:
+    """GetRun: the run's provider, session and last seq; an id the server does not know is RunNotFound."""
+    try:
+        info: pb.RunInfo = await ask(target, what, lambda c: c.get_run(pb.GetRunRequest(run_id=run_id)))
+    except AsmError as err:
+        # Nodes and controllers answer an id they do not hold with kind "unknown" (gRPC NOT_FOUND).
+        if err.kind in ("unknown", "not_found") and err.domain == "runtime":
+            raise RunNotFound(f"run {run_id} is not known to {what} (never started there, or forgotten since: "
+                              "see 'asm runs')") from None
+        raise
+    return info
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    """Follow an existing run to its end: what the server holds after --after-seq, then live. Never starts
+    or interrupts anything: Ctrl-C detaches (the run goes on)."""
+    if not valid_id(args.run_id):
+        raise ConfigError(f"invalid run id {args.run_id[:200]!r}: use 1-128 characters of [A-Za-z0-9._:-]")
+    target, what = server_target(args)
+    info = await _run_info(target, what, args.run_id)
+    after = args.after_seq
+    if after > info.last_seq:
+        raise ConfigError(f"--after-seq {after} is past run {args.run_id}'s events (its last seq is {info.last_seq})")
+    # A finished run has nothing past its last seq to send: follow it from just before its end (its
+    # error and run_completed), so the summary still has its outcome; events up to --after-seq are not printed.
+    cursor = min(after, max(0, info.last_seq - 2)) if info.status in FINISHED else after
+    session = Session(info.provider or "shell", node=target,
+                      session_id=info.session_id if valid_id(info.session_id) else None)
+    stream = session.attach(args.run_id, target, provider=info.provider or None, after_seq=cursor)
+    rendering = _text_rendering() if args.output == "text" else None
+    last_seq = after
+
+    async def follow() -> None:
+        nonlocal last_seq
+        async for ev in stream:
+            if ev.seq <= after:
+                continue
+            last_seq = ev.seq
+            if rendering is not None:
+                rendering.feed(ev)
+            else:
+                print_event(ev, args.output)
+
+    following = asyncio.ensure_future(follow())
+    detached = False
+
+    def on_sigint() -> None:
+        nonlocal detached
+        detached = True
+        following.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        await following
+    except asyncio.CancelledError:
+        if not detached:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if rendering is not None and (detached or sys.exc_info()[0] is not None):
+            with contextlib.suppress(Exception):
+                rendering.close()
+    if detached:
+        # Detach, never interrupt: Session.stop() (and RunStream.aclose()) would interrupt the run, so
+        # neither is called. The run's follower task is left to asyncio.run's teardown, which cancels
+        # it here, in this process only: its AttachRun stream is cancelled, no InterruptRun is sent.
+        sys.stdout.flush()
+        sys.stderr.write(f"asm: detached from run {args.run_id}; it goes on on {what} "
+                         f"('asm attach {args.run_id} --{'controller' if args.controller else 'node'} "
+                         f"{args.controller or args.node} --after-seq {last_seq}' follows it again)\n")
+        return EXIT_INTERRUPTED
+    await session.stop()  # the run has ended: nothing is left to interrupt; this closes the connection
+    result = stream.result
+    assert result is not None
+    return report(result, args.output, rendering)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return asyncio.run(_attach(args))
+
+
+def add_parser(sub: Subcommands) -> None:
+    at = sub.add_parser("attach", help="follow an existing run to its end (replay, then live); never starts one")
+    at.add_argument("run_id", metavar="RUN_ID")
+    where = at.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", metavar="HOST:PORT", help="the node the run is on")
+    where.add_argument("--controller", metavar="HOST:PORT", help="the controller the run was started through")
+    at.add_argument("--output", default="text", choices=["text", "jsonl"])
+    at.add_argument("--after-seq", type=_seq_arg, default=0, metavar="N",
+                    help="only the events after seq N (e.g. the last one you saw; default 0: all held)")
+    client_args(at)
+    at.set_defaults(func=cmd_attach)
