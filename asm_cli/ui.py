@@ -24,7 +24,6 @@ Tables: :func:`nodes_table` / :func:`runs_table` build rich tables from the row 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -86,10 +85,7 @@ _RESULT_LINES = 8
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def add_no_color_option(parser: argparse.ArgumentParser) -> None:
-    """``--no-color``: plain text even on a terminal (as ``NO_COLOR=1``); sets ``args.no_color``."""
-    parser.add_argument("--no-color", action="store_true", default=False,
-                        help="plain text, no colour or live display, even on a terminal (as NO_COLOR=1)")
+from asm_cli.commands._common import add_no_color_option  # noqa: E402  (re-exported for callers)
 
 
 def use_rich(stream: Any, *, no_color: bool = False) -> bool:

@@ -210,3 +210,11 @@ async def ask(target: RemoteNode, what: str, call: Callable[[GrpcNodeClient], An
         raise
     finally:
         await client.close()
+
+
+def add_no_color_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-color``: plain text even on a terminal (as ``NO_COLOR=1``); sets ``args.no_color``.
+
+    Here rather than in asm_cli.ui so that building the parser does not import rich."""
+    parser.add_argument("--no-color", action="store_true", default=False,
+                        help="plain text, no colour or live display, even on a terminal (as NO_COLOR=1)")

@@ -12,6 +12,7 @@ from asm_cli.commands._common import (
     EXIT_INTERRUPTED,
     FINISHED,
     Subcommands,
+    add_no_color_option,
     ask,
     client_args,
     print_event,
@@ -19,15 +20,17 @@ from asm_cli.commands._common import (
     server_target,
 )
 from asm_controller import RemoteNode, Session
-from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
+from asm_controller.extensions.rendering import Rendering
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
 
 _MAX_SEQ = 2**63 - 1
 
 
-def _text_rendering() -> Rendering:
-    """The ``--output text`` rendering of a run's events and its summary line (the one place to swap it)."""
-    return Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+def _text_rendering(args: argparse.Namespace) -> Rendering:
+    """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
+    from asm_cli import ui  # rich is imported only for text output
+
+    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
 
 
 def _seq_arg(text: str) -> int:
@@ -70,7 +73,7 @@ async def _attach(args: argparse.Namespace) -> int:
     session = Session(info.provider or "shell", node=target,
                       session_id=info.session_id if valid_id(info.session_id) else None)
     stream = session.attach(args.run_id, target, provider=info.provider or None, after_seq=cursor)
-    rendering = _text_rendering() if args.output == "text" else None
+    rendering = _text_rendering(args) if args.output == "text" else None
     last_seq = after
 
     async def follow() -> None:
@@ -133,4 +136,5 @@ def add_parser(sub: Subcommands) -> None:
     at.add_argument("--after-seq", type=_seq_arg, default=0, metavar="N",
                     help="only the events after seq N (e.g. the last one you saw; default 0: all held)")
     client_args(at)
+    add_no_color_option(at)
     at.set_defaults(func=cmd_attach)

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import json
 import sys
-import time
+from collections.abc import Awaitable
 from typing import Any
 
-from asm_cli.commands._common import EXIT_NODE, EXIT_OK, Subcommands, client_args, remote_nodes
+from asm_cli.commands._common import EXIT_NODE, EXIT_OK, Subcommands, add_no_color_option, client_args, remote_nodes
 from asm_controller import (
     ControllerClient,
     GrpcNodeClient,
@@ -114,53 +114,31 @@ def _info_row(info: pb.HandshakeResponse) -> dict[str, Any]:
     return row
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("NODE", "STATE", "HEALTH", "EPOCH", "LOAD", "HEARTBEAT", "PROVIDERS")
-    lines = [head]
-    errors = []
-    for row in rows:
-        if "error" in row:
-            e = row["error"]
-            lines.append((row["node"], "error", "-", "-", "-", "-", f"{e.get('reason') or e['kind']}"))
-            errors.append(f"  {row['node']}: {e['message']}")
-            continue
-        provs = ", ".join(f"{p['name']} {p['version']}".strip() if p["available"] else f"{p['name']} (missing)"
-                          for p in row["providers"])
-        load = f"{row['load']['active_runs']}/{row['load']['max_runs']}"
-        extra = ""
-        if "preflight" in row:
-            pf = row["preflight"]
-            extra = " | preflight ok" if pf["ok"] else \
-                f" | preflight {pf['error'].get('reason') or pf['error']['kind']}: {pf['error']['message']}"
-        state = row["state"]
-        if row.get("drain_deadline_unix_nano"):
-            left = max(0.0, (row["drain_deadline_unix_nano"] - time.time_ns()) / 1e9)
-            state = f"{state} (deadline in {left:.0f}s)"
-        lines.append((row["node"], state, row["health"], row["epoch"][-10:], load,
-                      f"{row['heartbeat_age_s']:.1f}s", provs + extra))
-    widths = [max(len(str(r[i])) for r in lines) for i in range(len(head) - 1)]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1]) for r in lines]
-    return "\n".join(out + errors) + "\n"
-
-
 async def _nodes(args: argparse.Namespace) -> int:
     if bool(args.controller) == bool(args.node):
         raise ConfigError("give either --node HOST:PORT (repeatable) or --controller HOST:PORT")
-    rounds = 0
-    while True:
-        rows = await (_controller_rows(args) if args.controller else _direct_rows(args))
-        if args.output == "json":
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+
+    def fetch() -> Awaitable[list[dict[str, Any]]]:
+        return _controller_rows(args) if args.controller else _direct_rows(args)
+
+    if args.output != "json":
+        from asm_cli import ui
+
+        if args.watch:
+            rows = await ui.watch_nodes(fetch, args.watch, count=args.watch_count, no_color=args.no_color)
         else:
-            if args.watch:
-                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
-                sys.stdout.write(time.strftime("%H:%M:%S ") + f"every {args.watch:g}s (Ctrl-C to stop)\n")
-            sys.stdout.write(_table(rows))
-        sys.stdout.flush()
-        rounds += 1
-        if not args.watch or (args.watch_count and rounds >= args.watch_count):
-            break
-        await asyncio.sleep(args.watch)
+            rows = await fetch()
+            ui.print_nodes(rows, sys.stdout, no_color=args.no_color)
+    else:
+        rounds = 0
+        while True:
+            rows = await fetch()
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            sys.stdout.flush()
+            rounds += 1
+            if not args.watch or (args.watch_count and rounds >= args.watch_count):
+                break
+            await asyncio.sleep(args.watch)
     failed = any("error" in r or not r.get("preflight", {"ok": True})["ok"] for r in rows)
     return EXIT_NODE if failed else EXIT_OK
 
@@ -183,4 +161,5 @@ def add_parser(sub: Subcommands) -> None:
     n.add_argument("--cwd", metavar="DIR", help="cwd to preflight")
     n.add_argument("--output", default="table", choices=["table", "json"])
     client_args(n)
+    add_no_color_option(n)
     n.set_defaults(func=cmd_nodes)

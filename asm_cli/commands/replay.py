@@ -9,14 +9,16 @@ import json
 import sys
 from typing import Any
 
-from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, print_event
+from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, add_no_color_option, print_event
 from asm_controller.extensions.persistence import replay_file
-from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
+from asm_controller.extensions.rendering import Rendering
 
 
-def _text_rendering() -> Rendering:
-    """The ``--output text`` rendering of a run's events and its summary line (the one place to swap it)."""
-    return Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+def _text_rendering(args: argparse.Namespace) -> Rendering:
+    """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
+    from asm_cli import ui  # rich is imported only for text output
+
+    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
 
 
 def _damage_line(d: dict[str, Any]) -> str:
@@ -48,7 +50,7 @@ async def _replay(args: argparse.Namespace) -> int:
                 print_event(ev, "jsonl")
             sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         else:
-            rendering = _text_rendering()
+            rendering = _text_rendering(args)
             for ev in events:
                 rendering.feed(ev)
             with contextlib.suppress(OSError):
@@ -73,4 +75,5 @@ def add_parser(sub: Subcommands) -> None:
     rp.add_argument("--output", default="text", choices=["text", "jsonl"])
     rp.add_argument("--allow-damaged", action="store_true",
                     help="exit 0 for a damaged store (the damage is still reported in the summary and on stderr)")
+    add_no_color_option(rp)
     rp.set_defaults(func=cmd_replay)

@@ -17,6 +17,7 @@ from asm_cli.commands._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     Subcommands,
+    add_no_color_option,
     client_args,
     pairs,
     print_event,
@@ -25,15 +26,17 @@ from asm_cli.commands._common import (
 )
 from asm_controller import EmbeddedNode, Session, SnapshotRun, SnapshotStream, stream_with_snapshot
 from asm_controller.extensions.persistence import open_recorder
-from asm_controller.extensions.rendering import CompactRenderer, Rendering, TTYSink
+from asm_controller.extensions.rendering import Rendering
 from asm_node import NodeAgent, NodeConfig
 from asm_node.providers import operator_option_names
 from asm_wire import ConfigError
 
 
-def _text_rendering() -> Rendering:
-    """The ``--output text`` rendering of a run's events and its summary line (the one place to swap it)."""
-    return Rendering(CompactRenderer(), [TTYSink(sys.stdout, meta_stream=sys.stderr)])
+def _text_rendering(args: argparse.Namespace) -> Rendering:
+    """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
+    from asm_cli import ui  # rich is imported only for text output
+
+    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
 
 
 def _print_workspace_changes(snaps: SnapshotRun) -> None:
@@ -86,7 +89,7 @@ async def _run(args: argparse.Namespace) -> int:
         # anything runs; the stream's end takes the after snapshot and the diff (result.metadata["snapshots"]).
         snapshotted = await stream_with_snapshot(session, args.prompt, backend=args.snapshot, **run_id)
     interrupted = False
-    rendering = _text_rendering() if args.output == "text" else None
+    rendering = _text_rendering(args) if args.output == "text" else None
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     try:
@@ -173,5 +176,6 @@ def add_parser(sub: Subcommands) -> None:
     r.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS",
                    help="a node silent this long is lost and its run ends with node_lost (default 8)")
     client_args(r)
+    add_no_color_option(r)
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)

@@ -9,7 +9,15 @@ import sys
 import time
 from typing import Any
 
-from asm_cli.commands._common import EXIT_OK, FINISHED, Subcommands, ask, client_args, server_target
+from asm_cli.commands._common import (
+    EXIT_OK,
+    FINISHED,
+    Subcommands,
+    add_no_color_option,
+    ask,
+    client_args,
+    server_target,
+)
 from asm_wire import pb
 
 
@@ -32,25 +40,18 @@ def _run_row(info: pb.RunInfo, node: str) -> dict[str, Any]:
     }
 
 
-def _runs_table(rows: list[dict[str, Any]]) -> str:
-    head = ("RUN", "SESSION", "PROVIDER", "NODE", "STATUS", "STARTED", "DURATION")
-    lines = [head] + [
-        (r["run_id"], r["session_id"], r["provider"], r["node"] or "-", r["status"], r["started"] or "-",
-         "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s")
-        for r in rows
-    ]
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n"
-                   for line in lines)
-
-
 async def _runs(args: argparse.Namespace) -> int:
     target, what = server_target(args)
     request = pb.ListRunsRequest(status=args.status or "", limit=args.limit)
     resp: pb.ListRunsResponse = await ask(target, what, lambda c: c.list_runs(request))
     # A node leaves RunInfo.node empty (the runs are its own); a controller names the run's node.
     rows = [_run_row(info, "" if args.controller else args.node) for info in resp.runs]
-    sys.stdout.write(json.dumps(rows, indent=2) + "\n" if args.output == "json" else _runs_table(rows))
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        from asm_cli import ui
+
+        ui.print_runs(rows, sys.stdout, no_color=args.no_color)
     return EXIT_OK
 
 
@@ -68,4 +69,5 @@ def add_parser(sub: Subcommands) -> None:
                     help="at most the N most recently started runs (default: the server's, 1000)")
     rs.add_argument("--output", default="text", choices=["text", "json"])
     client_args(rs)
+    add_no_color_option(rs)
     rs.set_defaults(func=cmd_runs)
