@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from asm_wire import KIND_VALUES, ConfigError, pb
+from asm_wire import KIND_VALUES, ConfigError, PermissionMode, choices, pb
 
-PERMISSION_MODES = ("default", "auto", "bypass", "plan")
+#: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
+PERMISSION_MODES = choices(PermissionMode)
 
 
 @dataclass(frozen=True)
