@@ -20,7 +20,7 @@ from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent
 from asm_node.providers.base import CommandSpec, RunSpec
 from asm_node.run import Run
-from asm_wire import KIND_VALUES, AsmError, RunNotFound, pb
+from asm_wire import KIND_VALUES, AsmError, ReplayGap, RunNotFound, pb
 from tests.conftest import NodeProcess, node_config
 
 
@@ -214,3 +214,16 @@ def test_negative_retention_flag_is_a_config_error(tmp_path: Path) -> None:
                            "--retention-runs", "-1"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode != 0
     assert "retention_max_runs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_cursor_older_than_the_held_events_is_a_replay_gap() -> None:
+    """The node's replay bound is a typed ReplayGap (kind buffer_overflow, reason replay_gap), not a string to match."""
+    agent = NodeAgent(node_config(reaper=False, replay_buffer_events=16))
+    run = _run(agent, "long")
+    for _ in range(40):
+        run._emit([pb.Event(kind=KIND_VALUES["assistant_delta"], assistant_delta=pb.AssistantDelta(content="x"))])
+    with pytest.raises(ReplayGap) as exc:
+        async for _ in run.follow(0):
+            pass
+    assert (exc.value.kind, exc.value.reason) == ("buffer_overflow", "replay_gap") and "long" in exc.value.message
+    run._complete("completed", 0, 0)
