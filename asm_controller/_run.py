@@ -31,7 +31,13 @@ from asm_wire import (
     AsmError,
     ConfigError,
     Decision,
+    NodeCapabilityMismatch,
     NodeConnectionError,
+    NodeConnectTimeout,
+    NodeNotReady,
+    NodeUnauthenticated,
+    NodeUnreachable,
+    NodeVersionMismatch,
     RunNotFound,
     RunStatus,
     make_error,
@@ -76,12 +82,12 @@ _TRANSIENT_KINDS = frozenset({"connection_failed", "transport_error", "timeout"}
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, AsmError) and exc.kind in _TRANSIENT_KINDS and exc.reason not in _ADMISSION_REASONS
+    return isinstance(exc, AsmError) and exc.kind in _TRANSIENT_KINDS and not isinstance(exc, _ADMISSION_REFUSALS)
 
 
-_ADMISSION_REASONS = frozenset({"unauthenticated", "version_mismatch", "capability_mismatch"})
+_ADMISSION_REFUSALS = (NodeUnauthenticated, NodeVersionMismatch, NodeCapabilityMismatch)
 # Failures that say the node itself is in trouble (they mark it unhealthy for the cooldown).
-_NODE_FAULTS = frozenset({"unreachable", "connect_timeout", "not_ready", "version_mismatch", "capability_mismatch"})
+_NODE_FAULTS = (NodeUnreachable, NodeConnectTimeout, NodeNotReady, NodeVersionMismatch, NodeCapabilityMismatch)
 
 
 # What gRPC core says when the channel never reached the node: a call that failed like this was
@@ -331,7 +337,7 @@ class Run:
                     self._started_on_node = False
                     self.handle = None
                     # A refusal for this run (cwd, capacity, ...) says nothing of the node's health.
-                    if err.reason in _NODE_FAULTS or (transient and not isinstance(err, NodeConnectionError)):
+                    if isinstance(err, _NODE_FAULTS) or (transient and not isinstance(err, NodeConnectionError)):
                         host.pool.health.failure(target.key, err.reason or "unreachable")
                     attempts.append({"node": target.address, "error": err.to_dict()})
                     if host.metrics is not None:
@@ -421,7 +427,7 @@ class Run:
                 break
             except NodeConnectionError as err:
                 failures += 1
-                if time.monotonic() + _backoff(failures) >= deadline or err.reason not in _NODE_FAULTS:
+                if time.monotonic() + _backoff(failures) >= deadline or not isinstance(err, _NODE_FAULTS):
                     raise make_error("node_lost", "transport", f"cannot re-attach run {self.run_id} on "
                                      f"{target.address}: {err.message}") from None
                 await asyncio.sleep(_backoff(failures))

@@ -48,6 +48,7 @@ from asm_wire import (
     ConfigError,
     NodeNotFound,
     NodeNotReady,
+    NodeUnreachable,
     ReplayGap,
     RunNotFound,
     RunStatus,
@@ -141,8 +142,7 @@ async def resolve_dns(name_port: str) -> list[str]:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise make_error("connection_failed", "transport", f"cannot resolve {host}: {exc}",
-                         reason="unreachable") from None
+        raise NodeUnreachable(f"cannot resolve {host}: {exc}") from None
     addrs = sorted({(str(i[4][0]), int(i[4][1])) for i in infos})
     return [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in addrs]
 
@@ -383,8 +383,7 @@ class FleetApi:
                 await asyncio.wait_for(asyncio.shield(run.bound.wait()),
                                        self.config.liveness.node_lost_timeout_s)
             if run.handle is None and run.state != "done":
-                raise make_error("connection_failed", "transport",
-                                 f"run {request.run_id} is not on a node yet; try again", reason="not_ready")
+                raise NodeNotReady(f"run {request.run_id} is not on a node yet; try again")
         if run.state == "done" or run.handle is None:
             for done_batch in await self._ended(run, cursor):
                 yield done_batch
@@ -435,8 +434,7 @@ class FleetApi:
         """A run from the registry: its logged events after ``cursor`` (an ended run's end always)."""
         if rec.status not in TERMINAL_STATUSES:
             # In flight but not followed here (it could not be recovered yet): the client retries.
-            raise make_error("connection_failed", "transport", f"run {rec.run_id} is being recovered; try again",
-                             reason="not_ready")
+            raise NodeNotReady(f"run {rec.run_id} is being recovered; try again")
         if cursor + 1 < rec.first_held_seq:
             # As a node says it (same kind and reason): the client's code handles one gap.
             raise ReplayGap(f"events {cursor + 1}..{rec.first_held_seq - 1} of run "

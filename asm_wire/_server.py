@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asm_wire._address import is_loopback_host, parse_address
-from asm_wire._errors import AsmError, ConfigError, PermissionDenied
+from asm_wire._errors import AsmError, ConfigError, NodeUnauthenticated, PermissionDenied
 from asm_wire._principal import (
     ANONYMOUS,
     AUDIT,
@@ -285,9 +285,8 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
     })
 
 
-_AUTH_ERR = AsmError("missing or invalid bearer token", kind="auth_error", domain="transport", reason="unauthenticated")
-_CERT_ERR = AsmError("no verified client certificate subject", kind="auth_error", domain="transport",
-                     reason="unauthenticated")
+_AUTH_ERR = NodeUnauthenticated("missing or invalid bearer token")
+_CERT_ERR = NodeUnauthenticated("no verified client certificate subject")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
