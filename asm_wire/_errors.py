@@ -14,52 +14,8 @@ a kind map to its class and status. Rows of ``AsmError`` itself are kinds with n
 own. An error's gRPC status is its reason's row, else its kind's reason-less row, else INTERNAL.
 "unknown id" is ``not_found`` (NOT_FOUND); ``unknown`` is *unclassified* (gRPC UNKNOWN).
 
-Errors::
-
-    class                    kind               domain     reason               gRPC status
-    AsmError                 unknown            runtime    -                    UNKNOWN
-    AsmError                 runtime            runtime    -                    INTERNAL
-    AsmError                 timeout            transport  -                    DEADLINE_EXCEEDED
-    AsmError                 connection_failed  transport  -                    UNAVAILABLE
-    AsmError                 transport_error    transport  -                    UNAVAILABLE
-    AsmError                 node_lost          transport  -                    UNAVAILABLE
-    AsmError                 node_draining      runtime    -                    UNAVAILABLE
-    AsmError                 node_shutdown      runtime    -                    UNAVAILABLE
-    AsmError                 run_lost           runtime    -                    FAILED_PRECONDITION
-    AsmError                 cli_not_found      provider   -                    FAILED_PRECONDITION
-    AsmError                 at_capacity        runtime    -                    RESOURCE_EXHAUSTED
-    AsmError                 queue_full         runtime    -                    RESOURCE_EXHAUSTED
-    AsmError                 buffer_overflow    transport  -                    OUT_OF_RANGE
-    AsmError                 buffer_overflow    transport  message_too_large    OUT_OF_RANGE
-    AsmError                 guardrail_blocked  guardrail  -                    PERMISSION_DENIED
-    AsmError                 auth_error         transport  -                    UNAUTHENTICATED
-    AsmError                 user_cancelled     runtime    -                    CANCELLED
-    AsmError                 not_found          runtime    -                    NOT_FOUND
-    ConfigError              config_invalid     config     -                    INVALID_ARGUMENT
-    NodeConnectionError      connection_failed  transport  *                    UNAVAILABLE
-    ├ NodeUnreachable        connection_failed  transport  unreachable          UNAVAILABLE
-    ├ NodeConnectTimeout     timeout            transport  connect_timeout      DEADLINE_EXCEEDED
-    ├ NodeUnauthenticated    auth_error         transport  unauthenticated      UNAUTHENTICATED
-    ├ NodeVersionMismatch    connection_failed  transport  version_mismatch     UNAVAILABLE
-    ├ NodeCapabilityMismatch connection_failed  transport  capability_mismatch  UNAVAILABLE
-    ├ NodeNotReady           connection_failed  transport  not_ready            UNAVAILABLE
-    ├ ProviderMissing        cli_not_found      provider   provider_missing     FAILED_PRECONDITION
-    ├ CwdNotAllowed          config_invalid     config     cwd_not_allowed      PERMISSION_DENIED
-    └ NodeAtCapacity         at_capacity        runtime    at_capacity          RESOURCE_EXHAUSTED
-    PermissionDenied         auth_error         transport  permission_denied    PERMISSION_DENIED
-    RunNotFound              not_found          runtime    run_not_found        NOT_FOUND
-    ApprovalNotFound         not_found          approval   approval_not_found   NOT_FOUND
-    NodeNotFound             not_found          runtime    node_not_found       NOT_FOUND
-    ReplayGap                buffer_overflow    transport  replay_gap           OUT_OF_RANGE
-    StoreError               runtime            runtime    store_unavailable    INTERNAL
-    StoreError               runtime            runtime    schema_too_new       INTERNAL
-    └ StoreLocked            runtime            runtime    store_in_use         INTERNAL
-    WorkspaceError           tool_failed        tool       workspace_io         INTERNAL
-    ├ GitFailed              tool_failed        tool       git_failed           INTERNAL
-    ├ GitTimeout             timeout            tool       git_timeout          DEADLINE_EXCEEDED
-    └ SnapshotNotFound       not_found          tool       snapshot_not_found   NOT_FOUND
-    DecodeError              parse_error        parser     corrupt_line         INVALID_ARGUMENT
-    RunError                 unknown            runtime    *                    UNKNOWN
+The table (``_TABLE_TEXT`` below the imports; appended to this docstring at import, so ``help()`` shows
+it, and read from the constant, so ``python -OO`` keeps working) is headed ``Errors::``.
 
 What the causes mean:
 
@@ -119,6 +75,55 @@ DOMAINS: Final = frozenset(
 _MD_KIND: Final = "asm-error-kind"
 _MD_DOMAIN: Final = "asm-error-domain"
 _MD_REASON: Final = "asm-error-reason"
+
+#: The error table: every class under AsmError with its kind, domain, reason(s) and gRPC status.
+#: Its one declaration; read by _read_table() below (how to read it: the module docstring).
+_TABLE_TEXT: Final = """\
+    class                    kind               domain     reason               gRPC status
+    AsmError                 unknown            runtime    -                    UNKNOWN
+    AsmError                 runtime            runtime    -                    INTERNAL
+    AsmError                 timeout            transport  -                    DEADLINE_EXCEEDED
+    AsmError                 connection_failed  transport  -                    UNAVAILABLE
+    AsmError                 transport_error    transport  -                    UNAVAILABLE
+    AsmError                 node_lost          transport  -                    UNAVAILABLE
+    AsmError                 node_draining      runtime    -                    UNAVAILABLE
+    AsmError                 node_shutdown      runtime    -                    UNAVAILABLE
+    AsmError                 run_lost           runtime    -                    FAILED_PRECONDITION
+    AsmError                 cli_not_found      provider   -                    FAILED_PRECONDITION
+    AsmError                 at_capacity        runtime    -                    RESOURCE_EXHAUSTED
+    AsmError                 queue_full         runtime    -                    RESOURCE_EXHAUSTED
+    AsmError                 buffer_overflow    transport  -                    OUT_OF_RANGE
+    AsmError                 buffer_overflow    transport  message_too_large    OUT_OF_RANGE
+    AsmError                 guardrail_blocked  guardrail  -                    PERMISSION_DENIED
+    AsmError                 auth_error         transport  -                    UNAUTHENTICATED
+    AsmError                 user_cancelled     runtime    -                    CANCELLED
+    AsmError                 not_found          runtime    -                    NOT_FOUND
+    ConfigError              config_invalid     config     -                    INVALID_ARGUMENT
+    NodeConnectionError      connection_failed  transport  *                    UNAVAILABLE
+    ├ NodeUnreachable        connection_failed  transport  unreachable          UNAVAILABLE
+    ├ NodeConnectTimeout     timeout            transport  connect_timeout      DEADLINE_EXCEEDED
+    ├ NodeUnauthenticated    auth_error         transport  unauthenticated      UNAUTHENTICATED
+    ├ NodeVersionMismatch    connection_failed  transport  version_mismatch     UNAVAILABLE
+    ├ NodeCapabilityMismatch connection_failed  transport  capability_mismatch  UNAVAILABLE
+    ├ NodeNotReady           connection_failed  transport  not_ready            UNAVAILABLE
+    ├ ProviderMissing        cli_not_found      provider   provider_missing     FAILED_PRECONDITION
+    ├ CwdNotAllowed          config_invalid     config     cwd_not_allowed      PERMISSION_DENIED
+    └ NodeAtCapacity         at_capacity        runtime    at_capacity          RESOURCE_EXHAUSTED
+    PermissionDenied         auth_error         transport  permission_denied    PERMISSION_DENIED
+    RunNotFound              not_found          runtime    run_not_found        NOT_FOUND
+    ApprovalNotFound         not_found          approval   approval_not_found   NOT_FOUND
+    NodeNotFound             not_found          runtime    node_not_found       NOT_FOUND
+    ReplayGap                buffer_overflow    transport  replay_gap           OUT_OF_RANGE
+    StoreError               runtime            runtime    store_unavailable    INTERNAL
+    StoreError               runtime            runtime    schema_too_new       INTERNAL
+    └ StoreLocked            runtime            runtime    store_in_use         INTERNAL
+    WorkspaceError           tool_failed        tool       workspace_io         INTERNAL
+    ├ GitFailed              tool_failed        tool       git_failed           INTERNAL
+    ├ GitTimeout             timeout            tool       git_timeout          DEADLINE_EXCEEDED
+    └ SnapshotNotFound       not_found          tool       snapshot_not_found   NOT_FOUND
+    DecodeError              parse_error        parser     corrupt_line         INVALID_ARGUMENT
+    RunError                 unknown            runtime    *                    UNKNOWN
+"""
 
 
 def normalize_kind(code: str | None) -> str:
@@ -291,11 +296,10 @@ class _Row:
     status: grpc.StatusCode
 
 
-def _read_table(doc: str) -> tuple[_Row, ...]:
-    """The rows of the module docstring's ``Errors::`` table (the one declaration of the tree)."""
-    block = doc.split("Errors::", 1)[1].split("\n\n", 2)[1]
+def _read_table(text: str) -> tuple[_Row, ...]:
+    """The rows of the error table (the one declaration of the tree)."""
     rows = []
-    for line in block.splitlines()[1:]:  # the first line is the header
+    for line in text.splitlines()[1:]:  # the first line is the header
         name, kind, domain, reason, status = line.strip().lstrip("├└│ ").split()
         cls = globals()[name]
         if not (isinstance(cls, type) and issubclass(cls, AsmError)):
@@ -304,7 +308,9 @@ def _read_table(doc: str) -> tuple[_Row, ...]:
     return tuple(rows)
 
 
-TABLE: Final[tuple[_Row, ...]] = _read_table(__doc__ or "")
+TABLE: Final[tuple[_Row, ...]] = _read_table(_TABLE_TEXT)
+if __doc__ is not None:
+    __doc__ += "\nErrors::\n\n" + _TABLE_TEXT
 _BY_KEY: Final[dict[tuple[str, str], _Row]] = {}
 for _r in TABLE:
     if _r.cls.__dict__.get("_row") is None:  # a class's first row: its defaults
