@@ -39,7 +39,14 @@ from asm_controller._registry import StoreRegistry, decode_chunks
 from asm_controller._routing import eligible
 from asm_controller._run import Run
 from asm_controller._session import Session
-from asm_controller._store import DEFAULT_HISTORY_MAX_BYTES, MemoryStore, RunRecord, RunStore, open_store
+from asm_controller._store import (
+    DEFAULT_HISTORY_MAX_BYTES,
+    STATUSES,
+    MemoryStore,
+    RunRecord,
+    RunStore,
+    open_store,
+)
 from asm_wire import (
     CONTROLLER_CAPABILITIES,
     PROTOCOL_VERSION,
@@ -158,8 +165,8 @@ def _not_found(run_id: str) -> AsmError:
 #: ListRuns' status filter: the CLI's names -> the registry's.
 _STATUS_NAMES = {"pending": "pending", "starting": "pending", "running": "running", "completed": "completed",
                  "failed": "failed", "interrupted": "interrupted"}
-_RUN_STATUS = {"pending": pb.RUN_STATUS_STARTING, **{s.value: run_status_value(s) for s in TERMINAL_STATUSES},
-               RunStatus.RUNNING.value: pb.RUN_STATUS_RUNNING}
+#: The registry's statuses on the wire: its "pending" is the wire's "starting"; the others share their names.
+_RUN_STATUS = {name: run_status_value(RunStatus.STARTING if name == "pending" else name) for name in STATUSES}
 
 
 def run_info(rec: RunRecord) -> pb.RunInfo:
@@ -296,7 +303,8 @@ class FleetApi:
                 if p.available and p.name not in providers:
                     providers[p.name] = p
         return pb.HandshakeResponse(
-            agent_version=__version__, protocol_version=PROTOCOL_VERSION, capabilities=[c.value for c in CONTROLLER_CAPABILITIES],
+            agent_version=__version__, protocol_version=PROTOCOL_VERSION,
+            capabilities=[c.value for c in CONTROLLER_CAPABILITIES],
             node_id=f"controller@{socket.gethostname()}", boot_epoch=self.epoch,
             host=pb.HostFacts(hostname=socket.gethostname(), cpu_count=os.cpu_count() or 0),
             providers=list(providers.values()), limits=pb.Limits(max_runs=max_runs),
