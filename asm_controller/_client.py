@@ -14,10 +14,9 @@ from typing import Any
 
 import grpc
 
-from asm_wire import ConfigError, error_from_rpc, grpc_target, pb
+from asm_wire import MAX_MESSAGE_BYTES, ConfigError, error_from_rpc, grpc_target, pb
 from asm_wire.v1 import node_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: AsmError.details key: the error was the server's typed answer, not a transport failure.
 ANSWERED = "rpc_answered"
 

@@ -18,6 +18,7 @@ from typing import Protocol
 from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode
 from asm_wire import (
     PROTOCOL_VERSION,
+    REQUIRED_CAPABILITIES,
     AsmError,
     NodeApi,
     NodeCapabilityMismatch,
@@ -28,14 +29,12 @@ from asm_wire import (
     NodeVersionMismatch,
     __version__,
     error_from_info,
+    node_state_name,
     pb,
     version_major_minor,
 )
 
 log = logging.getLogger("asm_controller.connector")
-
-REQUIRED_CAPABILITIES = frozenset({"run.start.v1", "run.attach.v1", "run.interrupt.v1", "approval.resolve.v1"})
-
 
 @dataclass(frozen=True)
 class EmbeddedNode:
@@ -201,14 +200,13 @@ def check_compatible(info: pb.HandshakeResponse, address: str, *, ready: bool = 
             f"node {address} speaks wire protocol {info.protocol_version}, this controller {PROTOCOL_VERSION}",
             details={"local_protocol": PROTOCOL_VERSION, "remote_protocol": info.protocol_version},
         )
-    missing = sorted(REQUIRED_CAPABILITIES - set(info.capabilities))
+    missing = sorted(c.value for c in REQUIRED_CAPABILITIES - set(info.capabilities))
     if missing:
         raise NodeCapabilityMismatch(
             f"node {address} lacks capabilities: {', '.join(missing)}", details={"missing": missing}
         )
     if ready and info.state != pb.NODE_STATE_READY:
-        state = pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
-        raise NodeNotReady(f"node {address} is {state}")
+        raise NodeNotReady(f"node {address} is {node_state_name(info.state)}")
 
 
 def _connect_error(err: AsmError, node: RemoteNode) -> AsmError:

@@ -17,16 +17,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from asm_wire import ConfigError, __version__, pb
+from asm_wire import ConfigError, NodeState, RunStatus, __version__, pb
 
 if TYPE_CHECKING:
     from asm_controller._session import Session
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-STATES = ("healthy", "degraded", "unhealthy", "draining", "lost")
+STATES = ("healthy", "degraded", "unhealthy", NodeState.DRAINING.value, "lost")
 PROVIDERS = ("claude", "codex", "gemini", "amp", "shell")
 #: Outcomes of ``asm_controller_runs_routed_total`` (Session._finish maps every end to one of them).
-OUTCOMES = ("completed", "failed", "interrupted", "node_lost")
+OUTCOMES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.INTERRUPTED.value, "node_lost")
 
 
 class ControllerMetrics:
@@ -127,7 +127,7 @@ class _SessionCollector(Collector):
                     current, is_up, hb = "lost", 0.0, handle.heartbeat_age_s
                 else:
                     draining = handle.info.state != pb.NODE_STATE_READY
-                    current = "draining" if draining else health
+                    current = NodeState.DRAINING.value if draining else health
                     is_up, hb = 1.0, handle.heartbeat_age_s
                     if not draining and health != "unhealthy":
                         for p in handle.info.providers:

@@ -10,9 +10,10 @@ from typing import Any
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeTarget
 from asm_controller._events import Event
-from asm_wire import ConfigError
+from asm_wire import ConfigError, PermissionMode, choices
 
-PERMISSION_MODES = ("default", "auto", "bypass", "plan")
+#: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
+PERMISSION_MODES = choices(PermissionMode)
 
 
 @dataclass(frozen=True)

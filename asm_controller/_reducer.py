@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asm_controller._events import Event
-from asm_wire import KIND_VALUES, AsmError, RunError, normalize_kind, pb
+from asm_wire import AsmError, EventKind, RunError, RunStatus, is_failure, kind_value, normalize_kind, pb
 
-_DELTA = KIND_VALUES["assistant_delta"]
-_MESSAGE = KIND_VALUES["assistant_message"]
-_RESULT = KIND_VALUES["result"]
-_ERROR = KIND_VALUES["error"]
-_COMPLETED = KIND_VALUES["run_completed"]
-_STARTED = KIND_VALUES["run_started"]
-_COST = KIND_VALUES["cost_update"]
-_APPROVAL_REQ = KIND_VALUES["approval_requested"]
-_APPROVAL_RES = KIND_VALUES["approval_resolved"]
-_TERMINAL_SEVERITIES = (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)
+_DELTA = kind_value(EventKind.ASSISTANT_DELTA)
+_MESSAGE = kind_value(EventKind.ASSISTANT_MESSAGE)
+_RESULT = kind_value(EventKind.RESULT)
+_ERROR = kind_value(EventKind.ERROR)
+_COMPLETED = kind_value(EventKind.RUN_COMPLETED)
+_STARTED = kind_value(EventKind.RUN_STARTED)
+_COST = kind_value(EventKind.COST_UPDATE)
+_APPROVAL_REQ = kind_value(EventKind.APPROVAL_REQUESTED)
+_APPROVAL_RES = kind_value(EventKind.APPROVAL_RESOLVED)
 #: Error kinds of an interrupted run: a client asked, or the node stopped it (drain deadline, shutdown).
 INTERRUPT_KINDS = frozenset({"user_cancelled", "node_draining", "node_shutdown"})
 #: The node ended the run itself; with on_node_lost="resume" it continues on another node.
@@ -75,7 +74,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.status == "completed" and self.error is None
+        return self.status == RunStatus.COMPLETED and self.error is None
 
     def raise_for_error(self) -> Result:
         if self.error is not None:
@@ -104,8 +103,9 @@ class Result:
         }
 
 
-def _message_text(msg: pb.AssistantMessage) -> str:
-    return "".join(b.text for b in msg.content if b.type == "text")
+def message_text(msg: pb.AssistantMessage) -> str:
+    """An assistant message's text blocks, joined (the reducer's and the renderers' one reading)."""
+    return "".join([b.text for b in msg.content if b.type == "text"])
 
 
 class EventReducer:
@@ -156,7 +156,7 @@ class EventReducer:
         if kind == _MESSAGE:
             # The full message supersedes the deltas that streamed it; deltas that
             # are not a prefix of it belong to something else and are kept.
-            text = _message_text(m.assistant_message)
+            text = message_text(m.assistant_message)
             if self._deltas:
                 streamed = "".join(self._deltas)
                 self._deltas.clear()
@@ -165,7 +165,7 @@ class EventReducer:
             if text:
                 self._committed.append(text)
         elif kind == _STARTED:
-            self.status = "running"
+            self.status = RunStatus.RUNNING
             stamped = m.metadata.get("asm.controller")
             if stamped:
                 # Recorded by the controller that ran it (node, epoch, attempts): restored on replay.
@@ -192,8 +192,8 @@ class EventReducer:
             return True
         elif kind == _RESULT:
             self._stop_reason = m.result.stop_reason or None
-            if self.status not in ("failed", "interrupted"):
-                self.status = "completed"
+            if self.status not in (RunStatus.FAILED, RunStatus.INTERRUPTED):
+                self.status = RunStatus.COMPLETED
             if m.result.output_json:
                 try:
                     out = json.loads(m.result.output_json)
@@ -207,10 +207,10 @@ class EventReducer:
                 e.message, kind=normalize_kind(e.code), domain=e.domain or "runtime",
                 exit_code=e.exit_code if e.exit_code >= 0 else None,
             )
-            if e.severity in _TERMINAL_SEVERITIES:
+            if is_failure(e.severity):
                 if self._error is None:
                     self._error = err
-                self.status = "interrupted" if err.kind in INTERRUPT_KINDS else "failed"
+                self.status = RunStatus.INTERRUPTED if err.kind in INTERRUPT_KINDS else RunStatus.FAILED
             else:
                 self._warnings.append(err)
         elif kind == _COMPLETED:
@@ -218,9 +218,9 @@ class EventReducer:
             if rc.status:
                 self.status = rc.status
             if self._error is not None and self._error.kind not in INTERRUPT_KINDS:
-                self.status = "failed"  # e.g. a guardrail stopped the run: the interrupt was only the means
-            elif self.status in ("pending", "running"):
-                self.status = "completed"
+                self.status = RunStatus.FAILED  # e.g. a guardrail stopped the run: the interrupt was only the means
+            elif self.status in ("pending", RunStatus.RUNNING):
+                self.status = RunStatus.COMPLETED
             if rc.exit_code >= 0:
                 self._exit_code = rc.exit_code
             self.finished = True

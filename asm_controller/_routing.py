@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from asm_wire import ConfigError, pb
+from asm_wire import ConfigError, Strategy, choices, node_state_name, pb
 
-STRATEGIES = ("priority", "round_robin", "weighted")
+#: The routing strategies (the vocabulary is asm_wire.Strategy).
+STRATEGIES = choices(Strategy)
 
 
 @dataclass
@@ -94,13 +95,13 @@ def order(strategy: str, cands: Sequence[Candidate], state: _StrategyState) -> l
     """The pick first, then the failover order. Deterministic for a given state."""
     if not cands:
         return []
-    if strategy == "priority":
+    if strategy == Strategy.PRIORITY:
         return sorted(cands, key=lambda c: (c.priority, c.position))
-    if strategy == "round_robin":
+    if strategy == Strategy.ROUND_ROBIN:
         i = state.counter % len(cands)
         state.counter += 1
         return list(cands[i:]) + list(cands[:i])
-    if strategy == "weighted":
+    if strategy == Strategy.WEIGHTED:
         total = sum(max(c.weight, 1) for c in cands)
         for c in cands:
             state.current[c.key] = state.current.get(c.key, 0) + max(c.weight, 1)
@@ -116,7 +117,7 @@ def eligible(info: pb.HandshakeResponse | None, provider: str, selector: Mapping
     if info is None:
         return None
     if info.state != pb.NODE_STATE_READY:
-        return pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+        return node_state_name(info.state)
     prov = next((p for p in info.providers if p.name == provider), None)
     if prov is None or not prov.available:
         return f"no {provider} CLI"

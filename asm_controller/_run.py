@@ -26,7 +26,23 @@ from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, EventRe
 from asm_controller._registry import Registry, restore_reducer
 from asm_controller._routing import Candidate, eligible
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
-from asm_wire import AsmError, ConfigError, NodeConnectionError, make_error, pb
+from asm_wire import (
+    TERMINAL_STATUSES,
+    AsmError,
+    ConfigError,
+    Decision,
+    NodeCapabilityMismatch,
+    NodeConnectionError,
+    NodeConnectTimeout,
+    NodeNotReady,
+    NodeUnauthenticated,
+    NodeUnreachable,
+    NodeVersionMismatch,
+    RunNotFound,
+    RunStatus,
+    make_error,
+    pb,
+)
 
 log = logging.getLogger("asm_controller.session")
 
@@ -66,12 +82,12 @@ _TRANSIENT_KINDS = frozenset({"connection_failed", "transport_error", "timeout"}
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, AsmError) and exc.kind in _TRANSIENT_KINDS and exc.reason not in _ADMISSION_REASONS
+    return isinstance(exc, AsmError) and exc.kind in _TRANSIENT_KINDS and not isinstance(exc, _ADMISSION_REFUSALS)
 
 
-_ADMISSION_REASONS = frozenset({"unauthenticated", "version_mismatch", "capability_mismatch"})
+_ADMISSION_REFUSALS = (NodeUnauthenticated, NodeVersionMismatch, NodeCapabilityMismatch)
 # Failures that say the node itself is in trouble (they mark it unhealthy for the cooldown).
-_NODE_FAULTS = frozenset({"unreachable", "connect_timeout", "not_ready", "version_mismatch", "capability_mismatch"})
+_NODE_FAULTS = (NodeUnreachable, NodeConnectTimeout, NodeNotReady, NodeVersionMismatch, NodeCapabilityMismatch)
 
 
 # What gRPC core says when the channel never reached the node: a call that failed like this was
@@ -321,7 +337,7 @@ class Run:
                     self._started_on_node = False
                     self.handle = None
                     # A refusal for this run (cwd, capacity, ...) says nothing of the node's health.
-                    if err.reason in _NODE_FAULTS or (transient and not isinstance(err, NodeConnectionError)):
+                    if isinstance(err, _NODE_FAULTS) or (transient and not isinstance(err, NodeConnectionError)):
                         host.pool.health.failure(target.key, err.reason or "unreachable")
                     attempts.append({"node": target.address, "error": err.to_dict()})
                     if host.metrics is not None:
@@ -411,7 +427,7 @@ class Run:
                 break
             except NodeConnectionError as err:
                 failures += 1
-                if time.monotonic() + _backoff(failures) >= deadline or err.reason not in _NODE_FAULTS:
+                if time.monotonic() + _backoff(failures) >= deadline or not isinstance(err, _NODE_FAULTS):
                     raise make_error("node_lost", "transport", f"cannot re-attach run {self.run_id} on "
                                      f"{target.address}: {err.message}") from None
                 await asyncio.sleep(_backoff(failures))
@@ -475,7 +491,7 @@ class Run:
                     raise _NodeLost(self._lost) from None
                 except AsmError as err:
                     # run_lost: the node restarted while the run ran (its run journal says so).
-                    if (err.kind in ("unknown", "not_found") and err.domain == "runtime") or err.kind == "run_lost":
+                    if isinstance(err, RunNotFound) or err.kind == "run_lost":
                         raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "
                                         f"({err.message})") from None
                     if not _transient(err):
@@ -651,7 +667,7 @@ class Run:
     def _arm_local_approval(self, approval_id: str) -> None:
         loop = asyncio.get_running_loop()
         self._local_approvals[approval_id] = loop.call_later(
-            self.opts.approval_timeout_ms / 1000, self.resolve_local_approval, approval_id, "deny", "timeout")
+            self.opts.approval_timeout_ms / 1000, self.resolve_local_approval, approval_id, Decision.DENY, "timeout")
 
     def is_local_approval(self, approval_id: str) -> bool:
         """Whether a pipeline plug raised this approval (answered here, not by the node)."""
@@ -673,7 +689,7 @@ class Run:
         if self.channel is not None:
             self.channel.put_final([ev])
         self._emit_observers([ev])
-        if decision != "allow":
+        if decision != Decision.ALLOW:
             # The CLI already went ahead (the policy sees events after the fact): a denial stops the run.
             self._reject(make_error("guardrail_blocked", "guardrail",
                                     f"policy approval {approval_id} denied ({reason or 'deny'})"))
@@ -684,7 +700,7 @@ class Run:
         r = self.reducer
         if r.finished:
             return
-        status = "interrupted" if err.kind in INTERRUPT_KINDS else "failed"
+        status = RunStatus.INTERRUPTED if err.kind in INTERRUPT_KINDS else RunStatus.FAILED
         common = {"run_id": self.run_id, "session_id": self.host.session_id, "provider": self.opts.provider}
         events = [
             Event.synthetic("error", **common, seq=r.last_seq + 1, message=err.message, code=err.kind,
@@ -718,8 +734,8 @@ class Run:
         if metrics is not None:
             err = self.reducer.error
             outcome = "node_lost" if err is not None and err.kind == "node_lost" else self.reducer.status
-            if outcome not in ("completed", "failed", "interrupted", "node_lost"):
-                outcome = "failed"
+            if outcome != "node_lost" and outcome not in TERMINAL_STATUSES:
+                outcome = RunStatus.FAILED
             metrics.routed.labels(str(self.reducer.metadata.get("node_address", "none")), outcome).inc()
         if self._typed_error is not None:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
@@ -741,7 +757,7 @@ class Run:
         try:
             await self.handle.api.interrupt_run(pb.InterruptRunRequest(run_id=self._node_run_id))
         except AsmError as err:
-            if err.kind == "unknown":  # not created on the node yet: retried after the next batch
+            if isinstance(err, RunNotFound):  # not created on the node yet: retried after the next batch
                 self._interrupt_sent = False
             else:
                 log.warning("interrupt of run %s failed: %s", self.run_id, err)

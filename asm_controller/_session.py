@@ -34,7 +34,7 @@ from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
 from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
 from asm_controller._store import RunRecord
-from asm_wire import ConfigError, make_error, pb, ulid, valid_id
+from asm_wire import ApprovalNotFound, ConfigError, RunNotFound, make_error, pb, ulid, valid_id
 
 
 class RunStream:
@@ -269,7 +269,7 @@ class Session:
     async def interrupt(self, run_id: str) -> None:
         run = self._runs.get(run_id)
         if run is None or run.state == "done":
-            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+            raise RunNotFound(f"Unknown run id: {run_id}")
         await run.interrupt()
 
     async def approve(self, approval_id: str, decision: str, reason: str = "") -> None:
@@ -280,7 +280,7 @@ class Session:
             run.resolve_local_approval(approval_id, decision, reason)
             return
         if run is None or run.handle is None:
-            raise make_error("unknown", "approval", f"Unknown approval id: {approval_id}")
+            raise ApprovalNotFound(f"Unknown approval id: {approval_id}")
         await run.handle.api.resolve_approval(
             pb.ResolveApprovalRequest(run_id=run.run_id, approval_id=approval_id, decision=decision, reason=reason)
         )
@@ -323,7 +323,7 @@ class Session:
         """
         run = self._runs.get(run_id)
         if run is None or run.state == "done":
-            raise make_error("unknown", "runtime", f"Unknown active run id: {run_id}")
+            raise RunNotFound(f"Unknown active run id: {run_id}")
         psid = run.reducer.provider_session_id
         if not psid or run.handle is None:
             raise make_error("config_invalid", "provider",
@@ -352,7 +352,7 @@ class Session:
     def result(self, run_id: str) -> Result:
         run = self._runs.get(run_id)
         if run is None:
-            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+            raise RunNotFound(f"Unknown run id: {run_id}")
         return run.result()
 
     async def stop(self, timeout: float = 15.0) -> None:

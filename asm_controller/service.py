@@ -39,17 +39,33 @@ from asm_controller._registry import StoreRegistry, decode_chunks
 from asm_controller._routing import eligible
 from asm_controller._run import Run
 from asm_controller._session import Session
-from asm_controller._store import DEFAULT_HISTORY_MAX_BYTES, MemoryStore, RunRecord, RunStore, open_store
+from asm_controller._store import (
+    DEFAULT_HISTORY_MAX_BYTES,
+    STATUSES,
+    MemoryStore,
+    RunRecord,
+    RunStore,
+    open_store,
+)
 from asm_wire import (
+    CONTROLLER_CAPABILITIES,
     PROTOCOL_VERSION,
+    TERMINAL_STATUSES,
     AsmError,
     ConfigError,
+    NodeNotFound,
     NodeNotReady,
+    NodeUnreachable,
+    ReplayGap,
+    RunNotFound,
+    RunStatus,
     __version__,
     error_info,
     make_error,
+    node_state_name,
     parse_address,
     pb,
+    run_status_value,
     valid_id,
 )
 from asm_wire._options import parse_options_json
@@ -73,11 +89,6 @@ from asm_wire._server import (
 )
 
 log = logging.getLogger("asm_controller.service")
-
-CAPABILITIES = (
-    "run.start.v1", "run.attach.v1", "run.interrupt.v1", "run.query.v1", "approval.resolve.v1", "input.send.v1",
-    "fleet.v1",
-)
 
 
 @dataclass
@@ -138,8 +149,7 @@ async def resolve_dns(name_port: str) -> list[str]:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise make_error("connection_failed", "transport", f"cannot resolve {host}: {exc}",
-                         reason="unreachable") from None
+        raise NodeUnreachable(f"cannot resolve {host}: {exc}") from None
     addrs = sorted({(str(i[4][0]), int(i[4][1])) for i in infos})
     return [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in addrs]
 
@@ -149,15 +159,14 @@ def new_epoch() -> str:
 
 
 def _not_found(run_id: str) -> AsmError:
-    return make_error("not_found", "runtime", f"Unknown run id: {run_id}", reason="run_not_found")
+    return RunNotFound(f"Unknown run id: {run_id}")
 
 
 #: ListRuns' status filter: the CLI's names -> the registry's.
 _STATUS_NAMES = {"pending": "pending", "starting": "pending", "running": "running", "completed": "completed",
                  "failed": "failed", "interrupted": "interrupted"}
-_RUN_STATUS = {"pending": pb.RUN_STATUS_STARTING, "running": pb.RUN_STATUS_RUNNING,
-               "completed": pb.RUN_STATUS_COMPLETED, "failed": pb.RUN_STATUS_FAILED,
-               "interrupted": pb.RUN_STATUS_INTERRUPTED}
+#: The registry's statuses on the wire: its "pending" is the wire's "starting"; the others share their names.
+_RUN_STATUS = {name: run_status_value(RunStatus.STARTING if name == "pending" else name) for name in STATUSES}
 
 
 def run_info(rec: RunRecord) -> pb.RunInfo:
@@ -294,7 +303,8 @@ class FleetApi:
                 if p.available and p.name not in providers:
                     providers[p.name] = p
         return pb.HandshakeResponse(
-            agent_version=__version__, protocol_version=PROTOCOL_VERSION, capabilities=list(CAPABILITIES),
+            agent_version=__version__, protocol_version=PROTOCOL_VERSION,
+            capabilities=[c.value for c in CONTROLLER_CAPABILITIES],
             node_id=f"controller@{socket.gethostname()}", boot_epoch=self.epoch,
             host=pb.HostFacts(hostname=socket.gethostname(), cpu_count=os.cpu_count() or 0),
             providers=list(providers.values()), limits=pb.Limits(max_runs=max_runs),
@@ -381,8 +391,7 @@ class FleetApi:
                 await asyncio.wait_for(asyncio.shield(run.bound.wait()),
                                        self.config.liveness.node_lost_timeout_s)
             if run.handle is None and run.state != "done":
-                raise make_error("connection_failed", "transport",
-                                 f"run {request.run_id} is not on a node yet; try again", reason="not_ready")
+                raise NodeNotReady(f"run {request.run_id} is not on a node yet; try again")
         if run.state == "done" or run.handle is None:
             for done_batch in await self._ended(run, cursor):
                 yield done_batch
@@ -425,22 +434,21 @@ class FleetApi:
         if run.recorded:
             await self.registry.flush()  # its end is in the log now
             rec = await self.store.get(run.run_id)
-            if rec is not None and rec.status in ("completed", "failed", "interrupted"):
+            if rec is not None and rec.status in TERMINAL_STATUSES:
                 return await self._logged_end(rec, cursor)
         return [pb.EventBatch(events=run.final_events(cursor))]
 
     async def _logged_end(self, rec: RunRecord, cursor: int) -> list[pb.EventBatch]:
         """A run from the registry: its logged events after ``cursor`` (an ended run's end always)."""
-        if rec.status not in ("completed", "failed", "interrupted"):
+        if rec.status not in TERMINAL_STATUSES:
             # In flight but not followed here (it could not be recovered yet): the client retries.
-            raise make_error("connection_failed", "transport", f"run {rec.run_id} is being recovered; try again",
-                             reason="not_ready")
+            raise NodeNotReady(f"run {rec.run_id} is being recovered; try again")
         if cursor + 1 < rec.first_held_seq:
             # As a node says it (same kind and reason): the client's code handles one gap.
-            raise make_error("buffer_overflow", "transport", f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
-                             f"{rec.run_id} are no longer held by the controller (its history keeps "
-                             f"{self.config.history_max_bytes} bytes per run; held: "
-                             f"{rec.first_held_seq}..{rec.last_seq})", reason="replay_gap")
+            raise ReplayGap(f"events {cursor + 1}..{rec.first_held_seq - 1} of run "
+                            f"{rec.run_id} are no longer held by the controller (its history keeps "
+                            f"{self.config.history_max_bytes} bytes per run; held: "
+                            f"{rec.first_held_seq}..{rec.last_seq})")
         chunks = await self.store.events_after(rec.run_id, cursor)
         if not chunks:  # the client has seen past the log's end: its last events, to renumber the end
             chunks = await self.store.events_after(rec.run_id, max(0, rec.last_seq - 2))
@@ -541,7 +549,7 @@ class FleetApi:
                 info = handle.info
             if handle is None:
                 status.node_id, status.epoch, status.agent_version = info.node_id, info.boot_epoch, info.agent_version
-                status.up, status.state = True, pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+                status.up, status.state = True, node_state_name(info.state)
                 status.active_runs, status.max_runs = info.load.active_runs, info.limits.max_runs
                 status.drain_deadline_unix_nano = info.drain_deadline_unix_nano
                 status.providers.extend(info.providers)
@@ -550,8 +558,7 @@ class FleetApi:
                 continue
             status.node_id, status.epoch, status.agent_version = info.node_id, info.boot_epoch, info.agent_version
             status.up = handle.state != "lost"
-            status.state = "lost" if handle.state == "lost" else \
-                pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower()
+            status.state = "lost" if handle.state == "lost" else node_state_name(info.state)
             status.heartbeat_age_ms = int(handle.heartbeat_age_s * 1000)
             status.drain_deadline_unix_nano = info.drain_deadline_unix_nano
             status.active_runs, status.max_runs = info.load.active_runs, info.limits.max_runs
@@ -564,7 +571,7 @@ class FleetApi:
         require_admin("DrainNode")
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
-            raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
+            raise NodeNotFound(f"{request.address} is not a node of this controller")
         try:
             handle = await self.session.pool.handle(target)
         except NodeNotReady:
@@ -593,7 +600,7 @@ class FleetApi:
         require_admin("UndrainNode")
         target = next((t for t in self.targets if t.address == request.address), None)
         if target is None:
-            raise make_error("unknown", "runtime", f"{request.address} is not a node of this controller")
+            raise NodeNotFound(f"{request.address} is not a node of this controller")
         handle = self.session.pool.get(target.key)
         if handle is None:
             # First contact with a draining node: connect() refuses a node that is not ready, so

@@ -117,5 +117,7 @@ def main() -> None:
             pass
 
 
+# The agent runs this file directly (asm_node.process.Reaper: ``python -I .../_reaper.py``), never
+# imports it: this block is the watchdog's entry point.
 if __name__ == "__main__":
     main()

@@ -22,22 +22,29 @@ from asm_node.journal import Journal, JournalEntry
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
-from asm_node.run import _STATUS_PB, ReplayBudget, Run, options_from_json
+from asm_node.run import ReplayBudget, Run, options_from_json
 from asm_node.workspace import Workspaces
 from asm_wire import (
     KIND_NAMES,
-    KIND_VALUES,
+    NODE_CAPABILITIES,
     PROTOCOL_VERSION,
     AsmError,
     ConfigError,
     CwdNotAllowed,
+    EventKind,
     NodeAtCapacity,
     NodeNotReady,
     ProviderMissing,
+    RunNotFound,
+    RunStatus,
     __version__,
+    choices,
     error_info,
+    kind_value,
     make_error,
+    node_state_name,
     pb,
+    run_status_value,
     ulid,
     valid_id,
 )
@@ -48,10 +55,15 @@ log = logging.getLogger("asm_node.agent")
 #: How often the agent checks that its reaper watchdog is alive (it also checks at every spawn).
 REAPER_CHECK_S = 1.0
 
-CAPABILITIES = (
-    "run.start.v1", "run.attach.v1", "run.interrupt.v1", "run.query.v1",
-    "approval.resolve.v1", "input.send.v1",
-)
+#: What this agent announces in its handshake (the vocabulary is asm_wire.Capability).
+CAPABILITIES: tuple[str, ...] = tuple(c.value for c in NODE_CAPABILITIES)
+#: ListRuns' status filter: every run status but unspecified.
+_LISTED_STATUSES = choices(RunStatus)[1:]
+
+
+def _status_pb(name: str) -> pb.RunStatus.ValueType:
+    """A held or journaled run's status on the wire (a journal's "lost" has no RunStatus: unspecified)."""
+    return run_status_value(name) if name in _LISTED_STATUSES else pb.RUN_STATUS_UNSPECIFIED
 
 
 class NodeAgent:
@@ -230,8 +242,7 @@ class NodeAgent:
 
     def _admit(self, provider_name: str, cwd: str) -> tuple[Provider, str]:
         if self.state != pb.NODE_STATE_READY:
-            state = pb.NodeState.Name(self.state).removeprefix("NODE_STATE_").lower()
-            raise NodeNotReady(f"node {self.node_id} is {state} and accepts no new runs")
+            raise NodeNotReady(f"node {self.node_id} is {node_state_name(self.state)} and accepts no new runs")
         provider = self._provider(provider_name)
         status = provider.status(self._env, probe_version=False)  # on every run's path: never runs the CLI
         if not status.available:
@@ -358,7 +369,7 @@ class NodeAgent:
     def _get(self, run_id: str) -> Run:
         run = self.runs.get(run_id)
         if run is None:
-            raise make_error("unknown", "runtime", f"Unknown run id: {run_id}")
+            raise RunNotFound(f"Unknown run id: {run_id}")
         check_owner(run.owner, f"run {run_id}")
         return run
 
@@ -388,13 +399,13 @@ class NodeAgent:
         """
         self.metrics.attaches.inc()
         events = []
-        if entry.error_kind or entry.status in ("failed", "interrupted"):
-            code = entry.error_kind or ("user_cancelled" if entry.status == "interrupted" else "runtime")
-            events.append(pb.Event(kind=KIND_VALUES["error"], error=pb.Error(
+        if entry.error_kind or entry.status in (RunStatus.FAILED, RunStatus.INTERRUPTED):
+            code = entry.error_kind or ("user_cancelled" if entry.status == RunStatus.INTERRUPTED else "runtime")
+            events.append(pb.Event(kind=kind_value(EventKind.ERROR), error=pb.Error(
                 code=code, domain=entry.error_domain or "runtime", severity=pb.SEVERITY_ERROR, exit_code=-1,
                 message=entry.error_message or f"run {entry.run_id} {entry.status}")))
         duration_ms = max(0, (entry.finished_ns - entry.started_ns) // 1_000_000)
-        events.append(pb.Event(kind=KIND_VALUES["run_completed"], run_completed=pb.RunCompleted(
+        events.append(pb.Event(kind=kind_value(EventKind.RUN_COMPLETED), run_completed=pb.RunCompleted(
             status=entry.status, exit_code=entry.exit_code, duration_ms=duration_ms)))
         first = entry.last_seq - len(events) + 1
         batch = pb.EventBatch()
@@ -466,7 +477,7 @@ class NodeAgent:
             if entry is not None:  # nothing is held: first_held_seq is past the end
                 return pb.RunInfo(
                     run_id=entry.run_id, session_id=entry.session_id, provider=entry.provider,
-                    status=_STATUS_PB.get(entry.status, pb.RUN_STATUS_UNSPECIFIED), last_seq=entry.last_seq,
+                    status=_status_pb(entry.status), last_seq=entry.last_seq,
                     first_held_seq=entry.last_seq + 1, exit_code=entry.exit_code, started_unix_nano=entry.started_ns,
                     finished_unix_nano=entry.finished_ns, owner=entry.owner)
         return self._get(request.run_id).info()
@@ -502,8 +513,7 @@ class NodeAgent:
             self.state = pb.NODE_STATE_READY
             log.warning("node %s undrained: taking runs again (%d active)", self.node_id, self.active_runs())
         elif self.state != pb.NODE_STATE_READY:
-            state = pb.NodeState.Name(self.state).removeprefix("NODE_STATE_").lower()
-            raise NodeNotReady(f"node {self.node_id} is {state}: it cannot be undrained")
+            raise NodeNotReady(f"node {self.node_id} is {node_state_name(self.state)}: it cannot be undrained")
         return pb.DrainResponse(state=self.state, active_runs=self.active_runs(), deadline_unix_nano=0)
 
     # -- workspace snapshots (asm_node.workspace does the work, off the event loop) ---------
@@ -545,8 +555,8 @@ class NodeAgent:
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """The runs held (in start order), optionally of one status; the newest ``limit`` (0: 1000)."""
         status = request.status
-        if status and status not in _STATUS_PB:
-            raise ConfigError(f"unknown run status {status[:64]!r}: use one of {', '.join(_STATUS_PB)}")
+        if status and status not in _LISTED_STATUSES:
+            raise ConfigError(f"unknown run status {status[:64]!r}: use one of {', '.join(_LISTED_STATUSES)}")
         runs = [r for r in self.runs.values()
                 if not (request.active_only and r.done) and (not status or r.status == status) and may_access(r.owner)]
         limit = request.limit or LIST_RUNS_LIMIT
@@ -581,10 +591,10 @@ async def _frames_of(batch: pb.EventBatch) -> AsyncIterator[bytes]:
 
 
 def _reject_reason(err: AsmError) -> str:
-    if err.reason == "at_capacity":
+    if isinstance(err, NodeAtCapacity):
         return "capacity"
-    if err.reason == "not_ready":
+    if isinstance(err, NodeNotReady):
         return "not_ready"
-    if err.reason in ("provider_missing", "cwd_not_allowed", "cwd_not_writable", "cwd_not_found"):
+    if isinstance(err, ProviderMissing | CwdNotAllowed) or err.reason == "cwd_not_found":
         return "preflight"
     return "config"

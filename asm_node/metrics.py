@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from asm_wire import KIND_NAMES, __version__, pb
+from asm_wire import KIND_NAMES, NodeState, __version__, choices, node_state_name
 
 if TYPE_CHECKING:
     from asm_node.agent import NodeAgent
@@ -82,8 +82,8 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily("asm_node_run_idle_seconds_max",
                                 "Longest time any running run has gone without an event", value=idle)
         state = GaugeMetricFamily("asm_node_state", "Node state (1 for the current one)", labels=["state"])
-        current = pb.NodeState.Name(agent.state).removeprefix("NODE_STATE_").lower()
-        for name in ("ready", "draining", "stopping"):
+        current = node_state_name(agent.state)
+        for name in choices(NodeState)[1:]:  # every state but unspecified
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
         counts = list(agent.kind_totals)

@@ -475,6 +475,9 @@ async def terminate_cgroup(path: str, grace: float) -> None:
             Cgroups.signal(path, signal.SIGKILL)
 
 
+# Spawned by path (``python -I <path>``), not ``-m asm_node._reaper``: -m would import the asm_node
+# package (grpc, pydantic, ...) from a sys.path the isolated child must not trust; the script needs only
+# the standard library. That is why asm_node/_reaper.py is a runnable module with a __main__ block.
 _REAPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
 
 

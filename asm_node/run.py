@@ -35,7 +35,22 @@ from typing import TYPE_CHECKING
 
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
-from asm_wire import KIND_NAMES, KIND_VALUES, AsmError, ConfigError, make_error, pb
+from asm_wire import (
+    KIND_NAMES,
+    ApprovalNotFound,
+    AsmError,
+    ConfigError,
+    Decision,
+    EventKind,
+    ReplayGap,
+    RunStatus,
+    choices,
+    is_failure,
+    kind_value,
+    make_error,
+    pb,
+    run_status_value,
+)
 from asm_wire._options import parse_options_json
 
 if TYPE_CHECKING:
@@ -53,17 +68,8 @@ FRAME_OVERHEAD = 88
 #: Event objects all alive at once cost ~100 MB of transient RSS; slices keep that small.
 LINES_PER_EMIT = 4096
 
-_APPROVAL_REQUESTED = KIND_VALUES["approval_requested"]
-_ERROR = KIND_VALUES["error"]
-#: Error severities that fail a run (as the controller's reducer reads them).
-_TERMINAL_SEVERITIES = (pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL)
-_STATUS_PB = {
-    "starting": pb.RUN_STATUS_STARTING,
-    "running": pb.RUN_STATUS_RUNNING,
-    "completed": pb.RUN_STATUS_COMPLETED,
-    "failed": pb.RUN_STATUS_FAILED,
-    "interrupted": pb.RUN_STATUS_INTERRUPTED,
-}
+_APPROVAL_REQUESTED = kind_value(EventKind.APPROVAL_REQUESTED)
+_ERROR = kind_value(EventKind.ERROR)
 
 
 def _frame(data: bytes) -> bytes:
@@ -129,7 +135,7 @@ class Run:
         self.config = config
         self.reaper = reaper
         self._on_finished = on_finished
-        self.status = "starting"
+        self.status: str = RunStatus.STARTING
         self.pid = 0
         self.exit_code = -1
         self.started_ns = time.time_ns()
@@ -224,7 +230,7 @@ class Run:
                 ev.provider_session_id = psid
             if ev.kind == _APPROVAL_REQUESTED:
                 self._arm_approval(ev.approval_requested.approval_id)
-            elif ev.kind == _ERROR and self.first_error is None and ev.error.severity in _TERMINAL_SEVERITIES:
+            elif ev.kind == _ERROR and self.first_error is None and is_failure(ev.error.severity):
                 self.first_error = (ev.error.code, ev.error.domain, ev.error.message)
             frame = _frame(ev.SerializeToString())
             frames.append(frame)
@@ -327,12 +333,10 @@ class Run:
                         if self.metrics is not None:
                             self.metrics.overflows.labels("replay").inc()
                         cfg = self.config
-                        raise make_error(
-                            "buffer_overflow", "transport",
+                        raise ReplayGap(
                             f"events {nxt}..{self._base_seq - 1} of run {self.spec.run_id} are no longer held "
                             f"(evicted for re-attach; held now: {self._base_seq}..{self.last_seq}; the node keeps "
-                            f"{cfg.replay_max_bytes_per_run} bytes / {cfg.replay_buffer_events} events per run)",
-                            reason="replay_gap",
+                            f"{cfg.replay_max_bytes_per_run} bytes / {cfg.replay_buffer_events} events per run)"
                         )
                     i = nxt - self._base_seq
                     end = min(len(self._frames), i + MAX_BATCH_EVENTS)
@@ -383,21 +387,21 @@ class Run:
         self._unpace()
         # Nobody will answer a pending approval of an interrupted run: resolve it now.
         for approval_id in list(self._approvals):
-            self._resolve_approval_now(approval_id, "deny", "interrupted")
+            self._resolve_approval_now(approval_id, Decision.DENY, "interrupted")
         return True
 
     def _arm_approval(self, approval_id: str) -> None:
         timeout = self.config.approval_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         self._approvals[approval_id] = loop.call_later(
-            timeout, self._resolve_approval_now, approval_id, "deny", "timeout"
+            timeout, self._resolve_approval_now, approval_id, Decision.DENY, "timeout"
         )
 
     def resolve_approval(self, approval_id: str, decision: str, reason: str) -> None:
-        if decision not in ("allow", "deny"):
-            raise ConfigError(f"invalid approval decision {decision!r}: expected allow or deny")
+        if decision not in choices(Decision):
+            raise ConfigError(f"invalid approval decision {decision!r}: expected {' or '.join(choices(Decision))}")
         if approval_id not in self._approvals:
-            raise make_error("unknown", "approval", f"Unknown approval id: {approval_id}")
+            raise ApprovalNotFound(f"Unknown approval id: {approval_id}")
         self._resolve_approval_now(approval_id, decision, reason)
 
     def _resolve_approval_now(self, approval_id: str, decision: str, reason: str) -> None:
@@ -412,7 +416,7 @@ class Run:
             proc.stdin.write(payload)
         self._emit([
             pb.Event(
-                kind=KIND_VALUES["approval_resolved"],
+                kind=kind_value(EventKind.APPROVAL_RESOLVED),
                 approval_resolved=pb.ApprovalResolved(approval_id=approval_id, decision=decision, reason=reason),
             )
         ])
@@ -422,7 +426,8 @@ class Run:
         if not self.command.stdin:
             raise ConfigError(f"run {self.spec.run_id} does not accept input (provider {self.spec.provider})")
         if proc is None or proc.stdin is None or self.done:
-            raise make_error("unknown", "runtime", f"run {self.spec.run_id} is not running")
+            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
+                             reason="run_not_running")
         proc.stdin.write(data)
         await proc.stdin.drain()
         if end:
@@ -433,7 +438,7 @@ class Run:
             run_id=self.spec.run_id,
             session_id=self.spec.session_id,
             provider=self.spec.provider,
-            status=_STATUS_PB[self.status],
+            status=run_status_value(self.status),
             last_seq=self.last_seq,
             first_held_seq=self._base_seq,
             pid=self.pid,
@@ -501,7 +506,7 @@ class Run:
                     break
                 text = raw[:line_cap].rstrip(b"\r").decode("utf-8", "replace")
                 self._stderr_sent += len(raw) + 1
-                out.append(pb.Event(kind=KIND_VALUES["stderr"], stderr=pb.Stderr(content=text)))
+                out.append(pb.Event(kind=kind_value(EventKind.STDERR), stderr=pb.Stderr(content=text)))
             self._emit(out)
 
         # Lines are framed with the same cap as stdout; overlong stderr lines are cut, not fatal.
@@ -518,7 +523,7 @@ class Run:
 
     def _fail_before_spawn(self, err: AsmError) -> None:
         self._emit([error_event(err.message, err.kind, err.domain)])
-        self._complete("failed", -1, 0)
+        self._complete(RunStatus.FAILED, -1, 0)
 
     def _complete(self, status: str, exit_code: int, sig: int) -> None:
         self.status = status
@@ -527,7 +532,7 @@ class Run:
         duration_ms = (self.finished_ns - self.started_ns) // 1_000_000
         self._emit([
             pb.Event(
-                kind=KIND_VALUES["run_completed"],
+                kind=kind_value(EventKind.RUN_COMPLETED),
                 run_completed=pb.RunCompleted(status=status, exit_code=exit_code, signal=sig, duration_ms=duration_ms),
             )
         ])
@@ -568,10 +573,10 @@ class Run:
             proc.stdin.write(cmd.stdin_data)
         if self.reaper is not None:
             self.reaper.track(proc.pid, cgroup)
-        self.status = "running"
+        self.status = RunStatus.RUNNING
         self._emit([
             pb.Event(
-                kind=KIND_VALUES["run_started"],
+                kind=kind_value(EventKind.RUN_STARTED),
                 run_started=pb.RunStarted(command=cmd.argv[0], args=cmd.argv[1:], cwd=cmd.cwd, pid=proc.pid),
             )
         ])
@@ -639,20 +644,20 @@ class Run:
         exit_code = rc if rc is not None and rc >= 0 else -1
         if end == "interrupted":
             self._emit([error_event(self._interrupt_message, self._interrupt_kind, "runtime")])
-            status = "interrupted"
+            status = RunStatus.INTERRUPTED
         elif end == "timeout":
             timeout = self.command.timeout_s
             self._emit([error_event(f"command timed out after {timeout:g}s", "timeout", "runtime")])
-            status = "failed"
+            status = RunStatus.FAILED
         else:
             tail = bytes(self._stderr_tail).decode("utf-8", "replace")
             events = self.parser.finish(ExitInfo(returncode=exit_code if not sig else None, signal=sig, stderr_tail=tail))
             self._emit(events)
             failed = any(
-                e.kind == KIND_VALUES["error"] and e.error.severity in (pb.SEVERITY_ERROR, pb.SEVERITY_FATAL, 0)
+                e.kind == _ERROR and is_failure(e.error.severity)
                 for e in events
             ) or self.parser.failed
-            status = "failed" if failed else "completed"
+            status = RunStatus.FAILED if failed else RunStatus.COMPLETED
         self._complete(status, exit_code, sig)
 
 

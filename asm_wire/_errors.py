@@ -1,52 +1,64 @@
-"""The one error type of asm, and its mapping to and from gRPC status codes.
+"""The one error type of asm: a tree of classes, one per cause a caller may catch.
 
-Every failure a user can see is an :class:`AsmError` with ASM's ``kind`` and
-``domain`` vocabularies, plus a finer ``reason`` where one failure kind has
-several typed causes (the node connector's failures, for instance). Subclasses
-exist so callers can ``except`` a specific cause; they never change the fields.
+Every failure a user can see is an :class:`AsmError`. The class is the category (``except
+NodeConnectionError`` catches every reason a node could not be used); ``kind``, ``domain`` and
+``reason`` are its serialised form, ASM's vocabularies on the wire. The table below is the only
+place the classes, their fields and their gRPC status are written down: :func:`make_error`, the
+class defaults and :meth:`AsmError.grpc_status` are all read from it, and nothing else in asm
+tells errors apart by a string.
 
-Exception tree::
+How to read a row: a class's first row gives its defaults (kind, domain, reason); a ``reason``
+names one typed cause and picks its class when an error is rebuilt (from the wire, or by
+``make_error``); ``*`` means "the reasons of the subclasses below", a reason-less row (``-``) makes
+a kind map to its class and status. Rows of ``AsmError`` itself are kinds with no class of their
+own. An error's gRPC status is its reason's row, else its kind's reason-less row, else INTERNAL.
+"unknown id" is ``not_found`` (NOT_FOUND); ``unknown`` is *unclassified* (gRPC UNKNOWN).
 
-    AsmError                       any asm failure (kind, domain, reason, message)
-    ├── ConfigError                kind=config_invalid   bad option, cwd outside the roots, ...
-    ├── NodeConnectionError        a node could not be used for a run
-    │   ├── NodeUnreachable        reason=unreachable        (connection refused, DNS, socket closed)
-    │   ├── NodeConnectTimeout     reason=connect_timeout    (no gRPC answer in time)
-    │   ├── NodeUnauthenticated    reason=unauthenticated    (token refused; node cert not verified)
-    │   ├── NodeVersionMismatch    reason=version_mismatch   (agent major.minor or protocol)
-    │   ├── NodeCapabilityMismatch reason=capability_mismatch
-    │   ├── NodeNotReady           reason=not_ready          (draining or stopping)
-    │   ├── ProviderMissing        reason=provider_missing   (preflight: CLI not on the node)
-    │   ├── CwdNotAllowed          reason=cwd_not_allowed    (preflight: cwd outside the roots)
-    │   └── NodeAtCapacity         reason=at_capacity        (preflight: no free run slot)
-    ├── PermissionDenied           reason=permission_denied  (another principal's run; admin-only call)
-    ├── RunNotFound                kind=not_found, reason=run_not_found (no run by that id to follow)
-    └── RunError                   a run ended in failure (carried by Result.error)
+The table (``_TABLE_TEXT`` below the imports; appended to this docstring at import, so ``help()`` shows
+it, and read from the constant, so ``python -OO`` keeps working) is headed ``Errors::``.
 
-A node that refuses a client certificate under mutual TLS just closes the
-socket, which a client cannot tell from a network failure: that case is
-reported as NodeUnreachable with the TLS error text.
+What the causes mean:
 
-At the gRPC boundary the kind, domain and reason travel in trailing metadata
-(``asm-error-*``) next to a status code chosen from the kind, so a round trip
-is exact; a status without that metadata (a transport failure raised by gRPC
-itself) is mapped from its code.
+* ``NodeConnectionError``: a node could not be used for a run (unreachable: connection refused,
+  DNS, socket closed; connect_timeout: no gRPC answer in time; unauthenticated: token refused,
+  node cert not verified; version_mismatch: agent major.minor or protocol; not_ready: draining or
+  stopping; provider_missing / cwd_not_allowed / at_capacity: the preflight's refusals). A node that
+  refuses a client certificate under mutual TLS just closes the socket, which a client cannot tell
+  from a network failure: that case is NodeUnreachable with the TLS error text.
+* ``PermissionDenied``: another principal's run, or an admin-only call.
+* ``RunNotFound`` / ``ApprovalNotFound`` / ``NodeNotFound``: no run, pending approval or fleet node
+  by that id where it was looked for; nothing is started.
+* ``ReplayGap``: a follower's cursor is older than the events still held (node replay buffer,
+  controller history bound); the message names the seqs that are gone.
+* ``StoreError``: the controller's run store failed or cannot be used (store_unavailable:
+  connection or I/O, may pass; schema_too_new: migrated by a newer asm). ``StoreLocked``: another
+  controller holds the store.
+* ``WorkspaceError``: a workspace snapshot, diff or rollback failed (``GitFailed``: git exited
+  non-zero or could not be run; ``GitTimeout``; ``SnapshotNotFound``: an unknown snapshot id).
+* ``DecodeError``: a recorded event line that cannot be decoded (torn, damaged, not asm's format).
+* ``RunError``: a run's failure as reduced from its events (``Result.error``), with that event's
+  kind and domain.
+
+The kind vocabulary (:data:`KINDS`) is ASM 0.9.2's typed kinds plus ``node_lost`` (a run's node
+disappeared), ``run_lost`` (the node restarted while the run ran: its outcome is unknown, it is
+never run again), ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
+passed / it was stopped; retry elsewhere, unlike ``user_cancelled``), ``not_found`` (no such id) and
+``runtime`` (ASM uses it as a kind although it is not in its typed list).
+
+At the gRPC boundary the kind, domain and reason travel in trailing metadata (``asm-error-*``) next
+to the status above, so a round trip is exact; a status without that metadata (a transport failure
+raised by gRPC itself) is mapped from its code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
 
 import grpc
 
-# ASM 0.9.2's typed kinds, plus ``node_lost`` (a run's node disappeared), ``run_lost`` (the node
-# restarted while the run ran: its outcome is unknown, it is never run again),
-# ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
-# passed / it was stopped; retry elsewhere, unlike ``user_cancelled``), ``not_found`` (no such
-# run id: nothing by that id exists to follow or list; gRPC NOT_FOUND, like ``unknown``, which the
-# node still answers for an id it does not hold) and
-# ``runtime`` (ASM uses it as a kind although it is not in its typed list).
+# The kind vocabulary: see the module docstring.
 KINDS: Final = frozenset(
     {
         "cli_not_found", "connection_failed", "timeout", "parse_error", "json_decode_error",
@@ -64,6 +76,55 @@ _MD_KIND: Final = "asm-error-kind"
 _MD_DOMAIN: Final = "asm-error-domain"
 _MD_REASON: Final = "asm-error-reason"
 
+#: The error table: every class under AsmError with its kind, domain, reason(s) and gRPC status.
+#: Its one declaration; read by _read_table() below (how to read it: the module docstring).
+_TABLE_TEXT: Final = """\
+    class                    kind               domain     reason               gRPC status
+    AsmError                 unknown            runtime    -                    UNKNOWN
+    AsmError                 runtime            runtime    -                    INTERNAL
+    AsmError                 timeout            transport  -                    DEADLINE_EXCEEDED
+    AsmError                 connection_failed  transport  -                    UNAVAILABLE
+    AsmError                 transport_error    transport  -                    UNAVAILABLE
+    AsmError                 node_lost          transport  -                    UNAVAILABLE
+    AsmError                 node_draining      runtime    -                    UNAVAILABLE
+    AsmError                 node_shutdown      runtime    -                    UNAVAILABLE
+    AsmError                 run_lost           runtime    -                    FAILED_PRECONDITION
+    AsmError                 cli_not_found      provider   -                    FAILED_PRECONDITION
+    AsmError                 at_capacity        runtime    -                    RESOURCE_EXHAUSTED
+    AsmError                 queue_full         runtime    -                    RESOURCE_EXHAUSTED
+    AsmError                 buffer_overflow    transport  -                    OUT_OF_RANGE
+    AsmError                 buffer_overflow    transport  message_too_large    OUT_OF_RANGE
+    AsmError                 guardrail_blocked  guardrail  -                    PERMISSION_DENIED
+    AsmError                 auth_error         transport  -                    UNAUTHENTICATED
+    AsmError                 user_cancelled     runtime    -                    CANCELLED
+    AsmError                 not_found          runtime    -                    NOT_FOUND
+    ConfigError              config_invalid     config     -                    INVALID_ARGUMENT
+    NodeConnectionError      connection_failed  transport  *                    UNAVAILABLE
+    ├ NodeUnreachable        connection_failed  transport  unreachable          UNAVAILABLE
+    ├ NodeConnectTimeout     timeout            transport  connect_timeout      DEADLINE_EXCEEDED
+    ├ NodeUnauthenticated    auth_error         transport  unauthenticated      UNAUTHENTICATED
+    ├ NodeVersionMismatch    connection_failed  transport  version_mismatch     UNAVAILABLE
+    ├ NodeCapabilityMismatch connection_failed  transport  capability_mismatch  UNAVAILABLE
+    ├ NodeNotReady           connection_failed  transport  not_ready            UNAVAILABLE
+    ├ ProviderMissing        cli_not_found      provider   provider_missing     FAILED_PRECONDITION
+    ├ CwdNotAllowed          config_invalid     config     cwd_not_allowed      PERMISSION_DENIED
+    └ NodeAtCapacity         at_capacity        runtime    at_capacity          RESOURCE_EXHAUSTED
+    PermissionDenied         auth_error         transport  permission_denied    PERMISSION_DENIED
+    RunNotFound              not_found          runtime    run_not_found        NOT_FOUND
+    ApprovalNotFound         not_found          approval   approval_not_found   NOT_FOUND
+    NodeNotFound             not_found          runtime    node_not_found       NOT_FOUND
+    ReplayGap                buffer_overflow    transport  replay_gap           OUT_OF_RANGE
+    StoreError               runtime            runtime    store_unavailable    INTERNAL
+    StoreError               runtime            runtime    schema_too_new       INTERNAL
+    └ StoreLocked            runtime            runtime    store_in_use         INTERNAL
+    WorkspaceError           tool_failed        tool       workspace_io         INTERNAL
+    ├ GitFailed              tool_failed        tool       git_failed           INTERNAL
+    ├ GitTimeout             timeout            tool       git_timeout          DEADLINE_EXCEEDED
+    └ SnapshotNotFound       not_found          tool       snapshot_not_found   NOT_FOUND
+    DecodeError              parse_error        parser     corrupt_line         INVALID_ARGUMENT
+    RunError                 unknown            runtime    *                    UNKNOWN
+"""
+
 
 def normalize_kind(code: str | None) -> str:
     """Map a provider or wire error code to an ASM kind (unknown strings -> ``unknown``)."""
@@ -78,9 +139,11 @@ def normalize_kind(code: str | None) -> str:
 class AsmError(Exception):
     """An asm failure with ASM's kind/domain vocabulary and an optional finer reason."""
 
-    default_kind = "unknown"
-    default_domain = "runtime"
-    default_reason = ""
+    # Set from the table below (a class's first row), never by hand.
+    default_kind: ClassVar[str]
+    default_domain: ClassVar[str]
+    default_reason: ClassVar[str]
+    _row: ClassVar[_Row | None] = None
 
     def __init__(
         self,
@@ -117,127 +180,156 @@ class AsmError(Exception):
     # -- gRPC boundary -------------------------------------------------------
 
     def grpc_status(self) -> grpc.StatusCode:
-        return _REASON_STATUS.get(self.reason) or _KIND_STATUS.get(self.kind, grpc.StatusCode.INTERNAL)
+        """The table's status for this kind and reason, else for this kind, else INTERNAL."""
+        row = _BY_KEY.get((self.kind, self.reason)) or _BY_KEY.get((self.kind, ""))
+        return row.status if row is not None else grpc.StatusCode.INTERNAL
 
     def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
         return ((_MD_KIND, self.kind), (_MD_DOMAIN, self.domain), (_MD_REASON, self.reason))
 
 
 class ConfigError(AsmError):
-    default_kind = "config_invalid"
-    default_domain = "config"
+    """A bad option, request field or configuration value."""
 
 
 class NodeConnectionError(AsmError):
-    default_kind = "connection_failed"
-    default_domain = "transport"
+    """A node could not be used for a run (its subclasses say why)."""
 
 
 class NodeUnreachable(NodeConnectionError):
-    default_reason = "unreachable"
+    """Connection refused, DNS failure, socket closed (also a refused client certificate)."""
 
 
 class NodeConnectTimeout(NodeConnectionError):
-    default_kind = "timeout"
-    default_reason = "connect_timeout"
+    """No gRPC answer in time."""
 
 
 class NodeUnauthenticated(NodeConnectionError):
-    default_kind = "auth_error"
-    default_reason = "unauthenticated"
+    """The token was refused, or the node's certificate was not verified."""
 
 
 class NodeVersionMismatch(NodeConnectionError):
-    default_reason = "version_mismatch"
+    """The agent's major.minor or the protocol version differs."""
 
 
 class NodeCapabilityMismatch(NodeConnectionError):
-    default_reason = "capability_mismatch"
+    """The node lacks a capability the controller needs."""
 
 
 class NodeNotReady(NodeConnectionError):
-    default_reason = "not_ready"
+    """The node is draining or stopping."""
 
 
 class ProviderMissing(NodeConnectionError):
-    default_kind = "cli_not_found"
-    default_domain = "provider"
-    default_reason = "provider_missing"
+    """Preflight: the provider's CLI is not on the node."""
 
 
 class CwdNotAllowed(NodeConnectionError):
-    default_kind = "config_invalid"
-    default_domain = "config"
-    default_reason = "cwd_not_allowed"
+    """Preflight: the cwd is outside the node's workspace roots (or not usable by the agent)."""
 
 
 class NodeAtCapacity(NodeConnectionError):
-    default_kind = "at_capacity"
-    default_domain = "runtime"
-    default_reason = "at_capacity"
+    """Preflight: no free run slot (or the server's own overload answer)."""
 
 
 class PermissionDenied(AsmError):
     """The caller is authenticated but may not do this (another principal's run, or an admin-only call)."""
 
-    default_kind = "auth_error"
-    default_domain = "transport"
-    default_reason = "permission_denied"
-
 
 class RunNotFound(AsmError):
     """No run by that id where it was looked for (``asm attach``): nothing to follow, nothing is started."""
 
-    default_kind = "not_found"
-    default_domain = "runtime"
-    default_reason = "run_not_found"
+
+class ApprovalNotFound(AsmError):
+    """No pending approval by that id (never requested, already resolved, or its run ended)."""
+
+
+class NodeNotFound(AsmError):
+    """No node by that address in the controller's fleet."""
+
+
+class ReplayGap(AsmError):
+    """A follower's cursor is older than the events still held: the message names the seqs that are gone."""
+
+
+class StoreError(AsmError):
+    """The controller's run store failed or cannot be used (``reason``: store_unavailable, schema_too_new)."""
+
+
+class StoreLocked(StoreError):
+    """Another controller holds the run store (one controller per registry)."""
+
+
+class WorkspaceError(AsmError):
+    """A workspace snapshot, diff or rollback failed."""
+
+
+class GitFailed(WorkspaceError):
+    """git exited non-zero or could not be run."""
+
+
+class GitTimeout(WorkspaceError):
+    """git did not finish within the node's git timeout."""
+
+
+class SnapshotNotFound(WorkspaceError):
+    """No snapshot by that id (hash snapshots are forgotten when the node restarts)."""
+
+
+class DecodeError(AsmError):
+    """A recorded event line that cannot be decoded (torn, damaged, or not asm's format)."""
 
 
 class RunError(AsmError):
     """A run's failure as reduced from its events (``Result.error``)."""
 
 
-_BY_REASON: Final[dict[str, type[AsmError]]] = {
-    cls.default_reason: cls
-    for cls in (
-        NodeUnreachable, NodeConnectTimeout, NodeUnauthenticated, NodeVersionMismatch,
-        NodeCapabilityMismatch, NodeNotReady, ProviderMissing, CwdNotAllowed, NodeAtCapacity,
-        PermissionDenied, RunNotFound,
-    )
-}
+# -- the table ---------------------------------------------------------------------------------
 
-_KIND_STATUS: Final[dict[str, grpc.StatusCode]] = {
-    "config_invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "guardrail_blocked": grpc.StatusCode.PERMISSION_DENIED,
-    "auth_error": grpc.StatusCode.UNAUTHENTICATED,
-    "at_capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "buffer_overflow": grpc.StatusCode.OUT_OF_RANGE,
-    "cli_not_found": grpc.StatusCode.FAILED_PRECONDITION,
-    "unknown": grpc.StatusCode.NOT_FOUND,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "connection_failed": grpc.StatusCode.UNAVAILABLE,
-    "transport_error": grpc.StatusCode.UNAVAILABLE,
-    "node_lost": grpc.StatusCode.UNAVAILABLE,
-    "node_draining": grpc.StatusCode.UNAVAILABLE,
-    "node_shutdown": grpc.StatusCode.UNAVAILABLE,
-    "run_lost": grpc.StatusCode.FAILED_PRECONDITION,
-    "user_cancelled": grpc.StatusCode.CANCELLED,
-}
-_REASON_STATUS: Final[dict[str, grpc.StatusCode]] = {
-    "cwd_not_allowed": grpc.StatusCode.PERMISSION_DENIED,
-    "not_ready": grpc.StatusCode.UNAVAILABLE,
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-}
+
+@dataclass(frozen=True)
+class _Row:
+    cls: type[AsmError]
+    kind: str
+    domain: str
+    reason: str  # "" = reason-less (the kind's row); "*" = the subclasses' reasons
+    status: grpc.StatusCode
+
+
+def _read_table(text: str) -> tuple[_Row, ...]:
+    """The rows of the error table (the one declaration of the tree)."""
+    rows = []
+    for line in text.splitlines()[1:]:  # the first line is the header
+        name, kind, domain, reason, status = line.strip().lstrip("├└│ ").split()
+        cls = globals()[name]
+        if not (isinstance(cls, type) and issubclass(cls, AsmError)):
+            raise TypeError(f"{name} in the error table is not an AsmError")
+        rows.append(_Row(cls, kind, domain, "" if reason == "-" else reason, grpc.StatusCode[status]))
+    return tuple(rows)
+
+
+TABLE: Final[tuple[_Row, ...]] = _read_table(_TABLE_TEXT)
+if __doc__ is not None:
+    __doc__ += "\nErrors::\n\n" + _TABLE_TEXT
+_BY_KEY: Final[dict[tuple[str, str], _Row]] = {}
+for _r in TABLE:
+    if _r.cls.__dict__.get("_row") is None:  # a class's first row: its defaults
+        _r.cls._row = _r
+        _r.cls.default_kind, _r.cls.default_domain = _r.kind, _r.domain
+        _r.cls.default_reason = "" if _r.reason == "*" else _r.reason
+    if _r.reason != "*":
+        _BY_KEY.setdefault((_r.kind, _r.reason), _r)
+del _r
+
+
+#: A gRPC status that came without asm trailers (raised by gRPC itself, or a foreign server) -> kind, domain.
 _STATUS_KIND: Final[dict[grpc.StatusCode, tuple[str, str]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: ("config_invalid", "config"),
     grpc.StatusCode.UNAUTHENTICATED: ("auth_error", "transport"),
     grpc.StatusCode.PERMISSION_DENIED: ("auth_error", "transport"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: ("at_capacity", "runtime"),
     grpc.StatusCode.FAILED_PRECONDITION: ("config_invalid", "runtime"),
-    grpc.StatusCode.NOT_FOUND: ("unknown", "runtime"),
+    grpc.StatusCode.NOT_FOUND: ("not_found", "runtime"),
     grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", "transport"),
     grpc.StatusCode.UNAVAILABLE: ("connection_failed", "transport"),
     # No CANCELLED: a call this client cancels ends in asyncio.CancelledError (grpc.aio raises it for a
@@ -248,8 +340,10 @@ _STATUS_KIND: Final[dict[grpc.StatusCode, tuple[str, str]]] = {
 def make_error(
     kind: str, domain: str, message: str, reason: str = "", **extra: Any
 ) -> AsmError:
-    """Build the most specific AsmError subclass for these fields."""
-    cls: type[AsmError] = _BY_REASON.get(reason) or (ConfigError if kind == "config_invalid" else AsmError)
+    """Build the most specific AsmError subclass for these fields (the table's row for kind and reason,
+    else for the kind alone, else AsmError): a round trip over the wire keeps the class."""
+    row = (_BY_KEY.get((kind, reason)) if reason else None) or _BY_KEY.get((kind, ""))
+    cls = row.cls if row is not None else AsmError
     return cls(message, kind=kind, domain=domain, reason=reason, **extra)
 
 

@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asm_wire._address import is_loopback_host, parse_address
-from asm_wire._errors import AsmError, ConfigError
+from asm_wire._errors import AsmError, ConfigError, NodeUnauthenticated, PermissionDenied
 from asm_wire._principal import (
     ANONYMOUS,
     AUDIT,
@@ -47,14 +47,13 @@ from asm_wire._principal import (
     current_method,
     current_principal,
 )
+from asm_wire._vocab import MAX_MESSAGE_BYTES
 from asm_wire.v1 import node_pb2 as pb
 
 log = logging.getLogger("asm.server")
 
 NODE_SERVICE = "asm.v1.NodeService"
 CONTROLLER_SERVICE = "asm.v1.ControllerService"
-#: Event batches can carry lines up to a node's line cap (8 MiB by default).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Matched with the controller's client keepalive (5 s) so neither side rejects the other's pings.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -145,7 +144,7 @@ async def abort(context: Context, err: AsmError) -> None:
 
 
 def _audit_denied(err: AsmError, context: Context, name: str) -> None:
-    if err.reason == "permission_denied":
+    if isinstance(err, PermissionDenied):
         AUDIT.record(current_principal().name, context.peer(), current_method() or name, "permission_denied")
 
 
@@ -286,9 +285,8 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
     })
 
 
-_AUTH_ERR = AsmError("missing or invalid bearer token", kind="auth_error", domain="transport", reason="unauthenticated")
-_CERT_ERR = AsmError("no verified client certificate subject", kind="auth_error", domain="transport",
-                     reason="unauthenticated")
+_AUTH_ERR = NodeUnauthenticated("missing or invalid bearer token")
+_CERT_ERR = NodeUnauthenticated("no verified client certificate subject")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -13,7 +13,7 @@ from asm_controller import EmbeddedNode, Event, Session
 from asm_node import NodeAgent
 from asm_node.providers import CommandSpec, ExitInfo, LineParser, Provider, ProviderStatus, RunSpec
 from asm_node.providers.base import result_event
-from asm_wire import KIND_VALUES, AsmError, pb
+from asm_wire import KIND_VALUES, ApprovalNotFound, AsmError, RunNotFound, pb
 from tests.conftest import node_config
 
 # The "CLI": prints an approval request, then waits for a line on stdin and echoes it.
@@ -79,7 +79,8 @@ async def test_approve_reaches_the_run_and_is_recorded(scripted_agent: NodeAgent
                 await s.approve(ev.payload["approval_id"], "allow")
                 with pytest.raises(AsmError) as again:
                     await s.approve(ev.payload["approval_id"], "allow")
-                assert (again.value.kind, again.value.domain) == ("unknown", "approval")
+                assert isinstance(again.value, ApprovalNotFound)
+                assert (again.value.kind, again.value.domain) == ("not_found", "approval")
                 # Let the CLI finish: it waits for input.
                 await scripted_agent.send_input(pb.SendInputRequest(run_id=stream.run_id, data=b"ok\n", end_input=True))
         resolved = [e for e in events if e.kind == "approval_resolved"]
@@ -98,7 +99,7 @@ async def test_unanswered_approval_is_denied_with_timeout(scripted_agent: NodeAg
         assert [(e.payload["decision"], e.payload["reason"]) for e in resolved] == [("deny", "timeout")]
         with pytest.raises(AsmError) as exc:
             await s.approve("ap-1", "allow")
-        assert exc.value.kind == "unknown"
+        assert exc.value.kind == "not_found"
 
 
 async def test_invalid_decision_and_unknown_approval(scripted_agent: NodeAgent) -> None:
@@ -129,4 +130,4 @@ async def test_get_and_list_runs_and_input_refused_for_shell(agent: NodeAgent) -
     assert done.status == pb.RUN_STATUS_INTERRUPTED and done.last_seq == rest[-1].seq
     with pytest.raises(AsmError) as missing:
         await agent.get_run(pb.GetRunRequest(run_id="no-such-run"))
-    assert missing.value.kind == "unknown"
+    assert isinstance(missing.value, RunNotFound) and missing.value.kind == "not_found"

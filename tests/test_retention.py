@@ -20,7 +20,7 @@ from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent
 from asm_node.providers.base import CommandSpec, RunSpec
 from asm_node.run import Run
-from asm_wire import KIND_VALUES, AsmError, pb
+from asm_wire import KIND_VALUES, AsmError, ReplayGap, RunNotFound, pb
 from tests.conftest import NodeProcess, node_config
 
 
@@ -102,16 +102,16 @@ async def test_admission_does_not_scan_retained_runs() -> None:
     assert counting.looked <= 6 and "done-1" not in agent.runs
 
 
-async def test_count_bound_evicts_oldest_finished_and_evicted_id_is_unknown() -> None:
+async def test_count_bound_evicts_oldest_finished_and_evicted_id_is_not_found() -> None:
     agent = NodeAgent(node_config(reaper=False, retention_max_runs=3))
     live = _run(agent, "live")
     for i in range(5):
         _finished(agent, f"r{i}")
     assert sorted(agent.runs) == ["live", "r2", "r3", "r4"]
-    assert await _get_kind(agent, "r0") == "unknown"
+    assert await _get_kind(agent, "r0") == "not_found"
     with pytest.raises(AsmError) as exc:
         agent.attach_run_frames(pb.AttachRunRequest(run_id="r1"))
-    assert exc.value.kind == "unknown" and "r1" in exc.value.message
+    assert isinstance(exc.value, RunNotFound) and exc.value.kind == "not_found" and "r1" in exc.value.message
     assert await _get_kind(agent, "r4") is None and await _get_kind(agent, "live") is None
     live._complete("completed", 0, 0)
     assert sorted(agent.runs) == ["live", "r3", "r4"]
@@ -149,7 +149,7 @@ async def test_age_bound_evicts_finished_never_active() -> None:
         await asyncio.sleep(0.3)
         assert sorted(agent.runs) == ["live"]
         assert agent.retained_bytes == 0
-        assert await _get_kind(agent, "young") == "unknown"
+        assert await _get_kind(agent, "young") == "not_found"
         live._complete("completed", 0, 0)
     finally:
         await agent.stop()
@@ -214,3 +214,16 @@ def test_negative_retention_flag_is_a_config_error(tmp_path: Path) -> None:
                            "--retention-runs", "-1"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode != 0
     assert "retention_max_runs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_cursor_older_than_the_held_events_is_a_replay_gap() -> None:
+    """The node's replay bound is a typed ReplayGap (kind buffer_overflow, reason replay_gap), not a string to match."""
+    agent = NodeAgent(node_config(reaper=False, replay_buffer_events=16))
+    run = _run(agent, "long")
+    for _ in range(40):
+        run._emit([pb.Event(kind=KIND_VALUES["assistant_delta"], assistant_delta=pb.AssistantDelta(content="x"))])
+    with pytest.raises(ReplayGap) as exc:
+        async for _ in run.follow(0):
+            pass
+    assert (exc.value.kind, exc.value.reason) == ("buffer_overflow", "replay_gap") and "long" in exc.value.message
+    run._complete("completed", 0, 0)

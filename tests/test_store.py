@@ -729,3 +729,23 @@ def test_importing_the_library_does_not_load_sqlalchemy() -> None:
             "assert 'sqlalchemy' in sys.modules and s.SCHEMA_VERSION >= 1\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
+
+
+async def test_a_second_claim_of_one_sqlite_store_is_store_locked(tmp_path: Path) -> None:
+    """Two controllers on one registry: the second one's claim() is StoreLocked, a StoreError a caller can catch."""
+    from asm_wire import StoreLocked
+
+    url = f"sqlite:///{tmp_path}/state.db"
+    first, second = open_store(url), open_store(url)
+    await first.open()
+    await second.open()
+    try:
+        await first.claim()
+        with pytest.raises(StoreLocked) as info:
+            await second.claim()
+        assert isinstance(info.value, StoreError)
+        assert (info.value.kind, info.value.reason) == ("runtime", "store_in_use")
+        assert "another controller uses the run store" in info.value.message
+    finally:
+        await second.close()
+        await first.close()

@@ -29,6 +29,7 @@ from asm_controller._store._base import (
     RunRecord,
     RunStore,
     StoreError,
+    StoreLocked,
 )
 from asm_controller._store._memory import MemoryStore
 from asm_controller._store._url import URL_FORMS, open_store
@@ -51,6 +52,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "SCHEMA_VERSION", "STATUSES", "URL_FORMS", "InvalidRecord",
-    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SqlStore", "StoreError", "StoreWriter",
+    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SqlStore", "StoreError", "StoreLocked", "StoreWriter",
     "open_store",
 ]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asm_wire import AsmError, ConfigError
+from asm_wire import StoreError as StoreError  # re-exported: the store's modules import it from here
+from asm_wire import StoreLocked as StoreLocked
 
 #: A run is in flight (the controller must re-attach it after a restart) in these states.
 IN_FLIGHT = ("pending", "running")
@@ -66,16 +68,9 @@ class InvalidRecord(ConfigError):
     default_reason = "invalid_record"
 
 
-class StoreError(AsmError):
-    """The database failed or cannot be used (unreachable, auth failed, file unwritable, schema too new).
-
-    ``reason`` says which: ``store_unavailable`` (connection or I/O; may pass) or
-    ``schema_too_new`` (the database was migrated by a newer asm: upgrade this one).
-    """
-
-    default_kind = "runtime"
-    default_domain = "runtime"
-    default_reason = "store_unavailable"
+# The store's failures are asm_wire's StoreError (reason ``store_unavailable``: connection or I/O, may
+# pass; ``schema_too_new``: the database was migrated by a newer asm) and StoreLocked (another
+# controller holds the store): one class tree with every other asm error (asm_wire._errors).
 
 
 @dataclass(frozen=True)

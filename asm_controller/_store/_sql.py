@@ -34,6 +34,7 @@ from asm_controller._store._base import (
     RunExists,
     RunRecord,
     StoreError,
+    StoreLocked,
     check_chunk,
     check_limit,
     check_meta,
@@ -91,7 +92,7 @@ class SqlStore:
             raise
 
     async def claim(self) -> None:
-        """Make this process the store's only controller (until close); StoreError ``store_in_use`` if
+        """Make this process the store's only controller (until close); StoreLocked (``store_in_use``) if
         another holds it. Two controllers on one registry would both re-attach (and end) the same runs.
 
         SQLite: an exclusive lock on ``PATH.lock``. PostgreSQL: a session advisory lock held on a
@@ -110,8 +111,8 @@ class SqlStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise StoreError(f"another controller uses the run store {self.url} (one controller per "
-                                 "registry: give each its own --state)", reason="store_in_use") from None
+                raise StoreLocked(f"another controller uses the run store {self.url} (one controller per "
+                                  "registry: give each its own --state)") from None
             self._claim_fd = fd
             return
         if self._claim_conn is not None:
@@ -126,8 +127,8 @@ class SqlStore:
                 raise
         if not got:
             await conn.close()
-            raise StoreError(f"another controller uses the run store {self.url} (one controller per "
-                             "registry: give each its own --state)", reason="store_in_use")
+            raise StoreLocked(f"another controller uses the run store {self.url} (one controller per "
+                              "registry: give each its own --state)")
         self._claim_conn = conn
 
     async def close(self) -> None:

@@ -75,6 +75,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 from asm_controller._events import Event
 from asm_controller._reducer import Result
+from asm_controller._reducer import message_text as _message_text
 from asm_wire import KIND_NAMES, KIND_VALUES, pb
 
 __all__ = [
@@ -246,10 +247,6 @@ def _result_text(value: Any) -> str:
                 return _result_text(v)
         return _compact_json(value) if value else ""
     return _compact_json(value)
-
-
-def _message_text(msg: pb.AssistantMessage) -> str:
-    return "".join([b.text for b in msg.content if b.type == "text"])
 
 
 def _fmt_duration(ms: int) -> str:

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from asm_wire import KIND_VALUES, ConfigError, pb
+from asm_wire import ConfigError, EventKind, PermissionMode, choices, kind_value, pb
 
-PERMISSION_MODES = ("default", "auto", "bypass", "plan")
+#: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
+PERMISSION_MODES = choices(PermissionMode)
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,14 @@ def error_event(
     message: str, code: str, domain: str, *, severity: pb.Severity.ValueType = pb.SEVERITY_ERROR, exit_code: int = -1
 ) -> pb.Event:
     return pb.Event(
-        kind=KIND_VALUES["error"],
+        kind=kind_value(EventKind.ERROR),
         error=pb.Error(message=message, code=code, domain=domain, severity=severity, exit_code=exit_code),
     )
 
 
 def result_event(status: str, stop_reason: str, output: Mapping[str, Any]) -> pb.Event:
     return pb.Event(
-        kind=KIND_VALUES["result"],
+        kind=kind_value(EventKind.RESULT),
         result=pb.Result(status=status, stop_reason=stop_reason, output_json=json.dumps(output)),
     )
 

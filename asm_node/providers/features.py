@@ -12,6 +12,7 @@ from typing import Any
 from asm_node.config import NodeConfig
 from asm_node.providers import build_providers
 from asm_node.providers._cli import CliProvider
+from asm_wire import PermissionMode, choices
 
 # Common features: supported?, and how (notes shown to users).
 _FEATURES: dict[str, dict[str, tuple[bool, str]]] = {
@@ -72,7 +73,7 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
     p = providers[name]
     modes: dict[str, Any] = {}
     if isinstance(p, CliProvider):
-        for mode in ("default", "auto", "bypass", "plan"):
+        for mode in choices(PermissionMode):
             if mode in p.unsupported_modes:
                 modes[mode] = {"supported": False, "reason": p.unsupported_modes[mode]}
             else:
@@ -83,7 +84,7 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
         operator_options = sorted(p.operator_options)
         node_only = sorted(p.node_only_options)
     else:
-        modes = {m: {"supported": True, "native": m, "cli_args": []} for m in ("default", "auto", "bypass", "plan")}
+        modes = {m: {"supported": True, "native": m, "cli_args": []} for m in choices(PermissionMode)}
         options = ["allowed_commands", "command_timeout_ms", "denied_commands", "interpolate", "success_exit_codes"]
         client_options, operator_options, node_only = options, [], []
     return {
