@@ -13,6 +13,7 @@ from typing import Any
 from asm_cli.commands._common import EXIT_OK, Subcommands, limit_args, limit_settings, read_token, tls_args
 from asm_cli.commands._secrets import take_secrets
 from asm_controller import LivenessConfig, TLSConfig
+from asm_wire import Strategy, choices
 
 
 def _positive_float(text: str) -> float:
@@ -95,7 +96,7 @@ def add_parser(sub: Subcommands) -> None:
     cs.add_argument("--node-tls-cert", metavar="F", help="client certificate for the nodes (mutual TLS)")
     cs.add_argument("--node-tls-key", metavar="F", help="its key")
     cs.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
-    cs.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"])
+    cs.add_argument("--strategy", default="priority", choices=choices(Strategy))
     cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
     cs.add_argument("--state", metavar="URL",
                     help="the run registry: sqlite:///PATH, postgresql://USER:PASS@HOST:PORT/DB or memory: "

@@ -11,7 +11,7 @@ from typing import Any
 
 from asm_cli.commands._common import EXIT_NODE, EXIT_OK, Subcommands, client_args, remote_nodes
 from asm_controller import ControllerClient, GrpcNodeClient, NodeNotReady, NodeUnreachable, connect
-from asm_wire import AsmError, pb
+from asm_wire import AsmError, node_state_name, pb
 
 
 async def _controller_call(args: argparse.Namespace, address: str,
@@ -28,7 +28,7 @@ async def _controller_call(args: argparse.Namespace, address: str,
 
 
 def _drain_row(address: str, resp: pb.DrainResponse) -> dict[str, Any]:
-    state = pb.NodeState.Name(resp.state).removeprefix("NODE_STATE_").lower()
+    state = node_state_name(resp.state)
     return {"node": address, "state": state, "active_runs": resp.active_runs,
             "deadline_unix_nano": resp.deadline_unix_nano}
 

@@ -19,7 +19,7 @@ from asm_controller import (
     connect,
     preflight,
 )
-from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, pb
+from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, __version__, node_state_name, pb
 
 
 def _status_row(st: pb.NodeStatus) -> dict[str, Any]:
@@ -99,7 +99,7 @@ async def _bare_handshake(target: RemoteNode) -> pb.HandshakeResponse:
 def _info_row(info: pb.HandshakeResponse) -> dict[str, Any]:
     row: dict[str, Any] = dict(
         node_id=info.node_id, version=info.agent_version, protocol=info.protocol_version,
-        epoch=info.boot_epoch, state=pb.NodeState.Name(info.state).removeprefix("NODE_STATE_").lower(),
+        epoch=info.boot_epoch, state=node_state_name(info.state),
         health="healthy", up=True, heartbeat_age_s=0.0, labels=dict(info.labels),
         load={"active_runs": info.load.active_runs, "max_runs": info.limits.max_runs},
         providers=[

@@ -29,7 +29,7 @@ from asm_controller.extensions.persistence import open_recorder
 from asm_controller.extensions.rendering import Rendering
 from asm_node import NodeAgent, NodeConfig
 from asm_node.providers import operator_option_names
-from asm_wire import ConfigError
+from asm_wire import ConfigError, PermissionMode, SnapshotBackend, Strategy, choices
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -159,16 +159,16 @@ def add_parser(sub: Subcommands) -> None:
     r.add_argument("--controller", metavar="HOST:PORT", help="run through a controller service (it picks the node)")
     r.add_argument("--provider", required=True, help="claude, codex, gemini, amp or shell")
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
-    r.add_argument("--permission-mode", default="default", choices=["default", "auto", "bypass", "plan"])
+    r.add_argument("--permission-mode", default="default", choices=choices(PermissionMode))
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
     r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
     r.add_argument("--record", metavar="PATH",
                    help="append the run's events to this event store (JSON lines; see 'asm replay'); "
                         "a file that is not one is refused; exit 1 if some events could not be recorded")
-    r.add_argument("--snapshot", nargs="?", const="auto", choices=["auto", "git", "hash"],
+    r.add_argument("--snapshot", nargs="?", const="auto", choices=sorted(choices(SnapshotBackend), key=lambda b: b != "auto"),
                    help="snapshot the workspace before and after (git when it is a repository); diff in the result")
-    r.add_argument("--strategy", default="priority", choices=["priority", "round_robin", "weighted"],
+    r.add_argument("--strategy", default="priority", choices=choices(Strategy),
                    help="how to pick among several --node (HOST:PORT[,weight=N][,priority=N])")
     r.add_argument("--selector", action="append", metavar="KEY=VALUE", help="only nodes with this label")
     r.add_argument("--on-node-lost", default="fail", choices=["fail", "resume"],

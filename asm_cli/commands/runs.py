@@ -18,7 +18,7 @@ from asm_cli.commands._common import (
     client_args,
     server_target,
 )
-from asm_wire import pb
+from asm_wire import pb, run_status_name
 
 
 def _limit_arg(text: str) -> int:
@@ -31,7 +31,7 @@ def _run_row(info: pb.RunInfo, node: str) -> dict[str, Any]:
     end = info.finished_unix_nano or (time.time_ns() if info.status not in FINISHED else info.started_unix_nano)
     return {
         "run_id": info.run_id, "session_id": info.session_id, "provider": info.provider,
-        "node": info.node or node, "status": pb.RunStatus.Name(info.status).removeprefix("RUN_STATUS_").lower(),
+        "node": info.node or node, "status": run_status_name(info.status),
         "started": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.started_unix_nano / 1e9))
                     if info.started_unix_nano else None),
         "started_unix_nano": info.started_unix_nano, "finished_unix_nano": info.finished_unix_nano,
