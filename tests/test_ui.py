@@ -193,7 +193,9 @@ def node_row(name: str, **over: Any) -> dict[str, Any]:
     return row
 
 
-NODE_ROWS = [
+def node_rows() -> list[dict[str, Any]]:
+    """Fresh rows: the drain deadline is 30 s from *now* (a module-level list went stale in a long run)."""
+    return [
     node_row("alpha"),
     node_row("beta", state="draining", drain_deadline_unix_nano=time.time_ns() + 30_000_000_000),
     {"node": "10.0.0.9:50051", "error": {"kind": "unavailable", "reason": "unreachable",
@@ -212,7 +214,7 @@ RUN_ROWS = [run_row(i) for i in range(3)]
 
 
 def test_plain_tables_are_the_text_asm_printed_before_rich() -> None:
-    text = nodes_text(NODE_ROWS)
+    text = nodes_text(node_rows())
     lines = text.splitlines()
     assert lines[0].split() == ["NODE", "STATE", "HEALTH", "EPOCH", "LOAD", "HEARTBEAT", "PROVIDERS"]
     assert lines[0].startswith("NODE  ") and text.count("NODE  ") == 1
@@ -226,7 +228,7 @@ def test_plain_tables_are_the_text_asm_printed_before_rich() -> None:
         "STATUS     STARTED               DURATION"
     assert runs[1].endswith("running    2026-12-01T14:00:00Z  -") and runs[2].endswith("  12.5s")
     out = io.StringIO()
-    print_nodes(NODE_ROWS, out)
+    print_nodes(node_rows(), out)
     print_runs(RUN_ROWS, out)
     assert out.getvalue() == text + runs_text(RUN_ROWS)
 
@@ -234,7 +236,7 @@ def test_plain_tables_are_the_text_asm_printed_before_rich() -> None:
 @pytest.mark.parametrize("width", [80, 120])
 def test_rich_tables_fit_the_width_one_line_per_row(width: int) -> None:
     console, _ = terminal(width)
-    console.print(nodes_table(NODE_ROWS))
+    console.print(nodes_table(node_rows()))
     console.print(runs_table(RUN_ROWS))
     shown = console.export_text().splitlines()
     assert all(len(line) <= width for line in shown), shown
@@ -252,7 +254,7 @@ def test_print_on_a_terminal_uses_the_rich_table(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.setenv("COLUMNS", "80")
     out = FakeTTY()
-    print_nodes(NODE_ROWS, out)
+    print_nodes(node_rows(), out)
     assert "\x1b[" in out.getvalue() and "connection refused" in out.getvalue()
     plain = FakeTTY()
     print_runs(RUN_ROWS, plain, no_color=True)
@@ -261,15 +263,16 @@ def test_print_on_a_terminal_uses_the_rich_table(monkeypatch: pytest.MonkeyPatch
 
 def test_watch_nodes_live_table_and_plain_rounds() -> None:
     fetched = 0
+    rows_now = node_rows()
 
     async def fetch() -> list[dict[str, Any]]:
         nonlocal fetched
         fetched += 1
-        return NODE_ROWS[:1] if fetched == 1 else NODE_ROWS
+        return rows_now[:1] if fetched == 1 else rows_now
 
     console, buf = terminal()
     rows = asyncio.run(watch_nodes(fetch, 0.01, count=2, console=console))
-    assert rows == NODE_ROWS and fetched == 2
+    assert rows == rows_now and fetched == 2
     assert "every 0.01s (Ctrl-C to stop)" in console.export_text()
     assert "\x1b[2K" in buf.getvalue() or "\x1b[1A" in buf.getvalue()  # redrawn in place, not appended
     pipe = io.StringIO()
@@ -277,7 +280,7 @@ def test_watch_nodes_live_table_and_plain_rounds() -> None:
     asyncio.run(watch_nodes(fetch, 0.01, count=2, stream=pipe))
     text = pipe.getvalue()
     assert text.count("every 0.01s (Ctrl-C to stop)\n") == 2 and text.count("NODE  ") == 2
-    assert text.endswith(nodes_text(NODE_ROWS)) and "\x1b" not in text
+    assert text.endswith(nodes_text(rows_now)) and "\x1b" not in text
 
 
 # -- a real terminal --------------------------------------------------------------------------------
