@@ -32,8 +32,8 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, NodeAtCapacity, __version__, pb
 from asm_wire._server import ServerLimits, start_metrics_http
-from tests.conftest import ROOT, NodeProcess
-from tests.conftest import node_config as make_config
+from tests.support.processes import ROOT, NodeProcess
+from tests.support.processes import node_config as make_config
 
 TOKEN = "abuse-test-token-0123456789"
 

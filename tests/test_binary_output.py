@@ -21,7 +21,7 @@ from asm_controller._reducer import EventReducer
 from asm_node.providers.shell import ShellParser
 from asm_node.server import NodeServer
 from asm_wire import pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
 
 MIB = 1 << 20
 EMIT = "import sys\nsys.stdout.buffer.write(open('blob', 'rb').read())\n"

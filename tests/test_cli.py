@@ -11,18 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ROOT, NodeProcess
-
-ASM = [sys.executable, "-m", "asm_cli"]
-
-
-def asm(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ASM, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=str(ROOT))
-
-
-def jsonl(out: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+from tests.support.cli import ASM, asm, jsonl
+from tests.support.processes import ROOT, NodeProcess
 
 
 def test_run_on_embedded_node_prints_events_and_summary() -> None:

@@ -26,7 +26,7 @@ from asm_controller import (
 )
 from asm_node import NodeAgent, NodeServer, start_server
 from asm_wire import AsmError, ConfigError, error_from_rpc, make_error, pb
-from tests.conftest import node_config
+from tests.support.processes import node_config
 
 
 def _closed_port() -> int:

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from asm_controller.service import ControllerConfig, ControllerServer, start_controller
 from asm_node import NodeServer, start_server
 from asm_wire import pb
-from tests.conftest import node_config
+from tests.support.processes import node_config
 
 T = TypeVar("T")
 SERVICE = "/asm.v1.NodeService/"

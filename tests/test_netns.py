@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from asm_controller import LivenessConfig, RemoteNode, Session
-from tests.conftest import PYTHON_BASENAME, NodeProcess
-from tests.test_faults import assert_exactly_once, ticker
+from tests.support.faults import assert_exactly_once, ticker
+from tests.support.processes import PYTHON_BASENAME, NodeProcess
 
 pytestmark = pytest.mark.netns
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from asm_controller.service import ControllerConfig, start_controller
-from tests.conftest import NodeProcess
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import assert_exactly_once, node_args, ticker
+from tests.support.faults import assert_exactly_once, node_args, ticker
+from tests.support.processes import NodeProcess
+from tests.support.tcp_proxy import TcpProxy
 
 LOST_S = 3.0
 INTERVAL_S = 0.5

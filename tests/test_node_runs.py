@@ -12,7 +12,7 @@ import pytest
 from asm_controller import EmbeddedNode, Event, RemoteNode, Session
 from asm_node import NodeAgent, NodeServer
 from asm_wire import KIND_NAMES, AsmError, pb
-from tests.conftest import PYTHON_BASENAME, node_config, pid_alive
+from tests.support.processes import PYTHON_BASENAME, node_config, pid_alive
 
 
 def py(code: str) -> str:

@@ -35,7 +35,7 @@ from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, Gemin
 from asm_node.providers._cli import CliProvider, cli_version
 from asm_node.providers.features import manifests
 from asm_wire import ConfigError, pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, node_config, start_node_process
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, node_config, start_node_process
 
 CLI_CLASSES: list[type[CliProvider]] = [ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider]
 

@@ -39,9 +39,9 @@ from asm_wire._principal import (
     parse_tokens,
 )
 from asm_wire.v1 import node_pb2_grpc
-from tests.conftest import ROOT, NodeProcess, wait_until
-from tests.conftest import node_config as make_config
-from tests.test_approvals import ScriptedProvider
+from tests.support.processes import ROOT, NodeProcess, wait_until
+from tests.support.processes import node_config as make_config
+from tests.support.providers import approval_provider
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789abc"
@@ -125,7 +125,7 @@ async def _raw_status(address: str, token: str, run_id: str) -> grpc.StatusCode:
 
 
 def _providers(config: Any) -> dict[str, Any]:
-    return {**build_providers(config), "scripted": ScriptedProvider()}
+    return {**build_providers(config), "scripted": approval_provider()}
 
 
 @pytest.fixture

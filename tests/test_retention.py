@@ -21,7 +21,7 @@ from asm_node import NodeAgent
 from asm_node.providers.base import CommandSpec, RunSpec
 from asm_node.run import Run
 from asm_wire import KIND_VALUES, AsmError, pb
-from tests.conftest import NodeProcess, node_config
+from tests.support.processes import NodeProcess, node_config
 
 
 def _run(agent: NodeAgent, rid: str, payload: int = 0) -> Run:

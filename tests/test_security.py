@@ -35,8 +35,8 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, ConfigError, __version__, pb
 from asm_wire import NodeUnauthenticated as WireNodeUnauthenticated
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
-from tests.conftest import node_config as make_config
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
+from tests.support.processes import node_config as make_config
 
 TOKEN = "s3cret"
 

@@ -1,6 +1,6 @@
 """The controller's run store: one contract suite over memory, SQLite and a real PostgreSQL cluster.
 
-PostgreSQL runs as a throwaway cluster (tests/pg_server.py), each test in a database of its own;
+PostgreSQL runs as a throwaway cluster (tests/support/pg_server.py), each test in a database of its own;
 its tests skip only when the binaries are missing (scripts/install_postgres.sh installs them).
 """
 
@@ -40,7 +40,7 @@ from asm_controller import (
 from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from asm_controller._store._sql import SqlStore
 from asm_wire import AsmError
-from tests.pg_server import PASSWORD, PostgresServer
+from tests.support.pg_server import PASSWORD, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,9 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.create_database()
 
 
-ALL = pytest.mark.parametrize("backend_url", ["memory", "sqlite", "postgresql"], indirect=True)
-DURABLE = pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"], indirect=True)
+PG = pytest.param("postgresql", marks=pytest.mark.postgres)
+ALL = pytest.mark.parametrize("backend_url", ["memory", "sqlite", PG], indirect=True)
+DURABLE = pytest.mark.parametrize("backend_url", ["sqlite", PG], indirect=True)
 
 StoreFactory = Callable[..., Awaitable[RunStore]]
 
