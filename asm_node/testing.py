@@ -266,14 +266,15 @@ def _flag(args: Sequence[str], name: str) -> str | None:
 
 
 def _token(args: Sequence[str], env: Mapping[str, str], token: str | None) -> str | None:
-    """The token to handshake with: given, else ``--token-file``'s, else ASM_NODE_TOKEN."""
+    """The token to handshake with: given, else ``--token-file``'s, else ASM_TOKEN or ASM_NODE_TOKEN (the
+    serve commands' own precedence)."""
     if token is not None:
         return token
     path = _flag(args, "--token-file")
     if path is not None:
         with contextlib.suppress(OSError):
             return Path(path).read_text().strip() or None
-    return env.get("ASM_NODE_TOKEN") or None
+    return env.get("ASM_TOKEN") or env.get("ASM_NODE_TOKEN") or None
 
 
 def _serve(command: Sequence[str], log_path: Path, args: Sequence[str], *, listen: str, env: Mapping[str, str],
@@ -304,11 +305,14 @@ def _serve(command: Sequence[str], log_path: Path, args: Sequence[str], *, liste
 def serve_node(directory: Path, *args: str, listen: str = "127.0.0.1:0", env: Mapping[str, str] | None = None,
                inherit: bool = True, cwd: Path | None = None, timeout: float = 20.0, token: str | None = None,
                python_flags: Sequence[str] = ()) -> ServedProcess:
-    """``asm node serve --listen LISTEN ARGS`` (port 0: one picked here) in ``cwd`` (default ``directory``), its stderr in a
-    log under ``directory``; returned once it answers a handshake (with ``token``, else the one of
-    ``--token-file`` or ASM_NODE_TOKEN). Unless ARGS or ``env`` name a state dir, it journals in its own
-    (a fixed run id must not meet another node's outcome). ``inherit=False``: only ``env``, not os.environ.
-    ``python_flags`` go before ``-m`` (``-I`` runs as the installed console script does)."""
+    """``asm node serve --listen LISTEN ARGS`` (port 0: one picked here) in ``cwd`` (default
+    ``directory``), its stderr in a log under ``directory``.
+
+    Returned once it answers a handshake: with ``token``, else the one of ``--token-file``, ASM_TOKEN
+    or ASM_NODE_TOKEN (a refused handshake is ready too, with no epoch). Unless ARGS or ``env`` name
+    a state dir, it journals in its own (a fixed run id must not meet another node's outcome).
+    ``inherit=False``: only ``env``, not os.environ. ``python_flags`` go before ``-m`` (``-I`` runs
+    as the installed console script does)."""
     log_path = directory / f"node-{time.monotonic_ns()}.log"
     full = {**(os.environ if inherit else {}), **(env or {})}
     if "--state-dir" not in args and "ASM_NODE_STATE_DIR" not in (env or {}):
@@ -319,10 +323,11 @@ def serve_node(directory: Path, *args: str, listen: str = "127.0.0.1:0", env: Ma
 
 def serve_controller(directory: Path, *args: str, listen: str = "127.0.0.1:0", env: Mapping[str, str] | None = None,
                      timeout: float = 20.0, token: str | None = None) -> ServedProcess:
-    """``asm controller serve --listen LISTEN ARGS`` (port 0: one picked here) in ``directory``, returned once it answers a
-    handshake; its own registry (``--state-dir`` under ``directory``) unless ARGS name one."""
+    """``asm controller serve --listen LISTEN ARGS`` (port 0: one picked here) in ``directory``,
+    returned once it answers a handshake; its own registry (``--state-dir`` under ``directory``)
+    unless ARGS name one."""
     log_path = directory / f"controller-{time.monotonic_ns()}.log"
     if "--state" not in args and "--state-dir" not in args:
         args = (*args, "--state-dir", str(log_path.with_suffix(".state")))
-    return _serve(("controller", "serve"), log_path, args, listen=listen, env={**os.environ, **(env or {})}, cwd=directory,
-                  timeout=timeout, token=token, python_flags=(), what="controller")
+    return _serve(("controller", "serve"), log_path, args, listen=listen, env={**os.environ, **(env or {})},
+                  cwd=directory, timeout=timeout, token=token, python_flags=(), what="controller")

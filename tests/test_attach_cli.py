@@ -25,6 +25,8 @@ from asm_node import NodeAgent, start_server
 from asm_wire import AsmError, RunNotFound, pb
 from tests.support.processes import ROOT, ControllerProcess, NodeProcess, node_config, start_controller_process
 
+pytestmark = pytest.mark.slow  # node and controller processes driven through the CLI
+
 ASM = [sys.executable, "-m", "asm_cli"]
 GATED = """\
 import os, sys, time

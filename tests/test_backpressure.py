@@ -30,6 +30,8 @@ from asm_wire import AsmError, pb
 from tests.support.flood import RssSampler, _python_prompt, tiny_lines
 from tests.support.processes import NodeProcess
 
+pytestmark = pytest.mark.slow  # floods and slow consumers: seconds each, by design
+
 PYTHON = sys.executable
 RSS_BOUND_MB = 256.0
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from asm_controller import Event, RemoteNode, Session
 from asm_controller._reducer import EventReducer
 from asm_node.providers.shell import ShellParser
@@ -84,6 +86,7 @@ async def test_a_mebibyte_of_random_bytes_comes_back_exactly(grpc_node: NodeServ
     assert result.text == "".join(ev.output_bytes.decode("utf-8", "replace") for ev in deltas)
 
 
+@pytest.mark.slow
 def test_cli_jsonl_and_the_recorded_store_keep_the_bytes_without_inflation(
         node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_process("--shell-allow", PYTHON_BASENAME)

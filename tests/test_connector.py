@@ -91,6 +91,7 @@ async def test_unreachable_node() -> None:
     assert exc.value.kind == "connection_failed" and exc.value.reason == "unreachable"
 
 
+@pytest.mark.slow
 async def test_connect_timeout(silent_listener: int) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()

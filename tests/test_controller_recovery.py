@@ -33,6 +33,8 @@ from tests.support.processes import (
     start_controller_process,
 )
 
+pytestmark = pytest.mark.slow  # controllers killed and restarted mid-run
+
 ASM = [sys.executable, "-m", "asm_cli"]
 LINES = 60
 

@@ -751,6 +751,7 @@ def dockerignored(rel: str, patterns: list[str]) -> bool:
     return excluded
 
 
+@pytest.mark.slow
 def test_dockerignore_context_builds_the_package(tmp_path: Path) -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

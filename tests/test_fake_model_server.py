@@ -391,6 +391,7 @@ def test_errors(server: FakeModelServer, api: str, status: int) -> None:
     assert server.requests[-1].status == status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", ["anthropic", "openai", "gemini"])
 def test_slow_streams_many_deltas(server: FakeModelServer, api: str) -> None:
     path, body = _request_for(api, "Go slowly. SCENARIO_SLOW")
@@ -405,6 +406,7 @@ def test_slow_streams_many_deltas(server: FakeModelServer, api: str) -> None:
     assert len(deltas) == 40
 
 
+@pytest.mark.slow
 def test_slow_real_timing_and_interrupt() -> None:
     """Default SLOW pacing is 0.25 s per delta; a client can drop the stream mid-run."""
     with FakeModelServer() as srv:
@@ -453,6 +455,7 @@ def test_keep_alive_and_unknown_paths(server: FakeModelServer) -> None:
     assert server.requests[-1].body is None
 
 
+@pytest.mark.slow
 def test_concurrent_requests() -> None:
     with FakeModelServer(slow_interval=0.05) as srv:
         results: list[int] = []

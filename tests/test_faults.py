@@ -15,10 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from tests.support.faults import assert_exactly_once, node_args, ticker
 from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, pid_alive, start_node_process, wait_until
 from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.slow  # real node processes killed, hung and cut, each waits out a detection bound
 
 LOST_S = 3.0
 LIVE = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=LOST_S)

@@ -42,6 +42,8 @@ from asm_node import NodeServer, start_server
 from asm_wire import pb
 from tests.support.processes import node_config
 
+pytestmark = pytest.mark.slow  # hypothesis fuzzing of served nodes and controllers
+
 T = TypeVar("T")
 SERVICE = "/asm.v1.NodeService/"
 TYPED = {

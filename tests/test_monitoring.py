@@ -24,6 +24,8 @@ from asm_controller import RemoteNode, Session
 from asm_node.testing import ServedProcess, free_port
 from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, start_controller_process
 
+pytestmark = pytest.mark.slow  # node and controller processes, Prometheus scrapes, alert windows
+
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Samples of an /metrics endpoint, keyed by (name, sorted labels)."""

@@ -27,6 +27,8 @@ from asm_node import NodeAgent
 from asm_wire import AsmError, PermissionDenied, pb
 from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, node_config, pid_alive, wait_until
 
+pytestmark = pytest.mark.slow  # node processes restarted against their journals
+
 COMPLETED = pb.EVENT_KIND_RUN_COMPLETED
 
 

@@ -186,6 +186,7 @@ def test_policy_validation() -> None:
         Policy(disallow_tools=[""])
 
 
+@pytest.mark.slow
 async def test_plug_injections_stay_exactly_once_across_reattaches(node_process: Callable[..., NodeProcess]) -> None:
     from tests.support.faults import node_args, ticker
 

@@ -11,6 +11,8 @@ import pytest
 from asm_controller import RemoteNode, Session
 from tests.support.processes import NodeProcess, pid_alive, wait_until
 
+pytestmark = pytest.mark.slow  # node agents killed and their CLIs waited out
+
 
 async def _start_sleep(node: NodeProcess) -> tuple[Session, object, int]:
     session = Session("shell", node=RemoteNode(node.address))

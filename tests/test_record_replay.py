@@ -35,6 +35,8 @@ from asm_controller.extensions.persistence import (
 from asm_wire import AsmError, ConfigError, pb
 from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
 
+pytestmark = pytest.mark.slow  # recordings through real CLI processes, full disks
+
 ASM = [sys.executable, "-m", "asm_cli"]
 PY = PYTHON_BASENAME
 

@@ -135,6 +135,7 @@ async def test_byte_bound_counts_held_frames_and_evicts_oldest() -> None:
     assert "live-huge" not in agent.runs and agent.retained_bytes <= 100_000
 
 
+@pytest.mark.slow
 async def test_age_bound_evicts_finished_never_active() -> None:
     agent = NodeAgent(node_config(reaper=False, retention_s=0.3))
     await agent.start()

@@ -497,6 +497,7 @@ def test_cli_run_without_token_is_refused(token_node_process: tuple[NodeProcess,
     assert "refused our credentials" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_nodes_reports_unauthenticated(token_node_process: tuple[NodeProcess, str]) -> None:
     node, tok = token_node_process
     proc = _asm("nodes", "--node", node.address, "--output", "json", env=_clean_env(ASM_TOKEN="wrong"))

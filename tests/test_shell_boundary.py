@@ -25,6 +25,8 @@ from asm_node.providers.shell import ShellProvider, split_command
 from asm_wire import ConfigError
 from tests.support.processes import PYTHON_BASENAME, NodeProcess, start_node_process
 
+pytestmark = pytest.mark.slow  # each case a run through a served node
+
 TOKEN = "shell-boundary-" + "t" * 16
 
 

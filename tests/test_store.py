@@ -347,6 +347,7 @@ _MIGRATE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @DURABLE
 async def test_two_processes_opening_at_once_migrate_once(backend_url: str, make_store: StoreFactory) -> None:
     await (await make_store()).close()  # at version 1: both processes will want to apply version 2
@@ -477,6 +478,7 @@ class WriteLock:
             await self._pg.close()
 
 
+@pytest.mark.slow
 @DURABLE
 async def test_writer_back_pressure_waits_and_loses_nothing(backend_url: str, make_store: StoreFactory) -> None:
     store = await make_store(connect_timeout_s=0.2)
@@ -502,6 +504,7 @@ async def test_writer_back_pressure_waits_and_loses_nothing(backend_url: str, ma
     await writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
 async def test_writer_database_errors_are_retried_never_raised(
         backend_url: str, make_store: StoreFactory, caplog: pytest.LogCaptureFixture) -> None:
@@ -563,6 +566,7 @@ _KILLED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 async def test_records_survive_kill_9_of_the_writing_process(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ctl' / 'state.sqlite3'}"
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _KILLED_SCRIPT, url, cwd=ROOT,

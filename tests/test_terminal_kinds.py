@@ -54,6 +54,7 @@ def test_kinds_are_typed_and_map_to_unavailable() -> None:
         assert err.grpc_status() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.slow
 def test_drain_deadline_ends_the_run_with_node_draining(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -73,6 +74,7 @@ def test_drain_deadline_ends_the_run_with_node_draining(node_process: Callable[.
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_node_sigterm_ends_the_run_with_node_shutdown(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -87,6 +89,7 @@ def test_node_sigterm_ends_the_run_with_node_shutdown(node_process: Callable[...
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_still_user_cancelled_and_130(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -97,6 +100,7 @@ def test_ctrl_c_is_still_user_cancelled_and_130(node_process: Callable[..., Node
     assert summary["status"] == "interrupted" and summary["error"]["kind"] == "user_cancelled"
 
 
+@pytest.mark.slow
 async def test_resume_path_is_taken_for_a_drained_run(node_process: Callable[..., NodeProcess]) -> None:
     """on_node_lost="resume" applies to node_draining: the run tries to move (a shell run has no
     provider session to continue, so it ends typed, saying so)."""

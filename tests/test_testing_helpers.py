@@ -39,7 +39,8 @@ async def test_scripted_provider_prints_its_lines_as_events() -> None:
 
 
 async def test_scripted_provider_runs_a_script_with_args_and_stdin() -> None:
-    script = "import sys\nprint(sys.argv[1], flush=True)\nprint('{\"text\": \"' + sys.stdin.readline().strip() + '\"}')\n"
+    script = ("import json, sys\nprint(sys.argv[1], flush=True)\n"
+              "print(json.dumps({'text': sys.stdin.readline().strip()}))\n")
     provider = ScriptedProvider(script=script, args=lambda spec: [spec.prompt.upper()], stdin=True)
     async with running_agent(providers={"scripted": provider}) as agent:
         async with Session("scripted", node=EmbeddedNode(agent)) as s:
@@ -98,6 +99,7 @@ def test_serve_node_that_exits_early_raises_with_its_log(tmp_path: Path) -> None
         serve_node(tmp_path, "--no-such-flag")
 
 
+@pytest.mark.slow
 def test_serve_controller_is_ready_by_handshake(tmp_path: Path) -> None:
     with serve_node(tmp_path) as node, serve_controller(tmp_path, "--node", node.address) as ctl:
         assert ctl.info is not None and ctl.port != node.port
@@ -149,3 +151,16 @@ async def test_fake_node_api_replays_after_a_seq() -> None:
     assert again == [3, 4]
     info = await api.get_run(pb.GetRunRequest(run_id="r1"))
     assert info.status == pb.RUN_STATUS_COMPLETED and info.last_seq == 4
+
+
+@pytest.mark.parametrize("var", ["ASM_TOKEN", "ASM_NODE_TOKEN"])
+def test_serve_node_with_a_token_in_env_handshakes_with_it(tmp_path: Path, var: str) -> None:
+    with serve_node(tmp_path, env={var: "a-token-of-sixteen-chars"}) as node:
+        assert node.info is not None and node.epoch
+
+
+def test_serve_node_refused_for_want_of_a_token_is_ready_without_an_epoch(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("alice:alice-token-0123456789\n")
+    with serve_node(tmp_path, "--tokens-file", str(tmp_path / "tokens")) as node:
+        assert node.info is None and node.epoch == ""
+        assert handshake(node.address, "alice-token-0123456789").boot_epoch != ""

@@ -25,6 +25,8 @@ from asm_wire.v1 import node_pb2_grpc
 from tests.support.cli import ASM, jsonl
 from tests.support.processes import ROOT, ControllerProcess, NodeProcess, start_controller_process
 
+pytestmark = pytest.mark.slow  # node and controller processes, drain deadlines
+
 ALICE = "alice-token-0123456789"
 ROOT_TOKEN = "root-token-0123456789abc"
 
