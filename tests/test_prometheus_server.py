@@ -22,8 +22,10 @@ from tests.support.asm_metrics import ASM_METRICS, family
 from tests.support.processes import ROOT, NodeProcess
 from tests.support.prometheus_server import PrometheusError, PrometheusServer, prometheus_binary
 
-pytestmark = pytest.mark.skipif(prometheus_binary() is None,
-                                reason="prometheus is not installed (scripts/install_prometheus.sh)")
+pytestmark = [
+    pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (scripts/install_prometheus.sh)"),
+    pytest.mark.slow,  # a real Prometheus, waited on for its scrape intervals
+]
 
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "asm.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "asm-fleet.json"
