@@ -164,3 +164,16 @@ def test_serve_node_refused_for_want_of_a_token_is_ready_without_an_epoch(tmp_pa
     with serve_node(tmp_path, "--tokens-file", str(tmp_path / "tokens")) as node:
         assert node.info is None and node.epoch == ""
         assert handshake(node.address, "alice-token-0123456789").boot_epoch != ""
+
+
+def test_serve_node_picks_another_port_when_its_pick_was_taken(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import asm_node.testing as testing
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(testing, "free_port", lambda host="127.0.0.1": next(picks, None) or free_port(host))
+        with serve_node(tmp_path) as node:
+            assert node.port != taken.getsockname()[1] and node.info is not None
