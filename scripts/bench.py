@@ -544,7 +544,7 @@ def _ticker(n: int, interval: float) -> str:
 async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from asm_controller import LivenessConfig
-    from tests.tcp_proxy import TcpProxy  # the same controllable proxy the fault tests use
+    from tests.support.tcp_proxy import TcpProxy  # the same controllable proxy the fault tests use
 
     live = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=args.lost_timeout)
     extra = ["--shell-allow", os.path.basename(sys.executable), "--detach-grace", "5"]
@@ -672,7 +672,7 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=8.0))
 
     # Node RSS during a 2M-line run on a node with the default bounds (back-pressure, bounded retention).
-    from tests.flood import flood, tiny_lines
+    from tests.support.flood import flood, tiny_lines
     prompt, lines = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
     node = NodeProcess(workdir, extra=["--shell-allow", sys.executable, "--shell-allow", os.path.basename(sys.executable)])
     node.start()
@@ -973,7 +973,7 @@ def report_soak(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def run_flood(args: argparse.Namespace, workdir: Path) -> list[tuple[str, Any]]:
-    from tests.flood import flood, long_lines, tiny_lines
+    from tests.support.flood import flood, long_lines, tiny_lines
 
     py = sys.executable
     allow = ["--shell-allow", py, "--shell-allow", os.path.basename(py)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install PostgreSQL (Debian's `postgresql` package) for the controller run-store tests:
-# tests/pg_server.py starts a throwaway cluster from its initdb/pg_ctl/postgres binaries.
+# tests/support/pg_server.py starts a throwaway cluster from its initdb/pg_ctl/postgres binaries.
 #
 #   scripts/install_postgres.sh
 #

@@ -3,8 +3,8 @@
 
 Each CLI (installed by scripts/install_clis.sh into ``${ASM_CLI_CACHE:-~/.cache/asm-clis}``)
 runs with the argv its provider module builds (``Provider.build_command``, the node's own path),
-in a hermetic HOME/TMPDIR from tests/cli_env.py, against the scripted model server
-tests/fake_model_server.py on 127.0.0.1 — nothing leaves the machine. Two scenarios:
+in a hermetic HOME/TMPDIR from tests/support/cli_env.py, against the scripted model server
+tests/support/fake_model_server.py on 127.0.0.1 — nothing leaves the machine. Two scenarios:
 
 * ``text``: ``Say hi. SCENARIO_TEXT``, permission mode ``default``: the model answers with text.
 * ``tool``: ``Run a command. SCENARIO_TOOL``, permission mode ``bypass``: the model asks for one
@@ -45,8 +45,8 @@ from asm_node.providers import ClaudeProvider, CodexProvider, GeminiProvider, Ru
 from asm_node.providers._cli import CliProvider  # noqa: E402
 from asm_node.providers.base import ExitInfo  # noqa: E402
 from asm_wire import KIND_NAMES, pb  # noqa: E402
-from tests.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env  # noqa: E402
-from tests.fake_model_server import FakeModelServer  # noqa: E402
+from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env  # noqa: E402
+from tests.support.fake_model_server import FakeModelServer  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "cli"
 PROVIDERS: dict[str, type[CliProvider]] = {"claude": ClaudeProvider, "codex": CodexProvider, "gemini": GeminiProvider}

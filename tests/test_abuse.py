@@ -32,8 +32,8 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, AsmError, ConfigError, NodeAtCapacity, __version__, pb
 from asm_wire._server import ServerLimits, start_metrics_http
-from tests.conftest import ROOT, NodeProcess
-from tests.conftest import node_config as make_config
+from tests.support.processes import ROOT, NodeProcess
+from tests.support.processes import node_config as make_config
 
 TOKEN = "abuse-test-token-0123456789"
 
@@ -74,6 +74,7 @@ async def guarded_node() -> AsyncIterator[NodeServer]:
         await server.stop()
 
 
+@pytest.mark.slow
 async def test_silent_connections_are_closed_after_the_handshake_timeout(guarded_node: NodeServer) -> None:
     socks = _raw_sockets(guarded_node.port, 40)
     try:
@@ -139,6 +140,7 @@ async def test_connections_past_the_cap_are_closed_at_once() -> None:
         await server.stop()
 
 
+@pytest.mark.slow
 async def test_streams_per_connection_are_capped() -> None:
     server = await start_server(make_config(token=TOKEN, max_concurrent_streams=2))
     client = GrpcNodeClient(RemoteNode(f"127.0.0.1:{server.port}", token=TOKEN, rpc_timeout_s=1.0))
@@ -192,6 +194,7 @@ async def test_rpcs_past_the_server_cap_are_refused_at_capacity() -> None:
 # -- (c) overload answers are typed ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_burst_past_the_rpc_cap_fails_typed_at_capacity_never_cancelled() -> None:
     server = await start_server(make_config(token=TOKEN, max_concurrent_rpcs=4))
     client = GrpcNodeClient(RemoteNode(f"127.0.0.1:{server.port}", token=TOKEN))
@@ -211,6 +214,7 @@ async def test_burst_past_the_rpc_cap_fails_typed_at_capacity_never_cancelled() 
     assert all(isinstance(f, NodeAtCapacity) for f in failures)
 
 
+@pytest.mark.slow
 async def test_a_node_at_its_rpc_cap_is_not_declared_lost() -> None:
     """Heartbeats refused as at_capacity prove the node is alive: its runs must not end as node_lost."""
     from asm_controller import LivenessConfig, connect
@@ -297,6 +301,7 @@ def _threads_named(prefix: str) -> int:
     return sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
 
 
+@pytest.mark.slow
 def test_metrics_server_has_a_bounded_pool_and_cuts_slow_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     from prometheus_client import CollectorRegistry, Counter
 
@@ -336,6 +341,7 @@ def test_metrics_server_has_a_bounded_pool_and_cuts_slow_clients(monkeypatch: py
         httpd.shutdown()
 
 
+@pytest.mark.slow
 def test_metrics_client_trickling_bytes_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -383,6 +389,7 @@ def _asm(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, cwd=str(ROOT))
 
 
+@pytest.mark.slow
 def test_cli_refuses_non_loopback_metrics_in_one_line() -> None:
     proc = _asm("node", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0.0.0.0:0")
     assert proc.returncode == 2, proc.stderr
@@ -395,6 +402,7 @@ def test_cli_refuses_non_loopback_metrics_in_one_line() -> None:
         assert flag in help_text
 
 
+@pytest.mark.slow
 def test_cli_limit_flags_reach_the_server(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process("--handshake-timeout", "1", "--max-connections", "64", "--max-streams-per-connection", "8",
                         "--max-concurrent-rpcs", "16")

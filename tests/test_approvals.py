@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
 from asm_controller import EmbeddedNode, Event, Session
 from asm_node import NodeAgent
-from asm_node.providers import CommandSpec, ExitInfo, LineParser, Provider, ProviderStatus, RunSpec
-from asm_node.providers.base import result_event
-from asm_wire import KIND_VALUES, ApprovalNotFound, AsmError, RunNotFound, pb
-from tests.conftest import node_config
-
-# The "CLI": prints an approval request, then waits for a line on stdin and echoes it.
-SCRIPT = (
-    "import json, sys\n"
-    "print(json.dumps({'approval': 'ap-1', 'tool': 'Bash'}), flush=True)\n"
-    "line = sys.stdin.readline()\n"
-    "print(json.dumps({'said': line.strip()}), flush=True)\n"
-)
-
-
-class ScriptedParser(LineParser):
-    def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
-        for line in lines:
-            data = json.loads(line)
-            if "approval" in data:
-                out.append(pb.Event(kind=KIND_VALUES["approval_requested"], approval_requested=pb.ApprovalRequested(
-                    approval_id=data["approval"], subject=data["tool"])))
-            else:
-                ev = pb.Event(kind=KIND_VALUES["assistant_delta"])
-                ev.assistant_delta.content = data["said"]
-                out.append(ev)
-
-    def finish(self, exit: ExitInfo) -> list[pb.Event]:
-        return [result_event("completed", "exit", {"exit_code": exit.returncode})]
-
-
-class ScriptedProvider(Provider):
-    name = "scripted"
-    display_name = "Scripted"
-
-    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
-        return ProviderStatus(available=True, cli_path=sys.executable, version="test")
-
-    def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
-        return dict(options)
-
-    def build_command(self, spec: RunSpec) -> CommandSpec:
-        return CommandSpec(argv=[sys.executable, "-c", SCRIPT], cwd=spec.cwd, env=dict(spec.env), stdin=True)
-
-    def new_parser(self, spec: RunSpec) -> LineParser:
-        return ScriptedParser()
+from asm_wire import ApprovalNotFound, AsmError, RunNotFound, pb
+from tests.support.processes import node_config
+from tests.support.providers import approval_provider
 
 
 @pytest.fixture
 async def scripted_agent() -> AsyncIterator[NodeAgent]:
-    agent = NodeAgent(node_config(approval_timeout_ms=300), providers={"scripted": ScriptedProvider()})
+    agent = NodeAgent(node_config(approval_timeout_ms=300), providers={"scripted": approval_provider()})
     await agent.start()
     try:
         yield agent

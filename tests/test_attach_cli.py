@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ import pytest
 from asm_controller import GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent, start_server
 from asm_wire import AsmError, RunNotFound, pb
-from tests.conftest import ROOT, NodeProcess, node_config
+from tests.support.processes import ROOT, ControllerProcess, NodeProcess, node_config, start_controller_process
+
+pytestmark = pytest.mark.slow  # node and controller processes driven through the CLI
 
 ASM = [sys.executable, "-m", "asm_cli"]
 GATED = """\
@@ -412,36 +413,14 @@ async def test_not_found_round_trips_and_a_follower_treats_it_as_the_run_gone() 
 # -- through a controller -------------------------------------------------------------------
 
 
-@dataclass
-class Controller:
-    proc: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-
-
 @pytest.fixture
-def controller(tmp_path: Path, node: NodeProcess) -> Iterator[Controller]:
-    log_path = tmp_path / "controller.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*ASM, "controller", "serve", "--listen", "127.0.0.1:0", "--node", node.address],
-                                stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT))
-    try:
-        deadline = time.monotonic() + 20
-        while not (m := re.search(r"listening on \S+ \(port (\d+)\)", log_path.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        yield Controller(proc, f"127.0.0.1:{m.group(1)}", log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def controller(tmp_path: Path, node: NodeProcess) -> Iterator[ControllerProcess]:
+    with start_controller_process(tmp_path, "--node", node.address) as ctl:
+        yield ctl
 
 
 def test_attach_through_a_controller(
-    controller: Controller, bg: Callable[..., Bg], gated: Callable[[str, int, int, int], tuple[str, Path]],
+    controller: ControllerProcess, bg: Callable[..., Bg], gated: Callable[[str, int, int, int], tuple[str, Path]],
 ) -> None:
     prompt, gate = gated("c", 2, 3, 0)
     run = bg("run", "--controller", controller.address, "--provider", "shell", "--run-id", "via-ctl",

@@ -27,8 +27,10 @@ import pytest
 
 from asm_controller import GrpcNodeClient, RemoteNode, Session
 from asm_wire import AsmError, pb
-from tests.conftest import NodeProcess
-from tests.flood import RssSampler, _python_prompt, tiny_lines
+from tests.support.flood import RssSampler, _python_prompt, tiny_lines
+from tests.support.processes import NodeProcess
+
+pytestmark = pytest.mark.slow  # floods and slow consumers: seconds each, by design
 
 PYTHON = sys.executable
 RSS_BOUND_MB = 256.0
@@ -241,7 +243,7 @@ async def test_detached_run_past_the_bound_replay_gap_names_the_seqs(
 async def test_node_budget_bounds_detached_runs_together(tmp_path: Path) -> None:
     """Two detached runs on an embedded node: their held frames together stay within the node bound."""
     from asm_node import NodeAgent
-    from tests.conftest import node_config
+    from tests.support.processes import node_config
 
     node_bound = 2 << 20
     agent = NodeAgent(node_config(reaper=False, replay_max_bytes_per_node=node_bound, detach_grace_s=30))
@@ -304,7 +306,7 @@ async def test_embedded_slow_consumer_pauses_the_pump(tmp_path: Path) -> None:
     """The in-process node goes through the same Run.follow(): a slow consumer pauses the pump."""
     from asm_controller import EmbeddedNode
     from asm_node import NodeAgent
-    from tests.conftest import node_config
+    from tests.support.processes import node_config
 
     agent = NodeAgent(node_config(reaper=False, backlog_max_bytes=1 << 20))
     await agent.start()

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from asm_controller import Event, RemoteNode, Session
 from asm_controller._reducer import EventReducer
 from asm_node.providers.shell import ShellParser
 from asm_node.server import NodeServer
 from asm_wire import pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
 
 MIB = 1 << 20
 EMIT = "import sys\nsys.stdout.buffer.write(open('blob', 'rb').read())\n"
@@ -84,6 +86,7 @@ async def test_a_mebibyte_of_random_bytes_comes_back_exactly(grpc_node: NodeServ
     assert result.text == "".join(ev.output_bytes.decode("utf-8", "replace") for ev in deltas)
 
 
+@pytest.mark.slow
 def test_cli_jsonl_and_the_recorded_store_keep_the_bytes_without_inflation(
         node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_process("--shell-allow", PYTHON_BASENAME)

@@ -11,18 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ROOT, NodeProcess
+import pytest
 
-ASM = [sys.executable, "-m", "asm_cli"]
-
-
-def asm(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ASM, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=str(ROOT))
-
-
-def jsonl(out: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+from tests.support.cli import ASM, asm, jsonl
+from tests.support.processes import ROOT, NodeProcess
 
 
 def test_run_on_embedded_node_prints_events_and_summary() -> None:
@@ -51,6 +43,7 @@ def test_run_on_remote_node_with_token(node_process: Callable[..., NodeProcess],
     assert lines[-1]["metadata"]["node_epoch"] == node.epoch  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_text_output_and_failed_run_exit_code() -> None:
     ok = asm("run", "--provider", "shell", "echo plain text")
     assert ok.returncode == 0 and ok.stdout == "plain text\n"
@@ -59,6 +52,7 @@ def test_text_output_and_failed_run_exit_code() -> None:
     assert "tool_failed" in failed.stderr and "Traceback" not in failed.stderr
 
 
+@pytest.mark.slow
 def test_user_mistakes_print_one_line_and_no_traceback(tmp_path: Path) -> None:
     cases = [
         (["run", "--provider", "shell", "--bogus", "echo"], 2),
@@ -80,6 +74,7 @@ def test_user_mistakes_print_one_line_and_no_traceback(tmp_path: Path) -> None:
     assert nodes.returncode == 3 and "unreachable" in nodes.stdout and "Traceback" not in nodes.stderr
 
 
+@pytest.mark.slow
 def test_cwd_outside_roots_is_a_clear_error(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     root = tmp_path / "ws"
     root.mkdir()
@@ -91,6 +86,7 @@ def test_cwd_outside_roots_is_a_clear_error(node_process: Callable[..., NodeProc
     assert inside.returncode == 0 and inside.stdout.strip() == str(root)
 
 
+@pytest.mark.slow
 def test_nodes_lists_handshake(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc = asm("nodes", "--node", node.address, "--output", "json", "--provider", "shell")
@@ -101,6 +97,7 @@ def test_nodes_lists_handshake(node_process: Callable[..., NodeProcess]) -> None
     assert row["load"] == {"active_runs": 0, "max_runs": 8}
 
 
+@pytest.mark.slow
 def test_ctrl_c_interrupts_the_run_and_still_prints_the_summary(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc = subprocess.Popen([*ASM, "run", "--node", node.address, "--provider", "shell", "--output", "jsonl", "sleep 30"],
@@ -132,6 +129,7 @@ def test_generated_stubs_match_proto() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_node_without_the_cli_fails_preflight_naming_it(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_process(env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
                              "CLAUDE_CLI_PATH": "", "CODEX_PATH": ""})
@@ -144,6 +142,7 @@ def test_node_without_the_cli_fails_preflight_naming_it(node_process: Callable[.
     assert run.returncode == 3 and "CODEX_PATH" in run.stderr and "Codex CLI not found" in run.stderr
 
 
+@pytest.mark.slow
 def test_provider_manifest_cli() -> None:
     proc = asm("providers", "--output", "json")
     assert proc.returncode == 0
@@ -157,6 +156,7 @@ def test_provider_manifest_cli() -> None:
     assert bad.returncode in (2, 3) and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_run_with_snapshot_reports_the_workspace_diff(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -178,6 +178,7 @@ def test_run_with_snapshot_reports_the_workspace_diff(node_process: Callable[...
     assert text.returncode == 0 and "1 added" in text.stderr and "A second.txt" in text.stderr
 
 
+@pytest.mark.slow
 def test_record_then_replay_prints_the_same_result_summary(node_process: Callable[..., NodeProcess],
                                                            tmp_path: Path) -> None:
     node = node_process()

@@ -1,8 +1,8 @@
 """Conformance: the real Claude Code, Codex and Gemini CLIs through a node agent and the controller.
 
 Each CLI runs as it would in production: a node agent process whose environment
-points the CLI at the scripted model server on 127.0.0.1 (tests/fake_model_server.py),
-with a hermetic HOME/TMPDIR (tests/cli_env.py); the test drives it with the
+points the CLI at the scripted model server on 127.0.0.1 (tests/support/fake_model_server.py),
+with a hermetic HOME/TMPDIR (tests/support/cli_env.py); the test drives it with the
 controller over gRPC and checks the normalized events and the reduced Result.
 The CLIs come from scripts/install_clis.sh; without them these tests skip.
 """
@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 
 from asm_controller import Event, RemoteNode, Result, Session
-from tests.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
-from tests.conftest import NodeProcess, pid_alive, start_node_process
-from tests.fake_model_server import FakeModelServer
+from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.fake_model_server import FakeModelServer
+from tests.support.processes import NodeProcess, pid_alive, start_node_process
+
+pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
 ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
 # Per-provider options for the fake server: Gemini's model pinned (skips its router, caps retries).
@@ -181,7 +183,7 @@ def test_asm_run_cli_with_each_real_cli(cli_node: tuple[str, NodeProcess, Path])
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.processes import ROOT
 
     name, node, workspace = cli_node
     opts = [f"--opt={k}={json.dumps(v)}" for k, v in OPTIONS[name].items()]
@@ -206,7 +208,7 @@ def test_asm_nodes_lists_cli_versions(cli_node: tuple[str, NodeProcess, Path]) -
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.processes import ROOT
 
     name, node, _ = cli_node
     proc = subprocess.run([sys.executable, "-m", "asm_cli", "nodes", "--node", node.address, "--output", "json",

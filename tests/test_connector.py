@@ -24,9 +24,10 @@ from asm_controller import (
     connect,
     preflight,
 )
+from asm_controller.testing import FakeNodeApi
 from asm_node import NodeAgent, NodeServer, start_server
 from asm_wire import AsmError, ConfigError, error_from_rpc, make_error, pb
-from tests.conftest import node_config
+from tests.support.processes import node_config
 
 
 def _closed_port() -> int:
@@ -91,6 +92,7 @@ async def test_unreachable_node() -> None:
     assert exc.value.kind == "connection_failed" and exc.value.reason == "unreachable"
 
 
+@pytest.mark.slow
 async def test_connect_timeout(silent_listener: int) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -252,3 +254,18 @@ def test_a_node_that_is_not_a_target_is_refused_at_once(node: object) -> None:
 
     with pytest.raises(ConfigError, match="RemoteNode"):
         Session("shell", node=node)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fake", "error", "text"), [
+    (FakeNodeApi(version="0.2.0"), NodeVersionMismatch, "0.2.0"),
+    (FakeNodeApi(capabilities=["run.start.v1"]), NodeCapabilityMismatch, "run.attach.v1"),
+    (FakeNodeApi(state=pb.NODE_STATE_DRAINING), NodeNotReady, "draining"),
+])
+async def test_the_compatibility_rule_holds_for_embedded_nodes_too(fake: FakeNodeApi, error: type[AsmError],
+                                                                   text: str) -> None:
+    with pytest.raises(error) as exc:
+        await connect(EmbeddedNode(fake, name="fake"))
+    assert text in exc.value.message
+    handle = await connect(EmbeddedNode(FakeNodeApi(version="0-1-build7")))  # same major.minor: compatible
+    assert handle.info.node_id == "fake-node"
+    await handle.close()

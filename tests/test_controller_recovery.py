@@ -23,15 +23,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
+from tests.support.faults import py
+from tests.support.pg_server import PostgresServer
+from tests.support.processes import (
     PYTHON_BASENAME,
     ROOT,
     ControllerProcess,
     NodeProcess,
     start_controller_process,
 )
-from tests.pg_server import PostgresServer
-from tests.test_faults import py
+
+pytestmark = pytest.mark.slow  # controllers killed and restarted mid-run
 
 ASM = [sys.executable, "-m", "asm_cli"]
 LINES = 60
@@ -92,7 +94,8 @@ def _read_until(proc: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bo
     raise AssertionError("condition never met")
 
 
-@pytest.mark.parametrize(("state_url", "sig"), [("sqlite", signal.SIGKILL), ("postgresql", signal.SIGKILL),
+@pytest.mark.parametrize(("state_url", "sig"), [("sqlite", signal.SIGKILL),
+                                               pytest.param("postgresql", signal.SIGKILL, marks=pytest.mark.postgres),
                                                ("sqlite", signal.SIGTERM)], indirect=["state_url"])
 def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_runs_one_cli(
     state_url: str, sig: signal.Signals, node_process: Callable[..., NodeProcess],

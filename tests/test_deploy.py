@@ -4,7 +4,7 @@ Everything is parsed (YAML/JSON/unit files), and the pieces are checked against 
 against the real CLI: every flag used in compose, Kubernetes and systemd exists in
 ``asm node serve --help`` / ``asm controller serve --help``; ports, probes, scrape targets,
 annotations and ServiceMonitors agree; every metric in the alert rules and the dashboard is one asm
-exports (tests/asm_metrics.py). promtool and systemd-analyze run when installed
+exports (tests/support/asm_metrics.py). promtool and systemd-analyze run when installed
 (scripts/install_prometheus.sh), otherwise those tests skip.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.asm_metrics import ASM_METRICS, METRIC_NAME, family, referenced_metrics
+from tests.support.asm_metrics import ASM_METRICS, METRIC_NAME, family, referenced_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -751,6 +751,7 @@ def dockerignored(rel: str, patterns: list[str]) -> bool:
     return excluded
 
 
+@pytest.mark.slow
 def test_dockerignore_context_builds_the_package(tmp_path: Path) -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

@@ -13,11 +13,15 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
+
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from asm_controller.service import ControllerConfig, start_controller
-from tests.conftest import NodeProcess
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import node_args
+from tests.support.faults import node_args
+from tests.support.processes import NodeProcess
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.slow  # real node processes and failover bounds
 
 # The default bound (8 s): the point is that nobody waits for it.
 LIVE = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=0.5, node_lost_timeout_s=8.0)

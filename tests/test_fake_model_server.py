@@ -1,4 +1,4 @@
-"""The scripted model server (tests/fake_model_server.py), alone and driving the real CLIs.
+"""The scripted model server (tests/support/fake_model_server.py), alone and driving the real CLIs.
 
 The first part talks to the fake with urllib/http.client. The second part runs the real Claude Code,
 Codex and Gemini CLIs against it; those tests are skipped when ``scripts/install_clis.sh`` has not
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.cli_env import GEMINI_MODEL, cli_env, find_cli, hermetic_env
-from tests.fake_model_server import (
+from tests.support.cli_env import GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.fake_model_server import (
     TEXT_ANSWER,
     TOOL_COMMAND,
     TOOL_DONE,
@@ -391,6 +391,7 @@ def test_errors(server: FakeModelServer, api: str, status: int) -> None:
     assert server.requests[-1].status == status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", ["anthropic", "openai", "gemini"])
 def test_slow_streams_many_deltas(server: FakeModelServer, api: str) -> None:
     path, body = _request_for(api, "Go slowly. SCENARIO_SLOW")
@@ -405,6 +406,7 @@ def test_slow_streams_many_deltas(server: FakeModelServer, api: str) -> None:
     assert len(deltas) == 40
 
 
+@pytest.mark.slow
 def test_slow_real_timing_and_interrupt() -> None:
     """Default SLOW pacing is 0.25 s per delta; a client can drop the stream mid-run."""
     with FakeModelServer() as srv:
@@ -453,6 +455,7 @@ def test_keep_alive_and_unknown_paths(server: FakeModelServer) -> None:
     assert server.requests[-1].body is None
 
 
+@pytest.mark.slow
 def test_concurrent_requests() -> None:
     with FakeModelServer(slow_interval=0.05) as srv:
         results: list[int] = []
@@ -479,7 +482,7 @@ def test_concurrent_requests() -> None:
 def test_script_mode(tmp_path: Path) -> None:
     import sys
 
-    script = Path(__file__).with_name("fake_model_server.py")
+    script = Path(__file__).parent / "support" / "fake_model_server.py"
     proc = subprocess.Popen([sys.executable, str(script), "--port", "0", "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, cwd=tmp_path)
     try:
@@ -606,6 +609,7 @@ def cli_server() -> Iterator[FakeModelServer]:
         yield srv
 
 
+@pytest.mark.real_cli
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", CLIS)
 def test_real_cli_text(name: str, cli_server: FakeModelServer, tmp_path: Path) -> None:
@@ -630,6 +634,7 @@ def test_real_cli_text(name: str, cli_server: FakeModelServer, tmp_path: Path) -
         assert all(GEMINI_MODEL in r.path for r in model_calls)  # -m pins the model: no router call
 
 
+@pytest.mark.real_cli
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", CLIS)
 def test_real_cli_tool(name: str, cli_server: FakeModelServer, tmp_path: Path) -> None:
@@ -643,6 +648,7 @@ def test_real_cli_tool(name: str, cli_server: FakeModelServer, tmp_path: Path) -
     assert run.elapsed < 30
 
 
+@pytest.mark.real_cli
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("name", CLIS)
 def test_real_cli_err401(name: str, cli_server: FakeModelServer, tmp_path: Path) -> None:
@@ -660,6 +666,7 @@ def test_real_cli_err401(name: str, cli_server: FakeModelServer, tmp_path: Path)
         assert "API key not valid" in run.events[-1]["error"]["message"]
 
 
+@pytest.mark.real_cli
 @pytest.mark.timeout(90)
 def test_real_gemini_auto_router(cli_server: FakeModelServer, tmp_path: Path) -> None:
     """Without -m, Gemini CLI first asks the router (generateContent, JSON mode)."""

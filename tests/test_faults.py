@@ -7,7 +7,6 @@ no CLI process outlives what it should.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import signal
 import subprocess
@@ -16,33 +15,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, pid_alive, wait_until
-from tests.tcp_proxy import TcpProxy
+from tests.support.faults import assert_exactly_once, node_args, ticker
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, pid_alive, start_node_process, wait_until
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.slow  # real node processes killed, hung and cut, each waits out a detection bound
 
 LOST_S = 3.0
 LIVE = LivenessConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=1.0, node_lost_timeout_s=LOST_S)
-
-
-def py(code: str) -> str:
-    encoded = base64.b64encode(code.encode()).decode()
-    return f"{PYTHON_BASENAME} -c \"exec(__import__('base64').b64decode('{encoded}'))\""
-
-
-def ticker(n: int, interval: float) -> str:
-    """A CLI printing n numbered lines, one every ``interval`` seconds."""
-    return py(f"import time\nfor i in range({n}):\n    print(i, flush=True)\n    time.sleep({interval})")
-
-
-def node_args() -> list[str]:
-    return ["--shell-allow", PYTHON_BASENAME, "--detach-grace", "2"]
-
-
-def assert_exactly_once(events: list[Event], n_lines: int) -> None:
-    seqs = [e.seq for e in events]
-    assert seqs == list(range(1, len(seqs) + 1)), "events lost, duplicated or out of order"
-    deltas = [e.payload["content"] for e in events if e.kind == "assistant_delta"]
-    assert deltas == [f"{i}\n" for i in range(n_lines)]
 
 
 async def _collect(stream: object) -> list[Event]:
@@ -148,8 +131,7 @@ async def test_restarted_node_is_a_new_epoch(node_process: Callable[..., NodePro
     port = sock.getsockname()[1]
     sock.close()
     # Serve on a port we know, so the restarted agent comes back at the same address.
-    proc_args = ["--listen", f"127.0.0.1:{port}"]
-    a = _serve_on(tmp_path, proc_args)
+    a = _serve_on(tmp_path, f"127.0.0.1:{port}")
     try:
         async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=LIVE)) as s:
             stream = s.stream("sleep 30")
@@ -157,7 +139,7 @@ async def test_restarted_node_is_a_new_epoch(node_process: Callable[..., NodePro
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
             t0 = time.monotonic()
-            b = _serve_on(tmp_path, proc_args)
+            b = _serve_on(tmp_path, f"127.0.0.1:{port}")
             try:
                 await asyncio.wait_for(_collect(stream), LOST_S + 10)
                 result = stream.result
@@ -174,23 +156,9 @@ async def test_restarted_node_is_a_new_epoch(node_process: Callable[..., NodePro
         a.stop()
 
 
-def _serve_on(tmp_path: Path, extra: list[str]) -> NodeProcess:
-    import re
-
-    log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "node", "serve", *extra], stdout=subprocess.DEVNULL,
-                                stderr=log, cwd=str(tmp_path))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = re.search(r"\(port (\d+), epoch (\w+)\)", log_path.read_text())
-        if m:
-            return NodeProcess(proc, int(m.group(1)), m.group(2), log_path)
-        if proc.poll() is not None:
-            raise RuntimeError(log_path.read_text())
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("node did not start")
+def _serve_on(tmp_path: Path, listen: str) -> NodeProcess:
+    # One journal for the node and its restart, as a node restarted in place has.
+    return start_node_process(tmp_path, listen=listen, env={"ASM_NODE_STATE_DIR": str(tmp_path / "state")})
 
 
 def test_controller_restart_reattaches_by_run_id(node_process: Callable[..., NodeProcess]) -> None:

@@ -1,6 +1,6 @@
 """The committed CLI captures still match what the real CLIs print (scripts/record_fixtures.py --check).
 
-Each real CLI (scripts/install_clis.sh) is recorded again against tests/fake_model_server.py on
+Each real CLI (scripts/install_clis.sh) is recorded again against tests/support/fake_model_server.py on
 127.0.0.1 and its capture must parse, with the current provider parser, into the same sequence of
 event kinds as tests/fixtures/cli/<cli>_<scenario>.jsonl. Without the CLI the test skips, like
 tests/test_conformance.py. The stabilizer (placeholders for ids, times, paths) is tested without CLIs.
@@ -19,7 +19,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.cli_env import CLI_NAMES, find_cli
+from tests.support.cli_env import CLI_NAMES, find_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "record_fixtures.py"
@@ -39,6 +39,7 @@ def _check(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, cwd=str(ROOT))
 
 
+@pytest.mark.real_cli
 @pytest.mark.parametrize("name", CLI_NAMES)
 def test_committed_fixtures_match_the_real_cli(name: str) -> None:
     if find_cli(name) is None:
@@ -48,6 +49,7 @@ def test_committed_fixtures_match_the_real_cli(name: str) -> None:
     assert proc.stdout.count(f"ok {name}_") == 2, proc.stdout  # both scenarios: text and tool
 
 
+@pytest.mark.real_cli
 def test_check_fails_with_a_diff_when_a_fixture_no_longer_matches(tmp_path: Path) -> None:
     """A committed capture missing its tool result line is caught: exit 1 and a kind diff."""
     name = next((n for n in CLI_NAMES if find_cli(n) is not None), None)

@@ -23,8 +23,12 @@ import os
 import sys
 from collections.abc import Callable
 
-from tests.conftest import NodeProcess
-from tests.flood import LONG_LINE_BYTES, flood, long_lines, tiny_lines
+import pytest
+
+from tests.support.flood import LONG_LINE_BYTES, flood, long_lines, tiny_lines
+from tests.support.processes import NodeProcess
+
+pytestmark = pytest.mark.slow  # line floods with RSS sampling
 
 TINY_BYTES = int(os.environ.get("ASM_FLOOD_TINY_BYTES", 2_000_000))
 LONG_BYTES = int(os.environ.get("ASM_FLOOD_LONG_BYTES", 256 * LONG_LINE_BYTES))

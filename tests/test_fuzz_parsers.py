@@ -1,7 +1,7 @@
 """Hypothesis fuzzing of every provider's output parser with mutated real CLI captures.
 
 The captures in tests/fixtures/cli/ are real output of the Claude Code, Codex, Gemini and Amp CLIs
-(Claude/Codex/Gemini recorded by scripts/record_fixtures.py against tests/fake_model_server.py). Each example takes
+(Claude/Codex/Gemini recorded by scripts/record_fixtures.py against tests/support/fake_model_server.py). Each example takes
 one capture and mutates it the way a broken pipe, a new CLI version or a hostile tool output
 would: byte flips, truncation, dropped/duplicated/shuffled lines, JSON values swapped for another
 type, hostile lines (deep nesting, 5,000-digit numbers, lone surrogates, NUL, invalid UTF-8).

@@ -40,7 +40,9 @@ from hypothesis import strategies as st
 from asm_controller.service import ControllerConfig, ControllerServer, start_controller
 from asm_node import NodeServer, start_server
 from asm_wire import pb
-from tests.conftest import node_config
+from tests.support.processes import node_config
+
+pytestmark = pytest.mark.slow  # hypothesis fuzzing of served nodes and controllers
 
 T = TypeVar("T")
 SERVICE = "/asm.v1.NodeService/"

@@ -23,7 +23,7 @@ from asm_controller.service import ControllerConfig, ControllerServer, start_con
 from asm_node import NodeServer, start_server
 from asm_wire import AsmError, ConfigError, pb, valid_id
 from asm_wire._options import MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH
-from tests.conftest import node_config as make_config
+from tests.support.processes import node_config as make_config
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from asm_controller import RemoteNode, Session
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
+from asm_node.testing import ServedProcess, free_port
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, start_controller_process
+
+pytestmark = pytest.mark.slow  # node and controller processes, Prometheus scrapes, alert windows
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -46,23 +49,21 @@ def metrics_port(node: NodeProcess) -> int:
 
 @dataclass
 class ControllerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
+    """A served controller and the metrics port it was given."""
+
+    served: ServedProcess
     metrics_port: int
-    log_path: Path
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.served.address
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.served.proc
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.served.stop()
 
 
 @pytest.fixture
@@ -70,24 +71,11 @@ def controller_process(tmp_path: Path) -> Iterator[Callable[..., ControllerProce
     started: list[ControllerProcess] = []
 
     def start(*args: str) -> ControllerProcess:
-        log_path = tmp_path / f"controller-{time.monotonic_ns()}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", "127.0.0.1:0",
-                 "--metrics-listen", "127.0.0.1:0", "--state-dir", str(log_path.with_suffix(".state")), *args],
-                stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = re.search(r"\(port (\d+)\), metrics on port (\d+)", log_path.read_text())
-            if m:
-                ctl = ControllerProcess(proc, int(m.group(1)), int(m.group(2)), log_path)
-                started.append(ctl)
-                return ctl
-            if proc.poll() is not None:
-                raise RuntimeError(log_path.read_text())
-            time.sleep(0.05)
-        proc.kill()
-        raise RuntimeError("controller did not start")
+        metrics = free_port()
+        ctl = ControllerProcess(start_controller_process(tmp_path, "--metrics-listen", f"127.0.0.1:{metrics}", *args),
+                                metrics)
+        started.append(ctl)
+        return ctl
 
     yield start
     for ctl in started:
@@ -326,7 +314,7 @@ async def test_deploy_alerts_fire_on_a_first_node_loss_and_not_for_uninstalled_p
 ) -> None:
     """A real Prometheus with deploy/prometheus/rules/asm.yml over a live controller: the first loss of
     a node fires NodeLost within seconds; amp (installed nowhere) is never even pending."""
-    from tests.prometheus_server import PrometheusServer, prometheus_binary
+    from tests.support.prometheus_server import PrometheusServer, prometheus_binary
 
     if prometheus_binary() is None:
         pytest.skip("prometheus is not installed (scripts/install_prometheus.sh)")

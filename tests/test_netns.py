@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 
 from asm_controller import LivenessConfig, RemoteNode, Session
-from tests.conftest import PYTHON_BASENAME, NodeProcess
-from tests.test_faults import assert_exactly_once, ticker
+from asm_node.testing import wait_serving
+from tests.support.faults import assert_exactly_once, ticker
+from tests.support.processes import PYTHON_BASENAME, NodeProcess
 
 pytestmark = pytest.mark.netns
 
@@ -90,12 +91,11 @@ def netns_node(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "asm_cli", "node", "serve", "--listen",
                  f"{NODE_IP}:7070", "--token-file", str(tmp_path / "tok"), "--shell-allow", PYTHON_BASENAME,
                  "--detach-grace", "3"], stdout=subprocess.DEVNULL, stderr=f, cwd=str(tmp_path))
-        node = NodeProcess(proc, 7070, "", log)
-        deadline = time.monotonic() + 20
-        while "listening on" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"node in namespace did not start: {log.read_text()}")
-            time.sleep(0.05)
+        node = NodeProcess(proc, 7070, log)
+        try:  # ready when it answers a handshake across the veth pair
+            node.info = wait_serving(f"{NODE_IP}:7070", token=token, timeout=20, alive=lambda: proc.poll() is None)
+        except (RuntimeError, TimeoutError):
+            pytest.fail(f"node in namespace did not start: {log.read_text()}")
         yield f"{NODE_IP}:7070", token, host_if
     finally:
         if node is not None:

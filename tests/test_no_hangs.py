@@ -13,11 +13,15 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
+
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from asm_controller.service import ControllerConfig, start_controller
-from tests.conftest import NodeProcess
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import assert_exactly_once, node_args, ticker
+from tests.support.faults import assert_exactly_once, node_args, ticker
+from tests.support.processes import NodeProcess
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.slow  # hung and stalled nodes, each waits out a detection bound
 
 LOST_S = 3.0
 INTERVAL_S = 0.5

@@ -25,7 +25,9 @@ import pytest
 from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent
 from asm_wire import AsmError, PermissionDenied, pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, node_config, pid_alive, wait_until
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, node_config, pid_alive, wait_until
+
+pytestmark = pytest.mark.slow  # node processes restarted against their journals
 
 COMPLETED = pb.EVENT_KIND_RUN_COMPLETED
 

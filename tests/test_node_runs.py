@@ -12,7 +12,7 @@ import pytest
 from asm_controller import EmbeddedNode, Event, RemoteNode, Session
 from asm_node import NodeAgent, NodeServer
 from asm_wire import KIND_NAMES, AsmError, pb
-from tests.conftest import PYTHON_BASENAME, node_config, pid_alive
+from tests.support.processes import PYTHON_BASENAME, node_config, pid_alive
 
 
 def py(code: str) -> str:
@@ -133,6 +133,7 @@ async def test_interrupt_active_run_kills_its_process(agent: NodeAgent) -> None:
     assert not pid_alive(pid)
 
 
+@pytest.mark.slow
 async def test_interrupt_escalates_to_sigkill_for_a_cli_ignoring_signals() -> None:
     agent = NodeAgent(node_config(interrupt_grace_s=0.3, term_grace_s=0.3))
     await agent.start()
@@ -158,6 +159,7 @@ async def test_interrupt_escalates_to_sigkill_for_a_cli_ignoring_signals() -> No
         await agent.stop()
 
 
+@pytest.mark.slow
 async def test_leftover_children_of_a_finished_run_are_killed(agent: NodeAgent) -> None:
     code = "import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid, flush=True)"
     async with Session("shell", node=EmbeddedNode(agent)) as s:
@@ -218,6 +220,7 @@ async def test_node_max_runs_refuses_with_typed_at_capacity() -> None:
         await agent.stop()
 
 
+@pytest.mark.slow
 async def test_repeated_start_with_same_run_id_launches_one_cli(agent: NodeAgent) -> None:
     req = pb.StartRunRequest(run_id="same-run", provider="shell", prompt=py("import time\nprint('x')\ntime.sleep(0.5)"))
 
@@ -248,6 +251,7 @@ async def test_attach_replays_after_sequence(agent: NodeAgent) -> None:
     assert replay[-1].kind == pb.EVENT_KIND_RUN_COMPLETED
 
 
+@pytest.mark.slow
 async def test_disconnected_subscriber_does_not_stop_the_run(grpc_node: NodeServer) -> None:
     from asm_controller import GrpcNodeClient
 
@@ -305,6 +309,7 @@ async def test_cwd_must_resolve_inside_workspace_roots(tmp_path: object) -> None
 
 
 
+@pytest.mark.slow
 async def test_slow_subscriber_gets_every_event_and_the_end(agent: NodeAgent, tmp_path: object) -> None:
     from pathlib import Path
 
@@ -323,6 +328,7 @@ async def test_slow_subscriber_gets_every_event_and_the_end(agent: NodeAgent, tm
         assert stream.result.text.count("\n") == n
 
 
+@pytest.mark.slow
 async def test_abandoned_stream_does_not_block_the_run(agent: NodeAgent, tmp_path: object) -> None:
     from pathlib import Path
 

@@ -35,7 +35,7 @@ from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, Gemin
 from asm_node.providers._cli import CliProvider, cli_version
 from asm_node.providers.features import manifests
 from asm_wire import ConfigError, pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess, node_config, start_node_process
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, node_config, start_node_process
 
 CLI_CLASSES: list[type[CliProvider]] = [ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider]
 
@@ -112,6 +112,7 @@ def _assert_not_allowed(summary: dict[str, Any], option: str) -> None:
 # -- 2. operator-only knobs, through a real node -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_path_is_refused_and_nothing_runs(claude_node: Callable[..., NodeProcess], tmp_path: Path) -> None:
     """The attack: `--opt cli_path=/any/binary` must never make the node execute it, whatever is allowed."""
     evil = tmp_path / "evil"
@@ -127,6 +128,7 @@ def test_cli_path_is_refused_and_nothing_runs(claude_node: Callable[..., NodePro
     assert not (tmp_path / "mark").exists()  # not even the node's own CLI ran for a refused run
 
 
+@pytest.mark.slow
 def test_allowing_cli_path_is_refused_at_start(tmp_path: Path) -> None:
     proc = _asm("node", "serve", "--listen", "127.0.0.1:0", "--allow-run-option", "cli_path")
     assert proc.returncode == 2, proc.stderr
@@ -134,6 +136,7 @@ def test_allowing_cli_path_is_refused_at_start(tmp_path: Path) -> None:
     assert proc.stderr.startswith("asm: error:") and "cli_path is node configuration" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--allow-run-option", "anthropic_base_ur"], "no provider has an operator-only option 'anthropic_base_ur'"),
     (["--env-allow", "CLAUDE_CLI_PATH"], "CLI binary is node configuration"),
@@ -147,6 +150,7 @@ def test_operator_misconfiguration_is_refused_at_start(flags: list[str], fragmen
     assert fragment in proc.stderr
 
 
+@pytest.mark.slow
 def test_base_url_and_auth_token_need_the_operator(claude_node: Callable[..., NodeProcess], tmp_path: Path) -> None:
     url = "http://127.0.0.1:9/collect"
     default = claude_node()
@@ -166,6 +170,7 @@ def test_base_url_and_auth_token_need_the_operator(claude_node: Callable[..., No
     _assert_not_allowed(_run_claude(allowed, "anthropic_auth_token=mine"), "anthropic_auth_token")
 
 
+@pytest.mark.slow
 def test_args_refused_by_default_allowed_by_operator(claude_node: Callable[..., NodeProcess]) -> None:
     extra = '["--mcp-config", "/tmp/x.json"]'
     _assert_not_allowed(_run_claude(claude_node(), f"args={extra}"), "args")
@@ -175,6 +180,7 @@ def test_args_refused_by_default_allowed_by_operator(claude_node: Callable[..., 
     assert argv[argv.index("--mcp-config") + 1] == "/tmp/x.json"
 
 
+@pytest.mark.slow
 def test_client_options_still_work(claude_node: Callable[..., NodeProcess]) -> None:
     summary = _run_claude(claude_node(), "model=sonnet", "max_turns=2")
     assert summary["status"] == "completed", summary
@@ -182,6 +188,7 @@ def test_client_options_still_work(claude_node: Callable[..., NodeProcess]) -> N
     assert "--model=sonnet" in argv and "--max-turns=2" in argv
 
 
+@pytest.mark.slow
 def test_embedded_node_user_is_its_operator(fake_claude: Path, tmp_path: Path) -> None:
     """`asm run` without --node runs as the user who typed it: operator options allowed, cli_path still not."""
     env = _clean_env(CLAUDE_CLI_PATH=str(fake_claude), MARK_FILE=str(tmp_path / "mark"))
@@ -223,6 +230,7 @@ def test_privileged_options_are_declared() -> None:
         assert cls.operator_options <= set(cls.options_model.model_fields)
 
 
+@pytest.mark.slow
 def test_manifest_and_cli_list_who_may_set_each_option() -> None:
     rows = {m["provider"]: m for m in manifests()}
     claude = rows["claude"]
@@ -268,6 +276,7 @@ def env_printer(tmp_path: Path) -> str:
     return f"{PYTHON_BASENAME} {script}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var", ["ASM_TOKEN", "ASM_NODE_TOKEN"])
 def test_node_with_token_in_env_keeps_it_out_of_proc_environ(tmp_path: Path, var: str, env_printer: str) -> None:
     token = "tok-" + os.urandom(12).hex()
@@ -307,6 +316,7 @@ def test_too_long_env_token_is_a_typed_error() -> None:
     assert "Traceback" not in proc.stderr and "use --token-file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_token_file_is_read_once(tmp_path: Path) -> None:
     first, second = "first-" + os.urandom(8).hex(), "second-" + os.urandom(8).hex()
     tokfile = tmp_path / "token"
@@ -325,6 +335,7 @@ def test_token_file_is_read_once(tmp_path: Path) -> None:
         node.stop()
 
 
+@pytest.mark.slow
 def test_controller_with_token_in_env_keeps_it_out_of_proc_environ(tmp_path: Path) -> None:
     token = "ctl-" + os.urandom(12).hex()
     (tmp_path / "token").write_text(token)

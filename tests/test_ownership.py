@@ -39,9 +39,9 @@ from asm_wire._principal import (
     parse_tokens,
 )
 from asm_wire.v1 import node_pb2_grpc
-from tests.conftest import ROOT, NodeProcess, wait_until
-from tests.conftest import node_config as make_config
-from tests.test_approvals import ScriptedProvider
+from tests.support.processes import ROOT, NodeProcess, wait_until
+from tests.support.processes import node_config as make_config
+from tests.support.providers import approval_provider
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789abc"
@@ -125,7 +125,7 @@ async def _raw_status(address: str, token: str, run_id: str) -> grpc.StatusCode:
 
 
 def _providers(config: Any) -> dict[str, Any]:
-    return {**build_providers(config), "scripted": ScriptedProvider()}
+    return {**build_providers(config), "scripted": approval_provider()}
 
 
 @pytest.fixture
@@ -442,6 +442,7 @@ def test_audit_summary_is_logged_when_a_flood_simply_stops(caplog: pytest.LogCap
     assert len(caplog.records) == 4
 
 
+@pytest.mark.slow
 def test_audit_summary_timer_is_real(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="asm.audit")
     audit = AuditLog(per_second=1)
@@ -607,6 +608,7 @@ def _asm(*args: str, token_file: Path | None = None) -> subprocess.CompletedProc
                           cwd=str(ROOT), env=env)
 
 
+@pytest.mark.slow
 async def test_node_serve_tokens_file(
     node_process: Callable[..., NodeProcess], tokens_file: Path, tmp_path: Path
 ) -> None:
@@ -641,6 +643,7 @@ async def test_node_serve_tokens_file(
     assert "outcome=permission_denied" in node.log() and "principal=bob" in node.log()
 
 
+@pytest.mark.slow
 def test_node_serve_refuses_a_bad_tokens_file(tmp_path: Path) -> None:
     bad = tmp_path / "tokens"
     bad.write_text(f"alice:{A16}\nbob:{A16}\n")

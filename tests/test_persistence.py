@@ -282,6 +282,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_loses_no_acknowledged_event_and_the_store_reopens(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -476,6 +477,7 @@ def many(n: int, run: str = "r1") -> list[Event]:
     return [mk("assistant_delta", i, run=run, content="x") for i in range(1, n + 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
 async def test_writer_never_blocks_the_producer_and_drops_by_policy(overflow: str) -> None:
     n, delay, batch = 100_000, 0.05, 500
@@ -509,6 +511,7 @@ async def test_writer_never_blocks_the_producer_and_drops_by_policy(overflow: st
     await writer.close()
 
 
+@pytest.mark.slow
 async def test_writer_block_policy_applies_back_pressure_without_loss() -> None:
     store = SlowStore(0.01)
     writer = AsyncWriter(store, queue_size=1000, overflow="block", batch_size=200)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -13,55 +12,19 @@ import pytest
 from asm_controller import EmbeddedNode, Event, LivenessConfig, RemoteNode, Session
 from asm_controller.extensions.pipeline import Continue, CostTracker, Policy, PolicyGuard, derived
 from asm_node import NodeAgent
-from asm_node.providers import CommandSpec, ExitInfo, LineParser, Provider, ProviderStatus, RunSpec
-from asm_node.providers.base import result_event
-from asm_wire import KIND_VALUES, ConfigError, pb
-from tests.conftest import NodeProcess, node_config, pid_alive
-from tests.tcp_proxy import TcpProxy
+from asm_node.testing import ScriptedProvider
+from asm_wire import ConfigError
+from tests.support.processes import NodeProcess, node_config, pid_alive
+from tests.support.tcp_proxy import TcpProxy
 
 # The "CLI": prints the script given as its prompt (JSON lines), slowly, then waits a bit.
 CLI = "import sys, time\nfor line in sys.argv[1].split('|'):\n    print(line, flush=True)\n    time.sleep(0.02)\ntime.sleep(float(sys.argv[2]))"
 
 
-class ToolParser(LineParser):
-    def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
-        for line in lines:
-            d = json.loads(line)
-            if "tool" in d:
-                out.append(pb.Event(kind=KIND_VALUES["tool_use"], tool_use=pb.ToolUse(
-                    tool_name=d["tool"], tool_call_id=d.get("id", "t1"), input_json=json.dumps({"command": "x"}))))
-            elif "cost" in d:
-                out.append(pb.Event(kind=KIND_VALUES["cost_update"], cost_update=pb.CostUpdate(
-                    input_tokens=d["cost"][0], output_tokens=d["cost"][1], cost_usd=0.5)))
-            elif "result" in d:
-                self.terminal = True
-                out.append(result_event("completed", "end_turn", {"usage": {"input_tokens": d["result"][0],
-                                                                            "output_tokens": d["result"][1]}}))
-            else:
-                ev = pb.Event(kind=KIND_VALUES["assistant_delta"])
-                ev.assistant_delta.content = d["text"]
-                out.append(ev)
-
-    def finish(self, exit: ExitInfo) -> list[pb.Event]:
-        return [] if self.terminal else [result_event("completed", "exit", {})]
-
-
-class ToolProvider(Provider):
-    name = "tools"
-    display_name = "Scripted tools"
-
-    def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
-        return ProviderStatus(available=True, cli_path=sys.executable, version="test")
-
-    def validate_options(self, options: Mapping[str, Any], permission_mode: str) -> dict[str, Any]:
-        return {"linger": float(options.get("linger", 0))}
-
-    def build_command(self, spec: RunSpec) -> CommandSpec:
-        return CommandSpec(argv=[sys.executable, "-c", CLI, spec.prompt, str(spec.options["linger"])],
-                           cwd=spec.cwd, env=dict(spec.env))
-
-    def new_parser(self, spec: RunSpec) -> LineParser:
-        return ToolParser()
+def tool_provider() -> ScriptedProvider:
+    """``tools``: prints its prompt's script (JSON lines, the scripted dialect), then lingers ``linger`` s."""
+    return ScriptedProvider(script=CLI, name="tools", display_name="Scripted tools",
+                            args=lambda spec: [spec.prompt, str(float(spec.options.get("linger", 0)))])
 
 
 def script(*items: dict[str, Any]) -> str:
@@ -73,7 +36,7 @@ TOOL_RUN = script({"text": "Let me look. "}, {"tool": "Bash"}, {"text": "Done."}
 
 @pytest.fixture
 async def tools_agent() -> AsyncIterator[NodeAgent]:
-    agent = NodeAgent(node_config(), providers={"tools": ToolProvider()})
+    agent = NodeAgent(node_config(), providers={"tools": tool_provider()})
     await agent.start()
     try:
         yield agent
@@ -223,8 +186,9 @@ def test_policy_validation() -> None:
         Policy(disallow_tools=[""])
 
 
+@pytest.mark.slow
 async def test_plug_injections_stay_exactly_once_across_reattaches(node_process: Callable[..., NodeProcess]) -> None:
-    from tests.test_faults import node_args, ticker
+    from tests.support.faults import node_args, ticker
 
     def every_tenth(ev: Event, ctx: dict[str, Any]) -> Continue:
         if ev.kind == "assistant_delta" and int(ev.pb.assistant_delta.content) % 10 == 0:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from asm_controller import RemoteNode, Session
-from tests.conftest import NodeProcess, pid_alive, wait_until
+from tests.support.processes import NodeProcess, pid_alive, wait_until
+
+pytestmark = pytest.mark.slow  # node agents killed and their CLIs waited out
 
 
 async def _start_sleep(node: NodeProcess) -> tuple[Session, object, int]:

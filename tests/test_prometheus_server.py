@@ -1,4 +1,4 @@
-"""A real Prometheus (tests/prometheus_server.py) scraping real exporters on 127.0.0.1.
+"""A real Prometheus (tests/support/prometheus_server.py) scraping real exporters on 127.0.0.1.
 
 Skips when the ``prometheus`` binary is missing (scripts/install_prometheus.sh installs it).
 """
@@ -18,12 +18,14 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from tests.asm_metrics import ASM_METRICS, family
-from tests.conftest import ROOT, NodeProcess
-from tests.prometheus_server import PrometheusError, PrometheusServer, prometheus_binary
+from tests.support.asm_metrics import ASM_METRICS, family
+from tests.support.processes import ROOT, NodeProcess
+from tests.support.prometheus_server import PrometheusError, PrometheusServer, prometheus_binary
 
-pytestmark = pytest.mark.skipif(prometheus_binary() is None,
-                                reason="prometheus is not installed (scripts/install_prometheus.sh)")
+pytestmark = [
+    pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (scripts/install_prometheus.sh)"),
+    pytest.mark.slow,  # a real Prometheus, waited on for its scrape intervals
+]
 
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "asm.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "asm-fleet.json"
@@ -162,7 +164,7 @@ def test_scrapes_a_real_node_and_controller(tmp_path: Path, node_process: Callab
             assert prom.query_value('asm_controller_build_info{job="asm-controller"}') == 1
             names = {s["metric"]["__name__"] for s in prom.query('{__name__=~"asm_.+"}')}
             unknown = {n for n in names if family(n) not in ASM_METRICS}
-            assert not unknown, f"exported but not in tests/asm_metrics.py (nor the dashboard/rules): {sorted(unknown)}"
+            assert not unknown, f"exported but not in tests/support/asm_metrics.py (nor the dashboard/rules): {sorted(unknown)}"
             assert {"asm_node_build_info", "asm_node_state", "asm_controller_build_info",
                     "asm_controller_node_up"} <= names
             # The node is up: NodeDown is neither pending nor firing.

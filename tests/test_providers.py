@@ -1,7 +1,7 @@
 """Provider command builders and parsers, on the real CLIs' captured output.
 
 The claude/codex/gemini captures in tests/fixtures/cli are recorded by scripts/record_fixtures.py from the real CLIs
-against tests/fake_model_server.py, so their texts are that server's scripted answers.
+against tests/support/fake_model_server.py, so their texts are that server's scripted answers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, Gemin
 from asm_node.providers._cli import CliProvider
 from asm_node.providers.base import ExitInfo
 from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
-from tests.fake_model_server import TEXT_ANSWER, TOOL_COMMAND, TOOL_PREAMBLE
+from tests.support.fake_model_server import TEXT_ANSWER, TOOL_COMMAND, TOOL_PREAMBLE
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cli"  # recorded by scripts/record_fixtures.py
 TOOL_OUTPUT = TOOL_COMMAND.removeprefix("echo ")

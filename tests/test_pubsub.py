@@ -92,6 +92,7 @@ async def test_two_subscriptions_are_independent_and_each_gets_every_message_onc
     assert a.qsize() == 0 and [m.event.seq for m in drain(b)] == [4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
 async def test_slow_subscriber_drops_with_its_policy_and_never_blocks_the_publisher(policy: Any) -> None:
     bus = Bus()

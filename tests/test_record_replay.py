@@ -33,7 +33,9 @@ from asm_controller.extensions.persistence import (
     sniff_store,
 )
 from asm_wire import AsmError, ConfigError, pb
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
+
+pytestmark = pytest.mark.slow  # recordings through real CLI processes, full disks
 
 ASM = [sys.executable, "-m", "asm_cli"]
 PY = PYTHON_BASENAME

@@ -21,7 +21,7 @@ from asm_node import NodeAgent
 from asm_node.providers.base import CommandSpec, RunSpec
 from asm_node.run import Run
 from asm_wire import KIND_VALUES, AsmError, ReplayGap, RunNotFound, pb
-from tests.conftest import NodeProcess, node_config
+from tests.support.processes import NodeProcess, node_config
 
 
 def _run(agent: NodeAgent, rid: str, payload: int = 0) -> Run:
@@ -135,6 +135,7 @@ async def test_byte_bound_counts_held_frames_and_evicts_oldest() -> None:
     assert "live-huge" not in agent.runs and agent.retained_bytes <= 100_000
 
 
+@pytest.mark.slow
 async def test_age_bound_evicts_finished_never_active() -> None:
     agent = NodeAgent(node_config(reaper=False, retention_s=0.3))
     await agent.start()

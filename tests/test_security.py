@@ -35,8 +35,8 @@ from asm_node import NodeConfig, NodeServer, start_server
 from asm_node.server import check_exposure
 from asm_wire import PROTOCOL_VERSION, ConfigError, __version__, pb
 from asm_wire import NodeUnauthenticated as WireNodeUnauthenticated
-from tests.conftest import PYTHON_BASENAME, ROOT, NodeProcess
-from tests.conftest import node_config as make_config
+from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess
+from tests.support.processes import node_config as make_config
 
 TOKEN = "s3cret"
 
@@ -497,6 +497,7 @@ def test_cli_run_without_token_is_refused(token_node_process: tuple[NodeProcess,
     assert "refused our credentials" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_nodes_reports_unauthenticated(token_node_process: tuple[NodeProcess, str]) -> None:
     node, tok = token_node_process
     proc = _asm("nodes", "--node", node.address, "--output", "json", env=_clean_env(ASM_TOKEN="wrong"))

@@ -23,7 +23,9 @@ from asm_controller import RemoteNode, Result, Session
 from asm_node import NodeServer
 from asm_node.providers.shell import ShellProvider, split_command
 from asm_wire import ConfigError
-from tests.conftest import PYTHON_BASENAME, NodeProcess, start_node_process
+from tests.support.processes import PYTHON_BASENAME, NodeProcess, start_node_process
+
+pytestmark = pytest.mark.slow  # each case a run through a served node
 
 TOKEN = "shell-boundary-" + "t" * 16
 

@@ -22,7 +22,7 @@ from asm_controller.service import ControllerConfig, start_controller
 from asm_node import NodeAgent, NodeConfig
 from asm_node.server import start_server
 from asm_wire import pb
-from tests.conftest import node_config
+from tests.support.processes import node_config
 
 
 def _repo(path: Path) -> Path:

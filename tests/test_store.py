@@ -1,6 +1,6 @@
 """The controller's run store: one contract suite over memory, SQLite and a real PostgreSQL cluster.
 
-PostgreSQL runs as a throwaway cluster (tests/pg_server.py), each test in a database of its own;
+PostgreSQL runs as a throwaway cluster (tests/support/pg_server.py), each test in a database of its own;
 its tests skip only when the binaries are missing (scripts/install_postgres.sh installs them).
 """
 
@@ -40,7 +40,7 @@ from asm_controller import (
 from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from asm_controller._store._sql import SqlStore
 from asm_wire import AsmError
-from tests.pg_server import PASSWORD, PostgresServer
+from tests.support.pg_server import PASSWORD, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,9 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.create_database()
 
 
-ALL = pytest.mark.parametrize("backend_url", ["memory", "sqlite", "postgresql"], indirect=True)
-DURABLE = pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"], indirect=True)
+PG = pytest.param("postgresql", marks=pytest.mark.postgres)
+ALL = pytest.mark.parametrize("backend_url", ["memory", "sqlite", PG], indirect=True)
+DURABLE = pytest.mark.parametrize("backend_url", ["sqlite", PG], indirect=True)
 
 StoreFactory = Callable[..., Awaitable[RunStore]]
 
@@ -346,6 +347,7 @@ _MIGRATE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @DURABLE
 async def test_two_processes_opening_at_once_migrate_once(backend_url: str, make_store: StoreFactory) -> None:
     await (await make_store()).close()  # at version 1: both processes will want to apply version 2
@@ -476,6 +478,7 @@ class WriteLock:
             await self._pg.close()
 
 
+@pytest.mark.slow
 @DURABLE
 async def test_writer_back_pressure_waits_and_loses_nothing(backend_url: str, make_store: StoreFactory) -> None:
     store = await make_store(connect_timeout_s=0.2)
@@ -501,6 +504,7 @@ async def test_writer_back_pressure_waits_and_loses_nothing(backend_url: str, ma
     await writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)
 async def test_writer_database_errors_are_retried_never_raised(
         backend_url: str, make_store: StoreFactory, caplog: pytest.LogCaptureFixture) -> None:
@@ -562,6 +566,7 @@ _KILLED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 async def test_records_survive_kill_9_of_the_writing_process(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ctl' / 'state.sqlite3'}"
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _KILLED_SCRIPT, url, cwd=ROOT,

@@ -22,9 +22,9 @@ import pytest
 
 from asm_controller import Event, LivenessConfig, RemoteNode, Session
 from asm_wire import KINDS, AsmError, pb
-from tests.cli_env import cli_env, find_cli, hermetic_env
-from tests.conftest import ROOT, NodeProcess, start_node_process
-from tests.test_cli import ASM, asm, jsonl
+from tests.support.cli import ASM, asm, jsonl
+from tests.support.cli_env import cli_env, find_cli, hermetic_env
+from tests.support.processes import ROOT, NodeProcess, start_node_process
 
 EXIT_NODE_STOPPED = 4
 
@@ -54,6 +54,7 @@ def test_kinds_are_typed_and_map_to_unavailable() -> None:
         assert err.grpc_status() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.slow
 def test_drain_deadline_ends_the_run_with_node_draining(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -73,6 +74,7 @@ def test_drain_deadline_ends_the_run_with_node_draining(node_process: Callable[.
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_node_sigterm_ends_the_run_with_node_shutdown(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -87,6 +89,7 @@ def test_node_sigterm_ends_the_run_with_node_shutdown(node_process: Callable[...
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_still_user_cancelled_and_130(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
     proc, _pid = _start_run(node)
@@ -97,6 +100,7 @@ def test_ctrl_c_is_still_user_cancelled_and_130(node_process: Callable[..., Node
     assert summary["status"] == "interrupted" and summary["error"]["kind"] == "user_cancelled"
 
 
+@pytest.mark.slow
 async def test_resume_path_is_taken_for_a_drained_run(node_process: Callable[..., NodeProcess]) -> None:
     """on_node_lost="resume" applies to node_draining: the run tries to move (a shell run has no
     provider session to continue, so it ends typed, saying so)."""
@@ -122,12 +126,13 @@ async def test_resume_path_is_taken_for_a_drained_run(node_process: Callable[...
     assert events[-1].kind == "run_completed"
 
 
+@pytest.mark.real_cli
 @pytest.mark.parametrize("how", ["drain", "sigterm"])
 async def test_claude_session_resumes_on_another_node(tmp_path: Path, how: str) -> None:
     """The real Claude CLI against the scripted model server: a drained (or stopped) node's run
     continues its provider session on the other node, in the same stream."""
     from asm_controller import GrpcNodeClient
-    from tests.fake_model_server import FakeModelServer
+    from tests.support.fake_model_server import FakeModelServer
 
     path = find_cli("claude")
     if path is None:
@@ -172,11 +177,12 @@ async def test_claude_session_resumes_on_another_node(tmp_path: Path, how: str) 
         server.stop()
 
 
+@pytest.mark.real_cli
 async def test_a_resumed_run_never_goes_back_to_a_node_it_left(tmp_path: Path) -> None:
     """At most one resume per node: drained off a, resumed on b, a undrained, then b drained too -- the
     run ends instead of bouncing back to a (it used to exclude only the node it had just left)."""
     from asm_controller import GrpcNodeClient
-    from tests.fake_model_server import FakeModelServer
+    from tests.support.fake_model_server import FakeModelServer
 
     path = find_cli("claude")
     if path is None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT
+from tests.support.processes import ROOT
 
 ASM = [sys.executable, "-m", "asm_cli"]
 SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")

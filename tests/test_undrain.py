@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +22,10 @@ import pytest
 
 from asm_wire import pb
 from asm_wire.v1 import node_pb2_grpc
-from tests.conftest import ROOT, NodeProcess
-from tests.test_cli import ASM, jsonl
+from tests.support.cli import ASM, jsonl
+from tests.support.processes import ROOT, ControllerProcess, NodeProcess, start_controller_process
+
+pytestmark = pytest.mark.slow  # node and controller processes, drain deadlines
 
 ALICE = "alice-token-0123456789"
 ROOT_TOKEN = "root-token-0123456789abc"
@@ -62,31 +62,15 @@ def _summary(out: str) -> dict[str, Any]:
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Factory: ``asm controller serve --node ...`` processes (stopped by PID); returns the address."""
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[ControllerProcess] = []
 
     def start(*nodes: str) -> str:
-        log_path = tmp_path / f"controller-{len(procs)}.log"
-        args = [a for n in nodes for a in ("--node", n)]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen",
-                                     "127.0.0.1:0", "--state-dir", str(log_path.with_suffix(".state")), *args],
-                                    stdout=subprocess.DEVNULL, stderr=log, env=_env(),
-                                    cwd=str(tmp_path))
-        procs.append(proc)
-        deadline = time.monotonic() + 20
-        while not (m := re.search(r"listening on \S+ \(port (\d+)\)", log_path.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        return f"127.0.0.1:{m.group(1)}"
+        procs.append(start_controller_process(tmp_path, *(a for n in nodes for a in ("--node", n)), env=_env()))
+        return procs[-1].address
 
     yield start
     for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop()
 
 
 def test_undrain_before_the_deadline_lets_the_run_complete(node_process: Callable[..., NodeProcess]) -> None:

@@ -30,7 +30,9 @@ from asm_controller import EmbeddedNode, RemoteNode, Session
 from asm_controller._client import LivenessConfig
 from asm_node import NodeAgent
 from asm_node.process import Cgroups, Reaper, spawn
-from tests.conftest import PYTHON_BASENAME, NodeProcess, node_config, pid_alive, start_node_process, wait_until
+from tests.support.processes import PYTHON_BASENAME, NodeProcess, node_config, pid_alive, start_node_process, wait_until
+
+pytestmark = pytest.mark.slow  # agents killed under a watchdog, escapes waited out
 
 EVIL = "open({marker!r}, 'a').write(__name__ + '\\n')\nraise SystemExit('hijacked by a planted ' + __name__)\n"
 SECRET = "sk-secret-of-the-agent-0123456789"

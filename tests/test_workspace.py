@@ -315,6 +315,7 @@ def test_failed_rollback_restores_the_previous_state(repo: Path, monkeypatch: py
     assert files(repo) == mutated
 
 
+@pytest.mark.slow
 def test_concurrent_snapshots(repo: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -365,6 +366,7 @@ def test_errors_are_clear(repo: Path, tmp_path: Path) -> None:
     assert ws.snapshot(str(repo), "auto", "").backend == "git"
 
 
+@pytest.mark.slow
 def test_git_timeout_is_an_asm_error(repo: Path, tmp_path: Path) -> None:
     slow = tmp_path / "slowgit"
     slow.write_text("#!/bin/sh\nexec sleep 5\n")

@@ -34,7 +34,7 @@ Use from tests::
     with FakeModelServer() as server:
         env = {"ANTHROPIC_BASE_URL": server.base_url, ...}
 
-or as a script: ``python tests/fake_model_server.py --port 18081``.
+or as a script: ``python tests/support/fake_model_server.py --port 18081``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hermetic environments for running the real agent CLIs against tests/fake_model_server.py.
+"""Hermetic environments for running the real agent CLIs against tests/support/fake_model_server.py.
 
 Each ``*_env(base_url, scratch)`` creates the CLI's own HOME/TMPDIR (and config files) under
 ``scratch`` and returns the environment variables to ADD to the process environment. Use
