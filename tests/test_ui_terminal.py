@@ -12,7 +12,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.support.processes import ROOT
+
+pytestmark = pytest.mark.slow  # the real CLI under a pseudo-terminal, a few seconds each
 
 ASM = [sys.executable, "-m", "asm_cli"]
 SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")
