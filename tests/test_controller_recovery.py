@@ -94,6 +94,17 @@ def _read_until(proc: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bo
     raise AssertionError("condition never met")
 
 
+def _metrics_port(ctl: ControllerProcess, timeout: float = 10.0) -> int:
+    """The metrics port from the controller's ready line (written just after it starts answering RPCs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"metrics on port (\d+)", ctl.log())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no metrics port in the controller's log: {ctl.log()}")
+
+
 @pytest.mark.parametrize(("state_url", "sig"), [("sqlite", signal.SIGKILL),
                                                pytest.param("postgresql", signal.SIGKILL, marks=pytest.mark.postgres),
                                                ("sqlite", signal.SIGTERM)], indirect=["state_url"])
@@ -123,7 +134,7 @@ def test_controller_kill_9_and_restart_mid_run_delivers_every_event_once_and_run
         ctl.proc.send_signal(sig)
         ctl.proc.wait(20)
         ctl = controllers(*args, "--metrics-listen", "127.0.0.1:0", listen=listen)  # same address, same state
-        metrics_port = int(re.search(r"metrics on port (\d+)", ctl.log()).group(1))  # type: ignore[union-attr]
+        metrics_port = _metrics_port(ctl)
         out, err = client.communicate(timeout=90)
     finally:
         if client.poll() is None:
