@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from asm_controller._events import Event
 from asm_controller._reducer import EventReducer
 from asm_controller._store import RunRecord, RunStore, StoreWriter
-from asm_wire import pb
+from asm_wire import TERMINAL_STATUSES, RunStatus, pb
 
 if TYPE_CHECKING:
     from asm_controller._connector import NodeHandle
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 #: The result summary's text is cut to this many characters in the registry (the event log has it all).
 SUMMARY_TEXT_MAX = 64 * 1024
-_END_STATUSES = ("completed", "failed", "interrupted")
 
 
 def prompt_digest(prompt: str) -> str:
@@ -90,6 +89,7 @@ class StoreRegistry:
         """Durable before StartRun is sent: a controller killed right after knows where the run may be."""
         if not run.recorded:
             now = time.time()
+            # "pending" is the registry's own status (recorded, not started: the wire's "starting"), not a RunStatus.
             await self.store.create(RunRecord(
                 run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider, owner=run.owner,
                 prompt_digest=prompt_digest(run.prompt), spec=run_spec(run), node_address=handle.target.address,
@@ -126,7 +126,7 @@ class StoreRegistry:
         if len(summary.get("text") or "") > SUMMARY_TEXT_MAX:
             summary["text"] = summary["text"][:SUMMARY_TEXT_MAX]
             summary["text_truncated"] = True
-        status = result.status if result.status in _END_STATUSES else "failed"
+        status = result.status if result.status in TERMINAL_STATUSES else RunStatus.FAILED.value
         self.writer.submit_update(run.run_id, status=status, ended_at=time.time(), result=_jsonable(summary),
                                   node_seq=run.node_seq, **_live_fields(run))
 
@@ -142,8 +142,8 @@ def _live_fields(run: Run) -> dict[str, Any]:
     psid = run.reducer.provider_session_id
     if psid:
         fields["provider_session_id"] = psid
-    if run.reducer.status == "running":
-        fields["status"] = "running"
+    if run.reducer.status == RunStatus.RUNNING:
+        fields["status"] = RunStatus.RUNNING.value
     return fields
 
 

@@ -34,7 +34,7 @@ from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
 from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
 from asm_controller._store import RunRecord
-from asm_wire import ApprovalNotFound, ConfigError, RunNotFound, make_error, pb, ulid, valid_id
+from asm_wire import ApprovalNotFound, ConfigError, Decision, RunNotFound, choices, make_error, pb, ulid, valid_id
 
 
 class RunStream:
@@ -273,8 +273,8 @@ class Session:
         await run.interrupt()
 
     async def approve(self, approval_id: str, decision: str, reason: str = "") -> None:
-        if decision not in ("allow", "deny"):
-            raise ConfigError(f"invalid decision {decision!r}: expected 'allow' or 'deny'")
+        if decision not in choices(Decision):
+            raise ConfigError(f"invalid decision {decision!r}: expected {' or '.join(map(repr, choices(Decision)))}")
         run = self._approvals.pop(approval_id, None)
         if run is not None and run.is_local_approval(approval_id):
             run.resolve_local_approval(approval_id, decision, reason)

@@ -41,6 +41,7 @@ from asm_controller._run import Run
 from asm_controller._session import Session
 from asm_controller._store import (
     DEFAULT_HISTORY_MAX_BYTES,
+    IN_FLIGHT,
     STATUSES,
     MemoryStore,
     RunRecord,
@@ -162,9 +163,10 @@ def _not_found(run_id: str) -> AsmError:
     return RunNotFound(f"Unknown run id: {run_id}")
 
 
-#: ListRuns' status filter: the CLI's names -> the registry's.
-_STATUS_NAMES = {"pending": "pending", "starting": "pending", "running": "running", "completed": "completed",
-                 "failed": "failed", "interrupted": "interrupted"}
+#: ListRuns' status filter: the CLI's names -> the registry's (its "pending" is the wire's "starting"; the
+#: wire's other statuses share their names).
+_STATUS_NAMES = {"pending": "pending", RunStatus.STARTING.value: "pending",
+                 **{s.value: s.value for s in RunStatus if s not in (RunStatus.UNSPECIFIED, RunStatus.STARTING)}}
 #: The registry's statuses on the wire: its "pending" is the wire's "starting"; the others share their names.
 _RUN_STATUS = {name: run_status_value(RunStatus.STARTING if name == "pending" else name) for name in STATUSES}
 
@@ -271,12 +273,14 @@ class FleetApi:
         common = {"run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider}
         end = [Event.synthetic("error", **common, seq=rec.last_seq + 1, message=message, code="run_lost",
                                domain="runtime", severity=pb.SEVERITY_ERROR, exit_code=-1),
-               Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status="failed", exit_code=-1)]
+               Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status=RunStatus.FAILED.value,
+                               exit_code=-1)]
         await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2,
                                        pb.EventBatch(events=[e.pb for e in end]).SerializeToString())
-        await self.store.update(rec.run_id, status="failed", ended_at=time.time(), result={
+        failed = RunStatus.FAILED.value
+        await self.store.update(rec.run_id, status=failed, ended_at=time.time(), result={
             "kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider,
-            "status": "failed", "error": {"kind": "run_lost", "domain": "runtime", "message": message}})
+            "status": failed, "error": {"kind": "run_lost", "domain": "runtime", "message": message}})
 
     @property
     def targets(self) -> list[RemoteNode]:
@@ -500,7 +504,7 @@ class FleetApi:
                                              owner=None if me.admin else me.name, limit=request.limit or 1000)
         out = pb.ListRunsResponse()
         for rec in records:
-            if request.active_only and rec.status not in ("pending", "running"):
+            if request.active_only and rec.status not in IN_FLIGHT:
                 continue
             out.runs.append(run_info(rec))
         return out

@@ -99,7 +99,7 @@ def test_families_are_caught_by_their_parent() -> None:
     assert type(make_error("connection_failed", "transport", "x")) is AsmError
     assert not isinstance(make_error("connection_failed", "transport", "x"), NodeConnectionError)
     assert type(make_error("config_invalid", "config", "x", reason="cwd_not_found")) is ConfigError
-    # A reason matches only with its own kind: today's ConfigError(reason="snapshot_not_found") stays one.
+    # A reason matches only with its own kind: an older node's ConfigError(reason="snapshot_not_found") stays one.
     legacy = make_error("config_invalid", "config", "x", reason="snapshot_not_found")
     assert type(legacy) is ConfigError and legacy.grpc_status() == grpc.StatusCode.INVALID_ARGUMENT
     assert RunError("failed", kind="tool_failed").kind == "tool_failed"

@@ -22,7 +22,7 @@ import pytest
 from asm_controller._client import GrpcNodeClient, RemoteNode
 from asm_node import NodeServer
 from asm_node.workspace import Workspaces
-from asm_wire import AsmError, ConfigError, pb
+from asm_wire import AsmError, ConfigError, GitFailed, WorkspaceError, pb
 
 # Git as the test (the "user") runs it: never the node's hardened invocation, and never the evil config.
 _PLAIN = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
@@ -234,6 +234,7 @@ async def test_git_failures_are_typed_over_grpc(
     with caplog.at_level(logging.ERROR), pytest.raises(AsmError, match="disk on fire") as err:
         await client.snapshot(pb.SnapshotRequest(cwd=str(repo), backend="git"))
     assert (err.value.kind, err.value.domain, err.value.reason) == ("tool_failed", "tool", "git_failed")
+    assert isinstance(err.value, GitFailed)  # the class survives the gRPC round trip
     assert "git write-tree failed" in err.value.message
     assert not [r for r in caplog.records if r.exc_info], "a git failure logged a traceback"
 
@@ -245,6 +246,7 @@ def test_io_failures_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(AsmError, match="workspace snapshot failed") as err:
         ws.snapshot(str(repo), "git", "")
     assert (err.value.kind, err.value.reason) == ("tool_failed", "workspace_io")
+    assert isinstance(err.value, WorkspaceError)
 
 
 def test_snapshot_ids_are_matched_whole(tmp_path: Path) -> None:

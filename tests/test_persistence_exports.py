@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib
 
+import grpc
 import pytest
 
 from asm_controller.extensions import persistence
+from asm_wire import DecodeError
 
 # Every public name of the module before it became a package (its __all__ and the other
 # non-underscore names), plus what the CLI and asm_controller.extensions import from it.
@@ -44,6 +46,15 @@ def test_corrupt_line_is_public_and_raised_by_decode_line() -> None:
         persistence.decode_line(b"{not json")
     with pytest.raises(persistence.CorruptLine, match="empty line"):
         persistence.decode_line(b"  ")
+
+
+def test_a_corrupt_line_is_the_error_trees_decode_error() -> None:
+    assert issubclass(persistence.CorruptLine, DecodeError)
+    with pytest.raises(DecodeError) as err:
+        persistence.decode_line(b'{"v":1,"pb":"!!"}')
+    assert (err.value.kind, err.value.domain, err.value.reason) == ("parse_error", "parser", "corrupt_line")
+    assert err.value.message == "invalid base64 in 'pb'"
+    assert err.value.grpc_status() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_extensions_face_still_re_exports_persistence() -> None:

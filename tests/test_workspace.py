@@ -10,7 +10,7 @@ import pytest
 
 from asm_node import NodeAgent, NodeConfig
 from asm_node.workspace import REF_PREFIX, GitBackend, Workspaces, _Repo
-from asm_wire import AsmError, ConfigError, CwdNotAllowed, pb
+from asm_wire import AsmError, ConfigError, CwdNotAllowed, GitTimeout, SnapshotNotFound, pb
 
 SPACED = "notes with spaces.txt"
 UNICODE = "café-ünïcode.txt"
@@ -340,11 +340,11 @@ def test_errors_are_clear(repo: Path, tmp_path: Path) -> None:
         ws.snapshot(str(repo), "svn", "")
     with pytest.raises(ConfigError, match="does not exist"):
         ws.snapshot(str(tmp_path / "missing"), "git", "")
-    with pytest.raises(ConfigError, match="unknown snapshot id"):
+    with pytest.raises(SnapshotNotFound, match="unknown snapshot id"):
         ws.diff(str(repo), "git-doesnotexist", "", 0)
-    with pytest.raises(ConfigError, match="unknown snapshot id"):
+    with pytest.raises(SnapshotNotFound, match="unknown snapshot id"):
         ws.rollback(str(repo), "git-../../heads/main")
-    with pytest.raises(ConfigError, match="unknown snapshot id"):
+    with pytest.raises(SnapshotNotFound, match="unknown snapshot id"):
         ws.diff(str(repo), "hash-0123", "", 0)
     with pytest.raises(ConfigError, match="from_id"):
         ws.diff(str(repo), "", "", 0)
@@ -355,7 +355,7 @@ def test_errors_are_clear(repo: Path, tmp_path: Path) -> None:
     other = make_repo(tmp_path / "other")
     with pytest.raises(ConfigError, match="was taken for"):
         ws.rollback(str(other), info.id)
-    with pytest.raises(ConfigError, match="unknown snapshot id"):  # a fresh node: not in memory, no ref there
+    with pytest.raises(SnapshotNotFound, match="unknown snapshot id"):  # a fresh node: not in memory, no ref there
         Workspaces().rollback(str(other), info.id)
     h = ws.snapshot(str(repo), "hash", "")
     with pytest.raises(ConfigError, match="same backend"):
@@ -373,7 +373,7 @@ def test_git_timeout_is_an_asm_error(repo: Path, tmp_path: Path) -> None:
     slow.chmod(0o755)
     with pytest.raises(AsmError, match="timed out") as err:
         Workspaces(git=str(slow), git_timeout_s=0.2).snapshot(str(repo), "git", "")
-    assert err.value.kind == "timeout"
+    assert err.value.kind == "timeout" and isinstance(err.value, GitTimeout) and err.value.reason == "git_timeout"
 
 
 # -- hash backend -------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_hash_backend(tmp_path: Path) -> None:
     assert list(ws.diff(str(root), info.id, later.id, 0).added) == ["new file é.txt"]
     with pytest.raises(ConfigError, match="hash snapshots cannot be rolled back"):
         ws.rollback(str(root), info.id)
-    with pytest.raises(ConfigError, match="forgotten when the node restarts"):
+    with pytest.raises(SnapshotNotFound, match="forgotten when the node restarts"):
         Workspaces().diff(str(root), info.id, "", 0)
 
 

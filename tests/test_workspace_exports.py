@@ -9,7 +9,7 @@ import pytest
 
 import asm_node.workspace as workspace
 from asm_node.workspace import BACKENDS, REF_PREFIX, Backend, GitBackend, GitRunner, HashBackend, Workspaces
-from asm_wire import ConfigError
+from asm_wire import ConfigError, SnapshotNotFound
 
 
 def test_names_of_the_old_module_still_import() -> None:
@@ -40,9 +40,9 @@ def test_hash_backend_alone(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         b.rollback(str(tmp_path), snap)
     assert err.value.reason == "rollback_unsupported"
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(SnapshotNotFound) as err:
         b.recover(str(tmp_path), snap.id)
-    assert err.value.reason == "snapshot_not_found"
+    assert err.value.reason == "snapshot_not_found" and err.value.kind == "not_found"
 
 
 def test_the_facade_shares_one_git_runner() -> None:
@@ -57,6 +57,6 @@ def test_the_facade_shares_one_git_runner() -> None:
 def test_hash_snapshots_over_the_cap_are_forgotten(tmp_path: Path) -> None:
     ws = Workspaces(max_hash_snapshots=2)
     ids = [ws.snapshot(str(tmp_path), "hash", str(i)).id for i in range(3)]
-    with pytest.raises(ConfigError, match="forgotten when the node restarts"):
+    with pytest.raises(SnapshotNotFound, match="forgotten when the node restarts"):
         ws.diff(str(tmp_path), ids[0], "", 0)
     assert not ws.diff(str(tmp_path), ids[2], "", 0).added

@@ -23,7 +23,7 @@ from asm_node.providers._cli import (
 )
 from asm_node.providers.base import RunSpec, error_event, result_event
 from asm_node.providers.claude import ClaudeParser
-from asm_wire import pb
+from asm_wire import PermissionMode, pb
 
 
 class AmpOptions(CommonOptions):
@@ -94,10 +94,10 @@ class AmpProvider(CliProvider):
     install_hint = "npm install -g @sourcegraph/amp"
     options_model = AmpOptions
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
-        "default": ("default", ()),
-        "auto": ("auto", ()),
-        "bypass": ("dangerously_allow_all", ("--dangerously-allow-all",)),
-        "plan": ("plan", ()),
+        PermissionMode.DEFAULT: ("default", ()),
+        PermissionMode.AUTO: ("auto", ()),
+        PermissionMode.BYPASS: ("dangerously_allow_all", ("--dangerously-allow-all",)),
+        PermissionMode.PLAN: ("plan", ()),
     }
     parser_class = AmpParser
     #: MCP servers are programs Amp starts: choosing them is choosing what runs.

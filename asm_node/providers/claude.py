@@ -32,7 +32,7 @@ from asm_node.providers._cli import (
     ev_user,
 )
 from asm_node.providers.base import CommandSpec, RunSpec, error_event, result_event
-from asm_wire import KIND_VALUES, ConfigError, pb
+from asm_wire import KIND_VALUES, ConfigError, PermissionMode, pb
 
 
 class ClaudeOptions(CommonOptions):
@@ -207,10 +207,10 @@ class ClaudeProvider(CliProvider):
     install_hint = "npm install -g @anthropic-ai/claude-code"
     options_model = ClaudeOptions
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
-        "default": ("default", ("--permission-mode", "default")),
-        "auto": ("accept_edits", ("--permission-mode", "acceptEdits")),
-        "bypass": ("bypass_permissions", ("--permission-mode", "bypassPermissions")),
-        "plan": ("plan", ("--permission-mode", "plan")),
+        PermissionMode.DEFAULT: ("default", ("--permission-mode", "default")),
+        PermissionMode.AUTO: ("accept_edits", ("--permission-mode", "acceptEdits")),
+        PermissionMode.BYPASS: ("bypass_permissions", ("--permission-mode", "bypassPermissions")),
+        PermissionMode.PLAN: ("plan", ("--permission-mode", "plan")),
     }
     parser_class = ClaudeParser
     #: Where Claude sends the node's ANTHROPIC_API_KEY, and the credential it sends.

@@ -29,7 +29,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
 )
 from asm_node.providers.base import RunSpec, error_event, result_event
-from asm_wire import ConfigError, pb
+from asm_wire import ConfigError, PermissionMode, pb
 
 _TOOL_ITEMS = ("command_execution", "file_change", "mcp_tool_call", "web_search", "todo_list")
 _FAILED = ("failed", "errored", "error", "interrupted", "not_found", "declined")
@@ -133,12 +133,12 @@ class CodexProvider(CliProvider):
     install_hint = "npm install -g @openai/codex"
     options_model = CodexOptions
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
-        "default": ("default", ()),
-        "bypass": ("yolo", ("--dangerously-bypass-approvals-and-sandbox",)),
-        "plan": ("plan", ("--sandbox", "read-only")),
+        PermissionMode.DEFAULT: ("default", ()),
+        PermissionMode.BYPASS: ("yolo", ("--dangerously-bypass-approvals-and-sandbox",)),
+        PermissionMode.PLAN: ("plan", ("--sandbox", "read-only")),
     }
     unsupported_modes: ClassVar[dict[str, str]] = {
-        "auto": (
+        PermissionMode.AUTO: (
             "permission mode 'auto' is not supported for codex: codex's auto-edit mode (--full-auto) writes a "
             "repo-local .codex directory, so asm (like ASM) refuses it; use default, plan or bypass, or "
             "--opt sandbox=workspace-write"
@@ -199,7 +199,7 @@ class CodexProvider(CliProvider):
             argv.append(f"--output-schema={schema}")
         for d in opts.additional_directories:
             argv.append(f"--add-dir={d}")
-        if opts.sandbox and spec.permission_mode != "bypass":
+        if opts.sandbox and spec.permission_mode != PermissionMode.BYPASS:
             argv.append(f"--sandbox={opts.sandbox}")
             mode_args = tuple(a for a in mode_args if a not in ("--sandbox", "read-only"))
         argv += list(mode_args)

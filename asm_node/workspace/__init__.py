@@ -2,8 +2,10 @@
 
 :class:`Workspaces` is blocking code; the node agent calls it through
 ``asyncio.to_thread`` after resolving the request's cwd against its workspace
-roots. Every failure is an :class:`~asm_wire.AsmError` (bad input, unknown ids,
-a refused rollback: :class:`~asm_wire.ConfigError`), never a bare exception.
+roots. Every failure is an :class:`~asm_wire.AsmError`, never a bare exception: bad
+input and a refused rollback are :class:`~asm_wire.ConfigError`; an unknown snapshot id is
+:class:`~asm_wire.SnapshotNotFound`, git failing or timing out :class:`~asm_wire.GitFailed` /
+:class:`~asm_wire.GitTimeout`, an OS error on the way :class:`~asm_wire.WorkspaceError`.
 
 **Snapshot root.** A snapshot covers exactly the directory it was taken in
 (the request's cwd, symlinks resolved), never more: when cwd is a

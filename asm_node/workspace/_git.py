@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from asm_node.workspace._gitrun import _IDENTITY, GitRunner, _git_failed, _unsafe_repository
 from asm_node.workspace._model import _display, _Memory, _not_found, _Snap
-from asm_wire import AsmError, ConfigError, pb, ulid
+from asm_wire import AsmError, ConfigError, GitFailed, SnapshotBackend, SnapshotNotFound, pb, ulid
 
 __all__ = ["REF_PREFIX", "GitBackend"]
 
@@ -51,7 +51,7 @@ class GitBackend:
     pre-rollback guards) is remembered in ``memory``. Operations on one repository are serialized.
     """
 
-    name = "git"
+    name: str = SnapshotBackend.GIT
 
     def __init__(self, runner: GitRunner, memory: _Memory) -> None:
         self._runner = runner
@@ -126,7 +126,7 @@ class GitBackend:
     # -- snapshots in refs, repository plumbing ----------------------------------------
 
     def _store_git_snapshot(self, repo: _Repo, tree: str, head: str, label: str) -> _Snap:
-        snap = _Snap(id=f"git-{ulid().lower()}", backend="git", cwd=repo.cwd, label=label,
+        snap = _Snap(id=f"git-{ulid().lower()}", backend=SnapshotBackend.GIT, cwd=repo.cwd, label=label,
                      created_unix_nano=time.time_ns(), head=head, tree=tree,
                      file_count=self._count_files(repo, tree))
         meta = {"v": 1, "id": snap.id, "cwd": snap.cwd, "prefix": repo.prefix, "label": label,
@@ -155,11 +155,11 @@ class GitBackend:
             meta = json.loads(line) if line is not None else None
             if not isinstance(meta, dict) or meta.get("id") != snapshot_id or not tree:
                 raise ValueError("no asm-snapshot metadata for this id")
-            return _Snap(id=snapshot_id, backend="git", cwd=str(meta["cwd"]), label=str(meta.get("label", "")),
+            return _Snap(id=snapshot_id, backend=SnapshotBackend.GIT, cwd=str(meta["cwd"]), label=str(meta.get("label", "")),
                          created_unix_nano=int(meta.get("created_unix_nano", 0)), head=str(meta.get("head", "")),
                          tree=tree, file_count=int(meta.get("file_count", 0)))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{ref} is not an asm snapshot commit ({exc})", reason="snapshot_not_found") from exc
+            raise SnapshotNotFound(f"{ref} is not an asm snapshot commit ({exc})") from exc
 
     def _repo_lock(self, repo: _Repo) -> threading.RLock:
         with self._locks_lock:
@@ -203,9 +203,8 @@ class GitBackend:
     def _require_tree(self, repo: _Repo, snap: _Snap) -> None:
         res = self._runner.run(repo.cwd, ["cat-file", "-e", snap.tree + "^{tree}"], check=False)
         if res.returncode != 0:
-            raise ConfigError(f"the tree {snap.tree} of snapshot {snap.id} is no longer in the repository of "
-                              f"{repo.cwd!r} (was {REF_PREFIX}{snap.id} deleted and the objects pruned?)",
-                              reason="snapshot_not_found")
+            raise SnapshotNotFound(f"the tree {snap.tree} of snapshot {snap.id} is no longer in the repository of "
+                                   f"{repo.cwd!r} (was {REF_PREFIX}{snap.id} deleted and the objects pruned?)")
 
     def _capture_tree(self, repo: _Repo) -> str:
         """Write the current content of the snapshot root as a tree, through a temporary index."""
@@ -277,8 +276,7 @@ class GitBackend:
         while i < len(fields) and fields[i]:
             meta = fields[i].decode().split(" ")
             if len(meta) != 5 or not meta[0].startswith(":") or i + 1 >= len(fields):
-                raise AsmError(f"unexpected git diff-tree output {fields[i]!r}", kind="tool_failed", domain="tool",
-                               reason="git_failed")
+                raise GitFailed(f"unexpected git diff-tree output {fields[i]!r}")
             status = meta[4][:1]
             npaths = 2 if status in ("R", "C") else 1
             path = fields[i + npaths]

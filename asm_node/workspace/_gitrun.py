@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Sequence
 
 from asm_node.workspace._model import _display
-from asm_wire import AsmError, ConfigError
+from asm_wire import ConfigError, GitFailed, GitTimeout, WorkspaceError
 
 __all__ = ["GitRunner"]
 
@@ -143,11 +143,9 @@ class GitRunner:
         except FileNotFoundError as exc:
             raise ConfigError(f"git executable {self.git!r} is not available on this node", reason="git_missing") from exc
         except subprocess.TimeoutExpired as exc:
-            raise AsmError(f"git {_subcommand(args)!s} in {cwd!r} timed out after {self.git_timeout_s:g}s",
-                           kind="timeout", domain="tool", reason="git_timeout") from exc
+            raise GitTimeout(f"git {_subcommand(args)!s} in {cwd!r} timed out after {self.git_timeout_s:g}s") from exc
         except OSError as exc:
-            raise AsmError(f"cannot run git in {cwd!r}: {exc}", kind="tool_failed", domain="tool",
-                           reason="git_failed") from exc
+            raise GitFailed(f"cannot run git in {cwd!r}: {exc}") from exc
         if check and res.returncode != 0:
             raise _git_failed(args, cwd, res.returncode, res.stderr)
         return res
@@ -164,11 +162,9 @@ class GitRunner:
                 raise ConfigError(f"git executable {self.git!r} is not available on this node",
                                   reason="git_missing") from exc
             except subprocess.TimeoutExpired as exc:
-                raise AsmError(f"git config in {cwd!r} timed out after {self.git_timeout_s:g}s",
-                               kind="timeout", domain="tool", reason="git_timeout") from exc
+                raise GitTimeout(f"git config in {cwd!r} timed out after {self.git_timeout_s:g}s") from exc
             except OSError as exc:
-                raise AsmError(f"cannot run git in {cwd!r}: {exc}", kind="tool_failed", domain="tool",
-                               reason="git_failed") from exc
+                raise GitFailed(f"cannot run git in {cwd!r}: {exc}") from exc
 
             def kill() -> None:
                 timed_out.append(True)
@@ -196,8 +192,7 @@ class GitRunner:
                     proc.kill()
                     proc.wait()
             if timed_out:
-                raise AsmError(f"git {_subcommand(args)} in {cwd!r} timed out after {self.git_timeout_s:g}s",
-                               kind="timeout", domain="tool", reason="git_timeout")
+                raise GitTimeout(f"git {_subcommand(args)} in {cwd!r} timed out after {self.git_timeout_s:g}s")
             if not over and rc != 0:
                 err.seek(0)
                 raise _git_failed(args, cwd, rc, err.read())
@@ -213,12 +208,11 @@ def _subcommand(args: Sequence[str | bytes]) -> str:
     return ""
 
 
-def _git_failed(args: Sequence[str | bytes], cwd: str, rc: int, stderr: bytes) -> AsmError:
+def _git_failed(args: Sequence[str | bytes], cwd: str, rc: int, stderr: bytes) -> WorkspaceError | ConfigError:
     tail = stderr.decode("utf-8", "replace").strip()[-2000:]
     if "dubious ownership" in tail:
         return _unsafe_repository(cwd)
-    return AsmError(f"git {_subcommand(args)} failed in {cwd!r} (exit {rc}): {tail or 'no message'}",
-                    kind="tool_failed", domain="tool", reason="git_failed")
+    return GitFailed(f"git {_subcommand(args)} failed in {cwd!r} (exit {rc}): {tail or 'no message'}")
 
 
 def _unsafe_repository(cwd: str) -> ConfigError:

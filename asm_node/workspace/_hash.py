@@ -8,7 +8,7 @@ import stat
 import time
 
 from asm_node.workspace._model import _display, _not_found, _Snap
-from asm_wire import AsmError, ConfigError, pb, ulid
+from asm_wire import AsmError, ConfigError, SnapshotBackend, pb, ulid
 
 __all__ = ["HashBackend"]
 
@@ -16,11 +16,11 @@ __all__ = ["HashBackend"]
 class HashBackend:
     """Snapshots as ``{path: sha256 | "link:<target>"}`` manifests (see the package docstring)."""
 
-    name = "hash"
+    name: str = SnapshotBackend.HASH
 
     def snapshot(self, root: str, label: str) -> _Snap:
         manifest = _manifest(root)
-        return _Snap(id=f"hash-{ulid().lower()}", backend="hash", cwd=root, label=label,
+        return _Snap(id=f"hash-{ulid().lower()}", backend=SnapshotBackend.HASH, cwd=root, label=label,
                      created_unix_nano=time.time_ns(), file_count=len(manifest), manifest=manifest)
 
     def recover(self, root: str, snapshot_id: str) -> _Snap:

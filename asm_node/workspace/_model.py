@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from asm_wire import AsmError, ConfigError, pb
+from asm_wire import SnapshotBackend, SnapshotNotFound, WorkspaceError, choices, pb
 
 __all__ = ["BACKENDS"]
 
-BACKENDS = ("git", "hash", "auto")
+#: The backend names a SnapshotRequest may give (``auto``: git when the cwd is in a work tree).
+BACKENDS = choices(SnapshotBackend)
 _ID_RE = re.compile(r"(git|hash)-[0-9a-z]{1,64}")
 
 
@@ -24,8 +25,8 @@ def _display(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def _not_found(snapshot_id: str, why: str) -> ConfigError:
-    return ConfigError(f"unknown snapshot id {snapshot_id!r}: {why}", reason="snapshot_not_found")
+def _not_found(snapshot_id: str, why: str) -> SnapshotNotFound:
+    return SnapshotNotFound(f"unknown snapshot id {snapshot_id!r}: {why}")
 
 
 @dataclass
@@ -59,8 +60,7 @@ def _typed_io(fn: Callable[_P, _T]) -> Callable[_P, _T]:
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            raise AsmError(f"workspace {fn.__name__} failed: {exc}", kind="tool_failed", domain="tool",
-                           reason="workspace_io") from exc
+            raise WorkspaceError(f"workspace {fn.__name__} failed: {exc}") from exc
     return wrapper
 
 

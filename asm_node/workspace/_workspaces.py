@@ -11,7 +11,7 @@ from asm_node.workspace._git import GitBackend
 from asm_node.workspace._gitrun import GitRunner
 from asm_node.workspace._hash import HashBackend
 from asm_node.workspace._model import _ID_RE, BACKENDS, _Memory, _not_found, _Snap, _typed_io
-from asm_wire import ConfigError, pb
+from asm_wire import ConfigError, SnapshotBackend, pb
 
 __all__ = ["Backend", "Workspaces"]
 
@@ -25,7 +25,7 @@ class Backend(Protocol):
     def snapshot(self, root: str, label: str) -> _Snap: ...
 
     def recover(self, root: str, snapshot_id: str) -> _Snap:
-        """A snapshot of this backend that is not in memory (or a ``snapshot_not_found`` ConfigError)."""
+        """A snapshot of this backend that is not in memory (or a :class:`~asm_wire.SnapshotNotFound`)."""
         ...
 
     def diff(self, root: str, old: _Snap, new: _Snap | None, max_patch_bytes: int) -> pb.DiffResponse:
@@ -42,9 +42,9 @@ class Workspaces:
                  max_git_snapshots: int = 4096) -> None:
         self.runner = GitRunner(git, git_timeout_s)
         # Git snapshots over the cap are forgotten here only: they are recovered from their ref.
-        self._memory = _Memory({"hash": max_hash_snapshots, "git": max_git_snapshots})
+        self._memory = _Memory({SnapshotBackend.HASH: max_hash_snapshots, SnapshotBackend.GIT: max_git_snapshots})
         self._git = GitBackend(self.runner, self._memory)
-        self._backends: dict[str, Backend] = {"git": self._git, "hash": HashBackend()}
+        self._backends: dict[str, Backend] = {SnapshotBackend.GIT: self._git, SnapshotBackend.HASH: HashBackend()}
 
     @property
     def backends(self) -> Mapping[str, Backend]:
@@ -69,21 +69,21 @@ class Workspaces:
 
     @property
     def max_hash_snapshots(self) -> int:
-        return self._memory.caps["hash"]
+        return self._memory.caps[SnapshotBackend.HASH]
 
     @property
     def max_git_snapshots(self) -> int:
-        return self._memory.caps["git"]
+        return self._memory.caps[SnapshotBackend.GIT]
 
     @_typed_io
     def snapshot(self, cwd: str, backend: str, label: str) -> pb.SnapshotInfo:
         root = self._root(cwd)
-        backend = (backend or "git").strip().lower()
+        backend = (backend or SnapshotBackend.GIT).strip().lower()
         if backend not in BACKENDS:
-            raise ConfigError(f"unknown workspace backend {backend!r} (use one of: git, hash, auto)",
+            raise ConfigError(f"unknown workspace backend {backend!r} (use one of: {', '.join(BACKENDS)})",
                               reason="unknown_backend")
-        if backend == "auto":
-            backend = "git" if self._git.usable(root) else "hash"
+        if backend == SnapshotBackend.AUTO:
+            backend = SnapshotBackend.GIT if self._git.usable(root) else SnapshotBackend.HASH
         snap = self._backends[backend].snapshot(root, label)
         self._memory.remember(snap)
         return snap.info()

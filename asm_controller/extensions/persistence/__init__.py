@@ -59,8 +59,8 @@ History: :func:`replay_session` (a fold) and :func:`rebuild_run` (the real
 :func:`record_events`, :func:`open_recorder` and :func:`replay_file`.
 
 Layout (one job per module): ``_store`` (the :class:`EventStore` contract, :class:`MemoryStore`),
-``_codec`` (the line format: :func:`encode_line`, :func:`decode_line`, :class:`CorruptLine`,
-:func:`sniff_store`), ``_file`` (:class:`FileStore`), ``_writer`` (:class:`AsyncWriter`),
+``_codec`` (the line format: :func:`encode_line`, :func:`decode_line`, :class:`CorruptLine`
+(a :class:`~asm_wire.DecodeError`), :func:`sniff_store`), ``_file`` (:class:`FileStore`), ``_writer`` (:class:`AsyncWriter`),
 ``_replay`` (history and damage reports), ``_recorder`` (the CLI's recording helpers).
 """
 

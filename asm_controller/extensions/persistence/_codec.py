@@ -1,4 +1,4 @@
-"""The on-disk line format, version 1: encode, decode (raising :class:`CorruptLine`) and sniff."""
+"""The on-disk line format, version 1: encode, decode (raising :class:`~asm_wire.DecodeError`) and sniff."""
 
 from __future__ import annotations
 
@@ -9,23 +9,27 @@ import os
 import zlib
 from typing import Final
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError as ProtoDecodeError
 
-from asm_wire import KIND_NAMES, pb
+from asm_wire import DecodeError, kind_name, pb
 
 __all__ = ["FORMAT_VERSION", "CorruptLine", "decode_line", "encode_line", "sniff_store"]
 
 FORMAT_VERSION: Final = 1
 
 
-class CorruptLine(Exception):
-    """A store line that is not a readable record (torn, damaged, or not ours); ``str()`` says why."""
+class CorruptLine(DecodeError):
+    """A store line that is not a readable record (torn, damaged, or not ours); ``message`` says why.
+
+    A :class:`~asm_wire.DecodeError` (kind ``parse_error``, reason ``corrupt_line``: the error
+    table's row), so callers can ``except DecodeError``; it crosses gRPC as a DecodeError.
+    """
 
 
 def encode_line(m: pb.Event) -> bytes:
     """One event as a version-1 line (with its newline)."""
     raw = m.SerializeToString(deterministic=True)
-    kind = KIND_NAMES[m.kind] if 0 <= m.kind < len(KIND_NAMES) else str(int(m.kind))
+    kind = kind_name(m.kind)
     rec = {"v": FORMAT_VERSION, "session_id": m.session_id, "run_id": m.run_id, "id": m.id, "seq": m.seq,
            "kind": kind, "ts": m.timestamp_unix_nano, "crc": zlib.crc32(raw), "pb": base64.b64encode(raw).decode()}
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
@@ -57,7 +61,7 @@ def decode_line(line: bytes) -> pb.Event | int:
         raise CorruptLine("checksum mismatch")
     try:
         msg = pb.Event.FromString(raw)
-    except DecodeError:
+    except ProtoDecodeError:
         raise CorruptLine("invalid protobuf") from None
     if (rec.get("id"), rec.get("session_id"), rec.get("run_id")) != (msg.id, msg.session_id, msg.run_id):
         raise CorruptLine("header does not match the event")

@@ -296,7 +296,7 @@ class FileStore:
                         raise CorruptLine("unterminated last line (torn write)")
                     decoded = decode_line(line[:-1])
                 except CorruptLine as bad:
-                    pending_tail.append(LineProblem(lineno, offset, length, str(bad), "tail"))
+                    pending_tail.append(LineProblem(lineno, offset, length, bad.message, "tail"))
                 else:
                     for p in pending_tail:  # a good line follows: those were in the middle
                         p.where = "middle"

@@ -11,7 +11,7 @@ from asm_controller._events import Event
 from asm_controller._reducer import EventReducer, Result
 from asm_controller.extensions.persistence._file import _MAX_PROBLEMS, FileStore, RecoveryReport
 from asm_controller.extensions.persistence._store import EventStore, _runtime_error
-from asm_wire import KIND_NAMES, AsmError
+from asm_wire import AsmError, EventKind, kind_value
 
 __all__ = ["rebuild_run", "replay_file", "replay_session", "run_damage", "store_damage"]
 
@@ -71,7 +71,7 @@ async def rebuild_run(store: EventStore, run_id: str, session_id: str | None = N
     return (await _rebuild(store, run_id, session_id))[1]
 
 
-_COMPLETED_KIND: Final = KIND_NAMES.index("run_completed")
+_COMPLETED_KIND: Final = kind_value(EventKind.RUN_COMPLETED)
 
 
 def store_damage(report: RecoveryReport | None) -> list[dict[str, Any]]:
