@@ -185,3 +185,20 @@ def test_node_budget_counts_every_live_log_and_trims_the_largest() -> None:
     assert budget.held == small.held_cost and budget.runs == {small}
     _fill(big, 1, 1000)  # appends after close are held but no longer budgeted
     assert budget.held == small.held_cost
+
+
+async def test_a_paused_writer_resumes_only_once_the_backlog_is_down_to_half() -> None:
+    per = len(frame(_event(4000))) + FRAME_OVERHEAD
+    log = _log(max_events=100_000, backlog=1500 * per)
+    follower = log.follow(0)
+    log.append([_event(1)])
+    await anext(follower)  # attached, cursor at 2
+    log.append([_event(i) for i in range(2, 5002)])
+    gate = log.gate()
+    assert gate is not None
+    assert len(_seqs(await anext(follower))) == MAX_BATCH_EVENTS  # 904 left: under the bound, over half
+    assert log.backlog_max_bytes // 2 < log.backlog_bytes <= log.backlog_max_bytes
+    assert log.paused and not gate.done()
+    await anext(follower)
+    assert gate.done() and not log.paused
+    await follower.aclose()
