@@ -6,26 +6,14 @@ until ``detach_grace_s`` passes with nobody attached, and then it is
 interrupted. Every run ends with exactly one ``run_completed`` event, so a
 follower can tell the end of a run from the end of a connection.
 
-Events are stored already serialized, framed as ``EventBatch.events`` entries:
-a batch on the wire is the concatenation of a slice of frames, so replaying or
-fanning out to several followers costs no re-encoding.
-
-Nothing an attached follower has yet to receive is ever evicted. Each follower
-has a cursor; when the frames after the slowest cursor pass
-``backlog_max_bytes``, the stdout pump stops reading (the CLI blocks on its
-pipe) until the followers have taken half of it. What every attached follower
-has received (everything, when nobody is attached) is kept for re-attach up to
-``replay_max_bytes_per_run`` / ``replay_buffer_events`` per run and
-``replay_max_bytes_per_node`` for the node's running runs together (a
-:class:`ReplayBudget`), oldest first out; a re-attach behind that gets
-``replay_gap`` naming the seqs that are gone. Sizes count the frame bytes plus
-:data:`FRAME_OVERHEAD` per event, which is roughly what the node's RSS pays.
+The run's events live in an :class:`~asm_node.eventlog.EventLog` (frames, followers'
+cursors, back-pressure on the stdout pump, the replay bounds and :class:`ReplayBudget`); this
+module stamps each event and supervises the CLI around it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import signal
@@ -33,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from asm_node.eventlog import FRAME_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, EventLog, ReplayBudget
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
 from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
 from asm_wire import (
@@ -59,51 +48,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asm_node.run")
 
-MAX_BATCH_EVENTS = 4096
-MAX_BATCH_BYTES = 1024 * 1024
-#: Memory per held event beyond its frame bytes: the bytes object's header, its list slot and
-#: its running-total int with its slot (CPython 3.11, 64-bit; rounded up to pymalloc sizes).
-FRAME_OVERHEAD = 88
+# The event log's names stay importable from here (they lived in this module).
+__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "ReplayBudget", "Run",
+           "options_from_json"]
+
 #: Lines parsed into events per step: one 256 KiB read of tiny lines is ~128k lines, and their
 #: Event objects all alive at once cost ~100 MB of transient RSS; slices keep that small.
 LINES_PER_EMIT = 4096
 
 _APPROVAL_REQUESTED = kind_value(EventKind.APPROVAL_REQUESTED)
 _ERROR = kind_value(EventKind.ERROR)
-
-
-def _frame(data: bytes) -> bytes:
-    """Encode one serialized Event as field 1 of EventBatch (tag, varint length, bytes)."""
-    n = len(data)
-    if n < 0x80:
-        return b"\n" + bytes((n,)) + data
-    out = bytearray(b"\n")
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + data
-
-
-class ReplayBudget:
-    """Frame bytes (with :data:`FRAME_OVERHEAD`) held by a node's running runs, against one bound.
-
-    Runs add to ``held`` as they emit and take off what they evict or, when they finish, all
-    of theirs (a finished run's frames count against ``retention_max_bytes`` instead).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.runs: set[Run] = set()
-
-    def trim(self) -> None:
-        """Over the bound: the largest runs evict their evictable frames first, down to 3/4 of it."""
-        target = self.limit * 3 // 4
-        for run in sorted(self.runs, key=lambda r: r.held_cost, reverse=True):
-            if self.held <= target:
-                return
-            run._compact(self.held - target)
 
 
 class Run:
@@ -119,9 +73,10 @@ class Run:
         budget: ReplayBudget | None = None,
     ) -> None:
         self.metrics = metrics
-        self._budget = budget
-        if budget is not None:
-            budget.runs.add(self)
+        #: The run's events (frames, followers, back-pressure, replay bounds).
+        self.log = EventLog(spec.run_id, max_events=config.replay_buffer_events,
+                            max_bytes=config.replay_max_bytes_per_run,
+                            backlog_max_bytes=config.backlog_max_bytes, budget=budget)
         #: Events emitted, by kind value (summed into the node's metrics at scrape time).
         self.kind_counts = [0] * len(KIND_NAMES)
         self.counted = False
@@ -143,20 +98,6 @@ class Run:
         self.finished_mono = 0.0
         self.done = False
         self.subscribers = 0
-        # Serialized event frames; frames[i] holds seq base_seq + i.
-        self._frames: list[bytes] = []
-        self._cum: list[int] = []  # running byte total through each frame (for batch sizing)
-        self._base_seq = 1
-        self.last_seq = 0
-        # Next seq each attached follower will send (the slowest one bounds eviction and the backlog).
-        self._cursors: dict[object, int] = {}
-        # Set while the stdout pump waits for followers to catch up.
-        self._paused: asyncio.Future[None] | None = None
-        #: How many times the stdout pump paused for a slow follower (tests, metrics).
-        self.pauses = 0
-        # Set once the CLI is being stopped (interrupt, timeout): its last output is read at once.
-        self._unpaced = False
-        self._waiter: asyncio.Future[None] | None = None
         self._interrupt = asyncio.Event()
         # Why the run was interrupted: the kind and message of its final error event.
         self._interrupt_kind = "user_cancelled"
@@ -174,48 +115,43 @@ class Run:
     # -- events ----------------------------------------------------------------
 
     @property
+    def last_seq(self) -> int:
+        return self.log.last_seq
+
+    @property
     def first_held_seq(self) -> int:
-        return self._base_seq
+        return self.log.first_held_seq
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of serialized event frames held for replay (O(1): from the running totals)."""
-        if not self._cum:
-            return 0
-        return self._cum[-1] - self._cum[0] + len(self._frames[0])
+        """Bytes of serialized event frames held for replay."""
+        return self.log.held_bytes
 
     @property
     def held_cost(self) -> int:
         """What the held frames cost in memory: their bytes plus FRAME_OVERHEAD each."""
-        return self.held_bytes + len(self._frames) * FRAME_OVERHEAD
-
-    def _cost_from(self, seq: int) -> int:
-        """Cost of the held frames from ``seq`` on (all of them when ``seq`` is before the first)."""
-        frames, cum = self._frames, self._cum
-        i = seq - self._base_seq
-        if i <= 0:
-            return self.held_cost
-        if i >= len(frames):
-            return 0
-        return cum[-1] - cum[i - 1] + (len(frames) - i) * FRAME_OVERHEAD
+        return self.log.held_cost
 
     @property
     def backlog_bytes(self) -> int:
         """Cost of the frames the slowest attached follower has yet to send (0 with nobody attached)."""
-        cursors = self._cursors
-        if not cursors:
-            return 0
-        return self._cost_from(min(cursors.values()))
+        return self.log.backlog_bytes
+
+    @property
+    def pauses(self) -> int:
+        """How many times the stdout pump paused for a slow follower (tests, metrics)."""
+        return self.log.pauses
 
     def _emit(self, events: list[pb.Event]) -> None:
+        """Stamp ``events`` (seq, ids, timestamp), note what supervision needs, append them to the log."""
         if not events:
             return
         rid, sid, prov = self.spec.run_id, self.spec.session_id, self.spec.provider
         psid = self.parser.provider_session_id
         ts = time.time_ns()
-        seq = self.last_seq
-        frames, cum, counts = self._frames, self._cum, self.kind_counts
-        total = total0 = cum[-1] if cum else 0
+        seq = self.log.last_seq
+        counts = self.kind_counts
+        datas: list[bytes] = []
         self.last_event_mono = time.monotonic()
         for ev in events:
             counts[ev.kind] += 1
@@ -232,130 +168,28 @@ class Run:
                 self._arm_approval(ev.approval_requested.approval_id)
             elif ev.kind == _ERROR and self.first_error is None and is_failure(ev.error.severity):
                 self.first_error = (ev.error.code, ev.error.domain, ev.error.message)
-            frame = _frame(ev.SerializeToString())
-            frames.append(frame)
-            total += len(frame)
-            cum.append(total)
-        budget = self._budget
-        if budget is not None:
-            budget.held += total - total0 + len(events) * FRAME_OVERHEAD
-        self.last_seq = seq
-        cfg = self.config
-        if len(frames) > 2 * cfg.replay_buffer_events or self.held_cost > cfg.replay_max_bytes_per_run:
-            self._compact()
-        if budget is not None and budget.held > budget.limit:
-            budget.trim()
-        self._wake()
-
-    def _compact(self, node_excess: int = 0) -> None:
-        """Evict the oldest frames every attached follower has sent, past this run's bounds.
-
-        Over a bound, eviction goes down to 3/4 of the byte bound / to ``replay_buffer_events``
-        events (so the O(n) list shift is amortized), and at least ``node_excess`` bytes when the
-        node's budget asks; never past the slowest attached follower's cursor.
-        """
-        frames, cum, cfg = self._frames, self._cum, self.config
-        n = len(frames)
-        if not n:
-            return
-        floor = min(self._cursors.values()) if self._cursors else self.last_seq + 1
-        evictable = min(floor - self._base_seq, n)
-        if evictable <= 0:
-            return
-        cost = self.held_cost
-        need = node_excess
-        if cost > cfg.replay_max_bytes_per_run:
-            need = max(need, cost - cfg.replay_max_bytes_per_run * 3 // 4)
-        drop = n - cfg.replay_buffer_events if n > 2 * cfg.replay_buffer_events else 0
-        if need > 0:
-            start = cum[0] - len(frames[0])
-            # The fewest oldest frames whose cost reaches ``need``.
-            k = bisect.bisect_left(range(n), need, key=lambda j: cum[j] - start + (j + 1) * FRAME_OVERHEAD) + 1
-            drop = max(drop, k)
-        drop = min(drop, evictable)
-        if drop <= 0:
-            return
-        freed = cum[drop - 1] - (cum[0] - len(frames[0])) + drop * FRAME_OVERHEAD
-        del frames[:drop]
-        del cum[:drop]
-        self._base_seq += drop
-        if self._budget is not None:
-            self._budget.held -= freed
-
-    def _stdout_gate(self) -> asyncio.Future[None] | None:
-        """Called by the stdout pump after each chunk: a future to wait on while the backlog is too big."""
-        if not self._cursors or self._unpaced or self.backlog_bytes <= self.config.backlog_max_bytes:
-            return None
-        if self._paused is None:
-            self._paused = asyncio.get_running_loop().create_future()
-            self.pauses += 1
-        return self._paused
-
-    def _unpace(self) -> None:
-        """The CLI is being stopped: read what it wrote to its end, whatever the followers' pace."""
-        self._unpaced = True
-        self._maybe_resume()
-
-    def _maybe_resume(self) -> None:
-        paused = self._paused
-        if paused is not None and (not self._cursors or self._unpaced
-                                   or self.backlog_bytes <= self.config.backlog_max_bytes // 2):
-            self._paused = None
-            if not paused.done():
-                paused.set_result(None)
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _changed(self) -> asyncio.Future[None]:
-        # Shared by every follower, so each awaits it through shield(): a follower
-        # that is cancelled (its client went away) must not cancel it for the rest.
-        if self._waiter is None or self._waiter.done():
-            self._waiter = asyncio.get_running_loop().create_future()
-        return asyncio.shield(self._waiter)
+            datas.append(ev.SerializeToString())
+        self.log.append(datas)
 
     async def follow(self, after_seq: int) -> AsyncIterator[bytes]:
-        """Serialized EventBatch frames with every event after ``after_seq``, live until the run ends."""
+        """Serialized EventBatch frames with every event after ``after_seq``, live until the run ends.
+
+        While someone follows, the run is attached (no detach timer); the last one to leave arms it.
+        """
         self.subscribers += 1
         if self._detach_timer is not None:
             self._detach_timer.cancel()
             self._detach_timer = None
-        token = object()
-        cursors = self._cursors
         try:
-            nxt = after_seq + 1
-            cursors[token] = nxt
-            while True:
-                if nxt <= self.last_seq:
-                    if nxt < self._base_seq:
-                        if self.metrics is not None:
-                            self.metrics.overflows.labels("replay").inc()
-                        cfg = self.config
-                        raise ReplayGap(
-                            f"events {nxt}..{self._base_seq - 1} of run {self.spec.run_id} are no longer held "
-                            f"(evicted for re-attach; held now: {self._base_seq}..{self.last_seq}; the node keeps "
-                            f"{cfg.replay_max_bytes_per_run} bytes / {cfg.replay_buffer_events} events per run)"
-                        )
-                    i = nxt - self._base_seq
-                    end = min(len(self._frames), i + MAX_BATCH_EVENTS)
-                    start_bytes = self._cum[i - 1] if i else 0
-                    j = bisect.bisect_right(self._cum, start_bytes + MAX_BATCH_BYTES, i, end)
-                    j = max(j, i + 1)  # always make progress, even with one huge event
-                    data = b"".join(self._frames[i:j])
-                    nxt += j - i
-                    cursors[token] = nxt
-                    if self._paused is not None:
-                        self._maybe_resume()
+            # aclosing: the log's cursor must go the moment this follower does (it bounds back-pressure).
+            async with contextlib.aclosing(self.log.follow(after_seq)) as batches:
+                async for data in batches:
                     yield data
-                    continue
-                if self.done:
-                    return
-                await self._changed()
+        except ReplayGap:
+            if self.metrics is not None:
+                self.metrics.overflows.labels("replay").inc()
+            raise
         finally:
-            del cursors[token]
-            self._maybe_resume()
             self.subscribers -= 1
             if self.subscribers == 0 and not self.done:
                 self._arm_detach()
@@ -384,7 +218,7 @@ class Run:
             return not self.done
         self._interrupt_kind, self._interrupt_message = kind, message
         self._interrupt.set()
-        self._unpace()
+        self.log.stop_pacing()
         # Nobody will answer a pending approval of an interrupted run: resolve it now.
         for approval_id in list(self._approvals):
             self._resolve_approval_now(approval_id, Decision.DENY, "interrupted")
@@ -440,7 +274,7 @@ class Run:
             provider=self.spec.provider,
             status=run_status_value(self.status),
             last_seq=self.last_seq,
-            first_held_seq=self._base_seq,
+            first_held_seq=self.log.first_held_seq,
             pid=self.pid,
             exit_code=self.exit_code,
             subscribers=self.subscribers,
@@ -545,11 +379,7 @@ class Run:
         # process handle served the run that just ended, and the node may hold many runs.
         self._stderr_tail = bytearray()
         self._proc = None
-        budget, self._budget = self._budget, None
-        if budget is not None:  # from now on its frames count against the finished runs' retention
-            budget.held -= self.held_cost
-            budget.runs.discard(self)
-        self._wake()
+        self.log.close()  # its frames leave the node's replay budget for the finished runs' retention
         self._on_finished(self)
 
     async def main(self) -> None:
@@ -583,7 +413,7 @@ class Run:
         assert proc.stdout is not None and proc.stderr is not None
         stdout_task = asyncio.create_task(
             pump(proc.stdout, LineReader(self.config.line_cap_bytes, self._on_lines, self._on_overflow),
-                 lambda: self.parser.terminal, self._stdout_gate)
+                 lambda: self.parser.terminal, self.log.gate)
         )
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
         wait_task = asyncio.create_task(leader_exited(proc))
@@ -600,7 +430,7 @@ class Run:
             elif not done:
                 end = "timeout"
             if end != "exit":
-                self._unpace()
+                self.log.stop_pacing()
                 await terminate_group(proc, escalation)
             elif wait_task not in done:
                 # stdout ended (EOF, or the parser saw the terminal event): let the CLI exit by itself.
@@ -620,9 +450,9 @@ class Run:
             # What the CLI wrote before exiting is read to its end: 5 s, not counting time the pump
             # waits for a follower to catch up (an interrupt or the last detach releases that wait).
             while not stdout_task.done():
-                pauses = self.pauses
+                pauses = self.log.pauses
                 await asyncio.wait({stdout_task}, timeout=5.0)
-                if self._paused is None and self.pauses == pauses:
+                if not self.log.paused and self.log.pauses == pauses:
                     break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 2.0)
