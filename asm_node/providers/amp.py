@@ -8,6 +8,7 @@ on Claude captures relabelled as Amp (see docs/providers.md).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -87,6 +88,16 @@ class AmpParser(ClaudeParser):
 
 class AmpProvider(CliProvider):
     name = "amp"
+    #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = {
+            "streaming": (True, "Claude-compatible --stream-json"),
+            "tools": (True, "tool_use / tool_result"),
+            "resume": (True, "amp threads continue <thread_id>"),
+            "interrupt": (True, "SIGINT to the process group"),
+            "cost": (True, "usage from the stream"),
+            "approvals": (False, "--execute mode never prompts"),
+            "ollama": (False, "not supported by Amp"),
+    }
     display_name = "Amp CLI"
     env_var = "AMP_CLI_PATH"
     path_candidates = ("amp",)

@@ -16,7 +16,8 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from asm_wire import ConfigError, EventKind, PermissionMode, choices, kind_value, pb
 
@@ -95,6 +96,9 @@ class Provider(ABC):
     name: str
     display_name: str
     env_var: str = ""
+    #: Common features ("streaming", "tools", "resume", "interrupt", "cost", "approvals", "ollama"):
+    #: supported?, and how. Each provider declares them next to the code that implements them.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = MappingProxyType({})
 
     @abstractmethod
     def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -197,6 +198,17 @@ class ClaudeParser(JsonLineParser):
 
 class ClaudeProvider(CliProvider):
     name = "claude"
+    #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = {
+            "streaming": (True, "--include-partial-messages text deltas"),
+            "tools": (True, "tool_use / tool_result from assistant and user lines"),
+            "resume": (True, "--resume=<session_id>, or --continue for the latest"),
+            "interrupt": (True, "SIGINT to the process group; the session stays resumable"),
+            "cost": (True, "usage and total_cost_usd from the result line"),
+            "approvals": (True, "option approvals=true: --permission-prompt-tool stdio, asm asks and writes the answer back; "
+                          "otherwise the permission mode decides"),
+            "ollama": (True, "ANTHROPIC_BASE_URL/AUTH_TOKEN pointed at Ollama"),
+    }
     display_name = "Claude CLI"
     env_var = "CLAUDE_CLI_PATH"
     path_candidates = ("claude-code", "claude")

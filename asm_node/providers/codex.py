@@ -11,6 +11,7 @@ and ends with ``turn.completed{usage}`` or ``turn.failed{error}``; top-level
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -127,6 +128,16 @@ class CodexParser(JsonLineParser):
 
 class CodexProvider(CliProvider):
     name = "codex"
+    #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = {
+            "streaming": (True, "item events; agent messages arrive whole"),
+            "tools": (True, "command_execution, file_change, mcp_tool_call, web_search, todo_list"),
+            "resume": (True, "exec resume <thread_id>, or exec resume --last"),
+            "interrupt": (True, "SIGINT to the process group; the thread stays resumable"),
+            "cost": (True, "usage from turn.completed, priced with the table"),
+            "approvals": (False, "codex exec never prompts"),
+            "ollama": (True, "--oss with model_provider ollama"),
+    }
     display_name = "Codex CLI"
     env_var = "CODEX_PATH"
     path_candidates = ("codex",)

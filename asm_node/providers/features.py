@@ -14,55 +14,6 @@ from asm_node.providers import build_providers
 from asm_node.providers._cli import CliProvider
 from asm_wire import PermissionMode, choices
 
-# Common features: supported?, and how (notes shown to users).
-_FEATURES: dict[str, dict[str, tuple[bool, str]]] = {
-    "claude": {
-        "streaming": (True, "--include-partial-messages text deltas"),
-        "tools": (True, "tool_use / tool_result from assistant and user lines"),
-        "resume": (True, "--resume=<session_id>, or --continue for the latest"),
-        "interrupt": (True, "SIGINT to the process group; the session stays resumable"),
-        "cost": (True, "usage and total_cost_usd from the result line"),
-        "approvals": (False, "--print mode never prompts; the permission mode decides"),
-        "ollama": (True, "ANTHROPIC_BASE_URL/AUTH_TOKEN pointed at Ollama"),
-    },
-    "codex": {
-        "streaming": (True, "item events; agent messages arrive whole"),
-        "tools": (True, "command_execution, file_change, mcp_tool_call, web_search, todo_list"),
-        "resume": (True, "exec resume <thread_id>, or exec resume --last"),
-        "interrupt": (True, "SIGINT to the process group; the thread stays resumable"),
-        "cost": (True, "usage from turn.completed, priced with the table"),
-        "approvals": (False, "codex exec never prompts"),
-        "ollama": (True, "--oss with model_provider ollama"),
-    },
-    "gemini": {
-        "streaming": (True, "assistant message deltas"),
-        "tools": (True, "tool_use / tool_result"),
-        "resume": (True, "--resume=<session_id> or --resume=latest"),
-        "interrupt": (True, "SIGINT to the process group"),
-        "cost": (True, "stats from the result line, priced with the table"),
-        "approvals": (False, "headless mode never prompts; --approval-mode / --yolo decide"),
-        "ollama": (False, "not supported by the Gemini CLI"),
-    },
-    "amp": {
-        "streaming": (True, "Claude-compatible --stream-json"),
-        "tools": (True, "tool_use / tool_result"),
-        "resume": (True, "amp threads continue <thread_id>"),
-        "interrupt": (True, "SIGINT to the process group"),
-        "cost": (True, "usage from the stream"),
-        "approvals": (False, "--execute mode never prompts"),
-        "ollama": (False, "not supported by Amp"),
-    },
-    "shell": {
-        "streaming": (True, "one assistant_delta per stdout line"),
-        "tools": (False, ""),
-        "resume": (False, ""),
-        "interrupt": (True, "SIGINT to the process group"),
-        "cost": (False, ""),
-        "approvals": (False, ""),
-        "ollama": (False, ""),
-    },
-}
-
 
 def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
     providers = build_providers(config or NodeConfig())
@@ -92,7 +43,7 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
         "display_name": p.display_name,
         "env_var": p.env_var,
         "permission_modes": modes,
-        "common_features": {k: {"supported": s, "notes": n} for k, (s, n) in _FEATURES[name].items()},
+        "common_features": {k: {"supported": s, "notes": n} for k, (s, n) in p.features.items()},
         "options": options,
         #: Who may set what: any client / a run only with `--allow-run-option NAME` / never a run.
         "client_options": client_options,
@@ -102,4 +53,5 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
 
 
 def manifests(config: NodeConfig | None = None) -> list[dict[str, Any]]:
-    return [manifest(n, config) for n in ("claude", "codex", "gemini", "amp", "shell")]
+    """Every provider's manifest, in the registry's order (each provider declares its own features)."""
+    return [manifest(n, config) for n in build_providers(config or NodeConfig())]

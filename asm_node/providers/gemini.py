@@ -9,6 +9,7 @@ auth settings, 55 untrusted folder, 145 after an HTTP 401, 244 after an HTTP 500
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -99,6 +100,16 @@ class GeminiParser(JsonLineParser):
 
 class GeminiProvider(CliProvider):
     name = "gemini"
+    #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = {
+            "streaming": (True, "assistant message deltas"),
+            "tools": (True, "tool_use / tool_result"),
+            "resume": (True, "--resume=<session_id> or --resume=latest"),
+            "interrupt": (True, "SIGINT to the process group"),
+            "cost": (True, "stats from the result line, priced with the table"),
+            "approvals": (False, "headless mode never prompts; --approval-mode / --yolo decide"),
+            "ollama": (False, "not supported by the Gemini CLI"),
+    }
     display_name = "Gemini CLI"
     env_var = "GEMINI_CLI_PATH"
     path_candidates = ("gemini",)

@@ -34,7 +34,7 @@ import shlex
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from asm_node.config import DEFAULT_SHELL_CONFINED, NodeConfig
 from asm_node.providers.base import (
@@ -129,6 +129,16 @@ def _fixed_path(path: str) -> str:
 
 class ShellProvider(Provider):
     name = "shell"
+    #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
+    features: ClassVar[Mapping[str, tuple[bool, str]]] = {
+            "streaming": (True, "one assistant_delta per stdout line"),
+            "tools": (False, ""),
+            "resume": (False, ""),
+            "interrupt": (True, "SIGINT to the process group"),
+            "cost": (False, ""),
+            "approvals": (False, ""),
+            "ollama": (False, ""),
+    }
     display_name = "Shell"
 
     def __init__(
