@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from typing import Any
 
 from asm_controller._client import RemoteNode
-from asm_controller._connector import EmbeddedNode, NodeTarget
+from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget
 from asm_controller._events import Event
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import Checkpoint, RunOptions
@@ -244,6 +244,16 @@ class Session:
             raise ConfigError(f"after_seq must be an integer from 0 to 2**63-1, not {after_seq!r}")
         opts = self.defaults.merged({"node": node, **({"provider": provider} if provider else {})})
         return RunStream(self, "", opts, run_id, attach=True, after_seq=after_seq)
+
+    async def connect(self, target: NodeTarget | None = None) -> NodeHandle:
+        """The node's handle (connected, handshaken, compatible), through the session's pool; the
+        session's first node when no target is given. Typed errors (NodeUnreachable, ...)."""
+        if target is None:
+            nodes = self.defaults.nodes
+            if not nodes:
+                raise ConfigError("no node to connect to: give the session (or this call) a node")
+            target = nodes[0]
+        return await self.pool.handle(target)
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Routing health per node (healthy / degraded / unhealthy) and the node's liveness."""
