@@ -11,7 +11,7 @@
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
 3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
-the run (node_draining, node_shutdown: retry elsewhere); 5 no such run (asm attach: not_found);
+the run (node_draining, node_shutdown: retry elsewhere); 5 no such run (asm attach, asm replay: not_found);
 130 interrupted (Ctrl-C; asm attach: detached, the run goes on).
 A user mistake prints one ``asm: error: ...`` line, never a traceback.
 

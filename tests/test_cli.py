@@ -196,4 +196,4 @@ def test_record_then_replay_prints_the_same_result_summary(node_process: Callabl
     missing = asm("replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and missing.stderr.startswith("asm: error:") and "Traceback" not in missing.stderr
     unknown = asm("replay", str(store), "--run", "no-such-run")
-    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert unknown.returncode == 5 and "Traceback" not in unknown.stderr  # no such run (not_found)

@@ -34,7 +34,7 @@ from asm_controller.extensions.persistence import (
 from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, GeminiProvider, RunSpec
 from asm_node.providers._cli import CliProvider
 from asm_node.providers.base import ExitInfo
-from asm_wire import KIND_NAMES, AsmError, ConfigError, pb
+from asm_wire import KIND_NAMES, AsmError, ConfigError, RunNotFound, pb
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "cli"  # recorded by scripts/record_fixtures.py: no test reads outside the repo
@@ -660,7 +660,8 @@ async def test_rebuild_feeds_the_reducer_in_seq_order(store: EventStore) -> None
 async def test_rebuild_of_an_unknown_or_ambiguous_run_is_a_typed_error(store: EventStore) -> None:
     with pytest.raises(AsmError) as exc:
         await rebuild_run(store, "nope")
-    assert (exc.value.kind, exc.value.domain, exc.value.reason) == ("unknown", "runtime", "run_not_found")
+    assert (exc.value.kind, exc.value.domain, exc.value.reason) == ("not_found", "runtime", "run_not_found")
+    assert isinstance(exc.value, RunNotFound)
     assert "'nope'" in exc.value.message
     await store.append([mk("run_started", 1, session="a"), mk("run_started", 1, session="b")])
     with pytest.raises(AsmError) as exc:
@@ -678,7 +679,7 @@ async def test_replay_session_wraps_store_failures() -> None:
 
     with pytest.raises(AsmError) as exc:
         await replay_session(Broken(), "s", 0, lambda a, _: a)
-    assert exc.value.kind == "unknown" and isinstance(exc.value.__cause__, ValueError)
+    assert exc.value.kind == "runtime" and isinstance(exc.value.__cause__, ValueError)
 
 
 async def test_replay_file_picks_the_last_run_and_reports_clear_errors(tmp_path: Path) -> None:
@@ -710,7 +711,7 @@ async def test_replay_file_picks_the_last_run_and_reports_clear_errors(tmp_path:
     assert exc.value.reason == "session_not_found" and "a, b" in exc.value.message
     with pytest.raises(AsmError) as exc:
         await replay_file(path, run_id="r9")
-    assert exc.value.reason == "run_not_found" and exc.value.kind == "unknown"
+    assert exc.value.reason == "run_not_found" and exc.value.kind == "not_found"
     with pytest.raises(AsmError) as exc:
         await replay_file(path, session_id="b", run_id="r1")
     assert exc.value.reason == "run_not_found"

@@ -11,7 +11,7 @@ from asm_controller._events import Event
 from asm_controller._reducer import EventReducer, Result
 from asm_controller.extensions.persistence._file import _MAX_PROBLEMS, FileStore, RecoveryReport
 from asm_controller.extensions.persistence._store import EventStore, _runtime_error
-from asm_wire import AsmError, EventKind, kind_value
+from asm_wire import AsmError, EventKind, RunNotFound, kind_value, make_error
 
 __all__ = ["rebuild_run", "replay_file", "replay_session", "run_damage", "store_damage"]
 
@@ -45,7 +45,7 @@ async def _rebuild(store: EventStore, run_id: str, session_id: str | None) -> tu
         raise _runtime_error(f"rebuild_run failed: {type(exc).__name__}: {exc}", "store_read_failed", exc) from exc
     where = f" of session {session_id!r}" if session_id is not None else ""
     if not events:
-        raise _runtime_error(f"run {run_id!r}{where} not found in the event store", "run_not_found")
+        raise RunNotFound(f"run {run_id!r}{where} not found in the event store")
     sids = list(dict.fromkeys(e.session_id for e in events))
     if len(sids) > 1:
         raise _runtime_error(f"run {run_id!r} is in several sessions ({', '.join(map(repr, sids))}); "
@@ -64,7 +64,7 @@ async def rebuild_run(store: EventStore, run_id: str, session_id: str | None = N
     Text, cost, stop reason, error, status, event count and ``duration_ms`` (from
     the events' own timestamps) equal the live Result's; the controller-side
     ``metadata`` (node, attempts) is not in the events and is not rebuilt.
-    Raises AsmError kind ``unknown`` (reason ``run_not_found``) for a run the store
+    Raises RunNotFound (kind ``not_found``, reason ``run_not_found``) for a run the store
     does not hold, and (``run_ambiguous``) when the id is in several sessions and
     no ``session_id`` is given.
     """
@@ -118,8 +118,9 @@ async def replay_file(path: str | os.PathLike[str], session_id: str | None = Non
 
     The file is opened read-only (no lock, nothing truncated), so a file being
     recorded can be replayed. Errors are AsmError: a missing file is a ConfigError
-    (``config_invalid``); an empty store, an unknown session or run are kind
-    ``unknown`` (reasons ``store_empty``, ``session_not_found``, ``run_not_found``).
+    (``config_invalid``); an unknown session or run is kind ``not_found`` (reasons
+    ``session_not_found``; ``run_not_found``, class RunNotFound), an empty store kind
+    ``runtime`` (reason ``store_empty``).
 
     Damage is never silent: a Result whose record is incomplete gets
     ``metadata["damage"]``, a list of :func:`store_damage` entries (the file's torn
@@ -133,7 +134,8 @@ async def replay_file(path: str | os.PathLike[str], session_id: str | None = Non
             raise _runtime_error(f"event store {p} holds no events", "store_empty")
         if session_id is not None and session_id not in sessions:
             known = ", ".join(sessions[-10:])
-            raise _runtime_error(f"session {session_id!r} is not in {p} (sessions: {known})", "session_not_found")
+            raise make_error("not_found", "runtime", f"session {session_id!r} is not in {p} (sessions: {known})",
+                             reason="session_not_found")
         if run_id is not None:
             runs = [await _rebuild(store, run_id, session_id)]
         elif session_id is not None:

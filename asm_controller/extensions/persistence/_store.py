@@ -21,7 +21,8 @@ def _copy(ev: Event) -> Event:
 
 
 def _runtime_error(message: str, reason: str = "", cause: BaseException | None = None) -> AsmError:
-    err = AsmError(message, kind="unknown", domain="runtime", reason=reason)
+    # "runtime": the store failed (unknown means unclassified, and maps to gRPC UNKNOWN).
+    err = AsmError(message, kind="runtime", domain="runtime", reason=reason)
     if cause is not None:
         err.__cause__ = cause
     return err
