@@ -15,6 +15,7 @@ without a store keeps its runs in memory only.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -49,9 +50,6 @@ class NullRegistry:
 
     durable = False
 
-    async def record_new(self, run: Run) -> None:
-        return None
-
     async def placing(self, run: Run, handle: NodeHandle) -> None:
         return None
 
@@ -79,11 +77,6 @@ class StoreRegistry:
     def __init__(self, store: RunStore, writer: StoreWriter | None = None) -> None:
         self.store = store
         self.writer = writer if writer is not None else StoreWriter(store)
-
-    async def record_new(self, run: Run) -> None:
-        # Nothing yet: the record is created with its first node in one commit (placing), still before
-        # any StartRun leaves. A run no node would take was never anywhere and is not recorded.
-        return None
 
     async def placing(self, run: Run, handle: NodeHandle) -> None:
         """Durable before StartRun is sent: a controller killed right after knows where the run may be."""
@@ -149,8 +142,6 @@ def _live_fields(run: Run) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     """The summary as plain JSON (metadata may hold tuples or other non-JSON values)."""
-    import json
-
     return json.loads(json.dumps(value, default=str))
 
 

@@ -223,9 +223,8 @@ class Run:
             if self.attach:
                 handle, batches, first = await self._attach_existing()
             else:
-                # Recorded before anything is sent (with the node it goes to, see _admit): a restarted
-                # controller knows of it and never runs it twice.
-                await self.host.registry.record_new(self)
+                # Recorded with the node it goes to before anything is sent (registry.placing in
+                # _admit): a restarted controller knows of it and never runs it twice.
                 handle, batches, first = await self._admit(self._request)
                 self._stamp(first)
             while True:

@@ -684,43 +684,13 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
-_CTL_READY = re.compile(r"listening on \S+ \(port (\d+)\)")
-
-
-def start_controller(workdir: Path, *args: str, listen: str = "127.0.0.1:0", timeout: float = 20.0
-                     ) -> tuple[subprocess.Popen[bytes], int]:
-    """``asm controller serve`` as a child process (stopped by its PID by the caller); its port."""
-    log_path = workdir / f"controller-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", listen, *args],
-                                stdout=subprocess.DEVNULL, stderr=log, cwd=str(workdir),
-                                env={**os.environ, "XDG_STATE_HOME": str(workdir / "xdg")})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = _CTL_READY.search(log_path.read_text(errors="replace"))
-        if match:
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            raise RuntimeError(f"controller exited early: {log_path.read_text(errors='replace')}")
-        time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError("controller did not become ready")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any) -> dict[str, Any]:
     """Controller restart -> next event at the following client; throughput through a controller by registry."""
+    from asm_node.testing import serve_controller
+
     extra = ["--shell-allow", os.path.basename(sys.executable)]
     out: dict[str, Any] = {"restart": [], "through": {}}
+    env = {"XDG_STATE_HOME": str(workdir / "xdg")}
     node = NodeProcess(workdir, extra=extra)
     node.start()
     try:
@@ -730,7 +700,7 @@ async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any)
                 sock.bind(("127.0.0.1", 0))
                 port = int(sock.getsockname()[1])
             state = f"sqlite:///{workdir / f'ctl-{i}.sqlite3'}"
-            ctl, _ = start_controller(workdir, "--node", node_addr, "--state", state, listen=f"127.0.0.1:{port}")
+            ctl = serve_controller(workdir, "--node", node_addr, "--state", state, listen=f"127.0.0.1:{port}", env=env)
             try:
                 async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=live)) as s:
                     stream = s.stream(_ticker(300, 0.01))
@@ -744,25 +714,26 @@ async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any)
                             assert restarted_at is not None
                             gap = (now - killed_at, now - restarted_at)
                         if killed_at is None and len(seqs) == 30:
-                            ctl.send_signal(signal.SIGKILL)
-                            ctl.wait()
+                            ctl.proc.send_signal(signal.SIGKILL)
+                            ctl.proc.wait()
                             killed_at = time.perf_counter()
-                            ctl, _ = start_controller(workdir, "--node", node_addr, "--state", state,
-                                                      listen=f"127.0.0.1:{port}")
+                            ctl = serve_controller(workdir, "--node", node_addr, "--state", state,
+                                                   listen=f"127.0.0.1:{port}", env=env)
                             restarted_at = time.perf_counter()
                     once = seqs == list(range(1, len(seqs) + 1))
                     ok = bool(stream.result and stream.result.ok)
                     if gap is not None:
                         out["restart"].append((*gap, once and ok))
             finally:
-                _stop(ctl)
+                ctl.stop()
         # The cost of the durable registry: one run's events through a controller, memory vs SQLite.
         n = 100_000 if not args.quick else 20_000
         path = workdir / "through.jsonl"
         write_jsonl(path, n)
         for name in ("memory", "sqlite"):
             state = "memory:" if name == "memory" else f"sqlite:///{workdir / 'through.sqlite3'}"
-            ctl, port = start_controller(workdir, "--node", node_addr, "--state", state)
+            ctl = serve_controller(workdir, "--node", node_addr, "--state", state, env=env)
+            port = ctl.port
             try:
                 async with Session("shell", node=RemoteNode(f"127.0.0.1:{port}", liveness=live)) as s:
                     # Start latency through the controller: the registry records every run (durably for
@@ -782,7 +753,7 @@ async def controller_figures(args: argparse.Namespace, workdir: Path, live: Any)
                         count += 1
                     out["through"][name] = count / (time.perf_counter() - t0)
             finally:
-                _stop(ctl)
+                ctl.stop()
     finally:
         node.stop()
     return out
