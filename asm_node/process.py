@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import BinaryIO
 
 log = logging.getLogger("asm_node.process")
 
@@ -478,6 +479,9 @@ async def terminate_cgroup(path: str, grace: float) -> None:
 # Spawned by path (``python -I <path>``), not ``-m asm_node._reaper``: -m would import the asm_node
 # package (grpc, pydantic, ...) from a sys.path the isolated child must not trust; the script needs only
 # the standard library. That is why asm_node/_reaper.py is a runnable module with a __main__ block.
+#: Registrations written into a new watchdog's pipe before it starts (well under Linux's 64 KiB buffer).
+_PIPE_AHEAD_BYTES = 32 * 1024
+
 _REAPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
 
 
@@ -494,6 +498,7 @@ class Reaper:
 
     def __init__(self, cgroups: bool = True) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stdin: BinaryIO | None = None
         self._groups: dict[int, str | None] = {}
         self._want_cgroups = cgroups
         self.cgroups: Cgroups | None = None
@@ -510,11 +515,35 @@ class Reaper:
         argv = [sys.executable, "-I", _REAPER_SCRIPT]
         if self.cgroups is not None:
             argv.append(self.cgroups.root)
-        # Its own session: a signal to the agent's group must not reach it.
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-            cwd="/", env={"PATH": os.environ.get("PATH") or os.defpath, "LC_ALL": "C"},
-        )
+        # The live groups are in the pipe before the watchdog exists: a restarted watchdog knows every
+        # group from its first instant, so an agent killed right after the restart still has its CLIs
+        # killed. Only what fits the pipe's buffer is written ahead (a blocking write with no reader
+        # would hang); the rest follows once it runs.
+        read_fd, write_fd = os.pipe()
+        lines = [self._line(pgid, cgroup) for pgid, cgroup in self._groups.items()]
+        ahead, size = 0, 0
+        for line in lines:
+            if size + len(line) > _PIPE_AHEAD_BYTES:
+                break
+            ahead, size = ahead + 1, size + len(line)
+        stdin = os.fdopen(write_fd, "wb")
+        try:
+            if ahead:
+                stdin.write(b"".join(lines[:ahead]))
+                stdin.flush()
+            # Its own session: a signal to the agent's group must not reach it.
+            self._proc = subprocess.Popen(
+                argv, stdin=read_fd, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                cwd="/", env={"PATH": os.environ.get("PATH") or os.defpath, "LC_ALL": "C"},
+            )
+        except BaseException:
+            stdin.close()
+            raise
+        finally:
+            os.close(read_fd)
+        self._stdin = stdin
+        for line in lines[ahead:]:
+            self._write(line)
 
     @property
     def pid(self) -> int | None:
@@ -531,32 +560,38 @@ class Reaper:
         proc, self._proc = self._proc, None
         self.failures += 1
         status = proc.poll() if proc is not None else None
-        if proc is not None and proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
+        self._close_stdin()
         log.error("reaper watchdog%s died (status %s): CLIs would outlive a crash of the agent; restarting it "
                   "with %d live group(s)", f" {proc.pid}" if proc else "", status, len(self._groups))
         try:
-            self._spawn()
+            self._spawn()  # with every live group
         except OSError as exc:
             log.error("cannot restart the reaper watchdog: %s", exc)
             return False
-        for pgid, cgroup in list(self._groups.items()):
-            self._send(pgid, cgroup)
         return self.up
 
+    def _close_stdin(self) -> None:
+        stdin, self._stdin = self._stdin, None
+        if stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stdin.close()
+
     def _write(self, line: bytes) -> bool:
-        if self._proc is None or self._proc.stdin is None:
+        if self._stdin is None:
             return False
         try:
-            self._proc.stdin.write(line)
-            self._proc.stdin.flush()
+            self._stdin.write(line)
+            self._stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             return False
         return True
 
+    @staticmethod
+    def _line(pgid: int, cgroup: str | None) -> bytes:
+        return b"+%d %s\n" % (pgid, os.fsencode(cgroup)) if cgroup else b"+%d\n" % pgid
+
     def _send(self, pgid: int, cgroup: str | None) -> bool:
-        return self._write(b"+%d %s\n" % (pgid, os.fsencode(cgroup)) if cgroup else b"+%d\n" % pgid)
+        return self._write(self._line(pgid, cgroup))
 
     def new_cgroup(self) -> str | None:
         """A cgroup for the next run, or None (no cgroup tracking on this node)."""
@@ -584,10 +619,8 @@ class Reaper:
     def stop(self) -> None:
         self._stopped = True
         proc, self._proc = self._proc, None
+        self._close_stdin()
         if proc is not None:
-            with contextlib.suppress(OSError, ValueError):
-                if proc.stdin:
-                    proc.stdin.close()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -266,6 +266,33 @@ async def test_processes_that_escape_with_setsid_die_with_a_killed_agent(
     await session.stop()
 
 
+def test_a_restarted_watchdog_knows_the_groups_from_its_first_instant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent killed right after it restarted a dead watchdog (before it wrote any line to the
+    new one) still has its CLIs killed: the live groups are in the pipe before the watchdog starts."""
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    reaper = Reaper(cgroups=False)
+    reaper.start()
+    try:
+        reaper.track(victim.pid)
+        first = reaper.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: not reaper.up, 5.0)
+        # The agent dies the instant the new watchdog exists: nothing it would write afterwards
+        # reaches the watchdog, and its end of the pipe closes (EOF, as at a SIGKILL).
+        monkeypatch.setattr(Reaper, "_write", lambda self, line: False)
+        reaper.check()
+        monkeypatch.undo()
+        reaper._close_stdin()
+        assert reaper.pid != first
+        assert wait_until(lambda: victim.poll() is not None, 10.0), "the CLI outlived the agent"
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+        reaper.stop()
+
+
 def test_reaper_without_cgroups_tracks_groups_only() -> None:
     reaper = Reaper(cgroups=False)
     reaper.start()
