@@ -86,6 +86,7 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    QUEUED = "queued"  # controller only: in the fleet queue
 
 
 #: The statuses a run ends with (``RunCompleted.status``): it will not change again.

@@ -133,6 +133,8 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     RUN_STATUS_COMPLETED: _RunStatus.ValueType  # 3
     RUN_STATUS_FAILED: _RunStatus.ValueType  # 4
     RUN_STATUS_INTERRUPTED: _RunStatus.ValueType  # 5
+    RUN_STATUS_QUEUED: _RunStatus.ValueType  # 6
+    """controller only: waiting in the fleet queue for a node"""
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper): ...
 
@@ -142,6 +144,8 @@ RUN_STATUS_RUNNING: RunStatus.ValueType  # 2
 RUN_STATUS_COMPLETED: RunStatus.ValueType  # 3
 RUN_STATUS_FAILED: RunStatus.ValueType  # 4
 RUN_STATUS_INTERRUPTED: RunStatus.ValueType  # 5
+RUN_STATUS_QUEUED: RunStatus.ValueType  # 6
+"""controller only: waiting in the fleet queue for a node"""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 @_typing.final
@@ -1146,6 +1150,8 @@ class StartRunRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     APPROVAL_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """chosen by the caller; an existing id attaches"""
     session_id: _builtins.str
@@ -1159,6 +1165,12 @@ class StartRunRequest(_message.Message):
     after_seq: _builtins.int
     """when attaching: replay events after this seq"""
     approval_timeout_ms: _builtins.int
+    priority: _builtins.int
+    """Controller only: when no node can take the run now it waits in the fleet queue, FIFO within a
+    priority (higher first; default 0, range -1000..1000). A node ignores both fields.
+    """
+    queue_timeout_ms: _builtins.int
+    """Controller only: a run still queued after this long ends with error queue_timeout; 0 = no bound."""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """merged only for keys the node allows"""
@@ -1176,10 +1188,12 @@ class StartRunRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         after_seq: _builtins.int = ...,
         approval_timeout_ms: _builtins.int = ...,
+        priority: _builtins.int = ...,
+        queue_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "approval_timeout_ms", b"approval_timeout_ms", "cwd", b"cwd", "env", b"env", "options_json", b"options_json", "permission_mode", b"permission_mode", "prompt", b"prompt", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "approval_timeout_ms", b"approval_timeout_ms", "cwd", b"cwd", "env", b"env", "options_json", b"options_json", "permission_mode", b"permission_mode", "priority", b"priority", "prompt", b"prompt", "provider", b"provider", "queue_timeout_ms", b"queue_timeout_ms", "run_id", b"run_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1348,6 +1362,11 @@ class RunInfo(_message.Message):
     CWD_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    QUEUED_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     session_id: _builtins.str
     provider: _builtins.str
@@ -1365,6 +1384,14 @@ class RunInfo(_message.Message):
     """the principal that started the run (see README "Security")"""
     node: _builtins.str
     """Where the run is: a controller fills in the node's address; a node leaves it empty."""
+    priority: _builtins.int
+    """Controller only: the run's queue priority, and while queued its 1-based place in the fleet queue."""
+    queue_position: _builtins.int
+    replica: _builtins.str
+    """Controller only: the replica whose lease follows the run (empty when none does)."""
+    queued_unix_nano: _builtins.int
+    result_json: _builtins.str
+    """Controller only: the run's Result summary as JSON once it has ended (empty before)."""
     def __init__(
         self,
         *,
@@ -1382,10 +1409,15 @@ class RunInfo(_message.Message):
         cwd: _builtins.str = ...,
         owner: _builtins.str = ...,
         node: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        queue_position: _builtins.int = ...,
+        replica: _builtins.str = ...,
+        queued_unix_nano: _builtins.int = ...,
+        result_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "node", b"node", "owner", b"owner", "pid", b"pid", "provider", b"provider", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "exit_code", b"exit_code", "finished_unix_nano", b"finished_unix_nano", "first_held_seq", b"first_held_seq", "last_seq", b"last_seq", "node", b"node", "owner", b"owner", "pid", b"pid", "priority", b"priority", "provider", b"provider", "queue_position", b"queue_position", "queued_unix_nano", b"queued_unix_nano", "replica", b"replica", "result_json", b"result_json", "run_id", b"run_id", "session_id", b"session_id", "started_unix_nano", b"started_unix_nano", "status", b"status", "subscribers", b"subscribers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1479,6 +1511,12 @@ class ListRunsRequest(_message.Message):
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    UNTIL_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     active_only: _builtins.bool
     status: _builtins.str
     """Only runs in this status (running, completed, failed, interrupted, starting); empty = all.
@@ -1486,16 +1524,33 @@ class ListRunsRequest(_message.Message):
     """
     limit: _builtins.int
     """At most this many runs (the most recently started ones, listed oldest first); 0 = 1000."""
+    session_id: _builtins.str
+    """Controller only (a node refuses a non-empty one with config_invalid): filters on the registry."""
+    provider: _builtins.str
+    node: _builtins.str
+    """the node's address"""
+    since_unix_nano: _builtins.int
+    """created at or after"""
+    until_unix_nano: _builtins.int
+    """created before"""
+    page_token: _builtins.str
+    """Controller only: the next_page_token of the previous page (newest first, stable under inserts)."""
     def __init__(
         self,
         *,
         active_only: _builtins.bool = ...,
         status: _builtins.str = ...,
         limit: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        node: _builtins.str = ...,
+        since_unix_nano: _builtins.int = ...,
+        until_unix_nano: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "limit", b"limit", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "limit", b"limit", "node", b"node", "page_token", b"page_token", "provider", b"provider", "session_id", b"session_id", "since_unix_nano", b"since_unix_nano", "status", b"status", "until_unix_nano", b"until_unix_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1506,16 +1561,20 @@ class ListRunsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Controller only: pass it as page_token for the next (older) page; empty on the last page."""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunInfo]: ...
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___RunInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1807,24 +1866,259 @@ class ListNodesRequest(_message.Message):
 Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
 
 @_typing.final
+class ReplicaStatus(_message.Message):
+    """One controller replica sharing the fleet's store (controller only)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_MS_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    SELF_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    address: _builtins.str
+    """where clients reach it (its --advertise address)"""
+    heartbeat_age_ms: _builtins.int
+    leases: _builtins.int
+    """in-flight and queued runs it follows"""
+    self: _builtins.bool
+    """the replica that answered"""
+    def __init__(
+        self_,  # pyright: ignore[reportSelfClsParameterName]
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        heartbeat_age_ms: _builtins.int = ...,
+        leases: _builtins.int = ...,
+        self: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_age_ms", b"heartbeat_age_ms", "leases", b"leases", "replica_id", b"replica_id", "self", b"self"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaStatus: _TypeAlias = ReplicaStatus  # noqa: Y015
+
+@_typing.final
 class ListNodesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODES_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    QUEUED_RUNS_FIELD_NUMBER: _builtins.int
+    strategy: _builtins.str
+    """the routing strategy: least_loaded | priority | round_robin | weighted"""
+    queued_runs: _builtins.int
+    """runs waiting in the fleet queue"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     def __init__(
         self,
         *,
         nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
+        strategy: _builtins.str = ...,
+        replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
+        queued_runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "queued_runs", b"queued_runs", "replicas", b"replicas", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    node: _builtins.str
+    """a node's address: only sessions with a run there"""
+    limit: _builtins.int
+    """0 = 100"""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        node: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "node", b"node", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class SessionInfo(_message.Message):
+    """A session as the controller's registry knows it: the runs it grouped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    LAST_RUN_ID_FIELD_NUMBER: _builtins.int
+    LAST_STATUS_FIELD_NUMBER: _builtins.int
+    FIRST_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    LAST_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    PROVIDER_SESSION_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    provider: _builtins.str
+    owner: _builtins.str
+    runs: _builtins.int
+    last_run_id: _builtins.str
+    last_status: Global___RunStatus.ValueType
+    first_unix_nano: _builtins.int
+    last_unix_nano: _builtins.int
+    provider_session_id: _builtins.str
+    """the CLI's own session id of the latest run (resumable)"""
+    node: _builtins.str
+    """the latest run's node"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        last_run_id: _builtins.str = ...,
+        last_status: Global___RunStatus.ValueType = ...,
+        first_unix_nano: _builtins.int = ...,
+        last_unix_nano: _builtins.int = ...,
+        provider_session_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_unix_nano", b"first_unix_nano", "last_run_id", b"last_run_id", "last_status", b"last_status", "last_unix_nano", b"last_unix_nano", "node", b"node", "owner", b"owner", "provider", b"provider", "provider_session_id", b"provider_session_id", "runs", b"runs", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class ListProviderSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    node: _builtins.str
+    """controller: the node's address (required); a node ignores it"""
+    limit: _builtins.int
+    """0 = 100"""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        node: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "node", b"node", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProviderSessionsRequest: _TypeAlias = ListProviderSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ProviderSession(_message.Message):
+    """A session a provider CLI keeps on its host (resumable with options {"resume": id})."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    UPDATED_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    SOURCE_KIND_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    id: _builtins.str
+    label: _builtins.str
+    cwd: _builtins.str
+    updated_unix_nano: _builtins.int
+    source_kind: _builtins.str
+    """where it was found, e.g. "claude_projects_jsonl" """
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        cwd: _builtins.str = ...,
+        updated_unix_nano: _builtins.int = ...,
+        source_kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cwd", b"cwd", "id", b"id", "label", b"label", "provider", b"provider", "source_kind", b"source_kind", "updated_unix_nano", b"updated_unix_nano"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderSession: _TypeAlias = ProviderSession  # noqa: Y015
+
+@_typing.final
+class ListProviderSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___ProviderSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProviderSessionsResponse: _TypeAlias = ListProviderSessionsResponse  # noqa: Y015
 
 @_typing.final
 class DrainNodeRequest(_message.Message):

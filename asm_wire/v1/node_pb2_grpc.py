@@ -104,6 +104,11 @@ class NodeServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.ListProviderSessions = channel.unary_unary(
+                '/asm.v1.NodeService/ListProviderSessions',
+                request_serializer=asm_dot_v1_dot_node__pb2.ListProviderSessionsRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.ListProviderSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -200,6 +205,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProviderSessions(self, request, context):
+        """The resumable sessions a provider CLI keeps on this host (a controller asks the node named in the request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +284,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=asm_dot_v1_dot_node__pb2.RollbackRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ListProviderSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProviderSessions,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.ListProviderSessionsRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.ListProviderSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -662,6 +679,33 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListProviderSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.NodeService/ListProviderSessions',
+            asm_dot_v1_dot_node__pb2.ListProviderSessionsRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.ListProviderSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ControllerServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -687,6 +731,11 @@ class ControllerServiceStub:
                 request_serializer=asm_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
                 response_deserializer=asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/asm.v1.ControllerService/ListSessions',
+                request_serializer=asm_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=asm_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -710,6 +759,13 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """The sessions of the registry (grouped runs), newest first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -727,6 +783,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.UndrainNode,
                     request_deserializer=asm_dot_v1_dot_node__pb2.UndrainNodeRequest.FromString,
                     response_serializer=asm_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=asm_dot_v1_dot_node__pb2.ListSessionsRequest.FromString,
+                    response_serializer=asm_dot_v1_dot_node__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -810,6 +871,33 @@ class ControllerService:
             '/asm.v1.ControllerService/UndrainNode',
             asm_dot_v1_dot_node__pb2.UndrainNodeRequest.SerializeToString,
             asm_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asm.v1.ControllerService/ListSessions',
+            asm_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
+            asm_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

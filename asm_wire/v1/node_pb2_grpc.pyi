@@ -61,6 +61,8 @@ class NodeServiceStub:
     """Workspace snapshots, taken and compared on the node that owns the workspace."""
     Diff: _grpc.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]
     Rollback: _grpc.UnaryUnaryMultiCallable[_node_pb2.RollbackRequest, _node_pb2.RollbackResponse]
+    ListProviderSessions: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListProviderSessionsRequest, _node_pb2.ListProviderSessionsResponse]
+    """The resumable sessions a provider CLI keeps on this host (a controller asks the node named in the request)."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -86,6 +88,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Workspace snapshots, taken and compared on the node that owns the workspace."""
     Diff: _aio.UnaryUnaryMultiCallable[_node_pb2.DiffRequest, _node_pb2.DiffResponse]  # type: ignore[assignment]
     Rollback: _aio.UnaryUnaryMultiCallable[_node_pb2.RollbackRequest, _node_pb2.RollbackResponse]  # type: ignore[assignment]
+    ListProviderSessions: _aio.UnaryUnaryMultiCallable[_node_pb2.ListProviderSessionsRequest, _node_pb2.ListProviderSessionsResponse]  # type: ignore[assignment]
+    """The resumable sessions a provider CLI keeps on this host (a controller asks the node named in the request)."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -193,6 +197,14 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.RollbackResponse, _abc.Awaitable[_node_pb2.RollbackResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def ListProviderSessions(
+        self,
+        request: _node_pb2.ListProviderSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListProviderSessionsResponse, _abc.Awaitable[_node_pb2.ListProviderSessionsResponse]]:
+        """The resumable sessions a provider CLI keeps on this host (a controller asks the node named in the request)."""
+
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class ControllerServiceStub:
@@ -203,6 +215,8 @@ class ControllerServiceStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]
     UndrainNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.DrainResponse]
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListSessionsRequest, _node_pb2.ListSessionsResponse]
+    """The sessions of the registry (grouped runs), newest first, paged."""
 
 @_typing.type_check_only
 class ControllerServiceAsyncStub(ControllerServiceStub):
@@ -210,6 +224,8 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_pb2.ListNodesRequest, _node_pb2.ListNodesResponse]  # type: ignore[assignment]
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.DrainNodeRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
     UndrainNode: _aio.UnaryUnaryMultiCallable[_node_pb2.UndrainNodeRequest, _node_pb2.DrainResponse]  # type: ignore[assignment]
+    ListSessions: _aio.UnaryUnaryMultiCallable[_node_pb2.ListSessionsRequest, _node_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """The sessions of the registry (grouped runs), newest first, paged."""
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -232,5 +248,13 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.UndrainNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DrainResponse, _abc.Awaitable[_node_pb2.DrainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _node_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListSessionsResponse, _abc.Awaitable[_node_pb2.ListSessionsResponse]]:
+        """The sessions of the registry (grouped runs), newest first, paged."""
 
 def add_ControllerServiceServicer_to_server(servicer: ControllerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
