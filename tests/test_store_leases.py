@@ -237,6 +237,11 @@ async def test_queue_orders_by_priority_then_fifo(store: RunStore) -> None:
     assert (await store.get("DEFAULT")).queued_at == 15.0  # type: ignore[union-attr]
     assert [r.run_id for r in await store.queued(limit=3)] == order[:3]
     assert [r.run_id for r in await store.queued(owner="o10")] == ["Q1", "Q6"]
+    assert await store.queued(lease_owner="replica-a") == []
+    assert await store.take_lease("Q6", "replica-a", seen_token=0, until=T0 + 1, now=T0) is not None
+    assert await store.take_lease("Q2", "replica-a", seen_token=0, until=T0 + 1, now=T0) is not None
+    assert [r.run_id for r in await store.queued(lease_owner="replica-a")] == ["Q2", "Q6"]
+    assert [r.run_id for r in await store.queued(lease_owner="replica-a", owner="o10")] == ["Q6"]
     assert await store.queued(limit=0) == []
     assert [await store.queue_position(run_id) for run_id in order] == list(range(1, 8))
     assert await store.queue_position("RUNNING") is None and await store.queue_position("NOPE") is None
@@ -312,6 +317,7 @@ async def test_bad_input_to_the_replica_methods_is_invalid_record(store: RunStor
         lambda: hostile.queued(limit=-1),
         lambda: hostile.queued(owner="o" * 257),
         lambda: hostile.queued(owner=3),
+        lambda: hostile.queued(lease_owner="r" * 65),
         lambda: hostile.queue_position(["R1"]),
         lambda: hostile.update("R1", fence=("a", 1), node_seq=1),
         lambda: hostile.update("R1", fence=Lease("a", 2**63), node_seq=1),

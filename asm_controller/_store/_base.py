@@ -234,9 +234,11 @@ class RunStore(Protocol):
         ...
 
     # --- the fleet queue ---
-    async def queued(self, *, limit: int = 1000, owner: str | None = None) -> list[RunRecord]:
+    async def queued(self, *, limit: int = 1000, owner: str | None = None,
+                     lease_owner: str | None = None) -> list[RunRecord]:
         """Queued runs in start order: priority descending, then queued_at, then run_id (FIFO within a
-        priority). ``owner`` filters by the principal (not the lease)."""
+        priority). ``owner`` filters by the principal (as in list_runs), ``lease_owner`` by the replica
+        holding their lease."""
         ...
     async def queue_position(self, run_id: str) -> int | None:
         """The run's 1-based place in the fleet-wide start order; None if it is not queued."""

@@ -223,11 +223,14 @@ class MemoryStore:
 
     # --- the fleet queue --------------------------------------------------------------------------
 
-    async def queued(self, *, limit: int = 1000, owner: str | None = None) -> list[RunRecord]:
+    async def queued(self, *, limit: int = 1000, owner: str | None = None,
+                     lease_owner: str | None = None) -> list[RunRecord]:
         principal = check_filter_text("owner", owner, "owner")
+        replica = check_filter_text("lease_owner", lease_owner, "lease_owner")
         check_limit(limit)
         rows = sorted((r for r in self._runs.values()
-                       if r["status"] == QUEUED and (principal is None or r["owner"] == principal)), key=_queue_key)
+                       if r["status"] == QUEUED and (principal is None or r["owner"] == principal)
+                       and (replica is None or r["lease_owner"] == replica)), key=_queue_key)
         return [record_from_columns(r) for r in rows[:limit]]
 
     async def queue_position(self, run_id: str) -> int | None:

@@ -444,13 +444,17 @@ class SqlStore:
 
     # --- the fleet queue --------------------------------------------------------------------------
 
-    async def queued(self, *, limit: int = 1000, owner: str | None = None) -> list[RunRecord]:
+    async def queued(self, *, limit: int = 1000, owner: str | None = None,
+                     lease_owner: str | None = None) -> list[RunRecord]:
         principal = check_filter_text("owner", owner, "owner")
+        replica = check_filter_text("lease_owner", lease_owner, "lease_owner")
         if check_limit(limit) == 0:
             return []
         query = sa.select(*_RECORD_COLUMNS).where(runs.c.status == QUEUED)
         if principal is not None:
             query = query.where(runs.c.owner == principal)
+        if replica is not None:
+            query = query.where(runs.c.lease_owner == replica)
         query = query.order_by(runs.c.priority.desc(), runs.c.queued_at.asc().nulls_last(),
                                runs.c.run_id.asc()).limit(limit)
         return await self._records("queued", query)
