@@ -338,8 +338,7 @@ _MIGRATE_SCRIPT = textwrap.dedent("""
     import asyncio, sys, time
     import sqlalchemy as sa
     from asm_controller import open_store
-    from asm_controller._store import LIVE, QUEUED, STATUSES
-from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
+    from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 
     def v2(conn):
         # Not idempotent: applied twice, the second CREATE fails.
