@@ -7,6 +7,7 @@ its tests skip only when the binaries are missing (scripts/install_postgres.sh i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from asm_controller import (
     StoreWriter,
     open_store,
 )
+from asm_controller._store import LIVE, QUEUED, STATUSES
 from asm_controller._store._migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from asm_controller._store._sql import SqlStore
 from asm_wire import AsmError
@@ -119,9 +121,13 @@ async def test_create_and_get_round_trip_every_field(store: RunStore) -> None:
         node_address="127.0.0.1:7070", node_id="node-a", node_epoch="E1", node_run_id="01NODE",
         status="running", last_seq=0, node_seq=7, first_held_seq=1, provider_session_id="prov-1",
         created_at=1000.5, updated_at=1001.25, ended_at=None, result=None,
+        priority=-7, queued_at=999.5, queue_deadline=2000.0, prompt="fix the bug\n\u00e9\U0001f600",
+        lease_owner="replica-a", lease_token=41, lease_expires=1010.75,
     )
     await store.create(full)
     assert await store.get("01RUNFULL") == full
+    assert {f.name for f in dataclasses.fields(RunRecord)} >= {"priority", "queued_at", "queue_deadline", "prompt",
+                                                                "lease_owner", "lease_token", "lease_expires"}
     before = time.time()
     await store.create(record("01RUNNOW"))
     got = await store.get("01RUNNOW")
@@ -182,6 +188,10 @@ async def test_list_runs_filters_orders_newest_first_and_limits(store: RunStore)
         await store.list_runs(limit=-1)
     assert [r.run_id for r in await store.in_flight()] == ["B", "C", "E"]  # oldest first
     assert set(IN_FLIGHT) == {"pending", "running"}
+    await store.create(record("Q", created_at=50.0, status="queued"))
+    assert [r.run_id for r in await store.in_flight()] == ["B", "C", "E"]  # a queued run is on no node
+    assert [r.run_id for r in await store.list_runs(status="queued")] == ["Q"]
+    assert set(LIVE) == {QUEUED, *IN_FLIGHT} and set(STATUSES) == {*LIVE, "completed", "failed", "interrupted"}
 
 
 @ALL
