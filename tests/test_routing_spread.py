@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +63,16 @@ async def _spread(nodes: list[ServedProcess], directory: Path, strategy: str) ->
                     assert result.ok, result.error
 
             await asyncio.gather(*(one(i) for i in range(RUNS)))
+        # The strategy is visible in `asm nodes --controller` (JSON: on each row; text: after the table).
+        shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "asm_cli", "nodes", "--controller",
+                                                          ctl.address, "--output", "json"],
+                                        capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        rows = json.loads(shown.stdout)
+        assert len(rows) == NODES and {r["strategy"] for r in rows} == {strategy}
+        text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "asm_cli", "nodes", "--controller",
+                                                         ctl.address], capture_output=True, text=True, timeout=60)
+        assert text.returncode == 0 and text.stdout.endswith(f"routing: {strategy}\n"), text.stdout + text.stderr
     after = await _runs_per_node(nodes)
     return {a: after[a] - before[a] for a in after}
 
