@@ -110,7 +110,7 @@ class ControllerConfig:
     tls_ca: Path | None = None
     node_tls: TLSConfig | None = None
     insecure: bool = False
-    strategy: str = "priority"
+    strategy: str = "least_loaded"  # asm_wire.Strategy; the library Session keeps "priority"
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     max_concurrent_runs: int = 1000
     expected_providers: list[str] = field(default_factory=list)  # always alerted on (--expect-provider)
@@ -221,6 +221,7 @@ class FleetApi:
                  epoch: str | None = None) -> None:
         self.config = config
         self.epoch = epoch or new_epoch()
+        metrics.set_strategy(config.strategy)
         self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
         self.registry = StoreRegistry(self.store)
         #: The registry outlives this process (SQLite, PostgreSQL): stopping detaches instead of interrupting.
@@ -530,7 +531,7 @@ class FleetApi:
     # -- ControllerService --------------------------------------------------------------
 
     async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
-        out = pb.ListNodesResponse()
+        out = pb.ListNodesResponse(strategy=self.session.pool.router.strategy)
         health = self.session.pool.health
         for t in self.targets:
             status = pb.NodeStatus(address=t.address, health=health.status(t.key))

@@ -59,7 +59,9 @@ async def test_controller_run_sent_after_its_node_died_moves_to_the_next(
     node_process: Callable[..., NodeProcess],
 ) -> None:
     a, b = node_process(*node_args()), node_process(*node_args())
-    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[a.address, b.address], liveness=LIVE))
+    # priority: the run after the kill is sent to the dead node first (least_loaded may not pick it).
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[a.address, b.address], liveness=LIVE,
+                                                  strategy="priority"))
     try:
         async with Session("shell", node=RemoteNode(f"127.0.0.1:{ctl.port}")) as client:
             warm = client.stream("echo warm")
