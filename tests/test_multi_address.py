@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from asm_controller import ControllerClient, GrpcNodeClient, RemoteNode
-from asm_node.testing import free_port
+from asm_node.testing import free_port, wait_serving
 from asm_wire import AsmError, ConfigError, pb
 from tests.support.faults import py
 from tests.support.processes import PYTHON_BASENAME, ROOT, ControllerProcess, NodeProcess, start_controller_process
@@ -101,6 +103,42 @@ async def test_library_client_moves_past_a_dead_address_and_stays_on_the_live_on
         assert info.node_id.startswith("controller@")
     finally:
         await node_client.close()
+
+
+async def test_a_connected_client_moves_on_when_its_controller_is_killed(
+    node_process: Callable[..., NodeProcess], controllers: Callable[..., ControllerProcess],
+) -> None:
+    a = node_process()
+    first = controllers("--node", a.address)
+    second = controllers("--node", a.address)
+    async with ControllerClient(RemoteNode(f"{first.address},{second.address}")) as client:
+        await client.list_nodes()
+        assert client._endpoints.current == 0
+        first.stop(signal.SIGKILL)
+        resp = await client.list_nodes()  # no error: the call goes to the next address
+        assert [n.address for n in resp.nodes] == [a.address]
+        assert client._endpoints.current == 1
+
+
+async def test_an_address_that_never_connects_is_left_after_the_connect_timeout(
+    node_process: Callable[..., NodeProcess], controllers: Callable[..., ControllerProcess],
+) -> None:
+    """A socket that accepts TCP but never speaks HTTP/2: the channel stays connecting (a deadline on connect)."""
+    a = node_process()
+    ctl = controllers("--node", a.address)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        async with ControllerClient(RemoteNode(f"{mute},{ctl.address}", connect_timeout_s=1.0)) as client:
+            t0 = time.monotonic()
+            resp = await client.list_nodes()
+            assert [n.address for n in resp.nodes] == [a.address]
+            assert 0.8 <= time.monotonic() - t0 < 10
+            assert client._endpoints.current == 1
+            t0 = time.monotonic()
+            await client.list_nodes()
+            assert time.monotonic() - t0 < 0.8, "the silent address was tried again"
 
 
 async def test_every_address_dead_fails_as_one_address_does() -> None:
@@ -257,3 +295,48 @@ def test_a_controller_on_another_registry_is_not_the_same_service(
     assert lines[-1]["kind"] == "result_summary" and lines[-1]["status"] == "failed", lines[-1]
     (lost,) = [e for e in lines if e["kind"] == "error" and e["payload"]["code"] == "node_lost"]
     assert "restarted (epoch" in lost["payload"]["message"], lost
+
+
+def test_one_dns_name_with_several_records_follows_the_run_to_the_live_one(
+    node_process: Callable[..., NodeProcess], controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    """gRPC resolves ``localhost`` to [::1] and 127.0.0.1: controller A on 127.0.0.1:P, then (A dead) B
+    on [::1]:P on the same registry. A client given the one name ``localhost:P`` follows its run across."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    a = node_process("--shell-allow", PYTHON_BASENAME)
+    state = f"sqlite:///{tmp_path / 'ctl-state' / 'controller.sqlite3'}"
+    first = controllers("--node", a.address, "--state", state)
+    port = first.port
+    pids = tmp_path / "executions.txt"
+    client = subprocess.Popen([*ASM, "run", "--controller", f"localhost:{port}", "--provider", "shell",
+                               "--output", "jsonl", "--run-id", "dns-1", counted_ticker(pids, LINES, 0.1)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(ROOT))
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        seen = _read_until(client, lambda e: e["kind"] == "assistant_delta" and e["payload"]["content"] == "5\n")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(20)
+        with open(tmp_path / "second.log", "wb") as log:
+            second = subprocess.Popen([*ASM, "controller", "serve", "--listen", f"[::1]:{port}", "--node", a.address,
+                                       "--state", state], stdout=subprocess.DEVNULL, stderr=log, env=_env(),
+                                      cwd=str(tmp_path))
+        wait_serving(f"[::1]:{port}", alive=lambda: second is not None and second.poll() is None)
+        out, err = client.communicate(timeout=90)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if second is not None and second.poll() is None:
+            second.terminate()
+            second.wait(15)
+    assert client.returncode == 0, err
+    lines = seen + [json.loads(line) for line in out.splitlines()]
+    assert lines[-1]["kind"] == "result_summary" and lines[-1]["status"] == "completed", lines[-1]
+    events = lines[:-1]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "an event lost or repeated"
+    assert [e["payload"]["content"] for e in events if e["kind"] == "assistant_delta"] == [f"{i}\n" for i in range(LINES)]
+    assert len(pids.read_text().split()) == 1, "the prompt was executed more than once"
