@@ -3,18 +3,25 @@
 One channel per node, reused by every run. Failures come out as
 :class:`AsmError` (rebuilt from the node's ``asm-error-*`` trailers, or mapped
 from the status code when gRPC itself failed).
+
+A target may name one service at several addresses (``RemoteNode("a:7070,b:7070")``: the
+replicas of a controller). The client then uses one address at a time and moves to the next
+when one cannot be used -- it does not connect (refused, nothing within the connect timeout)
+or its transport fails (UNAVAILABLE without the server's typed trailers) -- never on a typed
+answer of a server. One address behaves exactly as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from asm_wire import MAX_MESSAGE_BYTES, ConfigError, error_from_rpc, grpc_target, pb
+from asm_wire import MAX_MESSAGE_BYTES, AsmError, ConfigError, error_from_rpc, grpc_target, pb
 from asm_wire.v1 import node_pb2_grpc
 
 #: AsmError.details key: the error was the server's typed answer, not a transport failure.
@@ -77,7 +84,13 @@ class LivenessConfig:
 
 @dataclass(frozen=True)
 class RemoteNode:
-    """A node agent reachable over gRPC."""
+    """A node agent (or a controller) reachable over gRPC.
+
+    ``address`` is ``HOST:PORT``, or several comma-separated (``"a:7070,b:7070"``) for one service
+    reachable at each of them -- the replicas of a controller: calls go to one at a time and move
+    to the next when it is unreachable. A DNS name with several records needs no list: gRPC's
+    resolver connects to the first record that answers and re-resolves when the connection is lost.
+    """
 
     address: str
     token: str | None = field(default=None, repr=False)  # never in a repr/log
@@ -91,15 +104,30 @@ class RemoteNode:
     weight: int = 1
 
     def __post_init__(self) -> None:
-        grpc_target(self.address)  # validates HOST:PORT early, with a clear error
+        if "," not in self.address:
+            grpc_target(self.address)  # validates HOST:PORT early, with a clear error
+            return
+        for part in self.address.split(","):
+            if not part.strip():
+                raise ConfigError(f"invalid address list {self.address[:500]!r}: an empty element "
+                                  "(expected HOST:PORT[,HOST:PORT...])")
+            grpc_target(part)
 
     @property
     def key(self) -> str:
         return f"grpc://{self.address}"
 
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Each ``HOST:PORT`` of ``address``, in the order they are tried (one for a single address)."""
+        if "," not in self.address:
+            return (self.address,)
+        return tuple(part.strip() for part in self.address.split(","))
 
-def _open_channel(node: RemoteNode) -> grpc.aio.Channel:
-    """One channel to ``node`` with its TLS and keepalive settings (nodes and controllers alike)."""
+
+def _open_channel(node: RemoteNode, address: str | None = None) -> grpc.aio.Channel:
+    """One channel to ``node`` (at ``address``, one of its addresses; default its only one) with its
+    TLS and keepalive settings (nodes and controllers alike)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -111,7 +139,7 @@ def _open_channel(node: RemoteNode) -> grpc.aio.Channel:
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
-    target = grpc_target(node.address)
+    target = grpc_target(node.address if address is None else address)
     if node.tls is not None:
         if node.tls.server_name:
             options.append(("grpc.ssl_target_name_override", node.tls.server_name))
@@ -124,23 +152,166 @@ def _auth_metadata(node: RemoteNode) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {node.token}"),) if node.token else ()
 
 
+#: Calls that may be sent again to another address when the transport broke under them (the first
+#: may or may not have been processed: these do no harm twice). Others move on only if not yet sent.
+_REPEATABLE = frozenset({
+    "Handshake", "Preflight", "GetRun", "ListRuns", "InterruptRun", "Drain", "Undrain", "Diff",
+    "ListNodes", "DrainNode", "UndrainNode", "ListSessions", "ListProviderSessions",
+})
+
+
+def _transport_failed(exc: grpc.aio.AioRpcError) -> bool:
+    """The transport failed (UNAVAILABLE without the server's typed answer): try another address."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    if any(k == "asm-error-kind" for k, _ in (exc.trailing_metadata() or ())):
+        return False  # the server answered, typed (e.g. a controller whose node is gone)
+    return "RST_STREAM with error code 7" not in (exc.details() or "")  # REFUSED_STREAM: a full server
+
+
+class _Endpoints:
+    """The addresses of one service, a channel (and a stub) to each, opened when first used, and
+    which one is in use: calls stay on it until it fails, then move to the next."""
+
+    def __init__(self, node: RemoteNode, stub_class: Any) -> None:
+        self.node = node
+        self.addresses = node.addresses
+        self._stub_class = stub_class
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._stubs: dict[int, Any] = {}
+        self.current = 0
+        self.stub(0)  # the first channel is opened at once (as for a single address)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.addresses) > 1
+
+    def channel(self, i: int | None = None) -> grpc.aio.Channel:
+        i = self.current if i is None else i
+        if i not in self._channels:
+            self._channels[i] = _open_channel(self.node, None if not self.multi else self.addresses[i])
+        return self._channels[i]
+
+    def stub(self, i: int | None = None) -> Any:
+        i = self.current if i is None else i
+        if i not in self._stubs:
+            self._stubs[i] = self._stub_class(self.channel(i))
+        return self._stubs[i]
+
+    def skip(self, i: int) -> None:
+        """Address ``i`` failed: if it is the one in use, the next calls start at the next address."""
+        if self.current == i:
+            self.current = (i + 1) % len(self.addresses)
+
+    async def _reachable(self, i: int, budget: float) -> bool:
+        """Whether the channel to address ``i`` is (or becomes, within ``budget`` seconds) connected;
+        a refused or failing connection says no at once."""
+        channel = self.channel(i)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            left = end - loop.time()
+            if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN) or left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                return False
+            state = channel.get_state(try_to_connect=True)
+        return True
+
+    async def pick(self, deadline: float, tried: Collection[int] = ()) -> int | None:
+        """The first address, from the one in use on, that connects (each within the connect timeout
+        and ``deadline``); None when none does. Those that do not are skipped for the next calls."""
+        loop = asyncio.get_running_loop()
+        n = len(self.addresses)
+        for i in [(self.current + k) % n for k in range(n)]:
+            if i in tried:
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            if await self._reachable(i, min(self.node.connect_timeout_s, left)):
+                self.current = i
+                return i
+            self.skip(i)
+        return None
+
+    async def unary(self, method: Any, request: Any, md: Any, timeout: float) -> Any:
+        """One unary call, moving to the next address when one cannot be used (see the module doc)."""
+        if not self.multi or not isinstance(method, _Method):
+            try:
+                return await method(request, metadata=md, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        start, tried = self.current, set[int]()
+        last: grpc.aio.AioRpcError | None = None
+        while True:
+            i = await self.pick(deadline, tried)
+            if i is None:
+                if last is not None:
+                    raise error_from_rpc(last.code(), last.details(), last.trailing_metadata())
+                i = start  # none connects: the call as to a single address, with its error
+            tried.add(i)
+            try:
+                return await getattr(self.stub(i), method.name)(
+                    request, metadata=md, timeout=max(0.001, deadline - loop.time()))
+            except grpc.aio.AioRpcError as exc:
+                failed = _transport_failed(exc)
+                if failed or (exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and method.name == "Handshake"):
+                    self.skip(i)  # an unanswered health probe: the next calls try another address
+                if not (failed and method.name in _REPEATABLE and len(tried) < len(self.addresses)):
+                    raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+                last = exc
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+class _Method:
+    """``stub.Name`` of a :class:`_RoutedStub`: called, it is the method of the address in use."""
+
+    def __init__(self, endpoints: _Endpoints, name: str) -> None:
+        self.endpoints = endpoints
+        self.name = name
+
+    def __call__(self, request: Any, **kwargs: Any) -> Any:
+        return getattr(self.endpoints.stub(), self.name)(request, **kwargs)
+
+
+class _RoutedStub:
+    """A stub whose methods go to the address in use (``_unary`` moves them on a failure)."""
+
+    def __init__(self, endpoints: _Endpoints) -> None:
+        self._endpoints = endpoints
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(self._endpoints, name)
+
+
 class GrpcNodeClient:
     """NodeApi over a gRPC channel."""
 
     def __init__(self, node: RemoteNode) -> None:
         self.node = node
-        self.channel = _open_channel(node)
-        self._stub = node_pb2_grpc.NodeServiceStub(self.channel)
+        self._endpoints = _Endpoints(node, node_pb2_grpc.NodeServiceStub)
+        self._stub = _RoutedStub(self._endpoints)
         self._md = _auth_metadata(node)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the address in use."""
+        return self._endpoints.channel()
+
     async def close(self) -> None:
-        await self.channel.close()
+        await self._endpoints.close()
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return await method(request, metadata=self._md, timeout=timeout or self.node.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        return await self._endpoints.unary(method, request, self._md, timeout or self.node.rpc_timeout_s)
 
     async def handshake(self, request: pb.HandshakeRequest, timeout: float | None = None) -> pb.HandshakeResponse:
         resp: pb.HandshakeResponse = await self._unary(self._stub.Handshake, request, timeout)
@@ -150,7 +321,7 @@ class GrpcNodeClient:
         resp: pb.PreflightResponse = await self._unary(self._stub.Preflight, request)
         return resp
 
-    async def _stream(self, call: Any) -> AsyncIterator[pb.EventBatch]:
+    async def _stream(self, call: Any) -> AsyncGenerator[pb.EventBatch, None]:
         try:
             async for batch in call:
                 yield batch
@@ -165,10 +336,31 @@ class GrpcNodeClient:
         finally:
             call.cancel()
 
+    async def _routed(self, name: str, request: Any) -> AsyncIterator[pb.EventBatch]:
+        """A stream on the first address that connects; a broken transport moves the next calls on
+        (the caller re-attaches after its last seq: every event comes once, wherever from)."""
+        endpoints = self._endpoints
+        i = await endpoints.pick(asyncio.get_running_loop().time() + self.node.connect_timeout_s)
+        i = endpoints.current if i is None else i
+        stream = self._stream(getattr(endpoints.stub(i), name)(request, metadata=self._md))
+        try:
+            async for batch in stream:
+                yield batch
+        except AsmError as err:
+            if err.kind == "connection_failed" and not err.details.get(ANSWERED):
+                endpoints.skip(i)
+            raise
+        finally:
+            await stream.aclose()
+
     def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        if self._endpoints.multi:
+            return self._routed("StartRun", request)
         return self._stream(self._stub.StartRun(request, metadata=self._md))
 
     def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
+        if self._endpoints.multi:
+            return self._routed("AttachRun", request)
         return self._stream(self._stub.AttachRun(request, metadata=self._md))
 
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
@@ -222,12 +414,17 @@ class ControllerClient:
 
     def __init__(self, target: RemoteNode) -> None:
         self.target = target
-        self.channel = _open_channel(target)
-        self._stub = node_pb2_grpc.ControllerServiceStub(self.channel)
+        self._endpoints = _Endpoints(target, node_pb2_grpc.ControllerServiceStub)
+        self._stub = _RoutedStub(self._endpoints)
         self._md = _auth_metadata(target)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the address in use."""
+        return self._endpoints.channel()
+
     async def close(self) -> None:
-        await self.channel.close()
+        await self._endpoints.close()
 
     async def __aenter__(self) -> ControllerClient:
         return self
@@ -236,10 +433,7 @@ class ControllerClient:
         await self.close()
 
     async def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, metadata=self._md, timeout=self.target.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        return await self._endpoints.unary(method, request, self._md, self.target.rpc_timeout_s)
 
     async def list_nodes(self) -> pb.ListNodesResponse:
         """The fleet as the controller sees it (one NodeStatus per node, an error for one it cannot reach)."""

@@ -22,7 +22,7 @@ from asm_controller import (
     TLSConfig,
 )
 from asm_controller.extensions.rendering import Rendering
-from asm_wire import AsmError, ConfigError, NodeConnectTimeout, pb
+from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.
@@ -105,14 +105,21 @@ def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
 
 
 def remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
-    """The ``--node`` targets (HOST:PORT[,weight=N][,priority=N]) with this command's credentials."""
+    """The ``--node`` targets (HOST:PORT[,weight=N][,priority=N]) with this command's credentials.
+
+    A target that is the ``--controller`` (the commands pass it in ``args.node``) may list several
+    addresses, HOST:PORT[,HOST:PORT...]: one controller service (its replicas), tried in turn."""
     token = read_token(args.token_file)
     tls = _client_tls(args)
     live = LivenessConfig(node_lost_timeout_s=getattr(args, "node_lost_timeout", 8.0))
+    controller = getattr(args, "controller", None)
     nodes = []
     for spec in args.node:
-        # HOST:PORT[,weight=N][,priority=N]
-        addr, *attrs = spec.split(",")
+        if controller and spec == controller and "," in spec:
+            addr, attrs = _controller_addresses(spec)
+        else:
+            # HOST:PORT[,weight=N][,priority=N]
+            addr, *attrs = spec.split(",")
         kw: dict[str, int] = {}
         for attr in attrs:
             key, _, value = attr.partition("=")
@@ -122,6 +129,29 @@ def remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
         nodes.append(RemoteNode(addr, token=token, tls=tls, connect_timeout_s=args.connect_timeout, liveness=live,
                                 priority=kw.get("priority", 100), weight=kw.get("weight", 1)))
     return nodes
+
+
+def _controller_addresses(spec: str) -> tuple[str, list[str]]:
+    """``--controller A[,B...]``: the addresses (joined, for one RemoteNode) and any NAME=VALUE attributes;
+    an empty element or a bad HOST:PORT is a usage error naming it."""
+    addresses: list[str] = []
+    attrs: list[str] = []
+    for part in spec.split(","):
+        if "=" in part:
+            attrs.append(part)
+            continue
+        if not part.strip():
+            raise ConfigError(f"--controller {spec[:500]!r} has an empty address: "
+                              "use HOST:PORT or HOST:PORT,HOST:PORT,... (one controller's replicas)")
+        try:
+            parse_address(part)
+        except ConfigError:
+            raise ConfigError(f"--controller {spec[:500]!r}: invalid address {part[:200]!r}: expected HOST:PORT "
+                              "(e.g. 127.0.0.1:7070), several separated by commas") from None
+        addresses.append(part.strip())
+    if not addresses:
+        raise ConfigError(f"--controller {spec[:500]!r} names no address: use HOST:PORT[,HOST:PORT...]")
+    return ",".join(addresses), attrs
 
 
 def pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
