@@ -28,6 +28,7 @@ from asm_controller._store._base import (
     RunExists,
     RunRecord,
     RunStore,
+    SessionRecord,
     StoreError,
     StoreLocked,
 )
@@ -52,6 +53,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "SCHEMA_VERSION", "STATUSES", "URL_FORMS", "InvalidRecord",
-    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SqlStore", "StoreError", "StoreLocked", "StoreWriter",
+    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SessionRecord", "SqlStore", "StoreError", "StoreLocked", "StoreWriter",
     "open_store",
 ]

@@ -56,6 +56,22 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
 UPDATABLE: frozenset[str] = frozenset(FIELDS) - {"run_id"}
 
 
+@dataclass
+class SessionRecord:
+    """A session as the registry knows it: the runs recorded under one session id."""
+
+    session_id: str
+    provider: str
+    owner: str
+    runs: int
+    last_run_id: str
+    last_status: str
+    first_at: float  # created_at of its first run
+    last_at: float  # created_at of its latest run
+    provider_session_id: str  # the latest non-empty one (the CLI's resumable session)
+    node: str  # the latest run's node_address
+
+
 class RunExists(ConfigError):
     """create() for a run id the store already holds (a run id is used once, ever)."""
 
@@ -109,7 +125,11 @@ class RunStore(Protocol):
     async def get(self, run_id: str) -> RunRecord | None: ...
     async def update(self, run_id: str, **fields: Any) -> None: ...
     async def list_runs(self, *, status: str | None = None, owner: str | None = None,
-                        limit: int = 1000) -> list[RunRecord]: ...
+                        session_id: str | None = None, provider: str | None = None, node: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None, limit: int = 1000) -> list[RunRecord]: ...
+    async def sessions(self, *, owner: str | None = None, provider: str | None = None, node: str | None = None,
+                       before: tuple[float, str] | None = None, limit: int = 100) -> list[SessionRecord]: ...
     async def in_flight(self) -> list[RunRecord]: ...
     async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None: ...
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]: ...

@@ -14,6 +14,7 @@ from asm_controller._store._base import (
     EventsOp,
     RunExists,
     RunRecord,
+    SessionRecord,
     check_chunk,
     check_limit,
     check_meta,
@@ -85,12 +86,39 @@ class MemoryStore:
         row.update(cols)
 
     async def list_runs(self, *, status: str | None = None, owner: str | None = None,
-                        limit: int = 1000) -> list[RunRecord]:
+                        session_id: str | None = None, provider: str | None = None, node: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None, limit: int = 1000) -> list[RunRecord]:
         check_limit(limit)
+        want = {"status": status, "owner": owner, "session_id": session_id, "provider": provider,
+                "node_address": node}
         rows = [r for r in self._runs.values()
-                if (status is None or r["status"] == status) and (owner is None or r["owner"] == owner)]
+                if all(v is None or r[k] == v for k, v in want.items())
+                and (since is None or r["created_at"] >= since) and (until is None or r["created_at"] < until)
+                and (before is None or (r["created_at"], r["run_id"]) < before)]
         rows.sort(key=lambda r: (r["created_at"], r["run_id"]), reverse=True)
         return [record_from_columns(r) for r in rows[:limit]]
+
+    async def sessions(self, *, owner: str | None = None, provider: str | None = None, node: str | None = None,
+                       before: tuple[float, str] | None = None, limit: int = 100) -> list[SessionRecord]:
+        check_limit(limit)
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in self._runs.values():
+            if (owner is None or r["owner"] == owner) and (provider is None or r["provider"] == provider):
+                groups.setdefault(r["session_id"], []).append(r)
+        out = []
+        for sid, rows in groups.items():
+            if node is not None and not any(r["node_address"] == node for r in rows):
+                continue
+            rows.sort(key=lambda r: (r["created_at"], r["run_id"]))
+            last = rows[-1]
+            psid = next((r["provider_session_id"] for r in reversed(rows) if r["provider_session_id"]), "")
+            out.append(SessionRecord(sid, last["provider"], last["owner"], len(rows), last["run_id"], last["status"],
+                                     float(rows[0]["created_at"]), float(last["created_at"]), psid,
+                                     last["node_address"]))
+        out = [s for s in out if before is None or (s.last_at, s.session_id) < before]
+        out.sort(key=lambda s: (s.last_at, s.session_id), reverse=True)
+        return out[:limit]
 
     async def in_flight(self) -> list[RunRecord]:
         rows = sorted((r for r in self._runs.values() if r["status"] in IN_FLIGHT),

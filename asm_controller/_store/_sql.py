@@ -33,6 +33,7 @@ from asm_controller._store._base import (
     EventsOp,
     RunExists,
     RunRecord,
+    SessionRecord,
     StoreError,
     StoreLocked,
     check_chunk,
@@ -275,16 +276,62 @@ class SqlStore:
             raise RunNotFound(f"run {run_id} is not recorded")
 
     async def list_runs(self, *, status: str | None = None, owner: str | None = None,
-                        limit: int = 1000) -> list[RunRecord]:
+                        session_id: str | None = None, provider: str | None = None, node: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None, limit: int = 1000) -> list[RunRecord]:
         if check_limit(limit) == 0:
             return []
         query = sa.select(*_RECORD_COLUMNS)
-        if status is not None:
-            query = query.where(runs.c.status == status)
-        if owner is not None:
-            query = query.where(runs.c.owner == owner)
+        for col, value in (("status", status), ("owner", owner), ("session_id", session_id),
+                           ("provider", provider), ("node_address", node)):
+            if value is not None:
+                query = query.where(runs.c[col] == value)
+        if since is not None:
+            query = query.where(runs.c.created_at >= float(since))
+        if until is not None:
+            query = query.where(runs.c.created_at < float(until))
+        if before is not None:
+            at, rid = float(before[0]), str(before[1])
+            query = query.where(sa.or_(runs.c.created_at < at, sa.and_(runs.c.created_at == at, runs.c.run_id < rid)))
         query = query.order_by(runs.c.created_at.desc(), runs.c.run_id.desc()).limit(limit)
         return await self._records("list_runs", query)
+
+    async def sessions(self, *, owner: str | None = None, provider: str | None = None, node: str | None = None,
+                       before: tuple[float, str] | None = None, limit: int = 100) -> list[SessionRecord]:
+        if check_limit(limit) == 0:
+            return []
+        part, newest = runs.c.session_id, (runs.c.created_at.desc(), runs.c.run_id.desc())
+        psid = (sa.func.first_value(sa.case((runs.c.provider_session_id != "", runs.c.provider_session_id),
+                                           else_=sa.null()))
+                .over(partition_by=part, order_by=((runs.c.provider_session_id == "").asc(), *newest)))
+        inner = sa.select(runs.c.session_id, runs.c.provider, runs.c.owner, runs.c.run_id, runs.c.status,
+                          runs.c.created_at, runs.c.node_address,
+                          sa.func.row_number().over(partition_by=part, order_by=newest).label("rn"),
+                          sa.func.count().over(partition_by=part).label("n"),
+                          sa.func.min(runs.c.created_at).over(partition_by=part).label("first_at"),
+                          psid.label("psid"))
+        if owner is not None:
+            inner = inner.where(runs.c.owner == owner)
+        if provider is not None:
+            inner = inner.where(runs.c.provider == provider)
+        if node is not None:
+            inner = inner.where(runs.c.session_id.in_(
+                sa.select(runs.c.session_id).where(runs.c.node_address == node)))
+        ranked = inner.subquery()
+        query = sa.select(ranked).where(ranked.c.rn == 1)
+        if before is not None:
+            at, sid = float(before[0]), str(before[1])
+            query = query.where(sa.or_(ranked.c.created_at < at,
+                                       sa.and_(ranked.c.created_at == at, ranked.c.session_id < sid)))
+        query = query.order_by(ranked.c.created_at.desc(), ranked.c.session_id.desc()).limit(limit)
+        reader, _ = self._engines()
+        with self._translated("sessions"):
+            async with reader.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [SessionRecord(session_id=r.session_id, provider=r.provider, owner=r.owner, runs=int(r.n),
+                              last_run_id=r.run_id, last_status=r.status, first_at=float(r.first_at),
+                              last_at=float(r.created_at), provider_session_id=r.psid or "", node=r.node_address)
+                for r in rows]
 
     async def in_flight(self) -> list[RunRecord]:
         query = (sa.select(*_RECORD_COLUMNS).where(runs.c.status.in_(IN_FLIGHT))
