@@ -323,3 +323,30 @@ def test_asm_logs_prints_what_is_logged_then_exits_and_follow_goes_on_to_the_end
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def test_asm_logs_on_a_node(fleet: tuple[ServedProcess, ServedProcess, Path]) -> None:
+    node, _, _ = fleet
+    ran = asm("run", "--node", node.address, "--provider", "shell", "--run-id", "node-logs", "--output", "jsonl",
+              "echo on the node")
+    assert ran.returncode == 0, ran.stderr
+    logs = asm("logs", "node-logs", "--node", node.address, "--output", "jsonl")
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.splitlines() and [json.loads(line)["kind"] for line in logs.stdout.splitlines()] == [
+        json.loads(line)["kind"] for line in ran.stdout.splitlines()]
+
+
+def test_run_info_carries_the_registry_fields_it_has() -> None:
+    """Store v2's fields (priority, queued_at, lease_owner) when the record has them; defaults when not."""
+    from asm_controller.service import run_info
+
+    rec = history_record(3)
+    plain = run_info(rec)
+    assert (plain.priority, plain.queued_unix_nano, plain.replica) == (0, 0, "")
+    assert json.loads(plain.result_json) == rec.result and plain.exit_code == 0
+    for name, value in (("priority", 7), ("queued_at", 1000.5), ("lease_owner", "replica-a")):
+        setattr(rec, name, value)
+    info = run_info(rec)
+    assert (info.priority, info.queued_unix_nano, info.replica) == (7, 1_000_500_000_000, "replica-a")
+    rec.result = None
+    assert run_info(rec).result_json == ""

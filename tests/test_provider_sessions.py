@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from asm_controller import GrpcNodeClient, RemoteNode
-from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, GeminiProvider, ShellProvider
-from asm_node.providers import _sessions
+from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, GeminiProvider, ShellProvider, _sessions
 from asm_node.testing import ServedProcess, serve_controller
 from asm_wire import AsmError, pb
 from tests.support.processes import ROOT, node_config, start_node_process
