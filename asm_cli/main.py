@@ -8,6 +8,9 @@
     asm node drain [--controller C] --node HOST:PORT [--deadline S];  asm node undrain [--controller C] --node HOST:PORT
     asm attach RUN_ID (--node HOST:PORT | --controller C) [--output text|jsonl] [--after-seq N]
     asm runs (--node HOST:PORT | --controller C) [--status S] [--output text|json]
+             [--session ID] [--provider P] [--node-address A] [--since T] [--until T] [--page-size N] [--page-token T|--all]
+    asm logs RUN_ID (--controller C | --node HOST:PORT) [--follow] [--after-seq N] [--output text|jsonl]
+    asm sessions --controller C [--provider P] [--node A] [--output text|json];  asm sessions --node N --provider P
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
 3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
@@ -30,7 +33,19 @@ from collections.abc import Callable, Sequence
 import prometheus_client
 from pydantic import ValidationError
 
-from asm_cli.commands import attach, controller_serve, node_drain, node_serve, nodes, providers, replay, run, runs
+from asm_cli.commands import (
+    attach,
+    controller_serve,
+    logs,
+    node_drain,
+    node_serve,
+    nodes,
+    providers,
+    replay,
+    run,
+    runs,
+    sessions,
+)
 from asm_cli.commands._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -45,6 +60,7 @@ from asm_cli.commands._common import (
 )
 from asm_cli.commands.attach import cmd_attach
 from asm_cli.commands.controller_serve import cmd_controller_serve
+from asm_cli.commands.logs import cmd_logs
 from asm_cli.commands.node_drain import cmd_node_drain, cmd_node_undrain
 from asm_cli.commands.node_serve import cmd_node_serve
 from asm_cli.commands.nodes import cmd_nodes
@@ -52,13 +68,14 @@ from asm_cli.commands.providers import cmd_providers
 from asm_cli.commands.replay import cmd_replay
 from asm_cli.commands.run import cmd_run
 from asm_cli.commands.runs import cmd_runs
+from asm_cli.commands.sessions import cmd_sessions
 from asm_controller import NodeConnectionError
 from asm_wire import AsmError, __version__
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NODE", "EXIT_NODE_STOPPED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE",
-    "NODE_STOPPED_KINDS", "build_parser", "cmd_attach", "cmd_controller_serve", "cmd_node_drain", "cmd_node_serve",
-    "cmd_node_undrain", "cmd_nodes", "cmd_providers", "cmd_replay", "cmd_run", "cmd_runs", "main",
+    "NODE_STOPPED_KINDS", "build_parser", "cmd_attach", "cmd_controller_serve", "cmd_logs", "cmd_node_drain", "cmd_node_serve",
+    "cmd_node_undrain", "cmd_nodes", "cmd_providers", "cmd_replay", "cmd_run", "cmd_runs", "cmd_sessions", "main",
 ]
 
 
@@ -75,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     node_drain.add_parser(node_sub)  # drain and undrain
     run.add_parser(sub)
     attach.add_parser(sub)
+    logs.add_parser(sub)
     runs.add_parser(sub)
+    sessions.add_parser(sub)
     controller = sub.add_parser("controller", help="controller service commands")
     controller_sub = controller.add_subparsers(dest="controller_command", required=True, parser_class=Parser)
     controller_serve.add_parser(controller_sub)

@@ -403,6 +403,12 @@ class GrpcNodeClient:
         resp: pb.RollbackResponse = await self._unary(self._stub.Rollback, request, timeout=120.0)
         return resp
 
+    async def list_provider_sessions(self, request: pb.ListProviderSessionsRequest
+                                     ) -> pb.ListProviderSessionsResponse:
+        """The resumable sessions a provider CLI keeps on the node (a controller: on its node ``request.node``)."""
+        resp: pb.ListProviderSessionsResponse = await self._unary(self._stub.ListProviderSessions, request)
+        return resp
+
 
 class ControllerClient:
     """The controller's own API (``ControllerService``: ListNodes, DrainNode, UndrainNode) over gRPC.
@@ -449,4 +455,11 @@ class ControllerClient:
     async def undrain_node(self, address: str) -> pb.DrainResponse:
         """Cancel a drain of the fleet's node ``address``: it takes runs again, nothing is interrupted."""
         resp: pb.DrainResponse = await self._unary(self._stub.UndrainNode, pb.UndrainNodeRequest(address=address))
+        return resp
+
+    async def list_sessions(self, provider: str = "", node: str = "", limit: int = 0,
+                            page_token: str = "") -> pb.ListSessionsResponse:
+        """The registry's sessions, latest activity first; ``next_page_token`` continues (empty: the last page)."""
+        resp: pb.ListSessionsResponse = await self._unary(self._stub.ListSessions, pb.ListSessionsRequest(
+            provider=provider, node=node, limit=limit, page_token=page_token))
         return resp

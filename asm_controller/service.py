@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -34,6 +35,13 @@ import grpc
 
 from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode, TLSConfig
 from asm_controller._events import Event
+from asm_controller._history import (
+    check_filter,
+    decode_page_token,
+    encode_page_token,
+    session_info,
+    time_range,
+)
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._registry import StoreRegistry, decode_chunks
 from asm_controller._routing import eligible
@@ -172,7 +180,7 @@ _RUN_STATUS = {name: run_status_value(RunStatus.STARTING if name == "pending" el
 
 
 def run_info(rec: RunRecord) -> pb.RunInfo:
-    """A registry record as the wire's RunInfo."""
+    """A registry record as the wire's RunInfo (queue_position is the caller's: it needs the store)."""
     info = pb.RunInfo(run_id=rec.run_id, session_id=rec.session_id, provider=rec.provider,
                       status=_RUN_STATUS.get(rec.status, pb.RUN_STATUS_UNSPECIFIED), last_seq=rec.last_seq,
                       first_held_seq=rec.first_held_seq, owner=rec.owner, cwd=str(rec.spec.get("cwd", "")),
@@ -182,6 +190,16 @@ def run_info(rec: RunRecord) -> pb.RunInfo:
     exit_code = (rec.result or {}).get("exit_code")
     if isinstance(exit_code, int):
         info.exit_code = exit_code
+    # Store v2's fields, read with defaults so this works on a v1 record too.
+    priority = getattr(rec, "priority", 0)
+    if isinstance(priority, int):
+        info.priority = priority
+    queued_at = getattr(rec, "queued_at", None)
+    if isinstance(queued_at, int | float) and queued_at > 0:
+        info.queued_unix_nano = int(queued_at * 1e9)
+    info.replica = str(getattr(rec, "lease_owner", "") or "")
+    if rec.result is not None:
+        info.result_json = json.dumps(rec.result, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return info
 
 
@@ -495,20 +513,54 @@ class FleetApi:
         return run_info(rec)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        """The registry's runs (newest first); a non-admin sees only its own."""
+        """The registry's runs, newest first, filtered and paged (keyset: ``next_page_token`` continues after
+        this page's last run, stable while runs start); a non-admin sees only its own."""
         status = request.status.strip().lower()
         if status and status not in _STATUS_NAMES:
             raise ConfigError(f"unknown run status {request.status!r}: expected one of {', '.join(_STATUS_NAMES)}",
                               reason="invalid_status")
+        since, until = time_range(request.since_unix_nano, request.until_unix_nano)
+        before = decode_page_token("runs", request.page_token)
         me = current_principal()
-        records = await self.store.list_runs(status=_STATUS_NAMES.get(status) if status else None,
-                                             owner=None if me.admin else me.name, limit=request.limit or 1000)
+        limit = request.limit or 1000
+        # One more than asked: whether a next page exists, without a token that leads to an empty page.
+        records = await self.store.list_runs(
+            status=_STATUS_NAMES.get(status) if status else None, owner=None if me.admin else me.name,
+            session_id=check_filter("session_id", request.session_id, 128, an_id=True),
+            provider=check_filter("provider", request.provider, 64), node=check_filter("node", request.node, 512),
+            since=since, until=until, before=before, limit=limit + 1)
         out = pb.ListRunsResponse()
+        if len(records) > limit:
+            records = records[:limit]
+            out.next_page_token = encode_page_token("runs", records[-1].created_at, records[-1].run_id)
+        position = getattr(self.store, "queue_position", None)
         for rec in records:
-            if request.active_only and rec.status not in IN_FLIGHT:
+            if request.active_only and rec.status not in IN_FLIGHT and rec.status != "queued":
                 continue
-            out.runs.append(run_info(rec))
+            info = run_info(rec)
+            if rec.status == "queued" and position is not None:
+                info.queue_position = await position(rec.run_id) or 0
+            out.runs.append(info)
         return out
+
+    async def list_provider_sessions(self, request: pb.ListProviderSessionsRequest
+                                     ) -> pb.ListProviderSessionsResponse:
+        """The resumable sessions a provider CLI keeps on the fleet's node ``request.node`` (asked there; admin
+        only, as on a node: a host's CLI stores are nobody's in particular)."""
+        require_admin("ListProviderSessions")
+        if not request.node:
+            raise ConfigError("ListProviderSessions on a controller needs node: the address of one of its nodes",
+                              reason="node_required")
+        target = next((t for t in self.targets if t.address == request.node), None)
+        if target is None:
+            raise NodeNotFound(f"{request.node[:200]} is not a node of this controller")
+        # A bare client, as for a drain: a draining node still answers what it keeps.
+        client = GrpcNodeClient(target)
+        try:
+            return await client.list_provider_sessions(
+                pb.ListProviderSessionsRequest(provider=request.provider, limit=request.limit))
+        finally:
+            await client.close()
 
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotInfo:
         raise ConfigError("workspace snapshots are taken on a node: ask the node that owns the workspace")
@@ -572,6 +624,22 @@ class FleetApi:
             out.nodes.append(status)
         return out
 
+    async def list_sessions(self, request: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
+        """The registry's sessions (its runs grouped by session id), latest activity first, paged like
+        ListRuns; a non-admin sees only its own runs' sessions."""
+        before = decode_page_token("sessions", request.page_token)
+        me = current_principal()
+        limit = request.limit or 100
+        records = await self.store.sessions(
+            owner=None if me.admin else me.name, provider=check_filter("provider", request.provider, 64),
+            node=check_filter("node", request.node, 512), before=before, limit=limit + 1)
+        out = pb.ListSessionsResponse()
+        if len(records) > limit:
+            records = records[:limit]
+            out.next_page_token = encode_page_token("sessions", records[-1].last_at, records[-1].session_id)
+        out.sessions.extend(session_info(rec) for rec in records)
+        return out
+
     async def drain_node(self, request: pb.DrainNodeRequest) -> pb.DrainResponse:
         require_admin("DrainNode")
         target = next((t for t in self.targets if t.address == request.address), None)
@@ -631,6 +699,8 @@ def controller_service_handler(api: FleetApi) -> grpc.GenericRpcHandler:
         "DrainNode": u("DrainNode", unary(api.drain_node), pb.DrainNodeRequest, pb.DrainResponse.SerializeToString),
         "UndrainNode": u("UndrainNode", unary(api.undrain_node), pb.UndrainNodeRequest,
                          pb.DrainResponse.SerializeToString),
+        "ListSessions": u("ListSessions", unary(api.list_sessions), pb.ListSessionsRequest,
+                          pb.ListSessionsResponse.SerializeToString),
     })
 
 

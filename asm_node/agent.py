@@ -554,6 +554,12 @@ class NodeAgent:
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """The runs held (in start order), optionally of one status; the newest ``limit`` (0: 1000)."""
+        controller_only = [name for name in ("session_id", "provider", "node", "since_unix_nano", "until_unix_nano",
+                                             "page_token") if getattr(request, name)]
+        if controller_only:
+            raise ConfigError(f"ListRuns filter(s) {', '.join(controller_only)} are answered by a controller's "
+                              "registry; a node lists the runs it holds (status, active_only, limit)",
+                              reason="controller_only")
         status = request.status
         if status and status not in _LISTED_STATUSES:
             raise ConfigError(f"unknown run status {status[:64]!r}: use one of {', '.join(_LISTED_STATUSES)}")
@@ -562,6 +568,17 @@ class NodeAgent:
         limit = request.limit or LIST_RUNS_LIMIT
         return pb.ListRunsResponse(runs=[r.info() for r in runs[-limit:]])
 
+    async def list_provider_sessions(self, request: pb.ListProviderSessionsRequest) -> pb.ListProviderSessionsResponse:
+        """The resumable sessions ``request.provider``'s CLI keeps on this host, newest first (admin only: the
+        CLI stores are the host's, not any one principal's). ``node`` is the controller's field: ignored."""
+        require_admin("ListProviderSessions")
+        provider = self.providers.get(request.provider)
+        if provider is None:
+            raise ConfigError(f"unknown provider {request.provider[:64]!r}: use one of {', '.join(sorted(self.providers))}",
+                              reason="unknown_provider")
+        env = self._base_env()
+        sessions = await asyncio.to_thread(provider.list_sessions, env, request.limit)
+        return pb.ListProviderSessionsResponse(sessions=sessions)
 
 #: ListRuns answers at most this many runs when the request sets no limit.
 LIST_RUNS_LIMIT = 1000

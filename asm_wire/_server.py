@@ -282,6 +282,8 @@ def node_service_handler(api: Any) -> grpc.GenericRpcHandler:
         "Snapshot": u("Snapshot", unary(api.snapshot), pb.SnapshotRequest, pb.SnapshotInfo.SerializeToString),
         "Diff": u("Diff", unary(api.diff), pb.DiffRequest, pb.DiffResponse.SerializeToString),
         "Rollback": u("Rollback", unary(api.rollback), pb.RollbackRequest, pb.RollbackResponse.SerializeToString),
+        "ListProviderSessions": u("ListProviderSessions", unary(api.list_provider_sessions),
+                                  pb.ListProviderSessionsRequest, pb.ListProviderSessionsResponse.SerializeToString),
     })
 
 

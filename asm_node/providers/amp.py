@@ -22,6 +22,7 @@ from asm_node.providers._cli import (
     ev_tool_result,
     ev_tool_use,
 )
+from asm_node.providers._sessions import SessionStore
 from asm_node.providers.base import RunSpec, error_event, result_event
 from asm_node.providers.claude import ClaudeParser
 from asm_wire import PermissionMode, pb
@@ -98,6 +99,9 @@ class AmpProvider(CliProvider):
             "approvals": (False, "--execute mode never prompts"),
             "ollama": (False, "not supported by Amp"),
     }
+    #: No session store on the host: Amp keeps its threads in the Amp service (server-side thread
+    #: actors, shared/spec/real_clis.md §4), so ListProviderSessions answers none for it.
+    session_store: ClassVar[SessionStore | None] = None
     display_name = "Amp CLI"
     env_var = "AMP_CLI_PATH"
     path_candidates = ("amp",)

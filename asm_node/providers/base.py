@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from asm_node.providers._sessions import SessionStore
 from asm_wire import ConfigError, EventKind, PermissionMode, choices, kind_value, pb
 
 #: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
@@ -99,6 +100,13 @@ class Provider(ABC):
     #: Common features ("streaming", "tools", "resume", "interrupt", "cost", "approvals", "ollama"):
     #: supported?, and how. Each provider declares them next to the code that implements them.
     features: ClassVar[Mapping[str, tuple[bool, str]]] = MappingProxyType({})
+    #: Where the CLI keeps resumable sessions on the host (ListProviderSessions); None: it keeps none.
+    session_store: ClassVar[SessionStore | None] = None
+
+    def list_sessions(self, env: Mapping[str, str], limit: int) -> list[pb.ProviderSession]:
+        """The resumable sessions the CLI keeps on this host, newest first (blocking: run it off the loop)."""
+        store = self.session_store
+        return [] if store is None else store.sessions(self.name, env, limit)
 
     @abstractmethod
     def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:

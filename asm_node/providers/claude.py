@@ -32,6 +32,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
+from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import CommandSpec, RunSpec, error_event, result_event
 from asm_wire import KIND_VALUES, ConfigError, PermissionMode, pb
 
@@ -196,6 +197,28 @@ class ClaudeParser(JsonLineParser):
             out.append(ev_raw(obj))
 
 
+def read_claude_session(f: SessionFile) -> Found | None:
+    """A transcript ``<session-id>.jsonl``: the cwd its lines carry and its first prompt (or summary)."""
+    if not f.name.endswith(".jsonl"):
+        return None
+    sid, cwd, label, seen = f.name[: -len(".jsonl")], "", "", False
+    for obj in f.objects():
+        if obj.get("sessionId") not in (None, sid):
+            return None  # not this session's transcript
+        seen = seen or "sessionId" in obj
+        cwd = cwd or str(obj.get("cwd") or "")
+        kind = obj.get("type")
+        if not label and kind == "summary":
+            label = label_of(str(obj.get("summary") or ""))
+        elif not label and kind == "user" and not obj.get("isMeta") and isinstance(obj.get("message"), dict):
+            text = text_of(obj["message"].get("content")).strip()
+            if text and not text.startswith("<"):  # "<command-name>...", caveats: not the user's words
+                label = label_of(text)
+        if cwd and label:
+            break
+    return Found(sid, label, cwd) if seen else None
+
+
 class ClaudeProvider(CliProvider):
     name = "claude"
     #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
@@ -209,6 +232,10 @@ class ClaudeProvider(CliProvider):
                           "otherwise the permission mode decides"),
             "ollama": (True, "ANTHROPIC_BASE_URL/AUTH_TOKEN pointed at Ollama"),
     }
+    #: Transcripts: ~/.claude/projects/<cwd with / and . as ->/<session-id>.jsonl (CLAUDE_CONFIG_DIR moves
+    #: ~/.claude); resumable with --resume <id>.
+    session_store: ClassVar[SessionStore | None] = SessionStore(
+        "claude_projects_jsonl", ".claude", ("CLAUDE_CONFIG_DIR", ""), ("projects", "*", "*.jsonl"), read_claude_session)
     display_name = "Claude CLI"
     env_var = "CLAUDE_CLI_PATH"
     path_candidates = ("claude-code", "claude")

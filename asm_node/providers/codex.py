@@ -29,6 +29,7 @@ from asm_node.providers._cli import (
     ev_tool_result,
     ev_tool_use,
 )
+from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import RunSpec, error_event, result_event
 from asm_wire import ConfigError, PermissionMode, pb
 
@@ -126,6 +127,25 @@ class CodexParser(JsonLineParser):
             out.append(ev_raw(obj))
 
 
+def read_codex_session(f: SessionFile) -> Found | None:
+    """A rollout file: its first line is ``session_meta`` (id = the thread id, cwd); the label is the
+    first user message that is not the CLI's own context (``<environment_context>``, ...)."""
+    lines = f.objects()
+    meta = next(lines, None)
+    if meta is None or meta.get("type") != "session_meta" or not isinstance(meta.get("payload"), dict):
+        return None
+    payload = meta["payload"]
+    sid, cwd = str(payload.get("id") or ""), str(payload.get("cwd") or "")
+    for obj in lines:
+        item = obj.get("payload")
+        if obj.get("type") == "response_item" and isinstance(item, dict) and item.get("type") == "message" \
+                and item.get("role") == "user":
+            text = text_of(item.get("content")).strip()
+            if text and not text.startswith("<"):
+                return Found(sid, label_of(text), cwd)
+    return Found(sid, "", cwd)
+
+
 class CodexProvider(CliProvider):
     name = "codex"
     #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
@@ -138,6 +158,11 @@ class CodexProvider(CliProvider):
             "approvals": (False, "codex exec never prompts"),
             "ollama": (True, "--oss with model_provider ollama"),
     }
+    #: Rollouts: $CODEX_HOME (default ~/.codex)/sessions/YYYY/MM/DD/rollout-<time>-<thread id>.jsonl;
+    #: resumable with exec resume <id>.
+    session_store: ClassVar[SessionStore | None] = SessionStore(
+        "codex_sessions_jsonl", ".codex", ("CODEX_HOME", ""),
+        ("sessions", "[0-9][0-9][0-9][0-9]", "[0-9][0-9]", "[0-9][0-9]", "rollout-*.jsonl"), read_codex_session)
     display_name = "Codex CLI"
     env_var = "CODEX_PATH"
     path_candidates = ("codex",)

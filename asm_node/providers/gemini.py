@@ -27,6 +27,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
+from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import ExitInfo, RunSpec, error_event, result_event, stderr_summary
 from asm_wire import ConfigError, pb
 
@@ -98,6 +99,24 @@ class GeminiParser(JsonLineParser):
         return error_event(text + (f": {detail}" if detail else ""), kind, "provider", exit_code=exit.returncode or -1)
 
 
+def read_gemini_session(f: SessionFile) -> Found | None:
+    """A chat log ``session-*.jsonl`` (Gemini CLI 0.61): the first line holds ``sessionId``; messages
+    follow one a line (``$set`` lines update fields); the project's cwd is in ``../.project_root``."""
+    lines = f.objects()
+    head = next(lines, None)
+    if head is None or not isinstance(head.get("sessionId"), str):
+        return None
+    root = f.sibling("..", ".project_root")
+    cwd = root.decode("utf-8", "replace").strip() if root else ""
+    for obj in lines:
+        for msg in obj.get("$set", {}).get("messages", []) if isinstance(obj.get("$set"), dict) else [obj]:
+            if isinstance(msg, dict) and msg.get("type") == "user":
+                text = text_of(msg.get("content")).strip()
+                if text and not text.startswith("<session_context>"):
+                    return Found(head["sessionId"], label_of(text), cwd)
+    return Found(head["sessionId"], "", cwd)
+
+
 class GeminiProvider(CliProvider):
     name = "gemini"
     #: The common features (supported?, how), shown by `asm providers`: declared here, with the CLI.
@@ -110,6 +129,11 @@ class GeminiProvider(CliProvider):
             "approvals": (False, "headless mode never prompts; --approval-mode / --yolo decide"),
             "ollama": (False, "not supported by the Gemini CLI"),
     }
+    #: Chats: ~/.gemini/tmp/<project>/chats/session-<time>-<id>.jsonl, the project's cwd in
+    #: <project>/.project_root (GEMINI_CLI_HOME replaces HOME); resumable with --resume <id>.
+    session_store: ClassVar[SessionStore | None] = SessionStore(
+        "gemini_chats_jsonl", ".gemini", ("GEMINI_CLI_HOME", ".gemini"), ("tmp", "*", "chats", "session-*.jsonl"),
+        read_gemini_session)
     display_name = "Gemini CLI"
     env_var = "GEMINI_CLI_PATH"
     path_candidates = ("gemini",)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from asm_node.config import DEFAULT_SHELL_CONFINED, NodeConfig
+from asm_node.providers._sessions import SessionStore
 from asm_node.providers.base import (
     CommandSpec,
     ExitInfo,
@@ -139,6 +140,8 @@ class ShellProvider(Provider):
             "approvals": (False, ""),
             "ollama": (False, ""),
     }
+    #: Commands keep no resumable sessions: ListProviderSessions answers none.
+    session_store: ClassVar[SessionStore | None] = None
     display_name = "Shell"
 
     def __init__(
