@@ -679,7 +679,11 @@ class FleetApi:
             rec = await self.store.get(request.run_id)
         if rec is None:
             raise _not_found(request.run_id)
-        return run_info(rec)
+        info = run_info(rec)
+        info.priority = rec.priority
+        if rec.status == "queued":
+            info.queue_position = await self.store.queue_position(rec.run_id) or 0
+        return info
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """The registry's runs (newest first); a non-admin sees only its own."""
