@@ -32,7 +32,8 @@ What the causes mean:
   controller history bound); the message names the seqs that are gone.
 * ``StoreError``: the controller's run store failed or cannot be used (store_unavailable:
   connection or I/O, may pass; schema_too_new: migrated by a newer asm). ``StoreLocked``: another
-  controller holds the store.
+  controller holds the store. ``LeaseLost``: a replica's fenced write found the run's lease taken
+  over by another replica (or the run not in the status it expected): it stops acting on that run.
 * ``WorkspaceError``: a workspace snapshot, diff or rollback failed (``GitFailed``: git exited
   non-zero or could not be run; ``GitTimeout``; ``SnapshotNotFound``: an unknown snapshot id).
 * ``DecodeError``: a recorded event line that cannot be decoded (torn, damaged, not asm's format).
@@ -92,6 +93,9 @@ _TABLE_TEXT: Final = """\
     AsmError                 cli_not_found      provider   -                    FAILED_PRECONDITION
     AsmError                 at_capacity        runtime    -                    RESOURCE_EXHAUSTED
     AsmError                 queue_full         runtime    -                    RESOURCE_EXHAUSTED
+    AsmError                 queue_full         runtime    queue_full           RESOURCE_EXHAUSTED
+    AsmError                 timeout            runtime    queue_timeout        DEADLINE_EXCEEDED
+    AsmError                 runtime            runtime    env_unavailable      FAILED_PRECONDITION
     AsmError                 buffer_overflow    transport  -                    OUT_OF_RANGE
     AsmError                 buffer_overflow    transport  message_too_large    OUT_OF_RANGE
     AsmError                 guardrail_blocked  guardrail  -                    PERMISSION_DENIED
@@ -117,6 +121,7 @@ _TABLE_TEXT: Final = """\
     StoreError               runtime            runtime    store_unavailable    INTERNAL
     StoreError               runtime            runtime    schema_too_new       INTERNAL
     └ StoreLocked            runtime            runtime    store_in_use         INTERNAL
+    LeaseLost                runtime            runtime    lease_lost           ABORTED
     WorkspaceError           tool_failed        tool       workspace_io         INTERNAL
     ├ GitFailed              tool_failed        tool       git_failed           INTERNAL
     ├ GitTimeout             timeout            tool       git_timeout          DEADLINE_EXCEEDED
@@ -258,6 +263,11 @@ class StoreError(AsmError):
 
 class StoreLocked(StoreError):
     """Another controller holds the run store (one controller per registry)."""
+
+
+class LeaseLost(AsmError):
+    """A fenced write or a status compare-and-set failed: another replica holds the run's lease now
+    (or the run is no longer in the expected status). The writer must stop acting on that run."""
 
 
 class WorkspaceError(AsmError):

@@ -8,7 +8,13 @@
     writer.submit_update(run_id, status="completed", ended_at=time.time(), result={...})
     await writer.close(); await store.close()
 
-Layout: ``_base`` (RunRecord, errors, the RunStore protocol, input checks), ``_memory``
+Replicas (schema version 2, PostgreSQL): each live run (``LIVE``: queued, pending, running) is
+owned by one replica through a lease in its row (``take_lease`` is a compare-and-set; writes
+fenced with the ``Lease`` fail ``LeaseLost`` once another replica took it over); replicas register
+in ``asm_replicas`` (``heartbeat_replica``); queued runs wait in ``queued()`` order (priority, then
+FIFO); ``list_runs`` / ``sessions`` answer the history with keyset paging.
+
+Layout: ``_base`` (RunRecord, Lease, errors, the RunStore protocol, input checks), ``_memory``
 (MemoryStore), ``_sql`` (SqlStore: SQLite and PostgreSQL through SQLAlchemy Core async),
 ``_migrations`` (the schema and its versioned migrations), ``_writer`` (StoreWriter), ``_url``
 (open_store).
@@ -23,11 +29,18 @@ from typing import TYPE_CHECKING, Any
 from asm_controller._store._base import (
     DEFAULT_HISTORY_MAX_BYTES,
     IN_FLIGHT,
+    LIVE,
+    QUEUED,
     STATUSES,
+    STORE_OPS,
     InvalidRecord,
+    Lease,
+    LeaseLost,
+    ReplicaRecord,
     RunExists,
     RunRecord,
     RunStore,
+    SessionRecord,
     StoreError,
     StoreLocked,
 )
@@ -51,7 +64,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "SCHEMA_VERSION", "STATUSES", "URL_FORMS", "InvalidRecord",
-    "MemoryStore", "RunExists", "RunNotFound", "RunRecord", "RunStore", "SqlStore", "StoreError", "StoreLocked", "StoreWriter",
-    "open_store",
+    "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "LIVE", "QUEUED", "SCHEMA_VERSION", "STATUSES", "STORE_OPS", "URL_FORMS",
+    "InvalidRecord", "Lease", "LeaseLost", "MemoryStore", "ReplicaRecord", "RunExists", "RunNotFound", "RunRecord",
+    "RunStore", "SessionRecord", "SqlStore", "StoreError", "StoreLocked", "StoreWriter", "open_store",
 ]

@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asm_wire import AsmError, ConfigError
-from asm_wire import StoreError as StoreError  # re-exported: the store's modules import it from here
+from asm_wire import LeaseLost as LeaseLost  # re-exported: the store's modules import it from here
+from asm_wire import StoreError as StoreError
 from asm_wire import StoreLocked as StoreLocked
 
-#: A run is in flight (the controller must re-attach it after a restart) in these states.
+#: A run is in flight (on a node: the controller must re-attach it after a restart) in these states.
 IN_FLIGHT = ("pending", "running")
-STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+#: A run waits in the fleet queue (no node could admit it yet); it has no node.
+QUEUED = "queued"
+#: A run is live (not ended: owned through a lease by one replica) in these states.
+LIVE = (QUEUED, *IN_FLIGHT)
+STATUSES = (QUEUED, "pending", "running", "completed", "failed", "interrupted")
 #: The default per-run bound of the stored event log.
 DEFAULT_HISTORY_MAX_BYTES = 64 * 2**20
 
@@ -49,6 +54,17 @@ class RunRecord:
     updated_at: float = 0.0
     ended_at: float | None = None
     result: dict[str, Any] | None = None  # the final result summary (JSON)
+    # The fleet queue (schema version 2).
+    priority: int = 0  # -1000..1000; higher starts first, FIFO (queued_at) within a priority
+    queued_at: float | None = None  # when it entered the queue (create() of a queued run: created_at)
+    queue_deadline: float | None = None  # unix seconds: still queued then -> queue_timeout
+    #: The prompt, held ONLY while the run is queued (another replica must be able to start it after a
+    #: failover); cleared when it is placed. get() returns it, list_runs() never does.
+    prompt: str = ""
+    # The lease (schema version 2): the replica that owns this live run, its fencing token, and until when.
+    lease_owner: str = ""
+    lease_token: int = 0
+    lease_expires: float = 0.0
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
@@ -68,6 +84,46 @@ class InvalidRecord(ConfigError):
     default_reason = "invalid_record"
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A replica's claim on one live run: its owner (replica id) and fencing token.
+
+    A write fenced with a Lease is applied only while the run's row still holds exactly this owner
+    and token; take_lease() by another replica raises the token, so the old holder's writes fail
+    (LeaseLost) instead of interleaving with the new owner's."""
+
+    owner: str
+    token: int
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One controller replica as it registers itself (heartbeat_replica) in a shared store."""
+
+    replica_id: str
+    address: str  # where clients and other replicas reach it (its --advertise address)
+    started_at: float
+    heartbeat_at: float
+    expires_at: float  # it counts as dead after this (unless it heartbeats again)
+    leases: int  # live runs whose unexpired lease it holds (when replicas() was read)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One session as the run history shows it (an aggregate of its runs)."""
+
+    session_id: str
+    provider: str  # the latest run's
+    owner: str  # the latest run's
+    runs: int
+    last_run_id: str
+    last_status: str
+    first_at: float  # created_at of its first run
+    last_at: float  # created_at of its latest run (the listing's order and cursor)
+    provider_session_id: str  # the latest non-empty one ("": none yet)
+    node: str  # the latest run's node_address
+
+
 # The store's failures are asm_wire's StoreError (reason ``store_unavailable``: connection or I/O, may
 # pass; ``schema_too_new``: the database was migrated by a newer asm) and StoreLocked (another
 # controller holds the store): one class tree with every other asm error (asm_wire._errors).
@@ -81,6 +137,7 @@ class EventsOp:
     first_seq: int
     last_seq: int
     data: bytes
+    fence: Lease | None = None
 
 
 @dataclass
@@ -89,34 +146,110 @@ class UpdateOp:
 
     run_id: str
     fields: dict[str, Any]
+    fence: Lease | None = None
+    expect_status: str | tuple[str, ...] | None = None
 
 
 BatchOp = EventsOp | UpdateOp
 
 
+#: A keyset cursor: (created_at, run_id) of list_runs()' last row, (last_at, session_id) of sessions()'.
+Cursor = tuple[float, str]
+#: Statuses a status filter or expect_status accepts: one, or several.
+StatusFilter = str | tuple[str, ...]
+
+
 class RunStore(Protocol):
-    """The controller's durable run registry and event log; every backend behaves the same."""
+    """The controller's durable run registry and event log; every backend behaves the same.
+
+    Times that decide something (leases, replicas) are passed in by the caller (``now``, ``until``:
+    unix seconds) so every replica and every test decides with the clock it means."""
 
     url: str  # display form, password hidden
     history_max_bytes: int
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def claim(self) -> None: ...
+    async def claim(self) -> None:
+        """SQLite: make this process the store's only controller (StoreLocked if another holds it).
+        PostgreSQL: a no-op (replicas share it; leases keep each run exclusive)."""
+        ...
     async def meta_get(self, key: str) -> str | None: ...
     async def meta_set(self, key: str, value: str) -> None: ...
     async def create(self, rec: RunRecord) -> None: ...
     async def get(self, run_id: str) -> RunRecord | None: ...
-    async def update(self, run_id: str, **fields: Any) -> None: ...
-    async def list_runs(self, *, status: str | None = None, owner: str | None = None,
-                        limit: int = 1000) -> list[RunRecord]: ...
+    async def update(self, run_id: str, *, fence: Lease | None = None,
+                     expect_status: StatusFilter | None = None, **fields: Any) -> None:
+        """Set fields. ``fence``: only while the run's lease is exactly it; ``expect_status``: only while
+        the run's status is (one of) it. Otherwise LeaseLost (nothing written); RunNotFound."""
+        ...
+    async def list_runs(self, *, status: StatusFilter | None = None, owner: str | None = None,
+                        session_id: str | None = None, provider: str | None = None, node: str | None = None,
+                        since: float | None = None, until: float | None = None, before: Cursor | None = None,
+                        limit: int = 1000) -> list[RunRecord]:
+        """Newest first (created_at, run_id descending); ``before``: the previous page's last
+        (created_at, run_id), exclusive; since <= created_at < until; node = node_address. The
+        records' ``prompt`` is always "" here (a history listing never ships prompts)."""
+        ...
     async def in_flight(self) -> list[RunRecord]: ...
-    async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None: ...
+    async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                            fence: Lease | None = None) -> None: ...
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]: ...
-    async def prune(self, ended_before: float) -> int: ...
+    async def prune(self, ended_before: float, *, max_log_bytes: int | None = None) -> int:
+        """Delete runs ended before ``ended_before`` (and their events); returns how many. Then, when
+        the event logs of ended runs hold more than ``max_log_bytes``, drop the oldest ended runs'
+        logs (their records stay: first_held_seq = last_seq + 1) until they fit."""
+        ...
+    async def log_bytes(self) -> int:
+        """Bytes of event data held, every run together."""
+        ...
     async def write_batch(self, ops: Sequence[BatchOp]) -> list[AsmError]:
-        """Apply ops in order in one transaction; returns the ops' own errors (unknown run, overlap):
-        those ops are skipped, the rest is written. Raises StoreError when the database fails."""
+        """Apply ops in order in one transaction; returns the ops' own errors (unknown run, overlap,
+        LeaseLost), each with ``details["run_id"]``: those ops are skipped, the rest is written.
+        Raises StoreError when the database fails."""
+        ...
+
+    # --- leases: which replica owns which live run ---
+    async def take_lease(self, run_id: str, owner: str, *, seen_token: int, until: float,
+                         now: float) -> Lease | None:
+        """Compare-and-set: only if the run's lease_token is still ``seen_token``, it is live, and its
+        lease expired (lease_expires < now), is free or is ``owner``'s already. Then the lease is
+        ``owner``'s with token seen_token + 1 until ``until``; None when the CAS failed (or no such run)."""
+        ...
+    async def renew_leases(self, owner: str, *, until: float) -> dict[str, int]:
+        """Extend every lease ``owner`` holds on a live run to ``until``; returns {run_id: token} held."""
+        ...
+    async def release_lease(self, run_id: str, lease: Lease) -> bool:
+        """Expire ``lease`` now (another replica may take the run at once) if it is still held; True if it was."""
+        ...
+    async def expired_leases(self, *, now: float, limit: int = 500) -> list[RunRecord]:
+        """Live runs whose lease expired before ``now`` (or never had one), oldest first."""
+        ...
+
+    # --- replicas ---
+    async def heartbeat_replica(self, replica_id: str, address: str, *, now: float, until: float) -> None: ...
+    async def remove_replica(self, replica_id: str) -> None: ...
+    async def replicas(self, *, now: float) -> list[ReplicaRecord]:
+        """Replicas alive at ``now`` (expires_at >= now), by id, each with its count of unexpired leases."""
+        ...
+
+    # --- the fleet queue ---
+    async def queued(self, *, limit: int = 1000, owner: str | None = None) -> list[RunRecord]:
+        """Queued runs in start order: priority descending, then queued_at, then run_id (FIFO within a
+        priority). ``owner`` filters by the principal (not the lease)."""
+        ...
+    async def queue_position(self, run_id: str) -> int | None:
+        """The run's 1-based place in the fleet-wide start order; None if it is not queued."""
+        ...
+    async def queue_stats(self) -> tuple[int, float | None]:
+        """(queued runs, the oldest queued_at or None)."""
+        ...
+
+    # --- history ---
+    async def sessions(self, *, owner: str | None = None, provider: str | None = None, node: str | None = None,
+                       before: Cursor | None = None, limit: int = 100) -> list[SessionRecord]:
+        """Sessions of the runs matching the filters, newest activity first (last_at, session_id
+        descending); ``before``: the previous page's last (last_at, session_id), exclusive."""
         ...
 
 
@@ -126,8 +259,11 @@ class RunStore(Protocol):
 MAX_CHARS: dict[str, int] = {
     "run_id": 128, "session_id": 128, "provider": 64, "owner": 256, "prompt_digest": 71,
     "node_address": 512, "node_id": 128, "node_epoch": 64, "node_run_id": 128, "status": 16,
-    "provider_session_id": 256,
+    "provider_session_id": 256, "lease_owner": 64, "replica_id": 64, "address": 512,
 }
+#: The longest prompt a queued run may hold (characters).
+MAX_PROMPT_CHARS = 1 << 20
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 MAX_META_KEY = 128
 MAX_META_VALUE = 65536
 #: A spec or result larger than this (as JSON) is refused: the registry is not a blob store.
@@ -199,8 +335,16 @@ def _digest(name: str, value: object) -> str:
     return text
 
 
+def check_priority(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecord(f"{name} must be an integer, not {type(value).__name__}")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidRecord(f"{name} must be between {MIN_PRIORITY} and {MAX_PRIORITY}, not {value}")
+    return value
+
+
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    **{name: (lambda n, v: check_text(n, v)) for name in MAX_CHARS},
+    **{name: (lambda n, v: check_text(n, v)) for name in MAX_CHARS if name in FIELDS},
     "run_id": lambda n, v: check_text(n, v, empty_ok=False),
     "session_id": lambda n, v: check_text(n, v, empty_ok=False),
     "provider": lambda n, v: check_text(n, v, empty_ok=False),
@@ -214,6 +358,12 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "created_at": check_time,
     "updated_at": check_time,
     "ended_at": lambda n, v: check_time(n, v, none_ok=True),
+    "priority": check_priority,
+    "queued_at": lambda n, v: check_time(n, v, none_ok=True),
+    "queue_deadline": lambda n, v: check_time(n, v, none_ok=True),
+    "prompt": lambda n, v: check_text(n, v, limit=MAX_PROMPT_CHARS),
+    "lease_token": check_seq,
+    "lease_expires": check_time,
 }
 assert set(_CHECKS) == set(FIELDS), set(FIELDS) ^ set(_CHECKS)
 
@@ -259,21 +409,98 @@ def check_chunk(run_id: object, first_seq: object, last_seq: object, data: objec
 
 
 def check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise InvalidRecord(f"limit must be a non-negative integer, not {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_SEQ:
+        raise InvalidRecord(f"limit must be a non-negative integer (at most 2**63-1), not {limit!r}")
     return limit
 
 
+def check_statuses(name: str, value: object) -> tuple[str, ...]:
+    """A status filter (one status or a tuple/list of them) as a non-empty tuple of known statuses."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, tuple | list) or not items:
+        raise InvalidRecord(f"{name} must be a status or a non-empty tuple of statuses, not {value!r}"[:300])
+    for item in items:
+        if item not in STATUSES:
+            raise InvalidRecord(f"{name}: {item!r} is not a status ({', '.join(STATUSES)})"[:300])
+    return tuple(items)
+
+
+def check_fence(fence: object) -> Lease | None:
+    if fence is None:
+        return None
+    if not isinstance(fence, Lease):
+        raise InvalidRecord(f"fence must be a Lease, not {type(fence).__name__}")
+    check_text("lease_owner", fence.owner, empty_ok=False)
+    check_seq("lease token", fence.token)
+    return fence
+
+
+def check_owner(name: str, value: object) -> str:
+    """A replica id (lease owner)."""
+    return check_text(name, value, empty_ok=False, limit=MAX_CHARS["lease_owner"])
+
+
+def check_cursor(before: object) -> Cursor | None:
+    """A keyset cursor: (created_at or last_at, run_id or session_id) from the previous page."""
+    if before is None:
+        return None
+    if not isinstance(before, tuple | list) or len(before) != 2:
+        raise InvalidRecord(f"a cursor is (unix seconds, id) from the previous page's last row, not {before!r}"[:300])
+    at = check_time("cursor time", before[0])
+    assert at is not None
+    return at, check_text("cursor id", before[1], limit=MAX_CHARS["run_id"])
+
+
+def check_filter_text(name: str, value: object, field_name: str) -> str | None:
+    return None if value is None else check_text(name, value, limit=MAX_CHARS[field_name])
+
+
+def check_expect(fence: object, expect_status: object) -> tuple[Lease | None, tuple[str, ...] | None]:
+    return check_fence(fence), (None if expect_status is None else check_statuses("expect_status", expect_status))
+
+
+def check_max_bytes(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise InvalidRecord(f"max_log_bytes must be a non-negative integer, not {value!r}"[:300])
+    return value
+
+
+def lease_lost(run_id: str, fence: Lease | None, expect: tuple[str, ...] | None, *, owner: str, token: int,
+               status: str) -> LeaseLost | None:
+    """The LeaseLost for a row (owner, token, status) a fenced write finds; None when it may write."""
+    if fence is not None and (owner, token) != (fence.owner, fence.token):
+        holder = f"{owner!r} (token {token})" if owner else "nobody"
+        return LeaseLost(f"run {run_id}: its lease is held by {holder}, not by {fence.owner!r} (token "
+                         f"{fence.token}): another replica took it over", details={"run_id": run_id})
+    if expect is not None and status not in expect:
+        return LeaseLost(f"run {run_id} is {status}, not {' or '.join(expect)}: another replica or "
+                         "request changed it first", details={"run_id": run_id})
+    return None
+
+
+#: The operation names a SQL store reports to its ``observe`` hook (a metric's bounded label set).
+STORE_OPS: tuple[str, ...] = (
+    "open", "claim", "meta_get", "meta_set", "create", "get", "update", "list_runs", "in_flight",
+    "append_events", "events_after", "prune", "log_bytes", "write_batch", "take_lease", "renew_leases",
+    "release_lease", "expired_leases", "heartbeat_replica", "remove_replica", "replicas", "queued",
+    "queue_position", "queue_stats", "sessions",
+)
+
+
 def record_from_columns(cols: dict[str, Any]) -> RunRecord:
-    """A RunRecord from stored column values (spec/result as JSON text)."""
-    values = {name: cols[name] for name in FIELDS}
+    """A RunRecord from stored column values (spec/result as JSON text; no ``prompt``: a listing's "")."""
+    values = {name: cols[name] for name in FIELDS if name != "prompt"}
+    values["prompt"] = cols.get("prompt") or ""
     values["spec"] = json.loads(values["spec"]) if values["spec"] else {}
     values["result"] = json.loads(values["result"]) if values["result"] is not None else None
-    for name in ("created_at", "updated_at"):
+    for name in ("created_at", "updated_at", "lease_expires"):
         values[name] = float(values[name])
-    if values["ended_at"] is not None:
-        values["ended_at"] = float(values["ended_at"])
-    for name in ("last_seq", "node_seq", "first_held_seq"):
+    for name in ("ended_at", "queued_at", "queue_deadline"):
+        if values[name] is not None:
+            values[name] = float(values[name])
+    for name in ("last_seq", "node_seq", "first_held_seq", "priority", "lease_token"):
         values[name] = int(values[name])
     return RunRecord(**values)
 

@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +29,58 @@ from asm_controller._store._base import (
     DEFAULT_HISTORY_MAX_BYTES,
     FIELDS,
     IN_FLIGHT,
+    LIVE,
+    MAX_SEQ,
+    QUEUED,
+    STORE_OPS,
     BatchOp,
+    Cursor,
     EventsOp,
+    InvalidRecord,
+    Lease,
+    LeaseLost,
+    ReplicaRecord,
     RunExists,
     RunRecord,
+    SessionRecord,
+    StatusFilter,
     StoreError,
     StoreLocked,
     check_chunk,
+    check_cursor,
+    check_expect,
+    check_fence,
+    check_filter_text,
     check_limit,
+    check_max_bytes,
     check_meta,
+    check_owner,
     check_record,
+    check_seq,
+    check_statuses,
     check_text,
+    check_time,
     check_update,
+    lease_lost,
     overlap_error,
     record_from_columns,
 )
-from asm_controller._store._migrations import MIGRATIONS, Migration, meta, migrate_step, run_events, runs
+from asm_controller._store._migrations import (
+    MIGRATIONS,
+    Migration,
+    meta,
+    migrate_step,
+    replicas,
+    run_events,
+    runs,
+)
 from asm_wire import AsmError, RunNotFound
 
 log = logging.getLogger("asm_controller.store")
 
 _RECORD_COLUMNS = [runs.c[name] for name in FIELDS]
+#: list_runs() never reads the prompt (a history listing must not ship prompts).
+_LIST_COLUMNS = [runs.c[name] for name in FIELDS if name != "prompt"]
 #: Oldest chunks looked at per round when the history bound drops some.
 _TRIM_BATCH = 256
 
@@ -59,17 +90,19 @@ class SqlStore:
 
     def __init__(self, url: sa.URL, *, display_url: str, sqlite_path: Path | None = None,
                  history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES, connect_timeout_s: float = 5.0,
-                 migrations: Sequence[Migration] = MIGRATIONS) -> None:
+                 migrations: Sequence[Migration] = MIGRATIONS,
+                 observe: Callable[[str, float], None] | None = None) -> None:
         self.url = display_url
         self.history_max_bytes = history_max_bytes
         self._sa_url = url
         self._sqlite_path = sqlite_path
         self._connect_timeout_s = connect_timeout_s
         self._migrations = tuple(migrations)
+        #: Called with (op, seconds) after every public operation (op from STORE_OPS), failed ones too.
+        self._observe = observe
         self._engine: AsyncEngine | None = None
         self._wengine: AsyncEngine | None = None
         self._claim_fd: int | None = None
-        self._claim_conn: AsyncConnection | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -92,15 +125,17 @@ class SqlStore:
             raise
 
     async def claim(self) -> None:
-        """Make this process the store's only controller (until close); StoreLocked (``store_in_use``) if
-        another holds it. Two controllers on one registry would both re-attach (and end) the same runs.
+        """SQLite: make this process the store's only controller (until close); StoreLocked
+        (``store_in_use``) if another holds it: two controllers on one SQLite file would both
+        re-attach (and end) the same runs, and SQLite is the single-controller store. The lock is an
+        exclusive flock on ``PATH.lock`` (released by the kernel if this process dies).
 
-        SQLite: an exclusive lock on ``PATH.lock``. PostgreSQL: a session advisory lock held on a
-        connection of its own (released by the server if this process dies).
+        PostgreSQL: a no-op. Replicas share the database; each live run is kept to one replica by
+        its lease (take_lease, fenced writes), not by a store-wide lock.
         """
-        engine, _ = self._engines()
-        if self._sqlite_path is not None:
-            if self._claim_fd is not None:
+        with self._translated("claim"):
+            self._engines()
+            if self._sqlite_path is None or self._claim_fd is not None:
                 return
             lock = self._sqlite_path.with_name(self._sqlite_path.name + ".lock")
             try:
@@ -111,34 +146,15 @@ class SqlStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise StoreLocked(f"another controller uses the run store {self.url} (one controller per "
-                                  "registry: give each its own --state)") from None
+                raise StoreLocked(f"another controller uses the run store {self.url} (SQLite is the "
+                                  "single-controller store: give each controller its own --state, or use "
+                                  "PostgreSQL for replicas)") from None
             self._claim_fd = fd
-            return
-        if self._claim_conn is not None:
-            return
-        with self._translated("claim"):
-            conn = await engine.connect()
-            try:
-                got = (await conn.execute(sa.text("SELECT pg_try_advisory_lock(7101976210)"))).scalar()
-                await conn.commit()
-            except BaseException:
-                await conn.close()
-                raise
-        if not got:
-            await conn.close()
-            raise StoreLocked(f"another controller uses the run store {self.url} (one controller per "
-                              "registry: give each its own --state)")
-        self._claim_conn = conn
 
     async def close(self) -> None:
         if self._claim_fd is not None:
             os.close(self._claim_fd)  # releases the flock
             self._claim_fd = None
-        if self._claim_conn is not None:
-            with contextlib.suppress(Exception):
-                await self._claim_conn.close()
-            self._claim_conn = None
         engine, self._engine, self._wengine = self._engine, None, None
         if engine is not None:
             with contextlib.suppress(Exception):  # a dead server must not turn close() into an error
@@ -195,7 +211,10 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _translated(self, op: str) -> Iterator[None]:
-        """Driver and OS failures -> StoreError naming the store (password hidden)."""
+        """One public operation: driver and OS failures -> StoreError naming the store (password
+        hidden); its duration goes to the ``observe`` hook (failures too)."""
+        assert op in STORE_OPS, op
+        started = time.perf_counter()
         try:
             yield
         except AsmError:
@@ -206,6 +225,12 @@ class SqlStore:
             if type(exc).__module__.split(".")[0] in ("asyncpg", "aiosqlite", "sqlite3"):
                 raise StoreError(f"the run store {self.url} failed ({op}): {self._describe(exc)}") from None
             raise
+        finally:
+            if self._observe is not None:
+                try:
+                    self._observe(op, time.perf_counter() - started)
+                except Exception:  # a metrics hook's bug must not fail the store's operation
+                    log.exception("run store %s: the observe hook failed", self.url)
 
     def _describe(self, exc: BaseException) -> str:
         orig = getattr(exc, "orig", None) or exc
@@ -244,6 +269,8 @@ class SqlStore:
         now = time.time()
         cols["created_at"] = cols["created_at"] or now
         cols["updated_at"] = cols["updated_at"] or cols["created_at"]
+        if cols["status"] == QUEUED and cols["queued_at"] is None:
+            cols["queued_at"] = cols["created_at"]  # a run created queued entered the queue then
         _, writer = self._engines()
         with self._translated("create"):
             async with writer.begin() as conn:
@@ -260,29 +287,51 @@ class SqlStore:
                 row = (await conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.run_id == run_id))).first()
         return record_from_columns(dict(row._mapping)) if row is not None else None
 
-    async def update(self, run_id: str, **fields: Any) -> None:
+    async def update(self, run_id: str, *, fence: Lease | None = None,
+                     expect_status: StatusFilter | None = None, **fields: Any) -> None:
         cols = check_update(fields)
         check_text("run_id", run_id)
+        fenced, expect = check_expect(fence, expect_status)
         _, writer = self._engines()
         with self._translated("update"):
             async with writer.begin() as conn:
-                await self._update_in(conn, run_id, cols)
+                await self._update_in(conn, run_id, cols, fenced, expect)
 
-    async def _update_in(self, conn: AsyncConnection, run_id: str, cols: dict[str, Any]) -> None:
+    async def _update_in(self, conn: AsyncConnection, run_id: str, cols: dict[str, Any],
+                         fence: Lease | None = None, expect: tuple[str, ...] | None = None) -> None:
+        # One UPDATE whose WHERE holds the fence and the expected status: the compare-and-set is atomic
+        # (PostgreSQL re-checks the WHERE on the row a concurrent writer committed). Only when it matched
+        # nothing is the row read, to say why.
         cols.setdefault("updated_at", time.time())
-        result = await conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(**cols))
-        if result.rowcount == 0:
+        stmt = sa.update(runs).where(runs.c.run_id == run_id)
+        if fence is not None:
+            stmt = stmt.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
+        if expect is not None:
+            stmt = stmt.where(runs.c.status.in_(expect))
+        result = await conn.execute(stmt.values(**cols))
+        if result.rowcount:
+            return
+        row = (await conn.execute(sa.select(runs.c.lease_owner, runs.c.lease_token, runs.c.status)
+                                  .where(runs.c.run_id == run_id))).first()
+        if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
+        raise (lease_lost(run_id, fence, expect, owner=row.lease_owner, token=int(row.lease_token),
+                          status=row.status)
+               or LeaseLost(f"run {run_id} changed while it was written: try again", details={"run_id": run_id}))
 
-    async def list_runs(self, *, status: str | None = None, owner: str | None = None,
+    async def list_runs(self, *, status: StatusFilter | None = None, owner: str | None = None,
+                        session_id: str | None = None, provider: str | None = None, node: str | None = None,
+                        since: float | None = None, until: float | None = None, before: Cursor | None = None,
                         limit: int = 1000) -> list[RunRecord]:
+        where = _run_filters(status=status, owner=owner, session_id=session_id, provider=provider, node=node,
+                             since=since, until=until)
+        cursor = check_cursor(before)
         if check_limit(limit) == 0:
             return []
-        query = sa.select(*_RECORD_COLUMNS)
-        if status is not None:
-            query = query.where(runs.c.status == status)
-        if owner is not None:
-            query = query.where(runs.c.owner == owner)
+        query = sa.select(*_LIST_COLUMNS).where(*where)
+        if cursor is not None:
+            query = query.where(sa.or_(runs.c.created_at < cursor[0],
+                                       sa.and_(runs.c.created_at == cursor[0], runs.c.run_id < cursor[1])))
         query = query.order_by(runs.c.created_at.desc(), runs.c.run_id.desc()).limit(limit)
         return await self._records("list_runs", query)
 
@@ -298,22 +347,210 @@ class SqlStore:
                 rows = (await conn.execute(query)).all()
         return [record_from_columns(dict(row._mapping)) for row in rows]
 
+    # --- leases -----------------------------------------------------------------------------------
+
+    async def take_lease(self, run_id: str, owner: str, *, seen_token: int, until: float,
+                         now: float) -> Lease | None:
+        check_text("run_id", run_id, empty_ok=False)
+        check_owner("owner", owner)
+        token = check_seq("seen_token", seen_token) + 1
+        if token > MAX_SEQ:
+            raise InvalidRecord("seen_token is at its maximum: the lease cannot be taken again")
+        expires, at = check_time("until", until), check_time("now", now)
+        _, writer = self._engines()
+        # The compare-and-set is this one UPDATE: of two replicas racing for the run, PostgreSQL makes the
+        # second wait for the first's row lock and re-checks the WHERE on the row it committed, where
+        # lease_token is no longer seen_token (SQLite: BEGIN IMMEDIATE serializes them).
+        stmt = (sa.update(runs)
+                .where(runs.c.run_id == run_id, runs.c.lease_token == seen_token, runs.c.status.in_(LIVE),
+                       sa.or_(runs.c.lease_expires < at, runs.c.lease_owner == owner, runs.c.lease_owner == ""))
+                .values(lease_owner=owner, lease_token=token, lease_expires=expires))
+        with self._translated("take_lease"):
+            async with writer.begin() as conn:
+                taken = (await conn.execute(stmt)).rowcount
+        return Lease(owner, token) if taken else None
+
+    async def renew_leases(self, owner: str, *, until: float) -> dict[str, int]:
+        check_owner("owner", owner)
+        expires = check_time("until", until)
+        _, writer = self._engines()
+        stmt = (sa.update(runs).where(runs.c.lease_owner == owner, runs.c.status.in_(LIVE))
+                .values(lease_expires=expires).returning(runs.c.run_id, runs.c.lease_token))
+        with self._translated("renew_leases"):
+            async with writer.begin() as conn:
+                rows = (await conn.execute(stmt)).all()
+        return {str(run_id): int(token) for run_id, token in rows}
+
+    async def release_lease(self, run_id: str, lease: Lease) -> bool:
+        check_text("run_id", run_id, empty_ok=False)
+        if check_fence(lease) is None:
+            raise InvalidRecord("release_lease() needs the Lease it releases")
+        _, writer = self._engines()
+        stmt = (sa.update(runs).where(runs.c.run_id == run_id, runs.c.lease_owner == lease.owner,
+                                      runs.c.lease_token == lease.token)
+                .values(lease_expires=0.0))
+        with self._translated("release_lease"):
+            async with writer.begin() as conn:
+                return bool((await conn.execute(stmt)).rowcount)
+
+    async def expired_leases(self, *, now: float, limit: int = 500) -> list[RunRecord]:
+        at = check_time("now", now)
+        if check_limit(limit) == 0:
+            return []
+        query = (sa.select(*_RECORD_COLUMNS).where(runs.c.status.in_(LIVE), runs.c.lease_expires < at)
+                 .order_by(runs.c.created_at, runs.c.run_id).limit(limit))
+        return await self._records("expired_leases", query)
+
+    # --- replicas ---------------------------------------------------------------------------------
+
+    async def heartbeat_replica(self, replica_id: str, address: str, *, now: float, until: float) -> None:
+        check_owner("replica_id", replica_id)
+        check_text("address", address)
+        at, expires = check_time("now", now), check_time("until", until)
+        insert = pg_dialect.insert(replicas) if self._sqlite_path is None else sqlite_dialect.insert(replicas)
+        stmt = insert.values(replica_id=replica_id, address=address, started_at=at, heartbeat_at=at,
+                             expires_at=expires)
+        stmt = stmt.on_conflict_do_update(index_elements=[replicas.c.replica_id], set_={
+            "address": address, "heartbeat_at": at, "expires_at": expires,
+            # A replica back after it was dead (same --replica-id) started again now.
+            "started_at": sa.case((replicas.c.expires_at < at, at), else_=replicas.c.started_at),
+        })
+        _, writer = self._engines()
+        with self._translated("heartbeat_replica"):
+            async with writer.begin() as conn:
+                await conn.execute(stmt)
+
+    async def remove_replica(self, replica_id: str) -> None:
+        check_owner("replica_id", replica_id)
+        _, writer = self._engines()
+        with self._translated("remove_replica"):
+            async with writer.begin() as conn:
+                await conn.execute(sa.delete(replicas).where(replicas.c.replica_id == replica_id))
+
+    async def replicas(self, *, now: float) -> list[ReplicaRecord]:
+        at = check_time("now", now)
+        leases = (sa.select(sa.func.count()).select_from(runs)
+                  .where(runs.c.lease_owner == replicas.c.replica_id, runs.c.status.in_(LIVE),
+                         runs.c.lease_expires >= at)
+                  .correlate(replicas).scalar_subquery())
+        query = (sa.select(replicas, leases.label("leases")).where(replicas.c.expires_at >= at)
+                 .order_by(replicas.c.replica_id))
+        reader, _ = self._engines()
+        with self._translated("replicas"):
+            async with reader.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [ReplicaRecord(str(r.replica_id), str(r.address), float(r.started_at), float(r.heartbeat_at),
+                              float(r.expires_at), int(r.leases)) for r in rows]
+
+    # --- the fleet queue --------------------------------------------------------------------------
+
+    async def queued(self, *, limit: int = 1000, owner: str | None = None) -> list[RunRecord]:
+        principal = check_filter_text("owner", owner, "owner")
+        if check_limit(limit) == 0:
+            return []
+        query = sa.select(*_RECORD_COLUMNS).where(runs.c.status == QUEUED)
+        if principal is not None:
+            query = query.where(runs.c.owner == principal)
+        query = query.order_by(runs.c.priority.desc(), runs.c.queued_at.asc().nulls_last(),
+                               runs.c.run_id.asc()).limit(limit)
+        return await self._records("queued", query)
+
+    async def queue_position(self, run_id: str) -> int | None:
+        check_text("run_id", run_id)
+        me, other = runs.alias("me"), runs.alias("other")
+        same_priority_ahead = sa.or_(
+            # queued_at NULL sorts last within its priority (as queued() orders it).
+            sa.and_(me.c.queued_at.is_(None),
+                    sa.or_(other.c.queued_at.is_not(None), other.c.run_id < me.c.run_id)),
+            sa.and_(me.c.queued_at.is_not(None), other.c.queued_at.is_not(None),
+                    sa.or_(other.c.queued_at < me.c.queued_at,
+                           sa.and_(other.c.queued_at == me.c.queued_at, other.c.run_id < me.c.run_id))),
+        )
+        ahead = (sa.select(sa.func.count()).select_from(other)
+                 .where(other.c.status == QUEUED,
+                        sa.or_(other.c.priority > me.c.priority,
+                               sa.and_(other.c.priority == me.c.priority, same_priority_ahead)))
+                 .correlate(me).scalar_subquery())
+        query = sa.select(ahead).select_from(me).where(me.c.run_id == run_id, me.c.status == QUEUED)
+        reader, _ = self._engines()
+        with self._translated("queue_position"):
+            async with reader.connect() as conn:
+                value = (await conn.execute(query)).scalar()
+        return None if value is None else int(value) + 1
+
+    async def queue_stats(self) -> tuple[int, float | None]:
+        query = sa.select(sa.func.count(), sa.func.min(runs.c.queued_at)).where(runs.c.status == QUEUED)
+        reader, _ = self._engines()
+        with self._translated("queue_stats"):
+            async with reader.connect() as conn:
+                depth, oldest = (await conn.execute(query)).one()
+        return int(depth), None if oldest is None else float(oldest)
+
+    # --- history ----------------------------------------------------------------------------------
+
+    async def sessions(self, *, owner: str | None = None, provider: str | None = None, node: str | None = None,
+                       before: Cursor | None = None, limit: int = 100) -> list[SessionRecord]:
+        where = _run_filters(owner=owner, provider=provider, node=node)
+        cursor = check_cursor(before)
+        if check_limit(limit) == 0:
+            return []
+        # The matching runs, each ranked in its session (1 = the latest), with the session's count and
+        # first time; the latest non-empty provider_session_id joined from a second ranking.
+        f = sa.select(runs.c.session_id, runs.c.run_id, runs.c.created_at, runs.c.status, runs.c.provider,
+                      runs.c.owner, runs.c.node_address, runs.c.provider_session_id).where(*where).cte("f")
+        latest_first = (f.c.created_at.desc(), f.c.run_id.desc())
+        ranked = sa.select(
+            f, sa.func.row_number().over(partition_by=f.c.session_id, order_by=latest_first).label("rn"),
+            sa.func.count().over(partition_by=f.c.session_id).label("n_runs"),
+            sa.func.min(f.c.created_at).over(partition_by=f.c.session_id).label("first_at"),
+        ).cte("ranked")
+        psid = sa.select(
+            f.c.session_id, f.c.provider_session_id,
+            sa.func.row_number().over(partition_by=f.c.session_id, order_by=latest_first).label("rn"),
+        ).where(f.c.provider_session_id != "").cte("psid")
+        query = (sa.select(ranked.c.session_id, ranked.c.provider, ranked.c.owner, ranked.c.n_runs,
+                           ranked.c.run_id, ranked.c.status, ranked.c.first_at, ranked.c.created_at,
+                           sa.func.coalesce(psid.c.provider_session_id, "").label("psid"), ranked.c.node_address)
+                 .select_from(ranked.outerjoin(psid, sa.and_(psid.c.session_id == ranked.c.session_id,
+                                                             psid.c.rn == 1)))
+                 .where(ranked.c.rn == 1))
+        if cursor is not None:
+            query = query.where(sa.or_(ranked.c.created_at < cursor[0],
+                                       sa.and_(ranked.c.created_at == cursor[0], ranked.c.session_id < cursor[1])))
+        query = query.order_by(ranked.c.created_at.desc(), ranked.c.session_id.desc()).limit(limit)
+        reader, _ = self._engines()
+        with self._translated("sessions"):
+            async with reader.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [SessionRecord(session_id=str(r.session_id), provider=str(r.provider), owner=str(r.owner),
+                              runs=int(r.n_runs), last_run_id=str(r.run_id), last_status=str(r.status),
+                              first_at=float(r.first_at), last_at=float(r.created_at),
+                              provider_session_id=str(r.psid), node=str(r.node_address)) for r in rows]
+
     # --- events -----------------------------------------------------------------------------------
 
-    async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None:
+    async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                            fence: Lease | None = None) -> None:
         check_chunk(run_id, first_seq, last_seq, data)
+        fenced = check_fence(fence)
         _, writer = self._engines()
         with self._translated("append_events"):
             async with writer.begin() as conn:
-                await self._append_in(conn, run_id, first_seq, last_seq, bytes(data))
+                await self._append_in(conn, run_id, first_seq, last_seq, bytes(data), fenced)
 
     async def _append_in(self, conn: AsyncConnection, run_id: str, first_seq: int, last_seq: int,
-                         data: bytes) -> None:
+                         data: bytes, fence: Lease | None = None) -> None:
+        # FOR UPDATE: the row stays locked until commit, so a take_lease() by another replica cannot
+        # slip between this fence check and the write (it waits, then finds its token changed or not).
         row = (await conn.execute(
-            sa.select(runs.c.last_seq, runs.c.first_held_seq, runs.c.held_bytes)
+            sa.select(runs.c.last_seq, runs.c.first_held_seq, runs.c.held_bytes, runs.c.lease_owner,
+                      runs.c.lease_token, runs.c.status)
             .where(runs.c.run_id == run_id).with_for_update())).first()
         if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
+        lost = lease_lost(run_id, fence, None, owner=row.lease_owner, token=int(row.lease_token), status=row.status)
+        if lost is not None:
+            raise lost
         held_last, first_held, held = int(row.last_seq), int(row.first_held_seq), int(row.held_bytes)
         if last_seq <= held_last:
             return  # already held (a retried write whose commit did land): appending is idempotent
@@ -345,44 +582,97 @@ class SqlStore:
 
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]:
         check_text("run_id", run_id)
+        after = check_seq("after_seq", after_seq)
         reader, _ = self._engines()
         query = (sa.select(run_events.c.first_seq, run_events.c.last_seq, run_events.c.data)
-                 .where(run_events.c.run_id == run_id, run_events.c.last_seq > after_seq)
+                 .where(run_events.c.run_id == run_id, run_events.c.last_seq > after)
                  .order_by(run_events.c.last_seq))
         with self._translated("events_after"):
             async with reader.connect() as conn:
                 rows = (await conn.execute(query)).all()
         return [(int(first), int(last), bytes(data)) for first, last, data in rows]
 
-    async def prune(self, ended_before: float) -> int:
-        ended = sa.and_(runs.c.ended_at.is_not(None), runs.c.ended_at < float(ended_before))
+    async def prune(self, ended_before: float, *, max_log_bytes: int | None = None) -> int:
+        cutoff = check_time("ended_before", ended_before)
+        budget = check_max_bytes(max_log_bytes)
+        ended = sa.and_(runs.c.ended_at.is_not(None), runs.c.ended_at < cutoff)
         _, writer = self._engines()
         with self._translated("prune"):
             async with writer.begin() as conn:
                 await conn.execute(sa.delete(run_events).where(
                     run_events.c.run_id.in_(sa.select(runs.c.run_id).where(ended))))
                 result = await conn.execute(sa.delete(runs).where(ended))
+                if budget is not None:
+                    await self._trim_ended_logs(conn, budget)
         return int(result.rowcount)
+
+    async def _trim_ended_logs(self, conn: AsyncConnection, budget: int) -> None:
+        """Drop the oldest ended runs' event logs until the ended runs' logs hold at most ``budget`` bytes."""
+        has_log = sa.and_(runs.c.ended_at.is_not(None), runs.c.held_bytes > 0)
+        total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(runs.c.held_bytes), 0))
+                                    .where(has_log))).scalar()
+        excess = int(total or 0) - budget
+        while excess > 0:
+            oldest = (await conn.execute(
+                sa.select(runs.c.run_id, runs.c.held_bytes).where(has_log)
+                .order_by(runs.c.ended_at, runs.c.run_id).limit(_TRIM_BATCH))).all()
+            if not oldest:
+                break
+            dropped = []
+            for run_id, nbytes in oldest:
+                if excess <= 0:
+                    break
+                dropped.append(str(run_id))
+                excess -= int(nbytes)
+            await conn.execute(sa.delete(run_events).where(run_events.c.run_id.in_(dropped)))
+            await conn.execute(sa.update(runs).where(runs.c.run_id.in_(dropped)).values(
+                first_held_seq=runs.c.last_seq + 1, held_bytes=0))
+
+    async def log_bytes(self) -> int:
+        reader, _ = self._engines()
+        with self._translated("log_bytes"):
+            async with reader.connect() as conn:
+                total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(runs.c.held_bytes), 0)))).scalar()
+        return int(total or 0)
 
     async def write_batch(self, ops: Sequence[BatchOp]) -> list[AsmError]:
         skipped: list[AsmError] = []
         if not ops:
             return skipped
         _, writer = self._engines()
-        with self._translated("write"):
+        with self._translated("write_batch"):
             async with writer.begin() as conn:
                 for op in ops:
-                    # An op's own error (unknown run, overlap) is found by a SELECT before anything is
-                    # written for it, so it never aborts the transaction the other ops are in.
+                    # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
+                    # UPDATE that matched nothing before anything is written for it, so it never aborts
+                    # the transaction the other ops are in.
                     try:
                         if isinstance(op, EventsOp):
-                            await self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data)
+                            await self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
+                                                  check_fence(op.fence))
                         else:
-                            await self._update_in(conn, op.run_id, check_update(dict(op.fields)))
-                    except (RunNotFound, RunExists) as exc:
-                        skipped.append(exc)
-                    except AsmError as exc:
-                        if exc.reason != "invalid_record":
-                            raise
+                            fence, expect = check_expect(op.fence, op.expect_status)
+                            await self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
+                    except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
+                        exc.details.setdefault("run_id", op.run_id)
                         skipped.append(exc)
         return skipped
+
+
+def _run_filters(*, status: StatusFilter | None = None, owner: str | None = None, session_id: str | None = None,
+                 provider: str | None = None, node: str | None = None, since: float | None = None,
+                 until: float | None = None) -> list[sa.ColumnElement[bool]]:
+    """The WHERE terms of a history query (each value checked: bad input is InvalidRecord, never SQL)."""
+    where: list[sa.ColumnElement[bool]] = []
+    if status is not None:
+        where.append(runs.c.status.in_(check_statuses("status", status)))
+    for column, value in (("owner", owner), ("session_id", session_id), ("provider", provider),
+                          ("node_address", node)):
+        text = check_filter_text("node" if column == "node_address" else column, value, column)
+        if text is not None:
+            where.append(runs.c[column] == text)
+    if since is not None:
+        where.append(runs.c.created_at >= check_time("since", since))
+    if until is not None:
+        where.append(runs.c.created_at < check_time("until", until))
+    return where

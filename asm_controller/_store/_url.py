@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from asm_controller._store._base import DEFAULT_HISTORY_MAX_BYTES, RunStore
@@ -21,14 +22,16 @@ def _bad(url: str, why: str) -> ConfigError:
 
 
 def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
-               connect_timeout_s: float = 5.0) -> RunStore:
+               connect_timeout_s: float = 5.0, observe: Callable[[str, float], None] | None = None) -> RunStore:
     """The store for ``url`` (not opened yet: ``await store.open()``).
 
     ``memory:`` keeps everything in this process; ``sqlite:///PATH`` is a file (a relative PATH
     is resolved against the current directory now; ``sqlite:////abs`` is absolute, as in
     SQLAlchemy); ``postgresql://`` is a server (``?host=/dir`` for its unix socket).
     ``history_max_bytes`` bounds each run's stored event log; ``connect_timeout_s`` bounds a
-    PostgreSQL connect and how long SQLite waits for another process's write lock.
+    PostgreSQL connect and how long SQLite waits for another process's write lock. ``observe(op,
+    seconds)`` is called after every operation of a SQL store (op from ``STORE_OPS``: a metric's
+    label), a memory store never calls it.
     """
     if not isinstance(url, str) or not url.strip():
         raise _bad(str(url), "empty")
@@ -38,7 +41,7 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         raise ConfigError(f"connect_timeout_s must be positive, not {connect_timeout_s!r}")
     scheme = url.split(":", 1)[0].lower()
     if url in ("memory:", "memory://"):
-        return MemoryStore(history_max_bytes=history_max_bytes)
+        return MemoryStore(history_max_bytes=history_max_bytes, observe=observe)
     if scheme == "sqlite":
         if not url.startswith("sqlite:///") or "?" in url or "#" in url:
             raise _bad(url, "a sqlite URL is sqlite:/// followed by a file path, without a host or options")
@@ -51,7 +54,7 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         from asm_controller._store._sql import SqlStore
         return SqlStore(sa.URL.create("sqlite+aiosqlite", database=str(path)), display_url=f"sqlite:///{path}",
                         sqlite_path=path, history_max_bytes=history_max_bytes,
-                        connect_timeout_s=connect_timeout_s)
+                        connect_timeout_s=connect_timeout_s, observe=observe)
     if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
         import sqlalchemy as sa
 
@@ -80,5 +83,5 @@ def open_store(url: str, *, history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         del port
         sa_url = parsed.set(drivername="postgresql+asyncpg", query=query)
         return SqlStore(sa_url, display_url=display, history_max_bytes=history_max_bytes,
-                        connect_timeout_s=connect_timeout_s)
+                        connect_timeout_s=connect_timeout_s, observe=observe)
     raise _bad(url.split("@")[-1] if "@" in url else url, "unknown scheme")

@@ -9,6 +9,11 @@ memory without bound. A database error never reaches a run: it is logged (first,
 every ``_LOG_EVERY_S`` with a count), counted in ``errors`` and the same batch is retried with
 exponential backoff (``retry_min_s`` .. ``retry_max_s``) until it is written; appends are
 idempotent in the store, so a batch whose commit landed before its error is not doubled.
+
+An op the store refuses for its own reason (unknown run, overlapping seqs, a fence whose lease
+another replica took over: LeaseLost) is dropped, the rest of its batch written; it is logged,
+counted in ``rejected`` and handed to ``on_skipped(run_id, error)``, so the owner of the run
+learns that it lost the run and stops acting on it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,22 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from asm_controller._store._base import BatchOp, EventsOp, RunStore, UpdateOp, check_chunk, check_update
+from asm_controller._store._base import (
+    BatchOp,
+    EventsOp,
+    Lease,
+    LeaseLost,
+    RunStore,
+    StatusFilter,
+    UpdateOp,
+    check_chunk,
+    check_expect,
+    check_update,
+)
+from asm_wire import AsmError
 
 log = logging.getLogger("asm_controller.store")
 
@@ -30,8 +48,11 @@ class StoreWriter:
     """Queues a store's writes and writes them from one background task (start it by using it)."""
 
     def __init__(self, store: RunStore, *, flush_interval_s: float = 0.05, max_pending_bytes: int = 8 * 2**20,
-                 retry_min_s: float = 0.05, retry_max_s: float = 2.0) -> None:
+                 retry_min_s: float = 0.05, retry_max_s: float = 2.0,
+                 on_skipped: Callable[[str, AsmError], None] | None = None) -> None:
         self.store = store
+        #: Called (from the writing task) with the run id and the error of every op the store refused.
+        self.on_skipped = on_skipped
         self.flush_interval_s = flush_interval_s
         self.max_pending_bytes = max_pending_bytes
         self.retry_min_s = retry_min_s
@@ -40,7 +61,7 @@ class StoreWriter:
         self.pending_bytes = 0
         #: Failed batch writes so far (each is retried; a counter for metrics).
         self.errors = 0
-        #: Ops the store refused for their own reason (unknown run, overlapping seqs): logged, dropped.
+        #: Ops the store refused for their own reason (unknown run, overlapping seqs, LeaseLost): logged, dropped.
         self.rejected = 0
         self._queue: list[BatchOp] = []
         self._last_update: dict[str, UpdateOp] = {}  # run -> its queued update, while it is the run's last op
@@ -57,11 +78,14 @@ class StoreWriter:
 
     # --- submitting -------------------------------------------------------------------------------
 
-    async def submit_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None:
-        """Queue one chunk; returns at once unless more than max_pending_bytes are unwritten."""
+    async def submit_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                            fence: Lease | None = None) -> None:
+        """Queue one chunk; returns at once unless more than max_pending_bytes are unwritten.
+        ``fence``: written only while the run's lease is still it (else skipped: LeaseLost)."""
         check_chunk(run_id, first_seq, last_seq, data)
+        check_expect(fence, None)
         self._check_open()
-        self._enqueue(EventsOp(run_id, first_seq, last_seq, bytes(data)))
+        self._enqueue(EventsOp(run_id, first_seq, last_seq, bytes(data), fence))
         self._last_update.pop(run_id, None)  # a later update must come after these events
         self.pending_bytes += len(data)
         if self.pending_bytes > self.max_pending_bytes:
@@ -70,25 +94,31 @@ class StoreWriter:
             async with self._progress:
                 await self._progress.wait_for(lambda: self.pending_bytes <= self.max_pending_bytes or self._closed)
 
-    def submit_events_nowait(self, run_id: str, first_seq: int, last_seq: int, data: bytes) -> None:
+    def submit_events_nowait(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                             fence: Lease | None = None) -> None:
         """Queue one chunk without waiting (a few events made on the controller, e.g. a run's end)."""
         check_chunk(run_id, first_seq, last_seq, data)
+        check_expect(fence, None)
         self._check_open()
-        self._enqueue(EventsOp(run_id, first_seq, last_seq, bytes(data)))
+        self._enqueue(EventsOp(run_id, first_seq, last_seq, bytes(data), fence))
         self._last_update.pop(run_id, None)
         self.pending_bytes += len(data)
 
-    def submit_update(self, run_id: str, **fields: Any) -> None:
-        """Queue an update; merged into the run's queued update when nothing of the run came after it."""
+    def submit_update(self, run_id: str, *, fence: Lease | None = None,
+                      expect_status: StatusFilter | None = None, **fields: Any) -> None:
+        """Queue an update; merged into the run's queued update when nothing of the run came after it
+        and both have the same fence and no expect_status (a compare-and-set is applied on its own:
+        merged, a failed one would take the other's fields down with it)."""
         check_update(dict(fields))  # an unknown field is the caller's TypeError now, not a log line later
+        check_expect(fence, expect_status)
         self._check_open()
         queued = self._last_update.get(run_id)
-        if queued is not None:
+        if queued is not None and queued.fence == fence and queued.expect_status is None and expect_status is None:
             queued.fields.update(fields)
             self._submitted += 1
             self._ensure_task()
             return
-        op = UpdateOp(run_id, dict(fields))
+        op = UpdateOp(run_id, dict(fields), fence, expect_status)
         self._enqueue(op)
         self._last_update[run_id] = op
 
@@ -180,14 +210,26 @@ class StoreWriter:
                 self._last_log = 0.0
             delay = self.retry_min_s
             for err in rejected:
-                self.rejected += 1
-                log.error("run store %s: dropped a write the store refused: %s", self.store.url, err)
+                self._skipped(err)
             written = sum(len(op.data) for op in batch if isinstance(op, EventsOp))
             batch = []
             async with self._progress:
                 self.pending_bytes -= written
                 self._written = batch_upto
                 self._progress.notify_all()
+
+    def _skipped(self, err: AsmError) -> None:
+        self.rejected += 1
+        run_id = str(err.details.get("run_id", ""))
+        if isinstance(err, LeaseLost):  # expected with replicas: another one took the run over
+            log.warning("run store %s: dropped a fenced write of run %s: %s", self.store.url, run_id, err)
+        else:
+            log.error("run store %s: dropped a write the store refused: %s", self.store.url, err)
+        if self.on_skipped is not None:
+            try:
+                self.on_skipped(run_id, err)
+            except Exception:  # the hook's bug must not stop the writing task
+                log.exception("run store %s: the on_skipped hook failed", self.store.url)
 
     def _log_failure(self, exc: Exception) -> None:
         now = time.monotonic()
