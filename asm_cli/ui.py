@@ -360,7 +360,13 @@ def nodes_text(rows: list[dict[str, Any]]) -> str:
     lines: list[tuple[str, ...]] = [_NODE_HEAD, *cells]
     widths = [max(len(r[i]) for r in lines) for i in range(len(_NODE_HEAD) - 1)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in lines]
-    return "\n".join(out + [f"  {node}: {message}" for node, message in errors]) + "\n"
+    footer = [f"routing: {strategy}"] if (strategy := _strategy(rows)) else []
+    return "\n".join(out + [f"  {node}: {message}" for node, message in errors] + footer) + "\n"
+
+
+def _strategy(rows: list[dict[str, Any]]) -> str:
+    """The controller's routing strategy (``asm nodes --controller`` puts it on each row); "" directly."""
+    return next((str(r["strategy"]) for r in rows if r.get("strategy")), "")
 
 
 _STATE_STYLES = {"ready": "green", "draining": "yellow", "stopping": "yellow", "error": "red"}
@@ -476,6 +482,8 @@ def print_nodes(rows: list[dict[str, Any]], stream: IO[str] | None = None, *, no
     errors = _node_errors(rows)
     if errors is not None:
         console.print(errors, soft_wrap=True, highlight=False)
+    if strategy := _strategy(rows):
+        console.print(Text(f"routing: {strategy}", style="dim"))
 
 
 def print_runs(rows: list[dict[str, Any]], stream: IO[str] | None = None, *, no_color: bool = False) -> None:
@@ -518,6 +526,8 @@ async def watch_nodes(fetch: Callable[[], Awaitable[list[dict[str, Any]]]], inte
         errors = _node_errors(rows)
         if errors is not None:
             parts.append(errors)
+        if strategy := _strategy(rows):
+            parts.append(Text(f"routing: {strategy}", style="dim"))
         return Group(*parts)
 
     rounds = 0

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from asm_wire import ConfigError, NodeState, RunStatus, __version__, pb
+from asm_wire import ConfigError, NodeState, RunStatus, Strategy, __version__, choices, pb
 
 if TYPE_CHECKING:
     from asm_controller._session import Session
@@ -27,6 +27,11 @@ STATES = ("healthy", "degraded", "unhealthy", NodeState.DRAINING.value, "lost")
 PROVIDERS = ("claude", "codex", "gemini", "amp", "shell")
 #: Outcomes of ``asm_controller_runs_routed_total`` (Session._finish maps every end to one of them).
 OUTCOMES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.INTERRUPTED.value, "node_lost")
+#: Queue waits run from milliseconds (a slot was free a heartbeat later) to hours (a full fleet).
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: At most this many distinct store op names get their own series; any further one counts as "other"
+#: (the store reports ops from a fixed set; this keeps the label bounded whatever it sends).
+MAX_STORE_OPS = 64
 
 
 class ControllerMetrics:
@@ -64,10 +69,58 @@ class ControllerMetrics:
         self.recovered = Counter("asm_controller_runs_recovered",
                                  "In-flight runs a restarted controller took over from its registry", registry=r)
         self.cost = Counter("asm_controller_cost_usd", "Cost reported by providers (USD)", ["provider"], registry=r)
+        # HA replicas on a shared store: leases (one owner per in-flight run), per replica.
+        self.leases_held = Gauge("asm_controller_leases_held", "Runs whose lease this replica holds", registry=r)
+        self.lease_takeovers = Counter(
+            "asm_controller_lease_takeovers",
+            "Runs this replica took over after their owner's lease expired (a replica died or was cut off)",
+            registry=r)
+        self.leases_lost = Counter(
+            "asm_controller_leases_lost",
+            "Leases this replica lost (fenced: another replica took the run over, or renewal failed)", registry=r)
+        self.replicas = Gauge("asm_controller_replicas", "Live controller replicas in the store (this one included)",
+                              registry=r)
+        self.lease_renew_failures = Counter("asm_controller_lease_renew_failures",
+                                            "Lease renewals that failed (the store did not answer in time)",
+                                            registry=r)
+        # The fleet queue: runs waiting for a node with room.
+        self.queue_depth = Gauge("asm_controller_queue_depth", "Runs waiting in the fleet queue (fleet-wide)",
+                                 registry=r)
+        self.queue_oldest_age = Gauge("asm_controller_queue_oldest_age_seconds",
+                                      "How long the oldest queued run has waited (0 when the queue is empty)",
+                                      registry=r)
+        self.queue_wait = Histogram("asm_controller_queue_wait_seconds",
+                                    "Time from queued to placed on a node, per run that waited",
+                                    buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.queue_timeouts = Counter("asm_controller_queue_timeouts",
+                                      "Queued runs ended by their queue timeout (queue_timeout)", registry=r)
+        self.store_latency = Histogram("asm_controller_store_latency_seconds", "Run store operation latency",
+                                       ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self._store_ops: set[str] = set()
+        self.strategy_info = Gauge("asm_controller_routing_strategy_info",
+                                   "The routing strategy of this replica (1 for the current one)", ["strategy"],
+                                   registry=r)
         for provider in PROVIDERS:
             self.cost.labels(provider)
             for direction in ("input", "output"):
                 self.tokens.labels(provider, direction)
+
+    def set_strategy(self, name: str) -> None:
+        """The routing strategy in use: ``asm_controller_routing_strategy_info{strategy=name}`` is 1 (one series)."""
+        if name not in choices(Strategy):
+            raise ConfigError(f"unknown routing strategy {name!r}: expected one of {', '.join(choices(Strategy))}")
+        self.strategy_info.clear()
+        self.strategy_info.labels(name).set(1)
+
+    def observe_store(self, op: str, seconds: float) -> None:
+        """A run store operation's latency (the store's ``observe`` hook); op names past MAX_STORE_OPS
+        distinct ones are counted as ``other``."""
+        if op not in self._store_ops:
+            if len(self._store_ops) >= MAX_STORE_OPS:
+                op = "other"
+            else:
+                self._store_ops.add(op)
+        self.store_latency.labels(op).observe(seconds)
 
     def expect_providers(self, names: Sequence[str]) -> None:
         """The operator's list (``--expect-provider``): these page when no node can run them, even

@@ -25,7 +25,7 @@ from asm_controller._options import RunOptions
 from asm_controller._pool import NodePool
 from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, EventReducer, Result
 from asm_controller._registry import Registry, restore_reducer
-from asm_controller._routing import Candidate, eligible
+from asm_controller._routing import Candidate, eligible, reported_load
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import (
     TERMINAL_STATUSES,
@@ -331,7 +331,8 @@ class Run:
         """
         host = self.host
         attempts: list[dict[str, Any]] = self.reducer.metadata.setdefault("attempts", [])
-        cands = [Candidate(t.key, i, t.priority, t.weight, t) for i, t in enumerate(self.opts.nodes) if t.key not in exclude]
+        cands = [Candidate(t.key, i, t.priority, t.weight, t, reported_load(host.pool.get(t.key)))
+                 for i, t in enumerate(self.opts.nodes) if t.key not in exclude]
 
         def skip(c: Candidate) -> str | None:
             handle = host.pool.get(c.key)

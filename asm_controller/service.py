@@ -117,7 +117,7 @@ class ControllerConfig:
     tls_ca: Path | None = None
     node_tls: TLSConfig | None = None
     insecure: bool = False
-    strategy: str = "priority"
+    strategy: str = "least_loaded"  # asm_wire.Strategy; the library Session keeps "priority"
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     max_concurrent_runs: int = 1000
     expected_providers: list[str] = field(default_factory=list)  # always alerted on (--expect-provider)
@@ -249,6 +249,7 @@ class FleetApi:
                  epoch: str | None = None) -> None:
         self.config = config
         self.epoch = epoch or new_epoch()
+        metrics.set_strategy(config.strategy)
         self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
         self.replica_id = config.replica_id or new_replica_id()
         writer = StoreWriter(self.store, on_skipped=self._write_skipped)
@@ -722,7 +723,7 @@ class FleetApi:
     # -- ControllerService --------------------------------------------------------------
 
     async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
-        out = pb.ListNodesResponse()
+        out = pb.ListNodesResponse(strategy=self.session.pool.router.strategy)
         now = time.time()
         with contextlib.suppress(AsmError):  # the fleet view stays available while the store is not
             for rep in await self.store.replicas(now=now):
@@ -889,7 +890,7 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     metrics = metrics or ControllerMetrics()
     metrics.expect_providers(config.expected_providers)
     store = open_store(config.state, history_max_bytes=config.history_max_bytes,
-                       observe=metrics.observe_store if hasattr(metrics, "observe_store") else None)
+                       observe=metrics.observe_store)
     await store.open()
     try:
         await store.claim()  # SQLite: this controller alone; PostgreSQL: shared by replicas (leases)

@@ -190,6 +190,8 @@ class Strategy(StrEnum):
     PRIORITY = "priority"
     ROUND_ROBIN = "round_robin"
     WEIGHTED = "weighted"
+    #: Power-of-two choices on the nodes' reported load (the controller service's default).
+    LEAST_LOADED = "least_loaded"
 
 
 class SnapshotBackend(StrEnum):

@@ -98,7 +98,7 @@ def test_severity_names_and_which_severities_fail_a_run() -> None:
 def test_string_carried_sets_are_their_strings() -> None:
     assert choices(PermissionMode) == ("default", "auto", "bypass", "plan")
     assert choices(Decision) == ("allow", "deny")
-    assert choices(Strategy) == ("priority", "round_robin", "weighted")
+    assert choices(Strategy) == ("priority", "round_robin", "weighted", "least_loaded")
     assert choices(SnapshotBackend) == ("git", "hash", "auto")
     assert PermissionMode("bypass") is PermissionMode.BYPASS and f"{Decision.ALLOW}" == "allow"
     assert TERMINAL_STATUSES == {"completed", "failed", "interrupted"}

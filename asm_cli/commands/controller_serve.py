@@ -114,7 +114,8 @@ def add_parser(sub: Subcommands) -> None:
     cs.add_argument("--node-tls-cert", metavar="F", help="client certificate for the nodes (mutual TLS)")
     cs.add_argument("--node-tls-key", metavar="F", help="its key")
     cs.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without auth")
-    cs.add_argument("--strategy", default="priority", choices=choices(Strategy))
+    cs.add_argument("--strategy", default=Strategy.LEAST_LOADED.value, choices=choices(Strategy),
+                    help="how runs are spread over the nodes (default least_loaded: power-of-two choices on load)")
     cs.add_argument("--node-lost-timeout", type=float, default=8.0, metavar="SECONDS")
     cs.add_argument("--state", metavar="URL",
                     help="the run registry: sqlite:///PATH, postgresql://USER:PASS@HOST:PORT/DB or memory: "

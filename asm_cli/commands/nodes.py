@@ -48,7 +48,10 @@ async def _controller_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             resp = await client.list_nodes()
         except AsmError as err:
             raise NodeUnreachable(f"controller {args.controller}: {err.message}") from None
-    return [_status_row(st) for st in resp.nodes]
+    rows = [_status_row(st) for st in resp.nodes]
+    for row in rows:  # the controller's routing strategy, on every row (the JSON output stays a list)
+        row["strategy"] = resp.strategy
+    return rows
 
 
 async def _direct_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

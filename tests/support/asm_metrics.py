@@ -51,6 +51,17 @@ CONTROLLER_METRICS = frozenset({
     "asm_controller_runs_recovered_total",
     "asm_controller_registry_pending_bytes",
     "asm_controller_registry_write_errors_total",
+    "asm_controller_leases_held",
+    "asm_controller_lease_takeovers_total",
+    "asm_controller_leases_lost_total",
+    "asm_controller_replicas",
+    "asm_controller_lease_renew_failures_total",
+    "asm_controller_queue_depth",
+    "asm_controller_queue_oldest_age_seconds",
+    "asm_controller_queue_wait_seconds",
+    "asm_controller_queue_timeouts_total",
+    "asm_controller_store_latency_seconds",
+    "asm_controller_routing_strategy_info",
 })
 
 ASM_METRICS = NODE_METRICS | CONTROLLER_METRICS
@@ -60,6 +71,8 @@ HISTOGRAMS = frozenset({
     "asm_node_time_to_first_event_seconds",
     "asm_controller_handshake_duration_seconds",
     "asm_controller_preflight_duration_seconds",
+    "asm_controller_queue_wait_seconds",
+    "asm_controller_store_latency_seconds",
 })
 
 #: A metric name as it appears in PromQL or an exposition (greedy: the whole identifier).
