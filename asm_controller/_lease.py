@@ -37,6 +37,8 @@ log = logging.getLogger("asm_controller.lease")
 
 #: A replica stops acting on its runs when it could not renew for this share of the TTL.
 FENCE_AT = 0.7
+#: A "now" past every lease's expiry (the store takes finite times only): an exclusive controller takes all.
+_EVERY_LEASE = 1e15
 
 
 class LeaseHost(Protocol):
@@ -86,15 +88,15 @@ class LeaseKeeper:
         await self.store.heartbeat_replica(self.replica_id, self.address, now=now, until=now + self.ttl_s)
         taken = 0
         if exclusive:
-            for rec in await self.store.expired_leases(now=float("inf"), limit=1_000_000):
-                taken += await self._take(rec, now=float("inf"))
+            for rec in await self.store.expired_leases(now=_EVERY_LEASE, limit=1_000_000):
+                taken += await self._take(rec, now=_EVERY_LEASE)
         else:
             # Our own earlier leases (a restart with the same --replica-id): back at once.
             held = await self.store.renew_leases(self.replica_id, until=now + self.ttl_s)
-            for run_id, _token in held.items():
-                rec = await self.store.get(run_id)
-                if rec is not None:
-                    taken += await self._take(rec, now=now)
+            for run_id in held:
+                own = await self.store.get(run_id)
+                if own is not None:
+                    taken += await self._take(own, now=now)
             taken += await self._take_expired(now)
         self.last_ok = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="asm-lease-keeper")

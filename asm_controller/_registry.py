@@ -92,7 +92,7 @@ class StoreRegistry:
 
     def _new(self, run: Run, **fields: Any) -> RunRecord:
         now = time.time()
-        lease = {}
+        lease: dict[str, Any] = {}
         if self.owner:
             lease = {"lease_owner": self.owner, "lease_token": 1, "lease_expires": now + self.lease_ttl_s}
         return RunRecord(run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider,
@@ -111,7 +111,7 @@ class StoreRegistry:
         A queued run moves to its node by a compare-and-set on its lease and its ``queued`` status: two
         replicas can never both place it.
         """
-        node = {"node_address": handle.target.address, "node_id": handle.node_id, "node_epoch": handle.epoch,
+        node: dict[str, Any] = {"node_address": handle.target.address, "node_id": handle.node_id, "node_epoch": handle.epoch,
                 "node_run_id": run.node_run_id, "node_seq": run.node_seq}
         if not run.recorded:
             # "pending" is the registry's own status (recorded, not started: the wire's "starting"), not a RunStatus.
@@ -130,15 +130,15 @@ class StoreRegistry:
     async def queued(self, run: Run) -> None:
         """Durable before the run waits: status queued, its priority and times, and its prompt (a replica
         taking it over starts it from the store)."""
-        fields = {"status": "queued", "priority": run.priority, "queued_at": run.queued_at,
-                  "queue_deadline": run.queue_deadline, "prompt": run.prompt}
+        fields: dict[str, Any] = {"status": "queued", "queued_at": run.queued_at,
+                                  "queue_deadline": run.queue_deadline, "prompt": run.prompt}
         if not run.recorded:
             await self.store.create(self._new(run, **fields))
             self._created(run)
         else:
             await self.writer.flush()
             await self.store.update(run.run_id, fence=run.lease, node_address="", node_id="", node_epoch="",
-                                    **fields)
+                                    priority=run.priority, **fields)
         run.fleet_queued = True
 
     async def events(self, run: Run, events: Sequence[Event]) -> None:

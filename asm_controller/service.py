@@ -323,7 +323,8 @@ class FleetApi:
 
     async def _still_queued(self, ids: list[str]) -> set[str]:
         wanted = set(ids)
-        return {r.run_id for r in await self.store.queued(owner=self.replica_id, limit=100_000) if r.run_id in wanted}
+        queued = await self.store.queued(limit=self.config.max_queued + len(ids))
+        return {r.run_id for r in queued if r.run_id in wanted and r.lease_owner == self.replica_id}
 
     def _target(self, addr: str) -> RemoteNode:
         target = self._targets.get(addr)
@@ -469,11 +470,10 @@ class FleetApi:
         if request.approval_timeout_ms:
             overrides["approval_timeout_ms"] = request.approval_timeout_ms
         stream = self.session.stream(request.prompt, **overrides)
-        run: Run | None = None
         async for events in stream.batches():
             yield pb.EventBatch(events=[ev.pb for ev in events])
-        run = self.session.get_run(request.run_id)
-        if run is not None and run.detaching and not run.reducer.finished:
+        released = self.session.get_run(request.run_id)
+        if (released is None or released.detaching) and stream.result is not None and stream.result.status not in TERMINAL_STATUSES:
             raise _moved(request.run_id)
 
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
@@ -677,6 +677,8 @@ class FleetApi:
                 info.node = run.handle.target.address
                 return info
         if rec is None:
+            if run is not None and run.recorded:
+                await self.registry.flush()  # its last writes (an end, a queue status) are queued behind it
             rec = await self.store.get(request.run_id)
         if rec is None:
             raise _not_found(request.run_id)

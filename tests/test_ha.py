@@ -25,7 +25,13 @@ from asm_controller._client import ControllerClient, GrpcNodeClient
 from asm_wire import pb
 from tests.support.fleet import Followed, assert_once, counted_cli, executions, follow
 from tests.support.pg_server import PostgresServer
-from tests.support.processes import PYTHON_BASENAME, ControllerProcess, NodeProcess, start_controller_process, wait_until
+from tests.support.processes import (
+    PYTHON_BASENAME,
+    ControllerProcess,
+    NodeProcess,
+    start_controller_process,
+    wait_until,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
