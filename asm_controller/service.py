@@ -683,7 +683,7 @@ class FleetApi:
         if rec is None:
             raise _not_found(request.run_id)
         info = run_info(rec)
-        info.priority = rec.priority
+        info.priority, info.replica = rec.priority, rec.lease_owner
         if rec.status == "queued":
             info.queue_position = await self.store.queue_position(rec.run_id) or 0
         return info

@@ -201,7 +201,7 @@ async def test_any_replica_answers_for_a_run_the_other_follows(
     assert executions(log) == {"long": 1}
     ctl = ControllerClient(RemoteNode(b.address))
     try:
-        fleet = await ctl.list_nodes(pb.ListNodesRequest())
+        fleet = await ctl.list_nodes()
     finally:
         await ctl.close()
     assert {r.replica_id for r in fleet.replicas} == {"replica-a", "replica-b"}
