@@ -26,7 +26,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from asm_wire import (
     ReplayGap,
     RunNotFound,
     RunStatus,
+    StoreError,
     __version__,
     error_info,
     make_error,
@@ -179,6 +180,19 @@ def new_epoch() -> str:
 
 def new_replica_id() -> str:
     return f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def _store_edge() -> Iterator[None]:
+    """An unreachable store is this replica's trouble, not the run's: UNAVAILABLE (the client's next
+    address answers), never INTERNAL."""
+    try:
+        yield
+    except StoreError as err:
+        if err.reason != "store_unavailable":
+            raise
+        raise NodeNotReady(f"this controller replica cannot reach its run store ({err.message}); try another "
+                           "replica", reason="store_unreachable") from None
 
 
 def _moved(run_id: str) -> AsmError:
@@ -428,7 +442,8 @@ class FleetApi:
     async def _record(self, run_id: str) -> RunRecord | None:
         """The registry's record of a run, after the caller's ownership is checked (PermissionDenied)."""
         # An id no run can have is held by no registry either: not_found, like a node answers it.
-        rec = await self.store.get(run_id) if valid_id(run_id) else None
+        with _store_edge():
+            rec = await self.store.get(run_id) if valid_id(run_id) else None
         if rec is not None and rec.owner:
             check_owner(rec.owner, f"run {run_id}")
         return rec
@@ -539,7 +554,8 @@ class FleetApi:
                 await node_stream.aclose()  # type: ignore[attr-defined]
 
     async def _must_record(self, run_id: str) -> RunRecord:
-        rec = await self.store.get(run_id)
+        with _store_edge():
+            rec = await self.store.get(run_id)
         if rec is None:
             raise _not_found(run_id)
         return rec
@@ -555,7 +571,8 @@ class FleetApi:
                     yield batch
                 return
             if rec.status in TERMINAL_STATUSES:
-                end = await self._logged_end(rec, cursor)
+                with _store_edge():
+                    end = await self._logged_end(rec, cursor)
                 ended = any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for b in end for m in b.events)
                 if ended or settle >= 20:  # its end is written right after its status (bounded wait)
                     for batch in end:
@@ -566,7 +583,8 @@ class FleetApi:
                 if cursor + 1 < rec.first_held_seq:
                     raise ReplayGap(f"events {cursor + 1}..{rec.first_held_seq - 1} of run {rec.run_id} are no "
                                     f"longer held by the controller (held: {rec.first_held_seq}..{rec.last_seq})")
-                fresh = decode_chunks(await self.store.events_after(rec.run_id, cursor), cursor)
+                with _store_edge():
+                    fresh = decode_chunks(await self.store.events_after(rec.run_id, cursor), cursor)
                 if fresh:
                     for batch in batched(fresh):
                         yield batch

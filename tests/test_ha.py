@@ -137,7 +137,9 @@ async def test_a_replica_cut_from_the_database_stops_acting_and_the_other_takes_
     proxy = await TcpProxy(port).start()
     try:
         nodes = _nodes(node_process, [4])
-        a = controllers(*_replica_args(url.replace(f":{port}/", f":{proxy.port}/"), nodes, "replica-a"))
+        # Started from a thread: the proxy forwards in this event loop, which must keep running meanwhile.
+        a = await asyncio.to_thread(controllers, *_replica_args(url.replace(f":{port}/", f":{proxy.port}/"), nodes,
+                                                               "replica-a"))
         b = controllers(*_replica_args(url, nodes, "replica-b"))
         log = tmp_path / "executions.txt"
         ids = [f"cut-{i}" for i in range(4)]
