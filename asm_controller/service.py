@@ -509,13 +509,16 @@ class FleetApi:
             async for logged in self._follow_record(await self._must_record(run.run_id), cursor):
                 yield logged
             return
-        if run.handle is None and run.state != "done":
-            # A recovered run re-attaching on its node, or one being admitted: wait (bounded) for it.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.bound.wait()),
-                                       self.config.liveness.node_lost_timeout_s)
-            if run.handle is None and run.state != "done":
-                raise NodeNotReady(f"run {request.run_id} is not on a node yet; try again")
+        if not run.bound.is_set() and run.state != "done":
+            # Being admitted (perhaps waiting in the fleet queue), or a recovered run re-attaching on its
+            # node: until its node has answered, the node may not know it yet. Its end comes either way (a
+            # recovered run that cannot re-attach ends node_lost), and the client may hang up meanwhile.
+            waits = [asyncio.ensure_future(run.bound.wait()), asyncio.ensure_future(run.done.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         if run.state == "done" or run.handle is None:
             for done_batch in await self._ended(run, cursor):
                 yield done_batch

@@ -74,7 +74,8 @@ async def follow(addresses: list[str], request: pb.StartRunRequest, *, timeout: 
         except AsmError as err:
             out.errors.append(f"{addr}: {err.kind}/{err.reason}: {err.message}")
             if err.kind not in RETRYABLE and err.reason not in ("lease_lost", "store_unreachable"):
-                raise
+                raise AssertionError(f"run {request.run_id}: {err!r} from {addr} (cursor {cursor}; "
+                                     f"earlier: {out.errors})") from err
             i += 1
         finally:
             await client.close()
