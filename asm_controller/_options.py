@@ -42,6 +42,10 @@ class RunOptions:
     allowed_tools: Sequence[str] = ()
     #: Called with each batch of final events (persistence, pubsub, rendering); must not block.
     observers: Sequence[Callable[[list[Event]], None]] = ()
+    #: Fleet queue (a controller service's): higher runs first, FIFO within a priority (-1000..1000).
+    priority: int = 0
+    #: A run still in the fleet queue after this long ends with queue_timeout; 0 = no bound.
+    queue_timeout_ms: int = 0
 
     def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
         # run_id and owner name the run, they do not configure it (Session takes them apart).
@@ -87,6 +91,11 @@ class RunOptions:
             raise ConfigError(f"on_node_lost must be 'fail' or 'resume', not {self.on_node_lost!r}")
         if not isinstance(self.approval_timeout_ms, int) or self.approval_timeout_ms <= 0:
             raise ConfigError("approval_timeout_ms must be a positive integer")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -1000 <= self.priority <= 1000:
+            raise ConfigError(f"priority must be an integer from -1000 to 1000, not {self.priority!r}")
+        if (isinstance(self.queue_timeout_ms, bool) or not isinstance(self.queue_timeout_ms, int)
+                or not 0 <= self.queue_timeout_ms <= 2**32 - 1):
+            raise ConfigError(f"queue_timeout_ms must be an integer from 0 to 2**32-1, not {self.queue_timeout_ms!r}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from asm_controller._events import Event
 from asm_controller._reducer import EventReducer
-from asm_controller._store import RunRecord, RunStore, StoreWriter
+from asm_controller._store import Lease, RunRecord, RunStore, StoreWriter
 from asm_wire import TERMINAL_STATUSES, RunStatus, pb
 
 if TYPE_CHECKING:
@@ -38,11 +38,15 @@ def prompt_digest(prompt: str) -> str:
 
 
 def run_spec(run: Run) -> dict[str, Any]:
-    """What re-attaching (or resuming) the run needs, as JSON. Never its env: values there may be secrets."""
+    """What re-attaching (or resuming) the run needs, as JSON. Never its env: values there may be secrets
+    (only their names: a queued run another replica takes over cannot start without them)."""
     o = run.opts
-    return {"cwd": o.cwd, "permission_mode": o.permission_mode, "options": dict(o.options),
+    spec = {"cwd": o.cwd, "permission_mode": o.permission_mode, "options": dict(o.options),
             "approval_timeout_ms": o.approval_timeout_ms, "on_node_lost": o.on_node_lost,
             "selector": dict(o.selector), "resume_prompt": o.resume_prompt}
+    if o.env:
+        spec["env_keys"] = sorted(o.env)
+    return spec
 
 
 class NullRegistry:
@@ -51,6 +55,9 @@ class NullRegistry:
     durable = False
 
     async def placing(self, run: Run, handle: NodeHandle) -> None:
+        return None
+
+    async def queued(self, run: Run) -> None:
         return None
 
     async def events(self, run: Run, events: Sequence[Event]) -> None:
@@ -74,41 +81,82 @@ class StoreRegistry:
 
     durable = True
 
-    def __init__(self, store: RunStore, writer: StoreWriter | None = None) -> None:
+    def __init__(self, store: RunStore, writer: StoreWriter | None = None, *, owner: str = "",
+                 lease_ttl_s: float = 10.0) -> None:
         self.store = store
         self.writer = writer if writer is not None else StoreWriter(store)
+        #: This replica's id: every run it records is leased to it (fencing token 1), and every write of
+        #: a run carries its lease, so a replica whose lease was taken over can no longer write it.
+        self.owner = owner
+        self.lease_ttl_s = lease_ttl_s
+
+    def _new(self, run: Run, **fields: Any) -> RunRecord:
+        now = time.time()
+        lease: dict[str, Any] = {}
+        if self.owner:
+            lease = {"lease_owner": self.owner, "lease_token": 1, "lease_expires": now + self.lease_ttl_s}
+        return RunRecord(run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider,
+                         owner=run.owner, prompt_digest=prompt_digest(run.prompt), spec=run_spec(run),
+                         priority=run.priority, created_at=now, updated_at=now, **lease, **fields)
+
+    def _created(self, run: Run) -> None:
+        run.recorded = True
+        if self.owner:
+            run.lease = Lease(self.owner, 1)
+            run.lease_at = time.monotonic()
 
     async def placing(self, run: Run, handle: NodeHandle) -> None:
-        """Durable before StartRun is sent: a controller killed right after knows where the run may be."""
+        """Durable before StartRun is sent: a controller killed right after knows where the run may be.
+
+        A queued run moves to its node by a compare-and-set on its lease and its ``queued`` status: two
+        replicas can never both place it.
+        """
+        node: dict[str, Any] = {"node_address": handle.target.address, "node_id": handle.node_id, "node_epoch": handle.epoch,
+                "node_run_id": run.node_run_id, "node_seq": run.node_seq}
         if not run.recorded:
-            now = time.time()
             # "pending" is the registry's own status (recorded, not started: the wire's "starting"), not a RunStatus.
-            await self.store.create(RunRecord(
-                run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider, owner=run.owner,
-                prompt_digest=prompt_digest(run.prompt), spec=run_spec(run), node_address=handle.target.address,
-                node_id=handle.node_id, node_epoch=handle.epoch, node_run_id=run.node_run_id,
-                node_seq=run.node_seq, status="pending", created_at=now, updated_at=now))
-            run.recorded = True
+            await self.store.create(self._new(run, status="pending", **node))
+            self._created(run)
             return
         await self.writer.flush()  # earlier queued writes of this run (a resume's events) come first
-        await self.store.update(run.run_id, node_address=handle.target.address, node_id=handle.node_id,
-                                node_epoch=handle.epoch, node_run_id=run.node_run_id, node_seq=run.node_seq)
+        if run.fleet_queued:
+            # The prompt was kept only for the queue (another replica could have started it).
+            await self.store.update(run.run_id, fence=run.lease, expect_status="queued", status="pending",
+                                    prompt="", **node)
+            run.fleet_queued = False
+            return
+        await self.store.update(run.run_id, fence=run.lease, **node)
+
+    async def queued(self, run: Run) -> None:
+        """Durable before the run waits: status queued, its priority and times, and its prompt (a replica
+        taking it over starts it from the store)."""
+        fields: dict[str, Any] = {"status": "queued", "queued_at": run.queued_at,
+                                  "queue_deadline": run.queue_deadline, "prompt": run.prompt}
+        if not run.recorded:
+            await self.store.create(self._new(run, **fields))
+            self._created(run)
+        else:
+            await self.writer.flush()
+            await self.store.update(run.run_id, fence=run.lease, node_address="", node_id="", node_epoch="",
+                                    priority=run.priority, **fields)
+        run.fleet_queued = True
 
     async def events(self, run: Run, events: Sequence[Event]) -> None:
         if not events or not run.recorded:
             return
         data = pb.EventBatch(events=[e.pb for e in events]).SerializeToString()
-        await self.writer.submit_events(run.run_id, events[0].pb.seq, events[-1].pb.seq, data)
-        self.writer.submit_update(run.run_id, node_seq=run.node_seq, **_live_fields(run))
+        await self.writer.submit_events(run.run_id, events[0].pb.seq, events[-1].pb.seq, data, fence=run.lease)
+        self.writer.submit_update(run.run_id, fence=run.lease, node_seq=run.node_seq, **_live_fields(run))
 
     def progress(self, run: Run, **fields: Any) -> None:
-        self.writer.submit_update(run.run_id, **fields)
+        self.writer.submit_update(run.run_id, fence=run.lease, **fields)
 
     def log(self, run: Run, events: Sequence[Event]) -> None:
         """Events made on the controller (its own end of a run, a policy's answer): queued, no back-pressure."""
         if events and run.recorded:
             data = pb.EventBatch(events=[e.pb for e in events]).SerializeToString()
-            self.writer.submit_events_nowait(run.run_id, events[0].pb.seq, events[-1].pb.seq, data)
+            self.writer.submit_events_nowait(run.run_id, events[0].pb.seq, events[-1].pb.seq, data,
+                                             fence=run.lease)
 
     def ended(self, run: Run) -> None:
         """The run's end is queued; ``flush`` makes it durable."""
@@ -120,8 +168,8 @@ class StoreRegistry:
             summary["text"] = summary["text"][:SUMMARY_TEXT_MAX]
             summary["text_truncated"] = True
         status = result.status if result.status in TERMINAL_STATUSES else RunStatus.FAILED.value
-        self.writer.submit_update(run.run_id, status=status, ended_at=time.time(), result=_jsonable(summary),
-                                  node_seq=run.node_seq, **_live_fields(run))
+        self.writer.submit_update(run.run_id, fence=run.lease, status=status, ended_at=time.time(),
+                                  result=_jsonable(summary), node_seq=run.node_seq, prompt="", **_live_fields(run))
 
     async def flush(self) -> None:
         await self.writer.flush()

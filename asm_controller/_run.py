@@ -19,6 +19,7 @@ from asm_controller._channel import BatchChannel
 from asm_controller._client import ANSWERED, RemoteNode
 from asm_controller._connector import NodeHandle, NodeTarget, preflight, probe_timeout_s
 from asm_controller._events import Event
+from asm_controller._fleetqueue import FleetQueue, NullFleetQueue
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import RunOptions
 from asm_controller._pool import NodePool
@@ -75,6 +76,11 @@ class RunHost(Protocol):
 
     def dequeue(self, run: Run) -> None:
         """A queued run was cancelled before it started."""
+
+    @property
+    def queue(self) -> FleetQueue | NullFleetQueue:
+        """Where a run no node can take waits (the no-op queue: it fails at once)."""
+        ...
 
 
 CONTROLLER_METADATA_KEY = "asm.controller"
@@ -169,6 +175,16 @@ class Run:
         self.recorded = False
         #: The controller is stopping without ending the run (Session.detach): nothing is recorded as its end.
         self.detaching = False
+        #: Fleet queue: its priority, when it entered the queue and when it gives up (unix seconds).
+        self.priority = opts.priority
+        self.opts_queue_timeout_s = opts.queue_timeout_ms / 1000
+        self.queued_at: float | None = None
+        self.queue_deadline: float | None = None
+        #: True while the run is recorded as queued (placing then moves it to its node).
+        self.fleet_queued = False
+        #: This replica's lease on the run in a shared store (asm_controller._store.Lease), or None.
+        self.lease: Any = None
+        self.lease_at = 0.0  # time.monotonic() when the lease was granted
         self.reducer.last_seq = after_seq  # attach after_seq: events up to it are not wanted
         plugs = list(opts.pipeline)
         if opts.allowed_tools:
@@ -216,6 +232,8 @@ class Run:
             prompt=self.prompt if prompt is None else prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
             options_json=_json(self.opts.options if options is None else options), env=dict(self.opts.env),
             approval_timeout_ms=self.opts.approval_timeout_ms,
+            # For a controller: its fleet queue's order and bound (a node ignores both).
+            priority=self.opts.priority, queue_timeout_ms=self.opts.queue_timeout_ms,
         )
 
     async def _drive(self) -> None:
@@ -272,6 +290,35 @@ class Run:
         )
 
     async def _admit(
+        self, request: Callable[[str], pb.StartRunRequest], exclude: frozenset[str] = frozenset()
+    ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """:meth:`_admit_once`, waiting in the fleet queue while every eligible node is full."""
+        queue = self.host.queue
+        attempts: list[dict[str, Any]] = self.reducer.metadata.setdefault("attempts", [])
+        try:
+            while True:
+                if self.cancel_requested:
+                    raise make_error("user_cancelled", "runtime", "Run interrupted while queued")
+                if not queue.entitled(self):
+                    await queue.wait(self, None)  # earlier runs wait: behind them, not past them
+                    continue
+                mark = len(attempts)
+                try:
+                    placed = await self._admit_once(request, exclude)
+                except AsmError as err:
+                    if not queue.enabled or self.cancel_requested or not _full(attempts[mark:], err):
+                        raise
+                    # A queued run's refused tries are not kept one by one: it may wait for hours.
+                    del attempts[mark:]
+                    if not any("queued" in a for a in attempts):
+                        attempts.append({"queued": True, "reason": err.message})
+                    await queue.wait(self, err)
+                    continue
+                return placed
+        finally:
+            queue.leave(self)
+
+    async def _admit_once(
         self, request: Callable[[str], pb.StartRunRequest], exclude: frozenset[str] = frozenset()
     ) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
         """Start the run on the first node (in routing order) that admits it; return its stream and first batch.
@@ -764,6 +811,8 @@ class Run:
 
     async def interrupt(self) -> None:
         self.cancel_requested = True
+        if self.host.queue.cancel(self):
+            return  # it was waiting in the fleet queue: its driver ends it user_cancelled
         if self.state == "queued":
             self.host.dequeue(self)
             self._synthesize_failure(make_error("user_cancelled", "runtime", "Run interrupted while queued"))
@@ -792,6 +841,19 @@ class Run:
             m.seq, m.id = after_seq + i, f"{m.run_id}:{after_seq + i}"
             renumbered.append(m)
         return renumbered
+
+
+def _full(attempts: Sequence[Mapping[str, Any]], err: AsmError) -> bool:
+    """Did this admission round fail because nodes were full (rather than unsuitable or broken)?"""
+    if err.kind == "at_capacity" or err.reason == "at_capacity":
+        return True
+    for a in attempts:
+        if a.get("skipped") == "at capacity":
+            return True
+        failed = a.get("error")
+        if isinstance(failed, Mapping) and (failed.get("kind") == "at_capacity" or failed.get("reason") == "at_capacity"):
+            return True
+    return False
 
 
 def _json(options: Mapping[str, Any]) -> str:

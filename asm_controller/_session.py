@@ -26,6 +26,7 @@ from typing import Any
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget
 from asm_controller._events import Event
+from asm_controller._fleetqueue import FleetQueue, NullFleetQueue
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import Checkpoint, RunOptions
 from asm_controller._pool import NodePool
@@ -174,6 +175,8 @@ class Session:
         self.metrics = metrics
         #: Where runs are recorded (nothing by default; the controller service gives a durable one).
         self.registry: Registry = registry if registry is not None else NullRegistry()
+        #: Where a run waits when every node is full (none: it fails at_capacity; the service gives a FleetQueue).
+        self.queue: FleetQueue | NullFleetQueue = NullFleetQueue()
         if metrics is not None:
             metrics.watch(self)
         self.defaults.validate()
@@ -412,16 +415,41 @@ class Session:
         ``events`` are the run's stored events: the reducer is rebuilt from them and the run goes
         on after the record's node cursor, so every event is reduced (and recorded) once.
         """
-        spec = record.spec
-        overrides: dict[str, Any] = {"node": node, "provider": record.provider}
-        for key in ("cwd", "permission_mode", "options", "approval_timeout_ms", "on_node_lost", "selector",
-                    "resume_prompt"):
-            if key in spec:
-                overrides[key] = spec[key]
+        overrides = self._recorded_options(record)
+        overrides["node"] = node
         opts = self.defaults.merged(overrides)
         run = self._submit("", opts, record.run_id, subscribed=False, attach=True, after_seq=record.node_seq,
                            owner=record.owner, restored=events, node_run_id=record.node_run_id or record.run_id)
         return run
+
+    def requeue(self, record: RunRecord) -> Run:
+        """Take over a run another controller (or this one before a restart) left in the fleet queue:
+        it waits again at its place (its priority and queued time), then starts as usual."""
+        overrides = self._recorded_options(record)
+        overrides["priority"] = record.priority
+        opts = self.defaults.merged(overrides)
+        run = Run(self, record.run_id, record.prompt, opts, False)
+        run.owner, run.recorded, run.fleet_queued = record.owner, True, True
+        run.queued_at, run.queue_deadline = record.queued_at, record.queue_deadline
+        return self._enter(run)
+
+    def _recorded_options(self, record: RunRecord) -> dict[str, Any]:
+        spec = record.spec
+        overrides: dict[str, Any] = {"provider": record.provider}
+        for key in ("cwd", "permission_mode", "options", "approval_timeout_ms", "on_node_lost", "selector",
+                    "resume_prompt"):
+            if key in spec:
+                overrides[key] = spec[key]
+        return overrides
+
+    def release(self, run: Run) -> None:
+        """Stop following one run without ending it: another replica holds its lease now (or this one
+        lost the store). Its subscribers are told to re-attach (see FleetApi)."""
+        if run.state == "done":
+            return
+        run.detaching = True  # its driver ends without recording an end (a queued one leaves the queue)
+        if run.task is not None:
+            run.task.cancel()
 
     async def __aenter__(self) -> Session:
         return self
@@ -444,6 +472,14 @@ class Session:
         run.owner = owner
         if restored is not None:
             run.restore(restored, node_run_id)
+        return self._enter(run)
+
+    def _enter(self, run: Run) -> Run:
+        if self.status != "ready":
+            raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
+        run_id = run.run_id
+        if run_id in self._runs:
+            raise ConfigError(f"run id {run_id!r} was already used in this session")
         if len(self._active) < self.max_concurrent_runs:
             self._active[run_id] = run
             run.start()
@@ -461,6 +497,12 @@ class Session:
 
     def run_finished(self, run: Run) -> None:
         self._active.pop(run.run_id, None)
+        self.queue.wake()  # its slot on its node may be a queued run's now
+        if run.detaching and not run.reducer.finished:
+            # Released (another replica follows it) or detached: not this session's to remember; a later
+            # takeover of the same run here starts from the store again.
+            self._runs.pop(run.run_id, None)
+            return
         psid = run.reducer.provider_session_id
         if psid and run.handle is not None:
             self._checkpoint = Checkpoint(

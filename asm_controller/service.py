@@ -24,9 +24,10 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from typing import Any
 import grpc
 
 from asm_controller._client import GrpcNodeClient, LivenessConfig, RemoteNode, TLSConfig
+from asm_controller._connector import NodeHandle
 from asm_controller._events import Event
+from asm_controller._fleetqueue import FleetQueue
 from asm_controller._history import (
     check_filter,
     decode_page_token,
@@ -42,6 +45,7 @@ from asm_controller._history import (
     session_info,
     time_range,
 )
+from asm_controller._lease import LeaseKeeper
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._registry import StoreRegistry, decode_chunks
 from asm_controller._routing import eligible
@@ -51,9 +55,12 @@ from asm_controller._store import (
     DEFAULT_HISTORY_MAX_BYTES,
     IN_FLIGHT,
     STATUSES,
+    Lease,
+    LeaseLost,
     MemoryStore,
     RunRecord,
     RunStore,
+    StoreWriter,
     open_store,
 )
 from asm_wire import (
@@ -68,6 +75,7 @@ from asm_wire import (
     ReplayGap,
     RunNotFound,
     RunStatus,
+    StoreError,
     __version__,
     error_info,
     make_error,
@@ -133,6 +141,17 @@ class ControllerConfig:
     #: Per-run bound of the registry's event log (older events are dropped; a re-attach before them
     #: gets replay_gap).
     history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
+    #: Total bytes of ended runs' event logs kept (the oldest logs go first; their records stay).
+    log_retention_bytes: int = 2**30
+    #: This replica's id in a shared store (default: random per process). A stable one (a StatefulSet
+    #: pod name) takes its own runs back at once after a restart instead of waiting for the lease TTL.
+    replica_id: str | None = None
+    #: The address clients reach this replica at (shown to the others); default: listen.
+    advertise: str | None = None
+    #: A run's lease expires this long after its replica's last renewal (renewed every third of it).
+    lease_ttl_s: float = 10.0
+    #: Runs waiting in the fleet queue (every node full), fleet-wide; 0 = no queue (at_capacity at once).
+    max_queued: int = 10_000
 
 
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
@@ -165,6 +184,29 @@ async def resolve_dns(name_port: str) -> list[str]:
 
 def new_epoch() -> str:
     return f"controller-{int(time.time() * 1000)}"
+
+
+def new_replica_id() -> str:
+    return f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def _store_edge() -> Iterator[None]:
+    """An unreachable store is this replica's trouble, not the run's: UNAVAILABLE (the client's next
+    address answers), never INTERNAL."""
+    try:
+        yield
+    except StoreError as err:
+        if err.reason != "store_unavailable":
+            raise
+        raise NodeNotReady(f"this controller replica cannot reach its run store ({err.message}); try another "
+                           "replica", reason="store_unreachable") from None
+
+
+def _moved(run_id: str) -> AsmError:
+    # UNAVAILABLE: the client re-attaches (to this replica or the next address) and is served from the store.
+    return NodeNotReady(f"run {run_id} is now followed by another controller replica; re-attach",
+                        reason="lease_lost")
 
 
 def _not_found(run_id: str) -> AsmError:
@@ -241,13 +283,80 @@ class FleetApi:
         self.epoch = epoch or new_epoch()
         metrics.set_strategy(config.strategy)
         self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
-        self.registry = StoreRegistry(self.store)
+        self.replica_id = config.replica_id or new_replica_id()
+        writer = StoreWriter(self.store, on_skipped=self._write_skipped)
+        self.registry = StoreRegistry(self.store, writer, owner=self.replica_id, lease_ttl_s=config.lease_ttl_s)
         #: The registry outlives this process (SQLite, PostgreSQL): stopping detaches instead of interrupting.
         self.durable = False
         self.session = Session("shell", node=[], max_concurrent_runs=config.max_concurrent_runs,
                                max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True,
                                registry=self.registry)
+        self.queue = FleetQueue(max_queued=config.max_queued, record=self.registry.queued, depth=self._queue_depth,
+                                room=self._room, metrics=metrics, still_queued=self._still_queued)
+        self.session.queue = self.queue
+        self.keeper = LeaseKeeper(self.store, self, replica_id=self.replica_id,
+                                  address=config.advertise or config.listen, ttl_s=config.lease_ttl_s, metrics=metrics)
         self._targets: dict[str, RemoteNode] = {}
+
+    # -- leases (LeaseHost) and the fleet queue's collaborators -----------------------
+
+    def leased_runs(self) -> list[Run]:
+        return [r for r in self.session.runs() if r.lease is not None and r.state != "done"]
+
+    def release(self, run: Run, why: str) -> None:
+        self.session.release(run)
+
+    def _write_skipped(self, run_id: str, err: AsmError) -> None:
+        """A write of a run was refused by the store: with LeaseLost another replica follows it now."""
+        if isinstance(err, LeaseLost):
+            run = self.session.get_run(run_id)
+            if run is not None and run.state != "done":
+                self.keeper.lost(run, err.message)
+
+    async def take_over(self, rec: RunRecord, lease: Lease) -> None:
+        """Follow a run whose lease this replica just took: re-attach it on its node, or queue it again."""
+        if self.session.get_run(rec.run_id) is not None:
+            return
+        if rec.status == "queued":
+            if rec.spec.get("env_keys"):
+                await self._end_unplaced(rec, lease=lease, code="env_unavailable", why=(
+                    f"was queued with environment variables ({', '.join(rec.spec['env_keys'])}), which are never "
+                    "stored: it cannot be started by another controller; submit it again"))
+                return
+            run = self.session.requeue(rec)
+        elif not rec.node_address:
+            await self._end_unplaced(rec, lease=lease)
+            return
+        else:
+            try:
+                parse_address(rec.node_address)
+                events = decode_chunks(await self.store.events_after(rec.run_id, 0))
+                run = self.session.adopt(rec, self._target(rec.node_address), events)
+            except LeaseLost:
+                raise
+            except AsmError as err:
+                await self._end_unplaced(rec, f"cannot be re-attached: {err.message}", lease=lease)
+                return
+        run.lease, run.lease_at = lease, time.monotonic()  # before its driver first runs (next loop turn)
+        if self.session.metrics is not None:
+            self.session.metrics.recovered.inc()
+
+    async def _queue_depth(self) -> int:
+        return (await self.store.queue_stats())[0]
+
+    def _room(self) -> bool:
+        """Does some node report room (its last heartbeat)? The fleet queue then tries its head."""
+        for h in self.session.pool.handles():
+            info = h.info
+            if h.state != "lost" and info.state == pb.NODE_STATE_READY and (
+                    not info.limits.max_runs or info.load.active_runs < info.limits.max_runs):
+                return True
+        return False
+
+    async def _still_queued(self, ids: list[str]) -> set[str]:
+        wanted = set(ids)
+        queued = await self.store.queued(limit=self.config.max_queued + len(ids))
+        return {r.run_id for r in queued if r.run_id in wanted and r.lease_owner == self.replica_id}
 
     def _target(self, addr: str) -> RemoteNode:
         target = self._targets.get(addr)
@@ -260,46 +369,44 @@ class FleetApi:
     def set_nodes(self, addresses: Sequence[str]) -> None:
         self.session.defaults = replace(self.session.defaults, node=[self._target(a) for a in addresses])
 
-    async def recover(self) -> int:
-        """Re-attach every run the registry has in flight on the node that owns it; returns how many.
+    async def recover(self, *, exclusive: bool = True) -> int:
+        """Join the store and take over the runs this replica should follow; returns how many.
 
+        ``exclusive`` (SQLite, memory: this is the store's only controller): every run in flight or
+        queued, re-attached on the node that owns it or queued again. Otherwise (PostgreSQL, replicas)
+        this replica's own earlier leases and every expired one; the lease keeper takes later ones.
         A run recorded but never placed on a node (the controller died before StartRun left)
         never ran anywhere: it is ended as failed (run_lost), never started now.
         """
-        adopted = 0
-        for rec in await self.store.in_flight():
-            if not rec.node_address:
-                await self._end_unplaced(rec)
-                continue
-            try:
-                parse_address(rec.node_address)
-                events = decode_chunks(await self.store.events_after(rec.run_id, 0))
-                self.session.adopt(rec, self._target(rec.node_address), events)
-                adopted += 1
-            except AsmError as err:
-                log.warning("run %s cannot be recovered: %s", rec.run_id, err.message)
-                await self._end_unplaced(rec, f"cannot be re-attached: {err.message}")
-        if adopted:
-            log.info("recovered %d run(s) from %s", adopted, self.store.url)
-            if self.session.metrics is not None:
-                self.session.metrics.recovered.inc(adopted)
-        return adopted
+        taken = await self.keeper.start(exclusive=exclusive)
+        if taken:
+            log.info("took over %d run(s) from %s", taken, self.store.url)
+        return taken
 
-    async def _end_unplaced(self, rec: RunRecord, why: str = "") -> None:
+    async def _end_unplaced(self, rec: RunRecord, why: str = "", *, lease: Lease | None = None,
+                            code: str = "run_lost", status: RunStatus = RunStatus.FAILED,
+                            expect_status: str | None = None) -> None:
         """Record the end of a run that never started (or cannot be followed again), with its final events."""
         message = (f"the controller restarted before run {rec.run_id} was sent to a node; it never ran"
                    if not why else f"run {rec.run_id} {why}")
         common = {"run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider}
-        end = [Event.synthetic("error", **common, seq=rec.last_seq + 1, message=message, code="run_lost",
+        end = [Event.synthetic("error", **common, seq=rec.last_seq + 1, message=message, code=code,
                                domain="runtime", severity=pb.SEVERITY_ERROR, exit_code=-1),
-               Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status=RunStatus.FAILED.value,
+               Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status=status.value,
                                exit_code=-1)]
-        await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2,
-                                       pb.EventBatch(events=[e.pb for e in end]).SerializeToString())
-        failed = RunStatus.FAILED.value
-        await self.store.update(rec.run_id, status=failed, ended_at=time.time(), result={
-            "kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id, "provider": rec.provider,
-            "status": failed, "error": {"kind": "run_lost", "domain": "runtime", "message": message}})
+        batch = pb.EventBatch(events=[e.pb for e in end]).SerializeToString()
+        result = {"kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id,
+                  "provider": rec.provider, "status": status.value,
+                  "error": {"kind": code, "domain": "runtime", "message": message}}
+        if expect_status is None:
+            # The log's end first: a reader that sees the ended status finds the end in the log.
+            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
+        # A compare-and-set (expect_status) decides whether this call ends the run: its events only follow
+        # then, so they never land in the log of a run its owner placed meanwhile.
+        await self.store.update(rec.run_id, fence=lease, expect_status=expect_status, status=status.value,
+                                ended_at=time.time(), prompt="", result=result)
+        if expect_status is not None:
+            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
 
     @property
     def targets(self) -> list[RemoteNode]:
@@ -353,7 +460,8 @@ class FleetApi:
     async def _record(self, run_id: str) -> RunRecord | None:
         """The registry's record of a run, after the caller's ownership is checked (PermissionDenied)."""
         # An id no run can have is held by no registry either: not_found, like a node answers it.
-        rec = await self.store.get(run_id) if valid_id(run_id) else None
+        with _store_edge():
+            rec = await self.store.get(run_id) if valid_id(run_id) else None
         if rec is not None and rec.owner:
             check_owner(rec.owner, f"run {run_id}")
         return rec
@@ -382,17 +490,24 @@ class FleetApi:
             async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
                 yield batch
             return
+        if not self.keeper.healthy:
+            raise NodeNotReady("this controller replica cannot reach its run store: it takes no runs now "
+                               "(try another replica)", reason="store_unreachable")
         options = parse_options_json(request.options_json)  # a bounded JSON object, like a node checks
         overrides: dict[str, Any] = {
             "run_id": request.run_id, "provider": request.provider, "cwd": request.cwd,
             "permission_mode": request.permission_mode or "default", "options": options, "env": dict(request.env),
-            "owner": current_principal().name,
+            "owner": current_principal().name, "priority": request.priority,
+            "queue_timeout_ms": request.queue_timeout_ms,
         }
         if request.approval_timeout_ms:
             overrides["approval_timeout_ms"] = request.approval_timeout_ms
         stream = self.session.stream(request.prompt, **overrides)
         async for events in stream.batches():
             yield pb.EventBatch(events=[ev.pb for ev in events])
+        released = self.session.get_run(request.run_id)
+        if (released is None or released.detaching) and stream.result is not None and stream.result.status not in TERMINAL_STATUSES:
+            raise _moved(request.run_id)
 
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:
         """Follow a run from ``after_seq``: the node's stream while the controller's run goes on, and
@@ -405,16 +520,23 @@ class FleetApi:
         cursor = request.after_seq
         if run is None:
             assert rec is not None
-            for logged in await self._logged_end(rec, cursor):
+            async for logged in self._follow_record(rec, cursor):
                 yield logged
             return
-        if run.handle is None and run.state != "done":
-            # A recovered run re-attaching on its node, or one being admitted: wait (bounded) for it.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.bound.wait()),
-                                       self.config.liveness.node_lost_timeout_s)
-            if run.handle is None and run.state != "done":
-                raise NodeNotReady(f"run {request.run_id} is not on a node yet; try again")
+        if run.detaching and run.state == "done" and not run.reducer.finished:
+            async for logged in self._follow_record(await self._must_record(run.run_id), cursor):
+                yield logged
+            return
+        if not run.bound.is_set() and run.state != "done":
+            # Being admitted (perhaps waiting in the fleet queue), or a recovered run re-attaching on its
+            # node: until its node has answered, the node may not know it yet. Its end comes either way (a
+            # recovered run that cannot re-attach ends node_lost), and the client may hang up meanwhile.
+            waits = [asyncio.ensure_future(run.bound.wait()), asyncio.ensure_future(run.done.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         if run.state == "done" or run.handle is None:
             for done_batch in await self._ended(run, cursor):
                 yield done_batch
@@ -452,6 +574,76 @@ class FleetApi:
             with contextlib.suppress(Exception):
                 await node_stream.aclose()  # type: ignore[attr-defined]
 
+    async def _must_record(self, run_id: str) -> RunRecord:
+        with _store_edge():
+            rec = await self.store.get(run_id)
+        if rec is None:
+            raise _not_found(run_id)
+        return rec
+
+    async def _follow_record(self, rec: RunRecord, cursor: int) -> AsyncIterator[pb.EventBatch]:
+        """A run another replica follows (or none yet, its lease expiring): its events from the store's log
+        as its owner writes them, to its end. Taken over here meanwhile: followed here from the cursor."""
+        delay, settle = 0.02, 0
+        while True:
+            local = self.session.get_run(rec.run_id)
+            if local is not None and not local.detaching:
+                async for batch in self.attach_run(pb.AttachRunRequest(run_id=rec.run_id, after_seq=cursor)):
+                    yield batch
+                return
+            if rec.status in TERMINAL_STATUSES:
+                with _store_edge():
+                    end = await self._logged_end(rec, cursor)
+                ended = any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for b in end for m in b.events)
+                if ended or settle >= 20:  # its end is written right after its status (bounded wait)
+                    for batch in end:
+                        yield batch
+                    return
+                settle += 1
+            else:
+                if cursor + 1 < rec.first_held_seq:
+                    raise ReplayGap(f"events {cursor + 1}..{rec.first_held_seq - 1} of run {rec.run_id} are no "
+                                    f"longer held by the controller (held: {rec.first_held_seq}..{rec.last_seq})")
+                with _store_edge():
+                    fresh = decode_chunks(await self.store.events_after(rec.run_id, cursor), cursor)
+                if fresh:
+                    for batch in batched(fresh):
+                        yield batch
+                    cursor = fresh[-1].seq
+                    if fresh[-1].kind == pb.EVENT_KIND_RUN_COMPLETED:
+                        return
+                    delay = 0.02
+                    rec = await self._must_record(rec.run_id)
+                    continue
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+            rec = await self._must_record(rec.run_id)
+
+    async def _node_of(self, rec: RunRecord) -> NodeHandle:
+        """The node a run of another replica is on (for an interrupt, an approval or input sent here)."""
+        if rec.status not in IN_FLIGHT or not rec.node_address:
+            raise make_error("config_invalid", "runtime", f"run {rec.run_id} is not running",
+                             reason="run_not_running")
+        return await self.session.pool.handle(self._target(rec.node_address))
+
+    async def _interrupt_record(self, rec: RunRecord) -> bool:
+        """Interrupt a run this replica does not follow: a queued one ends here (compare-and-set on its
+        status: its owner then drops it), a placed one is interrupted on its node (its owner sees the end)."""
+        if rec.status in TERMINAL_STATUSES:
+            return False
+        if rec.status == "queued":
+            try:
+                await self._end_unplaced(rec, "was interrupted while queued", code="user_cancelled",
+                                         status=RunStatus.INTERRUPTED, expect_status="queued")
+                return True
+            except LeaseLost:
+                rec = await self._must_record(rec.run_id)  # placed meanwhile: interrupt it on its node
+                if rec.status in TERMINAL_STATUSES:
+                    return False
+        handle = await self._node_of(rec)
+        resp = await handle.api.interrupt_run(pb.InterruptRunRequest(run_id=rec.node_run_id or rec.run_id))
+        return resp.accepted
+
     async def _ended(self, run: Run, cursor: int) -> list[pb.EventBatch]:
         """An ended run's events after ``cursor``: from the registry's log (a gap is typed), else its tail."""
         if run.recorded:
@@ -478,7 +670,10 @@ class FleetApi:
         return batched(end_after(decode_chunks(chunks), cursor))
 
     async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
-        await self._check_run(request.run_id)
+        run, rec = await self._check_run(request.run_id)
+        if run is None or run.detaching:
+            rec = rec if rec is not None else await self._must_record(request.run_id)
+            return pb.InterruptRunResponse(accepted=await self._interrupt_record(rec))
         await self.session.interrupt(request.run_id)
         return pb.InterruptRunResponse(accepted=True)
 
@@ -486,11 +681,25 @@ class FleetApi:
         pending = self.session.approval_run(request.approval_id)  # approvals are keyed by id, not run
         if pending is not None:
             await self._check_run(pending.run_id)
+        elif request.run_id and self.session.get_run(request.run_id) is None:
+            # A run another replica follows: answered on its node (the owner sees approval_resolved).
+            if request.decision not in ("allow", "deny"):
+                raise ConfigError(f"invalid decision {request.decision!r}: expected 'allow' or 'deny'")
+            _, rec = await self._check_run(request.run_id)
+            assert rec is not None
+            handle = await self._node_of(rec)
+            return await handle.api.resolve_approval(pb.ResolveApprovalRequest(
+                run_id=rec.node_run_id or rec.run_id, approval_id=request.approval_id, decision=request.decision,
+                reason=request.reason))
         await self.session.approve(request.approval_id, request.decision, request.reason)
         return pb.ResolveApprovalResponse()
 
     async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
-        run, _ = await self._check_run(request.run_id)
+        run, rec = await self._check_run(request.run_id)
+        if run is None and rec is not None:
+            handle = await self._node_of(rec)
+            return await handle.api.send_input(pb.SendInputRequest(
+                run_id=rec.node_run_id or rec.run_id, data=request.data, end_input=request.end_input))
         if run is None or run.handle is None or run.state == "done":
             raise make_error("config_invalid", "runtime", f"run {request.run_id} is not running",
                              reason="run_not_running")
@@ -507,10 +716,16 @@ class FleetApi:
                 info.node = run.handle.target.address
                 return info
         if rec is None:
+            if run is not None and run.recorded:
+                await self.registry.flush()  # its last writes (an end, a queue status) are queued behind it
             rec = await self.store.get(request.run_id)
         if rec is None:
             raise _not_found(request.run_id)
-        return run_info(rec)
+        info = run_info(rec)
+        info.priority, info.replica = rec.priority, rec.lease_owner
+        if rec.status == "queued":
+            info.queue_position = await self.store.queue_position(rec.run_id) or 0
+        return info
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """The registry's runs, newest first, filtered and paged (keyset: ``next_page_token`` continues after
@@ -584,6 +799,13 @@ class FleetApi:
 
     async def list_nodes(self, request: pb.ListNodesRequest) -> pb.ListNodesResponse:
         out = pb.ListNodesResponse(strategy=self.session.pool.router.strategy)
+        now = time.time()
+        with contextlib.suppress(AsmError):  # the fleet view stays available while the store is not
+            for rep in await self.store.replicas(now=now):
+                out.replicas.append(pb.ReplicaStatus(
+                    replica_id=rep.replica_id, address=rep.address, leases=rep.leases,
+                    heartbeat_age_ms=max(0, int((now - rep.heartbeat_at) * 1000)), self=rep.replica_id == self.replica_id))
+            out.queued_runs = (await self.store.queue_stats())[0]
         health = self.session.pool.health
         for t in self.targets:
             status = pb.NodeStatus(address=t.address, health=health.status(t.key))
@@ -719,10 +941,14 @@ class ControllerServer:
         for t in self._tasks:
             t.cancel()
         await self.server.stop(grace=1.0)
+        held = [(r.run_id, r.lease) for r in self.api.leased_runs()]
         if self.api.durable:
             await self.api.session.detach(timeout=5.0)
         else:
             await self.api.session.stop(timeout=5.0)
+        await self.api.queue.close()
+        # Its leases are handed over at once (another replica takes its runs without waiting for the TTL).
+        await self.api.keeper.stop(release=held if self.api.durable else ())
         with contextlib.suppress(Exception):
             await self.api.registry.writer.close()
         with contextlib.suppress(Exception):
@@ -756,11 +982,13 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
     metrics.expect_providers(config.expected_providers)
-    store = open_store(config.state, history_max_bytes=config.history_max_bytes)
+    store = open_store(config.state, history_max_bytes=config.history_max_bytes,
+                       observe=metrics.observe_store)
     await store.open()
     try:
-        await store.claim()
+        await store.claim()  # SQLite: this controller alone; PostgreSQL: shared by replicas (leases)
         durable = not isinstance(store, MemoryStore)
+        shared = store.url.startswith("postgresql")
         epoch = new_epoch()
         if durable:
             # The epoch lives with the registry: a restarted controller is the same controller to its
@@ -770,13 +998,13 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
                 await store.meta_set("controller_epoch", epoch)
             else:
                 epoch = stored
-            pruned = await store.prune(time.time() - config.state_max_age_s)
+            pruned = await store.prune(time.time() - config.state_max_age_s, max_log_bytes=config.log_retention_bytes)
             if pruned:
                 log.info("pruned %d ended run(s) older than %gs from %s", pruned, config.state_max_age_s, store.url)
         api = FleetApi(config, metrics, store, epoch)
         api.durable = durable
         api.set_nodes(await _node_addresses(config))
-        await api.recover()
+        await api.recover(exclusive=not shared)
     except BaseException:
         with contextlib.suppress(Exception):
             await store.close()
@@ -801,6 +1029,7 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
         ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
     if durable:
         ctl._tasks.append(asyncio.create_task(_prune_periodically(config, store)))
+    ctl._tasks.append(asyncio.create_task(_queue_metrics(api, metrics)))
     return ctl
 
 
@@ -809,9 +1038,19 @@ async def _prune_periodically(config: ControllerConfig, store: RunStore) -> None
     while True:
         await asyncio.sleep(min(3600.0, max(1.0, config.state_max_age_s / 4)))
         try:
-            await store.prune(time.time() - config.state_max_age_s)
+            await store.prune(time.time() - config.state_max_age_s, max_log_bytes=config.log_retention_bytes)
         except AsmError as err:
             log.warning("pruning the run registry failed: %s", err.message)
+
+
+async def _queue_metrics(api: FleetApi, metrics: ControllerMetrics) -> None:
+    """The fleet queue's depth and oldest age (fleet-wide, from the store) every few seconds."""
+    while True:
+        await asyncio.sleep(2.0)
+        with contextlib.suppress(AsmError):
+            depth, oldest = await api.store.queue_stats()
+            metrics.queue_depth.set(depth)
+            metrics.queue_oldest_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
 
 async def _rediscover(config: ControllerConfig, api: FleetApi) -> None:

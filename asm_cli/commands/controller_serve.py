@@ -32,10 +32,27 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit() or int(text) > 2**31:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+def _replica_id(text: str) -> str:
+    from asm_wire import valid_id
+
+    if len(text) > 64 or not valid_id(text):
+        raise argparse.ArgumentTypeError(f"a replica id is 1-64 letters, digits, '-', '_', '.' or ':', got {text[:70]!r}")
+    return text
+
+
 def _controller_state(args: argparse.Namespace) -> str:
-    """--state as given, else SQLite in --state-dir (default: the per-user state directory)."""
+    """--state as given (or env ASM_CONTROLLER_STATE: a URL with a password stays out of ps), else SQLite
+    in --state-dir (default: the per-user state directory)."""
     if args.state:
         return str(args.state)
+    if os.environ.get("ASM_CONTROLLER_STATE"):
+        return os.environ["ASM_CONTROLLER_STATE"]
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     state_dir = Path(args.state_dir) if args.state_dir else Path(base) / "asm" / "controller"
     return f"sqlite:///{state_dir.resolve() / 'controller.sqlite3'}"
@@ -63,7 +80,8 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         metrics_insecure=args.metrics_insecure,
         limits=dataclasses.replace(ControllerConfig().limits, **limit_settings(args)),
         state=_controller_state(args), state_max_age_s=args.state_max_age,
-        history_max_bytes=args.history_bytes,
+        history_max_bytes=args.history_bytes, log_retention_bytes=args.log_retention_bytes,
+        replica_id=args.replica_id, advertise=args.advertise, lease_ttl_s=args.lease_ttl, max_queued=args.max_queued,
     )
 
     def ready(ctl: Any) -> None:
@@ -109,6 +127,18 @@ def add_parser(sub: Subcommands) -> None:
                     help="ended runs leave the registry after this long (default 7 days)")
     cs.add_argument("--history-bytes", type=_positive_int, default=64 * 2**20, metavar="N",
                     help="per-run bound of the registry's event log (default 64 MiB)")
+    cs.add_argument("--log-retention-bytes", type=_positive_int, default=2**30, metavar="N",
+                    help="total size of ended runs' event logs kept; the oldest go first (default 1 GiB)")
+    cs.add_argument("--replica-id", type=_replica_id, metavar="ID",
+                    help="this replica's id in a shared (PostgreSQL) store; a stable one (a pod name) takes its "
+                         "runs back at once after a restart (default: HOSTNAME-RANDOM)")
+    cs.add_argument("--advertise", metavar="HOST:PORT",
+                    help="the address clients reach this replica at, shown by asm nodes (default: --listen)")
+    cs.add_argument("--lease-ttl", type=_positive_float, default=10.0, metavar="SECONDS",
+                    help="a replica's runs are taken over this long after it stopped renewing (default 10)")
+    cs.add_argument("--max-queued", type=_non_negative_int, default=10_000, metavar="N",
+                    help="runs that may wait in the fleet queue when every node is full (default 10000; "
+                         "0: refuse at_capacity at once)")
     cs.add_argument("--expect-provider", action="append", metavar="NAME",
                     help="a provider the fleet must offer: NoHealthyNodeForProvider alerts for it even before any "
                          "node advertised it (repeatable)")

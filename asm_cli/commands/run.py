@@ -83,6 +83,10 @@ async def _run(args: argparse.Namespace) -> int:
                       strategy=args.strategy, selector=pairs(args.selector, "--selector"),
                       on_node_lost=args.on_node_lost)
     run_id: dict[str, Any] = {"run_id": args.run_id} if args.run_id else {}
+    if args.priority:
+        run_id["priority"] = args.priority
+    if args.queue_timeout:
+        run_id["queue_timeout_ms"] = int(args.queue_timeout * 1000)
     snapshotted: SnapshotStream | None = None
     if args.snapshot:
         # Pins the run to the first reachable node (the one owning the workspace) and snapshots it, before
@@ -153,6 +157,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+    if not -1000 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from -1000 to 1000, got {value}")
+    return value
+
+
+def _queue_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text[:40]!r}") from None
+    if not 0 < value <= (2**32 - 1) / 1000:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to {(2**32 - 1) // 1000}, got {text[:40]}")
+    return value
+
+
 def add_parser(sub: Subcommands) -> None:
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
@@ -177,5 +201,10 @@ def add_parser(sub: Subcommands) -> None:
                    help="a node silent this long is lost and its run ends with node_lost (default 8)")
     client_args(r)
     add_no_color_option(r)
+    r.add_argument("--priority", type=_priority, default=0, metavar="N",
+                   help="with --controller: the run's place in the fleet queue when every node is full "
+                        "(-1000..1000, higher first; FIFO within a priority)")
+    r.add_argument("--queue-timeout", type=_queue_timeout, default=0.0, metavar="SECONDS",
+                   help="with --controller: give up (error queue_timeout) if still queued after this long")
     r.add_argument("prompt", metavar="PROMPT")
     r.set_defaults(func=cmd_run)

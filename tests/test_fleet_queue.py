@@ -1,0 +1,191 @@
+"""The fleet queue with real processes: a controller (SQLite registry) in front of a node with one slot.
+
+Runs submitted while the node is full wait instead of failing ``at_capacity``, start in priority
+order (FIFO within a priority), end with a typed ``queue_timeout`` or ``user_cancelled`` when asked,
+respect ``--max-queued``, and survive a ``kill -9`` of the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from asm_controller import RemoteNode
+from asm_controller._client import GrpcNodeClient
+from asm_wire import AsmError, pb
+from tests.support.fleet import assert_once, counted_cli, executions, follow
+from tests.support.processes import (
+    PYTHON_BASENAME,
+    ControllerProcess,
+    NodeProcess,
+    start_controller_process,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def controllers(tmp_path: Path) -> Iterator[Callable[..., ControllerProcess]]:
+    started: list[ControllerProcess] = []
+
+    def start(*args: str, listen: str = "127.0.0.1:0") -> ControllerProcess:
+        ctl = start_controller_process(tmp_path, *args, listen=listen)
+        started.append(ctl)
+        return ctl
+
+    yield start
+    for ctl in started:
+        ctl.stop()
+
+
+def _req(run_id: str, command: str, **fields: int) -> pb.StartRunRequest:
+    return pb.StartRunRequest(run_id=run_id, provider="shell", prompt=command, **fields)
+
+
+async def _status(address: str, run_id: str) -> pb.RunInfo:
+    client = GrpcNodeClient(RemoteNode(address))
+    try:
+        return await client.get_run(pb.GetRunRequest(run_id=run_id))
+    finally:
+        await client.close()
+
+
+async def _wait_status(address: str, run_id: str, status: int, timeout: float = 20.0) -> pb.RunInfo:
+    deadline = asyncio.get_running_loop().time() + timeout
+    info = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            info = await _status(address, run_id)
+            if info.status == status:
+                return info
+        except AsmError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never reached status {status}: {info}")
+
+
+@pytest.fixture
+def one_slot(node_process: Callable[..., NodeProcess]) -> NodeProcess:
+    return node_process("--shell-allow", PYTHON_BASENAME, "--max-runs", "1")
+
+
+async def test_queued_runs_start_in_priority_order_fifo_within_a_priority(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    ctl = controllers("--node", one_slot.address)
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 10, 0.15))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    order = [("p0a", 0), ("p5a", 5), ("p0b", 0), ("p10", 10), ("p5b", 5)]
+    followers = []
+    for run_id, priority in order:
+        followers.append(asyncio.create_task(
+            follow([ctl.address], _req(run_id, counted_cli(log, run_id, 2, 0.05), priority=priority))))
+        info = await _wait_status(ctl.address, run_id, pb.RUN_STATUS_QUEUED)
+        assert info.priority == priority
+    positions = {rid: (await _status(ctl.address, rid)).queue_position for rid, _ in order}
+    assert positions == {"p10": 1, "p5a": 2, "p5b": 3, "p0a": 4, "p0b": 5}
+    done = await asyncio.gather(blocker, *followers)
+    for f in done:
+        assert_once(f)
+        assert f.completed is not None and f.completed.run_completed.status == "completed", [
+            (m.error.code, m.error.message) for m in f.events if m.kind == pb.EVENT_KIND_ERROR]
+    started = log.read_text().split()
+    assert started == ["blocker", "p10", "p5a", "p5b", "p0a", "p0b"]
+
+
+async def test_queue_timeout_ends_a_waiting_run_typed_and_it_never_runs(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    ctl = controllers("--node", one_slot.address)
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 20, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    late = await follow([ctl.address], _req("late", counted_cli(log, "late", 1, 0), queue_timeout_ms=400))
+    assert late.error_code == "queue_timeout", late.events
+    assert late.completed is not None and late.completed.run_completed.status == "failed"
+    assert (await _status(ctl.address, "late")).status == pb.RUN_STATUS_FAILED
+    assert_once(await blocker)
+    assert executions(log)["late"] == 0
+
+
+async def test_an_interrupted_queued_run_ends_user_cancelled_and_never_runs(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    ctl = controllers("--node", one_slot.address)
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 15, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    waiting = asyncio.create_task(follow([ctl.address], _req("waiting", counted_cli(log, "waiting", 1, 0))))
+    await _wait_status(ctl.address, "waiting", pb.RUN_STATUS_QUEUED)
+    client = GrpcNodeClient(RemoteNode(ctl.address))
+    try:
+        resp = await client.interrupt_run(pb.InterruptRunRequest(run_id="waiting"))
+    finally:
+        await client.close()
+    assert resp.accepted
+    cancelled = await waiting
+    assert cancelled.error_code == "user_cancelled", cancelled.events
+    assert cancelled.completed is not None and cancelled.completed.run_completed.status == "interrupted"
+    assert_once(await blocker)
+    await asyncio.sleep(0.5)  # the slot is free now: a cancelled run must still not start
+    assert executions(log)["waiting"] == 0
+
+
+async def test_max_queued_refuses_past_the_bound_with_queue_full(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    ctl = controllers("--node", one_slot.address, "--max-queued", "1")
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 10, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    first = asyncio.create_task(follow([ctl.address], _req("first", counted_cli(log, "first", 1, 0))))
+    await _wait_status(ctl.address, "first", pb.RUN_STATUS_QUEUED)
+    refused = await follow([ctl.address], _req("second", counted_cli(log, "second", 1, 0)))
+    assert refused.error_code == "queue_full", refused.events
+    assert_once(await blocker)
+    assert_once(await first)
+    assert executions(log) == {"blocker": 1, "first": 1}
+
+
+async def test_without_a_queue_a_full_fleet_refuses_at_once(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    ctl = controllers("--node", one_slot.address, "--max-queued", "0")
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 10, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    refused = await follow([ctl.address], _req("other", counted_cli(log, "other", 1, 0)))
+    assert refused.error_code in ("at_capacity", "connection_failed"), refused.events
+    assert_once(await blocker)
+
+
+async def test_queued_runs_survive_a_kill_9_of_the_controller(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    from tests.test_controller_recovery import _free_port
+
+    listen = f"127.0.0.1:{_free_port()}"
+    state = f"sqlite:///{tmp_path / 'ctl' / 'state.sqlite3'}"
+    ctl = controllers("--node", one_slot.address, "--state", state, listen=listen)
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 30, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    waiting = []
+    for run_id, priority in [("low", 0), ("high", 9), ("mid", 4)]:
+        waiting.append(asyncio.create_task(
+            follow([ctl.address], _req(run_id, counted_cli(log, run_id, 3, 0.05), priority=priority))))
+        await _wait_status(ctl.address, run_id, pb.RUN_STATUS_QUEUED)
+    ctl.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(ctl.proc.wait, 10)
+    controllers("--node", one_slot.address, "--state", state, listen=listen)  # same address, same registry
+    for f in await asyncio.gather(blocker, *waiting):
+        assert_once(f)
+        assert f.completed is not None and f.completed.run_completed.status == "completed", [
+            (m.error.code, m.error.message) for m in f.events if m.kind == pb.EVENT_KIND_ERROR]
+    assert log.read_text().split() == ["blocker", "high", "mid", "low"]
