@@ -355,8 +355,8 @@ class FleetApi:
 
     async def _still_queued(self, ids: list[str]) -> set[str]:
         wanted = set(ids)
-        queued = await self.store.queued(limit=self.config.max_queued + len(ids))
-        return {r.run_id for r in queued if r.run_id in wanted and r.lease_owner == self.replica_id}
+        queued = await self.store.queued(limit=self.config.max_queued + len(ids), lease_owner=self.replica_id)
+        return {r.run_id for r in queued if r.run_id in wanted}
 
     def _target(self, addr: str) -> RemoteNode:
         target = self._targets.get(addr)

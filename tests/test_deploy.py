@@ -55,10 +55,6 @@ HA_ALERTS = {"FleetQueueStale", "FleetQueueDeep", "ControllerLeaseTakeovers", "C
 CONTROLLERS = ("controller1", "controller2")  # the compose replicas
 DB_ENV = "deploy/compose/db.env"  # the compose database password: the user's, git-ignored
 K8S_POSTGRES = DEPLOY / "k8s-postgres"  # the optional overlay: base + a PostgreSQL StatefulSet
-#: Flags of the HA controller (issue 12) the deploy files use before the coordinator's branch has
-#: landed: missing from --help they make the check xfail (not pass); once there they are checked
-#: like any other. (Remove this once they exist.)
-PENDING_HA_FLAGS = {"--replica-id", "--advertise"}
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -273,10 +269,6 @@ def test_node_flags_exist_in_cli() -> None:
 
 
 def test_controller_flags_exist_in_cli() -> None:
-    text = serve_help("controller")
-    missing = PENDING_HA_FLAGS - help_flags(text or "")
-    if missing:
-        pytest.xfail(f"`asm controller serve` has no {sorted(missing)} yet (issue 12's HA flags)")
     _check_flags("controller", pending=set())
 
 
