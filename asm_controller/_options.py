@@ -48,11 +48,11 @@ class RunOptions:
     queue_timeout_ms: int = 0
 
     def merged(self, overrides: Mapping[str, Any]) -> RunOptions:
-        # run_id and owner name the run, they do not configure it (Session takes them apart).
-        unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id", "owner"})
+        # run_id, owner and session_id name the run, they do not configure it (Session takes them apart).
+        unknown = sorted(set(overrides) - set(self.__dataclass_fields__) - {"run_id", "owner", "session_id"})
         if unknown:
             raise ConfigError(f"unknown run option(s): {', '.join(unknown)}")
-        changes = {k: v for k, v in overrides.items() if k not in ("run_id", "owner") and v is not None}
+        changes = {k: v for k, v in overrides.items() if k not in ("run_id", "owner", "session_id") and v is not None}
         if "options" in changes:
             changes["options"] = {**self.options, **changes["options"]}
         if "env" in changes:

@@ -95,7 +95,7 @@ class StoreRegistry:
         lease: dict[str, Any] = {}
         if self.owner:
             lease = {"lease_owner": self.owner, "lease_token": 1, "lease_expires": now + self.lease_ttl_s}
-        return RunRecord(run_id=run.run_id, session_id=run.host.session_id, provider=run.opts.provider,
+        return RunRecord(run_id=run.run_id, session_id=run.session_id, provider=run.opts.provider,
                          owner=run.owner, prompt_digest=prompt_digest(run.prompt), spec=run_spec(run),
                          priority=run.priority, created_at=now, updated_at=now, **lease, **fields)
 

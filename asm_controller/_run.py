@@ -139,15 +139,17 @@ class Run:
     """
 
     def __init__(self, host: RunHost, run_id: str, prompt: str, opts: RunOptions, subscribed: bool,
-                 attach: bool = False, after_seq: int = 0) -> None:
+                 attach: bool = False, after_seq: int = 0, session_id: str = "") -> None:
         self.host = host
         self.run_id = run_id
+        #: The session the run belongs to: its host's, unless the caller named one (a controller's client).
+        self.session_id = session_id or host.session_id
         self.prompt = prompt
         self.opts = opts
         self.attach = attach
         self.state = "new"  # new | queued | active | done
         self.reducer = EventReducer(
-            run_id, host.session_id, opts.provider,
+            run_id, self.session_id, opts.provider,
             {"provider": opts.provider, "lane": "core", "execution": "pending"},
         )
         self.channel: BatchChannel | None = BatchChannel() if subscribed else None
@@ -228,7 +230,7 @@ class Run:
 
     def _request(self, cwd: str, prompt: str | None = None, options: Mapping[str, Any] | None = None) -> pb.StartRunRequest:
         return pb.StartRunRequest(
-            run_id=self._node_run_id, session_id=self.host.session_id, provider=self.opts.provider,
+            run_id=self._node_run_id, session_id=self.session_id, provider=self.opts.provider,
             prompt=self.prompt if prompt is None else prompt, cwd=cwd, permission_mode=self.opts.permission_mode,
             options_json=_json(self.opts.options if options is None else options), env=dict(self.opts.env),
             approval_timeout_ms=self.opts.approval_timeout_ms,
@@ -498,7 +500,7 @@ class Run:
         if not psid:
             raise make_error(err.kind, err.domain, f"{err.message}; no provider session id to resume")
         notice = Event.synthetic(
-            "error", run_id=self.run_id, session_id=self.host.session_id, provider=self.opts.provider,
+            "error", run_id=self.run_id, session_id=self.session_id, provider=self.opts.provider,
             seq=self.reducer.last_seq + 1, message=f"{err.message}; resuming provider session {psid} on another node",
             code=err.kind, domain=err.domain, severity=pb.SEVERITY_WARNING, exit_code=-1)
         self.reducer.apply(notice)
@@ -688,7 +690,7 @@ class Run:
                 seq = reducer.last_seq + 1
                 e.pb.seq, e.pb.run_id, e.pb.id = seq, self.run_id, f"{self.run_id}:{seq}"
                 if not e.pb.session_id:
-                    e.pb.session_id = self.host.session_id
+                    e.pb.session_id = self.session_id
                 reducer.apply(e)
                 out.append(e)
                 if e.pb.kind == pb.EVENT_KIND_APPROVAL_REQUESTED and e.pb.metadata.get("policy") == "1":
@@ -726,7 +728,7 @@ class Run:
             return False
         timer.cancel()
         r = self.reducer
-        ev = Event.synthetic("approval_resolved", run_id=self.run_id, session_id=self.host.session_id,
+        ev = Event.synthetic("approval_resolved", run_id=self.run_id, session_id=self.session_id,
                              provider=self.opts.provider, seq=r.last_seq + 1, approval_id=approval_id,
                              decision=decision, reason=reason)
         r.apply(ev)
@@ -748,7 +750,7 @@ class Run:
         if r.finished:
             return
         status = RunStatus.INTERRUPTED if err.kind in INTERRUPT_KINDS else RunStatus.FAILED
-        common = {"run_id": self.run_id, "session_id": self.host.session_id, "provider": self.opts.provider}
+        common = {"run_id": self.run_id, "session_id": self.session_id, "provider": self.opts.provider}
         events = [
             Event.synthetic("error", **common, seq=r.last_seq + 1, message=err.message, code=err.kind,
                             domain=err.domain, severity=pb.SEVERITY_ERROR, exit_code=-1),

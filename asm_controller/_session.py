@@ -47,8 +47,9 @@ class RunStream:
     """
 
     def __init__(self, session: Session, prompt: str, opts: RunOptions, run_id: str, attach: bool = False,
-                 after_seq: int = 0, owner: str = "") -> None:
+                 after_seq: int = 0, owner: str = "", session_id: str = "") -> None:
         self._owner = owner
+        self._session_id = session_id
         self._attach = attach
         self._after_seq = after_seq
         self._session = session
@@ -64,7 +65,7 @@ class RunStream:
         if self._run is None:
             self._run = self._session._submit(self._prompt, self._opts, self.run_id, subscribed=True,
                                               attach=self._attach, after_seq=self._after_seq,
-                                              owner=self._owner)
+                                              owner=self._owner, session_id=self._session_id)
         return self._run
 
     def __aiter__(self) -> RunStream:
@@ -207,13 +208,17 @@ class Session:
     def stream(self, prompt: str, **overrides: Any) -> RunStream:
         """A lazy stream of the run's events (submitted on first iteration).
 
-        ``run_id`` names the run (default: a new ULID); ``owner`` is recorded as the principal that started it.
+        ``run_id`` names the run (default: a new ULID); ``owner`` is recorded as the principal that started it;
+        ``session_id`` puts the run in another session than this one's (a controller's client names its own).
         """
         opts, run_id = self._prepare(prompt, overrides)
         owner = overrides.get("owner") or ""
         if not isinstance(owner, str):
             raise ConfigError("owner must be a string")
-        return RunStream(self, prompt, opts, run_id, owner=owner)
+        session_id = overrides.get("session_id") or ""
+        if not isinstance(session_id, str) or (session_id and not valid_id(session_id)):
+            raise ConfigError(f"invalid session_id {session_id!r}")
+        return RunStream(self, prompt, opts, run_id, owner=owner, session_id=session_id)
 
     async def query(self, prompt: str, **overrides: Any) -> Result:
         """Run to completion and return the Result (check ``result.ok`` / ``result.error``)."""
@@ -419,7 +424,8 @@ class Session:
         overrides["node"] = node
         opts = self.defaults.merged(overrides)
         run = self._submit("", opts, record.run_id, subscribed=False, attach=True, after_seq=record.node_seq,
-                           owner=record.owner, restored=events, node_run_id=record.node_run_id or record.run_id)
+                           owner=record.owner, restored=events, node_run_id=record.node_run_id or record.run_id,
+                           session_id=record.session_id)
         return run
 
     def requeue(self, record: RunRecord) -> Run:
@@ -428,7 +434,7 @@ class Session:
         overrides = self._recorded_options(record)
         overrides["priority"] = record.priority
         opts = self.defaults.merged(overrides)
-        run = Run(self, record.run_id, record.prompt, opts, False)
+        run = Run(self, record.run_id, record.prompt, opts, False, session_id=record.session_id)
         run.owner, run.recorded, run.fleet_queued = record.owner, True, True
         run.queued_at, run.queue_deadline = record.queued_at, record.queue_deadline
         return self._enter(run)
@@ -461,14 +467,14 @@ class Session:
 
     def _submit(self, prompt: str, opts: RunOptions, run_id: str, subscribed: bool, attach: bool = False,
                 after_seq: int = 0, owner: str = "", restored: Sequence[pb.Event] | None = None,
-                node_run_id: str = "") -> Run:
+                node_run_id: str = "", session_id: str = "") -> Run:
         if self.status != "ready":
             raise make_error("config_invalid", "runtime", f"session {self.session_id} is {self.status}")
         if run_id in self._runs:
             raise ConfigError(f"run id {run_id!r} was already used in this session")
         if not opts.nodes:
             raise ConfigError("no node to run on: give the session (or the run) a node")
-        run = Run(self, run_id, prompt, opts, subscribed, attach=attach, after_seq=after_seq)
+        run = Run(self, run_id, prompt, opts, subscribed, attach=attach, after_seq=after_seq, session_id=session_id)
         run.owner = owner
         if restored is not None:
             run.restore(restored, node_run_id)

@@ -497,7 +497,7 @@ class FleetApi:
         overrides: dict[str, Any] = {
             "run_id": request.run_id, "provider": request.provider, "cwd": request.cwd,
             "permission_mode": request.permission_mode or "default", "options": options, "env": dict(request.env),
-            "owner": current_principal().name, "priority": request.priority,
+            "owner": current_principal().name, "priority": request.priority, "session_id": request.session_id,
             "queue_timeout_ms": request.queue_timeout_ms,
         }
         if request.approval_timeout_ms:

@@ -350,3 +350,35 @@ def test_run_info_carries_the_registry_fields_it_has() -> None:
     assert (info.priority, info.queued_unix_nano, info.replica) == (7, 1_000_500_000_000, "replica-a")
     rec.result = None
     assert run_info(rec).result_json == ""
+
+
+async def test_runs_through_a_controller_keep_the_session_their_client_names(tmp_path: Path) -> None:
+    """A client's StartRun.session_id is the run's session in the registry (not the controller's own)."""
+    node = start_node_process(tmp_path, "--shell-allow", "true")
+    try:
+        ctl = serve_controller(tmp_path, "--node", node.address, "--state", "memory:")
+        try:
+            client = GrpcNodeClient(RemoteNode(ctl.address))
+            try:
+                for run_id, session in (("a1", "client-s1"), ("a2", "client-s1"), ("b1", "client-s2")):
+                    batches = [b async for b in client.start_run(pb.StartRunRequest(
+                        run_id=run_id, session_id=session, provider="shell", prompt="true"))]
+                    assert {m.session_id for b in batches for m in b.events} == {session}
+                in_s1 = await client.list_runs(pb.ListRunsRequest(session_id="client-s1"))
+                with pytest.raises(AsmError) as bad:
+                    await anext(aiter(client.start_run(pb.StartRunRequest(
+                        run_id="c1", session_id="not a valid id!", provider="shell", prompt="true"))))
+            finally:
+                await client.close()
+            controller = ControllerClient(RemoteNode(ctl.address))
+            try:
+                sessions = await controller.list_sessions()
+            finally:
+                await controller.close()
+        finally:
+            ctl.stop()
+    finally:
+        node.stop()
+    assert sorted(r.run_id for r in in_s1.runs) == ["a1", "a2"]
+    assert {s.session_id: s.runs for s in sessions.sessions} == {"client-s1": 2, "client-s2": 1}
+    assert bad.value.kind == "config_invalid"
