@@ -110,7 +110,8 @@ class FleetQueue:
                 return
             if await self._depth() >= self.max_queued:
                 raise make_error("queue_full", "runtime",
-                                 f"every node is full and the fleet queue holds its limit of {self.max_queued} runs")
+                                 f"every node is full and the fleet queue holds its limit of {self.max_queued} runs",
+                                 reason="queue_full")
             if run.queued_at is None:
                 run.queued_at = time.time()
             if run.queue_deadline is None and run.opts_queue_timeout_s:
@@ -135,9 +136,10 @@ class FleetQueue:
             if self._metrics is not None:
                 self._metrics.queue_timeouts.inc()
             waited = time.time() - (run.queued_at or time.time())
-            raise make_error("queue_timeout", "runtime",
+            # ASM's kind for a queued run that never started (timeout, runtime), with its own reason.
+            raise make_error("timeout", "runtime",
                              f"run {run.run_id} waited {waited:.1f}s in the fleet queue and no node had room "
-                             "(queue_timeout_ms)") from None
+                             "(queue_timeout_ms)", reason="queue_timeout") from None
 
     def leave(self, run: Run) -> None:
         """The run is placed (or ended): the next waiter's turn."""

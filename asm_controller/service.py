@@ -319,7 +319,7 @@ class FleetApi:
             return
         if rec.status == "queued":
             if rec.spec.get("env_keys"):
-                await self._end_unplaced(rec, lease=lease, code="env_unavailable", why=(
+                await self._end_unplaced(rec, lease=lease, code="runtime", reason="env_unavailable", why=(
                     f"was queued with environment variables ({', '.join(rec.spec['env_keys'])}), which are never "
                     "stored: it cannot be started by another controller; submit it again"))
                 return
@@ -385,7 +385,7 @@ class FleetApi:
 
     async def _end_unplaced(self, rec: RunRecord, why: str = "", *, lease: Lease | None = None,
                             code: str = "run_lost", status: RunStatus = RunStatus.FAILED,
-                            expect_status: str | None = None) -> None:
+                            expect_status: str | None = None, reason: str = "") -> None:
         """Record the end of a run that never started (or cannot be followed again), with its final events."""
         message = (f"the controller restarted before run {rec.run_id} was sent to a node; it never ran"
                    if not why else f"run {rec.run_id} {why}")
@@ -394,10 +394,12 @@ class FleetApi:
                                domain="runtime", severity=pb.SEVERITY_ERROR, exit_code=-1),
                Event.synthetic("run_completed", **common, seq=rec.last_seq + 2, status=status.value,
                                exit_code=-1)]
+        if reason:
+            end[0].pb.metadata["reason"] = reason
         batch = pb.EventBatch(events=[e.pb for e in end]).SerializeToString()
         result = {"kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id,
                   "provider": rec.provider, "status": status.value,
-                  "error": {"kind": code, "domain": "runtime", "message": message}}
+                  "error": {"kind": code, "domain": "runtime", "message": message, **({"reason": reason} if reason else {})}}
         if expect_status is None:
             # The log's end first: a reader that sees the ended status finds the end in the log.
             await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)

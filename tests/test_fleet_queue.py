@@ -107,7 +107,7 @@ async def test_queue_timeout_ends_a_waiting_run_typed_and_it_never_runs(
     blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 20, 0.1))))
     await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
     late = await follow([ctl.address], _req("late", counted_cli(log, "late", 1, 0), queue_timeout_ms=400))
-    assert late.error_code == "queue_timeout", late.events
+    assert (late.error_code, late.error_reason) == ("timeout", "queue_timeout"), late.events  # ASM's kind
     assert late.completed is not None and late.completed.run_completed.status == "failed"
     assert (await _status(ctl.address, "late")).status == pb.RUN_STATUS_FAILED
     assert_once(await blocker)
@@ -147,7 +147,7 @@ async def test_max_queued_refuses_past_the_bound_with_queue_full(
     first = asyncio.create_task(follow([ctl.address], _req("first", counted_cli(log, "first", 1, 0))))
     await _wait_status(ctl.address, "first", pb.RUN_STATUS_QUEUED)
     refused = await follow([ctl.address], _req("second", counted_cli(log, "second", 1, 0)))
-    assert refused.error_code == "queue_full", refused.events
+    assert (refused.error_code, refused.error_reason) == ("queue_full", "queue_full"), refused.events
     assert_once(await blocker)
     assert_once(await first)
     assert executions(log) == {"blocker": 1, "first": 1}
@@ -189,3 +189,32 @@ async def test_queued_runs_survive_a_kill_9_of_the_controller(
         assert f.completed is not None and f.completed.run_completed.status == "completed", [
             (m.error.code, m.error.message) for m in f.events if m.kind == pb.EVENT_KIND_ERROR]
     assert log.read_text().split() == ["blocker", "high", "mid", "low"]
+
+
+async def test_a_queued_run_with_env_cannot_be_started_by_the_next_controller(
+    one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
+) -> None:
+    """Env values are never stored (they may be secrets): a queued run that had some ends typed
+    (env_unavailable) after a restart instead of starting without them."""
+    from tests.test_controller_recovery import _free_port
+
+    listen = f"127.0.0.1:{_free_port()}"
+    state = f"sqlite:///{tmp_path / 'ctl' / 'state.sqlite3'}"
+    ctl = controllers("--node", one_slot.address, "--state", state, listen=listen)
+    log = tmp_path / "executions.txt"
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 20, 0.1))))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    req = _req("with-env", counted_cli(log, "with-env", 1, 0))
+    req.env["API_KEY"] = "s3cret-value"
+    waiting = asyncio.create_task(follow([ctl.address], req))
+    await _wait_status(ctl.address, "with-env", pb.RUN_STATUS_QUEUED)
+    db = Path(state.removeprefix("sqlite:///"))
+    assert not [f for f in db.parent.iterdir() if b"s3cret-value" in f.read_bytes()]  # the file and its WAL
+    ctl.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(ctl.proc.wait, 10)
+    controllers("--node", one_slot.address, "--state", state, listen=listen)
+    ended = await waiting
+    assert (ended.error_code, ended.error_reason) == ("runtime", "env_unavailable"), ended.events
+    assert "API_KEY" in ended.events[-2].error.message
+    assert_once(await blocker)
+    assert executions(log)["with-env"] == 0

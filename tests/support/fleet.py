@@ -44,6 +44,10 @@ class Followed:
         return next((m for m in self.events if m.kind == pb.EVENT_KIND_RUN_COMPLETED), None)
 
     @property
+    def error_reason(self) -> str:
+        return next((m.metadata.get("reason", "") for m in self.events if m.kind == pb.EVENT_KIND_ERROR), "")
+
+    @property
     def error_code(self) -> str:
         return next((m.error.code for m in self.events if m.kind == pb.EVENT_KIND_ERROR), "")
 
