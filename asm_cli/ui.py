@@ -360,13 +360,26 @@ def nodes_text(rows: list[dict[str, Any]]) -> str:
     lines: list[tuple[str, ...]] = [_NODE_HEAD, *cells]
     widths = [max(len(r[i]) for r in lines) for i in range(len(_NODE_HEAD) - 1)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in lines]
-    footer = [f"routing: {strategy}"] if (strategy := _strategy(rows)) else []
-    return "\n".join(out + [f"  {node}: {message}" for node, message in errors] + footer) + "\n"
+    return "\n".join(out + [f"  {node}: {message}" for node, message in errors] + _fleet_footer(rows)) + "\n"
 
 
 def _strategy(rows: list[dict[str, Any]]) -> str:
     """The controller's routing strategy (``asm nodes --controller`` puts it on each row); "" directly."""
     return next((str(r["strategy"]) for r in rows if r.get("strategy")), "")
+
+
+def _fleet_footer(rows: list[dict[str, Any]]) -> list[str]:
+    """Below the table for a controller: its routing strategy, its replicas (leases held) and the fleet queue."""
+    lines = [f"routing: {strategy}"] if (strategy := _strategy(rows)) else []
+    first = rows[0] if rows else {}
+    replicas = first.get("replicas") or []
+    if replicas:
+        lines.append("replicas: " + ", ".join(
+            f"{r['replica_id']}{' (this one)' if r.get('self') else ''} at {r['address']}: {r['leases']} lease(s)"
+            for r in replicas))
+    if "queued_runs" in first:
+        lines.append(f"queued runs: {first['queued_runs']}")
+    return lines
 
 
 _STATE_STYLES = {"ready": "green", "draining": "yellow", "stopping": "yellow", "error": "red"}
@@ -440,8 +453,14 @@ def _node_errors(rows: list[dict[str, Any]]) -> Text | None:
 
 
 def _run_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    return [(str(r["run_id"]), str(r["session_id"]), str(r["provider"]), str(r["node"] or "-"), str(r["status"]),
+    return [(str(r["run_id"]), str(r["session_id"]), str(r["provider"]), str(r["node"] or "-"), _run_status(r),
              str(r["started"] or "-"), "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s") for r in rows]
+
+
+def _run_status(row: dict[str, Any]) -> str:
+    """The status, with a queued run's place in the fleet queue (``queued #3``)."""
+    status = str(row["status"])
+    return f"{status} #{row['queue_position']}" if status == "queued" and row.get("queue_position") else status
 
 
 def runs_text(rows: list[dict[str, Any]]) -> str:
@@ -482,8 +501,8 @@ def print_nodes(rows: list[dict[str, Any]], stream: IO[str] | None = None, *, no
     errors = _node_errors(rows)
     if errors is not None:
         console.print(errors, soft_wrap=True, highlight=False)
-    if strategy := _strategy(rows):
-        console.print(Text(f"routing: {strategy}", style="dim"))
+    for line in _fleet_footer(rows):
+        console.print(Text(line, style="dim"))
 
 
 def print_runs(rows: list[dict[str, Any]], stream: IO[str] | None = None, *, no_color: bool = False) -> None:
@@ -526,8 +545,7 @@ async def watch_nodes(fetch: Callable[[], Awaitable[list[dict[str, Any]]]], inte
         errors = _node_errors(rows)
         if errors is not None:
             parts.append(errors)
-        if strategy := _strategy(rows):
-            parts.append(Text(f"routing: {strategy}", style="dim"))
+        parts.extend(Text(line, style="dim") for line in _fleet_footer(rows))
         return Group(*parts)
 
     rounds = 0

@@ -90,6 +90,12 @@ async def test_queued_runs_start_in_priority_order_fifo_within_a_priority(
         assert info.priority == priority
     positions = {rid: (await _status(ctl.address, rid)).queue_position for rid, _ in order}
     assert positions == {"p10": 1, "p5a": 2, "p5b": 3, "p0a": 4, "p0b": 5}
+    from tests.test_controller_recovery import asm
+
+    listed = await asyncio.to_thread(asm, "runs", "--controller", ctl.address, "--status", "queued")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert "queued #1" in rows["p10"] and "queued #5" in rows["p0b"], listed.stdout
     done = await asyncio.gather(blocker, *followers)
     for f in done:
         assert_once(f)

@@ -214,3 +214,9 @@ async def test_any_replica_answers_for_a_run_the_other_follows(
         await ctl.close()
     assert {r.replica_id for r in fleet.replicas} == {"replica-a", "replica-b"}
     assert [r.self for r in fleet.replicas if r.replica_id == "replica-b"] == [True]
+    from tests.test_controller_recovery import asm
+
+    shown = await asyncio.to_thread(asm, "nodes", "--controller", b.address)
+    assert shown.returncode == 0, shown.stderr
+    assert "routing: least_loaded" in shown.stdout
+    assert "replica-a at" in shown.stdout and "replica-b (this one) at" in shown.stdout, shown.stdout

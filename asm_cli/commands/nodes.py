@@ -49,8 +49,12 @@ async def _controller_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         except AsmError as err:
             raise NodeUnreachable(f"controller {args.controller}: {err.message}") from None
     rows = [_status_row(st) for st in resp.nodes]
-    for row in rows:  # the controller's routing strategy, on every row (the JSON output stays a list)
+    replicas = [{"replica_id": r.replica_id, "address": r.address, "leases": r.leases, "self": r.self,
+                 "heartbeat_age_s": round(r.heartbeat_age_ms / 1000, 1)} for r in resp.replicas]
+    for row in rows:  # the controller's routing strategy, replicas and queue on every row (JSON stays a list)
         row["strategy"] = resp.strategy
+        row["replicas"] = replicas
+        row["queued_runs"] = resp.queued_runs
     return rows
 
 
