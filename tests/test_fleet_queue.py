@@ -8,7 +8,9 @@ respect ``--max-queued``, and survive a ``kill -9`` of the controller.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tests.support.processes import (
     start_controller_process,
     wait_until,
 )
+from tests.test_controller_recovery import _metrics_port
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +72,17 @@ async def _wait_status(address: str, run_id: str, status: int, timeout: float = 
     raise AssertionError(f"run {run_id} never reached status {status}: {info}")
 
 
+def _metric(port: int, name: str, **labels: str) -> float | None:
+    """One sample of the controller's /metrics (None when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == name or (want and head.startswith(name + "{") and want in head):
+            return float(value)
+    return None
+
+
 @pytest.fixture
 def one_slot(node_process: Callable[..., NodeProcess]) -> NodeProcess:
     return node_process("--shell-allow", PYTHON_BASENAME, "--max-runs", "1")
@@ -77,9 +91,9 @@ def one_slot(node_process: Callable[..., NodeProcess]) -> NodeProcess:
 async def test_queued_runs_start_in_priority_order_fifo_within_a_priority(
     one_slot: NodeProcess, controllers: Callable[..., ControllerProcess], tmp_path: Path,
 ) -> None:
-    ctl = controllers("--node", one_slot.address)
+    ctl = controllers("--node", one_slot.address, "--metrics-listen", "127.0.0.1:0")
     log = tmp_path / "executions.txt"
-    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 10, 0.15))))
+    blocker = asyncio.create_task(follow([ctl.address], _req("blocker", counted_cli(log, "blocker", 16, 0.15))))
     await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
     order = [("p0a", 0), ("p5a", 5), ("p0b", 0), ("p10", 10), ("p5b", 5)]
     followers = []
@@ -96,6 +110,9 @@ async def test_queued_runs_start_in_priority_order_fifo_within_a_priority(
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert "queued #1" in rows["p10"] and "queued #5" in rows["p0b"], listed.stdout
+    port = _metrics_port(ctl)
+    assert await asyncio.to_thread(wait_until, lambda: _metric(port, "asm_controller_queue_depth") == 5.0, 10.0)
+    assert (_metric(port, "asm_controller_queue_oldest_age_seconds") or 0.0) > 0.0
     done = await asyncio.gather(blocker, *followers)
     for f in done:
         assert_once(f)
@@ -103,6 +120,8 @@ async def test_queued_runs_start_in_priority_order_fifo_within_a_priority(
             (m.error.code, m.error.message) for m in f.events if m.kind == pb.EVENT_KIND_ERROR]
     started = log.read_text().split()
     assert started == ["blocker", "p10", "p5a", "p5b", "p0a", "p0b"]
+    assert _metric(port, "asm_controller_queue_wait_seconds_count") == 5.0
+    assert (_metric(port, "asm_controller_store_latency_seconds_count", op="queue_stats") or 0.0) >= 1.0
 
 
 async def test_queue_timeout_ends_a_waiting_run_typed_and_it_never_runs(
@@ -116,6 +135,16 @@ async def test_queue_timeout_ends_a_waiting_run_typed_and_it_never_runs(
     assert (late.error_code, late.error_reason) == ("timeout", "queue_timeout"), late.events  # ASM's kind
     assert late.completed is not None and late.completed.run_completed.status == "failed"
     assert (await _status(ctl.address, "late")).status == pb.RUN_STATUS_FAILED
+    from tests.test_controller_recovery import asm
+
+    cli = await asyncio.to_thread(asm, "run", "--controller", ctl.address, "--provider", "shell", "--priority", "3",
+                                  "--queue-timeout", "0.3", "--output", "jsonl", counted_cli(log, "cli-late", 1, 0))
+    assert cli.returncode == 1, cli.stderr
+    summary = json.loads(cli.stdout.splitlines()[-1])
+    assert summary["error"]["kind"] == "timeout" and "fleet queue" in summary["error"]["message"], summary
+    bad = await asyncio.to_thread(asm, "run", "--controller", ctl.address, "--provider", "shell", "--priority", "5000",
+                                  "true")
+    assert bad.returncode == 2 and "-1000 to 1000" in bad.stderr and "Traceback" not in bad.stderr
     assert_once(await blocker)
     assert executions(log)["late"] == 0
 

@@ -33,6 +33,8 @@ from tests.support.processes import (
     wait_until,
 )
 from tests.support.tcp_proxy import TcpProxy
+from tests.test_controller_recovery import _metrics_port
+from tests.test_fleet_queue import _metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -100,7 +102,7 @@ async def test_kill_9_of_the_replica_owning_20_active_and_50_queued_runs_loses_a
     url = pg.create_database()
     nodes = _nodes(node_process, [7, 7, 6])  # 20 slots
     a = controllers(*_replica_args(url, nodes, "replica-a"))
-    b = controllers(*_replica_args(url, nodes, "replica-b"))
+    b = controllers(*_replica_args(url, nodes, "replica-b"), "--metrics-listen", "127.0.0.1:0")
     log = tmp_path / "executions.txt"
     ids = [f"run-{i:02d}" for i in range(70)]
     followers = [asyncio.create_task(follow([a.address, b.address], _req(rid, counted_cli(log, rid, 12, 0.25))))
@@ -132,6 +134,10 @@ async def test_kill_9_of_the_replica_owning_20_active_and_50_queued_runs_loses_a
         await asyncio.sleep(0.1)
     missing = sorted(set(ids) - completed)
     assert not missing, [(await _info(b.address, rid)) for rid in missing[:3]]
+    port = _metrics_port(b)
+    assert (_metric(port, "asm_controller_lease_takeovers_total") or 0) >= 20
+    assert (_metric(port, "asm_controller_store_latency_seconds_count", op="take_lease") or 0) >= 20
+    assert await asyncio.to_thread(wait_until, lambda: _metric(port, "asm_controller_replicas") == 1.0, 10.0)
 
 
 async def test_a_replica_cut_from_the_database_stops_acting_and_the_other_takes_over(
