@@ -46,6 +46,10 @@ class LeaseHost(Protocol):
 
     def leased_runs(self) -> Sequence[Run]: ...
 
+    def follows(self, run_id: str) -> bool:
+        """Does this process know the run (following it, or just ended and not yet recorded as such)?"""
+        ...
+
     def release(self, run: Run, why: str) -> None: ...
 
     async def take_over(self, rec: RunRecord, lease: Lease) -> None: ...
@@ -145,9 +149,9 @@ class LeaseKeeper:
             self.metrics.leases_held.set(len(held))
             with contextlib.suppress(AsmError):
                 self.metrics.replicas.set(len(await self.store.replicas(now=now)))
-        # Our own leases this process does not follow (released while the store was unreachable).
-        followed = {r.run_id for r in self.host.leased_runs()}
-        for run_id in [r for r in held if r not in followed]:
+        # Our own leases this process does not know (released while the store was unreachable). A run
+        # that just ended here is still known: its end is on its way to the store (write-behind).
+        for run_id in [r for r in held if not self.host.follows(r)]:
             rec = await self.store.get(run_id)
             if rec is not None:
                 await self._take(rec, now=now)
@@ -160,6 +164,8 @@ class LeaseKeeper:
         return taken
 
     async def _take(self, rec: RunRecord, *, now: float) -> int:
+        if rec.lease_owner == self.replica_id and self.host.follows(rec.run_id):
+            return 0  # ours and followed here (expired in a pause): the next renewal extends it, same token
         lease = await self.store.take_lease(rec.run_id, self.replica_id, seen_token=rec.lease_token,
                                             until=self.clock() + self.ttl_s, now=now)
         if lease is None:

@@ -306,6 +306,9 @@ class FleetApi:
     def release(self, run: Run, why: str) -> None:
         self.session.release(run)
 
+    def follows(self, run_id: str) -> bool:
+        return self.session.get_run(run_id) is not None
+
     def _write_skipped(self, run_id: str, err: AsmError) -> None:
         """A write of a run was refused by the store: with LeaseLost another replica follows it now."""
         if isinstance(err, LeaseLost):
@@ -315,7 +318,11 @@ class FleetApi:
 
     async def take_over(self, rec: RunRecord, lease: Lease) -> None:
         """Follow a run whose lease this replica just took: re-attach it on its node, or queue it again."""
-        if self.session.get_run(rec.run_id) is not None:
+        known = self.session.get_run(rec.run_id)
+        if known is not None:
+            # Ours already (its lease had expired: a long pause): it writes with the new token from now on.
+            if known.state != "done":
+                known.lease, known.lease_at = lease, time.monotonic()
             return
         if rec.status == "queued":
             if rec.spec.get("env_keys"):
