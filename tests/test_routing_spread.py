@@ -72,7 +72,7 @@ async def _spread(nodes: list[ServedProcess], directory: Path, strategy: str) ->
         assert len(rows) == NODES and {r["strategy"] for r in rows} == {strategy}
         text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "asm_cli", "nodes", "--controller",
                                                          ctl.address], capture_output=True, text=True, timeout=60)
-        assert text.returncode == 0 and text.stdout.endswith(f"routing: {strategy}\n"), text.stdout + text.stderr
+        assert text.returncode == 0 and f"\nrouting: {strategy}\n" in text.stdout, text.stdout + text.stderr
     after = await _runs_per_node(nodes)
     return {a: after[a] - before[a] for a in after}
 
