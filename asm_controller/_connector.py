@@ -102,6 +102,14 @@ class NodeHandle:
     def execution(self) -> str:
         return "embedded" if isinstance(self.target, EmbeddedNode) else "remote"
 
+    def run_ended(self) -> None:
+        """A run this controller placed here ended: the node's last load report counts it until the next
+        heartbeat, so it is taken off now (a run waiting in the fleet queue gets the slot at once, not
+        a heartbeat later). The next report replaces the figure with the node's own."""
+        load = self.info.load
+        if load.active_runs > 0:
+            load.active_runs -= 1
+
     @property
     def heartbeat_age_s(self) -> float:
         return time.monotonic() - self.last_ok

@@ -779,6 +779,8 @@ class Run:
 
     def _finish(self) -> None:
         self.state = "done"
+        if self.handle is not None and self._started_on_node:
+            self.handle.run_ended()  # before run_finished wakes the fleet queue: the slot is free now
         metrics = self.host.metrics
         if metrics is not None:
             err = self.reducer.error

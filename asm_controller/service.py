@@ -723,6 +723,8 @@ class FleetApi:
                 info.run_id = request.run_id
                 info.owner = run.owner or info.owner
                 info.node = run.handle.target.address
+                info.priority = run.priority
+                info.replica = self.replica_id if run.lease is not None else ""
                 return info
         if rec is None:
             if run is not None and run.recorded:

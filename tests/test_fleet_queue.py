@@ -253,3 +253,44 @@ async def test_a_queued_run_with_env_cannot_be_started_by_the_next_controller(
     assert "API_KEY" in ended.events[-2].error.message
     assert_once(await blocker)
     assert executions(log)["with-env"] == 0
+
+
+async def test_a_slot_freed_by_a_run_ending_here_starts_the_next_queued_run_without_waiting_for_a_heartbeat(
+    one_slot: NodeProcess, tmp_path: Path,
+) -> None:
+    """Heartbeats every 10 s, the last one saying the node is full: the queued run still starts as soon
+    as the blocker ends (this controller saw it end there), not when the next load report says so."""
+    from asm_controller import ControllerClient, LivenessConfig
+    from asm_controller.service import ControllerConfig, start_controller
+    from tests.support.faults import py
+
+    ctl = await start_controller(ControllerConfig(
+        listen="127.0.0.1:0", nodes=[one_slot.address], state="memory:",
+        liveness=LivenessConfig(heartbeat_interval_s=10.0, heartbeat_timeout_s=5.0, node_lost_timeout_s=90.0)))
+    try:
+        address = f"127.0.0.1:{ctl.port}"
+        log, gate = tmp_path / "executions.txt", tmp_path / "gate"
+        gated = py(f"import os, time\nwith open({str(log)!r}, 'a') as f:\n    f.write('blocker\\n')\n"
+                   f"deadline = time.monotonic() + 60\nwhile not os.path.exists({str(gate)!r}) and "
+                   "time.monotonic() < deadline:\n    time.sleep(0.02)")
+        blocker = asyncio.create_task(follow([address], _req("blocker", gated)))
+        await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+
+        async def reported_active() -> int:
+            async with ControllerClient(RemoteNode(address)) as client:
+                return (await client.list_nodes()).nodes[0].active_runs
+
+        for _ in range(300):  # until a heartbeat reports the node full (the next is ~10 s away then)
+            if await reported_active() == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert await reported_active() == 1
+        queued = asyncio.create_task(follow([address], _req("next", counted_cli(log, "next", 1, 0))))
+        await _wait_status(address, "next", pb.RUN_STATUS_QUEUED)
+        gate.touch()
+        assert_once(await blocker)
+        ended = asyncio.get_running_loop().time()
+        assert_once(await asyncio.wait_for(queued, 40))
+        assert asyncio.get_running_loop().time() - ended < 5.0, "it waited for the next heartbeat"
+    finally:
+        await ctl.stop()
