@@ -673,12 +673,12 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     # Node RSS during a 2M-line run on a node with the default bounds (back-pressure, bounded retention).
     from tests.support.flood import flood, tiny_lines
-    prompt, lines = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
+    prompt, n_rss = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
     node = NodeProcess(workdir, extra=["--shell-allow", sys.executable, "--shell-allow", os.path.basename(sys.executable)])
     node.start()
     try:
         assert node.pid is not None
-        out["rss_run"] = await flood(f"127.0.0.1:{node.port}", node.pid, "rss-run", prompt, lines)
+        out["rss_run"] = await flood(f"127.0.0.1:{node.port}", node.pid, "rss-run", prompt, n_rss)
     finally:
         node.stop()
     return out
@@ -796,10 +796,11 @@ def report_faults(out: dict[str, Any]) -> None:
               f"{ms(median(kill) * 1000)} ms after the kill, {ms(median(start) * 1000)} ms after the new "
               f"controller was ready, over {len(kill)} (every event once, run ok: "
               f"{all(ok for _, _, ok in c['restart'])})")
-    start = c.get("start") or {}
-    if len(start) == 2:
-        print(f"  a run of 'true' through a controller, completed: median {ms(start['memory'] * 1000)} ms with a memory "
-              f"registry, {ms(start['sqlite'] * 1000)} ms with SQLite ({start['sqlite'] / start['memory']:.2f}x)")
+    by_registry = c.get("start") or {}
+    if len(by_registry) == 2:
+        mem_s, sql_s = by_registry["memory"], by_registry["sqlite"]
+        print(f"  a run of 'true' through a controller, completed: median {ms(mem_s * 1000)} ms with a memory "
+              f"registry, {ms(sql_s * 1000)} ms with SQLite ({sql_s / mem_s:.2f}x)")
     through = c.get("through") or {}
     if len(through) == 2:
         print(f"  one run's events through a controller: memory registry {rate(through['memory'])}, SQLite "
