@@ -1006,6 +1006,11 @@ def main() -> int:
     parser.add_argument("--soak-warmup", type=float, default=None, metavar="SECONDS",
                         help="soak intervals starting before this are not in the slopes (default: one interval)")
     parser.add_argument("--soak-concurrency", type=int, default=4, metavar="N", help="soak clients (default 4)")
+    parser.add_argument("--ha", action="store_true",
+                        help="instead of the benchmark: (f)-(h) HA figures on a throwaway PostgreSQL (~2.5 min)")
+    parser.add_argument("--ha-runs", type=int, default=None, metavar="N",
+                        help="(f) runs per case per round (default 300; 60 with --quick)")
+    parser.add_argument("--ha-concurrency", type=int, default=8, metavar="N", help="(f) clients (default 8)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
     parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
                         help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
@@ -1015,6 +1020,8 @@ def main() -> int:
     parser.add_argument("--flood-long-bytes", type=int, default=256 * 2**20, metavar="B",
                         help="bytes of 1 MiB lines for --flood (default 256 MiB)")
     args = parser.parse_args()
+    if args.ha:
+        return main_ha(args, parser)
     if args.controller_only:
         return main_controller(args)
     if args.soak is not None or args.flood:
@@ -1085,6 +1092,37 @@ def main_controller(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report_faults({"lost_timeout": 8.0, "kill_to_lost": [], "replay": [], "controller": out})
+    return 0
+
+
+def main_ha(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bench_ha  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_ha.HaConfig(concurrency=args.ha_concurrency)
+    cfg.runs = args.ha_runs if args.ha_runs is not None else (60 if args.quick else cfg.runs)
+    if args.quick:
+        cfg.rounds, cfg.takeovers, cfg.queue_reps, cfg.ttls = 1, 1, 3, (3.0,)
+    if cfg.runs < 1 or cfg.concurrency < 1:
+        parser.error("--ha-runs and --ha-concurrency must be >= 1")
+    print(f"asm bench --ha  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
+          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    if not bench_ha.available():
+        print("bench: --ha needs PostgreSQL (scripts/install_postgres.sh); nothing measured", file=sys.stderr)
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-ha-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_ha.run_ha(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_ha.report_ha(out)
     return 0
 
 
