@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench.py --profile       # instead: cProfile one remote query (both processes)
     .venv/bin/python scripts/bench.py --soak 10       # instead: (d) 10 minutes of back-to-back runs
     .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
+    .venv/bin/python scripts/bench.py --ha            # instead: (f)-(h) HA figures on PostgreSQL (~2.5 min)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -42,6 +43,14 @@
     each) and one writing ``--flood-long-bytes`` of 1 MiB lines, each on a fresh
     node process with the default bounds, streamed over gRPC; every event is
     counted (seq without gaps) and the node's peak RSS is sampled.
+
+(f)-(h) ``--ha`` (scripts/bench_ha.py; needs PostgreSQL, scripts/install_postgres.sh): on a throwaway
+    cluster (tests/support/pg_server.py) with real node agents, (f) runs/s of ``true`` through one
+    SQLite controller, one PostgreSQL replica and two (clients split across both), (g) kill -9 of the
+    replica a client follows a ticker run through -> the next event via the other replica, for lease
+    TTLs 3 s and 10 s (the default), (h) fleet-queue wait: a slot frees -> the queued run starts. It
+    takes ~2.5 minutes on 2 CPUs, so it is NOT part of the default run (which stays ~85 s): only with
+    ``--ha`` (``--ha --quick``: one round, TTL 3 s only, ~30 s). Without PostgreSQL it says so and exits 0.
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
