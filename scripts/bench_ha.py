@@ -64,7 +64,10 @@ class HaConfig:
     rounds: int = 2  # (f) interleaved rounds
     ttls: tuple[float, ...] = (3.0, DEFAULT_TTL)  # (g) lease TTLs measured
     takeovers: int = 3  # (g) kills per TTL
-    queue_reps: int = 10  # (h) repetitions per path
+    queue_reps: int = 6  # (h) repetitions per path
+    #: (h) the blocker's length: longer than the controllers' 1 s heartbeat to their nodes, as any real
+    #: run is (a shorter one often ends before a heartbeat reported it, and the queued run starts at once).
+    blocker_s: float = 1.5
     budget_s: float = 170.0  # takeover repetitions past it are skipped (the mode stays under ~3 minutes)
 
 
@@ -370,11 +373,12 @@ async def takeover_once(fleet: Fleet, url: str, nodes: Sequence[ServedProcess], 
 # -- (h) queue wait --------------------------------------------------------------------------------
 
 
-async def queue_once(blocker_at: str, queued_at: str, tag: str) -> dict[str, Any]:
+async def queue_once(blocker_at: str, queued_at: str, tag: str, blocker_s: float = 1.5) -> dict[str, Any]:
     """A blocker busy on the only slot, a run queued behind it: blocker's run_completed -> queued's
     run_started, both at their clients."""
     blocker, queued = Trace(f"blocker-{tag}"), Trace(f"queued-{tag}")
-    b_task = asyncio.create_task(follow([blocker_at], _request(blocker.run_id, ticker(10, 0.05), long=True), blocker))
+    command = ticker(max(1, round(blocker_s / 0.05)), 0.05)
+    b_task = asyncio.create_task(follow([blocker_at], _request(blocker.run_id, command, long=True), blocker))
     q_task: asyncio.Task[Trace] | None = None
     out: dict[str, Any] = {"wait": None, "queued": False}
     try:
@@ -451,7 +455,7 @@ async def run_ha(cfg: HaConfig, workdir: Path, log: Callable[[str], None] = prin
         log(f"[h] queue wait, {cfg.queue_reps} per path ({time.perf_counter() - t_start:.0f}s)")
         for rep in range(cfg.queue_reps):
             for name, (key, x, y) in paths.items():
-                out["queue"].setdefault(name, []).append(await queue_once(x, y, f"{rep}-{key}"))
+                out["queue"].setdefault(name, []).append(await queue_once(x, y, f"{rep}-{key}", cfg.blocker_s))
         for name, rows in out["queue"].items():
             waits = [r["wait"] for r in rows if r["wait"] is not None and r["queued"]]
             log(f"    {name:<22} median {_ms(_median(waits) * 1000)} ms "
@@ -543,8 +547,8 @@ def report_ha(out: dict[str, Any]) -> None:
         for r in rows:
             if r.get("error"):
                 print(f"    !! {r['error']}")
-    print(f"\n(h) queue wait: 1-slot node busy, a run queued behind it; blocker run_completed -> queued "
-          f"run_started, both at their clients, {cfg.queue_reps} per path")
+    print(f"\n(h) queue wait: 1-slot node busy with a {cfg.blocker_s:g} s run, a run queued behind it; blocker "
+          f"run_completed -> queued run_started, both at their clients, {cfg.queue_reps} per path")
     for name, rows in out["queue"].items():
         waits = [r["wait"] for r in rows if r["wait"] is not None and r["queued"]]
         not_queued = sum(1 for r in rows if not r["queued"])
