@@ -50,7 +50,7 @@
     replica a client follows a ticker run through -> the next event via the other replica, for lease
     TTLs 3 s and 10 s (the default), (h) fleet-queue wait: a slot frees -> the queued run starts. It
     takes ~2.5 minutes on 2 CPUs, so it is NOT part of the default run (which stays ~85 s): only with
-    ``--ha`` (``--ha --quick``: one round, TTL 3 s only, ~30 s). Without PostgreSQL it says so and exits 0.
+    ``--ha`` (``--ha --quick``: one round, TTL 3 s only, ~40 s). Without PostgreSQL it says so and exits 0.
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off

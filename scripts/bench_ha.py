@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,6 +480,9 @@ async def run_ha(cfg: HaConfig, workdir: Path, log: Callable[[str], None] = prin
                 log(f"    TTL {ttl:g}s #{rep + 1}: next event via B {_ms(_s(r['gap']) * 1000)} ms after the kill, "
                     f"B owns it at {_ms(_s(r['owned']) * 1000)} ms, every event once: {r['once']}"
                     + (f" ({r['error']})" if r.get("error") else ""))
+    except Exception as exc:  # a benchmark reports what it measured before the failure
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"bench --ha: aborted: {out['error']}\n{traceback.format_exc()}")
     finally:
         fleet.stop()
     out["wall"] = time.perf_counter() - t_start
@@ -505,8 +509,8 @@ def report_ha(out: dict[str, Any]) -> None:
           f"(PostgreSQL {out.get('pg_version', '?')})")
     thr = out["throughput"]
     if thr:
-        ref = statistics.median(r["rate"] for r in thr["sqlite, 1 controller"])
-        one = statistics.median(r["rate"] for r in thr["pg, 1 replica"])
+        ref = _median([r["rate"] for r in thr.get("sqlite, 1 controller", [])])
+        one = _median([r["rate"] for r in thr.get("pg, 1 replica", [])])
         print(f"{'':<24}{'runs/s med':>11}{'best':>8}{'vs sqlite':>10}{'vs 1 rep':>9}{'p50 ms':>8}"
               f"{'failed':>7}{'host busy':>10}   CPU ms per run: controllers / nodes / postgres / client")
         for name, rows in thr.items():
@@ -564,6 +568,8 @@ def report_ha(out: dict[str, Any]) -> None:
     print(f"  (a start slower than {FAST_START_S * 1000:.0f} ms waited for the queue's next look at the nodes' "
           "load reports, every 1 s: the node's last heartbeat still counted the blocker, so the wake-up at its end "
           "skipped the node as at capacity)")
+    if out.get("error"):
+        print(f"\n!! --ha aborted early: {out['error']}")
     print(f"\n--ha wall time {out['wall']:.1f}s")
 
 
