@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench.py --profile       # instead: cProfile one remote query (both processes)
     .venv/bin/python scripts/bench.py --soak 10       # instead: (d) 10 minutes of back-to-back runs
     .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
+    .venv/bin/python scripts/bench.py --ha            # instead: (f)-(h) HA figures on PostgreSQL (~2.5 min)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -42,6 +43,14 @@
     each) and one writing ``--flood-long-bytes`` of 1 MiB lines, each on a fresh
     node process with the default bounds, streamed over gRPC; every event is
     counted (seq without gaps) and the node's peak RSS is sampled.
+
+(f)-(h) ``--ha`` (scripts/bench_ha.py; needs PostgreSQL, scripts/install_postgres.sh): on a throwaway
+    cluster (tests/support/pg_server.py) with real node agents, (f) runs/s of ``true`` through one
+    SQLite controller, one PostgreSQL replica and two (clients split across both), (g) kill -9 of the
+    replica a client follows a ticker run through -> the next event via the other replica, for lease
+    TTLs 3 s and 10 s (the default), (h) fleet-queue wait: a slot frees -> the queued run starts. It
+    takes ~2.5 minutes on 2 CPUs, so it is NOT part of the default run (which stays ~85 s): only with
+    ``--ha`` (``--ha --quick``: one round, TTL 3 s only, ~40 s). Without PostgreSQL it says so and exits 0.
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
@@ -673,12 +682,12 @@ async def run_faults(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     # Node RSS during a 2M-line run on a node with the default bounds (back-pressure, bounded retention).
     from tests.support.flood import flood, tiny_lines
-    prompt, lines = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
+    prompt, n_rss = tiny_lines(sys.executable, 2 * RSS_RUN_LINES)
     node = NodeProcess(workdir, extra=["--shell-allow", sys.executable, "--shell-allow", os.path.basename(sys.executable)])
     node.start()
     try:
         assert node.pid is not None
-        out["rss_run"] = await flood(f"127.0.0.1:{node.port}", node.pid, "rss-run", prompt, lines)
+        out["rss_run"] = await flood(f"127.0.0.1:{node.port}", node.pid, "rss-run", prompt, n_rss)
     finally:
         node.stop()
     return out
@@ -796,10 +805,11 @@ def report_faults(out: dict[str, Any]) -> None:
               f"{ms(median(kill) * 1000)} ms after the kill, {ms(median(start) * 1000)} ms after the new "
               f"controller was ready, over {len(kill)} (every event once, run ok: "
               f"{all(ok for _, _, ok in c['restart'])})")
-    start = c.get("start") or {}
-    if len(start) == 2:
-        print(f"  a run of 'true' through a controller, completed: median {ms(start['memory'] * 1000)} ms with a memory "
-              f"registry, {ms(start['sqlite'] * 1000)} ms with SQLite ({start['sqlite'] / start['memory']:.2f}x)")
+    by_registry = c.get("start") or {}
+    if len(by_registry) == 2:
+        mem_s, sql_s = by_registry["memory"], by_registry["sqlite"]
+        print(f"  a run of 'true' through a controller, completed: median {ms(mem_s * 1000)} ms with a memory "
+              f"registry, {ms(sql_s * 1000)} ms with SQLite ({sql_s / mem_s:.2f}x)")
     through = c.get("through") or {}
     if len(through) == 2:
         print(f"  one run's events through a controller: memory registry {rate(through['memory'])}, SQLite "
@@ -1005,6 +1015,11 @@ def main() -> int:
     parser.add_argument("--soak-warmup", type=float, default=None, metavar="SECONDS",
                         help="soak intervals starting before this are not in the slopes (default: one interval)")
     parser.add_argument("--soak-concurrency", type=int, default=4, metavar="N", help="soak clients (default 4)")
+    parser.add_argument("--ha", action="store_true",
+                        help="instead of the benchmark: (f)-(h) HA figures on a throwaway PostgreSQL (~2.5 min)")
+    parser.add_argument("--ha-runs", type=int, default=None, metavar="N",
+                        help="(f) runs per case per round (default 300; 60 with --quick)")
+    parser.add_argument("--ha-concurrency", type=int, default=8, metavar="N", help="(f) clients (default 8)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
     parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
                         help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
@@ -1014,6 +1029,8 @@ def main() -> int:
     parser.add_argument("--flood-long-bytes", type=int, default=256 * 2**20, metavar="B",
                         help="bytes of 1 MiB lines for --flood (default 256 MiB)")
     args = parser.parse_args()
+    if args.ha:
+        return main_ha(args, parser)
     if args.controller_only:
         return main_controller(args)
     if args.soak is not None or args.flood:
@@ -1084,6 +1101,37 @@ def main_controller(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report_faults({"lost_timeout": 8.0, "kill_to_lost": [], "replay": [], "controller": out})
+    return 0
+
+
+def main_ha(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bench_ha  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_ha.HaConfig(concurrency=args.ha_concurrency)
+    cfg.runs = args.ha_runs if args.ha_runs is not None else (60 if args.quick else cfg.runs)
+    if args.quick:
+        cfg.rounds, cfg.takeovers, cfg.queue_reps, cfg.ttls = 1, 1, 3, (3.0,)
+    if cfg.runs < 1 or cfg.concurrency < 1:
+        parser.error("--ha-runs and --ha-concurrency must be >= 1")
+    print(f"asm bench --ha  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
+          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    if not bench_ha.available():
+        print("bench: --ha needs PostgreSQL (scripts/install_postgres.sh); nothing measured", file=sys.stderr)
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-ha-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_ha.run_ha(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_ha.report_ha(out)
     return 0
 
 
