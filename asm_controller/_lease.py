@@ -123,8 +123,7 @@ class LeaseKeeper:
         now, started = self.clock(), time.monotonic()
         until = now + self.ttl_s
         try:
-            await self.store.heartbeat_replica(self.replica_id, self.address, now=now, until=until)
-            held = await self.store.renew_leases(self.replica_id, until=until)
+            held = await self._renew(now, until)
         except AsmError as err:
             if self.metrics is not None:
                 self.metrics.lease_renew_failures.inc()
@@ -156,6 +155,19 @@ class LeaseKeeper:
             if rec is not None:
                 await self._take(rec, now=now)
         await self._take_expired(now)
+
+    async def _renew(self, now: float, until: float) -> dict[str, int]:
+        """The heartbeat and the renewal, tried twice (a transient failure -- a dropped connection -- must
+        not count toward fencing when the store answers a moment later)."""
+        for attempt in (1, 2):
+            try:
+                await self.store.heartbeat_replica(self.replica_id, self.address, now=now, until=until)
+                return await self.store.renew_leases(self.replica_id, until=until)
+            except AsmError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(min(0.2, self.ttl_s / 20))
+        raise AssertionError("unreachable")
 
     async def _take_expired(self, now: float) -> int:
         taken = 0

@@ -30,7 +30,7 @@ from asm_controller._store import (
     open_store,
 )
 from asm_controller._store._base import EventsOp, UpdateOp
-from asm_wire import AsmError, make_error
+from asm_wire import AsmError, StoreError, make_error
 from tests import test_store as contract
 from tests.support.pg_server import PostgresServer
 from tests.test_store import ALL, DURABLE, StoreFactory, record
@@ -500,6 +500,43 @@ async def test_postgresql_fenced_writes_racing_a_takeover(pg: PostgresServer) ->
     finally:
         await a_store.close()
         await b_store.close()
+
+
+@pytest.mark.slow
+async def test_postgresql_renewals_and_write_batches_of_one_replica_never_deadlock(pg: PostgresServer) -> None:
+    """A replica renews all its leases while its write-behind batch updates many of its runs: both lock
+    the runs' rows in run_id order, so PostgreSQL never has to fail one of them as a deadlock (two failed
+    renewals in a row would fence the replica). The batch lists its runs in reverse order on purpose."""
+    url = pg.create_database()
+    store = open_store(url)
+    await store.open()
+    try:
+        lease = Lease("replica-a", 1)
+        ids = [f"DL{i:03d}" for i in range(60)]
+        for run_id in ids:
+            await store.create(record(run_id, status="running", lease_owner="replica-a", lease_token=1,
+                                      lease_expires=T0 + 5))
+        failures: list[BaseException] = []
+
+        async def renew() -> None:
+            for _ in range(40):
+                try:
+                    await store.renew_leases("replica-a", until=T0 + 10)
+                except StoreError as err:
+                    failures.append(err)
+
+        async def write() -> None:
+            for n in range(40):
+                ops = [UpdateOp(run_id, {"node_seq": n}, fence=lease) for run_id in reversed(ids)]
+                try:
+                    assert await store.write_batch(ops) == []
+                except StoreError as err:
+                    failures.append(err)
+
+        await asyncio.wait_for(asyncio.gather(renew(), write(), renew(), write()), 120)
+        assert failures == [], failures[:3]
+    finally:
+        await store.close()
 
 
 # --- claim and observe ---------------------------------------------------------------------------

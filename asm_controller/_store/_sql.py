@@ -374,10 +374,16 @@ class SqlStore:
         check_owner("owner", owner)
         expires = check_time("until", until)
         _, writer = self._engines()
-        stmt = (sa.update(runs).where(runs.c.lease_owner == owner, runs.c.status.in_(LIVE))
-                .values(lease_expires=expires).returning(runs.c.run_id, runs.c.lease_token))
+        mine = (runs.c.lease_owner == owner, runs.c.status.in_(LIVE))
+        stmt = sa.update(runs).where(*mine).values(lease_expires=expires).returning(runs.c.run_id, runs.c.lease_token)
         with self._translated("renew_leases"):
             async with writer.begin() as conn:
+                if self._sqlite_path is None:
+                    # Row locks in run_id order, as write_batch takes them: a renewal and this replica's
+                    # own write-behind batch never lock two runs in opposite orders (a deadlock PostgreSQL
+                    # would break by failing one of them; two renewals failing so would fence the replica).
+                    await conn.execute(sa.select(runs.c.run_id).where(*mine).order_by(runs.c.run_id)
+                                       .with_for_update())
                 rows = (await conn.execute(stmt)).all()
         return {str(run_id): int(token) for run_id, token in rows}
 
@@ -646,7 +652,9 @@ class SqlStore:
         _, writer = self._engines()
         with self._translated("write_batch"):
             async with writer.begin() as conn:
-                for op in ops:
+                # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
+                # renew_leases takes them, so the two never deadlock.
+                for op in sorted(ops, key=lambda o: o.run_id):
                     # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
                     # UPDATE that matched nothing before anything is written for it, so it never aborts
                     # the transaction the other ops are in.
