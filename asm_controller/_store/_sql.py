@@ -646,15 +646,16 @@ class SqlStore:
         return int(total or 0)
 
     async def write_batch(self, ops: Sequence[BatchOp]) -> list[AsmError]:
-        skipped: list[AsmError] = []
+        skipped: list[tuple[int, AsmError]] = []
         if not ops:
-            return skipped
+            return []
         _, writer = self._engines()
         with self._translated("write_batch"):
             async with writer.begin() as conn:
                 # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
-                # renew_leases takes them, so the two never deadlock.
-                for op in sorted(ops, key=lambda o: o.run_id):
+                # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
+                # order they were given.
+                for index, op in sorted(enumerate(ops), key=lambda pair: pair[1].run_id):
                     # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
                     # UPDATE that matched nothing before anything is written for it, so it never aborts
                     # the transaction the other ops are in.
@@ -667,8 +668,8 @@ class SqlStore:
                             await self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
                     except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
                         exc.details.setdefault("run_id", op.run_id)
-                        skipped.append(exc)
-        return skipped
+                        skipped.append((index, exc))
+        return [exc for _, exc in sorted(skipped, key=lambda pair: pair[0])]
 
 
 def _run_filters(*, status: StatusFilter | None = None, owner: str | None = None, session_id: str | None = None,
