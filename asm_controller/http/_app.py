@@ -77,7 +77,7 @@ class HttpServer:
             raise ConfigError(f"cannot listen on {listen} (HTTP): {exc.strerror or exc}") from None
         sock.setblocking(False)
         config = uvicorn.Config(
-            app, lifespan="off", log_level="warning", access_log=False, server_header=False,
+            app, lifespan="off", log_config=None, log_level="warning", access_log=False, server_header=False,
             timeout_keep_alive=30, timeout_graceful_shutdown=2, h11_max_incomplete_event_size=64 * 1024,
             ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
             ssl_ca_certs=str(tls_ca) if tls_ca and tls_cert else None,

@@ -13,6 +13,9 @@ from asm_wire import make_error
 #: 1 MiB of request besides the prompt, plus the prompt itself (a node bounds a shell prompt to 64 KiB; CLI
 #: prompts are bounded by the gRPC message size, 4 MiB): a StartRun over HTTP can carry what one over gRPC can.
 MAX_BODY_BYTES = (1 << 20) + (4 << 20)
+#: A refused body is read (and dropped) up to this much more before the 413, so the client gets the answer
+#: instead of a connection reset by unread data; a larger one is refused at once.
+DRAIN_BYTES = 16 << 20
 
 
 class BodyLimit:
@@ -31,6 +34,8 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
+                    if declared <= self.max_bytes + DRAIN_BYTES:
+                        await _drain(receive, declared)
                     await self._refuse(send)
                     return
         seen = 0
@@ -46,6 +51,8 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     refused = True
+                    if message.get("more_body", False):
+                        await _drain(receive, self.max_bytes + DRAIN_BYTES - seen)
                     await self._refuse(send)
                     return {"type": "http.disconnect"}
             return message
@@ -64,3 +71,15 @@ class BodyLimit:
                               (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop the request body, at most ``limit`` bytes."""
+    read = 0
+    while read < limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return

@@ -215,15 +215,13 @@ async def _events(c: Caller, run_id: str, cursor: int, closing: asyncio.Event) -
     async with c.acting():
         stream = aiter(c.api.attach_run(pb.AttachRunRequest(run_id=run_id, after_seq=cursor)))
         stop = asyncio.ensure_future(closing.wait())
+        nxt: asyncio.Future[pb.EventBatch | None] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(anext(stream, None))
                 while not nxt.done():
                     await asyncio.wait({nxt, stop}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
                     if stop.done() and not nxt.done():
-                        nxt.cancel()
-                        with contextlib.suppress(BaseException):
-                            await nxt
                         return
                     if not nxt.done():
                         yield b": keep-alive\n\n"
@@ -242,6 +240,12 @@ async def _events(c: Caller, run_id: str, cursor: int, closing: asyncio.Event) -
                     if ev.kind == pb.EVENT_KIND_RUN_COMPLETED:
                         return
         finally:
+            # The client hung up (or the server stops): the pending read ends first, then the AttachRun
+            # relay closes (a read left pending would hold it until the run's next event).
             stop.cancel()
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
