@@ -152,6 +152,8 @@ class ControllerConfig:
     lease_ttl_s: float = 10.0
     #: Runs waiting in the fleet queue (every node full), fleet-wide; 0 = no queue (at_capacity at once).
     max_queued: int = 10_000
+    #: Serve the HTTP API (REST/SSE, asm_controller.http) here too: same tokens, TLS and exposure rule.
+    http_listen: str | None = None
 
 
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
@@ -945,12 +947,16 @@ class ControllerServer:
         self.metrics_port = metrics_port
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_http: Any = None
+        self.http: Any = None  # asm_controller.http.HttpServer with --http-listen
+        self.http_port: int | None = None
 
     async def stop(self) -> None:
         """Stop serving. With a durable registry the runs go on on their nodes (the next controller
         re-attaches them); with a memory one they are interrupted, as nothing could follow them again."""
         for t in self._tasks:
             t.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         held = [(r.run_id, r.lease) for r in self.api.leased_runs()]
         if self.api.durable:
@@ -989,6 +995,14 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     check_exposure(config.listen, token=config.token or (config.tokens_file is not None),
                    tls_cert=config.tls_cert is not None, tls_ca=config.tls_ca is not None, insecure=config.insecure,
                    metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
+    if config.http_listen:
+        # The HTTP API authenticates by bearer token only (no client-certificate principals over HTTP):
+        # with mutual TLS alone every HTTP caller would be the admin "anonymous".
+        if config.tls_ca is not None and not (config.token or config.tokens_file):
+            raise ConfigError("--http-listen authenticates by bearer token: with --tls-ca give --token-file or "
+                              "--tokens-file too (client-certificate principals are served over gRPC only)")
+        check_exposure(config.http_listen, token=config.token or (config.tokens_file is not None),
+                       tls_cert=config.tls_cert is not None, tls_ca=False, insecure=config.insecure)
     tokens = load_tokens(config.token, config.tokens_file)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
@@ -1036,6 +1050,16 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     await set_serving(health, [NODE_SERVICE, CONTROLLER_SERVICE], True)
     ctl = ControllerServer(api, server, port, metrics_port)
     ctl._metrics_http = metrics_http
+    if config.http_listen:
+        from asm_controller.http import HttpServer, create_app  # FastAPI is loaded only when it is served
+
+        try:
+            ctl.http = await HttpServer.start(create_app(api, tokens=tokens), config.http_listen,
+                                              tls_cert=config.tls_cert, tls_key=config.tls_key, tls_ca=config.tls_ca)
+        except BaseException:
+            await ctl.stop()
+            raise
+        ctl.http_port = ctl.http.port
     if config.nodes_dns or config.nodes_file:
         ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
     if durable:
