@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
-from asm_controller.http import _fleet, _runs
+from asm_controller.http import _console, _fleet, _runs
 from asm_controller.http._errors import install_error_handlers
 from asm_controller.http._limits import MAX_BODY_BYTES, BodyLimit
 from asm_wire import ConfigError, __version__, parse_address
@@ -43,6 +43,7 @@ def create_app(api: FleetApi, *, tokens: TokenTable | None = None, routers: Sequ
     app.include_router(_fleet.build_probes())
     app.include_router(_runs.build_router())
     app.include_router(_fleet.build_router())
+    app.include_router(_console.build_console())
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
