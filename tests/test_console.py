@@ -147,3 +147,61 @@ def test_the_console_logs_in_runs_follows_resumes_interrupts_and_drains(
         driver.find_element(By.ID, "logout").click()
         assert driver.execute_script("return sessionStorage.getItem('asm_token')") is None
         assert driver.find_element(By.ID, "login").is_displayed()
+
+
+@pytest.mark.real_cli
+def test_an_approval_answered_in_the_console_reaches_the_real_claude_cli(tmp_path: Path) -> None:
+    """A Claude run asks before its Bash tool writes a file; Allow in the console: the CLI goes on and
+    the file appears."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.support.cli_env import cli_env, find_cli, hermetic_env
+    from tests.support.fake_model_server import FakeModelServer
+
+    path = find_cli("claude")
+    if path is None:
+        pytest.skip("claude CLI not installed (run scripts/install_clis.sh)")
+    server = FakeModelServer().start()
+    try:
+        env = hermetic_env({**cli_env("claude", server.base_url, tmp_path), "CLAUDE_CLI_PATH": str(path)})
+        (tmp_path / "token").write_text(TOKEN)
+        node = start_node_process(tmp_path, "--token-file", str(tmp_path / "token"), env=env, inherit=False)
+        workspace = tmp_path / "ws"
+        workspace.mkdir()
+        try:
+            ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
+                                   "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
+            try:
+                assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
+                m = re.search(r"HTTP on port (\d+)", ctl.log())
+                assert m is not None
+                base = f"http://127.0.0.1:{m.group(1)}"
+                with chromium(tmp_path) as driver:
+                    driver.get(base + "/")
+                    driver.find_element(By.ID, "token").send_keys(TOKEN)
+                    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+                    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr[data-node]"), what="nodes")
+                    driver.get(base + "/#/new")
+                    _wait(driver, lambda d: d.find_element(By.ID, "new-prompt").is_displayed(), what="the form")
+                    Select(driver.find_element(By.ID, "new-provider")).select_by_visible_text("claude")
+                    driver.find_element(By.ID, "new-prompt").send_keys("Write a file. SCENARIO_TOOLWRITE")
+                    driver.find_element(By.ID, "new-cwd").send_keys(str(workspace))
+                    driver.find_element(By.ID, "new-options").send_keys('{"approvals": true}')
+                    driver.find_element(By.CSS_SELECTOR, "#new-form button").click()
+                    allow = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#approvals .approval button.allow"),
+                                  60, what="the approval card")
+                    card = driver.find_element(By.CSS_SELECTOR, "#approvals .approval")
+                    assert "Bash" in card.text and "touch" in card.text, card.text
+                    assert not (workspace / "denied-file.txt").exists()
+                    allow[0].click()
+                    _wait(driver, lambda d: d.find_element(By.ID, "run-status").text == "completed", 60, what="the end")
+                    assert "allow" in driver.find_element(By.CSS_SELECTOR, "#approvals .approval").text
+                    assert (workspace / "denied-file.txt").exists()
+                    driver.save_screenshot(str(tmp_path / "approval.png"))
+            finally:
+                ctl.stop()
+        finally:
+            node.stop()
+    finally:
+        server.stop()

@@ -104,6 +104,10 @@ async function startRun(ev) {
   $("#new-error").textContent = "";
   const body = { provider: $("#new-provider").value, prompt: $("#new-prompt").value, cwd: $("#new-cwd").value,
     permission_mode: $("#new-mode").value };
+  const options = $("#new-options").value.trim();
+  try {
+    if (options) body.options = JSON.parse(options);
+  } catch (e) { $("#new-error").textContent = "Options must be a JSON object: " + e.message; return; }
   try {
     const answer = await api("POST", "/v1/runs", body);
     location.hash = "#/run/" + encodeURIComponent(answer.run.run_id);
@@ -120,9 +124,10 @@ function setStatus(status) {
   $("#interrupt").hidden = ["completed", "failed", "interrupted"].includes(status);
 }
 
-function pretty(json) {
-  if (!json) return "";
-  try { return JSON.stringify(JSON.parse(json), null, 2); } catch (e) { return json; }
+// The events' JSON fields come parsed (input, content, details); a string is shown as it is.
+function pretty(value) {
+  if (value === null || value === undefined || value === "") return "";
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
 }
 
 let textBlock = null; // the assistant text being written (deltas append to it)
@@ -147,11 +152,11 @@ function render(ev) {
       $("#run-meta").textContent = [ev.provider, p.cwd].filter(Boolean).join(" · ");
       setStatus("running"); break;
     case "tool_use":
-      add(el("div", { class: "ev tool" }, el("strong", {}, "tool " + (p.tool_name || "")), el("pre", {}, pretty(p.input_json))));
+      add(el("div", { class: "ev tool" }, el("strong", {}, "tool " + (p.tool_name || "")), el("pre", {}, pretty(p.input))));
       break;
     case "tool_result":
       add(el("div", { class: "ev result" + (p.is_error ? " err" : "") }, el("strong", {}, "result"),
-        el("pre", {}, pretty(p.content_json))));
+        el("pre", {}, pretty(p.content))));
       break;
     case "approval_requested": approval(ev); break;
     case "approval_resolved": {
@@ -178,7 +183,7 @@ function approval(ev) {
     catch (e) { $("#run-error").textContent = e.message; }
   };
   $("#approvals").append(el("div", { class: "approval", "data-approval": p.approval_id },
-    el("strong", {}, "Approval: " + (p.subject || "")), el("pre", {}, pretty(p.details_json)),
+    el("strong", {}, "Approval: " + (p.subject || "")), el("pre", {}, pretty(p.details)),
     el("button", { type: "button", class: "allow", onclick: answer("allow") }, "Allow"), " ",
     el("button", { type: "button", class: "deny", onclick: answer("deny") }, "Deny"), " ",
     el("span", { class: "answer dim" })));
