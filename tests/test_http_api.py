@@ -403,3 +403,55 @@ def test_processes_curl_resume(tmp_path: Path, tokens_file: Path) -> None:
             ctl.stop()
     finally:
         node.stop()
+
+
+# -- TLS, keep-alive, shutdown -------------------------------------------------------------------
+
+
+async def test_tls_with_the_controllers_certificate(tmp_path: Path, tokens_file: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    config = make_config(token=NODE_TOKEN)
+    node = await start_server(config, NodeAgent(config, providers=build_providers(config)))
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                  node_token=NODE_TOKEN, tokens_file=tokens_file,
+                                                  tls_cert=cert_path, tls_key=key_path, http_listen="127.0.0.1:0"))
+    try:
+        trusted = ssl.create_default_context()
+        ca.configure_trust(trusted)
+        async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{ctl.http_port}", verify=trusted) as client:
+            assert (await client.get("/v1/nodes", headers=_auth(ALICE))).status_code == 200
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ctl.http_port}") as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get("/healthz")  # no clear text next to TLS
+    finally:
+        await ctl.stop()
+        await node.stop()
+
+
+async def test_keepalive_comments_and_stop_ends_streams(
+        fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    import asm_controller.http._runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "KEEPALIVE_S", 0.2)
+    _, ctl, client = fleet
+    rid = (await _start(client, ALICE, provider="scripted", prompt="go"))["run"]["run_id"]  # waits for approval
+    comments = 0
+    stopping: asyncio.Future[None] | None = None
+    began = time.monotonic()
+    async with asyncio.timeout(20), client.stream("GET", f"/v1/runs/{rid}/events", headers=_auth(ALICE)) as r:
+        async for line in r.aiter_lines():
+            if line == ": keep-alive":
+                comments += 1
+                if comments == 2:
+                    stopping = asyncio.ensure_future(ctl.http.stop())  # the stream ends, the server stops
+    assert stopping is not None
+    await asyncio.wait_for(stopping, 10)
+    assert comments >= 2 and time.monotonic() - began < 15
