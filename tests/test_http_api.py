@@ -229,6 +229,7 @@ async def test_run_start_follow_get_list_and_ownership(
     started = await _start(client, ALICE, provider="shell", prompt="echo hello over http", run_id=rid)
     assert started["created"] is True
     assert started["run"]["run_id"] == rid and started["run"]["owner"] == "alice"
+    assert started["run"]["status"] in ("starting", "queued", "running", "completed")
     frames = await _sse(client, f"/v1/runs/{rid}/events", ALICE)
     assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
     assert frames[-1]["event"] == "run_completed"
@@ -455,3 +456,30 @@ async def test_keepalive_comments_and_stop_ends_streams(
     assert stopping is not None
     await asyncio.wait_for(stopping, 10)
     assert comments >= 2 and time.monotonic() - began < 15
+
+
+async def test_readyz_follows_the_lease_keeper_and_the_store(
+        fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ctl, client = fleet
+    monkeypatch.setattr(ctl.api.keeper, "healthy", False)
+    _assert_error(await client.get("/readyz"), 503, "connection_failed", "store_unreachable")
+    monkeypatch.setattr(ctl.api.keeper, "healthy", True)
+
+    async def unreachable(key: str) -> str | None:
+        raise OSError("connection refused")
+    monkeypatch.setattr(ctl.api.store, "meta_get", unreachable)
+    err = _assert_error(await client.get("/readyz"), 503, "connection_failed", "store_unreachable")
+    assert "connection refused" in err["message"]
+    assert (await client.get("/healthz")).status_code == 200  # the process is still up
+
+
+async def test_a_known_run_id_while_it_runs(fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient]) -> None:
+    _, _, client = fleet
+    rid = ulid()
+    first = await _start(client, ALICE, provider="scripted", prompt="go", run_id=rid)  # waits for an approval
+    again = await _start(client, ALICE, provider="scripted", prompt="go", run_id=rid)
+    assert (first["created"], again["created"]) == (True, False)
+    assert again["run"]["status"] in ("starting", "running")
+    assert (await client.post(f"/v1/runs/{rid}/interrupt", headers=_auth(ALICE))).json() == {"accepted": True}
+    frames = await _sse(client, f"/v1/runs/{rid}/events", ALICE)
+    assert sum(f["event"] == "run_started" for f in frames) == 1  # one execution
