@@ -278,6 +278,9 @@ async def test_events_resume_exactly_once(fleet: tuple[NodeServer, ControllerSer
     # Last-Event-ID wins over after_seq (a reconnecting EventSource keeps the URL it was opened with).
     again = await _sse(client, f"/v1/runs/{rid}/events?after_seq=0", ALICE, headers={"Last-Event-ID": str(seqs[-2])})
     assert [int(f["id"]) for f in again] == [seqs[-1]]
+    # After the end (an EventSource reconnects): 204, which tells it to stop; never the end again.
+    done = await client.get(f"/v1/runs/{rid}/events", headers={**_auth(ALICE), "Last-Event-ID": str(seqs[-1])})
+    assert done.status_code == 204 and done.content == b""
     _assert_error(await client.get(f"/v1/runs/{rid}/events", headers={**_auth(ALICE), "Last-Event-ID": "x"}), 400,
                   "config_invalid", "invalid_last_event_id")
 
@@ -483,3 +486,31 @@ async def test_a_known_run_id_while_it_runs(fleet: tuple[NodeServer, ControllerS
     assert (await client.post(f"/v1/runs/{rid}/interrupt", headers=_auth(ALICE))).json() == {"accepted": True}
     frames = await _sse(client, f"/v1/runs/{rid}/events", ALICE)
     assert sum(f["event"] == "run_started" for f in frames) == 1  # one execution
+
+
+async def test_a_mounted_router_shares_auth_errors_and_the_document(tokens_file: Path) -> None:
+    """How the inference endpoint mounts: an APIRouter using the app's dependencies, given to start_controller."""
+    from fastapi import APIRouter, Depends
+
+    from asm_controller.http import Caller, caller
+
+    extra = APIRouter()
+
+    @extra.get("/v1/whoami")
+    async def whoami(c: Caller = Depends(caller)) -> dict[str, Any]:  # noqa: B008
+        nodes = await c.call(c.api.list_nodes, pb.ListNodesRequest())
+        return {"principal": c.principal.name, "nodes": len(nodes.nodes)}
+
+    config = make_config(token=NODE_TOKEN)
+    node = await start_server(config, NodeAgent(config, providers=build_providers(config)))
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                  node_token=NODE_TOKEN, tokens_file=tokens_file,
+                                                  http_listen="127.0.0.1:0"), http_routers=[extra])
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ctl.http_port}") as client:
+            assert (await client.get("/v1/whoami", headers=_auth(BOB))).json() == {"principal": "bob", "nodes": 1}
+            _assert_error(await client.get("/v1/whoami"), 401, "auth_error")
+            assert "/v1/whoami" in (await client.get("/openapi.json")).json()["paths"]
+    finally:
+        await ctl.stop()
+        await node.stop()
