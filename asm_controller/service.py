@@ -986,7 +986,9 @@ async def _node_addresses(config: ControllerConfig) -> list[str]:
     return list(dict.fromkeys(addrs))
 
 
-async def start_controller(config: ControllerConfig, metrics: ControllerMetrics | None = None) -> ControllerServer:
+async def start_controller(config: ControllerConfig, metrics: ControllerMetrics | None = None, *,
+                           http_routers: Sequence[Any] = ()) -> ControllerServer:
+    """Serve the controller. ``http_routers`` (FastAPI APIRouters) are mounted on the HTTP API (--http-listen)."""
     if not (config.nodes or config.nodes_file or config.nodes_dns):
         raise ConfigError("a controller needs nodes: --node HOST:PORT, --nodes-file F or --nodes-dns NAME:PORT")
     for addr in config.nodes:
@@ -1054,8 +1056,9 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
         from asm_controller.http import HttpServer, create_app  # FastAPI is loaded only when it is served
 
         try:
-            ctl.http = await HttpServer.start(create_app(api, tokens=tokens), config.http_listen,
-                                              tls_cert=config.tls_cert, tls_key=config.tls_key, tls_ca=config.tls_ca)
+            app = create_app(api, tokens=tokens, routers=http_routers)
+            ctl.http = await HttpServer.start(app, config.http_listen, tls_cert=config.tls_cert,
+                                              tls_key=config.tls_key, tls_ca=config.tls_ca)
         except BaseException:
             await ctl.stop()
             raise

@@ -229,6 +229,7 @@ async def test_run_start_follow_get_list_and_ownership(
     started = await _start(client, ALICE, provider="shell", prompt="echo hello over http", run_id=rid)
     assert started["created"] is True
     assert started["run"]["run_id"] == rid and started["run"]["owner"] == "alice"
+    assert started["run"]["status"] in ("starting", "queued", "running", "completed")
     frames = await _sse(client, f"/v1/runs/{rid}/events", ALICE)
     assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
     assert frames[-1]["event"] == "run_completed"
@@ -277,6 +278,9 @@ async def test_events_resume_exactly_once(fleet: tuple[NodeServer, ControllerSer
     # Last-Event-ID wins over after_seq (a reconnecting EventSource keeps the URL it was opened with).
     again = await _sse(client, f"/v1/runs/{rid}/events?after_seq=0", ALICE, headers={"Last-Event-ID": str(seqs[-2])})
     assert [int(f["id"]) for f in again] == [seqs[-1]]
+    # After the end (an EventSource reconnects): 204, which tells it to stop; never the end again.
+    done = await client.get(f"/v1/runs/{rid}/events", headers={**_auth(ALICE), "Last-Event-ID": str(seqs[-1])})
+    assert done.status_code == 204 and done.content == b""
     _assert_error(await client.get(f"/v1/runs/{rid}/events", headers={**_auth(ALICE), "Last-Event-ID": "x"}), 400,
                   "config_invalid", "invalid_last_event_id")
 
@@ -403,3 +407,110 @@ def test_processes_curl_resume(tmp_path: Path, tokens_file: Path) -> None:
             ctl.stop()
     finally:
         node.stop()
+
+
+# -- TLS, keep-alive, shutdown -------------------------------------------------------------------
+
+
+async def test_tls_with_the_controllers_certificate(tmp_path: Path, tokens_file: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    config = make_config(token=NODE_TOKEN)
+    node = await start_server(config, NodeAgent(config, providers=build_providers(config)))
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                  node_token=NODE_TOKEN, tokens_file=tokens_file,
+                                                  tls_cert=cert_path, tls_key=key_path, http_listen="127.0.0.1:0"))
+    try:
+        trusted = ssl.create_default_context()
+        ca.configure_trust(trusted)
+        async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{ctl.http_port}", verify=trusted) as client:
+            assert (await client.get("/v1/nodes", headers=_auth(ALICE))).status_code == 200
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ctl.http_port}") as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get("/healthz")  # no clear text next to TLS
+    finally:
+        await ctl.stop()
+        await node.stop()
+
+
+async def test_keepalive_comments_and_stop_ends_streams(
+        fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    import asm_controller.http._runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "KEEPALIVE_S", 0.2)
+    _, ctl, client = fleet
+    rid = (await _start(client, ALICE, provider="scripted", prompt="go"))["run"]["run_id"]  # waits for approval
+    comments = 0
+    stopping: asyncio.Future[None] | None = None
+    began = time.monotonic()
+    async with asyncio.timeout(20), client.stream("GET", f"/v1/runs/{rid}/events", headers=_auth(ALICE)) as r:
+        async for line in r.aiter_lines():
+            if line == ": keep-alive":
+                comments += 1
+                if comments == 2:
+                    stopping = asyncio.ensure_future(ctl.http.stop())  # the stream ends, the server stops
+    assert stopping is not None
+    await asyncio.wait_for(stopping, 10)
+    assert comments >= 2 and time.monotonic() - began < 15
+
+
+async def test_readyz_follows_the_lease_keeper_and_the_store(
+        fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ctl, client = fleet
+    monkeypatch.setattr(ctl.api.keeper, "healthy", False)
+    _assert_error(await client.get("/readyz"), 503, "connection_failed", "store_unreachable")
+    monkeypatch.setattr(ctl.api.keeper, "healthy", True)
+
+    async def unreachable(key: str) -> str | None:
+        raise OSError("connection refused")
+    monkeypatch.setattr(ctl.api.store, "meta_get", unreachable)
+    err = _assert_error(await client.get("/readyz"), 503, "connection_failed", "store_unreachable")
+    assert "connection refused" in err["message"]
+    assert (await client.get("/healthz")).status_code == 200  # the process is still up
+
+
+async def test_a_known_run_id_while_it_runs(fleet: tuple[NodeServer, ControllerServer, httpx.AsyncClient]) -> None:
+    _, _, client = fleet
+    rid = ulid()
+    first = await _start(client, ALICE, provider="scripted", prompt="go", run_id=rid)  # waits for an approval
+    again = await _start(client, ALICE, provider="scripted", prompt="go", run_id=rid)
+    assert (first["created"], again["created"]) == (True, False)
+    assert again["run"]["status"] in ("starting", "running")
+    assert (await client.post(f"/v1/runs/{rid}/interrupt", headers=_auth(ALICE))).json() == {"accepted": True}
+    frames = await _sse(client, f"/v1/runs/{rid}/events", ALICE)
+    assert sum(f["event"] == "run_started" for f in frames) == 1  # one execution
+
+
+async def test_a_mounted_router_shares_auth_errors_and_the_document(tokens_file: Path) -> None:
+    """How the inference endpoint mounts: an APIRouter using the app's dependencies, given to start_controller."""
+    from fastapi import APIRouter, Depends
+
+    from asm_controller.http import Caller, caller
+
+    extra = APIRouter()
+
+    @extra.get("/v1/whoami")
+    async def whoami(c: Caller = Depends(caller)) -> dict[str, Any]:  # noqa: B008
+        nodes = await c.call(c.api.list_nodes, pb.ListNodesRequest())
+        return {"principal": c.principal.name, "nodes": len(nodes.nodes)}
+
+    config = make_config(token=NODE_TOKEN)
+    node = await start_server(config, NodeAgent(config, providers=build_providers(config)))
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                  node_token=NODE_TOKEN, tokens_file=tokens_file,
+                                                  http_listen="127.0.0.1:0"), http_routers=[extra])
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ctl.http_port}") as client:
+            assert (await client.get("/v1/whoami", headers=_auth(BOB))).json() == {"principal": "bob", "nodes": 1}
+            _assert_error(await client.get("/v1/whoami"), 401, "auth_error")
+            assert "/v1/whoami" in (await client.get("/openapi.json")).json()["paths"]
+    finally:
+        await ctl.stop()
+        await node.stop()

@@ -18,7 +18,7 @@ from asm_controller._events import Event
 from asm_controller.http._convert import message_dict, run_dict
 from asm_controller.http._deps import Caller, caller
 from asm_controller.http._errors import error_body
-from asm_wire import AsmError, ConfigError, RunNotFound, pb, ulid
+from asm_wire import TERMINAL_STATUSES, AsmError, ConfigError, RunNotFound, pb, run_status_value, ulid
 
 #: A comment line on a silent event stream this often, so proxies and clients keep the connection.
 KEEPALIVE_S = 15.0
@@ -26,6 +26,7 @@ KEEPALIVE_S = 15.0
 ADMIT_WAIT_S = 10.0
 
 _CallerDep = Annotated[Caller, Depends(caller)]
+_TERMINAL = frozenset(run_status_value(s) for s in TERMINAL_STATUSES)
 
 
 class StartRunBody(BaseModel):
@@ -176,13 +177,18 @@ def build_router() -> APIRouter:
     @router.get("/{run_id}/events", summary="The run's events as Server-Sent Events (resumable)",
                 response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {}},
-                                 "description": "`id:` seq, `event:` kind, `data:` the event; ends after run_completed"}})
+                                 "description": "`id:` seq, `event:` kind, `data:` the event; ends after run_completed"},
+                           204: {"description": "the run has ended and the cursor is at its end: nothing to send"}})
     async def run_events(run_id: str, request: Request, c: _CallerDep,
                          after_seq: Annotated[int | None, Query(ge=0, lt=2**63)] = None,
-                         last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+                         last_event_id: Annotated[str | None, Header()] = None) -> Response:
         cursor = _cursor(last_event_id, after_seq)
         # Refusals (not found, another principal's run) as the one error shape before the stream starts.
-        await c.call(c.api.get_run, pb.GetRunRequest(run_id=run_id))
+        info = await c.call(c.api.get_run, pb.GetRunRequest(run_id=run_id))
+        if info.status in _TERMINAL and cursor >= info.last_seq:
+            # Everything was seen (an EventSource reconnects after the end): 204 tells it to stop, where
+            # AttachRun would renumber the end after the cursor and send it again.
+            return Response(status_code=204)
         closing: asyncio.Event = request.app.state.asm_closing
         return StreamingResponse(_events(c, run_id, cursor, closing), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
