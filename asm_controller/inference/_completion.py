@@ -75,6 +75,12 @@ class CompletionBuilder:
         self.created = int(time.time()) if created is None else created
         self._reducer: EventReducer | None = None
         self._pending = ""  # deltas since the last full message
+        self._ran = False
+
+    @property
+    def ran(self) -> bool:
+        """Some event came from a node (not only the controller's own: a run refused before any node took it)."""
+        return self._ran
 
     @property
     def finished(self) -> bool:
@@ -88,6 +94,8 @@ class CompletionBuilder:
                 self._reducer = EventReducer(ev.run_id, ev.session_id, ev.provider)
             if not self._reducer.apply(ev):
                 continue  # a duplicate (a re-attach replays): its text was sent
+            if not self._ran and ev.pb.metadata.get("origin") != "controller":
+                self._ran = True
             kind = ev.kind
             if kind == "assistant_delta":
                 d = ev.pb.assistant_delta
@@ -117,7 +125,7 @@ class CompletionBuilder:
         """The non-stream answer; a failed run raises its :class:`InferenceError` (ASM: a 500)."""
         result = self._final()
         if result.error is not None:
-            raise from_asm_error(result.error, ran=True)
+            raise from_asm_error(result.error, ran=self._ran)
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model,
             choices=[Choice(message=ResponseMessage(content=result.text), finish_reason=finish_reason(result))],
@@ -127,6 +135,10 @@ class CompletionBuilder:
     def chunk(self, delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                    choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+    def chunk_for(self, text: str) -> ChatCompletionChunk:
+        """A chunk carrying one piece of answer text."""
+        return self.chunk(Delta(content=text))
 
     def first_chunk(self) -> ChatCompletionChunk:
         return self.chunk(Delta(role="assistant", content=""))
@@ -142,7 +154,7 @@ class CompletionBuilder:
             frames.append(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                               usage=usage(result.cost)).sse())
         if result.error is not None:
-            frames.append(f"data: {from_asm_error(result.error, ran=True).body().model_dump_json()}\n\n")
+            frames.append(f"data: {from_asm_error(result.error, ran=self._ran).body().model_dump_json()}\n\n")
         frames.append(SSE_DONE)
         return frames
 
@@ -161,7 +173,7 @@ async def sse_frames(batches: AsyncIterator[list[Event]], builder: CompletionBui
     try:
         async for batch in batches:
             for text in builder.feed(batch):
-                yield builder.chunk(Delta(content=text)).sse()
+                yield builder.chunk_for(text).sse()
     except (AsmError, InferenceError) as e:
         # The headers are out: the failure can only travel in the stream (the openai client raises it).
         err = e if isinstance(e, InferenceError) else from_asm_error(e, ran=builder.result() is not None)

@@ -106,6 +106,14 @@ async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str,
             first: list[Event] | None = await batches.__anext__()
         except StopAsyncIteration:
             first = None
+        if first is not None:
+            # A run that ended in its first batch with an error (refused by the fleet, a bad option) is
+            # answered with its HTTP status too; a probe keeps the real builder's text for the stream.
+            probe = CompletionBuilder(builder.id, model_id)
+            probe.feed(first)
+            result = probe.result()
+            if probe.finished and result is not None and result.error is not None:
+                return _error(from_asm_error(result.error, ran=probe.ran))
     except AsmError as e:
         return _error(from_asm_error(e, ran=builder.result() is not None))
     except InferenceError as e:
