@@ -469,3 +469,26 @@ async def test_leases_expire() -> None:
     assert await pub.lookup(desc.lease_ref) is None and await pub.lookup(long.lease_ref) is not None
     with pytest.raises(EndpointError, match="ttl_s"):
         await pub.ensure_endpoint(ereq(), consumer_manifest(), ttl_s=10**9)
+
+
+async def test_sse_frames_carry_a_failure_raised_mid_stream_and_a_cut_stream() -> None:
+    from collections.abc import AsyncIterator
+
+    from asm_controller.inference import sse_frames
+
+    s = Script()
+
+    async def failing() -> AsyncIterator[list[Event]]:
+        yield [s.started(), s.delta("part")]
+        raise NodeNotReady("the node went away")
+
+    frames = frames_json([f async for f in sse_frames(failing(), CompletionBuilder("c", "claude"))])
+    assert frames[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert frames[1]["choices"][0]["delta"] == {"content": "part"}
+    assert frames[2]["error"]["message"] == "the node went away" and frames[3] == "[DONE]" and len(frames) == 4
+
+    async def cut() -> AsyncIterator[list[Event]]:
+        yield [Script().started()]
+
+    frames = frames_json([f async for f in sse_frames(cut(), CompletionBuilder("c", "claude"))])
+    assert frames[1]["error"]["code"] == "run_incomplete" and frames[2] == "[DONE]"
