@@ -281,3 +281,17 @@ async def test_the_shell_provider_on_a_real_embedded_node() -> None:
             assert e.value.status_code == 403 and e.value.response.headers["x-should-retry"] == "false"
             assert e.value.message.endswith("command 'rm' is denied")
             await client.close()
+
+
+def test_the_openapi_document_lists_the_routes_and_the_request_body() -> None:
+    app = FastAPI()
+    app.include_router(inference_router(Scripted(), list_models, publisher=EndpointPublisher("http://h")))
+    doc = app.openapi()
+    assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/models", "/leases/{lease_ref}/health",
+                                 "/leases/{lease_ref}/v1/chat/completions", "/leases/{lease_ref}/v1/models"}
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages", "stream", "tools"} <= set(body["properties"])
+    assert "#/$defs/" not in json.dumps(doc)  # every reference resolves inside the document
+    bare = FastAPI()
+    bare.include_router(inference_router(Scripted(), list_models))  # no publisher: no lease routes
+    assert set(bare.openapi()["paths"]) == {"/v1/chat/completions", "/v1/models"}

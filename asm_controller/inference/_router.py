@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -51,6 +52,30 @@ class CompletionCall:
 RunFn = Callable[[CompletionCall], AsyncIterator[list[Event]]]
 ListModelsFn = Callable[[], Awaitable[Sequence[str]]]
 PrincipalFn = Callable[[Request], Principal]
+
+
+def _inlined_schema(model: type[ChatCompletionRequest]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined: the body is read by hand (for ASM's error
+    messages), so FastAPI cannot put it in the OpenAPI document's components itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    out: dict[str, Any] = inline(schema)
+    return out
+
+
+_REQUEST_BODY: Any = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inlined_schema(ChatCompletionRequest)}}}}
 
 
 def _default_principal(request: Request) -> Principal:
@@ -129,7 +154,7 @@ def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: 
     router = APIRouter(tags=["inference"])
     known = tuple(providers)
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletion,
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_REQUEST_BODY,
                  summary="OpenAI-compatible chat completion over the fleet (stream: true for SSE chunks)")
     async def chat_completions(request: Request) -> Response:
         try:
@@ -175,7 +200,7 @@ def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: 
         return JSONResponse(ModelList(data=[ModelCard(id=lease.model)]).model_dump())
 
     @router.post("/leases/{lease_ref}/v1/chat/completions", response_model=ChatCompletion,
-                 summary="A chat completion on a lease's pinned provider and model")
+                 openapi_extra=_REQUEST_BODY, summary="A chat completion on a lease's pinned provider and model")
     async def lease_chat_completions(request: Request, lease_ref: str) -> Response:
         try:
             lease = await lease_of(request, lease_ref)
