@@ -31,12 +31,23 @@ class Scripted:
 
     def __init__(self) -> None:
         self.calls: list[CompletionCall] = []
+        self.closed: list[str] = []  # runs whose event stream was closed before its end
 
     def __call__(self, call: CompletionCall) -> AsyncIterator[list[Event]]:
         self.calls.append(call)
         return self._run(call)
 
     async def _run(self, call: CompletionCall) -> AsyncIterator[list[Event]]:
+        ended = False
+        try:
+            async for batch in self._events(call):
+                yield batch
+            ended = True
+        finally:
+            if not ended:
+                self.closed.append(call.run_id)
+
+    async def _events(self, call: CompletionCall) -> AsyncIterator[list[Event]]:
         seq = 0
 
         def ev(kind: str, **payload: Any) -> Event:
@@ -50,7 +61,7 @@ class Scripted:
             raise NodeAtCapacity("every node is at capacity")
         yield [ev("run_started")]
         for word in ("Hello", ", ", "world"):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.3 if "slow" in call.prompt else 0)
             yield [ev("assistant_delta", content=word)]
         if "fail" in call.prompt:
             yield [ev("error", code="timeout", message="the CLI took too long", severity=pb.SEVERITY_ERROR,
@@ -90,7 +101,7 @@ async def scripted() -> AsyncIterator[tuple[str, Scripted, EndpointPublisher]]:
     fn = Scripted()
     app = FastAPI()
     publisher = EndpointPublisher("http://placeholder")
-    app.include_router(inference_router(fn, list_models, publisher=publisher))
+    app.include_router(inference_router(fn, list_models, publisher=publisher, keepalive_s=0.1))
     async with serving(app) as url:
         publisher.base_url_root = url
         yield url, fn, publisher
@@ -295,3 +306,28 @@ def test_the_openapi_document_lists_the_routes_and_the_request_body() -> None:
     bare = FastAPI()
     bare.include_router(inference_router(Scripted(), list_models))  # no publisher: no lease routes
     assert set(bare.openapi()["paths"]) == {"/v1/chat/completions", "/v1/models"}
+
+
+async def test_a_quiet_stream_gets_keepalives_and_a_client_that_leaves_stops_reading_the_run(
+        scripted: tuple[str, Scripted, EndpointPublisher]) -> None:
+    url, fn, _ = scripted
+    slow = {"model": "claude", "stream": True, "messages": [{"role": "user", "content": "slow"}]}
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/v1/chat/completions", json=slow)
+    assert ": keep-alive\n\n" in r.text and r.text.endswith("data: [DONE]\n\n")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(model="claude", messages=slow["messages"], stream=True)
+    texts = [ch.choices[0].delta.content async for ch in stream if ch.choices and ch.choices[0].delta.content]
+    assert texts == ["Hello", ", ", "world"]  # the comments are invisible to the client
+    assert fn.closed == []
+    stream = await client.chat.completions.create(model="claude", messages=slow["messages"], stream=True)
+    async for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            break
+    await stream.close()
+    for _ in range(100):
+        if fn.closed:
+            break
+        await asyncio.sleep(0.05)
+    assert fn.closed == [fn.calls[-1].run_id]
+    await client.close()

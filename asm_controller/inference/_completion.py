@@ -13,6 +13,9 @@ finish_reason), and ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Final
@@ -31,6 +34,8 @@ from asm_controller.inference._openai import (
     Usage,
 )
 from asm_wire import AsmError
+
+log = logging.getLogger("asm.inference")
 
 _STOP: Final = frozenset({"", "end_turn", "stop", "stop_sequence", "exit", "completed"})
 _LENGTH: Final = frozenset({"length", "max_tokens", "max_output_tokens"})
@@ -166,19 +171,58 @@ async def complete(batches: AsyncIterator[list[Event]], builder: CompletionBuild
     return builder.response()
 
 
-async def sse_frames(batches: AsyncIterator[list[Event]], builder: CompletionBuilder, *,
-                     include_usage: bool = False) -> AsyncIterator[str]:
-    """A run as SSE frames (see the module docstring); ends with ``data: [DONE]``."""
-    yield builder.first_chunk().sse()
+#: An SSE comment: ignored by clients, it keeps proxies and idle timeouts from cutting a quiet stream.
+KEEPALIVE = ": keep-alive\n\n"
+
+
+_Item = list[Event] | AsmError | InferenceError | None
+
+
+async def _pump(batches: AsyncIterator[list[Event]], out: asyncio.Queue[_Item]) -> None:
     try:
         async for batch in batches:
-            for text in builder.feed(batch):
-                yield builder.chunk_for(text).sse()
+            await out.put(batch)
     except (AsmError, InferenceError) as e:
-        # The headers are out: the failure can only travel in the stream (the openai client raises it).
-        err = e if isinstance(e, InferenceError) else from_asm_error(e, ran=builder.result() is not None)
-        yield f"data: {err.body().model_dump_json()}\n\n"
-        yield SSE_DONE
+        await out.put(e)
         return
+    except Exception as e:  # a defect in run_fn: end the stream with it rather than keep it alive for ever
+        log.exception("chat completion stream failed")
+        await out.put(InferenceError(500, f"the run's event stream failed: {e!r}"))
+        return
+    await out.put(None)
+
+
+async def sse_frames(batches: AsyncIterator[list[Event]], builder: CompletionBuilder, *,
+                     include_usage: bool = False, keepalive_s: float | None = 15.0) -> AsyncIterator[str]:
+    """A run as SSE frames (see the module docstring); ends with ``data: [DONE]``.
+
+    While the run is quiet (a CLI thinking or running tools for minutes), a keep-alive comment every
+    ``keepalive_s``. Closing the generator (the client went away) stops reading the run.
+    """
+    yield builder.first_chunk().sse()
+    queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=1)
+    pump = asyncio.create_task(_pump(batches, queue))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), keepalive_s)
+            except TimeoutError:
+                yield KEEPALIVE
+                continue
+            if item is None:
+                break
+            if isinstance(item, AsmError | InferenceError):
+                # The headers are out: the failure can only travel in the stream (the openai client raises it).
+                err = item if isinstance(item, InferenceError) else from_asm_error(item, ran=builder.ran)
+                yield f"data: {err.body().model_dump_json()}\n\n"
+                yield SSE_DONE
+                return
+            for text in builder.feed(item):
+                yield builder.chunk_for(text).sse()
+    finally:
+        if not pump.done():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
     for frame in builder.closing_frames(include_usage):
         yield frame

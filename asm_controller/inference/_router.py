@@ -106,20 +106,20 @@ async def _parse(request: Request) -> ChatCompletionRequest:
 
 
 def _stream_response(batches: AsyncIterator[list[Event]], builder: CompletionBuilder, include_usage: bool,
-                     first: list[Event] | None) -> StreamingResponse:
+                     first: list[Event] | None, keepalive_s: float | None) -> StreamingResponse:
     async def chained() -> AsyncIterator[list[Event]]:
         if first is not None:
             yield first
         async for batch in batches:
             yield batch
 
-    return StreamingResponse(sse_frames(chained(), builder, include_usage=include_usage),
+    return StreamingResponse(sse_frames(chained(), builder, include_usage=include_usage, keepalive_s=keepalive_s),
                              media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str,
-                  req: ChatCompletionRequest) -> Response:
+async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str, req: ChatCompletionRequest,
+                  keepalive_s: float | None) -> Response:
     builder = CompletionBuilder(f"chatcmpl-{call.run_id}", model_id)
     batches = run_fn(call).__aiter__()
     try:
@@ -144,13 +144,14 @@ async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str,
     except InferenceError as e:
         return _error(e)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _stream_response(batches, builder, include_usage, first)
+    return _stream_response(batches, builder, include_usage, first, keepalive_s)
 
 
 def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: EndpointPublisher | None = None,
                      principal_fn: PrincipalFn = _default_principal,
-                     providers: Sequence[str] = PROVIDERS) -> APIRouter:
-    """The routes of the inference endpoint (module docstring); ``providers``: the model ids' providers."""
+                     providers: Sequence[str] = PROVIDERS, keepalive_s: float | None = 15.0) -> APIRouter:
+    """The routes of the inference endpoint (module docstring); ``providers``: the model ids' providers;
+    ``keepalive_s``: how often a quiet stream gets an SSE comment (None: never)."""
     router = APIRouter(tags=["inference"])
     known = tuple(providers)
 
@@ -165,7 +166,7 @@ def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: 
         except InferenceError as e:
             return _error(e)
         call = CompletionCall(ref.provider, ref.model, prompt, principal_fn(request), ulid(), req.streaming)
-        return await _answer(run_fn, call, ref.id, req)
+        return await _answer(run_fn, call, ref.id, req, keepalive_s)
 
     @router.get("/v1/models", response_model=ModelList, summary="The model ids the fleet serves")
     async def models() -> ModelList:
@@ -216,6 +217,6 @@ def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: 
             return _error(e)
         call = CompletionCall(lease.provider, lease.model, prompt, lease.owner(), ulid(), req.streaming,
                               lease_ref=lease.lease_ref)
-        return await _answer(run_fn, call, req.model or lease.model, req)
+        return await _answer(run_fn, call, req.model or lease.model, req, keepalive_s)
 
     return router
