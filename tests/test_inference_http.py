@@ -20,7 +20,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from asm_controller import EmbeddedNode, Event, Session
-from asm_controller.inference import CompletionCall, EndpointPublisher, consumer_manifest, inference_router
+from asm_controller.inference import (
+    CompletionCall,
+    EndpointPublisher,
+    consumer_manifest,
+    fleet_run_fn,
+    inference_router,
+    session_run_fn,
+)
 from asm_node.testing import running_agent
 from asm_wire import NodeAtCapacity, pb
 from asm_wire._principal import Principal, acting_as
@@ -259,9 +266,7 @@ async def test_a_lease_serves_its_pinned_model_with_its_own_token(
 
 async def test_the_shell_provider_on_a_real_embedded_node() -> None:
     async with running_agent() as agent, Session("shell", node=EmbeddedNode(agent)) as session:
-        def run_fn(call: CompletionCall) -> AsyncIterator[list[Event]]:
-            return session.stream(call.prompt, provider=call.provider, run_id=call.run_id,
-                                  owner=call.principal.name).batches()
+        run_fn = session_run_fn(session)
 
         async def models() -> Sequence[str]:
             return ["shell"]
@@ -274,7 +279,7 @@ async def test_the_shell_provider_on_a_real_embedded_node() -> None:
             assert c.choices[0].message.content == "hello\n" and c.choices[0].finish_reason == "stop"
             assert c.usage is not None and c.usage.total_tokens == 0  # shell spends no tokens
             run = session.get_run(c.id.removeprefix("chatcmpl-"))
-            assert run is not None and run.result().ok
+            assert run is not None and run.result().ok and run.owner == "anonymous"
             stream = await client.chat.completions.create(
                 model="shell", messages=[{"role": "user", "content": "echo a-b"}], stream=True)
             chunks = [ch async for ch in stream]
@@ -331,3 +336,27 @@ async def test_a_quiet_stream_gets_keepalives_and_a_client_that_leaves_stops_rea
         await asyncio.sleep(0.05)
     assert fn.closed == [fn.calls[-1].run_id]
     await client.close()
+
+
+async def test_fleet_run_fn_starts_a_fleet_run_as_the_caller() -> None:
+    from asm_wire._principal import current_principal
+
+    seen: list[tuple[pb.StartRunRequest, str]] = []
+
+    class Fleet:
+        async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+            seen.append((request, current_principal().name))
+            ev = Event.synthetic("run_started", run_id=request.run_id, session_id="", provider=request.provider, seq=1)
+            yield pb.EventBatch(events=[ev.pb])
+
+    run_fn = fleet_run_fn(Fleet(), cwd="/work", permission_mode="bypass", options={"model": "x", "max_turns": 3})
+    call = CompletionCall("claude", "sonnet", "user: hi", Principal("bob"), "run-1", stream=False)
+    batches = [b async for b in run_fn(call)]
+    assert [[e.kind for e in b] for b in batches] == [["run_started"]]
+    ((request, who),) = seen
+    assert who == "bob" and (request.run_id, request.provider, request.prompt, request.cwd) == (
+        "run-1", "claude", "user: hi", "/work")
+    assert request.permission_mode == "bypass" and json.loads(request.options_json) == {"model": "sonnet", "max_turns": 3}
+    seen.clear()
+    [_ async for _ in run_fn(CompletionCall("claude", None, "p", Principal("bob"), "run-2", stream=True))]
+    assert json.loads(seen[0][0].options_json) == {"model": "x", "max_turns": 3}  # no model in the id: the default

@@ -7,12 +7,14 @@
   its leases in a :class:`LeaseStore` (:class:`MemoryLeaseStore` here).
 * The contracts (:class:`ConsumerManifest`, :class:`BackendManifest`, :class:`CompatibilityResult`,
   :class:`EndpointDescriptor`) and ASM's compatibility check (:func:`resolve_compatibility`).
+* :func:`fleet_run_fn` / :func:`session_run_fn` -- ``run_fn`` as a run of the fleet service / a Session.
 * The mappings, usable without HTTP: :func:`parse_model`, :func:`build_prompt`, :func:`check_request`,
   :func:`finish_reason`, :func:`usage`, :class:`CompletionBuilder` (a run's events -> response / chunks).
 
     app.include_router(inference_router(run_fn, list_models_fn, publisher=EndpointPublisher(base_url)))
 """
 
+from asm_controller.inference._adapters import StartsRuns, fleet_run_fn, session_run_fn
 from asm_controller.inference._completion import CompletionBuilder, complete, finish_reason, sse_frames, usage
 from asm_controller.inference._contracts import (
     CONTRACT_VERSION,
@@ -94,6 +96,7 @@ __all__ = [
     "ModelRef",
     "PrincipalFn",
     "RunFn",
+    "StartsRuns",
     "Usage",
     "backend_manifest",
     "build_prompt",
@@ -102,12 +105,14 @@ __all__ = [
     "complete",
     "consumer_manifest",
     "finish_reason",
+    "fleet_run_fn",
     "from_asm_error",
     "inference_router",
     "parse_model",
     "publication",
     "resolve_compatibility",
     "resolve_provider",
+    "session_run_fn",
     "sse_frames",
     "usage",
 ]
