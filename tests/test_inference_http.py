@@ -360,3 +360,31 @@ async def test_fleet_run_fn_starts_a_fleet_run_as_the_caller() -> None:
     seen.clear()
     [_ async for _ in run_fn(CompletionCall("claude", None, "p", Principal("bob"), "run-2", stream=True))]
     assert json.loads(seen[0][0].options_json) == {"model": "x", "max_turns": 3}  # no model in the id: the default
+
+
+async def test_a_completion_runs_over_the_fleet_of_a_real_controller(tmp_path: Any) -> None:
+    """fleet_run_fn on a controller's FleetApi, a node agent behind real gRPC: routed, recorded, owned."""
+    from asm_controller.service import ControllerConfig, start_controller
+    from asm_node.testing import running_server
+
+    async with running_server() as node:
+        ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                      state=f"sqlite:///{tmp_path / 'ctl.sqlite3'}"))
+        try:
+            app = FastAPI()
+            app.include_router(inference_router(fleet_run_fn(ctl.api), list_models))
+            async with serving(app) as url:
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                c = await client.chat.completions.create(model="shell",
+                                                         messages=[{"role": "user", "content": "echo fleet"}])
+                assert c.choices[0].message.content == "fleet\n" and c.choices[0].finish_reason == "stop"
+                stream = await client.chat.completions.create(
+                    model="shell", messages=[{"role": "user", "content": "echo streamed"}], stream=True)
+                assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]) == "streamed\n"
+                await client.close()
+            await ctl.api.registry.flush()
+            rec = await ctl.api.store.get(c.id.removeprefix("chatcmpl-"))
+            assert rec is not None and rec.status == "completed" and rec.provider == "shell"
+            assert rec.owner == "anonymous"
+        finally:
+            await ctl.stop()
