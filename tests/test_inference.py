@@ -395,6 +395,7 @@ def test_compatibility_checks_in_asms_order() -> None:
     # required capabilities: strict equality ("unknown" is not False)
     assert check(ereq(), ConsumerManifest(required_capabilities={"embeddings": False})) == (
         "missing_capability", ["embeddings"])
+    assert check(ereq(), ConsumerManifest(required_capabilities={"copy": True})) == ("missing_capability", ["copy"])
     assert check(ereq(), ConsumerManifest(required_capabilities={"streaming?": True}), nostream) == (
         "missing_streaming", ["streaming"])
     r = resolve_compatibility(ereq(tool_choice="none", tools=[]), ConsumerManifest(

@@ -296,6 +296,9 @@ async def test_the_shell_provider_on_a_real_embedded_node() -> None:
                 await client.chat.completions.create(model="shell", messages=[{"role": "user", "content": "rm -rf x"}])
             assert e.value.status_code == 403 and e.value.response.headers["x-should-retry"] == "false"
             assert e.value.message.endswith("command 'rm' is denied")
+            with pytest.raises(openai.PermissionDeniedError):  # refused at once: an HTTP error, not a stream
+                await client.chat.completions.create(model="shell", stream=True,
+                                                     messages=[{"role": "user", "content": "rm -rf x"}])
             await client.close()
 
 

@@ -87,7 +87,8 @@ class BackendCapabilities(BaseModel):
     embeddings: Capability = "unknown"
 
     def get(self, key: str) -> Any:
-        return getattr(self, key, None)
+        """The capability by name (None for one the backend does not declare)."""
+        return self.model_dump().get(key)
 
 
 class BackendManifest(_Contract):

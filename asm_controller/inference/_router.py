@@ -118,6 +118,12 @@ def _stream_response(batches: AsyncIterator[list[Event]], builder: CompletionBui
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
+async def _close(batches: AsyncIterator[list[Event]]) -> None:
+    aclose = getattr(batches, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str, req: ChatCompletionRequest,
                   keepalive_s: float | None) -> Response:
     builder = CompletionBuilder(f"chatcmpl-{call.run_id}", model_id)
@@ -138,6 +144,7 @@ async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str, req: ChatC
             probe.feed(first)
             result = probe.result()
             if probe.finished and result is not None and result.error is not None:
+                await _close(batches)
                 return _error(from_asm_error(result.error, ran=probe.ran))
     except AsmError as e:
         return _error(from_asm_error(e, ran=builder.result() is not None))
