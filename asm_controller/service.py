@@ -1053,10 +1053,19 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     ctl = ControllerServer(api, server, port, metrics_port)
     ctl._metrics_http = metrics_http
     if config.http_listen:
-        from asm_controller.http import HttpServer, create_app  # FastAPI is loaded only when it is served
+        from asm_controller.http import HttpServer, create_app, principal_of  # FastAPI: only when it is served
+        from asm_controller.inference import catalog_ids, fleet_run_fn, inference_router
 
+        async def models() -> list[str]:
+            # The providers some node of the fleet offers now (and their catalogs' models).
+            offered = sorted({p.name for h in api.session.pool.handles() if h.state != "lost"
+                              for p in h.info.providers if p.available})
+            return catalog_ids(offered)
+
+        # ASM's inference endpoint: each completion is a run over the fleet (routing, failover, queue, registry).
+        inference = inference_router(fleet_run_fn(api), models, principal_fn=principal_of)
         try:
-            app = create_app(api, tokens=tokens, routers=http_routers)
+            app = create_app(api, tokens=tokens, routers=[inference, *http_routers])
             ctl.http = await HttpServer.start(app, config.http_listen, tls_cert=config.tls_cert,
                                               tls_key=config.tls_key, tls_ca=config.tls_ca)
         except BaseException:

@@ -6,12 +6,22 @@ whose StreamingResponse carries SSE; uvicorn runs inside the controller's asynci
 """
 
 from asm_controller.http._app import HttpServer, create_app
-from asm_controller.http._auth import authenticate
+from asm_controller.http._auth import authenticate, principal_of
 from asm_controller.http._deps import Caller, caller, fleet_api
 from asm_controller.http._errors import HTTP_STATUS, error_body, error_response, http_status
 from asm_controller.http._limits import MAX_BODY_BYTES
 
 __all__ = [
-    "HTTP_STATUS", "MAX_BODY_BYTES", "Caller", "HttpServer", "authenticate", "caller", "create_app", "error_body",
-    "error_response", "fleet_api", "http_status",
+    "HTTP_STATUS",
+    "MAX_BODY_BYTES",
+    "Caller",
+    "HttpServer",
+    "authenticate",
+    "caller",
+    "create_app",
+    "error_body",
+    "error_response",
+    "fleet_api",
+    "http_status",
+    "principal_of",
 ]

@@ -25,7 +25,12 @@ def _tokens(request: Request) -> TokenTable | None:
 
 async def authenticate(request: Request,
                        _doc: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:  # noqa: B008
-    """The caller's principal (a FastAPI dependency; the inference router uses it too)."""
+    """The caller's principal (a FastAPI dependency)."""
+    return principal_of(request)
+
+
+def principal_of(request: Request) -> Principal:
+    """:func:`authenticate` as a plain function (the inference router's ``principal_fn``)."""
     tokens = _tokens(request)
     if tokens is None:
         return ANONYMOUS

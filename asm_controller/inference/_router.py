@@ -176,7 +176,8 @@ def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: 
         return await _answer(run_fn, call, ref.id, req, keepalive_s)
 
     @router.get("/v1/models", response_model=ModelList, summary="The model ids the fleet serves")
-    async def models() -> ModelList:
+    async def models(request: Request) -> ModelList:
+        principal_fn(request)  # the same token as every /v1 call (it refuses a missing or wrong one)
         return ModelList(data=[ModelCard(id=m) for m in await list_models_fn()])
 
     if publisher is None:
