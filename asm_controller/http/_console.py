@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import Response
+
+from asm_wire import make_error
 
 _ASSETS = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 #: The page may load only its own scripts and styles, and talk only to this server.
@@ -33,7 +35,8 @@ def build_console() -> APIRouter:
     @router.get("/console/{name}", summary="The web console's script and style sheet", response_class=Response)
     async def console_asset(name: str) -> Response:
         if name not in _ASSETS:  # a fixed set: nothing else in the package is reachable
-            raise HTTPException(status_code=404, detail=f"no console asset {name!r}")
+            raise make_error("not_found", "runtime", f"the console has no asset {name[:64]!r}",
+                             reason="no_such_asset")
         return Response(_read(name), media_type=_ASSETS[name], headers=headers)
 
     return router
