@@ -152,6 +152,8 @@ class ControllerConfig:
     lease_ttl_s: float = 10.0
     #: Runs waiting in the fleet queue (every node full), fleet-wide; 0 = no queue (at_capacity at once).
     max_queued: int = 10_000
+    #: Serve the HTTP API (REST/SSE, asm_controller.http) here too: same tokens, TLS and exposure rule.
+    http_listen: str | None = None
 
 
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
@@ -945,12 +947,16 @@ class ControllerServer:
         self.metrics_port = metrics_port
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_http: Any = None
+        self.http: Any = None  # asm_controller.http.HttpServer with --http-listen
+        self.http_port: int | None = None
 
     async def stop(self) -> None:
         """Stop serving. With a durable registry the runs go on on their nodes (the next controller
         re-attaches them); with a memory one they are interrupted, as nothing could follow them again."""
         for t in self._tasks:
             t.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         held = [(r.run_id, r.lease) for r in self.api.leased_runs()]
         if self.api.durable:
@@ -980,7 +986,9 @@ async def _node_addresses(config: ControllerConfig) -> list[str]:
     return list(dict.fromkeys(addrs))
 
 
-async def start_controller(config: ControllerConfig, metrics: ControllerMetrics | None = None) -> ControllerServer:
+async def start_controller(config: ControllerConfig, metrics: ControllerMetrics | None = None, *,
+                           http_routers: Sequence[Any] = ()) -> ControllerServer:
+    """Serve the controller. ``http_routers`` (FastAPI APIRouters) are mounted on the HTTP API (--http-listen)."""
     if not (config.nodes or config.nodes_file or config.nodes_dns):
         raise ConfigError("a controller needs nodes: --node HOST:PORT, --nodes-file F or --nodes-dns NAME:PORT")
     for addr in config.nodes:
@@ -989,6 +997,14 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     check_exposure(config.listen, token=config.token or (config.tokens_file is not None),
                    tls_cert=config.tls_cert is not None, tls_ca=config.tls_ca is not None, insecure=config.insecure,
                    metrics_listen=config.metrics_listen, metrics_insecure=config.metrics_insecure)
+    if config.http_listen:
+        # The HTTP API authenticates by bearer token only (no client-certificate principals over HTTP):
+        # with mutual TLS alone every HTTP caller would be the admin "anonymous".
+        if config.tls_ca is not None and not (config.token or config.tokens_file):
+            raise ConfigError("--http-listen authenticates by bearer token: with --tls-ca give --token-file or "
+                              "--tokens-file too (client-certificate principals are served over gRPC only)")
+        check_exposure(config.http_listen, token=config.token or (config.tokens_file is not None),
+                       tls_cert=config.tls_cert is not None, tls_ca=False, insecure=config.insecure)
     tokens = load_tokens(config.token, config.tokens_file)
     creds = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     metrics = metrics or ControllerMetrics()
@@ -1036,6 +1052,26 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     await set_serving(health, [NODE_SERVICE, CONTROLLER_SERVICE], True)
     ctl = ControllerServer(api, server, port, metrics_port)
     ctl._metrics_http = metrics_http
+    if config.http_listen:
+        from asm_controller.http import HttpServer, create_app, principal_of  # FastAPI: only when it is served
+        from asm_controller.inference import catalog_ids, fleet_run_fn, inference_router
+
+        async def models() -> list[str]:
+            # The providers some node of the fleet offers now (and their catalogs' models).
+            offered = sorted({p.name for h in api.session.pool.handles() if h.state != "lost"
+                              for p in h.info.providers if p.available})
+            return catalog_ids(offered)
+
+        # ASM's inference endpoint: each completion is a run over the fleet (routing, failover, queue, registry).
+        inference = inference_router(fleet_run_fn(api), models, principal_fn=principal_of)
+        try:
+            app = create_app(api, tokens=tokens, routers=[inference, *http_routers])
+            ctl.http = await HttpServer.start(app, config.http_listen, tls_cert=config.tls_cert,
+                                              tls_key=config.tls_key, tls_ca=config.tls_ca)
+        except BaseException:
+            await ctl.stop()
+            raise
+        ctl.http_port = ctl.http.port
     if config.nodes_dns or config.nodes_file:
         ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
     if durable:

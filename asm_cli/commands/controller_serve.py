@@ -82,10 +82,12 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         state=_controller_state(args), state_max_age_s=args.state_max_age,
         history_max_bytes=args.history_bytes, log_retention_bytes=args.log_retention_bytes,
         replica_id=args.replica_id, advertise=args.advertise, lease_ttl_s=args.lease_ttl, max_queued=args.max_queued,
+        http_listen=args.http_listen,
     )
 
     def ready(ctl: Any) -> None:
         metrics = f", metrics on port {ctl.metrics_port}" if ctl.metrics_port else ""
+        metrics += f", HTTP on port {ctl.http_port}" if ctl.http_port else ""
         sys.stderr.write(f"asm controller listening on {args.listen} (port {ctl.port}){metrics}; "
                          f"nodes: {', '.join(t.address for t in ctl.api.targets) or '(none yet)'}\n")
         sys.stderr.flush()
@@ -102,6 +104,9 @@ def add_parser(sub: Subcommands) -> None:
     cs.add_argument("--nodes-dns", metavar="NAME:PORT",
                     help="DNS name resolving to every node (e.g. a Kubernetes headless Service); re-resolved")
     cs.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    cs.add_argument("--http-listen", metavar="HOST:PORT",
+                    help="serve the HTTP API (REST + SSE: /v1/runs, /v1/nodes, /openapi.json) here too; same "
+                         "tokens and TLS as gRPC (port 0: a free one, printed in the ready line)")
     limit_args(cs)
     cs.add_argument("--token-file", metavar="F", help="bearer token clients must present (or env ASM_TOKEN)")
     cs.add_argument("--tokens-file", metavar="F",

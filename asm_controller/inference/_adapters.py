@@ -1,0 +1,60 @@
+"""``run_fn`` adapters: a chat completion as a run of the fleet service, or of a Session.
+
+The options a completion cannot carry (cwd, permission mode, node selector, ...) are the server's: a
+chat request names only the provider, its model and the prompt. Mind ``permission_mode``: with
+``default`` a CLI that wants to use a tool waits for an approval no chat client will give.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+from asm_controller._events import Event
+from asm_controller._session import Session
+from asm_controller.inference._router import CompletionCall, RunFn
+from asm_wire import pb
+from asm_wire._principal import acting_as
+
+
+class StartsRuns(Protocol):
+    """What :func:`fleet_run_fn` needs of the controller's FleetApi."""
+
+    def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]: ...
+
+
+def _options(call: CompletionCall, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(options or {})
+    if call.model:
+        out["model"] = call.model  # the model id's model wins over the server's default
+    return out
+
+
+def fleet_run_fn(api: StartsRuns, *, cwd: str = "", permission_mode: str = "default",
+                 options: Mapping[str, Any] | None = None, approval_timeout_ms: int = 0,
+                 queue_timeout_ms: int = 0, session_id: str = "") -> RunFn:
+    """Each completion a ``StartRun`` of the fleet (routing, failover, the queue, the registry), as its caller."""
+
+    async def run(call: CompletionCall) -> AsyncIterator[list[Event]]:
+        request = pb.StartRunRequest(
+            run_id=call.run_id, session_id=session_id, provider=call.provider, prompt=call.prompt, cwd=cwd,
+            permission_mode=permission_mode, options_json=json.dumps(_options(call, options)),
+            approval_timeout_ms=approval_timeout_ms, queue_timeout_ms=queue_timeout_ms,
+        )
+        with acting_as(call.principal, "POST /v1/chat/completions"):
+            async for batch in api.start_run(request):
+                yield [Event(m) for m in batch.events]
+
+    return run
+
+
+def session_run_fn(session: Session, **overrides: Any) -> RunFn:
+    """Each completion a run of ``session`` (its nodes and defaults; ``overrides`` as ``Session.stream``'s)."""
+
+    def run(call: CompletionCall) -> AsyncIterator[list[Event]]:
+        opts = {**overrides, "options": _options(call, overrides.get("options"))}
+        return session.stream(call.prompt, provider=call.provider, run_id=call.run_id, owner=call.principal.name,
+                              **opts).batches()
+
+    return run

@@ -1,0 +1,75 @@
+"""A model id names a provider and, optionally, that provider's model: ``claude``, ``claude:sonnet``,
+``codex:gpt-5-codex``, ``gemini:gemini-2.5-flash``.
+
+ASM resolved the provider with ``Provider.resolve`` (aliases allowed: ``codex_exec`` is ``codex``) and
+refused an unknown one as ``unsupported_provider``, and a lease without a model as
+``missing_model_identity``. On the fleet endpoint a bare provider is fine (the CLI's default model); on
+a lease the model is required, as in ASM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from asm_controller.inference._errors import InferenceError
+
+#: The providers a model id may name (asm's registry, asm_node.providers) and their ASM aliases.
+PROVIDERS: Final = ("amp", "claude", "codex", "gemini", "shell")
+ALIASES: Final = {"codex_exec": "codex"}
+#: Model ids ``/v1/models`` lists besides the bare providers (ASM's model catalogs, priv/models/*.json).
+CATALOG: Final = {
+    "claude": ("opus", "sonnet", "haiku"),
+    "codex": ("gpt-5-codex",),
+    "gemini": ("gemini-2.5-pro", "gemini-2.5-flash"),
+    "amp": ("amp-1",),
+    "shell": (),
+}
+_MAX_ID: Final = 256
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    provider: str
+    model: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.provider}:{self.model}" if self.model else self.provider
+
+
+def resolve_provider(name: str, providers: tuple[str, ...] | frozenset[str] = PROVIDERS) -> str | None:
+    """The canonical provider for ``name`` (case-insensitive, ASM's aliases), or None."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    return key if key in providers else None
+
+
+def parse_model(model_id: str | None, *, providers: tuple[str, ...] | frozenset[str] = PROVIDERS,
+                require_model: bool = False) -> ModelRef:
+    """``provider[:model]`` -> ModelRef; a 400/404 :class:`InferenceError` with ASM's reason as its code."""
+    if model_id is None or not model_id.strip():
+        raise InferenceError(400, "you must provide a model parameter (a provider, e.g. \"claude\", or "
+                             "provider:model, e.g. \"claude:sonnet\")", param="model", code="missing_model")
+    if len(model_id) > _MAX_ID:
+        raise InferenceError(400, f"model id is longer than {_MAX_ID} characters", param="model")
+    head, sep, tail = model_id.partition(":")
+    provider = resolve_provider(head, providers)
+    if provider is None:
+        raise InferenceError(404, f"unsupported provider {head.strip()!r} in model {model_id!r} "
+                             f"(expected one of {', '.join(sorted(providers))})",
+                             param="model", code="unsupported_provider")
+    model = tail.strip() or None
+    if model is None and (sep or require_model):
+        raise InferenceError(400, f"model {model_id!r} names no model identity (expected provider:model)",
+                             param="model", code="missing_model_identity")
+    return ModelRef(provider, model)
+
+
+def catalog_ids(providers: list[str] | tuple[str, ...]) -> list[str]:
+    """The model ids ``/v1/models`` lists for these providers: each bare, then its catalog's models."""
+    out: list[str] = []
+    for p in providers:
+        out.append(p)
+        out.extend(f"{p}:{m}" for m in CATALOG.get(p, ()))
+    return out
