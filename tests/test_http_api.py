@@ -368,6 +368,7 @@ def _curl_events(url: str, token: str, *extra: str, until: int | None = None, ti
     return "".join(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_processes_curl_resume(tmp_path: Path, tokens_file: Path) -> None:
     script = tmp_path / "count.py"

@@ -316,6 +316,7 @@ def test_the_openapi_document_lists_the_routes_and_the_request_body() -> None:
     assert set(bare.openapi()["paths"]) == {"/v1/chat/completions", "/v1/models"}
 
 
+@pytest.mark.slow
 async def test_a_quiet_stream_gets_keepalives_and_a_client_that_leaves_stops_reading_the_run(
         scripted: tuple[str, Scripted, EndpointPublisher]) -> None:
     url, fn, _ = scripted

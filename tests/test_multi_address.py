@@ -26,6 +26,8 @@ from asm_wire import AsmError, ConfigError, pb
 from tests.support.faults import py
 from tests.support.processes import PYTHON_BASENAME, ROOT, ControllerProcess, NodeProcess, start_controller_process
 
+pytestmark = pytest.mark.slow  # real controller and node processes, killed and restarted
+
 ASM = [sys.executable, "-m", "asm_cli"]
 
 

@@ -183,6 +183,7 @@ async def test_prune_by_size_drops_the_oldest_ended_logs_and_keeps_the_records(s
     assert await store.log_bytes() == 500
 
 
+@pytest.mark.slow
 @ALL
 async def test_prune_by_size_scales_past_one_batch(make_store: StoreFactory) -> None:
     store = await make_store()
