@@ -270,7 +270,7 @@ async def test_an_sqlite_file_written_at_v1_is_migrated_in_place_and_keeps_its_r
     await store.open()
     try:
         versions = await raw_sql(f"sqlite:///{path}", "SELECT version FROM asm_schema_version ORDER BY version")
-        assert versions == [(1,), (2,)] and SCHEMA_VERSION == 2
+        assert versions == [(1,), (2,), (3,)] and SCHEMA_VERSION == 3
         assert await store.meta_get("controller_epoch") == "E-v1"
         done = await store.get("R-DONE")
         assert done == RunRecord(
