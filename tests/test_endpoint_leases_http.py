@@ -165,9 +165,10 @@ def test_refusals_carry_asm_reasons(fleet: Fleet) -> None:
 
 
 def test_an_expired_lease_stops_working(fleet: Fleet) -> None:
-    ref, base_url, token = _lease(fleet.ensure(ALICE, {**SHELL, "ttl_s": 1.5}))
+    started = time.time()
+    ref, base_url, token = _lease(fleet.ensure(ALICE, {**SHELL, "ttl_s": 3.0}))
     assert "before expiry" in _complete(base_url, token, "before expiry")
-    time.sleep(1.6)
+    time.sleep(max(0.0, started + 3.2 - time.time()))
     with pytest.raises(openai.NotFoundError):
         _complete(base_url, token, "after expiry")
     assert fleet.release(ALICE, ref).status_code == 404
