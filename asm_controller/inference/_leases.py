@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from asm_controller.inference._contracts import (
     CompatibilityResult,
@@ -62,7 +62,7 @@ class Lease(BaseModel):
 
     lease_ref: str
     endpoint_id: str
-    auth_token: str = ""
+    auth_token: str = Field(default="", repr=False)  # never in a log line
     token_digest: str = ""
     provider: str
     model: str
