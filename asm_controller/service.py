@@ -156,6 +156,9 @@ class ControllerConfig:
     http_listen: str | None = None
 
 
+#: How often expired inference endpoint leases are removed from the store (seconds).
+ENDPOINT_SWEEP_S = 60.0
+
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
 _MAX_SEQ = 2**63
 
@@ -949,6 +952,7 @@ class ControllerServer:
         self._metrics_http: Any = None
         self.http: Any = None  # asm_controller.http.HttpServer with --http-listen
         self.http_port: int | None = None
+        self.endpoints: Any = None  # asm_controller.inference.EndpointPublisher with --http-listen
 
     async def stop(self) -> None:
         """Stop serving. With a durable registry the runs go on on their nodes (the next controller
@@ -1054,7 +1058,14 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
     ctl._metrics_http = metrics_http
     if config.http_listen:
         from asm_controller.http import HttpServer, create_app, principal_of  # FastAPI: only when it is served
-        from asm_controller.inference import catalog_ids, fleet_run_fn, inference_router
+        from asm_controller.http._endpoints import build_endpoints_router
+        from asm_controller.inference import (
+            EndpointPublisher,
+            StoreLeaseStore,
+            catalog_ids,
+            fleet_run_fn,
+            inference_router,
+        )
 
         async def models() -> list[str]:
             # The providers some node of the fleet offers now (and their catalogs' models).
@@ -1063,15 +1074,39 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
             return catalog_ids(offered)
 
         # ASM's inference endpoint: each completion is a run over the fleet (routing, failover, queue, registry).
-        inference = inference_router(fleet_run_fn(api), models, principal_fn=principal_of)
+        # Its endpoint leases (ensure_endpoint) live in the run store: every replica serves every lease,
+        # a restart on the same --state keeps them. The base URL is set once the port is known.
+        publisher = EndpointPublisher("", StoreLeaseStore(store))
+        inference = inference_router(fleet_run_fn(api), models, publisher=publisher, principal_fn=principal_of)
         try:
-            app = create_app(api, tokens=tokens, routers=[inference, *http_routers])
+            app = create_app(api, tokens=tokens, routers=[inference, build_endpoints_router(publisher), *http_routers])
             ctl.http = await HttpServer.start(app, config.http_listen, tls_cert=config.tls_cert,
                                               tls_key=config.tls_key, tls_ca=config.tls_ca)
         except BaseException:
             await ctl.stop()
             raise
         ctl.http_port = ctl.http.port
+        # The URL clients reach the HTTP API at: --advertise's host (else the listen host; a wildcard bind:
+        # this host's name), the HTTP port, https with TLS.
+        host = parse_address(config.advertise or config.http_listen)[0]
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        publisher.base_url_root = f"{'https' if config.tls_cert else 'http'}://{host}:{ctl.http_port}"
+        ctl.endpoints = publisher
+
+        async def sweep_endpoint_leases() -> None:
+            """Expired leases leave the store (a lookup refuses them already; this keeps the table small)."""
+            while True:
+                await asyncio.sleep(ENDPOINT_SWEEP_S)
+                try:
+                    gone = await publisher.sweep()
+                    if gone:
+                        log.info("%d expired endpoint lease(s) removed", gone)
+                except AsmError as err:
+                    log.warning("sweeping expired endpoint leases failed: %s", err.message)
+
+        ctl._tasks.append(asyncio.create_task(sweep_endpoint_leases()))
     if config.nodes_dns or config.nodes_file:
         ctl._tasks.append(asyncio.create_task(_rediscover(config, api)))
     if durable:

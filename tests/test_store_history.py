@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from asm_controller._store import (
+    EndpointLeaseRecord,
     InvalidRecord,
     Lease,
     RunRecord,
@@ -270,7 +271,7 @@ async def test_an_sqlite_file_written_at_v1_is_migrated_in_place_and_keeps_its_r
     await store.open()
     try:
         versions = await raw_sql(f"sqlite:///{path}", "SELECT version FROM asm_schema_version ORDER BY version")
-        assert versions == [(1,), (2,)] and SCHEMA_VERSION == 2
+        assert versions == [(1,), (2,), (3,)] and SCHEMA_VERSION == 3
         assert await store.meta_get("controller_epoch") == "E-v1"
         done = await store.get("R-DONE")
         assert done == RunRecord(
@@ -292,6 +293,9 @@ async def test_an_sqlite_file_written_at_v1_is_migrated_in_place_and_keeps_its_r
         assert await store.queue_stats() == (0, None)
         await store.heartbeat_replica("replica-a", "h:1", now=1e9, until=2e9)
         assert [r.leases for r in await store.replicas(now=1e9)] == [1]
+        leased = EndpointLeaseRecord("L1", "alice", "shell", "", "sha256:" + "0" * 64, 1e9, 2e9)  # schema v3
+        await store.put_endpoint_lease(leased)
+        assert await store.get_endpoint_lease("L1") == leased
     finally:
         await store.close()
     # Upgraded and fresh databases have one schema.
@@ -330,4 +334,4 @@ async def test_a_v1_database_with_rows_is_upgraded_in_place(backend_url: str) ->
     finally:
         await store.close()
     rows = await raw_sql(backend_url, "SELECT version FROM asm_schema_version ORDER BY version")
-    assert rows == [(1,), (2,)]
+    assert rows == [(1,), (2,), (3,)]

@@ -600,6 +600,11 @@ async def test_every_sql_operation_reports_its_latency(backend_url: str) -> None
         await sql.sessions()
         await sql.prune(0.0, max_log_bytes=10)
         await sql.log_bytes()
+        from asm_controller._store import EndpointLeaseRecord  # schema v3: the inference endpoint's leases
+        await sql.put_endpoint_lease(EndpointLeaseRecord("L1", "alice", "shell", "", "sha256:" + "0" * 64, T0, T0 + 1))
+        await sql.get_endpoint_lease("L1")
+        await sql.expired_endpoint_leases(now=T0)
+        await sql.delete_endpoint_lease("L1")
         with pytest.raises(LeaseLost):
             await sql.update("R1", fence=Lease("b", 1), node_seq=3)  # a failed op is timed too
     finally:

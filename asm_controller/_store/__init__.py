@@ -14,6 +14,10 @@ fenced with the ``Lease`` fail ``LeaseLost`` once another replica took it over);
 in ``asm_replicas`` (``heartbeat_replica``); queued runs wait in ``queued()`` order (priority, then
 FIFO); ``list_runs`` / ``sessions`` answer the history with keyset paging.
 
+Inference endpoint leases (schema version 3): ``put/get/delete_endpoint_lease`` and
+``expired_endpoint_leases`` keep ASM's published endpoints (``EndpointLeaseRecord``; the token only
+as its sha256 digest), so every replica serves every lease and a restart keeps them.
+
 Layout: ``_base`` (RunRecord, Lease, errors, the RunStore protocol, input checks), ``_memory``
 (MemoryStore), ``_sql`` (SqlStore: SQLite and PostgreSQL through SQLAlchemy Core async),
 ``_migrations`` (the schema and its versioned migrations), ``_writer`` (StoreWriter), ``_url``
@@ -33,6 +37,7 @@ from asm_controller._store._base import (
     QUEUED,
     STATUSES,
     STORE_OPS,
+    EndpointLeaseRecord,
     InvalidRecord,
     Lease,
     LeaseLost,
@@ -65,6 +70,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_HISTORY_MAX_BYTES", "IN_FLIGHT", "LIVE", "QUEUED", "SCHEMA_VERSION", "STATUSES", "STORE_OPS", "URL_FORMS",
-    "InvalidRecord", "Lease", "LeaseLost", "MemoryStore", "ReplicaRecord", "RunExists", "RunNotFound", "RunRecord",
+    "EndpointLeaseRecord", "InvalidRecord", "Lease", "LeaseLost", "MemoryStore", "ReplicaRecord", "RunExists", "RunNotFound", "RunRecord",
     "RunStore", "SessionRecord", "SqlStore", "StoreError", "StoreLocked", "StoreWriter", "open_store",
 ]

@@ -124,6 +124,23 @@ class SessionRecord:
     node: str  # the latest run's node_address
 
 
+@dataclass(frozen=True)
+class EndpointLeaseRecord:
+    """One published inference endpoint (schema version 3): who asked for it, what it serves, until when.
+
+    ``token_digest`` is "sha256:<hex>" of the lease's bearer token: the token itself is handed to its
+    caller once and never stored, so a leaked database does not leak working endpoint tokens."""
+
+    ref: str
+    owner: str  # the principal that asked for it (its completions run as that principal)
+    provider: str
+    model: str
+    token_digest: str
+    created_at: float
+    expires_at: float
+    data: dict[str, Any] = field(default_factory=dict)  # JSON: the rest of the lease (endpoint id, flags)
+
+
 # The store's failures are asm_wire's StoreError (reason ``store_unavailable``: connection or I/O, may
 # pass; ``schema_too_new``: the database was migrated by a newer asm) and StoreLocked (another
 # controller holds the store): one class tree with every other asm error (asm_wire._errors).
@@ -254,6 +271,20 @@ class RunStore(Protocol):
         descending); ``before``: the previous page's last (last_at, session_id), exclusive."""
         ...
 
+    # --- inference endpoint leases (schema version 3) ---
+    async def put_endpoint_lease(self, rec: EndpointLeaseRecord) -> None:
+        """Store the lease (a lease already stored under its ref is replaced)."""
+        ...
+    async def get_endpoint_lease(self, ref: str) -> EndpointLeaseRecord | None:
+        """The lease by ref, expired or not (the caller decides with its clock); None if unknown."""
+        ...
+    async def delete_endpoint_lease(self, ref: str) -> bool:
+        """Forget the lease; True if it was stored."""
+        ...
+    async def expired_endpoint_leases(self, *, now: float, limit: int = 500) -> list[str]:
+        """Refs of the leases with expires_at <= ``now``, soonest-expired first."""
+        ...
+
 
 # --- input checks ---------------------------------------------------------------------------------
 
@@ -272,6 +303,8 @@ MAX_META_VALUE = 65536
 MAX_JSON_CHARS = 1 << 20
 MAX_SEQ = 2**63 - 1
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+#: Longest accepted text per endpoint-lease field (characters).
+MAX_LEASE_CHARS: dict[str, int] = {"ref": 128, "owner": 256, "provider": 64, "model": 256, "token_digest": 71}
 
 
 def check_text(name: str, value: object, *, empty_ok: bool = True, limit: int | None = None) -> str:
@@ -487,8 +520,40 @@ STORE_OPS: tuple[str, ...] = (
     "open", "claim", "meta_get", "meta_set", "create", "get", "update", "list_runs", "in_flight",
     "append_events", "events_after", "prune", "log_bytes", "write_batch", "take_lease", "renew_leases",
     "release_lease", "expired_leases", "heartbeat_replica", "remove_replica", "replicas", "queued",
-    "queue_position", "queue_stats", "sessions",
+    "queue_position", "queue_stats", "sessions", "put_endpoint_lease", "get_endpoint_lease",
+    "delete_endpoint_lease", "expired_endpoint_leases",
 )
+
+
+def check_lease_ref(ref: object) -> str:
+    return check_text("lease ref", ref, empty_ok=False, limit=MAX_LEASE_CHARS["ref"])
+
+
+def check_endpoint_lease(rec: object) -> dict[str, Any]:
+    """The column values of an endpoint lease (``data`` as JSON text); InvalidRecord for bad input."""
+    if not isinstance(rec, EndpointLeaseRecord):
+        raise InvalidRecord(f"put_endpoint_lease() takes an EndpointLeaseRecord, not {type(rec).__name__}")
+    cols: dict[str, Any] = {"ref": check_lease_ref(rec.ref)}
+    for name in ("owner", "provider", "model"):
+        cols[name] = check_text(name, getattr(rec, name), empty_ok=name == "model", limit=MAX_LEASE_CHARS[name])
+    digest = check_text("token_digest", rec.token_digest, limit=MAX_LEASE_CHARS["token_digest"])
+    if not _DIGEST.fullmatch(digest):
+        raise InvalidRecord("token_digest must be 'sha256:' and 64 lowercase hex digits (never the token itself)")
+    cols["token_digest"] = digest
+    created, expires = check_time("created_at", rec.created_at), check_time("expires_at", rec.expires_at)
+    assert created is not None and expires is not None
+    if expires < created:
+        raise InvalidRecord(f"expires_at ({expires}) is before created_at ({created})")
+    cols["created_at"], cols["expires_at"] = created, expires
+    cols["data"] = encode_json("data", rec.data, none_ok=False)
+    return cols
+
+
+def endpoint_lease_from_columns(cols: dict[str, Any]) -> EndpointLeaseRecord:
+    return EndpointLeaseRecord(
+        ref=str(cols["ref"]), owner=str(cols["owner"]), provider=str(cols["provider"]), model=str(cols["model"]),
+        token_digest=str(cols["token_digest"]), created_at=float(cols["created_at"]),
+        expires_at=float(cols["expires_at"]), data=json.loads(cols["data"]) if cols["data"] else {})
 
 
 def record_from_columns(cols: dict[str, Any]) -> RunRecord:

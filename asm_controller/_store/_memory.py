@@ -15,6 +15,7 @@ from asm_controller._store._base import (
     QUEUED,
     BatchOp,
     Cursor,
+    EndpointLeaseRecord,
     EventsOp,
     InvalidRecord,
     Lease,
@@ -26,9 +27,11 @@ from asm_controller._store._base import (
     StatusFilter,
     check_chunk,
     check_cursor,
+    check_endpoint_lease,
     check_expect,
     check_fence,
     check_filter_text,
+    check_lease_ref,
     check_limit,
     check_max_bytes,
     check_meta,
@@ -39,6 +42,7 @@ from asm_controller._store._base import (
     check_text,
     check_time,
     check_update,
+    endpoint_lease_from_columns,
     lease_lost,
     overlap_error,
     record_from_columns,
@@ -67,6 +71,7 @@ class MemoryStore:
         self._events: dict[str, deque[tuple[int, int, bytes]]] = {}
         self._held: dict[str, int] = {}
         self._replicas: dict[str, dict[str, Any]] = {}
+        self._endpoint_leases: dict[str, dict[str, Any]] = {}
 
     async def open(self) -> None:
         return None
@@ -270,6 +275,27 @@ class MemoryStore:
                                      provider_session_id=psid, node=latest["node_address"]))
         out.sort(key=lambda s: (s.last_at, s.session_id), reverse=True)
         return out[:limit]
+
+    # --- inference endpoint leases ---------------------------------------------------------------
+
+    async def put_endpoint_lease(self, rec: EndpointLeaseRecord) -> None:
+        cols = check_endpoint_lease(rec)
+        self._endpoint_leases[cols["ref"]] = cols
+
+    async def get_endpoint_lease(self, ref: str) -> EndpointLeaseRecord | None:
+        cols = self._endpoint_leases.get(check_lease_ref(ref))
+        return endpoint_lease_from_columns(cols) if cols is not None else None
+
+    async def delete_endpoint_lease(self, ref: str) -> bool:
+        return self._endpoint_leases.pop(check_lease_ref(ref), None) is not None
+
+    async def expired_endpoint_leases(self, *, now: float, limit: int = 500) -> list[str]:
+        at = check_time("now", now)
+        assert at is not None
+        check_limit(limit)
+        rows = sorted((r for r in self._endpoint_leases.values() if r["expires_at"] <= at),
+                      key=lambda r: (r["expires_at"], r["ref"]))
+        return [r["ref"] for r in rows[:limit]]
 
     # --- events -----------------------------------------------------------------------------------
 

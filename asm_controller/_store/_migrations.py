@@ -13,7 +13,7 @@ an existing database from the previous version to it (``op(conn)`` gets a synchr
 SQLAlchemy Connection); never edit an applied migration. Migration 1 creates the tables from a
 frozen copy of their version-1 definition (``_v1_*``); migration 2 alters them to the current
 shape in place (ADD COLUMN, CREATE INDEX, a new table), so a fresh database and an upgraded one
-end up the same.
+end up the same. Migration 3 creates ``asm_endpoint_leases`` (the inference endpoint's leases).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from asm_controller._store._base import MAX_CHARS, MAX_META_KEY, StoreError
+from asm_controller._store._base import MAX_CHARS, MAX_LEASE_CHARS, MAX_META_KEY, StoreError
 
 metadata = sa.MetaData()
 
@@ -107,6 +107,20 @@ replicas = sa.Table(
     sa.Column("expires_at", sa.Double, nullable=False),
 )
 
+#: Published inference endpoints (version 3): one row per lease, its token only as a sha256 digest.
+endpoint_leases = sa.Table(
+    "asm_endpoint_leases", metadata,
+    sa.Column("ref", sa.String(MAX_LEASE_CHARS["ref"]), primary_key=True),
+    sa.Column("owner", sa.String(MAX_LEASE_CHARS["owner"]), nullable=False),
+    sa.Column("provider", sa.String(MAX_LEASE_CHARS["provider"]), nullable=False),
+    sa.Column("model", sa.String(MAX_LEASE_CHARS["model"]), nullable=False, server_default=""),
+    sa.Column("token_digest", sa.String(MAX_LEASE_CHARS["token_digest"]), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),  # JSON text: the rest of the lease
+    sa.Index("asm_endpoint_leases_expires", "expires_at"),
+)
+
 # --- version 1, frozen: what migration 1 creates (never edit: databases were made from it) ---------
 
 _v1_metadata = sa.MetaData()
@@ -177,9 +191,15 @@ def _v2(conn: sa.Connection) -> None:
     replicas.create(conn)
 
 
+def _v3(conn: sa.Connection) -> None:
+    """asm_endpoint_leases is new (the table and its expiry index)."""
+    endpoint_leases.create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, run events, meta", _v1),
     Migration(2, "fleet queue and lease columns, replicas, history indexes", _v2),
+    Migration(3, "inference endpoint leases", _v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -35,6 +35,7 @@ from asm_controller._store._base import (
     STORE_OPS,
     BatchOp,
     Cursor,
+    EndpointLeaseRecord,
     EventsOp,
     InvalidRecord,
     Lease,
@@ -48,9 +49,11 @@ from asm_controller._store._base import (
     StoreLocked,
     check_chunk,
     check_cursor,
+    check_endpoint_lease,
     check_expect,
     check_fence,
     check_filter_text,
+    check_lease_ref,
     check_limit,
     check_max_bytes,
     check_meta,
@@ -61,6 +64,7 @@ from asm_controller._store._base import (
     check_text,
     check_time,
     check_update,
+    endpoint_lease_from_columns,
     lease_lost,
     overlap_error,
     record_from_columns,
@@ -68,6 +72,7 @@ from asm_controller._store._base import (
 from asm_controller._store._migrations import (
     MIGRATIONS,
     Migration,
+    endpoint_leases,
     meta,
     migrate_step,
     replicas,
@@ -536,6 +541,47 @@ class SqlStore:
                               runs=int(r.n_runs), last_run_id=str(r.run_id), last_status=str(r.status),
                               first_at=float(r.first_at), last_at=float(r.created_at),
                               provider_session_id=str(r.psid), node=str(r.node_address)) for r in rows]
+
+    # --- inference endpoint leases ---------------------------------------------------------------
+
+    async def put_endpoint_lease(self, rec: EndpointLeaseRecord) -> None:
+        cols = check_endpoint_lease(rec)
+        _, writer = self._engines()
+        insert = (pg_dialect.insert(endpoint_leases) if self._sqlite_path is None
+                  else sqlite_dialect.insert(endpoint_leases))
+        stmt = insert.values(**cols).on_conflict_do_update(
+            index_elements=[endpoint_leases.c.ref], set_={k: v for k, v in cols.items() if k != "ref"})
+        with self._translated("put_endpoint_lease"):
+            async with writer.begin() as conn:
+                await conn.execute(stmt)
+
+    async def get_endpoint_lease(self, ref: str) -> EndpointLeaseRecord | None:
+        key = check_lease_ref(ref)
+        reader, _ = self._engines()
+        with self._translated("get_endpoint_lease"):
+            async with reader.connect() as conn:
+                row = (await conn.execute(sa.select(endpoint_leases).where(endpoint_leases.c.ref == key))).first()
+        return endpoint_lease_from_columns(dict(row._mapping)) if row is not None else None
+
+    async def delete_endpoint_lease(self, ref: str) -> bool:
+        key = check_lease_ref(ref)
+        _, writer = self._engines()
+        with self._translated("delete_endpoint_lease"):
+            async with writer.begin() as conn:
+                result = await conn.execute(sa.delete(endpoint_leases).where(endpoint_leases.c.ref == key))
+        return bool(result.rowcount)
+
+    async def expired_endpoint_leases(self, *, now: float, limit: int = 500) -> list[str]:
+        at = check_time("now", now)
+        if check_limit(limit) == 0:
+            return []
+        query = (sa.select(endpoint_leases.c.ref).where(endpoint_leases.c.expires_at <= at)
+                 .order_by(endpoint_leases.c.expires_at, endpoint_leases.c.ref).limit(limit))
+        reader, _ = self._engines()
+        with self._translated("expired_endpoint_leases"):
+            async with reader.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [str(r.ref) for r in rows]
 
     # --- events -----------------------------------------------------------------------------------
 

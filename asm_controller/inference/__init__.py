@@ -4,7 +4,8 @@
   per-lease ``/leases/<ref>/...``), around an injected ``run_fn`` that runs a :class:`CompletionCall`.
 * :class:`EndpointPublisher` -- ``ensure_endpoint(request, consumer_manifest)`` /
   ``release_endpoint(lease)``: a provider and model published at its own base URL and token, for a TTL,
-  its leases in a :class:`LeaseStore` (:class:`MemoryLeaseStore` here).
+  its leases in a :class:`LeaseStore` (:class:`MemoryLeaseStore`, or :class:`StoreLeaseStore` over the
+  controller's run store); :func:`endpoints_router` -- ``POST /v1/endpoints`` / ``DELETE /v1/endpoints/{ref}``.
 * The contracts (:class:`ConsumerManifest`, :class:`BackendManifest`, :class:`CompatibilityResult`,
   :class:`EndpointDescriptor`) and ASM's compatibility check (:func:`resolve_compatibility`).
 * :func:`fleet_run_fn` / :func:`session_run_fn` -- ``run_fn`` as a run of the fleet service / a Session.
@@ -38,6 +39,7 @@ from asm_controller.inference._leases import (
     Lease,
     LeaseStore,
     MemoryLeaseStore,
+    token_digest,
 )
 from asm_controller.inference._modelid import PROVIDERS, ModelRef, catalog_ids, parse_model, resolve_provider
 from asm_controller.inference._openai import (
@@ -60,6 +62,7 @@ from asm_controller.inference._prompt import (
     check_request,
 )
 from asm_controller.inference._router import CompletionCall, ListModelsFn, PrincipalFn, RunFn, inference_router
+from asm_controller.inference._storeleases import StoreLeaseStore
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -97,6 +100,7 @@ __all__ = [
     "PrincipalFn",
     "RunFn",
     "StartsRuns",
+    "StoreLeaseStore",
     "Usage",
     "backend_manifest",
     "build_prompt",
@@ -114,5 +118,6 @@ __all__ = [
     "resolve_provider",
     "session_run_fn",
     "sse_frames",
+    "token_digest",
     "usage",
 ]

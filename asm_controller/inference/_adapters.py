@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from asm_controller._events import Event
 from asm_controller._session import Session
+from asm_controller.inference._modelid import CATALOG
 from asm_controller.inference._router import CompletionCall, RunFn
 from asm_wire import pb
 from asm_wire._principal import acting_as
@@ -26,8 +27,10 @@ class StartsRuns(Protocol):
 
 def _options(call: CompletionCall, options: Mapping[str, Any] | None) -> dict[str, Any]:
     out = dict(options or {})
-    if call.model:
-        out["model"] = call.model  # the model id's model wins over the server's default
+    # The model id's model wins over the server's default. A lease must name a model (ASM's
+    # missing_model_identity) even for a provider without models (shell): there it is a label only.
+    if call.model and (call.lease_ref is None or CATALOG.get(call.provider)):
+        out["model"] = call.model
     return out
 
 

@@ -10,13 +10,14 @@ replica can serve every lease.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from asm_controller.inference._contracts import (
     CompatibilityResult,
@@ -46,14 +47,23 @@ class EndpointError(ConfigError):
         self.result = result
 
 
+def token_digest(token: str) -> str:
+    """``sha256:<hex>`` of a lease token: what a store keeps instead of the token."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
 class Lease(BaseModel):
-    """One published endpoint: what the ``/leases/<ref>/...`` routes serve, and for whom."""
+    """One published endpoint: what the ``/leases/<ref>/...`` routes serve, and for whom.
+
+    ``auth_token`` is known only to the lease ensure_endpoint made (it is handed to the caller once);
+    a lease read back from a durable store has "" there and is authenticated by ``token_digest``."""
 
     model_config = ConfigDict(frozen=True)
 
     lease_ref: str
     endpoint_id: str
-    auth_token: str
+    auth_token: str = Field(default="", repr=False)  # never in a log line
+    token_digest: str = ""
     provider: str
     model: str
     principal: str
@@ -63,12 +73,22 @@ class Lease(BaseModel):
     created_at: float
     expires_at: float
 
+    @model_validator(mode="before")
+    @classmethod
+    def _digest(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("auth_token") and not data.get("token_digest"):
+            data = {**data, "token_digest": token_digest(str(data["auth_token"]))}
+        return data
+
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
 
     def authorized(self, header: str | None) -> bool:
-        """The header is exactly ``Bearer <token>`` (ASM's rule), compared in constant time."""
-        return hmac.compare_digest((header or "").encode(), f"Bearer {self.auth_token}".encode())
+        """The header is exactly ``Bearer <token>`` (ASM's rule); the token's digest is compared in constant
+        time (the digests have one length whatever was sent). A lease without a digest authorizes nobody."""
+        header = header or ""
+        presented = token_digest(header[7:]) if header.startswith("Bearer ") else ""
+        return bool(self.token_digest) and hmac.compare_digest(presented.encode(), self.token_digest.encode())
 
     def owner(self) -> Principal:
         return Principal(self.principal, admin=self.admin)
