@@ -176,6 +176,7 @@ async def _grpc_stream(session: Session, prompt: str, want: int) -> tuple[str | 
 
 
 async def _grpc_replay(session: Session, run_id: str, node: str, want: int) -> str | None:
+    # ``session`` is not the one that started the run: a Session refuses to reuse its own run ids.
     stream = session.attach(run_id, RemoteNode(node, token=TOKEN), "shell")
     seqs = [ev.seq async for ev in stream]
     return _check_seqs(seqs, want)
@@ -221,8 +222,8 @@ async def _one(fn: Callable[[], Awaitable[str | None]], timeout: float, ctl_pid:
     return {"wall": ms / 1000, "cpu": time.process_time() - c0, "ctl_cpu": _cpu_s(ctl_pid) - k0, "error": err}
 
 
-async def _streams(cfg: HttpConfig, session: Session, base: str, path: Path, ctl: ServedProcess,
-                   node: str) -> dict[str, list[dict[str, Any]]]:
+async def _streams(cfg: HttpConfig, session: Session, replayer: Session, base: str, path: Path,
+                   ctl: ServedProcess, node: str) -> dict[str, list[dict[str, Any]]]:
     want = cfg.events + 3  # run_started, N assistant_delta, result, run_completed
     prompt = f"cat {path}"
     timeout = max(60.0, cfg.events / 2_000)
@@ -249,7 +250,7 @@ async def _streams(cfg: HttpConfig, session: Session, base: str, path: Path, ctl
 
                 async def replay(name: str = name, rid: str = rid) -> str | None:
                     if name == "grpc":
-                        return await _grpc_replay(session, rid, node, want)
+                        return await _grpc_replay(replayer, rid, node, want)
                     return await _sse_read(http, rid, want)
 
                 out[f"{name}_replay"].append(await _one(replay, timeout, ctl.pid))
@@ -272,11 +273,13 @@ async def run_http(cfg: HttpConfig, workdir: Path, say: Callable[[str], None]) -
                                "--http-listen", "127.0.0.1:0", token=TOKEN)
         base = f"http://127.0.0.1:{_http_port(ctl)}"
         say(f"node pid {node.pid} on {node.address}, controller pid {ctl.pid} on {ctl.address} (HTTP {base})")
-        async with Session("shell", node=RemoteNode(ctl.address, token=TOKEN)) as session:
+        target = RemoteNode(ctl.address, token=TOKEN)
+        async with Session("shell", node=target) as session, Session("shell", node=target) as replayer:
             say(f"(i) latency: {cfg.runs} completions per path (+{cfg.warmup} warm-up), interleaved ...")
             latency = await _latency(cfg, session, base)
             say(f"(ii) one stream: {cfg.events:,} events x {cfg.repeats} per path ...")
-            streams = await _streams(cfg, session, base, lines, ctl, ctl.address)
+            await replayer.connect()  # its connection is up before it is timed
+            streams = await _streams(cfg, session, replayer, base, lines, ctl, ctl.address)
         return {"cfg": cfg, "latency": latency, "streams": streams}
     finally:
         if ctl is not None:
