@@ -19,12 +19,12 @@ from pathlib import Path
 import openai
 import pytest
 
+from asm_controller import Result
+from asm_controller.inference import finish_reason
 from asm_node.testing import ServedProcess, serve_controller
 from tests.support.cli_env import GEMINI_MODEL, cli_env, find_cli, hermetic_env
 from tests.support.fake_model_server import FakeModelServer
 from tests.support.processes import start_node_process, wait_until
-
-pytestmark = [pytest.mark.slow, pytest.mark.real_cli]
 
 TOKEN = "openai-clis-token-0123456789abcdef"
 ENV_VARS = {"codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
@@ -69,6 +69,14 @@ def cli_endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
         server.stop()
 
 
+def test_a_gemini_success_finishes_as_stop() -> None:
+    """The Gemini node's stop reason is its CLI's result status, "success": an OpenAI client wants "stop"."""
+    done = Result(run_id="r", session_id="s", provider="gemini", status="completed", stop_reason="success")
+    assert finish_reason(done) == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.real_cli
 def test_the_openai_client_gets_the_real_cli_answer(cli_endpoint: tuple[str, str, FakeModelServer]) -> None:
     name, base, server = cli_endpoint
     model = MODEL_IDS[name]
@@ -93,6 +101,8 @@ def test_the_openai_client_gets_the_real_cli_answer(cli_endpoint: tuple[str, str
         assert turns and all(f"/models/{GEMINI_MODEL}:" in p for p in turns), turns
 
 
+@pytest.mark.slow
+@pytest.mark.real_cli
 async def test_the_async_openai_client_streams_the_real_cli_answer(
         cli_endpoint: tuple[str, str, FakeModelServer]) -> None:
     name, base, _ = cli_endpoint
