@@ -76,6 +76,34 @@ def test_a_gemini_success_finishes_as_stop() -> None:
 
 
 @pytest.mark.slow
+def test_a_keep_alive_request_does_not_wait_for_a_delayed_ack(tmp_path: Path) -> None:
+    """Found by scripts/bench.py --http: the HTTP listener's connections had Nagle on, so each response
+    (headers, then body) stalled ~40 ms on the client's delayed ACK: /v1/models took 44 ms, not 1 ms."""
+    import statistics
+    import time
+
+    import httpx
+
+    (tmp_path / "token").write_text(TOKEN)
+    node = start_node_process(tmp_path, "--token-file", str(tmp_path / "token"))
+    try:
+        ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
+                               "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
+        try:
+            with httpx.Client(base_url=_http_base(ctl), headers={"authorization": f"Bearer {TOKEN}"}) as http:
+                times = []
+                for _ in range(20):  # one keep-alive connection: the stall hit every request after the first few
+                    t0 = time.perf_counter()
+                    assert http.get("/models").status_code == 200
+                    times.append(time.perf_counter() - t0)
+        finally:
+            ctl.stop()
+    finally:
+        node.stop()
+    assert statistics.median(times[5:]) < 0.025, [round(t * 1000) for t in times]
+
+
+@pytest.mark.slow
 @pytest.mark.real_cli
 def test_the_openai_client_gets_the_real_cli_answer(cli_endpoint: tuple[str, str, FakeModelServer]) -> None:
     name, base, server = cli_endpoint
