@@ -8,7 +8,7 @@
     .venv/bin/python scripts/bench.py --soak 10       # instead: (d) 10 minutes of back-to-back runs
     .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
     .venv/bin/python scripts/bench.py --ha            # instead: (f)-(h) HA figures on PostgreSQL (~2.5 min)
-    .venv/bin/python scripts/bench.py --http          # instead: (i)-(ii) HTTP figures (issue 13, ~1 min)
+    .venv/bin/python scripts/bench.py --http          # instead: (i)-(ii) HTTP figures (issue 13, ~30 s)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -58,8 +58,9 @@
     (and a bare httpx POST) against ``Session.query`` through the same controller over gRPC,
     interleaved, medians/p90 and the overhead in ms and as a ratio; (ii) events/s of one ``cat`` stream
     of ``--http-events`` lines through the gRPC StartRun stream and through ``POST /v1/runs`` + the
-    SSE ``/v1/runs/{id}/events`` (every seq checked once), live and replayed. About a minute on
-    2 CPUs, so NOT part of the default run: only with ``--http`` (``--http --quick``: ~15 s).
+    SSE ``/v1/runs/{id}/events`` (every seq checked once), live and replayed. About 30 s on 2 CPUs
+    with its own controller and node processes, so NOT part of the default run (~85 s already): only
+    with ``--http`` (``--http --quick``: ~8 s).
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
