@@ -8,6 +8,7 @@
     .venv/bin/python scripts/bench.py --soak 10       # instead: (d) 10 minutes of back-to-back runs
     .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
     .venv/bin/python scripts/bench.py --ha            # instead: (f)-(h) HA figures on PostgreSQL (~2.5 min)
+    .venv/bin/python scripts/bench.py --http          # instead: (i)-(ii) HTTP figures (issue 13, ~30 s)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -51,6 +52,15 @@
     TTLs 3 s and 10 s (the default), (h) fleet-queue wait: a slot frees -> the queued run starts. It
     takes ~2.5 minutes on 2 CPUs, so it is NOT part of the default run (which stays ~85 s): only with
     ``--ha`` (``--ha --quick``: one round, TTL 3 s only, ~40 s). Without PostgreSQL it says so and exits 0.
+
+(i)-(ii) ``--http`` (scripts/bench_http.py): a controller with ``--http-listen`` in front of one node
+    process; (i) chat completion latency of ``shell`` ``echo x`` through the real ``openai`` client
+    (and a bare httpx POST) against ``Session.query`` through the same controller over gRPC,
+    interleaved, medians/p90 and the overhead in ms and as a ratio; (ii) events/s of one ``cat`` stream
+    of ``--http-events`` lines through the gRPC StartRun stream and through ``POST /v1/runs`` + the
+    SSE ``/v1/runs/{id}/events`` (every seq checked once), live and replayed. About 30 s on 2 CPUs
+    with its own controller and node processes, so NOT part of the default run (~85 s already): only
+    with ``--http`` (``--http --quick``: ~8 s).
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
@@ -1020,6 +1030,12 @@ def main() -> int:
     parser.add_argument("--ha-runs", type=int, default=None, metavar="N",
                         help="(f) runs per case per round (default 300; 60 with --quick)")
     parser.add_argument("--ha-concurrency", type=int, default=8, metavar="N", help="(f) clients (default 8)")
+    parser.add_argument("--http", action="store_true",
+                        help="instead of the benchmark: (i)-(ii) HTTP figures (chat completion overhead, SSE events/s)")
+    parser.add_argument("--http-runs", type=int, default=None, metavar="N",
+                        help="(i) completions per path (default 200; 30 with --quick)")
+    parser.add_argument("--http-events", type=int, default=None, metavar="N",
+                        help="(ii) lines of the stream run (default 100000; 20000 with --quick)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
     parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
                         help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
@@ -1031,6 +1047,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.ha:
         return main_ha(args, parser)
+    if args.http:
+        return main_http(args, parser)
     if args.controller_only:
         return main_controller(args)
     if args.soak is not None or args.flood:
@@ -1132,6 +1150,37 @@ def main_ha(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     if out is not None:
         bench_ha.report_ha(out)
+    return 0
+
+
+def main_http(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bench_http  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_http.HttpConfig(warmup=args.warmup)
+    cfg.runs = args.http_runs if args.http_runs is not None else (30 if args.quick else cfg.runs)
+    cfg.events = args.http_events if args.http_events is not None else (20_000 if args.quick else cfg.events)
+    if args.quick:
+        cfg.repeats = 1
+    if cfg.runs < 1 or cfg.events < 1:
+        parser.error("--http-runs and --http-events must be >= 1")
+    t_start = time.perf_counter()
+    print(f"asm bench --http  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
+          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-http-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_http.run_http(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_http.report_http(out)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 
 

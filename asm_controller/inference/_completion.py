@@ -37,7 +37,8 @@ from asm_wire import AsmError
 
 log = logging.getLogger("asm.inference")
 
-_STOP: Final = frozenset({"", "end_turn", "stop", "stop_sequence", "exit", "completed"})
+#: "success": the Gemini node's stop reason (its CLI's result status), else every Gemini answer ended "success".
+_STOP: Final = frozenset({"", "end_turn", "stop", "stop_sequence", "exit", "completed", "success"})
 _LENGTH: Final = frozenset({"length", "max_tokens", "max_output_tokens"})
 _TOOLS: Final = frozenset({"tool_calls", "tool_use"})
 
