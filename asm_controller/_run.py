@@ -30,6 +30,7 @@ from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import (
     TERMINAL_STATUSES,
     AsmError,
+    Capability,
     ConfigError,
     Decision,
     NodeCapabilityMismatch,
@@ -236,6 +237,7 @@ class Run:
             approval_timeout_ms=self.opts.approval_timeout_ms,
             # For a controller: its fleet queue's order and bound (a node ignores both).
             priority=self.opts.priority, queue_timeout_ms=self.opts.queue_timeout_ms,
+            selector=dict(self.opts.selector),
         )
 
     async def _drive(self) -> None:
@@ -342,7 +344,7 @@ class Run:
                 return None
             if handle.state == "lost":
                 return "lost"
-            return eligible(handle.info, self.opts.provider, self.opts.selector)
+            return eligible(handle.info, self.opts.provider, _local_selector(handle.info, self.opts.selector))
 
         plan, skipped = host.pool.plan(cands, skip)
         attempts.extend(skipped)
@@ -354,7 +356,7 @@ class Run:
             sent = False  # has a StartRun for this run left for this node?
             try:
                 handle = await host.pool.handle(target)
-                reason = eligible(handle.info, self.opts.provider, self.opts.selector)
+                reason = eligible(handle.info, self.opts.provider, _local_selector(handle.info, self.opts.selector))
                 if reason is not None and reason.startswith("label"):
                     # Only now known (first contact). Other refusals come, typed, from StartRun itself.
                     attempts.append({"node": target.address, "skipped": reason})
@@ -845,6 +847,12 @@ class Run:
             m.seq, m.id = after_seq + i, f"{m.run_id}:{after_seq + i}"
             renumbered.append(m)
         return renumbered
+
+
+def _local_selector(info: pb.HandshakeResponse, selector: Mapping[str, str]) -> Mapping[str, str]:
+    """The selector to check against this target's labels: none for a controller, which has no labels of
+    its own and applies the selector to its nodes (it travels in StartRunRequest.selector)."""
+    return {} if Capability.FLEET.value in info.capabilities else selector
 
 
 def _full(attempts: Sequence[Mapping[str, Any]], err: AsmError) -> bool:

@@ -27,7 +27,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,22 @@ def _store_edge() -> Iterator[None]:
             raise
         raise NodeNotReady(f"this controller replica cannot reach its run store ({err.message}); try another "
                            "replica", reason="store_unreachable") from None
+
+
+#: A StartRun selector's bounds (a client's field: hostile until checked).
+_SELECTOR_MAX_PAIRS, _SELECTOR_MAX_CHARS = 32, 256
+
+
+def _check_selector(selector: Mapping[str, str]) -> dict[str, str]:
+    """A client's node selector, bounded: config_invalid (reason invalid_selector) past the bounds."""
+    if len(selector) > _SELECTOR_MAX_PAIRS:
+        raise ConfigError(f"a selector has at most {_SELECTOR_MAX_PAIRS} label pairs, not {len(selector)}",
+                          reason="invalid_selector")
+    for key, value in selector.items():
+        if not key or len(key) > _SELECTOR_MAX_CHARS or len(value) > _SELECTOR_MAX_CHARS or "\x00" in key + value:
+            raise ConfigError(f"selector label {key[:40]!r}: keys are 1-{_SELECTOR_MAX_CHARS} characters, values "
+                              f"at most {_SELECTOR_MAX_CHARS}, no NUL", reason="invalid_selector")
+    return dict(selector)
 
 
 def _moved(run_id: str) -> AsmError:
@@ -516,6 +532,8 @@ class FleetApi:
         }
         if request.approval_timeout_ms:
             overrides["approval_timeout_ms"] = request.approval_timeout_ms
+        if request.selector:
+            overrides["selector"] = _check_selector(request.selector)
         stream = self.session.stream(request.prompt, **overrides)
         async for events in stream.batches():
             yield pb.EventBatch(events=[ev.pb for ev in events])

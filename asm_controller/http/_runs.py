@@ -43,6 +43,8 @@ class StartRunBody(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000)
     queue_timeout_ms: int = Field(default=0, ge=0, le=2**32 - 1)
     approval_timeout_ms: int = Field(default=0, ge=0, le=2**32 - 1)
+    selector: dict[str, str] = Field(default_factory=dict,
+                                     description="only nodes whose labels include all of these (at most 32 pairs)")
 
 
 class StartRunAnswer(BaseModel):
@@ -140,7 +142,7 @@ def build_router() -> APIRouter:
             run_id=run_id, provider=body.provider, prompt=body.prompt, cwd=body.cwd,
             permission_mode=body.permission_mode, options_json=json.dumps(body.options) if body.options else "",
             env=body.env, session_id=body.session_id, priority=body.priority, queue_timeout_ms=body.queue_timeout_ms,
-            approval_timeout_ms=body.approval_timeout_ms)
+            approval_timeout_ms=body.approval_timeout_ms, selector=body.selector)
         tasks: RunTasks = request.app.state.asm_run_tasks
         async with c.acting():  # the relay task copies this context: it runs as the caller
             task = tasks.start(c.api.start_run(req))

@@ -1140,6 +1140,26 @@ class StartRunRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
@@ -1152,6 +1172,7 @@ class StartRunRequest(_message.Message):
     APPROVAL_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """chosen by the caller; an existing id attaches"""
     session_id: _builtins.str
@@ -1175,6 +1196,12 @@ class StartRunRequest(_message.Message):
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """merged only for keys the node allows"""
 
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Controller only: only nodes whose handshake labels include all of these (at most 32 pairs; a node
+        ignores it).
+        """
+
     def __init__(
         self,
         *,
@@ -1190,10 +1217,11 @@ class StartRunRequest(_message.Message):
         approval_timeout_ms: _builtins.int = ...,
         priority: _builtins.int = ...,
         queue_timeout_ms: _builtins.int = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "approval_timeout_ms", b"approval_timeout_ms", "cwd", b"cwd", "env", b"env", "options_json", b"options_json", "permission_mode", b"permission_mode", "priority", b"priority", "prompt", b"prompt", "provider", b"provider", "queue_timeout_ms", b"queue_timeout_ms", "run_id", b"run_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "approval_timeout_ms", b"approval_timeout_ms", "cwd", b"cwd", "env", b"env", "options_json", b"options_json", "permission_mode", b"permission_mode", "priority", b"priority", "prompt", b"prompt", "provider", b"provider", "queue_timeout_ms", b"queue_timeout_ms", "run_id", b"run_id", "selector", b"selector", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
