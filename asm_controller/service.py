@@ -154,6 +154,9 @@ class ControllerConfig:
     max_queued: int = 10_000
     #: Serve the HTTP API (REST/SSE, asm_controller.http) here too: same tokens, TLS and exposure rule.
     http_listen: str | None = None
+    #: Provider options every chat completion of that provider gets (a chat request names only the model):
+    #: {"codex": {"skip_git_repo_check": True}} (--completion-option codex:skip_git_repo_check=true).
+    completion_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 #: How often expired inference endpoint leases are removed from the store (seconds).
@@ -1095,7 +1098,8 @@ async def start_controller(config: ControllerConfig, metrics: ControllerMetrics 
         # Its endpoint leases (ensure_endpoint) live in the run store: every replica serves every lease,
         # a restart on the same --state keeps them. The base URL is set once the port is known.
         publisher = EndpointPublisher("", StoreLeaseStore(store))
-        inference = inference_router(fleet_run_fn(api), models, publisher=publisher, principal_fn=principal_of)
+        inference = inference_router(fleet_run_fn(api, provider_options=config.completion_options), models,
+                                     publisher=publisher, principal_fn=principal_of)
         try:
             app = create_app(api, tokens=tokens, routers=[inference, build_endpoints_router(publisher), *http_routers])
             ctl.http = await HttpServer.start(app, config.http_listen, tls_cert=config.tls_cert,

@@ -72,3 +72,16 @@ async def test_a_selector_picks_the_labelled_node_over_grpc_http_and_the_cli(tmp
         ctl.stop()
         plain.stop()
         gpu.stop()
+
+
+def test_completion_options_are_checked_at_the_command_line() -> None:
+    bad = subprocess.run([sys.executable, "-m", "asm_cli", "controller", "serve", "--listen", "127.0.0.1:0",
+                          "--node", "127.0.0.1:1", "--completion-option", "skip_git_repo_check"],
+                         capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert bad.returncode == 2 and "PROVIDER:KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
+    from asm_cli.commands.controller_serve import _completion_option, _completion_options
+
+    assert _completion_options([_completion_option("Codex:skip_git_repo_check=true"),
+                                _completion_option("gemini:model=gemini-2.5-flash"),
+                                _completion_option("codex:retries=3")]) == {
+        "codex": {"skip_git_repo_check": True, "retries": 3}, "gemini": {"model": "gemini-2.5-flash"}}

@@ -4,15 +4,15 @@ used by the real ``openai`` package, stream and non-stream.
 
 A chat request carries only the model id (``provider[:model]``), so the options the conformance tests
 give these CLIs come another way: Gemini's pinned model is the model id's (``gemini:gemini-2.5-flash``,
-which fleet_run_fn passes as the ``model`` option); Codex's ``skip_git_repo_check`` has no way through
-the endpoint (the server's fleet_run_fn has no options), so its node runs in a git repository (a
-completion has no cwd: the node's own cwd is the run's), where Codex needs no such flag.
+which fleet_run_fn passes as the ``model`` option); Codex's ``skip_git_repo_check`` is the server's
+default for every Codex completion (``asm controller serve --completion-option
+codex:skip_git_repo_check=true``): its node's directory is not a git repository, where Codex refuses
+to run without it.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +46,8 @@ def cli_endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
     path = find_cli(name)
     if path is None:
         pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
-    workspace = tmp_path / "repo"
+    workspace = tmp_path / "not-a-repo"  # Codex refuses to run here without --skip-git-repo-check
     workspace.mkdir()
-    # Codex refuses to run outside a git repository (or a trusted directory) without --skip-git-repo-check.
-    subprocess.run(["git", "init", "-q", str(workspace)], check=True, capture_output=True, timeout=30)
     server = FakeModelServer().start()
     try:
         env = hermetic_env({**cli_env(name, server.base_url, tmp_path), ENV_VARS[name]: str(path)})
@@ -57,8 +55,9 @@ def cli_endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
         node = start_node_process(tmp_path, "--node-id", f"node-{name}", "--token-file", str(tmp_path / "token"),
                                   env=env, inherit=False, cwd=workspace)
         try:
+            defaults = ["--completion-option", "codex:skip_git_repo_check=true"] if name == "codex" else []
             ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
-                                   "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
+                                   "--http-listen", "127.0.0.1:0", "--state", "memory:", *defaults, token=TOKEN)
             try:
                 yield name, _http_base(ctl), server
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,27 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 2**62:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}")
     return int(text)
+
+
+def _completion_option(text: str) -> tuple[str, str, Any]:
+    """``PROVIDER:KEY=VALUE`` (VALUE as JSON when it parses: true, 3, "x"; else the text itself)."""
+    provider, sep, rest = text.partition(":")
+    key, eq, raw = rest.partition("=")
+    if not sep or not eq or not provider.strip() or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected PROVIDER:KEY=VALUE (e.g. codex:skip_git_repo_check=true), "
+                                         f"got {text[:80]!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return provider.strip().lower(), key.strip(), value
+
+
+def _completion_options(items: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for provider, key, value in items:
+        out.setdefault(provider, {})[key] = value
+    return out
 
 
 def _non_negative_int(text: str) -> int:
@@ -82,7 +104,7 @@ def cmd_controller_serve(args: argparse.Namespace) -> int:
         state=_controller_state(args), state_max_age_s=args.state_max_age,
         history_max_bytes=args.history_bytes, log_retention_bytes=args.log_retention_bytes,
         replica_id=args.replica_id, advertise=args.advertise, lease_ttl_s=args.lease_ttl, max_queued=args.max_queued,
-        http_listen=args.http_listen,
+        http_listen=args.http_listen, completion_options=_completion_options(args.completion_option or []),
     )
 
     def ready(ctl: Any) -> None:
@@ -104,6 +126,9 @@ def add_parser(sub: Subcommands) -> None:
     cs.add_argument("--nodes-dns", metavar="NAME:PORT",
                     help="DNS name resolving to every node (e.g. a Kubernetes headless Service); re-resolved")
     cs.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    cs.add_argument("--completion-option", action="append", type=_completion_option, metavar="PROVIDER:KEY=VALUE",
+                    help="a provider option every chat completion of PROVIDER gets (a chat request names only the "
+                         "model), e.g. codex:skip_git_repo_check=true (repeatable)")
     cs.add_argument("--http-listen", metavar="HOST:PORT",
                     help="serve the HTTP API (REST + SSE: /v1/runs, /v1/nodes, /openapi.json) here too; same "
                          "tokens and TLS as gRPC (port 0: a free one, printed in the ready line)")

@@ -25,8 +25,9 @@ class StartsRuns(Protocol):
     def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]: ...
 
 
-def _options(call: CompletionCall, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    out = dict(options or {})
+def _options(call: CompletionCall, options: Mapping[str, Any] | None,
+             provider_options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    out = {**(options or {}), **((provider_options or {}).get(call.provider) or {})}
     # The model id's model wins over the server's default. A lease must name a model (ASM's
     # missing_model_identity) even for a provider without models (shell): there it is a label only.
     if call.model and (call.lease_ref is None or CATALOG.get(call.provider)):
@@ -36,13 +37,18 @@ def _options(call: CompletionCall, options: Mapping[str, Any] | None) -> dict[st
 
 def fleet_run_fn(api: StartsRuns, *, cwd: str = "", permission_mode: str = "default",
                  options: Mapping[str, Any] | None = None, approval_timeout_ms: int = 0,
-                 queue_timeout_ms: int = 0, session_id: str = "") -> RunFn:
-    """Each completion a ``StartRun`` of the fleet (routing, failover, the queue, the registry), as its caller."""
+                 queue_timeout_ms: int = 0, session_id: str = "",
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None) -> RunFn:
+    """Each completion a ``StartRun`` of the fleet (routing, failover, the queue, the registry), as its caller.
+
+    A chat request names only ``provider[:model]``: ``options`` (every provider) and ``provider_options``
+    (one provider's, e.g. ``{"codex": {"skip_git_repo_check": True}}``) are the server's defaults; the
+    model id's model wins over both."""
 
     async def run(call: CompletionCall) -> AsyncIterator[list[Event]]:
         request = pb.StartRunRequest(
             run_id=call.run_id, session_id=session_id, provider=call.provider, prompt=call.prompt, cwd=cwd,
-            permission_mode=permission_mode, options_json=json.dumps(_options(call, options)),
+            permission_mode=permission_mode, options_json=json.dumps(_options(call, options, provider_options)),
             approval_timeout_ms=approval_timeout_ms, queue_timeout_ms=queue_timeout_ms,
         )
         with acting_as(call.principal, "POST /v1/chat/completions"):
