@@ -128,3 +128,42 @@ def test_the_openai_client_streams_the_real_claude_code_answer(tmp_path: Path) -
             node.stop()
     finally:
         server.stop()
+
+
+async def test_a_client_that_leaves_a_stream_interrupts_its_run(tmp_path: Path) -> None:
+    """ASM: halting the stream cancels the run. A CLI left running for nobody would go on spending and
+    acting; the run ends interrupted and its CLI is gone."""
+    from asm_controller import GrpcNodeClient, RemoteNode
+    from asm_wire import pb
+    from tests.support.faults import py
+    from tests.support.processes import PYTHON_BASENAME, pid_alive
+
+    (tmp_path / "token").write_text(TOKEN)
+    pidfile = tmp_path / "pid"
+    node = start_node_process(tmp_path, "--shell-allow", PYTHON_BASENAME, "--token-file", str(tmp_path / "token"))
+    try:
+        ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
+                               "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
+        try:
+            client = openai.AsyncOpenAI(base_url=_http_base(ctl) + "/v1", api_key=TOKEN, max_retries=0)
+            command = py(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                         "print('working', flush=True)\ntime.sleep(60)")
+            stream = await client.chat.completions.create(
+                model="shell", messages=[{"role": "user", "content": command}], stream=True)
+            async for chunk in stream:
+                if chunk.choices and "working" in (chunk.choices[0].delta.content or ""):
+                    break
+            await stream.close()  # the client hangs up mid-answer
+            await client.close()
+            pid = int(pidfile.read_text())
+            assert wait_until(lambda: not pid_alive(pid), 20), "the CLI outlived its client"
+            node_client = GrpcNodeClient(RemoteNode(ctl.address, token=TOKEN))
+            try:
+                listed = await node_client.list_runs(pb.ListRunsRequest())
+            finally:
+                await node_client.close()
+            assert [r.status for r in listed.runs] == [pb.RUN_STATUS_INTERRUPTED]
+        finally:
+            ctl.stop()
+    finally:
+        node.stop()

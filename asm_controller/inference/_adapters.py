@@ -7,6 +7,8 @@ chat request names only the provider, its model and the prompt. Mind ``permissio
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
@@ -23,6 +25,8 @@ class StartsRuns(Protocol):
     """What :func:`fleet_run_fn` needs of the controller's FleetApi."""
 
     def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]: ...
+
+    async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse: ...
 
 
 def _options(call: CompletionCall, options: Mapping[str, Any] | None,
@@ -51,11 +55,34 @@ def fleet_run_fn(api: StartsRuns, *, cwd: str = "", permission_mode: str = "defa
             permission_mode=permission_mode, options_json=json.dumps(_options(call, options, provider_options)),
             approval_timeout_ms=approval_timeout_ms, queue_timeout_ms=queue_timeout_ms,
         )
+        ended = False
         with acting_as(call.principal, "POST /v1/chat/completions"):
-            async for batch in api.start_run(request):
-                yield [Event(m) for m in batch.events]
+            try:
+                async for batch in api.start_run(request):
+                    events = [Event(m) for m in batch.events]
+                    ended = ended or any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for m in batch.events)
+                    yield events
+                ended = True
+            finally:
+                if not ended:
+                    # The client went away before the answer ended (ASM: halting the stream cancels the run):
+                    # the CLI is interrupted rather than left working for nobody. A task of its own: this
+                    # generator is being closed inside the cancelled response (an await here would be cancelled
+                    # too); it runs as the caller (the context, with its principal, is copied).
+                    task = asyncio.get_running_loop().create_task(_interrupt(api, call.run_id))
+                    _INTERRUPTS.add(task)
+                    task.add_done_callback(_INTERRUPTS.discard)
 
     return run
+
+
+#: Interrupts of abandoned completions still being sent (a reference keeps each task alive).
+_INTERRUPTS: set[asyncio.Task[None]] = set()
+
+
+async def _interrupt(api: StartsRuns, run_id: str) -> None:
+    with contextlib.suppress(Exception):
+        await api.interrupt_run(pb.InterruptRunRequest(run_id=run_id))
 
 
 def session_run_fn(session: Session, **overrides: Any) -> RunFn:
