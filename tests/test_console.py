@@ -16,7 +16,7 @@ import pytest
 from asm_node.testing import ServedProcess, serve_controller
 from tests.support.browser import chromium
 from tests.support.faults import py
-from tests.support.processes import PYTHON_BASENAME, start_node_process, wait_until
+from tests.support.processes import PYTHON_BASENAME, http_base, start_node_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -37,10 +37,7 @@ def fleet(tmp_path: Path) -> Iterator[tuple[ServedProcess, list[ServedProcess], 
             n.stop()
         raise
     try:
-        assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
-        m = re.search(r"HTTP on port (\d+)", ctl.log())
-        assert m is not None
-        yield ctl, nodes, f"http://127.0.0.1:{m.group(1)}"
+        yield ctl, nodes, http_base(ctl)
     finally:
         ctl.stop()
         for n in nodes:
@@ -173,10 +170,7 @@ def test_an_approval_answered_in_the_console_reaches_the_real_claude_cli(tmp_pat
             ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
                                    "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
             try:
-                assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
-                m = re.search(r"HTTP on port (\d+)", ctl.log())
-                assert m is not None
-                base = f"http://127.0.0.1:{m.group(1)}"
+                base = http_base(ctl)
                 with chromium(tmp_path) as driver:
                     driver.get(base + "/")
                     driver.find_element(By.ID, "token").send_keys(TOKEN)

@@ -5,7 +5,6 @@ config_invalid before anything runs."""
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from asm_controller import RemoteNode
 from asm_controller._client import GrpcNodeClient
 from asm_node.testing import serve_controller
 from asm_wire import AsmError, pb
-from tests.support.processes import ROOT, start_node_process, wait_until
+from tests.support.processes import ROOT, http_base, start_node_process
 
 pytestmark = pytest.mark.slow  # node and controller processes
 
@@ -46,10 +45,7 @@ async def test_a_selector_picks_the_labelled_node_over_grpc_http_and_the_cli(tmp
             assert "label gpu!=maybe" in nobody[-2].error.message
         finally:
             await client.close()
-        assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
-        port = re.search(r"HTTP on port (\d+)", ctl.log())
-        assert port is not None
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port.group(1)}", timeout=30) as http:
+        async with httpx.AsyncClient(base_url=http_base(ctl), timeout=30) as http:
             resp = await http.post("/v1/runs", json={"provider": "shell", "prompt": "true", "run_id": "sel-http",
                                                      "selector": {"gpu": "yes"}})
             assert resp.status_code == 201, resp.text

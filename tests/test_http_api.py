@@ -30,8 +30,8 @@ from asm_node import NodeAgent, NodeServer, start_server
 from asm_node.providers import build_providers
 from asm_node.testing import PYTHON_BASENAME, serve_controller
 from asm_wire import ConfigError, PermissionDenied, pb, ulid
+from tests.support.processes import http_base, start_node_process
 from tests.support.processes import node_config as make_config
-from tests.support.processes import start_node_process, wait_until
 from tests.support.providers import approval_provider
 
 ALICE = "alice-token-0123456789"
@@ -382,10 +382,7 @@ def test_processes_curl_resume(tmp_path: Path, tokens_file: Path) -> None:
                                "--node-token-file", str(tmp_path / "ctl-node-token"), "--http-listen", "127.0.0.1:0",
                                token=ROOT)
         try:
-            assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None)
-            m = re.search(r"HTTP on port (\d+)", ctl.log())
-            assert m is not None
-            base = f"http://127.0.0.1:{m.group(1)}"
+            base = http_base(ctl)
             resp = httpx.post(f"{base}/v1/runs", json={"provider": "shell", "prompt": f"{PYTHON_BASENAME} {script}",
                                                        "cwd": str(tmp_path)}, headers=_auth(ALICE), timeout=30)
             assert resp.status_code == 201, resp.text

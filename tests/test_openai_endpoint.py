@@ -4,7 +4,6 @@ a shell node, and the real Claude Code CLI behind the scripted model server."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,19 +12,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from asm_node.testing import ServedProcess, serve_controller
-from tests.support.processes import start_node_process, wait_until
+from asm_node.testing import serve_controller
+from tests.support.processes import http_base, start_node_process, wait_until
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "openai-token-0123456789abcdef"
-
-
-def _http_base(ctl: ServedProcess) -> str:
-    assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
-    m = re.search(r"HTTP on port (\d+)", ctl.log())
-    assert m is not None
-    return f"http://127.0.0.1:{m.group(1)}"
 
 
 @pytest.fixture
@@ -38,7 +30,7 @@ def endpoint(tmp_path: Path) -> Iterator[str]:
                                str(tmp_path / "token"), "--http-listen", "127.0.0.1:0", "--state", "memory:",
                                token=TOKEN)
         try:
-            yield _http_base(ctl) + "/v1"
+            yield http_base(ctl) + "/v1"
         finally:
             ctl.stop()
     finally:
@@ -113,7 +105,7 @@ def test_the_openai_client_streams_the_real_claude_code_answer(tmp_path: Path) -
             ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
                                    "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
             try:
-                client = openai.OpenAI(base_url=_http_base(ctl) + "/v1", api_key=TOKEN, max_retries=0)
+                client = openai.OpenAI(base_url=http_base(ctl) + "/v1", api_key=TOKEN, max_retries=0)
                 chunks = list(client.chat.completions.create(
                     model="claude", messages=[{"role": "user", "content": "Say hi. SCENARIO_TEXT"}], stream=True))
                 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -145,7 +137,7 @@ async def test_a_client_that_leaves_a_stream_interrupts_its_run(tmp_path: Path) 
         ctl = serve_controller(tmp_path, "--node", node.address, "--token-file", str(tmp_path / "token"),
                                "--http-listen", "127.0.0.1:0", "--state", "memory:", token=TOKEN)
         try:
-            client = openai.AsyncOpenAI(base_url=_http_base(ctl) + "/v1", api_key=TOKEN, max_retries=0)
+            client = openai.AsyncOpenAI(base_url=http_base(ctl) + "/v1", api_key=TOKEN, max_retries=0)
             command = py(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
                          "print('working', flush=True)\ntime.sleep(60)")
             stream = await client.chat.completions.create(

@@ -12,7 +12,6 @@ to run without it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from asm_controller.inference import finish_reason
 from asm_node.testing import ServedProcess, serve_controller
 from tests.support.cli_env import GEMINI_MODEL, cli_env, find_cli, hermetic_env
 from tests.support.fake_model_server import FakeModelServer
-from tests.support.processes import start_node_process, wait_until
+from tests.support.processes import http_base, start_node_process
 
 TOKEN = "openai-clis-token-0123456789abcdef"
 ENV_VARS = {"codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
@@ -33,10 +32,7 @@ MODEL_IDS = {"codex": "codex", "gemini": f"gemini:{GEMINI_MODEL}"}
 
 
 def _http_base(ctl: ServedProcess) -> str:
-    assert wait_until(lambda: re.search(r"HTTP on port (\d+)", ctl.log()) is not None, 10)
-    m = re.search(r"HTTP on port (\d+)", ctl.log())
-    assert m is not None
-    return f"http://127.0.0.1:{m.group(1)}/v1"
+    return http_base(ctl) + "/v1"
 
 
 @pytest.fixture(params=sorted(ENV_VARS))

@@ -475,6 +475,19 @@ def check_owner(name: str, value: object) -> str:
     return check_text(name, value, empty_ok=False, limit=MAX_CHARS["lease_owner"])
 
 
+def check_take(run_id: object, owner: object, seen_token: object, until: object, now: object
+               ) -> tuple[int, float, float]:
+    """take_lease()'s input: (the new token, the new expiry, now), the same checks on every backend."""
+    check_text("run_id", run_id, empty_ok=False)
+    check_owner("owner", owner)
+    token = check_seq("seen_token", seen_token) + 1
+    if token > MAX_SEQ:
+        raise InvalidRecord("seen_token is at its maximum: the lease cannot be taken again")
+    expires, at = check_time("until", until), check_time("now", now)
+    assert expires is not None and at is not None
+    return token, expires, at
+
+
 def check_cursor(before: object) -> Cursor | None:
     """A keyset cursor: (created_at or last_at, run_id or session_id) from the previous page."""
     if before is None:

@@ -11,7 +11,6 @@ from asm_controller._store._base import (
     DEFAULT_HISTORY_MAX_BYTES,
     IN_FLIGHT,
     LIVE,
-    MAX_SEQ,
     QUEUED,
     BatchOp,
     Cursor,
@@ -39,6 +38,7 @@ from asm_controller._store._base import (
     check_record,
     check_seq,
     check_statuses,
+    check_take,
     check_text,
     check_time,
     check_update,
@@ -154,13 +154,7 @@ class MemoryStore:
 
     async def take_lease(self, run_id: str, owner: str, *, seen_token: int, until: float,
                          now: float) -> Lease | None:
-        check_text("run_id", run_id, empty_ok=False)
-        check_owner("owner", owner)
-        token = check_seq("seen_token", seen_token) + 1
-        if token > MAX_SEQ:
-            raise InvalidRecord("seen_token is at its maximum: the lease cannot be taken again")
-        expires, at = check_time("until", until), check_time("now", now)
-        assert at is not None
+        token, expires, at = check_take(run_id, owner, seen_token, until, now)
         row = self._runs.get(run_id)
         if (row is None or row["lease_token"] != seen_token or row["status"] not in LIVE
                 or not (row["lease_expires"] < at or row["lease_owner"] in (owner, ""))):

@@ -30,7 +30,6 @@ from asm_controller._store._base import (
     FIELDS,
     IN_FLIGHT,
     LIVE,
-    MAX_SEQ,
     QUEUED,
     STORE_OPS,
     BatchOp,
@@ -61,6 +60,7 @@ from asm_controller._store._base import (
     check_record,
     check_seq,
     check_statuses,
+    check_take,
     check_text,
     check_time,
     check_update,
@@ -356,12 +356,7 @@ class SqlStore:
 
     async def take_lease(self, run_id: str, owner: str, *, seen_token: int, until: float,
                          now: float) -> Lease | None:
-        check_text("run_id", run_id, empty_ok=False)
-        check_owner("owner", owner)
-        token = check_seq("seen_token", seen_token) + 1
-        if token > MAX_SEQ:
-            raise InvalidRecord("seen_token is at its maximum: the lease cannot be taken again")
-        expires, at = check_time("until", until), check_time("now", now)
+        token, expires, at = check_take(run_id, owner, seen_token, until, now)
         _, writer = self._engines()
         # The compare-and-set is this one UPDATE: of two replicas racing for the run, PostgreSQL makes the
         # second wait for the first's row lock and re-checks the WHERE on the row it committed, where

@@ -59,3 +59,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+def http_base(ctl: ServedProcess, timeout: float = 10.0) -> str:
+    """``http://127.0.0.1:PORT`` of a controller served with ``--http-listen`` (the port from its ready line)."""
+    import re
+
+    found: list[str] = []
+
+    def ready() -> bool:
+        m = re.search(r"HTTP on port (\d+)", ctl.log())
+        if m:
+            found.append(m.group(1))
+        return bool(m)
+
+    assert wait_until(ready, timeout), f"no HTTP port in the controller's log: {ctl.log()[-2000:]}"
+    return f"http://127.0.0.1:{found[-1]}"
