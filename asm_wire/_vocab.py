@@ -62,6 +62,7 @@ class EventKind(StrEnum):
     RAW = "raw"
     RUN_COMPLETED = "run_completed"
     GUARDRAIL_TRIGGERED = "guardrail_triggered"
+    PROVIDER_INIT = "provider_init"
 
 
 class NodeState(StrEnum):

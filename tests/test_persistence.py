@@ -74,7 +74,10 @@ def every_kind() -> list[Event]:
         mk("stderr", 14, content="warn: ünïcode \t tab"),
         mk("raw", 15, stream="stdout", content='{"type":"mystery"}'),
         mk("run_completed", 16, status="completed", exit_code=-1, signal=9, duration_ms=2**40 + 7),
-        mk("guardrail_triggered", 17, rule="tool_deny", direction="input", action="warn", message="m",
+        mk("provider_init", 17, model="sonnet", tools=["Bash", "Read"], cwd="/w", permission_mode="default",
+           mcp_servers=[pb.McpServerStatus(name="docs", status="connected")], cli_version="2.1.197",
+           details_json='{"apiKeySource":"none"}'),
+        mk("guardrail_triggered", 18, rule="tool_deny", direction="input", action="warn", message="m",
            details_json="{}"),
     ]
     last = evs[-1].pb
@@ -105,7 +108,7 @@ async def test_every_kind_round_trips_exactly_through_the_file(tmp_path: Path) -
     evs = every_kind()
     assert {KIND_NAMES[e.pb.kind] for e in evs} == set(KIND_NAMES)
     # A newer node's event: an unknown field and an enum value this wire does not know.
-    future = pb.Event.FromString(mk("error", 18, message="x").pb.SerializeToString() + bytes([0xF8, 0x06, 0x2A]))
+    future = pb.Event.FromString(mk("error", 19, message="x").pb.SerializeToString() + bytes([0xF8, 0x06, 0x2A]))
     future.error.severity = 7  # type: ignore[assignment]
     future.kind = 42  # type: ignore[assignment]
     evs.append(Event(future))

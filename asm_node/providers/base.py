@@ -25,6 +25,10 @@ from asm_wire import ConfigError, EventKind, PermissionMode, choices, kind_value
 #: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
 PERMISSION_MODES = choices(PermissionMode)
 
+#: Options every provider accepts that the node's run supervision handles, never the CLI:
+#: a wall-clock deadline and an output-silence deadline, both in milliseconds (> 0).
+RUN_OPTIONS = frozenset({"run_timeout_ms", "idle_timeout_ms"})
+
 
 @dataclass(frozen=True)
 class RunSpec:

@@ -52,6 +52,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_RUN_COMPLETED: _EventKind.ValueType  # 15
     EVENT_KIND_GUARDRAIL_TRIGGERED: _EventKind.ValueType  # 16
     """Not in ASM 0.9.2's vocabulary (its policy enforcer's "warn" crashed runs for that reason)."""
+    EVENT_KIND_PROVIDER_INIT: _EventKind.ValueType  # 17
+    """the CLI's own start-up report (Claude system/init, Gemini init, Codex thread.started)"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -77,6 +79,8 @@ EVENT_KIND_RAW: EventKind.ValueType  # 14
 EVENT_KIND_RUN_COMPLETED: EventKind.ValueType  # 15
 EVENT_KIND_GUARDRAIL_TRIGGERED: EventKind.ValueType  # 16
 """Not in ASM 0.9.2's vocabulary (its policy enforcer's "warn" crashed runs for that reason)."""
+EVENT_KIND_PROVIDER_INIT: EventKind.ValueType  # 17
+"""the CLI's own start-up report (Claude system/init, Gemini init, Codex thread.started)"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _Severity:
@@ -635,6 +639,74 @@ class GuardrailTriggered(_message.Message):
 Global___GuardrailTriggered: _TypeAlias = GuardrailTriggered  # noqa: Y015
 
 @_typing.final
+class ProviderInit(_message.Message):
+    """What the CLI said about itself when it started: the model, tools, cwd, permission mode and MCP
+    servers it will use (Claude Code's system/init, Gemini's init). Empty fields: the CLI did not say.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    PERMISSION_MODE_FIELD_NUMBER: _builtins.int
+    MCP_SERVERS_FIELD_NUMBER: _builtins.int
+    CLI_VERSION_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    cwd: _builtins.str
+    permission_mode: _builtins.str
+    """the CLI's native name"""
+    cli_version: _builtins.str
+    details_json: _builtins.str
+    """the rest of the CLI's init object (bounded)"""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def mcp_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___McpServerStatus]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        cwd: _builtins.str = ...,
+        permission_mode: _builtins.str = ...,
+        mcp_servers: _abc.Iterable[Global___McpServerStatus] | None = ...,
+        cli_version: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cli_version", b"cli_version", "cwd", b"cwd", "details_json", b"details_json", "mcp_servers", b"mcp_servers", "model", b"model", "permission_mode", b"permission_mode", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderInit: _TypeAlias = ProviderInit  # noqa: Y015
+
+@_typing.final
+class McpServerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    status: _builtins.str
+    """as the CLI reports it (connected, failed, pending, ...)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpServerStatus: _TypeAlias = McpServerStatus  # noqa: Y015
+
+@_typing.final
 class RunCompleted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -718,6 +790,7 @@ class Event(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     RUN_COMPLETED_FIELD_NUMBER: _builtins.int
     GUARDRAIL_TRIGGERED_FIELD_NUMBER: _builtins.int
+    PROVIDER_INIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"<run_id>:<seq>": unique, and stable across replays"""
     run_id: _builtins.str
@@ -761,6 +834,8 @@ class Event(_message.Message):
     def run_completed(self) -> Global___RunCompleted: ...
     @_builtins.property
     def guardrail_triggered(self) -> Global___GuardrailTriggered: ...
+    @_builtins.property
+    def provider_init(self) -> Global___ProviderInit: ...
     def __init__(
         self,
         *,
@@ -789,12 +864,13 @@ class Event(_message.Message):
         raw: Global___Raw | None = ...,
         run_completed: Global___RunCompleted | None = ...,
         guardrail_triggered: Global___GuardrailTriggered | None = ...,
+        provider_init: Global___ProviderInit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "payload", b"payload", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_started", b"run_started", "stderr", b"stderr", "thinking", b"thinking", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "payload", b"payload", "provider_init", b"provider_init", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_started", b"run_started", "stderr", b"stderr", "thinking", b"thinking", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "id", b"id", "kind", b"kind", "metadata", b"metadata", "payload", b"payload", "provider", b"provider", "provider_session_id", b"provider_session_id", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "session_id", b"session_id", "stderr", b"stderr", "thinking", b"thinking", "timestamp_unix_nano", b"timestamp_unix_nano", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "assistant_delta", b"assistant_delta", "assistant_message", b"assistant_message", "cost_update", b"cost_update", "error", b"error", "guardrail_triggered", b"guardrail_triggered", "id", b"id", "kind", b"kind", "metadata", b"metadata", "payload", b"payload", "provider", b"provider", "provider_init", b"provider_init", "provider_session_id", b"provider_session_id", "raw", b"raw", "result", b"result", "run_completed", b"run_completed", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "session_id", b"session_id", "stderr", b"stderr", "thinking", b"thinking", "timestamp_unix_nano", b"timestamp_unix_nano", "tool_result", b"tool_result", "tool_use", b"tool_use", "user_message", b"user_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "assistant_delta", "assistant_message", "user_message", "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved", "cost_update", "result", "error", "stderr", "raw", "run_completed", "guardrail_triggered"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "assistant_delta", "assistant_message", "user_message", "thinking", "tool_use", "tool_result", "approval_requested", "approval_resolved", "cost_update", "result", "error", "stderr", "raw", "run_completed", "guardrail_triggered", "provider_init"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
