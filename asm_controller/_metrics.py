@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from asm_node.providers import provider_names
 from asm_wire import ConfigError, NodeState, RunStatus, Strategy, __version__, choices, pb
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STATES = ("healthy", "degraded", "unhealthy", NodeState.DRAINING.value, "lost")
-PROVIDERS = ("claude", "codex", "gemini", "amp", "shell")
+#: The provider label values: the node's provider registry (each provider module declares itself),
+#: read when a metrics object is made, so a provider added there is here too.
+PROVIDERS = provider_names()
 #: Outcomes of ``asm_controller_runs_routed_total`` (Session._finish maps every end to one of them).
 OUTCOMES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.INTERRUPTED.value, "node_lost")
 #: Queue waits run from milliseconds (a slot was free a heartbeat later) to hours (a full fleet).
@@ -100,7 +103,9 @@ class ControllerMetrics:
         self.strategy_info = Gauge("asm_controller_routing_strategy_info",
                                    "The routing strategy of this replica (1 for the current one)", ["strategy"],
                                    registry=r)
-        for provider in PROVIDERS:
+        #: The providers this controller knows (the registry's, when this object was made).
+        self.providers = provider_names()
+        for provider in self.providers:
             self.cost.labels(provider)
             for direction in ("input", "output"):
                 self.tokens.labels(provider, direction)
@@ -125,9 +130,9 @@ class ControllerMetrics:
     def expect_providers(self, names: Sequence[str]) -> None:
         """The operator's list (``--expect-provider``): these page when no node can run them, even
         if no node has ever been seen advertising them."""
-        unknown = sorted(set(names) - set(PROVIDERS))
+        unknown = sorted(set(names) - set(self.providers))
         if unknown:
-            raise ConfigError(f"unknown provider(s) {', '.join(unknown)}: use {', '.join(PROVIDERS)}")
+            raise ConfigError(f"unknown provider(s) {', '.join(unknown)}: use {', '.join(self.providers)}")
         self.advertised.update(names)
 
     def watch(self, session: Session) -> None:
@@ -192,7 +197,7 @@ class _SessionCollector(Collector):
                 up.add_metric([node], is_up)
                 if hb is not None:
                     age.add_metric([node], hb)
-        for name in PROVIDERS:
+        for name in self.metrics.providers:
             providers.add_metric([name], counts.get(name, 0))
             advertised.add_metric([name], 1.0 if name in self.metrics.advertised else 0.0)
         yield state

@@ -21,6 +21,8 @@ def cmd_providers(args: argparse.Namespace) -> int:
         for mode, info in m["permission_modes"].items():
             flags = " ".join(info.get("cli_args", [])) or "(no flag)"
             text = f"{info['native']}: {flags}" if info["supported"] else f"refused: {info['reason']}"
+            if info.get("notes"):
+                text += f" ({info['notes']})"
             sys.stdout.write(f"  permission {mode:<8} {text}\n")
         for feat, info in m["common_features"].items():
             sys.stdout.write(f"  {feat:<10} {'yes' if info['supported'] else 'no ':<4} {info['notes']}\n")

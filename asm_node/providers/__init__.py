@@ -19,22 +19,56 @@ from asm_node.providers.gemini import GeminiProvider
 from asm_node.providers.shell import ShellProvider
 from asm_wire import ConfigError
 
-_CLI_CLASSES: tuple[type[CliProvider], ...] = (ClaudeProvider, CodexProvider, GeminiProvider, AmpProvider)
+#: The registry: one line per provider (its module declares the rest). Its order is the order of
+#: `asm providers`, the manifests and the CLI help. Tests may add one with :func:`register`.
+REGISTRY: list[type[Provider]] = [
+    ShellProvider,
+    ClaudeProvider,
+    CodexProvider,
+    GeminiProvider,
+    AmpProvider,
+]
+
+
+def register(cls: type[Provider]) -> type[Provider]:
+    """Add a provider class to the registry (replacing one of the same name); returns it."""
+    unregister(cls.name)
+    REGISTRY.append(cls)
+    return cls
+
+
+def unregister(name: str) -> None:
+    REGISTRY[:] = [c for c in REGISTRY if c.name != name]
+
+
+def provider_names() -> tuple[str, ...]:
+    """Every registered provider's name, in registry order."""
+    return tuple(c.name for c in REGISTRY)
+
+
+def provider_class(name: str) -> type[Provider] | None:
+    return next((c for c in REGISTRY if c.name == name), None)
+
+
+def provider_help() -> str:
+    """The providers as a CLI help text says them: "shell, claude, codex, gemini or amp"."""
+    names = provider_names()
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _cli_classes() -> list[type[CliProvider]]:
+    return [c for c in REGISTRY if issubclass(c, CliProvider)]
 
 
 def build_providers(config: NodeConfig) -> dict[str, Provider]:
-    clis = [cls(config.allow_run_options) for cls in _CLI_CLASSES]
-    check_operator_config(config, clis)
-    providers: list[Provider] = [
-        ShellProvider.from_config(config),
-        *clis,
-    ]
+    providers = [cls.build(config) for cls in REGISTRY]
+    check_operator_config(config, [p for p in providers if isinstance(p, CliProvider)])
     return {p.name: p for p in providers}
 
 
 def operator_option_names() -> frozenset[str]:
     """Every operator-only option of every CLI provider."""
-    return frozenset().union(*(cls.operator_options for cls in _CLI_CLASSES))
+    return frozenset().union(*(cls.operator_options for cls in _cli_classes()))
 
 
 def check_operator_config(config: NodeConfig, clis: list[CliProvider]) -> None:
@@ -54,6 +88,7 @@ def check_operator_config(config: NodeConfig, clis: list[CliProvider]) -> None:
 
 
 __all__ = [
+    "REGISTRY",
     "AmpProvider",
     "ClaudeProvider",
     "CliProvider",
@@ -68,4 +103,9 @@ __all__ = [
     "ShellProvider",
     "build_providers",
     "operator_option_names",
+    "provider_class",
+    "provider_help",
+    "provider_names",
+    "register",
+    "unregister",
 ]

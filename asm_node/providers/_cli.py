@@ -7,6 +7,7 @@ and how to map its own JSON line types to events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from asm_node.config import SECRET_ENV
 from asm_node.providers.base import (
+    FALLBACK_RATES,
+    PERMISSION_MODES,
     CommandSpec,
     ExitInfo,
     LineParser,
@@ -35,24 +38,14 @@ from asm_node.providers.base import (
 )
 from asm_wire import KIND_VALUES, ConfigError, pb
 
-# ASM.Cost.Models: USD per token; exact (provider, model) first, then the provider default.
-PRICING: dict[tuple[str, str], tuple[float, float]] = {
-    ("claude", ""): (0.000003, 0.000015),
-    ("gemini", ""): (0.0000015, 0.000006),
-    ("codex", ""): (0.000001, 0.000004),
-    ("amp", ""): (0.0000018, 0.0000072),
-    ("claude", "claude-3-5-sonnet"): (0.000003, 0.000015),
-    ("claude", "claude-3-7-sonnet"): (0.000003, 0.000015),
-    ("gemini", "gemini-2.5-pro"): (0.000002, 0.000008),
-    ("gemini", "gemini-2.5-flash"): (0.000001, 0.000004),
-    ("codex", "gpt-5-codex"): (0.000001, 0.000004),
-    ("amp", "amp-1"): (0.0000015, 0.000006),
-}
-FALLBACK_RATES = (0.000001, 0.000001)
-
 
 def rates_for(provider: str, model: str) -> tuple[float, float]:
-    return PRICING.get((provider, model.strip())) or PRICING.get((provider, ""), FALLBACK_RATES)
+    """ASM.Cost.Models: the exact (provider, model) rates, then the provider's default, from the
+    ``pricing`` each provider module declares."""
+    from asm_node.providers import provider_class
+
+    cls = provider_class(provider)
+    return cls.rates(model) if cls is not None else FALLBACK_RATES
 
 
 class CommonOptions(BaseModel):
@@ -157,8 +150,35 @@ class CliProvider(Provider):
     #: Options no run may set: node configuration.
     node_only_options: ClassVar[frozenset[str]] = frozenset({"cli_path"})
 
+    #: stderr lines the CLI always prints that say nothing about a failure (left out of error messages).
+    stderr_noise: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, allow_run_options: Iterable[str] = ()) -> None:
         self.allowed_run_options = frozenset(allow_run_options) & self.operator_options
+
+    @classmethod
+    def build(cls, config: Any) -> Provider:
+        return cls(config.allow_run_options)
+
+    def permission_table(self) -> dict[str, dict[str, Any]]:
+        modes: dict[str, dict[str, Any]] = {}
+        for mode in PERMISSION_MODES:
+            if mode in self.unsupported_modes:
+                modes[mode] = {"supported": False, "reason": self.unsupported_modes[mode]}
+            else:
+                native, args = self.permission_modes[mode]
+                modes[mode] = {"supported": True, "native": native, "cli_args": list(args),
+                               "notes": self.mode_notes.get(mode, "")}
+        return modes
+
+    def option_names(self) -> list[str]:
+        return sorted(self.options_model.model_fields)
+
+    def strip_noise(self, tail: str) -> str:
+        """The stderr tail without the lines this CLI prints on every run (``stderr_noise`` prefixes)."""
+        if not self.stderr_noise:
+            return tail
+        return "\n".join(ln for ln in tail.splitlines() if not ln.strip().startswith(self.stderr_noise))
 
     def client_options(self) -> list[str]:
         """The options any client may set on this node (the operator's allowances included)."""
@@ -257,7 +277,7 @@ class CliProvider(Provider):
     def new_parser(self, spec: RunSpec) -> LineParser:
         opts = spec.options["parsed"]
         model = opts.model or ""
-        in_rate, out_rate = rates_for(self.name, model)
+        in_rate, out_rate = self.rates(model)
         if opts.input_rate is not None:
             in_rate = opts.input_rate
         if opts.output_rate is not None:
@@ -433,6 +453,7 @@ class JsonLineParser(LineParser):
             return []
         self.terminal = True
         name = self.provider.display_name
+        exit = dataclasses.replace(exit, stderr_tail=self.provider.strip_noise(exit.stderr_tail))
         if exit.signal:
             self.failed = True
             return [error_event(f"{name} terminated by signal {exit.signal}", "transport_error", "provider")]

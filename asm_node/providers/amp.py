@@ -103,6 +103,11 @@ class AmpProvider(CliProvider):
     #: actors, shared/spec/real_clis.md §4), so ListProviderSessions answers none for it.
     session_store: ClassVar[SessionStore | None] = None
     display_name = "Amp CLI"
+    #: ASM.Cost.Models (USD per token); Amp's own cost_usd wins over these when it reports one.
+    pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "": (0.0000018, 0.0000072),
+        "amp-1": (0.0000015, 0.000006),
+    }
     env_var = "AMP_CLI_PATH"
     path_candidates = ("amp",)
     known_locations = ("~/.amp/bin/amp", "~/.local/bin/amp")
@@ -113,6 +118,10 @@ class AmpProvider(CliProvider):
         PermissionMode.AUTO: ("auto", ()),
         PermissionMode.BYPASS: ("dangerously_allow_all", ("--dangerously-allow-all",)),
         PermissionMode.PLAN: ("plan", ()),
+    }
+    mode_notes: ClassVar[Mapping[str, str]] = {
+        PermissionMode.AUTO: "Amp's own permission rules apply, as in default",
+        PermissionMode.PLAN: "Amp has no plan mode: its own permission rules apply, as in default",
     }
     parser_class = AmpParser
     #: MCP servers are programs Amp starts: choosing them is choosing what runs.

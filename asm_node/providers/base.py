@@ -25,6 +25,13 @@ from asm_wire import ConfigError, EventKind, PermissionMode, choices, kind_value
 #: The permission modes a run may ask for (the vocabulary is asm_wire.PermissionMode).
 PERMISSION_MODES = choices(PermissionMode)
 
+#: Rates (USD per token) for a provider that declares no pricing.
+FALLBACK_RATES = (0.000001, 0.000001)
+
+#: The bytes of a provider_init event's details_json at most (a CLI's start-up report can list hundreds of
+#: tools and skills; the typed fields carry what a client needs, details the rest, cut to this bound).
+MAX_INIT_DETAILS = 16 * 1024
+
 #: Options every provider accepts that the node's run supervision handles, never the CLI:
 #: a wall-clock deadline and an output-silence deadline, both in milliseconds (> 0).
 RUN_OPTIONS = frozenset({"run_timeout_ms", "idle_timeout_ms"})
@@ -98,9 +105,18 @@ class LineParser(ABC):
 
 
 class Provider(ABC):
+    """One provider: a module declares its class (everything about its CLI) and one registry line
+    (``asm_node.providers.REGISTRY``); the manifest, ``asm providers``, CLI help, the controller's
+    metrics and the docs table are derived from these declarations."""
+
     name: str
     display_name: str
     env_var: str = ""
+    #: ASM.Cost.Models: USD per token (input, output) by model; "" is the provider's default.
+    pricing: ClassVar[Mapping[str, tuple[float, float]]] = MappingProxyType({})
+    #: permission mode -> what it means with this provider when its flags alone do not say it
+    #: (e.g. Codex's default is codex exec's own read-only sandbox).
+    mode_notes: ClassVar[Mapping[str, str]] = MappingProxyType({})
     #: Common features ("streaming", "tools", "resume", "interrupt", "cost", "approvals", "ollama"):
     #: supported?, and how. Each provider declares them next to the code that implements them.
     features: ClassVar[Mapping[str, tuple[bool, str]]] = MappingProxyType({})
@@ -111,6 +127,26 @@ class Provider(ABC):
         """The resumable sessions the CLI keeps on this host, newest first (blocking: run it off the loop)."""
         store = self.session_store
         return [] if store is None else store.sessions(self.name, env, limit)
+
+    @classmethod
+    def rates(cls, model: str) -> tuple[float, float]:
+        """USD per (input, output) token for this model: its own row, else the provider's default."""
+        return cls.pricing.get(model.strip()) or cls.pricing.get("", FALLBACK_RATES)
+
+    @classmethod
+    def build(cls, config: Any) -> Provider:
+        """This provider for a node's configuration (``asm_node.config.NodeConfig``)."""
+        from_config = getattr(cls, "from_config", None)
+        return from_config(config) if callable(from_config) else cls()
+
+    def permission_table(self) -> dict[str, dict[str, Any]]:
+        """Each asm permission mode: supported?, its native name, CLI args and notes (the manifest's)."""
+        return {m: {"supported": True, "native": m, "cli_args": [], "notes": self.mode_notes.get(m, "")}
+                for m in PERMISSION_MODES}
+
+    def option_names(self) -> list[str]:
+        """Every option this provider accepts (the manifest's ``options``)."""
+        return []
 
     @abstractmethod
     def status(self, env: Mapping[str, str], probe_version: bool = True) -> ProviderStatus:
@@ -159,6 +195,51 @@ def result_event(status: str, stop_reason: str, output: Mapping[str, Any]) -> pb
         kind=kind_value(EventKind.RESULT),
         result=pb.Result(status=status, stop_reason=stop_reason, output_json=json.dumps(output)),
     )
+
+
+def denial(tool: str, tool_input: Any, reason: str) -> dict[str, Any]:
+    """One entry of a result's ``output["denials"]``: the normalized shape every provider reports
+    (the controller turns the list into ``Result.denials``)."""
+    return {"tool": tool or "", "input": tool_input if isinstance(tool_input, dict) else {"value": tool_input},
+            "reason": reason or "denied"}
+
+
+def denial_warning(d: Mapping[str, Any]) -> pb.Event:
+    """The warning event for one denial (code ``permission_denied``, domain ``provider``)."""
+    detail = json.dumps(d.get("input") or {}, sort_keys=True)
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    return error_event(f"{d.get('tool') or 'tool'} was denied: {d.get('reason') or 'denied'} (input {detail})",
+                       "permission_denied", "provider", severity=pb.SEVERITY_WARNING)
+
+
+def provider_init_event(*, model: str = "", tools: Any = (), cwd: str = "", permission_mode: str = "",
+                        mcp_servers: Any = (), cli_version: str = "", details: Mapping[str, Any] | None = None
+                        ) -> pb.Event:
+    """A CLI's start-up report as the typed ``provider_init`` event; ``details`` (the rest of the
+    report) is kept as JSON up to MAX_INIT_DETAILS bytes, else replaced by a note saying it was cut."""
+    servers = []
+    for s in mcp_servers if isinstance(mcp_servers, list | tuple) else ():
+        if isinstance(s, dict):
+            servers.append(pb.McpServerStatus(name=str(s.get("name") or ""), status=str(s.get("status") or "")))
+        elif isinstance(s, str):
+            servers.append(pb.McpServerStatus(name=s))
+    names = [str(t.get("name") or "") if isinstance(t, dict) else str(t)
+             for t in (tools if isinstance(tools, list | tuple) else ())]
+    kept = dict(details or {})
+    text = json.dumps(kept, default=str)
+    dropped: list[str] = []
+    while len(text.encode()) > MAX_INIT_DETAILS and kept:
+        # Drop the largest field first (a tool or skill list), and say which were dropped.
+        biggest = max(kept, key=lambda k: len(json.dumps(kept[k], default=str)))
+        del kept[biggest]
+        dropped.append(str(biggest)[:100])
+        text = json.dumps({**kept, "truncated_keys": dropped}, default=str)
+    if len(text.encode()) > MAX_INIT_DETAILS:
+        text = json.dumps({"truncated_keys": dropped[:50]})
+    return pb.Event(kind=kind_value(EventKind.PROVIDER_INIT), provider_init=pb.ProviderInit(
+        model=model or "", tools=names[:1000], cwd=cwd or "", permission_mode=permission_mode or "",
+        mcp_servers=servers[:200], cli_version=cli_version or "", details_json=text))
 
 
 def stderr_summary(tail: str, lines: int = 5, width: int = 240) -> str:

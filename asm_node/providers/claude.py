@@ -237,6 +237,12 @@ class ClaudeProvider(CliProvider):
     session_store: ClassVar[SessionStore | None] = SessionStore(
         "claude_projects_jsonl", ".claude", ("CLAUDE_CONFIG_DIR", ""), ("projects", "*", "*.jsonl"), read_claude_session)
     display_name = "Claude CLI"
+    #: ASM.Cost.Models (USD per token); the CLI's own total_cost_usd wins over these when it reports one.
+    pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "": (0.000003, 0.000015),
+        "claude-3-5-sonnet": (0.000003, 0.000015),
+        "claude-3-7-sonnet": (0.000003, 0.000015),
+    }
     env_var = "CLAUDE_CLI_PATH"
     path_candidates = ("claude-code", "claude")
     known_locations = (

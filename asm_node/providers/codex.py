@@ -164,14 +164,23 @@ class CodexProvider(CliProvider):
         "codex_sessions_jsonl", ".codex", ("CODEX_HOME", ""),
         ("sessions", "[0-9][0-9][0-9][0-9]", "[0-9][0-9]", "[0-9][0-9]", "rollout-*.jsonl"), read_codex_session)
     display_name = "Codex CLI"
+    #: ASM.Cost.Models (USD per token).
+    pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "": (0.000001, 0.000004),
+        "gpt-5-codex": (0.000001, 0.000004),
+    }
     env_var = "CODEX_PATH"
     path_candidates = ("codex",)
     install_hint = "npm install -g @openai/codex"
     options_model = CodexOptions
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
-        PermissionMode.DEFAULT: ("default", ()),
+        PermissionMode.DEFAULT: ("read-only sandbox", ()),
         PermissionMode.BYPASS: ("yolo", ("--dangerously-bypass-approvals-and-sandbox",)),
         PermissionMode.PLAN: ("plan", ("--sandbox", "read-only")),
+    }
+    mode_notes: ClassVar[Mapping[str, str]] = {
+        PermissionMode.DEFAULT: ("codex exec's own default: writes are refused (permission_denied warnings, "
+                                 "the result's denials); --opt sandbox=workspace-write allows writes in the workspace"),
     }
     unsupported_modes: ClassVar[dict[str, str]] = {
         PermissionMode.AUTO: (

@@ -12,7 +12,6 @@ from typing import Any
 from asm_node.config import NodeConfig
 from asm_node.providers import build_providers
 from asm_node.providers._cli import CliProvider
-from asm_wire import PermissionMode, choices
 
 
 def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
@@ -22,21 +21,13 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
 
         raise ConfigError(f"unknown provider {name!r} (known: {', '.join(sorted(providers))})")
     p = providers[name]
-    modes: dict[str, Any] = {}
+    modes = p.permission_table()
+    options = p.option_names()
     if isinstance(p, CliProvider):
-        for mode in choices(PermissionMode):
-            if mode in p.unsupported_modes:
-                modes[mode] = {"supported": False, "reason": p.unsupported_modes[mode]}
-            else:
-                native, args = p.permission_modes[mode]
-                modes[mode] = {"supported": True, "native": native, "cli_args": list(args)}
-        options = sorted(p.options_model.model_fields)
         client_options = p.client_options()
         operator_options = sorted(p.operator_options)
         node_only = sorted(p.node_only_options)
     else:
-        modes = {m: {"supported": True, "native": m, "cli_args": []} for m in choices(PermissionMode)}
-        options = ["allowed_commands", "command_timeout_ms", "denied_commands", "interpolate", "success_exit_codes"]
         client_options, operator_options, node_only = options, [], []
     return {
         "provider": name,
@@ -55,3 +46,23 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
 def manifests(config: NodeConfig | None = None) -> list[dict[str, Any]]:
     """Every provider's manifest, in the registry's order (each provider declares its own features)."""
     return [manifest(n, config) for n in build_providers(config or NodeConfig())]
+
+
+def _mode_cell(info: dict[str, Any]) -> str:
+    if not info["supported"]:
+        return f"**refused**: {info['reason']}"
+    flags = " ".join(info["cli_args"])
+    cell = f"`{flags}`" if flags else f"(no flag: {info['native']})"
+    return f"{cell}; {info['notes']}" if info.get("notes") else cell
+
+
+def permission_table_markdown(config: NodeConfig | None = None) -> str:
+    """docs/providers.md's permission-mode table, derived from the providers' declarations (a test
+    compares the two): one column per CLI provider, in registry order."""
+    rows = [m for m in manifests(config) if m["env_var"]]  # the CLI providers (shell has no modes of its own)
+    names = [m["display_name"].removesuffix(" CLI") for m in rows]
+    lines = ["| asm | " + " | ".join(names) + " |", "|---" * (len(rows) + 1) + "|"]
+    for mode in rows[0]["permission_modes"] if rows else ():
+        cells = [_mode_cell(m["permission_modes"][mode]).replace("|", "\\|") for m in rows]
+        lines.append(f"| `{mode}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -135,15 +135,24 @@ class GeminiProvider(CliProvider):
         "gemini_chats_jsonl", ".gemini", ("GEMINI_CLI_HOME", ".gemini"), ("tmp", "*", "chats", "session-*.jsonl"),
         read_gemini_session)
     display_name = "Gemini CLI"
+    #: ASM.Cost.Models (USD per token).
+    pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "": (0.0000015, 0.000006),
+        "gemini-2.5-pro": (0.000002, 0.000008),
+        "gemini-2.5-flash": (0.000001, 0.000004),
+    }
     env_var = "GEMINI_CLI_PATH"
     path_candidates = ("gemini",)
     install_hint = "npm install -g @google/gemini-cli"
     options_model = GeminiOptions
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
-        "default": ("default", ()),
+        "default": ("default", ()),  # headless: tools that need a confirmation are not offered
         "auto": ("auto_edit", ("--approval-mode", "auto_edit")),
         "bypass": ("yolo", ("--yolo",)),
         "plan": ("plan", ("--approval-mode", "plan")),
+    }
+    mode_notes: ClassVar[Mapping[str, str]] = {
+        "default": "headless Gemini does not offer the tools that would ask (its shell tool)",
     }
     parser_class = GeminiParser
     #: Only the common ones: the Gemini endpoint (GOOGLE_GEMINI_BASE_URL) comes from the node's environment.

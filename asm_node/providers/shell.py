@@ -144,6 +144,9 @@ class ShellProvider(Provider):
     session_store: ClassVar[SessionStore | None] = None
     display_name = "Shell"
 
+    def option_names(self) -> list[str]:
+        return sorted(_OPTIONS)
+
     def __init__(
         self,
         allowed: Sequence[str],
