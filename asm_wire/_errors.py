@@ -43,8 +43,9 @@ What the causes mean:
 The kind vocabulary (:data:`KINDS`) is ASM 0.9.2's typed kinds plus ``node_lost`` (a run's node
 disappeared), ``run_lost`` (the node restarted while the run ran: its outcome is unknown, it is
 never run again), ``node_draining`` / ``node_shutdown`` (the node ended the run: its drain deadline
-passed / it was stopped; retry elsewhere, unlike ``user_cancelled``), ``not_found`` (no such id) and
-``runtime`` (ASM uses it as a kind although it is not in its typed list).
+passed / it was stopped; retry elsewhere, unlike ``user_cancelled``), ``not_found`` (no such id),
+``permission_denied`` (a tool call the CLI's permission mode or sandbox refused: a warning event, the
+run goes on) and ``runtime`` (ASM uses it as a kind although it is not in its typed list).
 
 At the gRPC boundary the kind, domain and reason travel in trailing metadata (``asm-error-*``) next
 to the status above, so a round trip is exact; a status without that metadata (a transport failure
@@ -66,7 +67,7 @@ KINDS: Final = frozenset(
         "auth_error", "rate_limit", "buffer_overflow", "transport_error", "transport_busy",
         "queue_full", "at_capacity", "user_cancelled", "approval_denied", "guardrail_blocked",
         "tool_failed", "config_invalid", "unknown", "runtime", "node_lost", "run_lost",
-        "node_draining", "node_shutdown", "not_found",
+        "node_draining", "node_shutdown", "not_found", "permission_denied",
     }
 )
 DOMAINS: Final = frozenset(

@@ -66,7 +66,7 @@ def kinds(events: list[pb.Event]) -> list[str]:
 
 def test_claude_text_capture() -> None:
     events, result = parse("claude", fixture("claude_text.jsonl"))
-    assert kinds(events) == ["raw", "raw", "assistant_delta", "assistant_delta", "assistant_message", "cost_update",
+    assert kinds(events) == ["provider_init", "raw", "assistant_delta", "assistant_delta", "assistant_message", "cost_update",
                              "result", "run_completed"]
     assert result.ok and result.text == TEXT_ANSWER  # the deltas and the full message are not doubled
     assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
@@ -76,7 +76,7 @@ def test_claude_text_capture() -> None:
 
 def test_claude_tool_capture_splits_blocks_and_reads_user_tool_results() -> None:
     events, result = parse("claude", fixture("claude_tool.jsonl"))
-    assert kinds(events) == ["raw", "raw", "assistant_delta", "assistant_message", "tool_use", "tool_result", "raw",
+    assert kinds(events) == ["provider_init", "raw", "assistant_delta", "assistant_message", "tool_use", "tool_result", "raw",
                              "assistant_delta", "assistant_message", "cost_update", "result", "run_completed"]
     tool_use = events[4].tool_use
     assert tool_use.tool_name == "Bash" and json.loads(tool_use.input_json)["command"] == TOOL_COMMAND
@@ -140,7 +140,7 @@ def test_claude_unknown_and_garbage_lines_never_crash() -> None:
 
 def test_codex_text_capture() -> None:
     events, result = parse("codex", fixture("codex_text.jsonl"))
-    assert kinds(events) == ["raw", "raw", "assistant_message", "cost_update", "result", "run_completed"]
+    assert kinds(events) == ["provider_init", "raw", "assistant_message", "cost_update", "result", "run_completed"]
     assert result.ok and result.text == TEXT_ANSWER
     assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
     assert (result.cost.input_tokens, result.cost.output_tokens) == (100, 20)
@@ -149,7 +149,7 @@ def test_codex_text_capture() -> None:
 
 def test_codex_tool_capture_maps_command_execution_to_bash() -> None:
     events, result = parse("codex", fixture("codex_tool.jsonl"))
-    assert kinds(events) == ["raw", "raw", "assistant_message", "tool_use", "tool_result", "assistant_message",
+    assert kinds(events) == ["provider_init", "raw", "assistant_message", "tool_use", "tool_result", "assistant_message",
                              "cost_update", "result", "run_completed"]
     assert events[3].tool_use.tool_name == "Bash"
     assert TOOL_COMMAND in json.loads(events[3].tool_use.input_json)["command"]
@@ -180,7 +180,7 @@ def test_codex_failed_command_is_an_error_tool_result() -> None:
 
 def test_gemini_text_capture() -> None:
     events, result = parse("gemini", fixture("gemini_text.jsonl"))
-    assert kinds(events) == ["raw", "user_message", "assistant_delta", "assistant_delta", "cost_update", "result",
+    assert kinds(events) == ["provider_init", "user_message", "assistant_delta", "assistant_delta", "cost_update", "result",
                              "run_completed"]
     assert result.ok and result.text == TEXT_ANSWER
     assert result.provider_session_id == "00000000-0000-4000-8000-000000000001"
@@ -212,7 +212,7 @@ def test_gemini_error_result_and_exit_codes() -> None:
 
 def test_amp_documented_stream_shape() -> None:
     events, result = parse("amp", fixture("amp_stream_json.jsonl"))
-    assert kinds(events) == ["raw", "assistant_message", "cost_update", "result", "run_completed"]
+    assert kinds(events) == ["provider_init", "assistant_message", "cost_update", "result", "run_completed"]
     assert result.ok and result.text == "OK" and result.stop_reason == "success"
     assert (result.cost.input_tokens, result.cost.output_tokens) == (10, 13)  # remembered from the assistant line
 

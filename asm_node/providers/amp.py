@@ -55,6 +55,7 @@ class AmpParser(ClaudeParser):
         stop = str(obj.get("stop_reason") or subtype or self.last_stop_reason or "end_turn")
         output: dict[str, Any] = {k: obj[k] for k in ("result", "duration_ms", "num_turns", "permission_denials") if k in obj}
         output["usage"] = {"input_tokens": in_tok, "output_tokens": out_tok}
+        self.report_denials(obj.get("permission_denials"), output, out)
         self.end(out, result_event("completed", stop, output))
 
     def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:

@@ -33,7 +33,15 @@ from asm_node.providers._cli import (
     ev_user,
 )
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
-from asm_node.providers.base import CommandSpec, RunSpec, error_event, result_event
+from asm_node.providers.base import (
+    CommandSpec,
+    RunSpec,
+    denial,
+    denial_warning,
+    error_event,
+    provider_init_event,
+    result_event,
+)
 from asm_wire import KIND_VALUES, ConfigError, PermissionMode, pb
 
 
@@ -67,6 +75,9 @@ class ClaudeParser(JsonLineParser):
         self.last_usage: dict[str, Any] = {}
         self.last_stop_reason = ""
         self._permission_requests: dict[str, dict[str, Any]] = {}
+        #: tool_use ids seen, and the text of the error results the CLI gave them (a denial's reason).
+        self._tool_ids: set[str] = set()
+        self._error_results: dict[str, str] = {}
 
     def _block_key(self, b: Any) -> str:
         if isinstance(b, dict):
@@ -90,6 +101,7 @@ class ClaudeParser(JsonLineParser):
             seen.add(key)
             btype = b.get("type") if isinstance(b, dict) else "text"
             if btype == "tool_use":
+                self._tool_ids.add(str(b.get("id") or ""))
                 out.append(ev_tool_use(str(b.get("name") or ""), str(b.get("id") or ""), b.get("input") or {}))
             elif btype == "thinking":
                 out.append(ev_thinking(str(b.get("thinking") or b.get("text") or ""), str(b.get("signature") or "")))
@@ -106,6 +118,9 @@ class ClaudeParser(JsonLineParser):
         others = []
         for b in content if isinstance(content, list) else []:
             if isinstance(b, dict) and b.get("type") == "tool_result":
+                if b.get("is_error"):
+                    text = _text_of(b.get("content"))
+                    self._error_results[str(b.get("tool_use_id") or "")] = text if isinstance(text, str) else ""
                 out.append(ev_tool_result(str(b.get("tool_use_id") or b.get("id") or ""), _text_of(b.get("content")),
                                           bool(b.get("is_error"))))
             else:
@@ -133,8 +148,30 @@ class ClaudeParser(JsonLineParser):
             return
         output: dict[str, Any] = {k: obj[k] for k in ("result", "duration_ms", "num_turns", "usage", "permission_denials",
                                       "total_cost_usd", "session_id") if k in obj}
+        self.report_denials(obj.get("permission_denials"), output, out)
         stop = str(obj.get("stop_reason") or self.last_stop_reason or subtype or "end_turn")
         self.end(out, result_event("completed", stop, output))
+
+    def report_denials(self, raw: Any, output: dict[str, Any], out: list[pb.Event]) -> None:
+        """The CLI's ``permission_denials`` as the normalized ``output["denials"]`` (tool, input, reason),
+        one ``permission_denied`` warning each, and ``all_tools_denied`` when no tool call got through."""
+        if not isinstance(raw, list) or not raw:
+            return
+        denials = []
+        denied_ids = set()
+        for d in raw:
+            if not isinstance(d, dict):
+                continue
+            tid = str(d.get("tool_use_id") or "")
+            denied_ids.add(tid)
+            reason = self._error_results.get(tid) or "denied by the permission mode"
+            denials.append(denial(str(d.get("tool_name") or ""), d.get("tool_input") or {}, reason[:1000]))
+        if not denials:
+            return
+        output["denials"] = denials
+        if self._tool_ids and self._tool_ids <= denied_ids:
+            output["all_tools_denied"] = True
+        out.extend(denial_warning(d) for d in denials)
 
     def approval_response(self, approval_id: str, decision: str, reason: str) -> bytes | None:
         request = self._permission_requests.pop(approval_id, None)
@@ -174,6 +211,13 @@ class ClaudeParser(JsonLineParser):
             self.user(obj.get("message") or {}, out)
         elif t == "result":
             self.result(obj, out)
+        elif t == "system" and obj.get("subtype") == "init":
+            rest = {k: v for k, v in obj.items() if k not in (
+                "type", "subtype", "model", "tools", "cwd", "permissionMode", "mcp_servers", "claude_code_version")}
+            out.append(provider_init_event(
+                model=str(obj.get("model") or ""), tools=obj.get("tools") or [], cwd=str(obj.get("cwd") or ""),
+                permission_mode=str(obj.get("permissionMode") or ""), mcp_servers=obj.get("mcp_servers") or [],
+                cli_version=str(obj.get("claude_code_version") or ""), details=rest))
         elif t == "system" and obj.get("subtype") == "api_retry":
             status = obj.get("error_status") if isinstance(obj.get("error_status"), int) else None
             err = str(obj.get("error") or "api error")

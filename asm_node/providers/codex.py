@@ -11,7 +11,9 @@ and ends with ``turn.completed{usage}`` or ``turn.failed{error}``; top-level
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,8 +32,33 @@ from asm_node.providers._cli import (
     ev_tool_use,
 )
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
-from asm_node.providers.base import RunSpec, error_event, result_event
+from asm_node.providers.base import (
+    ExitInfo,
+    LineParser,
+    RunSpec,
+    denial,
+    denial_warning,
+    error_event,
+    provider_init_event,
+    result_event,
+)
 from asm_wire import ConfigError, PermissionMode, pb
+
+#: A thread id codex names its rollout file after (a UUID): nothing that could be a path or a glob.
+_THREAD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
+#: The bytes of one rollout file read at most (a long thread's file is megabytes; beyond this the
+#: usage before a run is unknown and the run reports what codex said, with a warning).
+MAX_ROLLOUT_BYTES = 64 << 20
+#: What a command refused by codex's sandbox prints (the function_call_output in the rollout).
+_SANDBOX_REFUSAL = re.compile(r"read-only file system|operation not permitted|permission denied", re.I)
+_EXIT_CODE = re.compile(r"Process exited with code (-?\d+)")
+#: What codex prints when the working directory is neither a git repository nor a trusted project.
+_UNTRUSTED = "Not inside a trusted directory"
+UNTRUSTED_HINT = (
+    "Codex CLI refuses to run here: the working directory is not inside a git repository (nor a project "
+    "Codex trusts). Set --opt skip_git_repo_check=true (Session(options={'skip_git_repo_check': True})), "
+    "or run it in a git repository"
+)
 
 _TOOL_ITEMS = ("command_execution", "file_change", "mcp_tool_call", "web_search", "todo_list")
 _FAILED = ("failed", "errored", "error", "interrupted", "not_found", "declined")
@@ -75,10 +102,132 @@ def tool_of(item: dict[str, Any]) -> tuple[str, Any]:
     return "TodoWrite", {"items": item.get("items")}
 
 
+# -- the thread's rollout file: usage before this run, and what the sandbox refused ------------------
+
+
+def rollout_file(env: Mapping[str, str], thread_id: str) -> Path | None:
+    """$CODEX_HOME/sessions/YYYY/MM/DD/rollout-<time>-<thread id>.jsonl, or None."""
+    if not _THREAD_ID.fullmatch(thread_id):
+        return None
+    store = CodexProvider.session_store
+    directory = store.directory(env) if store is not None else None
+    if directory is None:
+        return None
+    try:
+        found = sorted((directory / "sessions").glob(f"[0-9]*/[0-9]*/[0-9]*/rollout-*-{thread_id}.jsonl"))
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
+def _rollout_lines(path: Path, needles: tuple[bytes, ...]) -> Iterator[dict[str, Any]]:
+    """The rollout's JSON lines that contain one of ``needles`` (read up to MAX_ROLLOUT_BYTES)."""
+    try:
+        with path.open("rb") as f:
+            read = 0
+            for line in f:
+                read += len(line)
+                if read > MAX_ROLLOUT_BYTES:
+                    raise ValueError(f"{path} is larger than {MAX_ROLLOUT_BYTES} bytes")
+                if any(n in line for n in needles):
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line while codex writes it
+                    if isinstance(obj, dict):
+                        yield obj
+    except OSError:
+        return
+
+
+def _payload(obj: dict[str, Any]) -> dict[str, Any]:
+    p = obj.get("payload")
+    return p if isinstance(p, dict) else {}
+
+
+def thread_total(path: Path) -> tuple[int, int] | None:
+    """The thread's cumulative (input, output) tokens as its last ``token_count`` says; (0, 0) for a
+    thread that has none yet; None when the file cannot be read whole."""
+    total = (0, 0)
+    try:
+        for obj in _rollout_lines(path, (b'"token_count"',)):
+            p = _payload(obj)
+            info = p.get("info") if p.get("type") == "token_count" else None
+            usage = info.get("total_token_usage") if isinstance(info, dict) else None
+            if isinstance(usage, dict):
+                total = (as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens")))
+    except ValueError:
+        return None
+    return total
+
+
+@dataclass
+class LastTurn:
+    """What the rollout says about the thread's last turn (this run's)."""
+
+    #: (input, output) tokens of this turn's requests (the sum of their ``last_token_usage``).
+    usage: tuple[int, int] = (0, 0)
+    #: call id -> (tool name, arguments) and call id -> output text.
+    calls: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def last_turn(path: Path) -> LastTurn | None:
+    turn = LastTurn()
+    try:
+        for obj in _rollout_lines(path, (b'"task_started"', b'"token_count"', b'"function_call')):
+            p = _payload(obj)
+            kind = p.get("type")
+            if kind == "task_started":
+                turn = LastTurn()
+            elif kind == "token_count" and isinstance(p.get("info"), dict):
+                last = p["info"].get("last_token_usage")
+                if isinstance(last, dict):
+                    turn.usage = (turn.usage[0] + as_int(last.get("input_tokens")),
+                                  turn.usage[1] + as_int(last.get("output_tokens")))
+            elif kind == "function_call":
+                args: Any = p.get("arguments")
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except ValueError:
+                    pass
+                turn.calls[str(p.get("call_id") or "")] = (str(p.get("name") or ""), args)
+            elif kind == "function_call_output":
+                output = p.get("output")
+                turn.outputs[str(p.get("call_id") or "")] = output if isinstance(output, str) else json.dumps(output)
+    except ValueError:
+        return None
+    return turn
+
+
+def sandbox_refusals(turn: LastTurn) -> list[dict[str, Any]]:
+    """The turn's commands that failed with what a sandbox refusal prints, as normalized denials."""
+    out = []
+    for call_id, text in turn.outputs.items():
+        code = _EXIT_CODE.search(text)
+        refusal = _SANDBOX_REFUSAL.search(text)
+        if refusal is None or (code is not None and code.group(1) == "0"):
+            continue
+        name, args = turn.calls.get(call_id, ("", {}))
+        line = next((ln.strip() for ln in text.splitlines() if _SANDBOX_REFUSAL.search(ln)), refusal.group(0))
+        cmd = args.get("cmd", args.get("command")) if isinstance(args, dict) else args
+        tool, tool_input = ("Bash", {"command": cmd}) if name in ("exec_command", "shell", "local_shell") else \
+            (name, args if isinstance(args, dict) else {"value": args})
+        out.append(denial(tool, tool_input, f"refused by codex's sandbox: {line[:500]}"))
+    return out
+
+
 class CodexParser(JsonLineParser):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._started_tools: set[str] = set()
+        #: Set by CodexProvider.new_parser: where the rollout files are, whether commands run sandboxed.
+        self.env: Mapping[str, str] = {}
+        self.sandboxed = False
+        #: The thread's usage before this run, by thread id (read before the CLI started), for a resume.
+        self.baseline: dict[str, tuple[int, int]] = {}
+        self.resumed = False
+        self.thread_id = ""
 
     def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
         t = obj.get("type")
@@ -111,11 +260,26 @@ class CodexParser(JsonLineParser):
             else:
                 out.append(ev_raw(obj))
             return
+        if t == "thread.started":
+            self.thread_id = str(obj.get("thread_id") or "")
+            out.append(provider_init_event(details={k: v for k, v in obj.items() if k != "type"}))
+            return
         if t == "turn.completed":
             usage: dict[str, Any] = obj["usage"] if isinstance(obj.get("usage"), dict) else {}
             in_tok, out_tok = as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens"))
+            output: dict[str, Any] = {"usage": usage}
+            turn = self._last_turn()
+            if self.resumed:
+                in_tok, out_tok = self._per_run(in_tok, out_tok, turn, output, out)
             out.append(self.cost(in_tok, out_tok))
-            self.end(out, result_event("completed", "end_turn", {"usage": usage}))
+            if self.sandboxed and turn is not None:
+                denials = sandbox_refusals(turn)
+                if denials:
+                    output["denials"] = denials
+                    if len(denials) >= len(turn.calls):
+                        output["all_tools_denied"] = True
+                    out.extend(denial_warning(d) for d in denials)
+            self.end(out, result_event("completed", "end_turn", output))
         elif t == "turn.failed":
             err: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else {}
             msg = str(err.get("message") or "Codex turn failed")
@@ -125,6 +289,32 @@ class CodexParser(JsonLineParser):
             out.append(error_event(msg, classify_api_error(msg), "provider", severity=pb.SEVERITY_WARNING))
         else:
             out.append(ev_raw(obj))
+
+
+    def _last_turn(self) -> LastTurn | None:
+        path = rollout_file(self.env, self.thread_id) if self.env else None
+        return last_turn(path) if path is not None else None
+
+    def _per_run(self, in_tok: int, out_tok: int, turn: LastTurn | None, output: dict[str, Any],
+                 out: list[pb.Event]) -> tuple[int, int]:
+        """Codex reports a resumed thread's cumulative usage: this run's is the total minus the
+        thread's usage before the run (read from its rollout before the CLI started); else the
+        rollout's own sum for this turn; else, said so in a warning, what codex reported."""
+        output["thread_usage"] = {"input_tokens": in_tok, "output_tokens": out_tok}
+        before = self.baseline.get(self.thread_id)
+        if before is not None:
+            return max(in_tok - before[0], 0), max(out_tok - before[1], 0)
+        if turn is not None and turn.usage != (0, 0):
+            return turn.usage
+        out.append(error_event("Codex reported the resumed thread's cumulative usage and its usage before this run "
+                               "is unknown: the cost_update counts the whole thread", "unknown", "provider",
+                               severity=pb.SEVERITY_WARNING))
+        return in_tok, out_tok
+
+    def exit_error(self, exit: ExitInfo) -> pb.Event | None:
+        if _UNTRUSTED in exit.stderr_tail:
+            return error_event(UNTRUSTED_HINT, "config_invalid", "config", exit_code=exit.returncode or -1)
+        return None
 
 
 def read_codex_session(f: SessionFile) -> Found | None:
@@ -144,6 +334,17 @@ def read_codex_session(f: SessionFile) -> Found | None:
             if text and not text.startswith("<"):
                 return Found(sid, label_of(text), cwd)
     return Found(sid, "", cwd)
+
+
+def latest_thread(env: Mapping[str, str], cwd: str) -> str:
+    """The thread ``codex exec resume --last`` picks: the newest rollout recorded in this cwd."""
+    store = CodexProvider.session_store
+    if store is None:
+        return ""
+    for s in store.sessions("codex", env, 50):
+        if s.cwd == cwd:
+            return s.id
+    return ""
 
 
 class CodexProvider(CliProvider):
@@ -193,6 +394,25 @@ class CodexProvider(CliProvider):
     #: Any ``-c`` setting: model_providers.*.base_url (where the key goes), mcp_servers.*.command (what runs),
     #: shell_environment_policy (the tools' environment).
     operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config"}
+
+    #: codex exec prints this whenever stdin is not a terminal (the node gives it /dev/null).
+    stderr_noise: ClassVar[tuple[str, ...]] = ("Reading additional input from stdin",)
+
+    def new_parser(self, spec: RunSpec) -> LineParser:
+        parser = super().new_parser(spec)
+        assert isinstance(parser, CodexParser)
+        opts = spec.options["parsed"]
+        parser.env = dict(spec.env)
+        parser.sandboxed = spec.permission_mode != PermissionMode.BYPASS and opts.sandbox != "danger-full-access"
+        if opts.resume:
+            # Read before the CLI starts (it appends to the same file): the thread's usage so far.
+            parser.resumed = True
+            thread = opts.resume if opts.resume != "latest" else latest_thread(spec.env, spec.cwd)
+            path = rollout_file(spec.env, thread) if thread else None
+            total = thread_total(path) if path is not None else None
+            if thread and total is not None:
+                parser.baseline[thread] = total
+        return parser
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         out = super().validate_options(options, permission_mode)

@@ -28,7 +28,7 @@ from asm_node.providers._cli import (
     ev_user,
 )
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
-from asm_node.providers.base import ExitInfo, RunSpec, error_event, result_event, stderr_summary
+from asm_node.providers.base import ExitInfo, RunSpec, error_event, provider_init_event, result_event, stderr_summary
 from asm_wire import ConfigError, pb
 
 _EXIT_CODES = {
@@ -60,6 +60,9 @@ class GeminiParser(JsonLineParser):
                 out.append(ev_user(content if isinstance(content, list) else [str(content or "")]))
             else:
                 out.append(ev_raw(obj))
+        elif t == "init":
+            out.append(provider_init_event(model=str(obj.get("model") or ""), details={
+                k: v for k, v in obj.items() if k not in ("type", "model")}))
         elif t == "tool_use":
             out.append(ev_tool_use(str(obj.get("tool_name") or obj.get("name") or ""),
                                    str(obj.get("tool_id") or obj.get("id") or ""),
