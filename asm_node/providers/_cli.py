@@ -48,10 +48,34 @@ def rates_for(provider: str, model: str) -> tuple[float, float]:
     return cls.rates(model) if cls is not None else FALLBACK_RATES
 
 
+#: Option names (and names inside an option's mappings, e.g. an MCP server's env) whose values are
+#: credentials: never shown by repr/str, so never in a log line or a traceback.
+SECRET_NAME = re.compile(r"token|secret|password|passwd|api_?key|auth|credential|bearer|cookie", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """``value`` with every credential-named entry (at any depth) replaced by REDACTED."""
+    if name and SECRET_NAME.search(name) and value not in (None, "", {}, []):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
 class CommonOptions(BaseModel):
-    """Options every CLI provider accepts (ASM's common schema, the parts a CLI run uses)."""
+    """Options every CLI provider accepts (ASM's common schema, the parts a CLI run uses).
+
+    Its repr (and str) redact credentials (``anthropic_auth_token``, an env entry named like a
+    token or key): options end up in log lines and tracebacks."""
 
     model_config = ConfigDict(extra="forbid", strict=False)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact(value, name or "")
 
     model: str | None = None
     #: Extra CLI arguments, appended verbatim (operator-only: a flag can point the CLI at any file or URL).

@@ -48,14 +48,15 @@ class RunSpec:
     cwd: str
     permission_mode: str
     options: Mapping[str, Any]
-    env: Mapping[str, str]
+    #: The CLI's environment holds the node's credentials (ANTHROPIC_API_KEY ...): never in a repr.
+    env: Mapping[str, str] = field(repr=False)
 
 
 @dataclass(frozen=True)
 class CommandSpec:
     argv: list[str]
     cwd: str
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)
     #: Keep stdin open as a pipe (providers that take input mid-run); else /dev/null.
     stdin: bool = False
     #: Total deadline for the process, or None.
