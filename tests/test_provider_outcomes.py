@@ -248,7 +248,7 @@ def test_codex_bypass_has_no_sandbox_to_refuse(tmp_path: Path) -> None:
 def test_codex_outside_a_git_repository_is_config_invalid_with_the_hint() -> None:
     stderr = ("Reading additional input from stdin...\n"
               "Not inside a trusted directory and --skip-git-repo-check was not specified.\n")
-    events, result = parse("codex", [], exit_code=1, stderr=stderr)
+    _, result = parse("codex", [], exit_code=1, stderr=stderr)
     assert result.error is not None and result.error.kind == "config_invalid"
     assert result.error.message == UNTRUSTED_HINT
     assert "--opt skip_git_repo_check=true" in UNTRUSTED_HINT and "git repository" in UNTRUSTED_HINT
