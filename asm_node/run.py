@@ -257,7 +257,7 @@ class Run:
 
     async def send_input(self, data: bytes, end: bool) -> None:
         proc = self._proc
-        if not self.command.stdin:
+        if not self.command.stdin or self.command.close_stdin_after_data:
             raise ConfigError(f"run {self.spec.run_id} does not accept input (provider {self.spec.provider})")
         if proc is None or proc.stdin is None or self.done:
             raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
@@ -401,6 +401,8 @@ class Run:
         self.pid = proc.pid
         if cmd.stdin_data and proc.stdin is not None:
             proc.stdin.write(cmd.stdin_data)
+            if cmd.close_stdin_after_data:
+                proc.stdin.close()  # flushed first; the CLI reads its prompt to EOF
         if self.reaper is not None:
             self.reaper.track(proc.pid, cgroup)
         self.status = RunStatus.RUNNING

@@ -160,6 +160,9 @@ async def test_start_up_report_is_a_typed_provider_init(cli_node: tuple[str, Nod
         assert init["model"] == GEMINI_MODEL
     else:
         assert init["details"] == {"thread_id": result.provider_session_id}
+        # The prompt went in on stdin, closed after it: codex has nothing to say about stdin.
+        assert "Hello from the fake model" in result.text
+        assert not [e for e in events if e.kind == "stderr" and "additional input" in str(e.payload)]
     assert len(inits[0].pb.provider_init.details_json.encode()) <= 16 * 1024
 
 
@@ -174,13 +177,14 @@ async def test_codex_outside_a_git_repository_is_config_invalid_with_the_hint(
     ws = workspace(tmp_path, "untrusted")
     try:
         async with Session("codex", node=RemoteNode(node.address), cwd=str(ws), **overrides) as s:
-            _, result = await run(s, "Say hi. SCENARIO_TEXT")
+            events, result = await run(s, "Say hi. SCENARIO_TEXT")
     finally:
         node.stop()
     assert result.status == "failed" and result.error is not None
     assert result.error.kind == "config_invalid", result.error
     assert "--opt skip_git_repo_check=true" in result.error.message and "git repository" in result.error.message
     assert "Reading additional input from stdin" not in result.error.message
+    assert not [e for e in events if "additional input" in str(e.payload)]
 
 
 async def test_gemini_in_an_untrusted_folder_is_config_invalid(model_server: FakeModelServer, tmp_path: Path) -> None:
@@ -205,3 +209,17 @@ async def test_claude_runs_in_a_directory_that_is_not_a_git_repository(
     async with Session("claude", node=RemoteNode(node.address), cwd=str(ws)) as s:
         _, result = await run(s, "Say hi. SCENARIO_TEXT")
     assert result.ok, result.error  # Claude Code has no trust check in --print mode
+
+
+async def test_codex_takes_a_prompt_longer_than_an_argument_may_be(model_server: FakeModelServer,
+                                                                   tmp_path: Path) -> None:
+    # Linux refuses one argv string over 128 KiB (E2BIG): the prompt goes in on stdin instead.
+    node = start_cli_node("codex", model_server, tmp_path)
+    ws = workspace(tmp_path, "long")
+    try:
+        async with Session("codex", node=RemoteNode(node.address), cwd=str(ws), options=OPTIONS["codex"]) as s:
+            _, result = await run(s, "Say hi. SCENARIO_TEXT " + "filler " * 25_000)
+    finally:
+        node.stop()
+    assert result.ok, result.error
+    assert "Hello from the fake model" in result.text

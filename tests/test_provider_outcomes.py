@@ -254,6 +254,18 @@ def test_codex_outside_a_git_repository_is_config_invalid_with_the_hint() -> Non
     assert "--opt skip_git_repo_check=true" in UNTRUSTED_HINT and "git repository" in UNTRUSTED_HINT
 
 
+def test_codex_takes_its_prompt_on_stdin_then_eof(tmp_path: Path) -> None:
+    fake = tmp_path / "codex"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    prompt = "a prompt -- with --flags\nand lines " + "x" * 200_000  # longer than one argv string may be
+    s = RunSpec(run_id="r1", session_id="s1", provider="codex", prompt=prompt, cwd="/tmp", permission_mode="default",
+                options=PROVIDERS["codex"].validate_options({}, "default"), env={"CODEX_PATH": str(fake)})
+    cmd = PROVIDERS["codex"].build_command(s)
+    assert cmd.argv[-2:] == ["--", "-"] and not any("a prompt" in a for a in cmd.argv)
+    assert cmd.stdin and cmd.stdin_data == prompt.encode() and cmd.close_stdin_after_data
+
+
 def test_codex_stdin_notice_is_left_out_of_other_errors() -> None:
     _, result = parse("codex", [], exit_code=3, stderr="Reading additional input from stdin...\nboom: bad thing\n")
     assert result.error is not None and result.error.kind == "transport_error"

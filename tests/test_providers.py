@@ -259,7 +259,7 @@ def test_permission_modes_map_to_native_flags() -> None:
 def test_codex_argv_and_resume() -> None:
     a = argv("codex", "go", model="gpt-5.5", reasoning_effort="high", skip_git_repo_check=True,
              additional_directories=["/data"], config={"model_providers.x.request_max_retries": 1})
-    assert a[:3] == ["/bin/true", "exec", "--json"] and a[-2:] == ["--", "go"]
+    assert a[:3] == ["/bin/true", "exec", "--json"] and a[-2:] == ["--", "-"]  # the prompt goes in on stdin
     assert "--model=gpt-5.5" in a and '--config=model_reasoning_effort="high"' in a
     assert "--config=model_providers.x.request_max_retries=1" in a
     assert "--skip-git-repo-check" in a and "--add-dir=/data" in a

@@ -65,6 +65,9 @@ class CommandSpec:
     stdin_data: bytes = b""
     #: Close stdin once the parser saw the terminal event (a stream-json CLI waits for more input).
     close_stdin_at_end: bool = False
+    #: Close stdin right after writing ``stdin_data`` (a CLI that reads its prompt from stdin to EOF
+    #: before it starts, e.g. ``codex exec -``); such a run takes no further input.
+    close_stdin_after_data: bool = False
 
 
 @dataclass(frozen=True)

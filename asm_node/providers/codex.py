@@ -4,12 +4,15 @@ The real CLI prints ``thread.started{thread_id}``, ``turn.started``, then
 ``item.started`` / ``item.completed`` for agent messages, reasoning and tool
 items (command_execution, file_change, mcp_tool_call, web_search, todo_list),
 and ends with ``turn.completed{usage}`` or ``turn.failed{error}``; top-level
-``error`` lines are retry notices ("Reconnecting... 1/1"). stdin must be
-/dev/null: codex reads stdin to EOF before it starts.
+``error`` lines are retry notices ("Reconnecting... 1/1"). codex reads stdin to
+EOF before it starts: the prompt is given as ``-`` and written to stdin, which
+is then closed (a prompt argument with stdin /dev/null makes it print
+"Reading additional input from stdin...").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -33,6 +36,7 @@ from asm_node.providers._cli import (
 )
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import (
+    CommandSpec,
     ExitInfo,
     LineParser,
     RunSpec,
@@ -469,5 +473,11 @@ class CodexProvider(CliProvider):
             mode_args = tuple(a for a in mode_args if a not in ("--sandbox", "read-only"))
         argv += list(mode_args)
         argv += opts.args
-        argv += ["--", spec.prompt]
+        # The prompt goes in on stdin ("-"; build_command writes it and closes stdin): with the prompt
+        # as an argument codex still reads stdin and says "Reading additional input from stdin...".
+        argv += ["--", "-"]
         return argv, {}
+
+    def build_command(self, spec: RunSpec) -> CommandSpec:
+        cmd = super().build_command(spec)
+        return dataclasses.replace(cmd, stdin=True, stdin_data=spec.prompt.encode(), close_stdin_after_data=True)
