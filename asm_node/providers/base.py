@@ -144,8 +144,10 @@ class Provider(ABC):
         return from_config(config) if callable(from_config) else cls()
 
     def permission_table(self) -> dict[str, dict[str, Any]]:
-        """Each asm permission mode: supported?, its native name, CLI args and notes (the manifest's)."""
-        return {m: {"supported": True, "native": m, "cli_args": [], "notes": self.mode_notes.get(m, "")}
+        """Each asm permission mode: supported?, its native name, CLI args and notes (the manifest's).
+        By default a provider has no modes of its own: every mode is accepted and runs the same."""
+        same = "no permission modes of its own: every mode runs the same"
+        return {m: {"supported": True, "native": "(none)", "cli_args": [], "notes": self.mode_notes.get(m, same)}
                 for m in PERMISSION_MODES}
 
     def option_names(self) -> list[str]:
