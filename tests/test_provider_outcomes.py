@@ -211,6 +211,21 @@ def test_codex_resume_with_no_readable_history_says_the_cost_is_the_threads(tmp_
     assert any("cumulative" in w.message for w in result.warnings)
 
 
+def test_codex_reads_only_the_rollouts_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asm_node.providers.codex as codex
+
+    home = tmp_path / "codex"
+    filler = {"type": "response_item", "payload": {"type": "message", "content": "x" * 1000}}
+    path = rollout(home, THREAD, [task_started(), token_count((100, 20), (100, 20)), *[filler] * 50,
+                                  task_started(), token_count((200, 40), (100, 20))])
+    monkeypatch.setattr(codex, "ROLLOUT_TAIL_BYTES", 4096)  # the tail holds the last token_count only
+    assert codex.thread_total(path) == (200, 40)
+    path.write_text(path.read_text() + "\n".join([json.dumps(filler)] * 10) + "\n")
+    assert codex.thread_total(path) is None  # none in the tail of a longer file: unknown, not zero
+    events, result = parse("codex", codex_turn((300, 60)), env={"CODEX_HOME": str(home)}, resume=THREAD)
+    assert cost_of(events) == (300, 60) and any("cumulative" in w.message for w in result.warnings)
+
+
 def test_a_new_codex_thread_reports_what_codex_says(tmp_path: Path) -> None:
     events, result = parse("codex", codex_turn((100, 20)), env={"CODEX_HOME": str(tmp_path)})
     assert cost_of(events) == (100, 20) and "thread_usage" not in output_of(events) and not result.warnings

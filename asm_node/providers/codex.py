@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -50,9 +50,10 @@ from asm_wire import ConfigError, PermissionMode, pb
 
 #: A thread id codex names its rollout file after (a UUID): nothing that could be a path or a glob.
 _THREAD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
-#: The bytes of one rollout file read at most (a long thread's file is megabytes; beyond this the
-#: usage before a run is unknown and the run reports what codex said, with a warning).
-MAX_ROLLOUT_BYTES = 64 << 20
+#: The bytes of a rollout file's tail the node reads (on its event loop, so bounded): a thread's
+#: last token_count and its last turn are near the end; a turn larger than this is not looked into
+#: (its sandbox refusals go unreported, its usage is codex's own figure, said so).
+ROLLOUT_TAIL_BYTES = 8 << 20
 #: What a command refused by codex's sandbox prints (the function_call_output in the rollout).
 _SANDBOX_REFUSAL = re.compile(r"read-only file system|operation not permitted|permission denied", re.I)
 _EXIT_CODE = re.compile(r"Process exited with code (-?\d+)")
@@ -124,24 +125,30 @@ def rollout_file(env: Mapping[str, str], thread_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _rollout_lines(path: Path, needles: tuple[bytes, ...]) -> Iterator[dict[str, Any]]:
-    """The rollout's JSON lines that contain one of ``needles`` (read up to MAX_ROLLOUT_BYTES)."""
+def _rollout_tail(path: Path, needles: tuple[bytes, ...]) -> tuple[list[dict[str, Any]], bool] | None:
+    """The JSON lines containing one of ``needles`` in the file's last ROLLOUT_TAIL_BYTES, and whether
+    that is the whole file; None when it cannot be read."""
     try:
         with path.open("rb") as f:
-            read = 0
-            for line in f:
-                read += len(line)
-                if read > MAX_ROLLOUT_BYTES:
-                    raise ValueError(f"{path} is larger than {MAX_ROLLOUT_BYTES} bytes")
-                if any(n in line for n in needles):
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        continue  # a torn last line while codex writes it
-                    if isinstance(obj, dict):
-                        yield obj
+            size = f.seek(0, 2)
+            start = max(size - ROLLOUT_TAIL_BYTES, 0)
+            f.seek(start)
+            data = f.read(ROLLOUT_TAIL_BYTES)
     except OSError:
-        return
+        return None
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first one is cut
+    out = []
+    for line in lines:
+        if any(n in line for n in needles):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue  # a torn last line while codex writes it
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out, start == 0
 
 
 def _payload(obj: dict[str, Any]) -> dict[str, Any]:
@@ -151,18 +158,18 @@ def _payload(obj: dict[str, Any]) -> dict[str, Any]:
 
 def thread_total(path: Path) -> tuple[int, int] | None:
     """The thread's cumulative (input, output) tokens as its last ``token_count`` says; (0, 0) for a
-    thread that has none yet; None when the file cannot be read whole."""
-    total = (0, 0)
-    try:
-        for obj in _rollout_lines(path, (b'"token_count"',)):
-            p = _payload(obj)
-            info = p.get("info") if p.get("type") == "token_count" else None
-            usage = info.get("total_token_usage") if isinstance(info, dict) else None
-            if isinstance(usage, dict):
-                total = (as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens")))
-    except ValueError:
+    thread that has none yet; None when that is unknown (unreadable, or none in a long file's tail)."""
+    tail = _rollout_tail(path, (b'"token_count"',))
+    if tail is None:
         return None
-    return total
+    lines, whole = tail
+    for obj in reversed(lines):
+        p = _payload(obj)
+        info = p.get("info") if p.get("type") == "token_count" else None
+        usage = info.get("total_token_usage") if isinstance(info, dict) else None
+        if isinstance(usage, dict):
+            return as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens"))
+    return (0, 0) if whole else None
 
 
 @dataclass
@@ -177,31 +184,34 @@ class LastTurn:
 
 
 def last_turn(path: Path) -> LastTurn | None:
-    turn = LastTurn()
-    try:
-        for obj in _rollout_lines(path, (b'"task_started"', b'"token_count"', b'"function_call')):
-            p = _payload(obj)
-            kind = p.get("type")
-            if kind == "task_started":
-                turn = LastTurn()
-            elif kind == "token_count" and isinstance(p.get("info"), dict):
-                last = p["info"].get("last_token_usage")
-                if isinstance(last, dict):
-                    turn.usage = (turn.usage[0] + as_int(last.get("input_tokens")),
-                                  turn.usage[1] + as_int(last.get("output_tokens")))
-            elif kind == "function_call":
-                args: Any = p.get("arguments")
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
-                    pass
-                turn.calls[str(p.get("call_id") or "")] = (str(p.get("name") or ""), args)
-            elif kind == "function_call_output":
-                output = p.get("output")
-                turn.outputs[str(p.get("call_id") or "")] = output if isinstance(output, str) else json.dumps(output)
-    except ValueError:
+    """The thread's last turn (from its last ``task_started``); None when unknown."""
+    tail = _rollout_tail(path, (b'"task_started"', b'"token_count"', b'"function_call'))
+    if tail is None:
         return None
-    return turn
+    lines, whole = tail
+    turn = LastTurn()
+    started = False
+    for obj in lines:
+        p = _payload(obj)
+        kind = p.get("type")
+        if kind == "task_started":
+            turn, started = LastTurn(), True
+        elif kind == "token_count" and isinstance(p.get("info"), dict):
+            last = p["info"].get("last_token_usage")
+            if isinstance(last, dict):
+                turn.usage = (turn.usage[0] + as_int(last.get("input_tokens")),
+                              turn.usage[1] + as_int(last.get("output_tokens")))
+        elif kind == "function_call":
+            args: Any = p.get("arguments")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError:
+                pass
+            turn.calls[str(p.get("call_id") or "")] = (str(p.get("name") or ""), args)
+        elif kind == "function_call_output":
+            output = p.get("output")
+            turn.outputs[str(p.get("call_id") or "")] = output if isinstance(output, str) else json.dumps(output)
+    return turn if started or whole else None
 
 
 def sandbox_refusals(turn: LastTurn) -> list[dict[str, Any]]:
