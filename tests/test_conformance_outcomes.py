@@ -199,15 +199,16 @@ async def test_gemini_in_an_untrusted_folder_is_config_invalid(model_server: Fak
     assert "GEMINI_CLI_TRUST_WORKSPACE=true" in result.error.message
 
 
-async def test_claude_runs_in_a_directory_that_is_not_a_git_repository(
-        cli_node: tuple[str, NodeProcess, Path]) -> None:
-    name, node, scratch = cli_node
-    if name != "claude":
-        pytest.skip("Codex and Gemini have their own tests above")
-    ws = workspace(scratch, "no-git")
+async def test_claude_runs_in_a_directory_that_is_not_a_git_repository(model_server: FakeModelServer,
+                                                                        tmp_path: Path) -> None:
+    node = start_cli_node("claude", model_server, tmp_path)
+    ws = workspace(tmp_path, "no-git")
+    try:
+        async with Session("claude", node=RemoteNode(node.address), cwd=str(ws)) as s:
+            _, result = await run(s, "Say hi. SCENARIO_TEXT")
+    finally:
+        node.stop()
     assert not (ws / ".git").exists()
-    async with Session("claude", node=RemoteNode(node.address), cwd=str(ws)) as s:
-        _, result = await run(s, "Say hi. SCENARIO_TEXT")
     assert result.ok, result.error  # Claude Code has no trust check in --print mode
 
 
