@@ -227,24 +227,29 @@ def provider_init_event(*, model: str = "", tools: Any = (), cwd: str = "", perm
     servers = []
     for s in mcp_servers if isinstance(mcp_servers, list | tuple) else ():
         if isinstance(s, dict):
-            servers.append(pb.McpServerStatus(name=str(s.get("name") or ""), status=str(s.get("status") or "")))
+            servers.append(pb.McpServerStatus(name=str(s.get("name") or "")[:256],
+                                              status=str(s.get("status") or "")[:256]))
         elif isinstance(s, str):
-            servers.append(pb.McpServerStatus(name=s))
+            servers.append(pb.McpServerStatus(name=s[:256]))
     names = [str(t.get("name") or "") if isinstance(t, dict) else str(t)
              for t in (tools if isinstance(tools, list | tuple) else ())]
-    kept = dict(details or {})
+    kept = {str(k): v for k, v in (details or {}).items()}
     text = json.dumps(kept, default=str)
-    dropped: list[str] = []
-    while len(text.encode()) > MAX_INIT_DETAILS and kept:
-        # Drop the largest field first (a tool or skill list), and say which were dropped.
-        biggest = max(kept, key=lambda k: len(json.dumps(kept[k], default=str)))
-        del kept[biggest]
-        dropped.append(str(biggest)[:100])
-        text = json.dumps({**kept, "truncated_keys": dropped}, default=str)
     if len(text.encode()) > MAX_INIT_DETAILS:
-        text = json.dumps({"truncated_keys": dropped[:50]})
+        # Drop the largest fields first (a tool or skill list) and name them; each size measured once.
+        sizes = {k: len(json.dumps(v, default=str).encode()) + len(k.encode()) + 6 for k, v in kept.items()}
+        total, dropped = sum(sizes.values()), []
+        for k in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if total <= MAX_INIT_DETAILS - 4096:  # room for the names of what was dropped
+                break
+            del kept[k]
+            total -= sizes[k]
+            dropped.append(k[:100])
+        text = json.dumps({**kept, "truncated_keys": dropped[:50]}, default=str)
+        if len(text.encode()) > MAX_INIT_DETAILS:
+            text = json.dumps({"truncated_keys": dropped[:50]})
     return pb.Event(kind=kind_value(EventKind.PROVIDER_INIT), provider_init=pb.ProviderInit(
-        model=model or "", tools=names[:1000], cwd=cwd or "", permission_mode=permission_mode or "",
+        model=model or "", tools=[n[:256] for n in names[:1000]], cwd=cwd or "", permission_mode=permission_mode or "",
         mcp_servers=servers[:200], cli_version=cli_version or "", details_json=text))
 
 
