@@ -227,7 +227,10 @@ def sandbox_refusals(turn: LastTurn) -> list[dict[str, Any]]:
         cmd = args.get("cmd", args.get("command")) if isinstance(args, dict) else args
         tool, tool_input = ("Bash", {"command": cmd}) if name in ("exec_command", "shell", "local_shell") else \
             (name, args if isinstance(args, dict) else {"value": args})
-        out.append(denial(tool, tool_input, f"refused by codex's sandbox: {line[:500]}"))
+        # EROFS is the sandbox's own answer to a write; EPERM/EACCES inside it most likely are too.
+        sure = "read-only file system" in line.lower()
+        why = "refused by codex's sandbox" if sure else "failed inside codex's sandbox"
+        out.append(denial(tool, tool_input, f"{why}: {line[:500]}"))
     return out
 
 
