@@ -29,6 +29,7 @@ from asm_node.providers._cli import (
     ev_tool_result,
     ev_tool_use,
 )
+from asm_node.providers._mcp import McpServers, codex_config
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import RunSpec, error_event, result_event
 from asm_wire import ConfigError, PermissionMode, pb
@@ -49,6 +50,8 @@ class CodexOptions(CommonOptions):
     sandbox: Literal["read-only", "workspace-write", "danger-full-access"] | None = None
     #: Extra ``-c key=value`` settings (values are TOML-encoded from JSON).
     config: dict[str, Any] = Field(default_factory=dict)
+    #: MCP servers for this run (``-c mcp_servers.<name>.*``): asm_node.providers._mcp.
+    mcp_servers: McpServers = Field(default_factory=dict)
 
 
 def _toml(value: Any) -> str:
@@ -183,7 +186,7 @@ class CodexProvider(CliProvider):
     parser_class = CodexParser
     #: Any ``-c`` setting: model_providers.*.base_url (where the key goes), mcp_servers.*.command (what runs),
     #: shell_environment_policy (the tools' environment).
-    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config"}
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config", "mcp_servers"}
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         out = super().validate_options(options, permission_mode)
@@ -224,6 +227,7 @@ class CodexProvider(CliProvider):
         config += list(opts.config.items())
         for key, value in config:
             argv.append(f"--config={key}={_toml(value)}")
+        argv += [f"--config={item}" for item in codex_config(opts.mcp_servers)]
         if opts.skip_git_repo_check:
             argv.append("--skip-git-repo-check")
         if opts.output_schema is not None:
