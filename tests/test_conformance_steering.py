@@ -26,7 +26,7 @@ from asm_node.providers._mcp import secure_for_gemini
 from asm_wire import AsmError, pb
 from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
 from tests.support.fake_model_server import FakeModelServer
-from tests.support.processes import NodeProcess, pid_alive, start_node_process, wait_until
+from tests.support.processes import NodeProcess, pid_alive, start_controller_process, start_node_process, wait_until
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
@@ -154,12 +154,21 @@ async def test_claude_plain_run_is_unchanged_by_steering_support(cli_node: tuple
 
 
 @on("claude")
+@pytest.mark.parametrize("via", ["node", "controller"])
 def test_asm_input_steers_a_run_from_another_shell(cli_node: tuple[str, NodeProcess, Path],
-                                                   model_server: FakeModelServer) -> None:
+                                                   model_server: FakeModelServer, via: str, tmp_path: Path) -> None:
     _, node, workspace = cli_node
+    if via == "controller":
+        with start_controller_process(tmp_path, "--node", node.address) as ctl:
+            asm_input_steers(ctl.address, "--controller", workspace, model_server)
+    else:
+        asm_input_steers(node.address, "--node", workspace, model_server)
+
+
+def asm_input_steers(address: str, flag: str, workspace: Path, model_server: FakeModelServer) -> None:
     model_server.clear()
     run = subprocess.Popen(
-        [sys.executable, "-m", "asm_cli", "run", "--node", node.address, "--provider", "claude", "--cwd",
+        [sys.executable, "-m", "asm_cli", "run", flag, address, "--provider", "claude", "--cwd",
          str(workspace), "--output", "jsonl", "Tell me something slowly. SCENARIO_STEER"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
     try:
@@ -171,7 +180,7 @@ def test_asm_input_steers_a_run_from_another_shell(cli_node: tuple[str, NodeProc
             if ev.get("kind") == "assistant_delta":
                 break
         sent = subprocess.run([sys.executable, "-m", "asm_cli", "input", run_id, "Also: STEERED-TEXT-42",
-                               "--node", node.address], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+                               flag, address], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
         assert sent.returncode == 0, sent.stderr
         rest, err = run.communicate(timeout=90)
     finally:
@@ -183,7 +192,7 @@ def test_asm_input_steers_a_run_from_another_shell(cli_node: tuple[str, NodeProc
     assert "Steered answer: STEERED-TEXT-42" in summary["text"], summary
     assert steered_requests(model_server)
     # Once the run ended its input is refused, typed (exit 2, one line, no traceback).
-    late = subprocess.run([sys.executable, "-m", "asm_cli", "input", run_id, "too late", "--node", node.address],
+    late = subprocess.run([sys.executable, "-m", "asm_cli", "input", run_id, "too late", flag, address],
                           capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert late.returncode == 2 and "not running" in late.stderr and "Traceback" not in late.stderr
 

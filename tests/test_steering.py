@@ -5,7 +5,7 @@ The turn accounting of the Claude parser is tested on lines as Claude Code 2.1 p
 answer streams is echoed with ``isReplay`` after that answer's ``result`` and gets a turn and a
 ``result`` of its own; one steered in while tools run is echoed before the turn's only ``result``;
 ``total_cost_usd`` is cumulative per process). The run path uses a fake ``claude`` that behaves the
-same way; the real CLI is in tests/test_conformance_steering.py.
+same way (tests/support/fake_claude.py); the real CLI is in tests/test_conformance_steering.py.
 """
 
 from __future__ import annotations
@@ -26,58 +26,13 @@ from asm_node.providers.base import RunSpec
 from asm_node.providers.claude import ClaudeProvider
 from asm_node.testing import running_agent, test_config
 from asm_wire import KIND_NAMES, AsmError, ConfigError, RunNotFound, pb
+from tests.support.fake_claude import install_fake_claude
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A fake Claude Code: stream-json input, replays, one result per queued message, cumulative cost.
-FAKE_CLAUDE = r'''
-import json, queue, sys, threading, time
-args = sys.argv[1:]
-def out(obj):
-    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
-SID = "11111111-2222-4333-8444-555555555555"
-out({"type": "system", "subtype": "init", "session_id": SID, "cwd": ".", "tools": [], "model": "fake"})
-inbox = queue.Queue()
-if "--input-format" in args:
-    def read():
-        for line in sys.stdin:
-            if line.strip():
-                inbox.put(json.loads(line))
-        inbox.put(None)
-    threading.Thread(target=read, daemon=True).start()
-else:
-    inbox.put({"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": args[-1]}]}})
-    inbox.put(None)
-turns = 0
-while True:
-    msg = inbox.get()
-    if msg is None:
-        break
-    text = "".join(b.get("text", "") for b in msg["message"]["content"])
-    if "--replay-user-messages" in args:
-        out({**msg, "session_id": SID, "isReplay": True})
-    turns += 1
-    mid = f"msg_{turns}"
-    answer = f"answer {turns}: {text}"
-    if "SLOW" in text:
-        for i in range(6):
-            time.sleep(0.25)
-            out({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
-                 "delta": {"type": "text_delta", "text": f"s{i} "}}})
-    out({"type": "assistant", "message": {"id": mid, "model": "fake", "content": [{"type": "text", "text": answer}],
-         "usage": {"input_tokens": 100, "output_tokens": 20}}})
-    out({"type": "result", "subtype": "success", "is_error": False, "result": answer, "session_id": SID,
-         "usage": {"input_tokens": 100, "output_tokens": 20}, "total_cost_usd": 0.001 * turns, "num_turns": 1})
-    if "--input-format" not in args:
-        break
-'''
-
-
 @pytest.fixture
 def fake_claude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    script = tmp_path / "claude"
-    script.write_text(f"#!{sys.executable}\n{FAKE_CLAUDE}")
-    script.chmod(0o755)
+    script = install_fake_claude(tmp_path)
     monkeypatch.setenv("CLAUDE_CLI_PATH", str(script))
     return script
 
