@@ -263,7 +263,8 @@ class Run:
         proc = self._proc
         if not self.command.stdin:
             raise ConfigError(f"run {self.spec.run_id} does not accept input: provider {self.spec.provider} takes "
-                              "no input while it runs (steering is for Claude runs, through stream-json input)",
+                              "no input while it runs (steering is for Claude runs, through stream-json input, "
+                              "unless started with steering=false)",
                               reason="input_not_supported")
         if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
             raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
