@@ -141,6 +141,30 @@ async def test_claude_steered_message_reaches_the_model_and_the_answer(
 
 
 @on("claude")
+async def test_claude_message_steered_while_a_tool_runs_joins_that_turn(
+        cli_node: tuple[str, NodeProcess, Path], model_server: FakeModelServer) -> None:
+    """Claude adds a message that arrives while tools run to the current turn (one result): the run
+    still ends, right after it, and the answer to the tool result is the steered one."""
+    model_server.clear()
+    async with session(cli_node, permission_mode="bypass") as s:
+        stream = s.stream("Run it. SCENARIO_SLOWTOOL")
+        events: list[Event] = []
+        async for ev in stream:
+            events.append(ev)
+            if ev.kind == "tool_use":
+                await s.send_input(stream.run_id, "Also: STEERED-TEXT-42")
+    result = stream.result
+    assert result is not None and result.ok, result and result.error
+    assert result.text.rstrip().endswith("Steered answer: STEERED-TEXT-42"), result.text
+    kinds = [e.kind for e in events]
+    assert kinds.count("tool_result") == 1 and kinds[-2:] == ["result", "run_completed"]
+    assert [e for e in events if e.kind == "user_message" and "STEERED-TEXT-42" in json.dumps(e.to_dict())]
+    # The steered text reached the model with the tool's result, in the same turn.
+    [req] = steered_requests(model_server)
+    assert req.turn == "tool_result"
+
+
+@on("claude")
 async def test_claude_plain_run_is_unchanged_by_steering_support(cli_node: tuple[str, NodeProcess, Path]) -> None:
     """Every Claude run takes its prompt as stream-json input now: one that is not steered ends as before."""
     async with session(cli_node) as s:

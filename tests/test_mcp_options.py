@@ -199,3 +199,23 @@ def test_the_test_mcp_server_speaks_json_rpc_over_stdio(tmp_path: Path) -> None:
     assert replies[3]["error"]["code"] == -32602 and replies[4]["error"]["code"] == -32601
     assert replies[5]["error"]["code"] == -32700
     assert len(log.read_text().splitlines()) == len(requests)
+
+
+def test_the_model_server_finds_each_clis_mcp_tool() -> None:
+    from tests.support.fake_model_server import TOOL_SEARCH, decide_anthropic, decide_gemini, decide_openai
+
+    prompt = [{"role": "user", "content": "Find the secret. SCENARIO_MCP"}]
+    claude = decide_anthropic({"messages": prompt, "tools": [{"name": "Bash"}, {"name": "mcp__asmtest__lookup"}]})
+    assert (claude.scenario, claude.mcp_tool) == ("MCP", "mcp__asmtest__lookup")
+    gemini = decide_gemini({"contents": [{"role": "user", "parts": [{"text": "SCENARIO_MCP"}]}],
+                            "tools": [{"functionDeclarations": [{"name": "mcp_asmtest_lookup"}]}]})
+    assert gemini.mcp_tool == "mcp_asmtest_lookup"
+    # Codex 0.169 defers MCP tools behind tool_search: search first, then call the namespaced tool found.
+    user = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "SCENARIO_MCP"}]}
+    first = decide_openai({"input": [user], "tools": [{"type": "function", "name": "exec_command"},
+                                                      {"type": "tool_search"}]})
+    assert first.mcp_tool == TOOL_SEARCH
+    found = {"type": "tool_search_output", "tools": [{"type": "namespace", "name": "mcp__asmtest",
+                                                      "tools": [{"type": "function", "name": "lookup"}]}]}
+    second = decide_openai({"input": [user, {"type": "tool_search_call"}, found], "tools": []})
+    assert (second.scenario, second.mcp_tool, second.mcp_namespace) == ("MCP", "lookup", "mcp__asmtest")

@@ -219,3 +219,24 @@ def test_asm_input_usage_errors_are_one_line() -> None:
     assert unreachable.returncode == 3 and "Traceback" not in unreachable.stderr
     missing = asm("run-1", "hello")
     assert missing.returncode == 2
+
+
+# -- the scripted model server's steering rule --------------------------------------------
+
+
+def test_the_model_server_answers_a_steered_message_wherever_claude_puts_it() -> None:
+    from tests.support.fake_model_server import PROMPT, TOOL_RESULT, decide_anthropic, decide_gemini, decide_openai
+
+    queued = decide_anthropic({"messages": [
+        {"role": "user", "content": "Tell me slowly. SCENARIO_STEER"}, {"role": "assistant", "content": "slow0"},
+        {"role": "user", "content": [{"type": "text", "text": "Also: STEERED-TEXT-42"}]}]})
+    assert (queued.turn, queued.steered) == (PROMPT, "STEERED-TEXT-42")
+    merged = decide_anthropic({"messages": [
+        {"role": "user", "content": "Run it. SCENARIO_SLOWTOOL"}, {"role": "assistant", "content": "tool"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "tool-output-123"}]},
+        {"role": "system", "content": "The user sent a new message while you were working:\nSTEERED-TEXT-42"}]})
+    assert (merged.turn, merged.steered) == (TOOL_RESULT, "STEERED-TEXT-42")
+    plain = decide_anthropic({"messages": [{"role": "user", "content": "hi SCENARIO_STEER"}]})
+    assert (plain.scenario, plain.steered) == ("STEER", None)
+    assert decide_openai({"input": "x STEERED-A-1"}).steered == "STEERED-A-1"
+    assert decide_gemini({"contents": [{"role": "user", "parts": [{"text": "STEERED-B"}]}]}).steered == "STEERED-B"

@@ -15,6 +15,7 @@ It is stateless. The scenario comes from a marker in the *last user turn* of the
 ``SCENARIO_TOOL``     call the shell tool with ``echo tool-output-123``; answer the tool result with
                       ``Tool said: <first line of the output>``
 ``SCENARIO_TOOLWRITE`` like TOOL, but the command is ``touch denied-file.txt``
+``SCENARIO_SLOWTOOL`` like TOOL, but the command sleeps 2 s first (a turn to steer into while tools run)
 ``SCENARIO_ERR500``   HTTP 500 with the API's JSON error body
 ``SCENARIO_ERR401``   HTTP 401 with the API's JSON error body
 ``SCENARIO_SLOW``     a text answer streamed as 40 deltas, 0.25 s apart
@@ -68,6 +69,7 @@ TEXT_ANSWER = "Hello from the fake model."
 TOOL_PREAMBLE = "I'll run a command."
 TOOL_COMMAND = "echo tool-output-123"
 TOOLWRITE_COMMAND = "touch denied-file.txt"
+SLOWTOOL_COMMAND = "sleep 2 && echo tool-output-123"
 TOOL_DONE = "Done after tool."
 SLOW_DELTAS = 40
 SLOW_INTERVAL = 0.25
@@ -80,7 +82,7 @@ TOOL_SEARCH = "\x00tool_search"
 #: _plan's "command" for a call of the offered MCP tool instead of the shell tool.
 MCP_CALL = "\x00mcp"
 
-SCENARIOS = ("TEXT", "TOOL", "TOOLWRITE", "ERR500", "ERR401", "SLOW", "STEER", "MCP")
+SCENARIOS = ("TEXT", "TOOL", "TOOLWRITE", "SLOWTOOL", "ERR500", "ERR401", "SLOW", "STEER", "MCP")
 _MARKER = re.compile(r"SCENARIO_([A-Z0-9]+)")
 _STEERED = re.compile(r"STEERED-[A-Za-z0-9-]+")
 
@@ -219,7 +221,7 @@ def _text_of(value: Any) -> str:
 
 
 def _tool_command(scenario: str) -> str:
-    return TOOLWRITE_COMMAND if scenario == "TOOLWRITE" else TOOL_COMMAND
+    return {"TOOLWRITE": TOOLWRITE_COMMAND, "SLOWTOOL": SLOWTOOL_COMMAND}.get(scenario, TOOL_COMMAND)
 
 
 # --- Anthropic
@@ -582,7 +584,7 @@ class _Handler(BaseHTTPRequestHandler):
         if decision.turn == TOOL_RESULT:
             text = final_tool_text(decision.tool_output)
             return _split(text), None
-        if decision.scenario in ("TOOL", "TOOLWRITE") and decision.tool_offered:
+        if decision.scenario in ("TOOL", "TOOLWRITE", "SLOWTOOL") and decision.tool_offered:
             return [TOOL_PREAMBLE], _tool_command(decision.scenario)
         if decision.scenario == "MCP" and decision.mcp_tool:
             return [MCP_PREAMBLE], MCP_CALL
