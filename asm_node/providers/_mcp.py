@@ -242,7 +242,9 @@ def write_gemini_settings(servers: Mapping[str, McpServer], env: Mapping[str, st
     mcp.update(gemini_entries(servers))
     settings = {**base, "mcpServers": mcp}
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for level in [*reversed(directory.parents), directory]:
+            if not level.exists():
+                level.mkdir(mode=0o700)  # every level it creates private (Gemini checks them all)
         _prune(directory)
         path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)[:200]}.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
