@@ -11,6 +11,7 @@
              [--session ID] [--provider P] [--node-address A] [--since T] [--until T] [--page-size N] [--page-token T|--all]
     asm logs RUN_ID (--controller C | --node HOST:PORT) [--follow] [--after-seq N] [--output text|jsonl]
     asm sessions --controller C [--provider P] [--node A] [--output text|json];  asm sessions --node N --provider P
+    asm input RUN_ID TEXT (--controller C | --node HOST:PORT)     # steer a running (Claude) run
 
 Exit codes: 0 success; 1 the run failed; 2 usage or configuration error;
 3 no node could be used (unreachable, refused, incompatible); 4 the node stopped
@@ -36,6 +37,7 @@ from pydantic import ValidationError
 from asm_cli.commands import (
     attach,
     controller_serve,
+    input,
     logs,
     node_drain,
     node_serve,
@@ -60,6 +62,7 @@ from asm_cli.commands._common import (
 )
 from asm_cli.commands.attach import cmd_attach
 from asm_cli.commands.controller_serve import cmd_controller_serve
+from asm_cli.commands.input import cmd_input
 from asm_cli.commands.logs import cmd_logs
 from asm_cli.commands.node_drain import cmd_node_drain, cmd_node_undrain
 from asm_cli.commands.node_serve import cmd_node_serve
@@ -74,7 +77,7 @@ from asm_wire import AsmError, __version__
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NODE", "EXIT_NODE_STOPPED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE",
-    "NODE_STOPPED_KINDS", "build_parser", "cmd_attach", "cmd_controller_serve", "cmd_logs", "cmd_node_drain", "cmd_node_serve",
+    "NODE_STOPPED_KINDS", "build_parser", "cmd_attach", "cmd_controller_serve", "cmd_input", "cmd_logs", "cmd_node_drain", "cmd_node_serve",
     "cmd_node_undrain", "cmd_nodes", "cmd_providers", "cmd_replay", "cmd_run", "cmd_runs", "cmd_sessions", "main",
 ]
 
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_drain.add_parser(node_sub)  # drain and undrain
     run.add_parser(sub)
     attach.add_parser(sub)
+    input.add_parser(sub)
     logs.add_parser(sub)
     runs.add_parser(sub)
     sessions.add_parser(sub)

@@ -303,6 +303,19 @@ class Session:
             pb.ResolveApprovalRequest(run_id=run.run_id, approval_id=approval_id, decision=decision, reason=reason)
         )
 
+    async def send_input(self, run_id: str, text: str) -> None:
+        """Steer a running run: ``text`` goes to its CLI as a user message (Claude Code's stream-json
+        input) and may change the answer. A provider that takes no input refuses with ``config_invalid``
+        (reason ``input_not_supported``); a run that has ended, with reason ``run_not_running``."""
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError("send_input needs a non-empty text", reason="input_invalid")
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RunNotFound(f"Unknown run id: {run_id}")
+        if run.state == "done" or run.handle is None:
+            raise make_error("config_invalid", "runtime", f"run {run_id} is not running", reason="run_not_running")
+        await run.handle.api.send_input(pb.SendInputRequest(run_id=run.node_run_id, data=text.encode("utf-8")))
+
     @property
     def checkpoint(self) -> Checkpoint | None:
         """The last provider session a run of this session reported (last writer wins)."""
@@ -321,11 +334,21 @@ class Session:
             return target.strip(), None
         raise ConfigError(f"invalid resume target {target!r}; expected 'checkpoint', 'latest', or a session id")
 
-    def resume_run(self, prompt: str, target: str = "checkpoint", **overrides: Any) -> RunStream:
+    def resume_run(self, prompt: str, target: str = "checkpoint", *, provider_session_id: str | None = None,
+                   **overrides: Any) -> RunStream:
         """Continue a provider session: the checkpoint's (default), the latest, or an exact id.
 
+        ``provider_session_id`` names one exactly, e.g. one ``asm sessions --node N --provider P`` listed
+        (ListProviderSessions): it is the CLI's own session on that host, so give ``node`` (and
+        ``provider``) when the session's defaults do not already point there.
         The run goes to the node that holds that provider session unless ``node`` is given.
         """
+        if provider_session_id is not None:
+            if not isinstance(provider_session_id, str) or not provider_session_id.strip():
+                raise ConfigError("provider_session_id must be a non-empty provider session id")
+            if target != "checkpoint":
+                raise ConfigError("give either a resume target or provider_session_id, not both")
+            target = provider_session_id
         resume, cp = self._continuation(target)
         if cp is not None:
             overrides.setdefault("node", cp.node)

@@ -256,14 +256,27 @@ class Run:
         ])
 
     async def send_input(self, data: bytes, end: bool) -> None:
+        """Deliver a client's input to the CLI (steering a Claude run: a user message mid-run).
+
+        The parser frames it (input_message); once the run's last turn ended, stdin is closed and
+        the input is refused as run_not_running rather than written to a CLI that will not read it."""
         proc = self._proc
         if not self.command.stdin or self.command.close_stdin_after_data:
-            raise ConfigError(f"run {self.spec.run_id} does not accept input (provider {self.spec.provider})")
-        if proc is None or proc.stdin is None or self.done:
+            raise ConfigError(f"run {self.spec.run_id} does not accept input: provider {self.spec.provider} takes "
+                              "no input while it runs (steering is for Claude runs, through stream-json input, "
+                              "unless started with steering=false)",
+                              reason="input_not_supported")
+        if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
             raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
                              reason="run_not_running")
-        proc.stdin.write(data)
-        await proc.stdin.drain()
+        payload = self.parser.input_message(data) if data else b""
+        try:
+            if payload:
+                proc.stdin.write(payload)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):  # the CLI closed its stdin: it takes no more input
+            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} no longer reads input",
+                             reason="run_not_running") from None
         if end:
             proc.stdin.close()
 

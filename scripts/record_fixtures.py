@@ -126,7 +126,9 @@ def record_one(name: str, cli: Path, scenario: str, server: FakeModelServer, scr
                    cwd=str(workspace), permission_mode=mode, options=provider.validate_options(OPTIONS[name], mode),
                    env=env)
     cmd = provider.build_command(spec)
-    proc = subprocess.run(cmd.argv, cwd=cmd.cwd, env=cmd.env, stdin=subprocess.DEVNULL, capture_output=True,
+    # A prompt sent as stream-json input (Claude) is written and stdin closed: the CLI exits after its turn.
+    proc = subprocess.run(cmd.argv, cwd=cmd.cwd, env=cmd.env, input=cmd.stdin_data if cmd.stdin else None,
+                          stdin=None if cmd.stdin else subprocess.DEVNULL, capture_output=True,
                           timeout=RUN_TIMEOUT_S, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace")[-2000:]

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from asm_controller import GrpcNodeClient, RemoteNode
+from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node.providers import AmpProvider, ClaudeProvider, CodexProvider, GeminiProvider, ShellProvider, _sessions
-from asm_node.testing import ServedProcess, serve_controller
-from asm_wire import AsmError, pb
+from asm_node.testing import ServedProcess, running_agent, serve_controller
+from asm_wire import AsmError, ConfigError, pb
+from tests.support.fake_claude import install_fake_claude
 from tests.support.processes import ROOT, node_config, start_node_process
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sessions"
@@ -253,3 +254,30 @@ def test_asm_sessions_lists_a_nodes_cli_sessions(fleet: tuple[ServedProcess, Ser
     assert outside.returncode == 5, outside.stderr
     for proc in (direct, via, no_provider, outside):
         assert "Traceback" not in proc.stderr
+
+
+# -- Session.resume_run(provider_session_id=...) ----------------------------------------
+
+
+async def test_resume_run_continues_a_listed_provider_session_by_its_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The id a listing gave goes to the CLI as its resume id, from a Session that never ran it (no checkpoint)."""
+    monkeypatch.setenv("CLAUDE_CLI_PATH", str(install_fake_claude(tmp_path)))
+    async with running_agent(node_config()) as agent, \
+            Session("claude", node=EmbeddedNode(agent), cwd=str(tmp_path)) as s:
+        assert s.checkpoint is None
+        stream = s.resume_run("go on", provider_session_id=CLAUDE_ID)
+        events = [ev async for ev in stream]
+        assert f"--resume={CLAUDE_ID}" in events[0].payload["args"]
+        assert stream.result is not None and stream.result.ok, stream.result and stream.result.error
+        assert stream.result.provider_session_id == CLAUDE_ID
+        assert s.checkpoint is not None and s.checkpoint.provider_session_id == CLAUDE_ID
+        # Typed refusals, before anything runs: an empty id, an id and a target, an id that is a flag.
+        with pytest.raises(ConfigError):
+            s.resume_run("go on", provider_session_id=" ")
+        with pytest.raises(ConfigError):
+            s.resume_run("go on", "latest", provider_session_id=CLAUDE_ID)
+        flag = s.resume_run("go on", provider_session_id="--dangerously-skip-permissions")
+        _ = [ev async for ev in flag]
+        assert flag.result is not None and flag.result.error is not None
+        assert flag.result.error.kind == "config_invalid" and "session id" in flag.result.error.message

@@ -235,8 +235,10 @@ def argv(provider: str, prompt: str = "hi", mode: str = "default", **options: An
 
 
 def test_claude_argv() -> None:
+    # steering=False: the prompt on argv, as before runs were steerable (the default sends it on stdin,
+    # tests/test_steering.py).
     a = argv("claude", "-rf prompt", "auto", model="sonnet", max_turns=3, append_system_prompt="be terse",
-             resume="abc-123", args=["--add-dir=/x"])
+             resume="abc-123", args=["--add-dir=/x"], steering=False)
     assert a[:5] == ["/bin/true", "--print", "--output-format", "stream-json", "--verbose"]
     assert ["--permission-mode", "acceptEdits"] == a[a.index("--permission-mode"):a.index("--permission-mode") + 2]
     assert "--model=sonnet" in a and "--max-turns=3" in a and "--resume=abc-123" in a

@@ -107,6 +107,11 @@ class LineParser(ABC):
         """What to write to the CLI's stdin to deliver an approval decision; None if the CLI cannot take one."""
         return None
 
+    def input_message(self, data: bytes) -> bytes:
+        """What to write to the CLI's stdin for a client's input (SendInput): the bytes as given, unless
+        the CLI frames its input (Claude's stream-json user messages); ConfigError for input it cannot take."""
+        return data
+
 
 class Provider(ABC):
     """One provider: a module declares its class (everything about its CLI) and one registry line

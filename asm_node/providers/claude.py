@@ -32,6 +32,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
+from asm_node.providers._mcp import McpServers, claude_config
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import (
     CommandSpec,
@@ -59,6 +60,12 @@ class ClaudeOptions(CommonOptions):
     #: Route tool permission prompts through asm (approval_requested / approve()): the prompt goes
     #: in as stream-json input and Claude asks over stdio (--permission-prompt-tool stdio).
     approvals: bool = False
+    #: Keep the run steerable (Session.send_input / asm input): the prompt goes in as the first
+    #: stream-json user message and stdin stays open until the last turn's result. False passes the
+    #: prompt on argv with stdin closed, as before steering existed.
+    steering: bool = True
+    #: MCP servers for this run (--mcp-config, with --strict-mcp-config): asm_node.providers._mcp.
+    mcp_servers: McpServers = Field(default_factory=dict)
 
 
 def _text_of(content: Any) -> Any:
@@ -78,6 +85,12 @@ class ClaudeParser(JsonLineParser):
         #: tool_use ids seen, and the text of the error results the CLI gave them (a denial's reason).
         self._tool_ids: set[str] = set()
         self._error_results: dict[str, str] = {}
+        #: Steering: messages steered in after the prompt, the user messages the CLI took (echoed back
+        #: with isReplay by --replay-user-messages, in stdin order: the prompt first), and the
+        #: cumulative cost reported so far.
+        self.steered_sent = 0
+        self.replays = 0
+        self._reported_usd = 0.0
 
     def _block_key(self, b: Any) -> str:
         if isinstance(b, dict):
@@ -185,6 +198,37 @@ class ClaudeParser(JsonLineParser):
                "response": {"subtype": "success", "request_id": approval_id, "response": answer}}
         return (json.dumps(msg) + "\n").encode()
 
+    def input_message(self, data: bytes) -> bytes:
+        """A steered user message as Claude's stream-json input; one more turn to wait for."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("input for a Claude run is text: it must be UTF-8", reason="input_invalid") from None
+        if not text.strip():
+            raise ConfigError("input for a Claude run must not be empty", reason="input_invalid")
+        self.steered_sent += 1
+        message = {"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": text}]}}
+        return (json.dumps(message) + "\n").encode()
+
+    def turn_result(self, obj: dict[str, Any], out: list[pb.Event]) -> dict[str, Any] | None:
+        """A ``result`` line: the run's end (returned, cost made per turn), or None when a steered
+        message is still to be answered (Claude runs a turn of its own for a message that arrived
+        while it answered the last one: its cost is emitted now, the run goes on)."""
+        reported = obj.get("total_cost_usd")
+        turn_usd: float | None = None
+        if isinstance(reported, int | float) and not isinstance(reported, bool):
+            # Claude reports the process's cumulative cost on every result line.
+            turn_usd = max(float(reported) - self._reported_usd, 0.0)
+            self._reported_usd = float(reported)
+        failed = bool(obj.get("is_error")) or str(obj.get("subtype") or "").startswith("error")
+        if failed or max(self.replays - 1, 0) >= self.steered_sent:
+            return obj if turn_usd is None else {**obj, "total_cost_usd": turn_usd}
+        usage = obj["usage"] if isinstance(obj.get("usage"), dict) else self.last_usage
+        in_tok, out_tok = as_int(usage.get("input_tokens")), as_int(usage.get("output_tokens"))
+        if in_tok or out_tok or turn_usd is not None:
+            out.append(self.cost(in_tok, out_tok, turn_usd))
+        return None
+
     def handle(self, obj: dict[str, Any], out: list[pb.Event]) -> None:
         t = obj.get("type") or obj.get("event")
         if t == "control_request":
@@ -207,10 +251,16 @@ class ClaudeParser(JsonLineParser):
         if t == "assistant" or t == "assistant_message":
             msg = obj.get("message")
             self.assistant(msg if isinstance(msg, dict) else {"content": obj.get("content") or []}, out)
+        elif t == "user" and obj.get("isReplay"):
+            self.replays += 1
+            if self.replays > 1:  # a steered message the CLI took (the prompt itself is not news)
+                self.user(obj.get("message") or {}, out)
         elif t == "user":
             self.user(obj.get("message") or {}, out)
         elif t == "result":
-            self.result(obj, out)
+            final = self.turn_result(obj, out)
+            if final is not None:
+                self.result(final, out)
         elif t == "system" and obj.get("subtype") == "init":
             rest = {k: v for k, v in obj.items() if k not in (
                 "type", "subtype", "model", "tools", "cwd", "permissionMode", "mcp_servers", "claude_code_version")}
@@ -304,13 +354,15 @@ class ClaudeProvider(CliProvider):
     parser_class = ClaudeParser
     #: Where Claude sends the node's ANTHROPIC_API_KEY, and the credential it sends.
     operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {
-        "anthropic_base_url", "anthropic_auth_token"}
+        "anthropic_base_url", "anthropic_auth_token", "mcp_servers"}
 
     def build_command(self, spec: RunSpec) -> CommandSpec:
         cmd = super().build_command(spec)
-        if not spec.options["parsed"].approvals:
+        opts = spec.options["parsed"]
+        if not (opts.approvals or opts.steering):
             return cmd
-        # The prompt goes in as a stream-json user message; stdin stays open for approval answers.
+        # The prompt goes in as a stream-json user message; stdin stays open for approval answers
+        # and steered messages until the last turn's result.
         message = {"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": spec.prompt}]}}
         return dataclasses.replace(cmd, stdin=True, stdin_data=(json.dumps(message) + "\n").encode(),
                                    close_stdin_at_end=True)
@@ -348,11 +400,17 @@ class ClaudeProvider(CliProvider):
             argv.append("--continue")
         elif opts.resume:
             argv.append(f"--resume={opts.resume}")
+        if opts.mcp_servers:
+            # Exactly these servers: the node user's own MCP configuration is not mixed in.
+            argv += [f"--mcp-config={claude_config(opts.mcp_servers)}", "--strict-mcp-config"]
         argv += opts.args
-        if not opts.approvals:
-            argv += ["--", spec.prompt]
+        if opts.approvals or opts.steering:
+            # --replay-user-messages: the CLI echoes each input message as it takes it (turn accounting).
+            argv += ["--input-format", "stream-json", "--replay-user-messages"]
+            if opts.approvals:
+                argv += ["--permission-prompt-tool", "stdio"]
         else:
-            argv += ["--input-format", "stream-json", "--permission-prompt-tool", "stdio"]
+            argv += ["--", spec.prompt]
         env: dict[str, str] = {}
         if opts.anthropic_base_url:
             env["ANTHROPIC_BASE_URL"] = opts.anthropic_base_url

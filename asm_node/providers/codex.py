@@ -34,6 +34,7 @@ from asm_node.providers._cli import (
     ev_tool_result,
     ev_tool_use,
 )
+from asm_node.providers._mcp import McpServers, codex_config
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import (
     CommandSpec,
@@ -81,6 +82,8 @@ class CodexOptions(CommonOptions):
     sandbox: Literal["read-only", "workspace-write", "danger-full-access"] | None = None
     #: Extra ``-c key=value`` settings (values are TOML-encoded from JSON).
     config: dict[str, Any] = Field(default_factory=dict)
+    #: MCP servers for this run (``-c mcp_servers.<name>.*``): asm_node.providers._mcp.
+    mcp_servers: McpServers = Field(default_factory=dict)
 
 
 def _toml(value: Any) -> str:
@@ -410,7 +413,7 @@ class CodexProvider(CliProvider):
     parser_class = CodexParser
     #: Any ``-c`` setting: model_providers.*.base_url (where the key goes), mcp_servers.*.command (what runs),
     #: shell_environment_policy (the tools' environment).
-    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config"}
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"config", "mcp_servers"}
 
     #: codex exec prints this whenever stdin is not a terminal (the node gives it /dev/null).
     stderr_noise: ClassVar[tuple[str, ...]] = ("Reading additional input from stdin",)
@@ -470,6 +473,7 @@ class CodexProvider(CliProvider):
         config += list(opts.config.items())
         for key, value in config:
             argv.append(f"--config={key}={_toml(value)}")
+        argv += [f"--config={item}" for item in codex_config(opts.mcp_servers)]
         if opts.skip_git_repo_check:
             argv.append("--skip-git-repo-check")
         if opts.output_schema is not None:

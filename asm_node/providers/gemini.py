@@ -27,6 +27,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
+from asm_node.providers._mcp import McpServers, write_gemini_settings
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import ExitInfo, RunSpec, error_event, provider_init_event, result_event, stderr_summary
 from asm_wire import ConfigError, pb
@@ -43,6 +44,9 @@ class GeminiOptions(CommonOptions):
     system_prompt: str | None = None
     sandbox: bool = False
     extensions: list[str] = Field(default_factory=list)
+    #: MCP servers for this run (a system settings file the node writes outside the workspace,
+    #: GEMINI_CLI_SYSTEM_SETTINGS_PATH): asm_node.providers._mcp.
+    mcp_servers: McpServers = Field(default_factory=dict)
 
 
 class GeminiParser(JsonLineParser):
@@ -158,8 +162,8 @@ class GeminiProvider(CliProvider):
         "default": "headless Gemini does not offer the tools that would ask (its shell tool)",
     }
     parser_class = GeminiParser
-    #: Only the common ones: the Gemini endpoint (GOOGLE_GEMINI_BASE_URL) comes from the node's environment.
-    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options
+    #: The common ones and mcp_servers: the Gemini endpoint (GOOGLE_GEMINI_BASE_URL) comes from the node's environment.
+    operator_options: ClassVar[frozenset[str]] = CliProvider.operator_options | {"mcp_servers"}
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         out = super().validate_options(options, permission_mode)
@@ -180,4 +184,8 @@ class GeminiProvider(CliProvider):
             argv.append(f"--resume={opts.resume}")
         argv += list(mode_args)
         argv += opts.args
-        return argv, {}
+        env: dict[str, str] = {}
+        if opts.mcp_servers:
+            env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = write_gemini_settings(opts.mcp_servers, spec.env, spec.run_id,
+                                                                           spec.cwd)
+        return argv, env

@@ -15,10 +15,19 @@ It is stateless. The scenario comes from a marker in the *last user turn* of the
 ``SCENARIO_TOOL``     call the shell tool with ``echo tool-output-123``; answer the tool result with
                       ``Tool said: <first line of the output>``
 ``SCENARIO_TOOLWRITE`` like TOOL, but the command is ``touch denied-file.txt``
+``SCENARIO_SLOWTOOL`` like TOOL, but the command sleeps 2 s first (a turn to steer into while tools run)
 ``SCENARIO_ERR500``   HTTP 500 with the API's JSON error body
 ``SCENARIO_ERR401``   HTTP 401 with the API's JSON error body
 ``SCENARIO_SLOW``     a text answer streamed as 40 deltas, 0.25 s apart
+``SCENARIO_STEER``    streamed like SLOW: a run a test steers while it streams (see below)
+``SCENARIO_MCP``      call the offered tool whose name contains ``lookup`` (the test MCP server's,
+                      tests/support/mcp_server.py; each CLI names MCP tools its own way); answer
+                      its result with ``Tool said: <first line of the result>``
 ==================== ===========================================================================
+
+Steering: a request whose last user turn (Claude Code also sends a steered message mid-turn as a
+``system`` entry after a tool result) carries ``STEERED-<word>`` is answered
+``Steered answer: STEERED-<word>``, whatever its scenario, so a test sees the steered text took effect.
 
 Text parts that are entirely one tagged block (Gemini's ``<session_context>``, Claude's
 ``<system-reminder>``, Codex's ``<environment_context>``) are not searched for markers.
@@ -60,12 +69,22 @@ TEXT_ANSWER = "Hello from the fake model."
 TOOL_PREAMBLE = "I'll run a command."
 TOOL_COMMAND = "echo tool-output-123"
 TOOLWRITE_COMMAND = "touch denied-file.txt"
+SLOWTOOL_COMMAND = "sleep 2 && echo tool-output-123"
 TOOL_DONE = "Done after tool."
 SLOW_DELTAS = 40
 SLOW_INTERVAL = 0.25
 
-SCENARIOS = ("TEXT", "TOOL", "TOOLWRITE", "ERR500", "ERR401", "SLOW")
+MCP_TOOL = "lookup"
+MCP_INPUT = {"key": "asm"}
+MCP_PREAMBLE = "I'll look it up."
+#: Decision.mcp_tool when Codex offers its MCP tools only through `tool_search`: search first.
+TOOL_SEARCH = "\x00tool_search"
+#: _plan's "command" for a call of the offered MCP tool instead of the shell tool.
+MCP_CALL = "\x00mcp"
+
+SCENARIOS = ("TEXT", "TOOL", "TOOLWRITE", "SLOWTOOL", "ERR500", "ERR401", "SLOW", "STEER", "MCP")
 _MARKER = re.compile(r"SCENARIO_([A-Z0-9]+)")
+_STEERED = re.compile(r"STEERED-[A-Za-z0-9-]+")
 
 # Turn kinds.
 PROMPT = "prompt"
@@ -107,6 +126,26 @@ class Decision:
     turn: str  # PROMPT | TOOL_RESULT
     tool_output: str | None = None  # text of the tool result, for TOOL_RESULT turns
     tool_offered: bool = True
+    #: The steered token in the last user turn (answered whatever the scenario).
+    steered: str | None = None
+    #: The offered tool whose name contains MCP_TOOL (for SCENARIO_MCP).
+    mcp_tool: str | None = None
+    #: The namespace the Responses API groups that tool under (Codex: ``mcp__<server>``), if any.
+    mcp_namespace: str | None = None
+
+
+def steered_token(texts: list[str]) -> str | None:
+    """The last ``STEERED-<word>`` in these texts, if any."""
+    found = [m.group(0) for t in texts for m in _STEERED.finditer(t)]
+    return found[-1] if found else None
+
+
+def mcp_tool_of(names: list[str]) -> str | None:
+    """The offered tool that is the test MCP server's ``lookup`` (mcp__srv__lookup, srv__lookup, ...)."""
+    for name in names:
+        if MCP_TOOL in name:
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------- scenario helpers
@@ -153,7 +192,8 @@ def first_output_line(output: str) -> str | None:
                     return nxt.strip()
             return None
     for line in lines:
-        if line.strip():
+        # A bare tag line is the CLI's wrapping (Gemini's <untrusted_context> around MCP output).
+        if line.strip() and not re.fullmatch(r"</?[A-Za-z_][\w-]*>", line.strip()):
             return line.strip()
     return None
 
@@ -181,7 +221,7 @@ def _text_of(value: Any) -> str:
 
 
 def _tool_command(scenario: str) -> str:
-    return TOOLWRITE_COMMAND if scenario == "TOOLWRITE" else TOOL_COMMAND
+    return {"TOOLWRITE": TOOLWRITE_COMMAND, "SLOWTOOL": SLOWTOOL_COMMAND}.get(scenario, TOOL_COMMAND)
 
 
 # --- Anthropic
@@ -191,6 +231,7 @@ def decide_anthropic(body: dict[str, Any]) -> Decision:
     messages = body.get("messages") or []
     tools = body.get("tools") or []
     offered = any(isinstance(t, dict) and t.get("name") == "Bash" for t in tools)
+    mcp = mcp_tool_of([str(t.get("name") or "") for t in tools if isinstance(t, dict)])
     # The last user turn: the trailing user (and system) entries after the last assistant message.
     trailing: list[dict[str, Any]] = []
     for msg in reversed(messages):
@@ -202,7 +243,10 @@ def decide_anthropic(body: dict[str, Any]) -> Decision:
     trailing.reverse()
     tool_outputs: list[str] = []
     texts: list[str] = []
+    steer_texts: list[str] = []
     for msg in trailing:
+        if msg.get("role") == "system":  # a message steered in mid-turn (Claude Code)
+            steer_texts.append(_text_of(msg.get("content")))
         if msg.get("role") != "user":
             continue
         content = msg.get("content")
@@ -216,9 +260,10 @@ def decide_anthropic(body: dict[str, Any]) -> Decision:
                 tool_outputs.append(_text_of(block.get("content")))
             elif block.get("type") == "text":
                 texts.append(str(block.get("text", "")))
+    steered = steered_token(texts + steer_texts)
     if tool_outputs:
-        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered)
-    return Decision(find_scenario(texts), PROMPT, None, offered)
+        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered, steered, mcp)
+    return Decision(find_scenario(texts), PROMPT, None, offered, steered, mcp)
 
 
 # --- OpenAI Responses
@@ -228,8 +273,10 @@ def decide_openai(body: dict[str, Any]) -> Decision:
     items = body.get("input")
     tools = body.get("tools") or []
     offered = any(isinstance(t, dict) and t.get("name") == "exec_command" for t in tools)
+    mcp, namespace = _openai_mcp_tool(tools)
+    searchable = any(isinstance(t, dict) and t.get("type") == "tool_search" for t in tools)
     if isinstance(items, str):
-        return Decision(find_scenario(items), PROMPT, None, offered)
+        return Decision(find_scenario(items), PROMPT, None, offered, steered_token([items]), mcp, namespace)
     trailing: list[dict[str, Any]] = []
     for item in reversed(items or []):
         if not isinstance(item, dict):
@@ -247,14 +294,38 @@ def decide_openai(body: dict[str, Any]) -> Decision:
         _text_of(i.get("output")) for i in trailing
         if i.get("type") in ("function_call_output", "custom_tool_call_output", "local_shell_call_output")
     ]
-    if tool_outputs:
-        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered)
+    # Codex defers MCP tools behind `tool_search`: what a search found is in its tool_search_output.
+    found = [i for i in trailing if i.get("type") == "tool_search_output"]
+    if found:
+        if mcp is None:
+            mcp, namespace = _openai_mcp_tool([t for i in found for t in (i.get("tools") or [])])
+        return Decision("MCP", PROMPT, None, offered, None, mcp, namespace)
     texts: list[str] = []
     for i in trailing:
         if i.get("type", "message") == "message" and i.get("role") == "user":
             content = i.get("content")
             texts.extend([_text_of(p) for p in content] if isinstance(content, list) else [_text_of(content)])
-    return Decision(find_scenario(texts), PROMPT, None, offered)
+    steered = steered_token(texts)
+    if tool_outputs:
+        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered, steered, mcp, namespace)
+    scenario = find_scenario(texts)
+    if scenario == "MCP" and mcp is None and searchable:
+        mcp = TOOL_SEARCH
+    return Decision(scenario, PROMPT, None, offered, steered, mcp, namespace)
+
+
+def _openai_mcp_tool(tools: list[Any]) -> tuple[str | None, str | None]:
+    """(name, namespace) of the offered MCP lookup tool: a function, or one inside a ``namespace`` tool."""
+    for t in tools:
+        if not isinstance(t, dict):
+            continue
+        if t.get("type") == "namespace":
+            inner = mcp_tool_of([str(i.get("name") or "") for i in t.get("tools") or [] if isinstance(i, dict)])
+            if inner:
+                return inner, str(t.get("name") or "")
+        elif MCP_TOOL in str(t.get("name") or ""):
+            return str(t["name"]), None
+    return None, None
 
 
 # --- Gemini
@@ -263,11 +334,15 @@ def decide_openai(body: dict[str, Any]) -> Decision:
 def decide_gemini(body: dict[str, Any]) -> Decision:
     contents = body.get("contents") or []
     offered = False
+    declared: list[str] = []
     for tool in body.get("tools") or []:
         if isinstance(tool, dict):
             for decl in tool.get("functionDeclarations") or []:
+                if isinstance(decl, dict):
+                    declared.append(str(decl.get("name") or ""))
                 if isinstance(decl, dict) and decl.get("name") == "run_shell_command":
                     offered = True
+    mcp = mcp_tool_of(declared)
     trailing: list[dict[str, Any]] = []
     for content in reversed(contents):
         if not isinstance(content, dict):
@@ -287,10 +362,11 @@ def decide_gemini(body: dict[str, Any]) -> Decision:
                 tool_outputs.append(_text_of(resp))
             elif "text" in part:
                 texts.append(str(part.get("text", "")))
+    steered = steered_token(texts)
     if tool_outputs:
-        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered)
+        return Decision("TEXT", TOOL_RESULT, tool_outputs[-1], offered, steered, mcp)
     # The prompt comes after the <session_context> part; the last marker wins.
-    return Decision(find_scenario(texts), PROMPT, None, offered)
+    return Decision(find_scenario(texts), PROMPT, None, offered, steered, mcp)
 
 
 # --------------------------------------------------------------------------- error bodies
@@ -502,19 +578,23 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _plan(self, decision: Decision) -> tuple[list[str], str | None]:
-        """(text deltas, shell command or None) for the answer."""
+        """(text deltas, shell command, MCP_CALL or None) for the answer."""
+        if decision.steered:
+            return _split(f"Steered answer: {decision.steered}"), None
         if decision.turn == TOOL_RESULT:
             text = final_tool_text(decision.tool_output)
             return _split(text), None
-        if decision.scenario in ("TOOL", "TOOLWRITE") and decision.tool_offered:
+        if decision.scenario in ("TOOL", "TOOLWRITE", "SLOWTOOL") and decision.tool_offered:
             return [TOOL_PREAMBLE], _tool_command(decision.scenario)
-        if decision.scenario == "SLOW":
+        if decision.scenario == "MCP" and decision.mcp_tool:
+            return [MCP_PREAMBLE], MCP_CALL
+        if decision.scenario in ("SLOW", "STEER"):
             n = self.server.fake.slow_deltas
             return [f"slow{i} " for i in range(n - 1)] + ["done."], None
         return _split(TEXT_ANSWER), None
 
     def _delta_pause(self, decision: Decision, index: int) -> None:
-        if decision.scenario == "SLOW" and decision.turn == PROMPT and index > 0:
+        if decision.scenario in ("SLOW", "STEER") and decision.turn == PROMPT and not decision.steered and index > 0:
             self._pause(self.server.fake.slow_interval)
 
     # -- Anthropic Messages
@@ -528,7 +608,9 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model") or "claude-opus-4-8")
         msg_id = _new_id("msg_")
         tool_id = _new_id("toolu_")
-        tool_input = {"command": command, "description": "echo" if command == TOOL_COMMAND else "Create a file"}
+        tool_name, tool_input = "Bash", {"command": command, "description": "echo" if command == TOOL_COMMAND else "Create a file"}
+        if command == MCP_CALL:
+            tool_name, tool_input = str(decision.mcp_tool), dict(MCP_INPUT)
         stop_reason = "tool_use" if command else "end_turn"
         usage = {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0}
@@ -536,7 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream") is False:
             content: list[dict[str, Any]] = [{"type": "text", "text": "".join(deltas)}]
             if command:
-                content.append({"type": "tool_use", "id": tool_id, "name": "Bash", "input": tool_input})
+                content.append({"type": "tool_use", "id": tool_id, "name": tool_name, "input": tool_input})
             self._send_json(200, {"id": msg_id, "type": "message", "role": "assistant", "model": model,
                                   "content": content, "stop_reason": stop_reason, "stop_sequence": None,
                                   "usage": {**usage, "output_tokens": 20}})
@@ -555,7 +637,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
         if command:
             self._event("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
-                "type": "tool_use", "id": tool_id, "name": "Bash", "input": {}}})
+                "type": "tool_use", "id": tool_id, "name": tool_name, "input": {}}})
             js = json.dumps(tool_input)
             half = len(js) // 2
             for piece in (js[:half], js[half:]):
@@ -607,17 +689,29 @@ class _Handler(BaseHTTPRequestHandler):
         msg_item = {"id": msg_id, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
         ev("response.output_item.done", output_index=0, item=msg_item)
         outputs.append(msg_item)
-        if command:
+        if command == MCP_CALL and decision.mcp_tool == TOOL_SEARCH:
+            # Codex runs the search itself and sends what it found (tool_search_output) next.
+            item = {"id": _new_id("ts_"), "type": "tool_search_call", "status": "completed",
+                    "call_id": _new_id("call_"), "execution": "client", "arguments": {"query": MCP_TOOL, "limit": 8}}
+            ev("response.output_item.added", output_index=1, item={**item, "status": "in_progress"})
+            ev("response.output_item.done", output_index=1, item=item)
+            outputs.append(item)
+        elif command:
             fc_id = _new_id("fc_")
             call_id = _new_id("call_")
-            args = json.dumps({"cmd": command})
+            fn, args = "exec_command", json.dumps({"cmd": command})
+            extra: dict[str, Any] = {}
+            if command == MCP_CALL:
+                fn, args = str(decision.mcp_tool), json.dumps(MCP_INPUT)
+                if decision.mcp_namespace:
+                    extra["namespace"] = decision.mcp_namespace
             ev("response.output_item.added", output_index=1, item={
-                "id": fc_id, "type": "function_call", "status": "in_progress", "name": "exec_command",
-                "call_id": call_id, "arguments": ""})
+                "id": fc_id, "type": "function_call", "status": "in_progress", "name": fn,
+                "call_id": call_id, "arguments": "", **extra})
             ev("response.function_call_arguments.delta", item_id=fc_id, output_index=1, delta=args)
             ev("response.function_call_arguments.done", item_id=fc_id, output_index=1, arguments=args)
-            fc_item = {"id": fc_id, "type": "function_call", "status": "completed", "name": "exec_command",
-                       "call_id": call_id, "arguments": args}
+            fc_item = {"id": fc_id, "type": "function_call", "status": "completed", "name": fn,
+                       "call_id": call_id, "arguments": args, **extra}
             ev("response.output_item.done", output_index=1, item=fc_item)
             outputs.append(fc_item)
         usage = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 20,
@@ -651,7 +745,9 @@ class _Handler(BaseHTTPRequestHandler):
         for i, delta in enumerate(deltas):
             self._delta_pause(decision, i)
             chunk([{"text": delta}], final=(i == len(deltas) - 1 and not command))
-        if command:
+        if command == MCP_CALL:
+            chunk([{"functionCall": {"name": str(decision.mcp_tool), "args": dict(MCP_INPUT)}}], final=True)
+        elif command:
             chunk([{"functionCall": {"name": "run_shell_command", "args": {
                 "command": command, "description": "echo" if command == TOOL_COMMAND else "Create a file"}}}],
                 final=True)
