@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from asm_node.testing import ServedProcess, serve_controller
-from tests.support.browser import chromium
+from tests.support.browser import chromium, have_browser
 from tests.support.faults import py
 from tests.support.processes import PYTHON_BASENAME, http_base, start_node_process
 
@@ -199,3 +199,68 @@ def test_an_approval_answered_in_the_console_reaches_the_real_claude_cli(tmp_pat
             node.stop()
     finally:
         server.stop()
+
+
+async def test_the_provider_select_is_the_servers_registry(tmp_path: Path) -> None:
+    """The form's provider options come from GET /v1/providers (authenticated): the registry's names, in its
+    order, a provider registered in the controller's process included -- no list in the page to go stale."""
+    import asyncio
+
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    from asm_controller.service import ControllerConfig, start_controller
+    from asm_node import NodeAgent, start_server
+    from asm_node.providers import ShellProvider, build_providers, provider_names, register, unregister
+    from tests.support.processes import node_config
+
+    if not have_browser():
+        pytest.skip("chromium/chromedriver are not installed (scripts/install_chromium.sh)")
+
+    class ConsoleToy(ShellProvider):
+        name = "console-toy"
+        display_name = "Console toy"
+
+    def browse(base: str) -> list[tuple[str, str, str]]:
+        with chromium(tmp_path) as driver:
+            driver.get(base + "/")
+            driver.find_element(By.ID, "token").send_keys(TOKEN)
+            driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+            _wait(driver, lambda d: d.find_element(By.ID, "fleet").is_displayed(), what="the fleet page")
+            driver.get(base + "/#/new")
+            _wait(driver, lambda d: d.find_element(By.ID, "new-prompt").is_displayed(), what="the form")
+            return [(o.get_attribute("value"), o.text, o.get_attribute("title"))
+                    for o in driver.find_elements(By.CSS_SELECTOR, "#new-provider option")]
+
+    async def scenario() -> tuple[list[tuple[str, str, str]], tuple[str, ...]]:
+        config = node_config()
+        node = await start_server(config, NodeAgent(config, providers=build_providers(config)))
+        try:
+            ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{node.port}"],
+                                                          token=TOKEN, http_listen="127.0.0.1:0"))
+        except BaseException:
+            await node.stop()
+            raise
+        try:
+            base = f"http://127.0.0.1:{ctl.http_port}"
+            async with httpx.AsyncClient(base_url=base) as client:
+                refused = await client.get("/v1/providers")
+                assert refused.status_code == 401 and refused.json()["error"]["kind"] == "auth_error"
+                listed = await client.get("/v1/providers", headers={"Authorization": f"Bearer {TOKEN}"})
+                assert [m["provider"] for m in listed.json()["providers"]] == list(provider_names())
+            # The browser blocks: it runs in a thread while this loop serves the controller.
+            return await asyncio.to_thread(browse, base), provider_names()
+        finally:
+            await ctl.stop()
+            await node.stop()
+
+    register(ConsoleToy)
+    try:
+        options, names = await scenario()
+    finally:
+        unregister("console-toy")
+    assert names[-1] == "console-toy"
+    assert [value for value, _, _ in options] == list(names)
+    assert [text for _, text, _ in options] == list(names)
+    assert options[-1] == ("console-toy", "console-toy", "Console toy")
+    assert ("shell", "shell", "Shell") in options

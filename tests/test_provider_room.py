@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -193,6 +193,55 @@ def test_a_registered_provider_shows_up_everywhere(toy: Path) -> None:
     metrics.expect_providers(["toy"])  # the operator may expect it: no "unknown provider"
     scrape = metrics.registry.get_sample_value("asm_controller_cost_usd_total", {"provider": "toy"})
     assert scrape == 0.0
+    # The inference endpoint's model ids: the registry's live list, so "toy[:model]" names a provider.
+    from asm_controller.inference import PROVIDERS as MODEL_PROVIDERS
+    from asm_controller.inference import EndpointPublisher, InferenceError, parse_model
+
+    assert "toy" in MODEL_PROVIDERS and list(MODEL_PROVIDERS)[-1] == "toy" and len(MODEL_PROVIDERS) == len(REGISTRY)
+    assert (parse_model("toy:t-1").provider, parse_model("toy:t-1").model) == ("toy", "t-1")
+    unregister("toy")
+    with pytest.raises(InferenceError) as e:
+        parse_model("toy:t-1")  # gone from the registry: gone from the endpoint too
+    assert e.value.code == "unsupported_provider"
+    register(ToyProvider)
+    assert EndpointPublisher("http://h").providers is MODEL_PROVIDERS and "toy" in EndpointPublisher("http://h").providers
+
+
+async def test_a_registered_provider_is_a_model_id_of_the_inference_endpoint(toy: Path) -> None:
+    """The fixture's provider, registered after the router was built, is served: a completion names it."""
+    import httpx2 as httpx
+    from fastapi import FastAPI
+
+    from asm_controller import Event
+    from asm_controller.inference import CompletionCall, inference_router
+
+    calls: list[CompletionCall] = []
+
+    async def run_fn(call: CompletionCall) -> AsyncIterator[list[Event]]:
+        calls.append(call)
+
+        def ev(kind: str, seq: int, **payload: Any) -> Event:
+            return Event.synthetic(kind, run_id=call.run_id, session_id="s", provider=call.provider, seq=seq,
+                                   **payload)
+
+        yield [ev("run_started", 1),
+               ev("assistant_message", 2, content=[pb.ContentBlock(type="text", text="toy says hi")]),
+               ev("result", 3, status="completed", stop_reason="end_turn"),
+               ev("run_completed", 4, status="completed", exit_code=0)]
+
+    async def models() -> list[str]:
+        return ["toy"]
+
+    unregister("toy")
+    app = FastAPI()
+    app.include_router(inference_router(run_fn, models))
+    register(ToyProvider)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        answer = await client.post("/v1/chat/completions", json={"model": "toy:t-1", "messages": [
+            {"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200, answer.text
+    assert [(c.provider, c.model) for c in calls] == [("toy", "t-1")]
+    assert answer.json()["choices"][0]["message"]["content"] == "toy says hi"
 
 
 async def test_a_registered_provider_runs_on_a_node(toy: Path) -> None:

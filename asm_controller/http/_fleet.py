@@ -1,4 +1,4 @@
-"""The fleet: nodes (list, drain, undrain: admin), sessions, and the probes."""
+"""The fleet: nodes (list, drain, undrain: admin), sessions, the providers, and the probes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from asm_controller.http._convert import message_dict
 from asm_controller.http._deps import Caller, caller, fleet_api
 from asm_controller.http._errors import error_response
+from asm_node.providers.features import manifests
 from asm_wire import AsmError, NodeNotReady, pb
 
 _CallerDep = Annotated[Caller, Depends(caller)]
@@ -52,6 +53,11 @@ def build_router() -> APIRouter:
                             limit: Annotated[int, Query(ge=0, le=10_000)] = 0, page_token: str = "") -> dict[str, Any]:
         return message_dict(await c.call(c.api.list_sessions, pb.ListSessionsRequest(
             provider=provider, node=node, limit=limit, page_token=page_token)))
+
+    @router.get("/providers", summary="The providers asm knows (as `asm providers --output json`), registry order")
+    async def list_providers(c: _CallerDep) -> dict[str, Any]:
+        # Read at each call: the registry is the one list (a provider registered later is listed too).
+        return {"providers": manifests()}
 
     return router
 

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -138,7 +138,7 @@ class EndpointPublisher:
     """``ensure_endpoint`` / ``release_endpoint`` over a lease store, for one HTTP server's base URL."""
 
     def __init__(self, base_url_root: str, store: LeaseStore | None = None, *, ttl_s: float = DEFAULT_TTL_S,
-                 providers: tuple[str, ...] | frozenset[str] = PROVIDERS) -> None:
+                 providers: Collection[str] = PROVIDERS) -> None:
         self.base_url_root = base_url_root.rstrip("/")
         self.store: LeaseStore = store if store is not None else MemoryLeaseStore()
         self.ttl_s = ttl_s

@@ -9,13 +9,36 @@ a lease the model is required, as in ASM.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from asm_controller.inference._errors import InferenceError
+from asm_node.providers import provider_names
 
-#: The providers a model id may name (asm's registry, asm_node.providers) and their ASM aliases.
-PROVIDERS: Final = ("amp", "claude", "codex", "gemini", "shell")
+
+class _RegisteredProviders(Collection[str]):
+    """The provider registry's names, read at each use: a provider registered after import (a plugin, a
+    test's fixture) is a model id's provider too, with no second list to keep in step."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in provider_names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(provider_names())
+
+    def __len__(self) -> int:
+        return len(provider_names())
+
+    def __repr__(self) -> str:
+        return f"PROVIDERS{provider_names()!r}"
+
+
+#: The providers a model id may name: every registered one (asm_node.providers.REGISTRY). None is left
+#: out: each is a CLI run on a node like any other run, and the one that takes a command line, not a
+#: transcript (shell), gets its prompt bare (_prompt.BARE_PROMPT_PROVIDERS). Which of them the fleet
+#: offers right now is the caller's ``providers`` (``/v1/models`` lists the nodes' available ones).
+PROVIDERS: Final[Collection[str]] = _RegisteredProviders()
 ALIASES: Final = {"codex_exec": "codex"}
 #: Model ids ``/v1/models`` lists besides the bare providers (ASM's model catalogs, priv/models/*.json).
 CATALOG: Final = {
@@ -38,14 +61,14 @@ class ModelRef:
         return f"{self.provider}:{self.model}" if self.model else self.provider
 
 
-def resolve_provider(name: str, providers: tuple[str, ...] | frozenset[str] = PROVIDERS) -> str | None:
+def resolve_provider(name: str, providers: Collection[str] = PROVIDERS) -> str | None:
     """The canonical provider for ``name`` (case-insensitive, ASM's aliases), or None."""
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     return key if key in providers else None
 
 
-def parse_model(model_id: str | None, *, providers: tuple[str, ...] | frozenset[str] = PROVIDERS,
+def parse_model(model_id: str | None, *, providers: Collection[str] = PROVIDERS,
                 require_model: bool = False) -> ModelRef:
     """``provider[:model]`` -> ModelRef; a 400/404 :class:`InferenceError` with ASM's reason as its code."""
     if model_id is None or not model_id.strip():

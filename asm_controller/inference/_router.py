@@ -14,7 +14,7 @@ tools; then what asm cannot honour; then the prompt. Errors are OpenAI's body sh
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,11 +156,12 @@ async def _answer(run_fn: RunFn, call: CompletionCall, model_id: str, req: ChatC
 
 def inference_router(run_fn: RunFn, list_models_fn: ListModelsFn, *, publisher: EndpointPublisher | None = None,
                      principal_fn: PrincipalFn = _default_principal,
-                     providers: Sequence[str] = PROVIDERS, keepalive_s: float | None = 15.0) -> APIRouter:
+                     providers: Collection[str] = PROVIDERS, keepalive_s: float | None = 15.0) -> APIRouter:
     """The routes of the inference endpoint (module docstring); ``providers``: the model ids' providers;
     ``keepalive_s``: how often a quiet stream gets an SSE comment (None: never)."""
     router = APIRouter(tags=["inference"])
-    known = tuple(providers)
+    # The registry's live view stays live (a provider registered later is served); a caller's list is copied.
+    known = providers if providers is PROVIDERS else tuple(providers)
 
     @router.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_REQUEST_BODY,
                  summary="OpenAI-compatible chat completion over the fleet (stream: true for SSE chunks)")

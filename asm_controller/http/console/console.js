@@ -99,6 +99,18 @@ async function loadRuns() {
     el("td", {}, r.provider), el("td", {}, r.node || "-"), el("td", {}, duration(r)), el("td", {}, cost(r)))));
 }
 
+// The provider <select> is the server's registry (GET /v1/providers), read once per page load: no second
+// list in this file to fall out of step. A failed read is retried the next time the form is opened.
+let providersLoaded = false;
+
+async function loadProviders() {
+  if (providersLoaded) return;
+  const data = await api("GET", "/v1/providers");
+  $("#new-provider").replaceChildren(...data.providers.map((m) =>
+    el("option", { value: m.provider, title: m.display_name || m.provider }, m.provider)));
+  providersLoaded = true;
+}
+
 async function startRun(ev) {
   ev.preventDefault();
   $("#new-error").textContent = "";
@@ -249,7 +261,7 @@ async function route() {
     if (run) { show("run"); await openRun(decodeURIComponent(run[1])); return; }
     stopFollowing();
     if (hash === "#/runs") { show("runs"); await loadRuns(); refreshTimer = setInterval(loadRunsQuietly, 2000); }
-    else if (hash === "#/new") { show("new"); }
+    else if (hash === "#/new") { await loadProviders(); show("new"); }
     else { show("fleet"); await loadFleet(); refreshTimer = setInterval(() => loadFleet().catch(() => {}), 2000); }
   } catch (e) { if (e.message !== "unauthenticated") alert(e.message); }
 }
