@@ -84,7 +84,9 @@ async def test_a_bad_deadline_is_config_invalid(agent: NodeAgent, bad: object) -
 class _Recording(ScriptedProvider):
     """Records the options it is asked to validate."""
 
-    seen: list[dict[str, Any]] = []
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(lines)
+        self.seen: list[dict[str, Any]] = []
 
     def validate_options(self, options: Any, permission_mode: str) -> dict[str, Any]:
         self.seen.append(dict(options))
