@@ -131,6 +131,9 @@ class _Approvals:
             task = self._tasks.pop(r.approval_id, None)
             if task is not None and not task.done():
                 task.cancel()  # answered elsewhere (asm approve, the timeout, an interrupt): stop asking
+                if self.mode == "prompt":
+                    sys.stderr.write(f"\nasm: approval {r.approval_id} was answered meanwhile: {r.decision}"
+                                     f"{f' ({r.reason})' if r.reason else ''}\n")
             if r.reason == "timeout":
                 self.timed_out.append(r.approval_id)
 
