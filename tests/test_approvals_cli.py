@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import NodeProcess
+from tests.support.processes import NodeProcess, start_controller_process
 from tests.support.terminal import Terminal, terminals
 
 pytestmark = pytest.mark.slow  # asm processes
@@ -233,3 +233,36 @@ def test_asm_approve_from_another_shell(fake_claude: dict[str, str], node_proces
                              text=True, timeout=60)
     assert neither.returncode == 2 and "--node" in neither.stderr
     assert answers(fake_claude) == ["allow"]
+
+
+def test_asm_approve_through_a_controller(fake_claude: dict[str, str], node_process: Callable[..., NodeProcess],
+                                          tmp_path: Path) -> None:
+    """`asm run --controller C` waits; `asm approve ... --controller C` answers it on the run's node."""
+    node = node_process(env={"CLAUDE_CLI_PATH": fake_claude["CLAUDE_CLI_PATH"], "FAKE_LOG": fake_claude["FAKE_LOG"]})
+    ctl = start_controller_process(tmp_path, "--node", node.address)
+    try:
+        run = subprocess.Popen(asm(*RUN[:1], "--controller", ctl.address, "--cwd", fake_claude["WS"], "--output",
+                                   "jsonl", *RUN[1:]), env=fake_claude, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert run.stdout is not None
+            asked = _read_until(run.stdout, lambda ev: ev["kind"] == "approval_requested")
+            run_id, approval_id = str(asked["run_id"]), str(asked["payload"]["approval_id"])  # type: ignore[index]
+            ok = subprocess.run(asm("approve", run_id, approval_id, "deny", "--controller", ctl.address),
+                                env=fake_claude, capture_output=True, text=True, timeout=60)
+            assert ok.returncode == 0, ok.stderr
+            assert f"denied: approval {approval_id} of run {run_id}" in ok.stdout
+            out, err = run.communicate(timeout=60)
+            assert run.returncode == 0, err
+            assert f"--controller {ctl.address}" in err
+            assert json.loads(out.splitlines()[-1])["text"] == "answers: deny"
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        again = subprocess.run(asm("approve", run_id, approval_id, "allow", "--controller", ctl.address),
+                               env=fake_claude, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 5 and "is not pending" in again.stderr, again.stderr
+    finally:
+        ctl.stop()
+    assert answers(fake_claude) == ["deny"]
