@@ -294,14 +294,15 @@ class Run:
     def _expire(self, reason: str, limit_ms: int) -> None:
         """A deadline passed: stop the CLI as an interrupt does (SIGINT, SIGTERM, SIGKILL of its group); the
         run fails with ``timeout`` and the deadline's ``reason``, its message naming the option that fired."""
-        what = {
-            RUN_TIMEOUT: f"run_timeout_ms of {_ms_text(limit_ms)} passed (wall clock since the CLI started)",
-            IDLE_TIMEOUT: f"idle_timeout_ms of {_ms_text(limit_ms)} passed without any output from the CLI",
-            COMMAND_TIMEOUT: f"the shell command ran past its command_timeout_ms of {_ms_text(limit_ms)} "
-                             "(raise it with the option command_timeout_ms)",
+        limit = _ms_text(limit_ms)
+        message = {
+            RUN_TIMEOUT: f"run_timeout_ms of {limit} passed (wall clock since the CLI started): the run was stopped",
+            IDLE_TIMEOUT: f"idle_timeout_ms of {limit} passed without any output from the CLI: the run was stopped",
+            COMMAND_TIMEOUT: f"the shell command was still running when its command_timeout_ms of {limit} passed: "
+                             "it was stopped (the option command_timeout_ms raises the limit)",
         }[reason]
-        log.warning("run %s: %s; stopping it", self.spec.run_id, what)
-        self._stop("timeout", f"{what}: the run was stopped", reason, reason)
+        log.info("run %s: %s", self.spec.run_id, message)
+        self._stop("timeout", message, reason, reason)
 
     async def _watch_deadlines(self, started: float) -> None:
         """Fire the first deadline that passes: the shell's command timeout, run_timeout_ms, idle_timeout_ms.
