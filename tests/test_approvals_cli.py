@@ -266,3 +266,16 @@ def test_asm_approve_through_a_controller(fake_claude: dict[str, str], node_proc
     finally:
         ctl.stop()
     assert answers(fake_claude) == ["deny"]
+
+
+def test_the_question_shows_the_input_safely() -> None:
+    from asm_cli.ui import approval_question
+
+    shown, question = approval_question("Bash", json.dumps({"tool_input": {"command": "echo \x1b[2Jhi\nthere"},
+                                                            "tool_use_id": "t1"}))
+    assert question == "Allow Bash(echo hi there)? [y/N/a] "
+    assert "\x1b" not in shown and '"command"' in shown and "tool_use_id" not in shown
+    long_shown, _ = approval_question("Write", json.dumps({"tool_input": {f"k{i}": i for i in range(50)}}))
+    assert long_shown.splitlines()[-1].startswith("… ") and len(long_shown.splitlines()) == 21
+    _, bare = approval_question("", "not json")
+    assert bare.startswith("Allow this tool call(") or bare == "Allow this tool call? [y/N/a] "

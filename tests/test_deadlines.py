@@ -252,3 +252,16 @@ def test_node_serve_refuses_a_bad_duration(tmp_path: Path, flag: str, value: str
                            "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and flag in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_durations_on_the_command_line() -> None:
+    from asm_cli.commands._duration import bounded_duration_ms, parse_duration_ms
+
+    assert [parse_duration_ms(t, "--x") for t in ("90", "1.5", "500ms", "30s", "2m", "1h30m", " 1H ")] == [
+        90_000, 1_500, 500, 30_000, 120_000, 5_400_000, 3_600_000]
+    for bad in ("", "soon", "1x", "m", "1h 30m", "-1s", "1e3"):
+        with pytest.raises(ConfigError, match="expects a duration"):
+            parse_duration_ms(bad, "--x")
+    with pytest.raises(ConfigError, match="out of range: from 1s to 24h") as err:
+        bounded_duration_ms("25h", "--approval-timeout", 1000, 24 * 3600 * 1000)
+    assert err.value.kind == "config_invalid"
