@@ -149,8 +149,13 @@ class _Approvals:
                 decision, reason = await self._ask(p.subject, p.details_json)
                 await self._send(ev, decision, reason)
         elif self.hint:
+            hint = self.hint
+            run = self.session.get_run(ev.run_id)
+            address = run.result().metadata.get("node_address") if run is not None else None
+            if hint.startswith("--node ") and isinstance(address, str) and address:
+                hint = f"--node {address}"  # the node the run landed on (several --node: failover)
             sys.stderr.write(f"asm: approval {p.approval_id} ({p.subject or 'tool call'}) is waiting; answer it from "
-                             f"another shell: asm approve {ev.run_id} {p.approval_id} allow|deny {self.hint}\n")
+                             f"another shell: asm approve {ev.run_id} {p.approval_id} allow|deny {hint}\n")
             sys.stderr.flush()
         else:
             sys.stderr.write(f"asm: approval {p.approval_id} ({p.subject or 'tool call'}) is waiting, but this run's "
