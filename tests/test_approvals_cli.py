@@ -22,8 +22,6 @@ import pytest
 from tests.support.processes import NodeProcess, start_controller_process
 from tests.support.terminal import Terminal, terminals
 
-pytestmark = pytest.mark.slow  # asm processes
-
 # One or more can_use_tool requests (FAKE_APPROVALS, default 1), each answer appended to FAKE_LOG and
 # reported in the final text.
 FAKE_CLAUDE = r'''
@@ -85,6 +83,7 @@ def terminal() -> Iterator[Callable[..., Terminal]]:
 RUN = ("run", "--provider", "claude", "--opt", "approvals=true", "Run a command")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("typed", "decision"), [("y", "allow"), ("n", "deny"), ("", "deny")])
 @pytest.mark.parametrize("term", ["xterm-256color", "dumb"])
 def test_run_on_a_terminal_asks_and_obeys(fake_claude: dict[str, str], terminal: Callable[..., Terminal],
@@ -100,6 +99,7 @@ def test_run_on_a_terminal_asks_and_obeys(fake_claude: dict[str, str], terminal:
     assert t.text.count("[y/N/a]") == 1
 
 
+@pytest.mark.slow
 def test_a_answers_every_later_approval_of_the_run(fake_claude: dict[str, str],
                                                    terminal: Callable[..., Terminal]) -> None:
     t = terminal(asm(*RUN[:1], "--cwd", fake_claude["WS"], *RUN[1:]), {**fake_claude, "FAKE_APPROVALS": "3"},
@@ -112,6 +112,7 @@ def test_a_answers_every_later_approval_of_the_run(fake_claude: dict[str, str],
     assert answers(fake_claude) == ["allow"] * 3
 
 
+@pytest.mark.slow
 def test_an_unclear_answer_is_asked_again(fake_claude: dict[str, str], terminal: Callable[..., Terminal]) -> None:
     t = terminal(asm(*RUN[:1], "--cwd", fake_claude["WS"], *RUN[1:]), fake_claude, fake_claude["WS"])
     end = t.expect(r"\[y/N/a\]")
@@ -123,6 +124,7 @@ def test_an_unclear_answer_is_asked_again(fake_claude: dict[str, str], terminal:
     assert answers(fake_claude) == ["allow"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decision", ["allow", "deny"])
 def test_approve_flag_answers_without_a_terminal(fake_claude: dict[str, str], decision: str) -> None:
     proc = subprocess.run(asm(*RUN[:1], "--cwd", fake_claude["WS"], "--approve", decision, "--output", "jsonl",
@@ -136,6 +138,7 @@ def test_approve_flag_answers_without_a_terminal(fake_claude: dict[str, str], de
     assert answers(fake_claude) == [decision]
 
 
+@pytest.mark.slow
 def test_approve_prompt_needs_a_terminal(fake_claude: dict[str, str]) -> None:
     proc = subprocess.run(asm(*RUN[:1], "--approve", "prompt", *RUN[1:]), env=fake_claude, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -143,6 +146,7 @@ def test_approve_prompt_needs_a_terminal(fake_claude: dict[str, str]) -> None:
     assert answers(fake_claude) == []
 
 
+@pytest.mark.slow
 def test_an_approval_nobody_answers_is_denied_and_exits_1(fake_claude: dict[str, str]) -> None:
     """No terminal, no --approve, an embedded node: the event is printed, the run says nobody can answer it
     from elsewhere, the timeout denies it, the summary warns and the exit code is 1 (not a success)."""
@@ -162,6 +166,7 @@ def test_an_approval_nobody_answers_is_denied_and_exits_1(fake_claude: dict[str,
     assert answers(fake_claude) == ["deny"]
 
 
+@pytest.mark.slow
 def test_text_output_without_a_terminal_shows_the_timed_out_approval(fake_claude: dict[str, str]) -> None:
     proc = subprocess.run(asm(*RUN[:1], "--cwd", fake_claude["WS"], "--approval-timeout", "1s", *RUN[1:]),
                           env=fake_claude, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -189,6 +194,7 @@ def _read_until(stream: object, predicate: Callable[[dict[str, object]], bool], 
     raise AssertionError(f"not seen in time; events: {seen}")
 
 
+@pytest.mark.slow
 def test_asm_approve_from_another_shell(fake_claude: dict[str, str], node_process: Callable[..., NodeProcess]) -> None:
     """jsonl to a pipe: the approval is printed with the command to answer it; ``asm approve`` in another
     process answers; answering again, or an unknown run, is a clear not-found (exit 5)."""
@@ -235,6 +241,7 @@ def test_asm_approve_from_another_shell(fake_claude: dict[str, str], node_proces
     assert answers(fake_claude) == ["allow"]
 
 
+@pytest.mark.slow
 def test_asm_approve_through_a_controller(fake_claude: dict[str, str], node_process: Callable[..., NodeProcess],
                                           tmp_path: Path) -> None:
     """`asm run --controller C` waits; `asm approve ... --controller C` answers it on the run's node."""

@@ -22,8 +22,6 @@ from asm_wire import AsmError, ConfigError, pb
 from tests.support.processes import PYTHON_BASENAME, NodeProcess, node_config, pid_alive
 from tests.support.providers import approval_provider
 
-pytestmark = pytest.mark.slow  # processes and timers
-
 
 def _ticker(n: int, every_s: float) -> str:
     """A shell prompt: Python prints a line every ``every_s`` seconds, ``n`` times (no shell metacharacters)."""
@@ -43,6 +41,7 @@ async def _run(s: Session, prompt: str, **overrides: Any) -> tuple[list[Event], 
     ("idle_timeout_ms", "idle_timeout", "idle_timeout_ms of 600 ms"),
     ("command_timeout_ms", "command_timeout", "command_timeout_ms of 600 ms"),
 ])
+@pytest.mark.slow
 async def test_each_deadline_ends_the_run_with_a_typed_timeout(agent: NodeAgent, option: str, reason: str,
                                                                named: str) -> None:
     async with Session("shell", node=EmbeddedNode(agent), options={option: 600}) as s:
@@ -60,6 +59,7 @@ async def test_each_deadline_ends_the_run_with_a_typed_timeout(agent: NodeAgent,
     assert info.status == pb.RUN_STATUS_FAILED
 
 
+@pytest.mark.slow
 async def test_output_keeps_a_run_from_being_idle(agent: NodeAgent) -> None:
     """A line every 0.2 s for 2 s under idle_timeout_ms=700: never idle, it completes; the run deadline is separate."""
     async with Session("shell", node=EmbeddedNode(agent), options={"idle_timeout_ms": 700}) as s:
@@ -93,6 +93,7 @@ class _Recording(ScriptedProvider):
         return dict(options)
 
 
+@pytest.mark.slow
 async def test_the_deadlines_never_reach_the_provider(agent: NodeAgent) -> None:
     """The node takes them out before the provider validates: a provider need not know the names (the shell
     provider, which refuses unknown options, accepts them)."""
@@ -107,6 +108,7 @@ async def test_the_deadlines_never_reach_the_provider(agent: NodeAgent) -> None:
     assert result.ok and result.text == "hi\n"
 
 
+@pytest.mark.slow
 async def test_node_defaults_apply_and_a_run_replaces_them() -> None:
     async with running_agent(node_config(run_timeout_ms=700)) as agent, \
             Session("shell", node=EmbeddedNode(agent)) as s:
@@ -126,6 +128,7 @@ async def approval_agent() -> AsyncIterator[NodeAgent]:
         yield agent
 
 
+@pytest.mark.slow
 async def test_a_pending_approval_is_not_idle(approval_agent: NodeAgent) -> None:
     """idle_timeout_ms=500 while an approval waits 1.5 s for its answer: the run is not stopped."""
     async with Session("scripted", node=EmbeddedNode(approval_agent), options={"idle_timeout_ms": 500},
@@ -143,6 +146,7 @@ async def test_a_pending_approval_is_not_idle(approval_agent: NodeAgent) -> None
     assert [e.payload["decision"] for e in events if e.kind == "approval_resolved"] == ["allow"]
 
 
+@pytest.mark.slow
 async def test_silence_after_the_answer_is_idle_again(approval_agent: NodeAgent) -> None:
     """Once the approval is answered the idle clock runs again: the CLI waits for input that never comes."""
     async with Session("scripted", node=EmbeddedNode(approval_agent), options={"idle_timeout_ms": 600},
@@ -155,6 +159,7 @@ async def test_silence_after_the_answer_is_idle_again(approval_agent: NodeAgent)
     assert result is not None and result.error is not None and result.error.reason == "idle_timeout"
 
 
+@pytest.mark.slow
 async def test_a_deadline_denies_the_pending_approval(approval_agent: NodeAgent) -> None:
     async with Session("scripted", node=EmbeddedNode(approval_agent), options={"run_timeout_ms": 800},
                        approval_timeout_ms=60_000) as s:
@@ -164,6 +169,7 @@ async def test_a_deadline_denies_the_pending_approval(approval_agent: NodeAgent)
     assert result.error is not None and result.error.reason == "run_timeout"
 
 
+@pytest.mark.slow
 async def test_the_run_approval_timeout_is_honoured(approval_agent: NodeAgent) -> None:
     """The node's default is 120 s; the run asks for 1 s: denied after about a second, with a warning."""
     async with Session("scripted", node=EmbeddedNode(approval_agent), approval_timeout_ms=1000,
@@ -187,6 +193,7 @@ async def test_the_run_approval_timeout_is_honoured(approval_agent: NodeAgent) -
     assert "1000 ms" in next(w.message for w in result.warnings if w.kind == "approval_denied")
 
 
+@pytest.mark.slow
 async def test_the_node_default_approval_timeout_applies_when_the_run_sets_none() -> None:
     async with running_agent(node_config(approval_timeout_ms=1000), providers={"scripted": approval_provider()}) as agent, \
             Session("scripted", node=EmbeddedNode(agent), options={"run_timeout_ms": 10_000}) as s:
@@ -212,6 +219,7 @@ async def test_approval_timeout_bounds(approval_agent: NodeAgent) -> None:
     assert err.value.kind == "config_invalid" and "24 h" in err.value.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["codex", "gemini", "amp"])
 async def test_approvals_where_the_cli_never_asks_is_config_invalid(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Codex exec, Gemini headless and Amp --execute cannot be asked: refused with the reason, before any spawn."""
@@ -227,6 +235,7 @@ async def test_approvals_where_the_cli_never_asks_is_config_invalid(monkeypatch:
 # -- the flags of a served node ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_node_serve_deadline_flags(node_process: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_process("--run-timeout", "1s", "--approval-timeout", "2m")
 
@@ -247,6 +256,7 @@ def test_node_serve_deadline_flags(node_process: Callable[..., NodeProcess], tmp
     ("--run-timeout", "soon", "expects a duration"),
     ("--idle-timeout", "0", "out of range"),
 ])
+@pytest.mark.slow
 def test_node_serve_refuses_a_bad_duration(tmp_path: Path, flag: str, value: str, message: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "asm_cli", "node", "serve", "--listen", "127.0.0.1:0", flag, value,
                            "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
