@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.processes import NodeProcess, start_controller_process
-from tests.support.terminal import Terminal, terminals
+from tests.support.terminal import Lines, Terminal, terminals
 
 # One or more can_use_tool requests (FAKE_APPROVALS, default 1), each answer appended to FAKE_LOG and
 # reported in the final text.
@@ -175,25 +175,6 @@ def test_text_output_without_a_terminal_shows_the_timed_out_approval(fake_claude
     assert "was not answered within 1000 ms" in proc.stderr
 
 
-def _read_until(stream: object, predicate: Callable[[dict[str, object]], bool], timeout: float = 30.0,
-                seen: list[dict[str, object]] | None = None) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    fd = stream.fileno()  # type: ignore[attr-defined]
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if not ready:
-            continue
-        line = stream.readline()  # type: ignore[attr-defined]
-        if not line:
-            break
-        ev = json.loads(line)
-        if seen is not None:
-            seen.append(ev)
-        if predicate(ev):
-            return dict(ev)
-    raise AssertionError(f"not seen in time; events: {seen}")
-
-
 @pytest.mark.slow
 def test_asm_approve_from_another_shell(fake_claude: dict[str, str], node_process: Callable[..., NodeProcess]) -> None:
     """jsonl to a pipe: the approval is printed with the command to answer it; ``asm approve`` in another
@@ -204,24 +185,24 @@ def test_asm_approve_from_another_shell(fake_claude: dict[str, str], node_proces
                            stderr=subprocess.PIPE, text=True)
     try:
         assert run.stdout is not None and run.stderr is not None
-        asked = _read_until(run.stdout, lambda ev: ev["kind"] == "approval_requested")
+        lines = Lines(run.stdout)
+        asked = lines.until(lambda ev: ev["kind"] == "approval_requested")
         run_id = str(asked["run_id"])
-        approval_id = str(asked["payload"]["approval_id"])  # type: ignore[index]
+        approval_id = str(asked["payload"]["approval_id"])
         time.sleep(1.0)  # nothing answers by itself
         assert answers(fake_claude) == []
         ok = subprocess.run(asm("approve", run_id, approval_id, "allow", "--reason", "looks fine", "--node",
                                 node.address), env=fake_claude, capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         assert f"allowed: approval {approval_id} of run {run_id}" in ok.stdout
-        seen: list[dict[str, object]] = []
-        summary = _read_until(run.stdout, lambda ev: ev["kind"] == "result_summary", seen=seen)
+        seen: list[dict[str, Any]] = []
+        summary = lines.until(lambda ev: ev["kind"] == "result_summary", seen=seen)
         assert run.wait(30) == 0
         stderr = run.stderr.read()
         assert f"asm approve {run_id} {approval_id} allow|deny --node {node.address}" in stderr, stderr
         assert summary["text"] == "answers: allow" and summary["status"] == "completed"
         resolved = [e["payload"] for e in seen if e["kind"] == "approval_resolved"]
-        assert resolved == [{"approval_id": approval_id, "decision": "allow", "reason": "looks fine"}] or \
-            [(r["decision"], r["reason"]) for r in resolved] == [("allow", "looks fine")]  # type: ignore[index]
+        assert [(r["approval_id"], r["decision"], r["reason"]) for r in resolved] == [(approval_id, "allow", "looks fine")]
     finally:
         if run.poll() is None:
             run.kill()
@@ -252,17 +233,19 @@ def test_asm_approve_through_a_controller(fake_claude: dict[str, str], node_proc
                                    "jsonl", *RUN[1:]), env=fake_claude, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert run.stdout is not None
-            asked = _read_until(run.stdout, lambda ev: ev["kind"] == "approval_requested")
-            run_id, approval_id = str(asked["run_id"]), str(asked["payload"]["approval_id"])  # type: ignore[index]
+            assert run.stdout is not None and run.stderr is not None
+            lines = Lines(run.stdout)
+            asked = lines.until(lambda ev: ev["kind"] == "approval_requested")
+            run_id, approval_id = str(asked["run_id"]), str(asked["payload"]["approval_id"])
             ok = subprocess.run(asm("approve", run_id, approval_id, "deny", "--controller", ctl.address),
                                 env=fake_claude, capture_output=True, text=True, timeout=60)
             assert ok.returncode == 0, ok.stderr
             assert f"denied: approval {approval_id} of run {run_id}" in ok.stdout
-            out, err = run.communicate(timeout=60)
-            assert run.returncode == 0, err
+            rest = lines.rest(timeout=60)
+            assert run.wait(60) == 0
+            err = run.stderr.read()
             assert f"--controller {ctl.address}" in err
-            assert json.loads(out.splitlines()[-1])["text"] == "answers: deny"
+            assert json.loads(rest[-1])["text"] == "answers: deny"
         finally:
             if run.poll() is None:
                 run.kill()

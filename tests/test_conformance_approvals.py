@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
 from tests.support.fake_model_server import FakeModelServer
 from tests.support.processes import ROOT, NodeProcess, pid_alive, start_node_process
-from tests.support.terminal import Terminal, terminals
+from tests.support.terminal import Lines, Terminal, terminals
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
@@ -157,15 +156,8 @@ def test_claude_approval_from_another_shell(claude_node: tuple[NodeProcess, Path
                            cwd=str(ROOT))
     try:
         assert run.stdout is not None and run.stderr is not None
-        events: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 60
-        while not any(e["kind"] == "approval_requested" for e in events):
-            assert time.monotonic() < deadline, events
-            if select.select([run.stdout], [], [], 0.5)[0]:
-                line = run.stdout.readline()
-                assert line, f"asm run ended early: {run.stderr.read()}"
-                events.append(json.loads(line))
-        asked = events[-1]
+        lines = Lines(run.stdout)
+        asked = lines.until(lambda ev: ev["kind"] == "approval_requested", timeout=60)
         approval_id = asked["payload"]["approval_id"]
         assert asked["payload"]["subject"] == "Bash"
         time.sleep(1.0)
@@ -173,9 +165,9 @@ def test_claude_approval_from_another_shell(claude_node: tuple[NodeProcess, Path
         ok = subprocess.run(asm("approve", asked["run_id"], approval_id, "allow", "--node", node.address),
                             capture_output=True, text=True, timeout=60, cwd=str(ROOT))
         assert ok.returncode == 0, ok.stderr
-        out, err = run.communicate(timeout=90)
-        assert run.returncode == 0, err
-        rest = [json.loads(line) for line in out.splitlines()]
+        rest = [json.loads(line) for line in lines.rest(timeout=90)]
+        assert run.wait(30) == 0
+        err = run.stderr.read()
         assert rest[-1]["kind"] == "result_summary" and rest[-1]["status"] == "completed", rest[-1]
         assert [e["payload"]["decision"] for e in rest if e["kind"] == "approval_resolved"] == ["allow"]
         assert f"asm approve {asked['run_id']} {approval_id} allow|deny --node {node.address}" in err

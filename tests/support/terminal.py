@@ -1,15 +1,20 @@
-"""``asm`` on a pseudo-terminal for the tests: read its screen (escape sequences removed) and type into it."""
+"""``asm`` on a pseudo-terminal for the tests (read its screen, escape sequences removed, and type into it), and
+the JSON lines of a piped one."""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import re
 import select
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import IO, Any
 
-__all__ = ["ANSI", "Terminal", "terminals"]
+__all__ = ["ANSI", "Lines", "Terminal", "terminals"]
 
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\r")
 
@@ -79,3 +84,47 @@ def terminals() -> Iterator[Callable[[list[str], dict[str, str], str], Terminal]
     yield start
     for t in started:
         t.kill()
+
+
+class Lines:
+    """The lines of a child's pipe, read by a thread (``select`` on a buffered pipe misses lines already read
+    into the buffer), each with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put("")  # EOF
+
+    def next(self, timeout: float) -> str:
+        """The next line ('' at EOF); AssertionError when none comes within ``timeout``."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout:g}s") from None
+
+    def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0,
+              seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """JSON lines until one matches ``predicate`` (returned); every one read is appended to ``seen``."""
+        deadline = time.monotonic() + timeout
+        got: list[dict[str, Any]] = [] if seen is None else seen
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"not seen in time; events: {got}"
+            line = self.next(left)
+            assert line, f"the stream ended first; events: {got}"
+            ev: dict[str, Any] = json.loads(line)
+            got.append(ev)
+            if predicate(ev):
+                return ev
+
+    def rest(self, timeout: float = 30.0) -> list[str]:
+        """Every remaining line, to EOF."""
+        out = []
+        while line := self.next(timeout):
+            out.append(line)
+        return out
