@@ -107,19 +107,23 @@ def test_run_timeout_ends_a_slow_run(cli_node: tuple[str, NodeProcess, Path]) ->
     assert not pid_alive(started["payload"]["pid"]), "the CLI outlived its deadline"
 
 
-def test_idle_timeout_spares_a_run_that_streams(cli_node: tuple[str, NodeProcess, Path]) -> None:
-    """Claude Code and Gemini stream a delta every 0.25 s: idle_timeout_ms=4000 never fires, the slow answer
-    completes (Codex prints its message only at the end of the turn: it is silent, so it is not asked)."""
+def test_idle_timeout_tells_a_streaming_run_from_a_silent_one(cli_node: tuple[str, NodeProcess, Path]) -> None:
+    """idle_timeout_ms=4000 on the 10 s answer: Claude Code and Gemini stream a delta every 0.25 s, so it never
+    fires and the run completes; Codex prints nothing until its turn ends, so it is silent and stopped."""
     name, node, workspace = cli_node
-    if name == "codex":
-        pytest.skip("codex --json prints the answer only when the turn ends: a streaming run is not silent-free")
+    t0 = time.monotonic()
     proc = subprocess.run(asm("run", "--node", node.address, "--provider", name, "--cwd", str(workspace),
                               "--output", "jsonl", *_opts(name), "--opt", "idle_timeout_ms=4000",
                               "Talk slowly. SCENARIO_SLOW"),
                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
-    assert summary["status"] == "completed" and summary["error"] is None, summary
+    if name == "codex":
+        assert proc.returncode == 1, proc.stderr
+        assert summary["error"]["kind"] == "timeout" and summary["error"]["reason"] == "idle_timeout", summary
+        assert time.monotonic() - t0 < 4 + 8 + 8
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert summary["status"] == "completed" and summary["error"] is None, summary
 
 
 # -- Claude Code approvals ------------------------------------------------------------------------
