@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -269,3 +270,15 @@ def test_the_question_shows_the_input_safely() -> None:
     assert long_shown.splitlines()[-1].startswith("… ") and len(long_shown.splitlines()) == 21
     _, bare = approval_question("", "not json")
     assert bare.startswith("Allow this tool call(") or bare == "Allow this tool call? [y/N/a] "
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_asked_interrupts_the_run(fake_claude: dict[str, str], terminal: Callable[..., Terminal]) -> None:
+    """Ctrl-C at the question interrupts the run (its pending approval is denied, reason interrupted): the
+    question goes away, exit 130."""
+    t = terminal(asm(*RUN[:1], "--cwd", fake_claude["WS"], *RUN[1:]), {**fake_claude, "TERM": "xterm-256color"},
+                 fake_claude["WS"])
+    end = t.expect(r"\[y/N/a\]")
+    t.proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C
+    t.expect(r"was answered meanwhile: deny \(interrupted\)", start=end)
+    assert t.wait() == 130, t.text

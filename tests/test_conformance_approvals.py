@@ -1,6 +1,6 @@
 """Conformance with the real CLIs: Claude Code's approvals answered by a person through ``asm run`` on a
-pseudo-terminal and through ``asm approve`` from another process, and deadlines (``run_timeout_ms``) ending
-a slow Claude Code, Codex and Gemini run with a typed ``timeout``.
+pseudo-terminal and through ``asm approve`` from another process, and deadlines ending a slow Claude Code,
+Codex and Gemini run with a typed ``timeout`` (``run_timeout_ms``; ``idle_timeout_ms`` only for a silent one).
 
 As in tests/test_conformance.py: a node agent process per CLI with a hermetic environment pointing the CLI
 at the scripted model server on 127.0.0.1 (SCENARIO_SLOW streams 40 deltas 0.25 s apart, 10 s in all).
