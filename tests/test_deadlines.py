@@ -275,3 +275,15 @@ def test_durations_on_the_command_line() -> None:
     with pytest.raises(ConfigError, match="out of range: from 1s to 24h") as err:
         bounded_duration_ms("25h", "--approval-timeout", 1000, 24 * 3600 * 1000)
     assert err.value.kind == "config_invalid"
+
+
+@pytest.mark.slow
+async def test_a_cli_that_ignores_sigint_is_still_stopped(agent: NodeAgent) -> None:
+    """The deadline escalates as an interrupt does: SIGINT, then SIGTERM (test graces: 1 s each)."""
+    stubborn = f"{PYTHON_BASENAME} -c \"__import__('signal').signal(2, 1) and __import__('time').sleep(30)\""
+    async with Session("shell", node=EmbeddedNode(agent), options={"run_timeout_ms": 500}) as s:
+        t0 = time.monotonic()
+        events, result = await _run(s, stubborn)
+    assert 1.4 < time.monotonic() - t0 < 6, "SIGINT alone cannot have stopped it; SIGTERM must have"
+    assert result.error is not None and result.error.reason == "run_timeout"
+    assert not pid_alive(events[0].payload["pid"])
