@@ -7,6 +7,7 @@
     asm nodes --node HOST:PORT ... [--provider P [--cwd DIR]] [--output table|json]
     asm node drain [--controller C] --node HOST:PORT [--deadline S];  asm node undrain [--controller C] --node HOST:PORT
     asm attach RUN_ID (--node HOST:PORT | --controller C) [--output text|jsonl] [--after-seq N]
+    asm approve RUN_ID APPROVAL_ID allow|deny [--reason R] (--node HOST:PORT | --controller C)
     asm runs (--node HOST:PORT | --controller C) [--status S] [--output text|json]
              [--session ID] [--provider P] [--node-address A] [--since T] [--until T] [--page-size N] [--page-token T|--all]
     asm logs RUN_ID (--controller C | --node HOST:PORT) [--follow] [--after-seq N] [--output text|jsonl]
@@ -35,6 +36,7 @@ import prometheus_client
 from pydantic import ValidationError
 
 from asm_cli.commands import (
+    approve,
     attach,
     controller_serve,
     input,
@@ -60,6 +62,7 @@ from asm_cli.commands._common import (
     Parser,
     fail,
 )
+from asm_cli.commands.approve import cmd_approve
 from asm_cli.commands.attach import cmd_attach
 from asm_cli.commands.controller_serve import cmd_controller_serve
 from asm_cli.commands.input import cmd_input
@@ -77,7 +80,8 @@ from asm_wire import AsmError, __version__
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NODE", "EXIT_NODE_STOPPED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE",
-    "NODE_STOPPED_KINDS", "build_parser", "cmd_attach", "cmd_controller_serve", "cmd_input", "cmd_logs", "cmd_node_drain", "cmd_node_serve",
+    "NODE_STOPPED_KINDS", "build_parser", "cmd_approve", "cmd_attach", "cmd_controller_serve", "cmd_input", "cmd_logs",
+    "cmd_node_drain", "cmd_node_serve",
     "cmd_node_undrain", "cmd_nodes", "cmd_providers", "cmd_replay", "cmd_run", "cmd_runs", "cmd_sessions", "main",
 ]
 
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     attach.add_parser(sub)
     input.add_parser(sub)
+    approve.add_parser(sub)
     logs.add_parser(sub)
     runs.add_parser(sub)
     sessions.add_parser(sub)

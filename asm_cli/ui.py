@@ -25,12 +25,13 @@ Tables: :func:`nodes_table` / :func:`runs_table` build rich tables from the row 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import IO, Any
 
 from rich import box
@@ -60,6 +61,7 @@ __all__ = [
     "FitTable",
     "RunView",
     "add_no_color_option",
+    "approval_question",
     "nodes_table",
     "nodes_text",
     "print_nodes",
@@ -67,6 +69,7 @@ __all__ = [
     "run_rendering",
     "runs_table",
     "runs_text",
+    "suspended",
     "use_rich",
     "watch_nodes",
 ]
@@ -165,14 +168,33 @@ class RunView(Sink):
         self._tools: dict[str, str] = {}
         self._spinner = Spinner("dots", style="cyan")
         self._live: Live | None = None
+        self._refresh_per_second = refresh_per_second
+        self._suspended = False
         if live:
-            # transient: the spinner disappears when the run ends; stdout/stderr are redirected through
-            # the console so the CLI's own notices (asm: interrupting ...) print above the footer.
-            self._live = Live(self, console=console, refresh_per_second=refresh_per_second,
-                              transient=True, redirect_stdout=True, redirect_stderr=True)
-            self._live.start()
-            # Live hides the cursor; a second Ctrl-C exits with os._exit, which would leave it hidden.
-            console.show_cursor(True)
+            self._start_live()
+
+    def _start_live(self) -> None:
+        # transient: the spinner disappears when the run ends; stdout/stderr are redirected through
+        # the console so the CLI's own notices (asm: interrupting ...) print above the footer.
+        self._live = Live(self, console=self.console, refresh_per_second=self._refresh_per_second,
+                          transient=True, redirect_stdout=True, redirect_stderr=True)
+        self._live.start()
+        # Live hides the cursor; a second Ctrl-C exits with os._exit, which would leave it hidden.
+        self.console.show_cursor(True)
+
+    def suspend(self) -> None:
+        """Take the footer away while the user answers a prompt (an approval): the prompt line is not
+        redrawn over, and what the user types is echoed where they type it."""
+        if self._live is not None:
+            self._flush_partial()
+            self._stop()
+            self._suspended = True
+
+    def resume(self) -> None:
+        """The footer again, after :meth:`suspend` (not once the run's summary is printed)."""
+        if self._suspended:
+            self._suspended = False
+            self._start_live()
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self.partial:  # its tail: a long line without a newline is printed whole when it ends
@@ -213,6 +235,7 @@ class RunView(Sink):
 
     def write_result(self, result: Result | None, spans: Sequence[Span]) -> None:
         """The summary line, printed once the spinner is gone (with the run id, dimmed)."""
+        self._suspended = False
         self._stop()
         if result is not None and result.run_id:
             self.run_id = result.run_id
@@ -230,6 +253,7 @@ class RunView(Sink):
         self.console.file.flush()
 
     def close(self) -> None:
+        self._suspended = False
         self._stop()
         self._flush_partial()
         self.console.file.flush()
@@ -319,6 +343,41 @@ def run_rendering(stdout: IO[str] | None = None, stderr: IO[str] | None = None, 
     if use_rich(out, no_color=no_color) and use_rich(err, no_color=no_color):
         return Rendering(renderer, [RunView(Console(file=out), run_id=run_id, live=live)])
     return Rendering(renderer, [TTYSink(out, meta_stream=err, color=False if no_color else None)])
+
+
+@contextlib.contextmanager
+def suspended(rendering: Rendering | None) -> Iterator[None]:
+    """No live footer while the user answers a prompt on the terminal (``asm run``'s approval question)."""
+    views = [s for s in rendering.sinks if isinstance(s, RunView)] if rendering is not None else []
+    for view in views:
+        view.suspend()
+    try:
+        yield
+    finally:
+        for view in views:
+            view.resume()
+
+
+#: Lines of a tool's input shown above an approval question.
+_APPROVAL_INPUT_LINES = 20
+
+
+def approval_question(subject: str, details_json: str, width: int = 100) -> tuple[str, str]:
+    """What ``asm run`` asks for an ``approval_requested``: the tool's input (JSON, cut at 20 lines) and
+    the question, ``Allow Bash(echo hi)? [y/N/a]``; control characters are removed from both."""
+    details = _json(details_json)
+    tool_input = details.get("tool_input", details) if isinstance(details, dict) else details
+    name = truncate(_clean(subject).strip(), 60) or "this tool call"
+    brief = truncate(_clean(summarize_input(tool_input)).strip().replace("\n", " "), max(width - len(name) - 20, 20))
+    if isinstance(tool_input, dict | list) and tool_input:
+        shown = json.dumps(tool_input, indent=2, ensure_ascii=False, default=str)
+    else:
+        shown = "" if tool_input in (None, "", {}) else str(tool_input)
+    lines = [truncate(_clean(line), 4 * width) for line in shown.splitlines()]
+    if len(lines) > _APPROVAL_INPUT_LINES:
+        lines = [*lines[:_APPROVAL_INPUT_LINES], f"… {len(lines) - _APPROVAL_INPUT_LINES} more lines"]
+    question = f"Allow {name}({brief})? [y/N/a] " if brief else f"Allow {name}? [y/N/a] "
+    return "\n".join(lines), question
 
 
 # -- tables ------------------------------------------------------------------------------------

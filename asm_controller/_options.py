@@ -27,7 +27,9 @@ class RunOptions:
     permission_mode: str = "default"
     options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
-    approval_timeout_ms: int = 120_000
+    #: How long the node lets an approval wait before denying it; 0 = the node's default (asm node serve
+    #: --approval-timeout, 120 s unless set).
+    approval_timeout_ms: int = 0
     #: An explicit Preflight round trip before StartRun (StartRun checks the same things anyway).
     preflight: bool = False
     #: Only nodes whose handshake labels include all of these.
@@ -89,8 +91,9 @@ class RunOptions:
             )
         if self.on_node_lost not in ("fail", "resume"):
             raise ConfigError(f"on_node_lost must be 'fail' or 'resume', not {self.on_node_lost!r}")
-        if not isinstance(self.approval_timeout_ms, int) or self.approval_timeout_ms <= 0:
-            raise ConfigError("approval_timeout_ms must be a positive integer")
+        if (isinstance(self.approval_timeout_ms, bool) or not isinstance(self.approval_timeout_ms, int)
+                or not 0 <= self.approval_timeout_ms <= 24 * 3600 * 1000):
+            raise ConfigError("approval_timeout_ms must be an integer of milliseconds up to 24 h (0: the node's default)")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -1000 <= self.priority <= 1000:
             raise ConfigError(f"priority must be an integer from -1000 to 1000, not {self.priority!r}")
         if (isinstance(self.queue_timeout_ms, bool) or not isinstance(self.queue_timeout_ms, int)

@@ -206,6 +206,7 @@ class EventReducer:
             err = RunError(
                 e.message, kind=normalize_kind(e.code), domain=e.domain or "runtime",
                 exit_code=e.exit_code if e.exit_code >= 0 else None,
+                reason=m.metadata.get("reason", ""),  # e.g. which deadline (run_timeout, idle_timeout, ...)
             )
             if is_failure(e.severity):
                 if self._error is None:

@@ -718,7 +718,8 @@ class Run:
     def _arm_local_approval(self, approval_id: str) -> None:
         loop = asyncio.get_running_loop()
         self._local_approvals[approval_id] = loop.call_later(
-            self.opts.approval_timeout_ms / 1000, self.resolve_local_approval, approval_id, Decision.DENY, "timeout")
+            (self.opts.approval_timeout_ms or 120_000) / 1000, self.resolve_local_approval, approval_id, Decision.DENY,
+            "timeout")
 
     def is_local_approval(self, approval_id: str) -> bool:
         """Whether a pipeline plug raised this approval (answered here, not by the node)."""

@@ -143,7 +143,7 @@ class Session:
         permission_mode: str = "default",
         options: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
-        approval_timeout_ms: int = 120_000,
+        approval_timeout_ms: int = 0,
         max_concurrent_runs: int = 1,
         max_queued_runs: int = 10,
         preflight: bool = False,

@@ -22,7 +22,7 @@ from asm_node.journal import Journal, JournalEntry
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
-from asm_node.run import ReplayBudget, Run, options_from_json
+from asm_node.run import ReplayBudget, Run, options_from_json, run_deadlines
 from asm_node.workspace import Workspaces
 from asm_wire import (
     KIND_NAMES,
@@ -319,7 +319,10 @@ class NodeAgent:
                 f"environment variable(s) not allowed by this node: {', '.join(refused)} "
                 "(the operator allows them with --env-allow)"
             )
-        options_in = options_from_json(req.options_json)
+        # The deadlines are the node's supervision: taken out before the provider sees the options.
+        deadlines, options_in = run_deadlines(options_from_json(req.options_json), req.approval_timeout_ms,
+                                              self.config)
+        _check_approvals(provider, options_in)
         try:
             options = provider.validate_options(options_in, req.permission_mode or "default")
         except (ValueError, OverflowError, TypeError) as exc:  # a provider's own conversion of a client value
@@ -336,7 +339,7 @@ class NodeAgent:
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics,
-                  self.replay_budget)
+                  self.replay_budget, deadlines)
         run.owner = current_principal().name  # before the run's task first runs
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)
@@ -588,6 +591,21 @@ _MAX_SNAPSHOT_OWNERS = 10_000
 #: Linux's NAME_MAX and PATH_MAX: longer names fail in the kernel anyway, with ENAMETOOLONG.
 MAX_PATH_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
+
+
+def _check_approvals(provider: Provider, options: dict[str, object]) -> None:
+    """``approvals=true`` for a CLI that never asks (Codex exec, Gemini headless, Amp --execute): refused with
+    the provider's own reason, not as a mere unknown option."""
+    value = options.get("approvals")
+    if value in (None, False, 0, "") or (isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off")):
+        return
+    feature = provider.features.get("approvals")
+    if not isinstance(feature, tuple) or not feature or feature[0]:
+        return  # supported (or not declared: the provider's own validation decides)
+    why = feature[1] if len(feature) > 1 and feature[1] else "its CLI never asks for permission when run headless"
+    raise ConfigError(f"provider {provider.name} cannot ask for approvals ({why}): approvals=true is not available; "
+                      "choose what it may do with the permission mode instead (--permission-mode)",
+                      reason="approvals_unsupported")
 
 
 def _check_path_text(path: str) -> None:

@@ -18,6 +18,12 @@ DEFAULT_SHELL_DENIED = (
 #: Allowed commands that read the files they are given: their path arguments are confined.
 DEFAULT_SHELL_CONFINED = ("cat", "head", "tail", "ls", "wc", "date")
 
+#: Bounds of an approval's wait (the node default, ``asm node serve --approval-timeout``): 1 s .. 24 h.
+MIN_APPROVAL_TIMEOUT_MS = 1_000
+MAX_APPROVAL_TIMEOUT_MS = 24 * 3600 * 1000
+#: Longest run_timeout_ms / idle_timeout_ms a node default or a run may ask for: 7 days.
+MAX_DEADLINE_MS = 7 * 24 * 3600 * 1000
+
 #: The agent's own secrets: no CLI, hook or watchdog environment ever carries them.
 SECRET_ENV = ("ASM_TOKEN", "ASM_NODE_TOKEN")
 
@@ -90,7 +96,13 @@ class NodeConfig(BaseSettings):
     term_grace_s: float = Field(default=3.0, ge=0)
     #: After a terminal event, how long the CLI may take to exit by itself.
     exit_grace_s: float = Field(default=2.0, ge=0)
-    approval_timeout_ms: int = Field(default=120_000, ge=1)
+    #: How long a pending approval waits when the run asks for no timeout of its own (then denied, reason
+    #: ``timeout``, with an ``approval_denied`` warning).
+    approval_timeout_ms: int = Field(default=120_000, ge=MIN_APPROVAL_TIMEOUT_MS, le=MAX_APPROVAL_TIMEOUT_MS)
+    #: Node-wide defaults of the run options run_timeout_ms (wall clock) and idle_timeout_ms (no
+    #: stdout/stderr output, not counting time an approval is pending); None = off. A run's option replaces them.
+    run_timeout_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
+    idle_timeout_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
     shell_allowed_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_ALLOWED))
     shell_denied_commands: list[str] = Field(default_factory=lambda: list(DEFAULT_SHELL_DENIED))
     shell_allow_interpolation: bool = False

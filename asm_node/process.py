@@ -170,17 +170,21 @@ class LineReader:
 
 
 async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[[], bool] | None = None,
-               gate: Callable[[], Awaitable[None] | None] | None = None) -> None:
+               gate: Callable[[], Awaitable[None] | None] | None = None,
+               on_chunk: Callable[[], None] | None = None) -> None:
     """Feed ``stream`` to ``reader`` until EOF or ``stop()``.
 
     After each chunk ``gate()`` may return an awaitable: reading waits for it (back-pressure:
     the CLI then blocks on its full pipe), so what is read is never more than the consumer takes.
+    ``on_chunk()`` is called for every chunk read, a line's end or not (the run's idle deadline).
     """
     while True:
         chunk = await stream.read(READ_CHUNK)
         if not chunk:
             reader.close()
             return
+        if on_chunk is not None:
+            on_chunk()
         reader.feed(chunk)
         if stop is not None and stop():
             return

@@ -18,12 +18,14 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS
 from asm_node.eventlog import FRAME_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, EventLog, ReplayBudget
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn, terminate_group
-from asm_node.providers.base import CommandSpec, ExitInfo, LineParser, RunSpec, error_event
+from asm_node.providers.base import RUN_OPTIONS, CommandSpec, ExitInfo, LineParser, RunSpec, error_event
 from asm_wire import (
     KIND_NAMES,
     ApprovalNotFound,
@@ -49,8 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("asm_node.run")
 
 # The event log's names stay importable from here (they lived in this module).
-__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "ReplayBudget", "Run",
-           "options_from_json"]
+__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "Deadlines", "ReplayBudget",
+           "Run", "options_from_json", "run_deadlines"]
 
 #: Lines parsed into events per step: one 256 KiB read of tiny lines is ~128k lines, and their
 #: Event objects all alive at once cost ~100 MB of transient RSS; slices keep that small.
@@ -58,6 +60,60 @@ LINES_PER_EMIT = 4096
 
 _APPROVAL_REQUESTED = kind_value(EventKind.APPROVAL_REQUESTED)
 _ERROR = kind_value(EventKind.ERROR)
+
+#: Why a deadline ended a run: the ``reason`` of its ``timeout`` error (asm_wire._errors' table).
+RUN_TIMEOUT, IDLE_TIMEOUT, COMMAND_TIMEOUT = "run_timeout", "idle_timeout", "command_timeout"
+#: The reason of the ``approval_denied`` warning of an approval nobody answered in time.
+APPROVAL_TIMEOUT = "approval_timeout"
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """A run's deadlines, in milliseconds (None: off): the node's supervision enforces them, not the CLI."""
+
+    run_ms: int | None = None
+    idle_ms: int | None = None
+    approval_ms: int = 120_000
+
+
+def _deadline_ms(name: str, value: Any) -> int:
+    """A run option in milliseconds: a positive integer (a string of digits too), at most MAX_DEADLINE_MS."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"option {name} must be a positive integer number of milliseconds, not {str(value)[:40]!r}",
+                          reason="invalid_deadline")
+    if value > MAX_DEADLINE_MS:
+        raise ConfigError(f"option {name} is {value} ms: at most {MAX_DEADLINE_MS} ms (7 days)",
+                          reason="invalid_deadline")
+    return value
+
+
+def run_deadlines(options: Mapping[str, Any], approval_timeout_ms: int, config: NodeConfig) -> tuple[Deadlines, dict[str, Any]]:
+    """The run's deadlines (its options, else the node's defaults) and its options without them.
+
+    ``run_timeout_ms`` / ``idle_timeout_ms`` (RUN_OPTIONS) are the node's, so they leave the options before
+    a provider validates them: every provider accepts them without knowing. ``approval_timeout_ms`` is the
+    StartRun field (0: the node's default), at most 24 h.
+    """
+    if approval_timeout_ms > MAX_APPROVAL_TIMEOUT_MS:
+        raise ConfigError(f"approval_timeout_ms is {approval_timeout_ms} ms: at most {MAX_APPROVAL_TIMEOUT_MS} ms (24 h)",
+                          reason="invalid_deadline")
+    run_ms = config.run_timeout_ms
+    idle_ms = config.idle_timeout_ms
+    if "run_timeout_ms" in options:
+        run_ms = _deadline_ms("run_timeout_ms", options["run_timeout_ms"])
+    if "idle_timeout_ms" in options:
+        idle_ms = _deadline_ms("idle_timeout_ms", options["idle_timeout_ms"])
+    rest = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+    return Deadlines(run_ms, idle_ms, approval_timeout_ms or config.approval_timeout_ms), rest
+
+
+def _ms_text(ms: int) -> str:
+    """``2000 ms (2s)``: the option's unit, and a reading a person takes in at once."""
+    seconds = ms / 1000
+    human = f"{seconds:g}s" if seconds < 120 else f"{seconds / 60:g} min" if seconds < 7200 else f"{seconds / 3600:g} h"
+    return f"{ms} ms ({human})"
 
 
 class Run:
@@ -71,8 +127,11 @@ class Run:
         on_finished: Callable[[Run], None],
         metrics: NodeMetrics | None = None,
         budget: ReplayBudget | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.metrics = metrics
+        self.deadlines = deadlines if deadlines is not None else Deadlines(
+            config.run_timeout_ms, config.idle_timeout_ms, config.approval_timeout_ms)
         #: The run's events (frames, followers, back-pressure, replay bounds).
         self.log = EventLog(spec.run_id, max_events=config.replay_buffer_events,
                             max_bytes=config.replay_max_bytes_per_run,
@@ -102,8 +161,13 @@ class Run:
         # Why the run was interrupted: the kind and message of its final error event.
         self._interrupt_kind = "user_cancelled"
         self._interrupt_message = "Run interrupted"
+        self._interrupt_reason = ""  # a deadline's reason (run_timeout, idle_timeout, command_timeout)
         self._detach_timer: asyncio.TimerHandle | None = None
         self._approvals: dict[str, asyncio.TimerHandle] = {}
+        self._approval_subjects: dict[str, str] = {}
+        #: When the CLI last wrote anything (stdout or stderr), or an approval was asked or answered: the
+        #: idle deadline counts from here.
+        self.active_mono = time.monotonic()
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_tail = bytearray()
         self._stderr_sent = 0
@@ -165,7 +229,7 @@ class Run:
             if psid:
                 ev.provider_session_id = psid
             if ev.kind == _APPROVAL_REQUESTED:
-                self._arm_approval(ev.approval_requested.approval_id)
+                self._arm_approval(ev.approval_requested.approval_id, ev.approval_requested.subject)
             elif ev.kind == _ERROR and self.first_error is None and is_failure(ev.error.severity):
                 self.first_error = (ev.error.code, ev.error.domain, ev.error.message)
             datas.append(ev.SerializeToString())
@@ -214,22 +278,83 @@ class Run:
         (the drain deadline passed) or ``node_shutdown`` (the agent is stopping). The
         first interrupt's reason wins.
         """
+        return self._stop(kind, message, "", "interrupted")
+
+    def _stop(self, kind: str, message: str, reason: str, approval_reason: str) -> bool:
         if self.done or self._interrupt.is_set():
             return not self.done
-        self._interrupt_kind, self._interrupt_message = kind, message
+        self._interrupt_kind, self._interrupt_message, self._interrupt_reason = kind, message, reason
         self._interrupt.set()
         self.log.stop_pacing()
-        # Nobody will answer a pending approval of an interrupted run: resolve it now.
+        # Nobody will answer a pending approval of a stopped run: resolve it now.
         for approval_id in list(self._approvals):
-            self._resolve_approval_now(approval_id, Decision.DENY, "interrupted")
+            self._resolve_approval_now(approval_id, Decision.DENY, approval_reason)
         return True
 
-    def _arm_approval(self, approval_id: str) -> None:
-        timeout = self.config.approval_timeout_ms / 1000
+    def _expire(self, reason: str, limit_ms: int) -> None:
+        """A deadline passed: stop the CLI as an interrupt does (SIGINT, SIGTERM, SIGKILL of its group); the
+        run fails with ``timeout`` and the deadline's ``reason``, its message naming the option that fired."""
+        limit = _ms_text(limit_ms)
+        message = {
+            RUN_TIMEOUT: f"run_timeout_ms of {limit} passed (wall clock since the CLI started): the run was stopped",
+            IDLE_TIMEOUT: f"idle_timeout_ms of {limit} passed without any output from the CLI: the run was stopped",
+            COMMAND_TIMEOUT: f"the shell command was still running when its command_timeout_ms of {limit} passed: "
+                             "it was stopped (the option command_timeout_ms raises the limit)",
+        }[reason]
+        log.info("run %s: %s", self.spec.run_id, message)
+        self._stop("timeout", message, reason, reason)
+
+    async def _watch_deadlines(self, started: float) -> None:
+        """Fire the first deadline that passes: the shell's command timeout, run_timeout_ms, idle_timeout_ms.
+
+        Waiting for a person (an approval pending) or for a slow follower (the stdout pump paused by
+        back-pressure: the CLI is blocked writing) is not idleness.
+        """
+        d = self.deadlines
+        command_ms = int(self.command.timeout_s * 1000) if self.command.timeout_s else None
+        while not self._interrupt.is_set():
+            now = time.monotonic()
+            if self._approvals or self.log.paused:
+                self.active_mono = now
+            waits = []
+            for reason, limit, since in ((COMMAND_TIMEOUT, command_ms, started), (RUN_TIMEOUT, d.run_ms, started),
+                                         (IDLE_TIMEOUT, d.idle_ms, self.active_mono)):
+                if limit is None:
+                    continue
+                left = since + limit / 1000 - now
+                if left <= 0:
+                    self._expire(reason, limit)
+                    return
+                waits.append(left)
+            if not waits:
+                return
+            # The idle deadline moves with output: looked at again at least twice a second.
+            await asyncio.sleep(min(*waits, 0.5) if d.idle_ms is not None else min(waits))
+
+    def _touch(self) -> None:
+        self.active_mono = time.monotonic()
+
+    def _arm_approval(self, approval_id: str, subject: str) -> None:
+        """Deny the approval when nobody answers within the run's approval timeout."""
         loop = asyncio.get_running_loop()
+        self.active_mono = time.monotonic()
+        self._approval_subjects[approval_id] = subject
         self._approvals[approval_id] = loop.call_later(
-            timeout, self._resolve_approval_now, approval_id, Decision.DENY, "timeout"
-        )
+            self.deadlines.approval_ms / 1000, self._approval_expired, approval_id)
+
+    def _approval_expired(self, approval_id: str) -> None:
+        """Nobody answered: deny (reason ``timeout``) and say so in a warning, so that the Result shows
+        that the run went on without what it asked for."""
+        if approval_id not in self._approvals:
+            return
+        subject = self._approval_subjects.get(approval_id, "")
+        self._resolve_approval_now(approval_id, Decision.DENY, "timeout")
+        warning = error_event(
+            f"approval {approval_id}{f' ({subject})' if subject else ''} was not answered within "
+            f"{_ms_text(self.deadlines.approval_ms)} and was denied", "approval_denied", "approval",
+            severity=pb.SEVERITY_WARNING)
+        warning.metadata["reason"] = APPROVAL_TIMEOUT
+        self._emit([warning])
 
     def resolve_approval(self, approval_id: str, decision: str, reason: str) -> None:
         if decision not in choices(Decision):
@@ -243,6 +368,8 @@ class Run:
         if timer is None:
             return
         timer.cancel()
+        self._approval_subjects.pop(approval_id, None)
+        self.active_mono = time.monotonic()  # the CLI gets a whole idle period to act on the answer
         # Deliver the decision to the CLI when it can take one (Claude Code's stdio permission prompt).
         payload = self.parser.approval_response(approval_id, decision, reason)
         proc = self._proc
@@ -363,6 +490,7 @@ class Run:
             if not chunk:
                 reader.close()
                 return
+            self.active_mono = time.monotonic()
             self._stderr_tail += chunk
             if len(self._stderr_tail) > tail_cap:
                 del self._stderr_tail[: len(self._stderr_tail) - tail_cap]
@@ -386,6 +514,7 @@ class Run:
         for timer in self._approvals.values():
             timer.cancel()
         self._approvals.clear()
+        self._approval_subjects.clear()
         self.done = True
         self.finished_mono = time.monotonic()
         # A retained run keeps only its frames: the stderr tail (up to 64 KiB) and the
@@ -428,22 +557,21 @@ class Run:
         assert proc.stdout is not None and proc.stderr is not None
         stdout_task = asyncio.create_task(
             pump(proc.stdout, LineReader(self.config.line_cap_bytes, self._on_lines, self._on_overflow),
-                 lambda: self.parser.terminal, self.log.gate)
+                 lambda: self.parser.terminal, self.log.gate, on_chunk=self._touch)
         )
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
         wait_task = asyncio.create_task(leader_exited(proc))
         intr_task = asyncio.create_task(self._interrupt.wait())
+        self.active_mono = started = time.monotonic()
+        # A deadline stops the run the way an interrupt does (it sets _interrupt).
+        deadline_task = asyncio.create_task(self._watch_deadlines(started))
         end = "exit"
         cfg = self.config
         escalation = [(signal.SIGINT, cfg.interrupt_grace_s), (signal.SIGTERM, cfg.term_grace_s)]
         try:
-            done, _ = await asyncio.wait(
-                {stdout_task, wait_task, intr_task}, timeout=cmd.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({stdout_task, wait_task, intr_task}, return_when=asyncio.FIRST_COMPLETED)
             if intr_task in done and not self.parser.terminal:
                 end = "interrupted"
-            elif not done:
-                end = "timeout"
             if end != "exit":
                 self.log.stop_pacing()
                 await terminate_group(proc, escalation)
@@ -477,7 +605,7 @@ class Run:
             end = "interrupted"
             raise
         finally:
-            for t in (stdout_task, stderr_task, wait_task, intr_task):
+            for t in (stdout_task, stderr_task, wait_task, intr_task, deadline_task):
                 t.cancel()
             if self.reaper is not None:
                 self.reaper.untrack(proc.pid)
@@ -488,12 +616,12 @@ class Run:
         sig = -rc if rc is not None and rc < 0 else 0
         exit_code = rc if rc is not None and rc >= 0 else -1
         if end == "interrupted":
-            self._emit([error_event(self._interrupt_message, self._interrupt_kind, "runtime")])
-            status = RunStatus.INTERRUPTED
-        elif end == "timeout":
-            timeout = self.command.timeout_s
-            self._emit([error_event(f"command timed out after {timeout:g}s", "timeout", "runtime")])
-            status = RunStatus.FAILED
+            final = error_event(self._interrupt_message, self._interrupt_kind, "runtime")
+            if self._interrupt_reason:
+                final.metadata["reason"] = self._interrupt_reason  # which deadline (Result.error.reason)
+            self._emit([final])
+            # A deadline is the run's failure; an interrupt (a client, a drain, a shutdown) is not.
+            status = RunStatus.FAILED if self._interrupt_kind == "timeout" else RunStatus.INTERRUPTED
         else:
             tail = bytes(self._stderr_tail).decode("utf-8", "replace")
             events = self.parser.finish(ExitInfo(returncode=exit_code if not sig else None, signal=sig, stderr_tail=tail))

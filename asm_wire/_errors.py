@@ -96,6 +96,10 @@ _TABLE_TEXT: Final = """\
     AsmError                 queue_full         runtime    -                    RESOURCE_EXHAUSTED
     AsmError                 queue_full         runtime    queue_full           RESOURCE_EXHAUSTED
     AsmError                 timeout            runtime    queue_timeout        DEADLINE_EXCEEDED
+    AsmError                 timeout            runtime    run_timeout          DEADLINE_EXCEEDED
+    AsmError                 timeout            runtime    idle_timeout         DEADLINE_EXCEEDED
+    AsmError                 timeout            runtime    command_timeout      DEADLINE_EXCEEDED
+    AsmError                 approval_denied    approval   approval_timeout     PERMISSION_DENIED
     AsmError                 runtime            runtime    env_unavailable      FAILED_PRECONDITION
     AsmError                 buffer_overflow    transport  -                    OUT_OF_RANGE
     AsmError                 buffer_overflow    transport  message_too_large    OUT_OF_RANGE

@@ -15,7 +15,7 @@ from tests.support.providers import approval_provider
 
 @pytest.fixture
 async def scripted_agent() -> AsyncIterator[NodeAgent]:
-    agent = NodeAgent(node_config(approval_timeout_ms=300), providers={"scripted": approval_provider()})
+    agent = NodeAgent(node_config(approval_timeout_ms=1000), providers={"scripted": approval_provider()})
     await agent.start()
     try:
         yield agent

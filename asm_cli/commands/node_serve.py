@@ -9,8 +9,10 @@ import sys
 from typing import Any
 
 from asm_cli.commands._common import EXIT_OK, Subcommands, limit_args, limit_settings, pairs, read_token, tls_args
+from asm_cli.commands._duration import bounded_duration_ms
 from asm_cli.commands._secrets import take_secrets
 from asm_node import NodeConfig, serve
+from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS, MIN_APPROVAL_TIMEOUT_MS
 from asm_node.journal import default_state_dir
 
 #: ``asm node serve`` flags that map one-to-one onto NodeConfig fields.
@@ -49,6 +51,14 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         settings["state_dir"] = default_state_dir()
     if args.label:
         settings["labels"] = pairs(args.label, "--label")
+    # Durations (90, 30s, 2m, 1h): bounded here, so a bad one is one clear config_invalid line (exit 2).
+    if args.approval_timeout is not None:
+        settings["approval_timeout_ms"] = bounded_duration_ms(
+            args.approval_timeout, "--approval-timeout", MIN_APPROVAL_TIMEOUT_MS, MAX_APPROVAL_TIMEOUT_MS)
+    if args.run_timeout is not None:
+        settings["run_timeout_ms"] = bounded_duration_ms(args.run_timeout, "--run-timeout", 1, MAX_DEADLINE_MS)
+    if args.idle_timeout is not None:
+        settings["idle_timeout_ms"] = bounded_duration_ms(args.idle_timeout, "--idle-timeout", 1, MAX_DEADLINE_MS)
     settings.update(limit_settings(args))
     config = NodeConfig(**{k: v for k, v in settings.items() if v is not None})
 
@@ -106,6 +116,15 @@ def add_parser(sub: Subcommands) -> None:
     s.add_argument("--replay-node-bytes", type=int, metavar="B",
                    help="... and of all running runs together (default 268435456)")
     s.add_argument("--line-cap", type=int, metavar="BYTES", help="longest stdout line accepted (default 8 MiB)")
+    s.add_argument("--approval-timeout", metavar="DURATION",
+                   help="deny an approval nobody answered after this long, when the run sets no timeout of its own "
+                        "(1s to 24h; default 2m)")
+    s.add_argument("--run-timeout", metavar="DURATION",
+                   help="default wall-clock deadline of every run (a run's --opt run_timeout_ms replaces it; "
+                        "default: none): the run is stopped and fails with timeout, reason run_timeout")
+    s.add_argument("--idle-timeout", metavar="DURATION",
+                   help="default output-silence deadline (a run's --opt idle_timeout_ms replaces it; default: none; "
+                        "a pending approval is not silence): the run fails with timeout, reason idle_timeout")
     s.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label for routing selectors")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     limit_args(s)

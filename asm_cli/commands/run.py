@@ -24,12 +24,26 @@ from asm_cli.commands._common import (
     remote_nodes,
     report,
 )
-from asm_controller import EmbeddedNode, Session, SnapshotRun, SnapshotStream, stream_with_snapshot
+from asm_cli.commands._duration import bounded_duration_ms
+from asm_controller import EmbeddedNode, Event, Session, SnapshotRun, SnapshotStream, stream_with_snapshot
 from asm_controller.extensions.persistence import open_recorder
 from asm_controller.extensions.rendering import Rendering
 from asm_node import NodeAgent, NodeConfig
 from asm_node.providers import operator_option_names
-from asm_wire import ConfigError, PermissionMode, SnapshotBackend, Strategy, choices
+from asm_wire import (
+    ApprovalNotFound,
+    AsmError,
+    ConfigError,
+    Decision,
+    PermissionMode,
+    SnapshotBackend,
+    Strategy,
+    choices,
+)
+
+#: ``--approve``: answer every approval (allow, deny), ask on the terminal (prompt); without it a terminal
+#: is asked, anything else waits for ``asm approve`` from another shell ("wait").
+APPROVE_MODES = ("allow", "deny", "prompt")
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -62,6 +76,141 @@ def _parse_opts(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _approval_mode(args: argparse.Namespace) -> str:
+    """allow / deny / prompt / wait (see APPROVE_MODES); ``--approve prompt`` needs a terminal to ask on."""
+    terminal = sys.stdin.isatty() and sys.stderr.isatty()
+    if args.approve == "prompt" and not terminal:
+        raise ConfigError("--approve prompt needs a terminal (stdin and stderr): use --approve allow|deny, or answer "
+                          "with 'asm approve' from another shell (the default without a terminal)")
+    if args.approve:
+        return str(args.approve)
+    return "prompt" if terminal and args.output == "text" else "wait"
+
+
+async def _read_line(fd: int) -> str:
+    """One line typed on the terminal, read without blocking the event loop (events keep coming); '' at EOF."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not got.done():
+            try:
+                got.set_result(os.read(fd, 4096))
+            except OSError:
+                got.set_result(b"")
+
+    loop.add_reader(fd, readable)
+    try:
+        return (await got).decode("utf-8", "replace")
+    finally:
+        loop.remove_reader(fd)
+
+
+class _Approvals:
+    """``asm run``'s side of approvals: answer each ``approval_requested`` as ``--approve`` says, ask the
+    user (one question at a time, while the run's events keep streaming), or say how to answer from
+    another shell; note the ones nobody answered (denied by the node's timeout)."""
+
+    def __init__(self, session: Session, mode: str, rendering: Any, hint: str) -> None:
+        self.session = session
+        self.mode = mode
+        self.rendering = rendering
+        #: How to reach this run from another shell ("--node A" / "--controller C"), "" for an embedded node.
+        self.hint = hint
+        self.allow_all = False
+        self.timed_out: list[str] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._asking = asyncio.Lock()
+
+    def on_event(self, ev: Event) -> None:
+        if ev.kind == "approval_requested":
+            p = ev.pb.approval_requested
+            self._tasks[p.approval_id] = asyncio.get_running_loop().create_task(self._answer(ev))
+        elif ev.kind == "approval_resolved":
+            r = ev.pb.approval_resolved
+            task = self._tasks.pop(r.approval_id, None)
+            if task is not None and not task.done():
+                task.cancel()  # answered elsewhere (asm approve, the timeout, an interrupt): stop asking
+                if self.mode == "prompt":
+                    sys.stderr.write(f"\nasm: approval {r.approval_id} was answered meanwhile: {r.decision}"
+                                     f"{f' ({r.reason})' if r.reason else ''}\n")
+            if r.reason == "timeout":
+                self.timed_out.append(r.approval_id)
+
+    async def _answer(self, ev: Event) -> None:
+        p = ev.pb.approval_requested
+        if self.mode in (Decision.ALLOW, Decision.DENY):
+            await self._send(ev, self.mode, f"asm run --approve {self.mode}")
+        elif self.mode == "prompt":
+            async with self._asking:
+                if self.allow_all:
+                    await self._send(ev, Decision.ALLOW, "allowed for the rest of the run (asm run: a)")
+                    return
+                decision, reason = await self._ask(p.subject, p.details_json)
+                await self._send(ev, decision, reason)
+        elif self.hint:
+            hint = self.hint
+            run = self.session.get_run(ev.run_id)
+            address = run.result().metadata.get("node_address") if run is not None else None
+            if hint.startswith("--node ") and isinstance(address, str) and address:
+                hint = f"--node {address}"  # the node the run landed on (several --node: failover)
+            sys.stderr.write(f"asm: approval {p.approval_id} ({p.subject or 'tool call'}) is waiting; answer it from "
+                             f"another shell: asm approve {ev.run_id} {p.approval_id} allow|deny {hint}\n")
+            sys.stderr.flush()
+        else:
+            sys.stderr.write(f"asm: approval {p.approval_id} ({p.subject or 'tool call'}) is waiting, but this run's "
+                             "node is embedded in this asm process, so 'asm approve' cannot reach it: it is denied "
+                             "when its approval timeout passes (answer with --approve allow|deny, run on a terminal, "
+                             "or run on a served node with --node)\n")
+            sys.stderr.flush()
+
+    async def _ask(self, subject: str, details_json: str) -> tuple[str, str]:
+        from asm_cli import ui
+
+        shown, question = ui.approval_question(subject, details_json)
+        with ui.suspended(self.rendering):
+            if shown:
+                sys.stderr.write(shown + "\n")
+            while True:
+                sys.stderr.write(question)
+                sys.stderr.flush()
+                answer = (await _read_line(sys.stdin.fileno())).strip().lower()
+                if answer in ("y", "yes"):
+                    return Decision.ALLOW, "allowed at the terminal (asm run)"
+                if answer in ("a", "all", "always"):
+                    self.allow_all = True
+                    return Decision.ALLOW, "allowed at the terminal, with every later approval of the run (asm run: a)"
+                if answer in ("", "n", "no"):
+                    return Decision.DENY, "denied at the terminal (asm run)"
+                sys.stderr.write("asm: answer y (allow), n (deny, the default) or a (allow this and the rest of the run)\n")
+
+    async def _send(self, ev: Event, decision: str, reason: str) -> None:
+        approval_id = ev.pb.approval_requested.approval_id
+        try:
+            await self.session.approve(approval_id, decision, reason)
+        except ApprovalNotFound:
+            sys.stderr.write(f"asm: approval {approval_id} is no longer pending (answered elsewhere, timed out, "
+                             "or the run ended): this answer was not sent\n")
+        except AsmError as err:
+            sys.stderr.write(f"asm: warning: could not send the answer to approval {approval_id}: {err.message}\n")
+
+    async def close(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _remote_hint(args: argparse.Namespace) -> str:
+    """The target flag of an ``asm approve`` for this run (empty for an embedded node)."""
+    if args.controller:
+        return f"--controller {args.controller}"
+    if args.node:
+        return f"--node {args.node[0].split(',')[0]}"
+    return ""
+
+
 async def _run(args: argparse.Namespace) -> int:
     options = _parse_opts(args.opt)
     # Before anything runs: a file that is not an event store, a device/FIFO/directory,
@@ -81,7 +230,7 @@ async def _run(args: argparse.Namespace) -> int:
     cwd = args.cwd_resolved
     session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options,
                       strategy=args.strategy, selector=pairs(args.selector, "--selector"),
-                      on_node_lost=args.on_node_lost)
+                      on_node_lost=args.on_node_lost, approval_timeout_ms=args.approval_timeout_ms)
     run_id: dict[str, Any] = {"run_id": args.run_id} if args.run_id else {}
     if args.priority:
         run_id["priority"] = args.priority
@@ -94,6 +243,7 @@ async def _run(args: argparse.Namespace) -> int:
         snapshotted = await stream_with_snapshot(session, args.prompt, backend=args.snapshot, **run_id)
     interrupted = False
     rendering = _text_rendering(args) if args.output == "text" else None
+    approvals = _Approvals(session, args.approval_mode, rendering, _remote_hint(args))
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     try:
@@ -114,6 +264,7 @@ async def _run(args: argparse.Namespace) -> int:
                 rendering.feed(ev)
             else:
                 print_event(ev, args.output)
+            approvals.on_event(ev)
             if recorder is not None:
                 await recorder.put(ev)
         result = stream.result
@@ -122,6 +273,7 @@ async def _run(args: argparse.Namespace) -> int:
         if snaps is not None and args.output != "jsonl":
             _print_workspace_changes(snaps)
     finally:
+        await approvals.close()
         if rendering is not None and sys.exc_info()[0] is not None:
             with contextlib.suppress(Exception):
                 rendering.close()
@@ -141,10 +293,18 @@ async def _run(args: argparse.Namespace) -> int:
     if unrecorded is not None:
         result.metadata["recording"] = unrecorded
     code = report(result, args.output, rendering)
+    if approvals.timed_out:
+        # Nobody answered: the run went on without what it asked for. Not a success a script may rely on.
+        sys.stderr.write(f"asm: error: {len(approvals.timed_out)} approval(s) were not answered in time and were "
+                         f"denied ({', '.join(approvals.timed_out[:5])}): the run did not do what it asked to do\n")
+        return EXIT_FAILED if code == EXIT_OK else code
     return EXIT_FAILED if code == EXIT_OK and unrecorded is not None else code  # the run worked, its record did not
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    args.approval_mode = _approval_mode(args)
+    args.approval_timeout_ms = (bounded_duration_ms(args.approval_timeout, "--approval-timeout", 1000, 24 * 3600 * 1000)
+                                if args.approval_timeout else 0)
     if args.controller:
         if args.node:
             raise ConfigError("give either --node or --controller, not both")
@@ -203,6 +363,14 @@ def add_parser(sub: Subcommands) -> None:
                    help="a node silent this long is lost and its run ends with node_lost (default 8)")
     client_args(r)
     add_no_color_option(r)
+    r.add_argument("--approve", choices=APPROVE_MODES,
+                   help="answer the run's approvals (--opt approvals=true): allow or deny every one, or prompt "
+                        "(ask on the terminal: y, n, or a = allow the rest of the run). Default: prompt on a "
+                        "terminal with --output text; otherwise the approval is printed and waits for "
+                        "'asm approve RUN_ID APPROVAL_ID allow|deny' from another shell")
+    r.add_argument("--approval-timeout", metavar="DURATION",
+                   help="deny an approval nobody answered after this long (1s to 24h; default: the node's, 2m "
+                        "unless 'asm node serve --approval-timeout' says otherwise); exit 1 when one timed out")
     r.add_argument("--priority", type=_priority, default=0, metavar="N",
                    help="with --controller: the run's place in the fleet queue when every node is full "
                         "(-1000..1000, higher first; FIFO within a priority)")
