@@ -173,7 +173,8 @@ def test_deltas_then_full_message_are_not_printed_twice_and_match_the_reducer() 
     ]
     res = reduce(events)
     out = render_plain(CompactRenderer(), events, res)
-    assert res.text == "Hello world, and more!"
+    # Three messages, three paragraphs (issue 14: they were glued together).
+    assert res.text == "Hello\n\n world, and more\n\n!"
     assert out.startswith(res.text + "\n")
     assert out.count("Hello") == 1 and out.count("world") == 1
 
@@ -186,7 +187,22 @@ def test_deltas_that_are_not_a_prefix_are_kept_as_the_reducer_keeps_them() -> No
     ]
     res = reduce(events)
     assert render_plain(CompactRenderer(), events, res).startswith(res.text + "\n")
-    assert res.text == "thinking aloud. Answer"
+    assert res.text == "thinking aloud. \n\nAnswer"
+
+
+def test_text_after_a_tool_line_is_not_pushed_down_by_a_blank_line() -> None:
+    events = [
+        ev(1, "assistant_message", content=[text_block("I will run it.")]),
+        ev(2, "tool_use", tool_name="Bash", tool_call_id="t1", input_json='{"command": "echo hi"}'),
+        ev(3, "assistant_message", content=[text_block("It ran.")]),
+        ev(4, "assistant_message", content=[text_block("Done.")]),
+        ev(5, "run_completed", status="completed"),
+    ]
+    res = reduce(events)
+    assert res.text == "I will run it.\n\nIt ran.\n\nDone."
+    lines = render_plain(CompactRenderer(), events, res).split("\n")
+    assert lines[0] == "I will run it." and "Bash" in lines[1]
+    assert lines[2:5] == ["It ran.", "", "Done."]  # the tool line already sets the paragraphs apart
 
 
 def test_replayed_events_are_not_rendered_again() -> None:
@@ -414,6 +430,18 @@ def test_summary_line_ok_failed_interrupted() -> None:
     interrupted = Result("r", "s", "p", "interrupted", duration_ms=125_000,
                          error=RunError("cancelled by user", kind="user_cancelled", domain="runtime"))
     assert summary_line(interrupted) == "■ interrupted after 2m05s"
+
+
+def test_summary_line_says_how_many_tool_calls_were_denied() -> None:
+    # A run whose tool calls were all refused completes, but must not look like a plain success.
+    denied = Result("r", "s", "claude", "completed", duration_ms=2000,
+                    denials=[{"tool": "Bash", "input": {"command": "touch x"}, "reason": "blocked"}])
+    assert summary_line(denied) == "⚠ completed in 2.0s · 1 tool call denied"
+    two = Result("r", "s", "claude", "completed", denials=[{"tool": "Bash", "input": {}, "reason": ""}] * 2)
+    assert summary_line(two) == "⚠ completed · 2 tool calls denied"
+    failed = Result("r", "s", "claude", "failed", denials=two.denials,
+                    error=RunError("boom", kind="tool_failed", domain="tool"))
+    assert summary_line(failed) == "✖ failed (tool_failed) · 2 tool calls denied: boom"
 
 
 def test_summary_without_a_result_uses_the_renderers_tally() -> None:
