@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asm_controller._events import Event
-from asm_wire import AsmError, EventKind, RunError, RunStatus, is_failure, kind_value, normalize_kind, pb
+from asm_wire import KIND_VALUES, AsmError, EventKind, RunError, RunStatus, is_failure, kind_value, normalize_kind, pb
 
 _DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 _MESSAGE = kind_value(EventKind.ASSISTANT_MESSAGE)
@@ -34,6 +34,8 @@ _STARTED = kind_value(EventKind.RUN_STARTED)
 _COST = kind_value(EventKind.COST_UPDATE)
 _APPROVAL_REQ = kind_value(EventKind.APPROVAL_REQUESTED)
 _APPROVAL_RES = kind_value(EventKind.APPROVAL_RESOLVED)
+#: The metadata of the node a run ran on, which a controller's stamp names for its clients.
+RAN_ON_KEYS = ("node_id", "node_epoch", "node_address", "lane_fallback_reason")
 #: Events that end a paragraph of streamed text (the assistant did something else in between).
 _TEXT_BREAKS = frozenset({kind_value(EventKind.TOOL_USE), kind_value(EventKind.TOOL_RESULT)})
 #: Error kinds of an interrupted run: a client asked, or the node stopped it (drain deadline, shutdown).
@@ -115,6 +117,31 @@ class Result:
 def message_text(msg: pb.AssistantMessage) -> str:
     """An assistant message's text blocks, joined (the reducer's and the renderers' one reading)."""
     return "".join([b.text for b in msg.content if b.type == "text"])
+
+
+#: Event kinds that are not work: the CLI starting, reporting, failing or ending.
+_NOT_WORK = frozenset(KIND_VALUES[k] for k in (
+    "run_started", "provider_init", "raw", "stderr", "error", "result", "run_completed", "cost_update",
+    "user_message", "guardrail_triggered") if k in KIND_VALUES)
+#: The model Claude Code names on the assistant message it makes up for an API error ("API Error: 500 ...").
+SYNTHETIC_MODEL = "<synthetic>"
+
+
+def is_work(m: pb.Event) -> bool:
+    """Did the provider do something with this event (the model answered, a tool ran, it asks)?
+
+    Claude Code's own "API Error: 500 ..." assistant message (model ``<synthetic>``) is not work,
+    nor is an empty delta or message: a run with no work can go to another provider unseen.
+    """
+    kind = m.kind
+    if kind in _NOT_WORK:
+        return False
+    if kind == pb.EVENT_KIND_ASSISTANT_DELTA:
+        return bool(m.assistant_delta.content or m.assistant_delta.data)
+    if kind == pb.EVENT_KIND_ASSISTANT_MESSAGE:
+        msg = m.assistant_message
+        return msg.model != SYNTHETIC_MODEL and any(b.type != "text" or b.text for b in msg.content)
+    return True
 
 
 class TextFold:
@@ -207,6 +234,8 @@ class EventReducer:
         self.status = "pending"
         self.last_seq = 0
         self.finished = False
+        #: The provider did something (see :func:`is_work`): a run that did is never re-run elsewhere.
+        self.worked = False
         self.pending_approvals: dict[str, Event] = {}
         #: Approval and cost events not yet seen by the session (drained by the run driver).
         self.bookkeeping: list[Event] = []
@@ -231,6 +260,8 @@ class EventReducer:
             return False
         self.last_seq = seq
         self._events += 1
+        if not self.worked and is_work(m):
+            self.worked = True
         ts = m.timestamp_unix_nano
         if not self._first_ns:
             self._first_ns = ts
@@ -255,9 +286,15 @@ class EventReducer:
             if stamped:
                 # Recorded by the controller that ran it (node, epoch, attempts): restored on replay.
                 try:
-                    self.metadata = {**json.loads(stamped), **self.metadata}
+                    theirs = json.loads(stamped)
                 except ValueError:
-                    pass
+                    theirs = None
+                if isinstance(theirs, dict):
+                    mine = self.metadata
+                    if "controller_id" in mine:
+                        # Through a controller: the node that ran it is the controller's, not the controller.
+                        mine = {**mine, **{k: theirs[k] for k in RAN_ON_KEYS if k in theirs}}
+                    self.metadata = {**theirs, **mine}
             if m.run_started.provider_session_id:
                 self._psid = m.run_started.provider_session_id
             return True
@@ -317,6 +354,7 @@ class EventReducer:
     @property
     def error(self) -> AsmError | None:
         return self._error
+
 
     @property
     def provider_session_id(self) -> str | None:

@@ -131,7 +131,14 @@ class RunStream:
 
 
 class Session:
-    """A set of runs sharing defaults, admission limits, approvals and cost."""
+    """A set of runs sharing defaults, admission limits, approvals and cost.
+
+    ``providers=["claude", "gemini"]`` (or ``provider="claude,gemini"``) is a provider failover list:
+    a candidate that fails before doing any work (no CLI, auth, rate limit, HTTP 5xx) hands the run
+    to the next, with a health cooldown per (node, provider) (``failure_cooldown_s``). ``options``
+    go to every candidate; ``provider_options={"gemini": {...}}`` to one. ``lane``: ASM's lane
+    ("auto" or "core"; "sdk" is refused: asm runs the CLIs only).
+    """
 
     def __init__(
         self,
@@ -154,6 +161,9 @@ class Session:
         allowed_tools: Sequence[str] = (),
         observers: Sequence[Callable[[list[Event]], None]] = (),
         failure_cooldown_s: float = 30.0,
+        providers: Sequence[str] | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        lane: str = "auto",
         metrics: ControllerMetrics | None = None,
         pool: NodePool | None = None,
         registry: Registry | None = None,
@@ -170,6 +180,8 @@ class Session:
             options=dict(options or {}), env=dict(env or {}), approval_timeout_ms=approval_timeout_ms,
             preflight=preflight, selector=dict(selector or {}), on_node_lost=on_node_lost,
             pipeline=tuple(pipeline), allowed_tools=tuple(allowed_tools), observers=tuple(observers),
+            providers=providers if isinstance(providers, str) else tuple(providers or ()),
+            provider_options=dict(provider_options or {}), lane=lane,
         )
         self._own_pool = pool is None
         self.pool = pool if pool is not None else NodePool(strategy, failure_cooldown_s, metrics)
