@@ -181,7 +181,8 @@ def add_parser(sub: Subcommands) -> None:
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
     r.add_argument("--controller", metavar="HOST:PORT", help="run through a controller service (it picks the node)")
-    r.add_argument("--provider", required=True, help="claude, codex, gemini, amp or shell")
+    r.add_argument("--provider", required=True,
+                   help="claude, codex, gemini, amp or shell; A,B: fail over to B when A fails before any work")
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=choices(PermissionMode))
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
