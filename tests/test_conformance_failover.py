@@ -40,11 +40,11 @@ class Always500(ThreadingHTTPServer):
             def log_message(self, *args: Any) -> None:
                 return None
 
-            def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_HEAD(self) -> None:
                 self.send_response(200)
                 self.end_headers()
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 server.hits += 1
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 body = json.dumps({"type": "error", "error": {"type": "api_error",
