@@ -279,6 +279,10 @@ class Session:
         """Routing health per node (healthy / degraded / unhealthy) and the node's liveness."""
         return self.pool.snapshot()
 
+    def provider_health(self) -> dict[str, dict[str, Any]]:
+        """Provider failover health per (node, provider): ``"claude@grpc://a:7070"`` -> status, failures, ..."""
+        return self.pool.provider_health.snapshot()
+
     def get_run(self, run_id: str) -> Run | None:
         """The run with this id while the session remembers it (active, queued, or in its bounded history)."""
         return self._runs.get(run_id)
@@ -445,6 +449,11 @@ class Session:
         it waits again at its place (its priority and queued time), then starts as usual."""
         overrides = self._recorded_options(record)
         overrides["priority"] = record.priority
+        for key in ("providers", "provider_options"):  # not started yet: every candidate is still open
+            if key in record.spec:
+                overrides[key] = record.spec[key]
+        if "providers" in overrides:
+            del overrides["provider"]
         opts = self.defaults.merged(overrides)
         run = Run(self, record.run_id, record.prompt, opts, False, session_id=record.session_id)
         run.owner, run.recorded, run.fleet_queued = record.owner, True, True
@@ -455,7 +464,7 @@ class Session:
         spec = record.spec
         overrides: dict[str, Any] = {"provider": record.provider}
         for key in ("cwd", "permission_mode", "options", "approval_timeout_ms", "on_node_lost", "selector",
-                    "resume_prompt"):
+                    "resume_prompt", "lane"):
             if key in spec:
                 overrides[key] = spec[key]
         return overrides

@@ -316,3 +316,25 @@ def test_node_and_checkpoint_repr_and_str_never_show_the_token() -> None:
         assert "s3cr3t-token" not in text and "PRIVATE-KEY" not in text
         assert "127.0.0.1:7070" in text
 
+
+
+async def test_a_queued_failover_run_taken_over_keeps_its_candidates(agent_with: Any) -> None:
+    from asm_controller._registry import run_spec
+    from asm_controller._run import Run
+    from asm_controller._store import RunRecord
+
+    async with agent_with(claude=missing("claude"), gemini=echo_options("gemini")) as agent:
+        async with Session(providers=["claude", "gemini"], node=EmbeddedNode(agent), options={"shared": 1},
+                           provider_options={"gemini": {"model": "g"}}, lane="core") as s:
+            spec = run_spec(Run(s, "r0", "hi", s.defaults, False))
+        assert spec["providers"] == ["claude", "gemini"] and spec["options"] == {"shared": 1}
+        assert spec["provider_options"] == {"gemini": {"model": "g"}} and spec["lane"] == "core"
+        # Another replica (a session without those defaults) takes the queued run over from its record.
+        async with Session("shell", node=EmbeddedNode(agent)) as other:
+            run = other.requeue(RunRecord(run_id="r1", session_id=other.session_id, provider="claude", spec=spec,
+                                          prompt="hi", status="queued"))
+            await run.done.wait()
+        result = run.result()
+    assert result.ok and result.provider == "gemini", result.error
+    assert json.loads(result.text) == {"model": "g", "shared": 1}
+    assert result.metadata["requested_lane"] == "core"
