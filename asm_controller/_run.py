@@ -869,6 +869,8 @@ class Run:
                 self._reject(err)
                 return None
             for e in emitted:
+                if self._notices and e.pb.kind == _RUN_COMPLETED:
+                    out.extend(self._take_notices())  # a stream without run_started (a controller's refusal)
                 seq = reducer.last_seq + 1
                 e.pb.seq, e.pb.run_id, e.pb.id = seq, self.run_id, f"{self.run_id}:{seq}"
                 if not e.pb.session_id:

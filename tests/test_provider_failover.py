@@ -338,3 +338,20 @@ async def test_a_queued_failover_run_taken_over_keeps_its_candidates(agent_with:
     assert result.ok and result.provider == "gemini", result.error
     assert json.loads(result.text) == {"model": "g", "shared": 1}
     assert result.metadata["requested_lane"] == "core"
+
+
+async def test_every_candidate_failing_through_a_controller_keeps_the_warnings(agent_with: Any) -> None:
+    # The controller refuses each candidate (cli_not_found): the run ends with the last, the first is a warning.
+    async with agent_with(claude=missing("claude"), gemini=missing("gemini")) as agent, \
+            running_server(agent=agent) as server:
+        ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{server.port}"]))
+        try:
+            async with Session(providers=["claude", "gemini"], node=RemoteNode(f"127.0.0.1:{ctl.port}")) as s:
+                stream = s.stream("hi")
+                events = [e async for e in stream]
+        finally:
+            await ctl.stop()
+    result = stream.result
+    assert result is not None and isinstance(result.error, ProviderMissing) and result.provider == "gemini"
+    assert [w.kind for w in result.warnings] == ["cli_not_found"] and "trying gemini" in result.warnings[0].message
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)) and events[-1].kind == "run_completed"
