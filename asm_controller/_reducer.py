@@ -23,7 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asm_controller._events import Event
-from asm_wire import KIND_VALUES, AsmError, EventKind, RunError, RunStatus, is_failure, kind_value, normalize_kind, pb
+from asm_wire import (
+    KIND_VALUES,
+    AsmError,
+    EventKind,
+    RunError,
+    RunStatus,
+    is_failure,
+    kind_value,
+    make_error,
+    normalize_kind,
+    pb,
+)
 
 _DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 _MESSAGE = kind_value(EventKind.ASSISTANT_MESSAGE)
@@ -327,10 +338,16 @@ class EventReducer:
                     pass
         elif kind == _ERROR:
             e = m.error
-            err = RunError(
-                e.message, kind=normalize_kind(e.code), domain=e.domain or "runtime",
-                exit_code=e.exit_code if e.exit_code >= 0 else None,
-            )
+            code, domain = normalize_kind(e.code), e.domain or "runtime"
+            exit_code = e.exit_code if e.exit_code >= 0 else None
+            reason = m.metadata.get("reason", "")
+            err: AsmError = RunError(e.message, kind=code, domain=domain, exit_code=exit_code)
+            if reason:
+                # A typed cause (a controller's end of a run it could not place): keep its class
+                # (ProviderMissing, NodeAtCapacity, ...) as a direct caller would get it.
+                typed = make_error(code, domain, e.message, reason=reason, exit_code=exit_code)
+                err = typed if type(typed) is not AsmError else RunError(
+                    e.message, kind=code, domain=domain, reason=reason, exit_code=exit_code)
             if is_failure(e.severity):
                 if self._error is None:
                     self._error = err

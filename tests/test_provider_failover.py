@@ -355,3 +355,19 @@ async def test_every_candidate_failing_through_a_controller_keeps_the_warnings(a
     assert result is not None and isinstance(result.error, ProviderMissing) and result.provider == "gemini"
     assert [w.kind for w in result.warnings] == ["cli_not_found"] and "trying gemini" in result.warnings[0].message
     assert [e.seq for e in events] == list(range(1, len(events) + 1)) and events[-1].kind == "run_completed"
+
+
+async def test_the_missing_cli_through_a_controller_is_cli_not_found_every_time(agent_with: Any) -> None:
+    async with agent_with(claude=missing("claude")) as agent, running_server(agent=agent) as server:
+        ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[f"127.0.0.1:{server.port}"]))
+        try:
+            target = RemoteNode(f"127.0.0.1:{ctl.port}")
+            async with Session("claude", node=target) as s:
+                plain = [await s.query("hi") for _ in range(2)]
+            async with Session("claude", node=target, preflight=True) as s:
+                checked = [await s.query("hi") for _ in range(2)]
+        finally:
+            await ctl.stop()
+    for r in plain + checked:
+        assert r.error is not None and r.error.kind == "cli_not_found", r.error
+        assert r.error.reason == "provider_missing"
