@@ -457,6 +457,17 @@ def test_summary_without_a_result_uses_the_renderers_tally() -> None:
     assert "✖ error [provider/auth_error]: bad key\n" in verbose
 
 
+def test_the_tally_counts_permission_denied_warnings() -> None:
+    events = [
+        ev(1, "run_started", ts_ms=0),
+        ev(2, "error", message="Bash(touch x) was blocked", code="permission_denied", domain="provider",
+           severity=pb.SEVERITY_WARNING),
+        ev(3, "run_completed", ts_ms=300, status="completed", exit_code=0),
+    ]
+    out = render_plain(CompactRenderer(), events, use_result=False)
+    assert out.splitlines()[-1] == "⚠ completed in 300ms · 1 tool call denied"
+
+
 def test_per_delta_work_is_small() -> None:
     events = [ev(i, "assistant_delta", content=f"tok{i} ") for i in range(1, 50_001)]
     rendering = Rendering(CompactRenderer(), [TTYSink(io.StringIO()), CallbackSink(lambda e, t: None)])

@@ -360,6 +360,7 @@ class _BaseRenderer:
         self._first_ns: int | None = None
         self._last_ns = 0
         self._duration_ms: int | None = None
+        self._denied = 0
 
     # -- entry points ------------------------------------------------------------------
 
@@ -432,7 +433,7 @@ class _BaseRenderer:
         return _summary_spans(
             status, error_kind=self._error[0] if self._error else None,
             error_message=self._error[1] if self._error else None, input_tokens=self._in, output_tokens=self._out,
-            cost_usd=self._cost, duration_ms=duration, extra=extra,
+            cost_usd=self._cost, duration_ms=duration, extra=extra, denied=self._denied,
         )
 
     # -- kinds shared by both renderers ---------------------------------------------------
@@ -531,6 +532,8 @@ class _BaseRenderer:
         e = m.error
         code = _one_line(e.code, 60) or "error"
         if e.severity == _SEVERITY_WARNING:
+            if e.code == "permission_denied":
+                self._denied += 1  # one warning per refused tool call: the tally's "N tool calls denied"
             return [("⚠ warning", "yellow"), (f" ({code}): ", PLAIN), (self._msg(e.message), PLAIN), _NL]
         if e.severity == _SEVERITY_INFO:
             return [("· info", "dim"), (f" ({code}): {self._msg(e.message)}", "dim"), _NL] if self.verbose else None
