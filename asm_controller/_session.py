@@ -346,6 +346,9 @@ class Session:
         if cp is not None:
             overrides.setdefault("node", cp.node)
             overrides.setdefault("provider", cp.provider)
+        if "providers" not in overrides:
+            # A provider session belongs to its provider: a resume never fails over to another one.
+            overrides.setdefault("provider", self.defaults.candidates[0])
         overrides["options"] = {**overrides.get("options", {}), "resume": resume}
         return self.stream(prompt, **overrides)
 

@@ -27,14 +27,14 @@ from asm_wire import KIND_VALUES, ConfigError, ProviderMissing, pb, ulid
 
 class ProviderParser(LineParser):
     """A scripted CLI's lines, one JSON object each: {"text"} a delta, {"msg", "model"} an assistant
-    message, {"tool"} a tool call, {"cost": [in, out]}, {"fail": kind, "message"} a fatal error, {"done"}."""
+    message, {"tool"} a tool call, {"text", "psid"} a delta naming the provider session, {"cost": [in, out]}, {"fail": kind, "message"} a fatal error, {"done"}."""
 
     def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
         for line in lines:
             d = json.loads(line)
             if "text" in d:
                 out.append(pb.Event(kind=KIND_VALUES["assistant_delta"], assistant_delta=pb.AssistantDelta(
-                    content=d["text"])))
+                    content=d["text"]), provider_session_id=d.get("psid", "")))
             elif "msg" in d:
                 out.append(pb.Event(kind=KIND_VALUES["assistant_message"], assistant_message=pb.AssistantMessage(
                     content=[pb.ContentBlock(type="text", text=d["msg"])], model=d.get("model", "m"))))
@@ -371,3 +371,18 @@ async def test_the_missing_cli_through_a_controller_is_cli_not_found_every_time(
     for r in plain + checked:
         assert r.error is not None and r.error.kind == "cli_not_found", r.error
         assert r.error.reason == "provider_missing"
+
+
+async def test_a_resume_is_never_failed_over_to_another_provider(agent_with: Any) -> None:
+    gemini = cli("gemini", {"text": "gemini here", "psid": "g-1"}, {"done": 1})
+    async with agent_with(claude=missing("claude"), gemini=gemini) as agent, \
+            Session(providers=["claude", "gemini"], node=EmbeddedNode(agent)) as s:
+        result = await s.query("hi")
+        assert result.ok and result.provider == "gemini" and result.provider_session_id == "g-1"
+        assert s.checkpoint is not None and s.checkpoint.provider == "gemini"
+        resumed = s.resume_run("more")  # the checkpoint's provider
+        assert [e async for e in resumed] and resumed.result is not None
+        assert resumed.result.provider == "gemini" and "providers" not in resumed.result.metadata
+        exact = s.resume_run("more", "some-claude-session-id")  # no checkpoint for it: the first candidate only
+        assert [e async for e in exact] and exact.result is not None
+    assert isinstance(exact.result.error, ProviderMissing) and exact.result.provider == "claude"
