@@ -116,9 +116,12 @@ def _not_delivered(err: AsmError) -> bool:
 
 
 #: Provider failover (ASM's routing extension): failures of a provider *before it did any work* that move
-#: the run to the next provider candidate. transport_error only for an HTTP 5xx (see _server_error).
+#: the run to the next provider candidate. transport_error only for an HTTP 5xx (_SERVER_ERROR): a CLI that
+#: crashed or was killed is not a provider outage.
 FAILOVER_KINDS = frozenset({"cli_not_found", "auth_error", "rate_limit", "transport_error"})
 _SERVER_ERROR = re.compile(r"\b5\d\d\b|internal server error|overloaded|service unavailable|bad gateway", re.I)
+
+
 def failover_error(err: AsmError) -> bool:
     """A failure that says this provider cannot serve now (no CLI, auth, rate limit, HTTP 5xx): try the next."""
     if err.kind not in FAILOVER_KINDS:
