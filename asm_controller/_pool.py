@@ -20,12 +20,21 @@ from asm_controller._routing import Candidate, HealthTracker, Router
 from asm_wire import ConfigError
 
 
+def provider_key(node_key: str, provider: str) -> str:
+    """The health tracker key of one (node, provider) routing candidate."""
+    return f"{provider}@{node_key}"
+
+
 class NodePool:
     """Connected nodes by target key, connected on first use (concurrent first uses share one handshake)."""
 
     def __init__(self, strategy: str = "priority", failure_cooldown_s: float = 30.0,
                  metrics: ControllerMetrics | None = None) -> None:
         self.router = Router(strategy, failure_cooldown_s)
+        #: ASM's routing health per (node, provider) candidate (key: :func:`provider_key`), for provider
+        #: failover: a provider that failed on a node before doing any work is tried there last until
+        #: the cooldown has passed (the same cooldown and clock as the nodes').
+        self.provider_health = HealthTracker(failure_cooldown_s, self.router.health.clock)
         self.metrics = metrics
         self._handles: dict[str, NodeHandle] = {}
         self._connecting: dict[str, asyncio.Future[NodeHandle]] = {}
@@ -43,10 +52,10 @@ class NodePool:
         """A snapshot of every connected node's handle."""
         return list(self._handles.values())
 
-    def plan(self, cands: Sequence[Candidate], skip: Callable[[Candidate], str | None]
-             ) -> tuple[list[Candidate], list[dict[str, Any]]]:
-        """The routing order for a run and the candidates skipped (with why)."""
-        return self.router.plan(cands, skip)
+    def plan(self, cands: Sequence[Candidate], skip: Callable[[Candidate], str | None],
+             cooling: Callable[[Candidate], bool] | None = None) -> tuple[list[Candidate], list[dict[str, Any]]]:
+        """The routing order for a run and the candidates skipped (with why); ``cooling``: also tried last."""
+        return self.router.plan(cands, skip, cooling)
 
     async def handle(self, target: NodeTarget | None, *, ready: bool = True) -> NodeHandle:
         """The node's handle, connecting (handshake, compatibility check) on first use; typed errors.

@@ -3,7 +3,10 @@
 Differences from ASM 0.9.2, on purpose (asm_runtime.md section 8):
 
 * Text is not doubled when a provider sends deltas *and* the full message: the
-  deltas since the last message are replaced by the message's text.
+  deltas since the last message are replaced by the message's text. Separate
+  assistant messages (and streamed text a tool call ended) are paragraphs,
+  joined by one blank line, not glued together (:class:`TextFold`, shared
+  with the renderers and the chat-completions endpoint, so all three agree).
 * Only ``error`` events of severity ``error``/``fatal`` fail a run; ``warning``
   and ``info`` errors (an overlong line that was dropped, say) are kept in
   ``Result.warnings``.
@@ -20,7 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asm_controller._events import Event
-from asm_wire import AsmError, EventKind, RunError, RunStatus, is_failure, kind_value, normalize_kind, pb
+from asm_wire import (
+    KIND_VALUES,
+    AsmError,
+    EventKind,
+    RunError,
+    RunStatus,
+    is_failure,
+    kind_value,
+    make_error,
+    normalize_kind,
+    pb,
+)
 
 _DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 _MESSAGE = kind_value(EventKind.ASSISTANT_MESSAGE)
@@ -31,6 +45,10 @@ _STARTED = kind_value(EventKind.RUN_STARTED)
 _COST = kind_value(EventKind.COST_UPDATE)
 _APPROVAL_REQ = kind_value(EventKind.APPROVAL_REQUESTED)
 _APPROVAL_RES = kind_value(EventKind.APPROVAL_RESOLVED)
+#: The metadata of the node a run ran on, which a controller's stamp names for its clients.
+RAN_ON_KEYS = ("node_id", "node_epoch", "node_address", "lane_fallback_reason")
+#: Events that end a paragraph of streamed text (the assistant did something else in between).
+_TEXT_BREAKS = frozenset({kind_value(EventKind.TOOL_USE), kind_value(EventKind.TOOL_RESULT)})
 #: Error kinds of an interrupted run: a client asked, or the node stopped it (drain deadline, shutdown).
 INTERRUPT_KINDS = frozenset({"user_cancelled", "node_draining", "node_shutdown"})
 #: The node ended the run itself; with on_node_lost="resume" it continues on another node.
@@ -71,6 +89,9 @@ class Result:
     exit_code: int | None = None
     events: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The tool calls the provider refused (its permission rules, a sandbox): ``{"tool", "input", "reason"}``
+    #: each, from the result event's ``denials``. A run can be ``completed`` with every tool call denied.
+    denials: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +113,7 @@ class Result:
             "text": self.text,
             "error": self.error.to_dict() if self.error else None,
             "warnings": [w.to_dict() for w in self.warnings],
+            "denials": list(self.denials),
             "cost": self.cost.to_dict(),
             "duration_ms": self.duration_ms,
             "stop_reason": self.stop_reason,
@@ -108,6 +130,112 @@ def message_text(msg: pb.AssistantMessage) -> str:
     return "".join([b.text for b in msg.content if b.type == "text"])
 
 
+#: Event kinds that are not work: the CLI starting, reporting, failing or ending.
+_NOT_WORK = frozenset(KIND_VALUES[k] for k in (
+    "run_started", "provider_init", "raw", "stderr", "error", "result", "run_completed", "cost_update",
+    "user_message", "guardrail_triggered") if k in KIND_VALUES)
+#: The model Claude Code names on the assistant message it makes up for an API error ("API Error: 500 ...").
+SYNTHETIC_MODEL = "<synthetic>"
+
+
+def is_work(m: pb.Event) -> bool:
+    """Did the provider do something with this event (the model answered, a tool ran, it asks)?
+
+    Claude Code's own "API Error: 500 ..." assistant message (model ``<synthetic>``) is not work,
+    nor is an empty delta or message: a run with no work can go to another provider unseen.
+    """
+    kind = m.kind
+    if kind in _NOT_WORK:
+        return False
+    if kind == pb.EVENT_KIND_ASSISTANT_DELTA:
+        return bool(m.assistant_delta.content or m.assistant_delta.data)
+    if kind == pb.EVENT_KIND_ASSISTANT_MESSAGE:
+        msg = m.assistant_message
+        return msg.model != SYNTHETIC_MODEL and any(b.type != "text" or b.text for b in msg.content)
+    return True
+
+
+class TextFold:
+    """A run's answer text, append-only: deltas, full messages and the paragraph breaks between them.
+
+    Deltas extend the current paragraph; a full message that starts with the paragraph streamed
+    so far supersedes it (only its rest is new: never doubled); any other message, and deltas
+    after a message or a tool call, start a new paragraph, one blank line after the previous one.
+    :meth:`delta` / :meth:`message` return ``(separator, new_text)``: a terminal that printed a
+    tool line in between drops the separator; the text is their concatenation.
+    """
+
+    __slots__ = ("_keep", "_len", "_para", "_para_kind", "_pieces", "_tail")
+
+    def __init__(self, keep: bool = True) -> None:
+        self._keep = keep  # False: a renderer, which prints the pieces and never needs the whole text
+        self._pieces: list[str] = []
+        self._len = 0
+        self._para: list[str] = []  # the current paragraph's pieces
+        self._para_kind = ""  # "" | deltas | message | sealed (deltas a tool call ended)
+        self._tail = ""  # the last two characters of the text (how many newlines end it)
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]  # keep one string: a long run does not keep one per delta
+        return self._pieces[0] if self._pieces else ""
+
+    def _add(self, piece: str) -> None:
+        if piece:
+            if self._keep:
+                self._pieces.append(piece)
+            self._len += len(piece)
+            self._tail = piece[-2:] if len(piece) >= 2 else (self._tail + piece)[-2:]
+
+    def _start(self, body: str, kind: str) -> tuple[str, str]:
+        """A new paragraph: the separator that puts one blank line before it (none at the start)."""
+        sep = ""
+        if self._len:
+            sep = "\n" * (2 - (len(self._tail) - len(self._tail.rstrip("\n"))))
+            body = body.lstrip("\n")
+        self._add(sep)
+        self._para, self._para_kind = [body], kind
+        self._add(body)
+        return sep, body
+
+    def delta(self, content: str) -> tuple[str, str]:
+        if not content:
+            return "", ""
+        if self._para_kind == "deltas":
+            self._para.append(content)
+            self._add(content)
+            return "", content
+        return self._start(content, "deltas")
+
+    def message(self, text: str) -> tuple[str, str]:
+        if not text:
+            return "", ""
+        if self._para_kind in ("deltas", "sealed"):
+            para = "".join(self._para)
+            if text.startswith(para):
+                rest = text[len(para):]
+                self._add(rest)
+                self._para, self._para_kind = [text], "message"
+                return "", rest
+        return self._start(text, "message")
+
+    def seal(self) -> None:
+        """Something other than text came (a tool call): the next text is a new paragraph."""
+        if self._para_kind == "deltas":
+            self._para_kind = "sealed"
+        elif self._para_kind == "message":
+            self._para, self._para_kind = [], ""
+
+
+def _denials(value: Any) -> list[dict[str, Any]]:
+    """A result's ``denials`` as the normalized ``{"tool", "input", "reason"}`` dicts (other entries dropped)."""
+    if not isinstance(value, list):
+        return []
+    return [{"tool": str(d.get("tool") or ""), "input": d.get("input"), "reason": str(d.get("reason") or "")}
+            for d in value if isinstance(d, dict)]
+
+
 class EventReducer:
     def __init__(self, run_id: str, session_id: str, provider: str, metadata: dict[str, Any] | None = None) -> None:
         self.run_id = run_id
@@ -117,11 +245,13 @@ class EventReducer:
         self.status = "pending"
         self.last_seq = 0
         self.finished = False
+        #: The provider did something (see :func:`is_work`): a run that did is never re-run elsewhere.
+        self.worked = False
         self.pending_approvals: dict[str, Event] = {}
         #: Approval and cost events not yet seen by the session (drained by the run driver).
         self.bookkeeping: list[Event] = []
-        self._committed: list[str] = []
-        self._deltas: list[str] = []
+        self._text = TextFold()
+        self._denials: list[dict[str, Any]] = []
         self._messages: list[Event] = []
         self._cost = Cost()
         self._error: AsmError | None = None
@@ -141,6 +271,8 @@ class EventReducer:
             return False
         self.last_seq = seq
         self._events += 1
+        if not self.worked and is_work(m):
+            self.worked = True
         ts = m.timestamp_unix_nano
         if not self._first_ns:
             self._first_ns = ts
@@ -151,28 +283,29 @@ class EventReducer:
         if kind == _DELTA:
             d = m.assistant_delta
             # Bytes that are not UTF-8 are decoded for display only; the event keeps them exactly.
-            self._deltas.append(d.content or d.data.decode("utf-8", "replace"))
+            self._text.delta(d.content or d.data.decode("utf-8", "replace"))
             return True
         if kind == _MESSAGE:
             # The full message supersedes the deltas that streamed it; deltas that
             # are not a prefix of it belong to something else and are kept.
-            text = message_text(m.assistant_message)
-            if self._deltas:
-                streamed = "".join(self._deltas)
-                self._deltas.clear()
-                if not text.startswith(streamed):
-                    self._committed.append(streamed)
-            if text:
-                self._committed.append(text)
+            self._text.message(message_text(m.assistant_message))
+        elif kind in _TEXT_BREAKS:
+            self._text.seal()
         elif kind == _STARTED:
             self.status = RunStatus.RUNNING
             stamped = m.metadata.get("asm.controller")
             if stamped:
                 # Recorded by the controller that ran it (node, epoch, attempts): restored on replay.
                 try:
-                    self.metadata = {**json.loads(stamped), **self.metadata}
+                    theirs = json.loads(stamped)
                 except ValueError:
-                    pass
+                    theirs = None
+                if isinstance(theirs, dict):
+                    mine = self.metadata
+                    if "controller_id" in mine:
+                        # Through a controller: the node that ran it is the controller's, not the controller.
+                        mine = {**mine, **{k: theirs[k] for k in RAN_ON_KEYS if k in theirs}}
+                    self.metadata = {**theirs, **mine}
             if m.run_started.provider_session_id:
                 self._psid = m.run_started.provider_session_id
             return True
@@ -199,15 +332,22 @@ class EventReducer:
                     out = json.loads(m.result.output_json)
                     if isinstance(out, dict) and isinstance(out.get("exit_code"), int):
                         self._exit_code = out["exit_code"]
+                    if isinstance(out, dict) and "denials" in out:
+                        self._denials = _denials(out["denials"])
                 except ValueError:
                     pass
         elif kind == _ERROR:
             e = m.error
-            err = RunError(
-                e.message, kind=normalize_kind(e.code), domain=e.domain or "runtime",
-                exit_code=e.exit_code if e.exit_code >= 0 else None,
-                reason=m.metadata.get("reason", ""),  # e.g. which deadline (run_timeout, idle_timeout, ...)
-            )
+            code, domain = normalize_kind(e.code), e.domain or "runtime"
+            exit_code = e.exit_code if e.exit_code >= 0 else None
+            reason = m.metadata.get("reason", "")
+            err: AsmError = RunError(e.message, kind=code, domain=domain, exit_code=exit_code)
+            if reason:
+                # A typed cause (a controller's end of a run it could not place): keep its class
+                # (ProviderMissing, NodeAtCapacity, ...) as a direct caller would get it.
+                typed = make_error(code, domain, e.message, reason=reason, exit_code=exit_code)
+                err = typed if type(typed) is not AsmError else RunError(
+                    e.message, kind=code, domain=domain, reason=reason, exit_code=exit_code)
             if is_failure(e.severity):
                 if self._error is None:
                     self._error = err
@@ -225,17 +365,13 @@ class EventReducer:
             if rc.exit_code >= 0:
                 self._exit_code = rc.exit_code
             self.finished = True
-            # A finished run keeps one string, not one per delta (finished runs stay in session history).
-            if self._deltas:
-                self._committed.append("".join(self._deltas))
-                self._deltas.clear()
-            self._committed = ["".join(self._committed)]
         self._messages.append(ev)
         return True
 
     @property
     def error(self) -> AsmError | None:
         return self._error
+
 
     @property
     def provider_session_id(self) -> str | None:
@@ -252,7 +388,7 @@ class EventReducer:
             session_id=self.session_id,
             provider=self.provider,
             status=self.status,
-            text="".join(self._committed) + "".join(self._deltas),
+            text=self._text.text,
             messages=list(self._messages),
             cost=Cost(self._cost.input_tokens, self._cost.output_tokens, self._cost.cost_usd),
             error=self._error,
@@ -263,4 +399,5 @@ class EventReducer:
             exit_code=self._exit_code,
             events=self._events,
             metadata=dict(self.metadata),
+            denials=[dict(d) for d in self._denials],
         )

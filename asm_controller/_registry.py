@@ -46,6 +46,14 @@ def run_spec(run: Run) -> dict[str, Any]:
             "selector": dict(o.selector), "resume_prompt": o.resume_prompt}
     if o.env:
         spec["env_keys"] = sorted(o.env)
+    asked = run.requested
+    if asked.providers:  # provider failover: a replica taking over a queued run keeps its candidates
+        spec["providers"] = list(asked.candidates)
+        spec["options"] = dict(asked.options)
+        if asked.provider_options:
+            spec["provider_options"] = {k: dict(v) for k, v in asked.provider_options.items()}
+    if asked.lane != "auto":
+        spec["lane"] = asked.lane
     return spec
 
 

@@ -225,21 +225,22 @@ class Router:
     def _rank(self, key: str) -> int:
         return 0 if self.health.status(key) == "healthy" else 1
 
-    def plan(self, cands: Sequence[Candidate], skip: Callable[[Candidate], str | None]) -> tuple[list[Candidate], list[dict[str, str]]]:
+    def plan(self, cands: Sequence[Candidate], skip: Callable[[Candidate], str | None],
+             cooling: Callable[[Candidate], bool] | None = None) -> tuple[list[Candidate], list[dict[str, str]]]:
         """Eligible candidates in try order, and the skipped ones with the reason.
 
-        A node that is cooling down after a failure is not dropped but tried
-        last: with every node unhealthy, a run still gets its chance instead of
-        a refusal (ASM would refuse for the whole cooldown).
+        A node that is cooling down after a failure (or for which ``cooling`` says so: the run's
+        provider failed there) is not dropped but tried last: with every node unhealthy, a run
+        still gets its chance instead of a refusal (ASM would refuse for the whole cooldown).
         """
-        usable, cooling, skipped = [], [], []
+        usable, cooling_, skipped = [], [], []
         for c in cands:
             reason = skip(c)
             if reason:
                 skipped.append({"node": getattr(c.target, "address", c.key), "skipped": reason})
-            elif self.health.available(c.key):
+            elif self.health.available(c.key) and not (cooling is not None and cooling(c)):
                 usable.append(c)
             else:
-                cooling.append(c)
+                cooling_.append(c)
         ordered = order(self.strategy, usable, self._state, self._rank, self.health.clock())
-        return ordered + sorted(cooling, key=lambda c: c.position), skipped
+        return ordered + sorted(cooling_, key=lambda c: c.position), skipped

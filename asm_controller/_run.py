@@ -7,9 +7,11 @@ the narrow :class:`RunHost` interface: the node pool, metrics, and four callback
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
@@ -21,9 +23,9 @@ from asm_controller._connector import NodeHandle, NodeTarget, preflight, probe_t
 from asm_controller._events import Event
 from asm_controller._fleetqueue import FleetQueue, NullFleetQueue
 from asm_controller._metrics import ControllerMetrics
-from asm_controller._options import RunOptions
-from asm_controller._pool import NodePool
-from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, EventReducer, Result
+from asm_controller._options import RunOptions, lane_metadata
+from asm_controller._pool import NodePool, provider_key
+from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, RAN_ON_KEYS, EventReducer, Result, is_work
 from asm_controller._registry import Registry, restore_reducer
 from asm_controller._routing import Candidate, eligible, reported_load
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
@@ -40,9 +42,11 @@ from asm_wire import (
     NodeUnauthenticated,
     NodeUnreachable,
     NodeVersionMismatch,
+    ProviderMissing,
     RunNotFound,
     RunStatus,
     make_error,
+    normalize_kind,
     pb,
 )
 
@@ -111,6 +115,40 @@ def _not_delivered(err: AsmError) -> bool:
     return any(s in text for s in _NOT_DELIVERED)
 
 
+#: Provider failover (ASM's routing extension): failures of a provider *before it did any work* that move
+#: the run to the next provider candidate. transport_error only for an HTTP 5xx (_SERVER_ERROR): a CLI that
+#: crashed or was killed is not a provider outage.
+FAILOVER_KINDS = frozenset({"cli_not_found", "auth_error", "rate_limit", "transport_error"})
+_SERVER_ERROR = re.compile(r"\b5\d\d\b|internal server error|overloaded|service unavailable|bad gateway", re.I)
+
+
+def failover_error(err: AsmError) -> bool:
+    """A failure that says this provider cannot serve now (no CLI, auth, rate limit, HTTP 5xx): try the next."""
+    if err.kind not in FAILOVER_KINDS:
+        return False
+    if err.kind == "transport_error":
+        return err.domain == "provider" and bool(_SERVER_ERROR.search(err.message))
+    return True
+
+
+def _first_failure(events: Sequence[pb.Event]) -> AsmError | None:
+    for m in events:
+        if m.kind == pb.EVENT_KIND_ERROR and m.error.severity in (
+                pb.SEVERITY_UNSPECIFIED, pb.SEVERITY_ERROR, pb.SEVERITY_FATAL):
+            e = m.error
+            return make_error(normalize_kind(e.code), e.domain or "runtime", e.message,
+                              reason=m.metadata.get("reason", ""))
+    return None
+
+
+async def _replay(first_error: BaseException | None, rest: AsyncIterator[pb.EventBatch]) -> AsyncIterator[pb.EventBatch]:
+    """The stream after the batches a provider probe held: its error (the stream broke), or the rest."""
+    if first_error is not None:
+        raise first_error
+    async for batch in rest:
+        yield batch
+
+
 def _backoff(failures: int) -> float:
     """Jittered exponential pause before the next attempt after ``failures`` failed ones (50 ms .. 1 s)."""
     return float(min(1.0, 0.05 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0))
@@ -146,13 +184,20 @@ class Run:
         #: The session the run belongs to: its host's, unless the caller named one (a controller's client).
         self.session_id = session_id or host.session_id
         self.prompt = prompt
-        self.opts = opts
+        #: The run's options as asked (with every provider candidate); ``opts`` is the current attempt's.
+        self.requested = opts
+        self.opts = opts.for_provider(opts.candidates[0]) if opts.providers else opts
         self.attach = attach
         self.state = "new"  # new | queued | active | done
         self.reducer = EventReducer(
-            run_id, self.session_id, opts.provider,
-            {"provider": opts.provider, "lane": "core", "execution": "pending"},
+            run_id, self.session_id, self.opts.provider,
+            {"provider": self.opts.provider, **lane_metadata(opts.lane, False), "execution": "pending"},
         )
+        if opts.providers:
+            self.reducer.metadata["providers"] = list(opts.candidates)
+        #: Warnings about provider candidates that failed before doing any work (delivered after run_started).
+        self._notices: list[Event] = []
+        self._pair: tuple[str, str] | None = None  # (node key, provider) of the current attempt
         self.channel: BatchChannel | None = BatchChannel() if subscribed else None
         self.done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -247,7 +292,7 @@ class Run:
             else:
                 # Recorded with the node it goes to before anything is sent (registry.placing in
                 # _admit): a restarted controller knows of it and never runs it twice.
-                handle, batches, first = await self._admit(self._request)
+                handle, batches, first = await self._start()
                 self._stamp(first)
             while True:
                 try:
@@ -281,6 +326,12 @@ class Run:
         so a recorded run replays into the same Result metadata."""
         for m in batch.events:
             if m.kind == pb.EVENT_KIND_RUN_STARTED:
+                theirs = m.metadata.get(CONTROLLER_METADATA_KEY)
+                if theirs and "controller_id" in self.reducer.metadata:
+                    # Run through a controller: its stamp names the node that runs it (kept in ours).
+                    with contextlib.suppress(ValueError, TypeError):
+                        ran_on = json.loads(theirs)
+                        self.reducer.metadata.update({k: ran_on[k] for k in RAN_ON_KEYS if k in ran_on})
                 m.metadata[CONTROLLER_METADATA_KEY] = json.dumps(self.reducer.metadata, default=str)
                 return
 
@@ -291,7 +342,123 @@ class Run:
         self.bound.set()
         self.reducer.metadata.update(
             node_id=handle.node_id, node_epoch=handle.epoch, node_address=target.address, execution=handle.execution,
+            **lane_metadata(self.requested.lane, handle.execution == "remote"),
         )
+        if Capability.FLEET.value in handle.info.capabilities:
+            # A controller: the node that runs it comes in its stamp on run_started (see EventReducer).
+            self.reducer.metadata.update(controller_id=handle.node_id, controller_address=target.address)
+
+    # -- provider failover ------------------------------------------------------------
+
+    def _provider_order(self) -> list[str]:
+        """The provider candidates in configuration order; a provider cooling down (it failed before
+        doing any work on every node it could go to) goes last, like a cooling node."""
+        cands = self.requested.candidates
+        health = self.host.pool.provider_health
+        keys = [t.key for t in self.requested.nodes]
+
+        def cooling(p: str) -> bool:
+            return bool(keys) and all(not health.available(provider_key(k, p)) for k in keys)
+
+        return sorted(cands, key=lambda p: (cooling(p), cands.index(p)))
+
+    async def _start(self) -> tuple[NodeHandle, AsyncIterator[pb.EventBatch], pb.EventBatch]:
+        """Admit the run; with several provider candidates, move to the next while one fails before any work.
+
+        ASM's routing semantics: a candidate that fails (no CLI, auth, rate limit, HTTP 5xx) before
+        its first real output is marked unhealthy on that node for the cooldown and the next one
+        is tried, on any eligible node. Nothing of a failed attempt reaches the subscriber but a
+        warning after run_started; each attempt is in ``metadata["attempts"]``. A provider that did
+        work (text, a tool call, an approval request) keeps the run: it is never silently re-run.
+        """
+        if not self.requested.providers:
+            return await self._admit(self._request)
+        order = self._provider_order()
+        attempts: list[dict[str, Any]] = self.reducer.metadata.setdefault("attempts", [])
+        for i, provider in enumerate(order):
+            last = i == len(order) - 1
+            self.opts = self.requested.for_provider(provider)
+            self.reducer.provider = provider
+            self.reducer.metadata["provider"] = provider
+            if i:
+                # A new run on its node (the failed attempt's id is taken there); renumbered into this one.
+                self._node_run_id, self._node_seq, self._renumber = f"{self.run_id}.p{i}", 0, True
+            mark = len(attempts)
+            try:
+                handle, batches, first = await self._admit(self._request)
+            except AsmError as refused:
+                if last or self.cancel_requested or refused.kind != "cli_not_found":
+                    raise
+                self._failed_attempt(provider, None, refused, order[i + 1])
+                continue
+            finally:
+                for a in attempts[mark:]:  # which candidate each attempt was for
+                    a.setdefault("provider", provider)
+            self._pair = (handle.target.key, provider)
+            if last or self.cancel_requested:
+                return handle, batches, first
+            held, rest, err = await self._probe(handle, batches, first)
+            if err is None:
+                return handle, rest, held
+            handle.run_ended()
+            self.handle, self._started_on_node = None, False
+            self.host.pool.provider_health.failure(provider_key(handle.target.key, provider), err.kind)
+            attempts[-1].update(error=err.to_dict(), failover=True)  # the admitted entry: it failed
+            self._failed_attempt(provider, handle, err, order[i + 1])
+        raise AssertionError("unreachable: the last provider candidate returns or raises")
+
+    def _failed_attempt(self, provider: str, handle: NodeHandle | None, err: AsmError, nxt: str) -> None:
+        where = f" on {handle.target.address}" if handle is not None else ""
+        if self.host.metrics is not None:
+            self.host.metrics.failovers.inc()
+        log.info("run %s: provider %s failed before doing any work%s (%s: %s); trying %s",
+                 self.run_id, provider, where, err.kind, err.message, nxt)
+        self._notices.append(Event.synthetic(
+            "error", run_id=self.run_id, session_id=self.session_id, provider=provider, seq=0,
+            message=f"provider {provider} failed before doing any work{where} ({err.message}); trying {nxt}",
+            code=err.kind, domain=err.domain, severity=pb.SEVERITY_WARNING, exit_code=-1))
+
+    async def _probe(self, handle: NodeHandle, batches: AsyncIterator[pb.EventBatch], first: pb.EventBatch
+                     ) -> tuple[pb.EventBatch, AsyncIterator[pb.EventBatch], AsmError | None]:
+        """Hold the attempt's events until it does work or ends: (held events as one batch, the rest
+        of the stream, None) to go on with it, or (.., .., its error) when it failed before any work."""
+        held: list[pb.Event] = []
+        batch: pb.EventBatch | None = first
+        broke: BaseException | None = None
+        handle.register(self)
+        self._follow_task = asyncio.current_task()
+        try:
+            while batch is not None:
+                held.extend(batch.events)
+                if any(is_work(m) for m in batch.events) or self.cancel_requested:
+                    break
+                if any(m.kind == _RUN_COMPLETED for m in batch.events):
+                    err = _first_failure(held)
+                    if err is not None and failover_error(err):
+                        return pb.EventBatch(events=held), batches, err
+                    break
+                try:
+                    batch = await anext(batches, None)
+                except AsmError as exc:  # the stream broke: the follower re-attaches after what is held
+                    broke = exc
+                    break
+        except asyncio.CancelledError:
+            if self._lost is None:
+                raise
+            raise make_error("node_lost", "transport", self._lost) from None
+        finally:
+            self._follow_task = None
+            handle.unregister(self)
+        return pb.EventBatch(events=held), _replay(broke, batches), None
+
+    def _take_notices(self) -> list[Event]:
+        """The failed candidates' warnings, numbered next in the run (applied to the reducer)."""
+        out, self._notices = self._notices, []
+        for e in out:
+            seq = self.reducer.last_seq + 1
+            e.pb.seq, e.pb.id = seq, f"{self.run_id}:{seq}"
+            self.reducer.apply(e)
+        return out
 
     async def _admit(
         self, request: Callable[[str], pb.StartRunRequest], exclude: frozenset[str] = frozenset()
@@ -338,15 +505,25 @@ class Run:
         cands = [Candidate(t.key, i, t.priority, t.weight, t, reported_load(host.pool.get(t.key)))
                  for i, t in enumerate(self.opts.nodes) if t.key not in exclude]
 
+        provider = self.opts.provider
+        missing: list[str] = []  # what the nodes without the provider's CLI say about it
+
         def skip(c: Candidate) -> str | None:
             handle = host.pool.get(c.key)
             if handle is None:
                 return None
             if handle.state == "lost":
                 return "lost"
-            return eligible(handle.info, self.opts.provider, _local_selector(handle.info, self.opts.selector))
+            why = eligible(handle.info, provider, _local_selector(handle.info, self.opts.selector))
+            if why == f"no {provider} CLI":
+                missing.append(_missing_cli(handle, provider))
+            return why
 
-        plan, skipped = host.pool.plan(cands, skip)
+        def cooling(c: Candidate) -> bool:
+            return not host.pool.provider_health.available(provider_key(c.key, provider))
+
+        plan, skipped = host.pool.plan(cands, skip, cooling if self.requested.providers else None)
+        mark = len(attempts)
         attempts.extend(skipped)
         last: AsmError | None = None
         for cand in plan:
@@ -390,6 +567,8 @@ class Run:
                     # A refusal for this run (cwd, capacity, ...) says nothing of the node's health.
                     if isinstance(err, _NODE_FAULTS) or (transient and not isinstance(err, NodeConnectionError)):
                         host.pool.health.failure(target.key, err.reason or "unreachable")
+                    elif isinstance(err, ProviderMissing) and self.requested.providers:
+                        host.pool.provider_health.failure(provider_key(target.key, provider), err.kind)
                     attempts.append({"node": target.address, "error": err.to_dict()})
                     if host.metrics is not None:
                         host.metrics.failovers.inc()
@@ -402,6 +581,10 @@ class Run:
             self._bind(handle, target)
             return handle, batches, first
         if last is None:
+            skips = [a for a in attempts[mark:] if "skipped" in a]
+            if skips and missing and all(a["skipped"] == f"no {provider} CLI" for a in skips):
+                # The same answer as a first contact gets from StartRun (and on every run of the session).
+                raise ProviderMissing(missing[0] if len(missing) == 1 else "; ".join(dict.fromkeys(missing)))
             detail = "; ".join(f"{a['node']}: {a['skipped']}" for a in attempts if "skipped" in a)
             if detail:
                 raise NodeConnectionError(f"no eligible node for provider {self.opts.provider} ({detail})",
@@ -689,12 +872,16 @@ class Run:
                 self._reject(err)
                 return None
             for e in emitted:
+                if self._notices and e.pb.kind == _RUN_COMPLETED:
+                    out.extend(self._take_notices())  # a stream without run_started (a controller's refusal)
                 seq = reducer.last_seq + 1
                 e.pb.seq, e.pb.run_id, e.pb.id = seq, self.run_id, f"{self.run_id}:{seq}"
                 if not e.pb.session_id:
                     e.pb.session_id = self.session_id
                 reducer.apply(e)
                 out.append(e)
+                if self._notices and e.pb.kind == pb.EVENT_KIND_RUN_STARTED:
+                    out.extend(self._take_notices())
                 if e.pb.kind == pb.EVENT_KIND_APPROVAL_REQUESTED and e.pb.metadata.get("policy") == "1":
                     self._arm_local_approval(e.pb.approval_requested.approval_id)
         return out
@@ -754,6 +941,7 @@ class Run:
             return
         status = RunStatus.INTERRUPTED if err.kind in INTERRUPT_KINDS else RunStatus.FAILED
         common = {"run_id": self.run_id, "session_id": self.session_id, "provider": self.opts.provider}
+        notices = self._take_notices()
         events = [
             Event.synthetic("error", **common, seq=r.last_seq + 1, message=err.message, code=err.kind,
                             domain=err.domain, severity=pb.SEVERITY_ERROR, exit_code=-1),
@@ -763,6 +951,7 @@ class Run:
             events[0].pb.metadata["reason"] = err.reason
         for ev in events:
             r.apply(ev)
+        events = notices + events
         self._tail.extend(events)
         self.host.registry.log(self, events)
         if self.channel is not None:
@@ -780,8 +969,22 @@ class Run:
             self._renumber = True
         self.recorded = True
 
+    def _track_provider(self) -> None:
+        """Provider failover health of the attempt that kept the run: a failure before any work marks its
+        (node, provider) unhealthy for the cooldown, a completed run marks it healthy again."""
+        if not self.requested.providers or self._pair is None:
+            return
+        r = self.reducer
+        key = provider_key(*self._pair)
+        err = r.error
+        if err is not None and failover_error(err) and not r.worked:
+            self.host.pool.provider_health.failure(key, err.kind)
+        elif err is None and r.status == RunStatus.COMPLETED:
+            self.host.pool.provider_health.success(key)
+
     def _finish(self) -> None:
         self.state = "done"
+        self._track_provider()
         if self.handle is not None and self._started_on_node:
             self.handle.run_ended()  # before run_finished wakes the fleet queue: the slot is free now
         metrics = self.host.metrics
@@ -848,6 +1051,17 @@ class Run:
             m.seq, m.id = after_seq + i, f"{m.run_id}:{after_seq + i}"
             renumbered.append(m)
         return renumbered
+
+
+def _missing_cli(handle: NodeHandle, provider: str) -> str:
+    """Why a node has no usable CLI for ``provider``, in its own words (its handshake), naming the node."""
+    info = next((p for p in handle.info.providers if p.name == provider), None)
+    if info is not None and info.error.message:
+        return info.error.message
+    if info is None:
+        known = ", ".join(sorted(p.name for p in handle.info.providers))
+        return f"provider {provider!r} is not available on node {handle.node_id} (available: {known})"
+    return f"{provider} is not installed on node {handle.node_id}"
 
 
 def _local_selector(info: pb.HandshakeResponse, selector: Mapping[str, str]) -> Mapping[str, str]:

@@ -131,7 +131,14 @@ class RunStream:
 
 
 class Session:
-    """A set of runs sharing defaults, admission limits, approvals and cost."""
+    """A set of runs sharing defaults, admission limits, approvals and cost.
+
+    ``providers=["claude", "gemini"]`` (or ``provider="claude,gemini"``) is a provider failover list:
+    a candidate that fails before doing any work (no CLI, auth, rate limit, HTTP 5xx) hands the run
+    to the next, with a health cooldown per (node, provider) (``failure_cooldown_s``). ``options``
+    go to every candidate; ``provider_options={"gemini": {...}}`` to one. ``lane``: ASM's lane
+    ("auto" or "core"; "sdk" is refused: asm runs the CLIs only).
+    """
 
     def __init__(
         self,
@@ -154,6 +161,9 @@ class Session:
         allowed_tools: Sequence[str] = (),
         observers: Sequence[Callable[[list[Event]], None]] = (),
         failure_cooldown_s: float = 30.0,
+        providers: Sequence[str] | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        lane: str = "auto",
         metrics: ControllerMetrics | None = None,
         pool: NodePool | None = None,
         registry: Registry | None = None,
@@ -170,6 +180,8 @@ class Session:
             options=dict(options or {}), env=dict(env or {}), approval_timeout_ms=approval_timeout_ms,
             preflight=preflight, selector=dict(selector or {}), on_node_lost=on_node_lost,
             pipeline=tuple(pipeline), allowed_tools=tuple(allowed_tools), observers=tuple(observers),
+            providers=providers if isinstance(providers, str) else tuple(providers or ()),
+            provider_options=dict(provider_options or {}), lane=lane,
         )
         self._own_pool = pool is None
         self.pool = pool if pool is not None else NodePool(strategy, failure_cooldown_s, metrics)
@@ -267,6 +279,10 @@ class Session:
         """Routing health per node (healthy / degraded / unhealthy) and the node's liveness."""
         return self.pool.snapshot()
 
+    def provider_health(self) -> dict[str, dict[str, Any]]:
+        """Provider failover health per (node, provider): ``"claude@grpc://a:7070"`` -> status, failures, ..."""
+        return self.pool.provider_health.snapshot()
+
     def get_run(self, run_id: str) -> Run | None:
         """The run with this id while the session remembers it (active, queued, or in its bounded history)."""
         return self._runs.get(run_id)
@@ -353,6 +369,9 @@ class Session:
         if cp is not None:
             overrides.setdefault("node", cp.node)
             overrides.setdefault("provider", cp.provider)
+        if "providers" not in overrides:
+            # A provider session belongs to its provider: a resume never fails over to another one.
+            overrides.setdefault("provider", self.defaults.candidates[0])
         overrides["options"] = {**overrides.get("options", {}), "resume": resume}
         return self.stream(prompt, **overrides)
 
@@ -456,6 +475,11 @@ class Session:
         it waits again at its place (its priority and queued time), then starts as usual."""
         overrides = self._recorded_options(record)
         overrides["priority"] = record.priority
+        for key in ("providers", "provider_options"):  # not started yet: every candidate is still open
+            if key in record.spec:
+                overrides[key] = record.spec[key]
+        if "providers" in overrides:
+            del overrides["provider"]
         opts = self.defaults.merged(overrides)
         run = Run(self, record.run_id, record.prompt, opts, False, session_id=record.session_id)
         run.owner, run.recorded, run.fleet_queued = record.owner, True, True
@@ -466,7 +490,7 @@ class Session:
         spec = record.spec
         overrides: dict[str, Any] = {"provider": record.provider}
         for key in ("cwd", "permission_mode", "options", "approval_timeout_ms", "on_node_lost", "selector",
-                    "resume_prompt"):
+                    "resume_prompt", "lane"):
             if key in spec:
                 overrides[key] = spec[key]
         return overrides

@@ -485,9 +485,12 @@ class FleetApi:
             if why is None:
                 return pb.PreflightResponse(ok=True, resolved_cwd=request.cwd)
             reasons.append(f"{t.address}: {why}")
-        err = make_error("connection_failed", "transport",
-                         f"no node of this controller can take a {request.provider} run ({'; '.join(reasons) or 'no nodes'})",
-                         reason="no_eligible_node")
+        text = f"no node of this controller can take a {request.provider} run ({'; '.join(reasons) or 'no nodes'})"
+        if reasons and all(r.endswith(f": no {request.provider} CLI") for r in reasons):
+            # The provider's CLI is missing everywhere: the same cli_not_found a run gets (issue 14).
+            err = make_error("cli_not_found", "provider", text, reason="provider_missing")
+        else:
+            err = make_error("connection_failed", "transport", text, reason="no_eligible_node")
         return pb.PreflightResponse(ok=False, error=error_info(err))
 
     async def _record(self, run_id: str) -> RunRecord | None:

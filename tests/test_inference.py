@@ -246,10 +246,12 @@ def test_a_message_that_is_not_the_streamed_text_is_sent_whole() -> None:
     s = Script()
     b = CompletionBuilder("c", "claude")
     assert b.feed([s.started(), s.delta("thinking aloud"), s.message("Answer"), s.message("More")]) == [
-        "thinking aloud", "Answer", "More"]
-    assert b.feed([s.delta("Ans"), s.message("Answer!")]) == ["Ans", "wer!"]
+        "thinking aloud", "\n\nAnswer", "\n\nMore"]  # separate messages: paragraphs (issue 14)
+    assert b.feed([s.delta("Ans"), s.message("Answer!")]) == ["\n\nAns", "wer!"]
     b.feed([s.result(), s.completed()])
-    assert b.response().choices[0].message.content == "thinking aloudAnswerMoreAnswer!"
+    content = b.response().choices[0].message.content
+    assert content == "thinking aloud\n\nAnswer\n\nMore\n\nAnswer!"
+    assert content == "".join(["thinking aloud", "\n\nAnswer", "\n\nMore", "\n\nAns", "wer!"])  # = the chunks
 
 
 def test_replayed_events_send_nothing_twice() -> None:

@@ -58,7 +58,7 @@ async def test_warn_keeps_the_event_and_emits_a_valid_guardrail_event(tools_agen
     policy = Policy(disallow_tools=["Bash"], on_tool_violation="warn")
     async with Session("tools", node=EmbeddedNode(tools_agent), pipeline=[policy]) as s:
         events, result = await run(s, TOOL_RUN)
-    assert result.ok and result.text == "Let me look. Done."
+    assert result.ok and result.text == "Let me look. \n\nDone."  # two paragraphs (issue 14)
     k = kinds(events)
     assert k.index("tool_use") + 1 == k.index("guardrail_triggered")
     g = events[k.index("guardrail_triggered")].payload

@@ -82,7 +82,7 @@ def test_claude_tool_capture_splits_blocks_and_reads_user_tool_results() -> None
     assert tool_use.tool_name == "Bash" and json.loads(tool_use.input_json)["command"] == TOOL_COMMAND
     assert events[5].tool_result.tool_call_id == tool_use.tool_call_id
     assert json.loads(events[5].tool_result.content_json) == TOOL_OUTPUT
-    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
+    assert result.text == TOOL_PREAMBLE + "\n\n" + TOOL_ANSWER  # two messages: two paragraphs (issue 14)
 
 
 def test_claude_same_block_repeated_under_one_message_id_is_not_duplicated() -> None:
@@ -156,7 +156,7 @@ def test_codex_tool_capture_maps_command_execution_to_bash() -> None:
     assert events[4].tool_result.tool_call_id == events[3].tool_use.tool_call_id
     assert json.loads(events[4].tool_result.content_json) == TOOL_OUTPUT + "\n"
     assert not events[4].tool_result.is_error
-    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
+    assert result.text == TOOL_PREAMBLE + "\n\n" + TOOL_ANSWER  # two messages: two paragraphs (issue 14)
 
 
 def test_codex_turn_failed_is_terminal_and_reconnects_are_warnings() -> None:
@@ -193,7 +193,7 @@ def test_gemini_tool_capture_reads_parameters_and_status() -> None:
     assert use.tool_name == "run_shell_command"
     assert json.loads(use.input_json)["command"] == TOOL_COMMAND
     assert res.tool_call_id == use.tool_call_id and not res.is_error
-    assert result.text == TOOL_PREAMBLE + TOOL_ANSWER
+    assert result.text == TOOL_PREAMBLE + "\n\n" + TOOL_ANSWER  # two messages: two paragraphs (issue 14)
 
 
 def test_gemini_error_result_and_exit_codes() -> None:

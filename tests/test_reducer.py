@@ -33,13 +33,14 @@ def test_deltas_then_full_message_do_not_double_the_text() -> None:
         ev(2, "assistant_delta", content="Hel"),
         ev(3, "assistant_delta", content="lo"),
         ev(4, "assistant_message", content=[text_block("Hello")]),
-        ev(5, "assistant_delta", content=" world"),
-        ev(6, "assistant_message", content=[text_block(" world")]),
+        ev(5, "assistant_delta", content="World"),
+        ev(6, "assistant_message", content=[text_block("World")]),
         ev(7, "result", status="completed", stop_reason="end_turn"),
         ev(8, "run_completed", status="completed"),
     ])
     res = r.result()
-    assert res.text == "Hello world"
+    # Two messages, each streamed then sent whole: two paragraphs, neither doubled (issue 14).
+    assert res.text == "Hello\n\nWorld"
     assert res.stop_reason == "end_turn" and res.ok
 
 
@@ -49,7 +50,7 @@ def test_deltas_unrelated_to_the_message_are_kept() -> None:
         ev(2, "assistant_message", content=[text_block("Answer")]),
         ev(3, "run_completed", status="completed"),
     ])
-    assert r.result().text == "thinking aloud. Answer"
+    assert r.result().text == "thinking aloud. \n\nAnswer"
 
 
 def test_warning_error_is_not_terminal_but_error_is() -> None:
@@ -107,3 +108,54 @@ def test_event_to_dict_decodes_json_payload_fields() -> None:
     d = e.to_dict()
     assert d["kind"] == "tool_use" and d["seq"] == 1
     assert d["payload"] == {"tool_name": "Bash", "tool_call_id": "t1", "input": {"command": "ls", "n": 3}}
+
+
+def test_separate_assistant_messages_are_paragraphs() -> None:
+    # Claude Code sends each text block as its own assistant event: they were glued ("command.The tool").
+    r = reduce([
+        ev(1, "run_started"),
+        ev(2, "assistant_message", content=[text_block("I will run the command.")]),
+        ev(3, "tool_use", tool_name="Bash", tool_call_id="t1", input_json="{}"),
+        ev(4, "tool_result", tool_call_id="t1", content_json='"hi"'),
+        ev(5, "assistant_message", content=[text_block("The tool ran.\n")]),
+        ev(6, "assistant_message", content=[text_block("\nDone.")]),
+    ])
+    assert r.result().text == "I will run the command.\n\nThe tool ran.\n\nDone."  # while running
+    r.apply(ev(7, "run_completed", status="completed"))
+    assert r.result().text == "I will run the command.\n\nThe tool ran.\n\nDone."
+
+
+def test_streamed_text_a_tool_call_ends_is_its_own_paragraph() -> None:
+    # Gemini streams deltas only: the text before a tool call and the text after it are two messages.
+    r = reduce([
+        ev(1, "assistant_delta", content="Running "),
+        ev(2, "assistant_delta", content="it."),
+        ev(3, "tool_use", tool_name="run_shell_command", tool_call_id="t1", input_json="{}"),
+        ev(4, "assistant_delta", content="It ran."),
+        ev(5, "run_completed", status="completed"),
+    ])
+    assert r.result().text == "Running it.\n\nIt ran."
+
+
+def test_the_message_of_text_a_tool_call_closed_replaces_it() -> None:
+    r = reduce([
+        ev(1, "assistant_delta", content="Look"),
+        ev(2, "tool_use", tool_name="Bash", tool_call_id="t1", input_json="{}"),
+        ev(3, "assistant_message", content=[text_block("Look")]),
+        ev(4, "assistant_message", content=[text_block("Next")]),
+        ev(5, "run_completed", status="completed"),
+    ])
+    assert r.result().text == "Look\n\nNext"
+
+
+def test_denials_come_from_the_result_output() -> None:
+    out = {"denials": [{"tool": "Bash", "input": {"command": "touch x"}, "reason": "blocked"}, "junk"]}
+    r = reduce([
+        ev(1, "result", status="completed", stop_reason="end_turn", output_json=json.dumps(out)),
+        ev(2, "run_completed", status="completed"),
+    ])
+    res = r.result()
+    assert res.ok
+    assert res.denials == [{"tool": "Bash", "input": {"command": "touch x"}, "reason": "blocked"}]
+    assert res.to_summary()["denials"] == res.denials
+    assert reduce([ev(1, "run_completed", status="completed")]).result().denials == []

@@ -173,7 +173,8 @@ def test_deltas_then_full_message_are_not_printed_twice_and_match_the_reducer() 
     ]
     res = reduce(events)
     out = render_plain(CompactRenderer(), events, res)
-    assert res.text == "Hello world, and more!"
+    # Three messages, three paragraphs (issue 14: they were glued together).
+    assert res.text == "Hello\n\n world, and more\n\n!"
     assert out.startswith(res.text + "\n")
     assert out.count("Hello") == 1 and out.count("world") == 1
 
@@ -186,7 +187,22 @@ def test_deltas_that_are_not_a_prefix_are_kept_as_the_reducer_keeps_them() -> No
     ]
     res = reduce(events)
     assert render_plain(CompactRenderer(), events, res).startswith(res.text + "\n")
-    assert res.text == "thinking aloud. Answer"
+    assert res.text == "thinking aloud. \n\nAnswer"
+
+
+def test_text_after_a_tool_line_is_not_pushed_down_by_a_blank_line() -> None:
+    events = [
+        ev(1, "assistant_message", content=[text_block("I will run it.")]),
+        ev(2, "tool_use", tool_name="Bash", tool_call_id="t1", input_json='{"command": "echo hi"}'),
+        ev(3, "assistant_message", content=[text_block("It ran.")]),
+        ev(4, "assistant_message", content=[text_block("Done.")]),
+        ev(5, "run_completed", status="completed"),
+    ]
+    res = reduce(events)
+    assert res.text == "I will run it.\n\nIt ran.\n\nDone."
+    lines = render_plain(CompactRenderer(), events, res).split("\n")
+    assert lines[0] == "I will run it." and "Bash" in lines[1]
+    assert lines[2:5] == ["It ran.", "", "Done."]  # the tool line already sets the paragraphs apart
 
 
 def test_replayed_events_are_not_rendered_again() -> None:
@@ -416,6 +432,18 @@ def test_summary_line_ok_failed_interrupted() -> None:
     assert summary_line(interrupted) == "■ interrupted after 2m05s"
 
 
+def test_summary_line_says_how_many_tool_calls_were_denied() -> None:
+    # A run whose tool calls were all refused completes, but must not look like a plain success.
+    denied = Result("r", "s", "claude", "completed", duration_ms=2000,
+                    denials=[{"tool": "Bash", "input": {"command": "touch x"}, "reason": "blocked"}])
+    assert summary_line(denied) == "⚠ completed in 2.0s · 1 tool call denied"
+    two = Result("r", "s", "claude", "completed", denials=[{"tool": "Bash", "input": {}, "reason": ""}] * 2)
+    assert summary_line(two) == "⚠ completed · 2 tool calls denied"
+    failed = Result("r", "s", "claude", "failed", denials=two.denials,
+                    error=RunError("boom", kind="tool_failed", domain="tool"))
+    assert summary_line(failed) == "✖ failed (tool_failed) · 2 tool calls denied: boom"
+
+
 def test_summary_without_a_result_uses_the_renderers_tally() -> None:
     events = [
         ev(1, "run_started", ts_ms=0),
@@ -427,6 +455,17 @@ def test_summary_without_a_result_uses_the_renderers_tally() -> None:
     assert out == "✖ failed (auth_error) after 450ms · 5 in / 7 out tokens · $0.5000: bad key\n"
     verbose = render_plain(VerboseRenderer(), events, use_result=False)
     assert "✖ error [provider/auth_error]: bad key\n" in verbose
+
+
+def test_the_tally_counts_permission_denied_warnings() -> None:
+    events = [
+        ev(1, "run_started", ts_ms=0),
+        ev(2, "error", message="Bash(touch x) was blocked", code="permission_denied", domain="provider",
+           severity=pb.SEVERITY_WARNING),
+        ev(3, "run_completed", ts_ms=300, status="completed", exit_code=0),
+    ]
+    out = render_plain(CompactRenderer(), events, use_result=False)
+    assert out.splitlines()[-1] == "⚠ completed in 300ms · 1 tool call denied"
 
 
 def test_per_delta_work_is_small() -> None:

@@ -343,7 +343,8 @@ def add_parser(sub: Subcommands) -> None:
     r.add_argument("--controller", metavar="HOST:PORT", help="run through a controller service (it picks the node)")
     from asm_node.providers import provider_help
 
-    r.add_argument("--provider", required=True, help=provider_help())
+    r.add_argument("--provider", required=True,
+                   help=f"{provider_help()}; A,B: fail over to B when A fails before any work")
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=choices(PermissionMode))
     r.add_argument("--output", default="text", choices=["text", "jsonl"])

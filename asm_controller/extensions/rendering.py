@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 from asm_controller._events import Event
-from asm_controller._reducer import Result
+from asm_controller._reducer import Result, TextFold
 from asm_controller._reducer import message_text as _message_text
 from asm_wire import KIND_NAMES, KIND_VALUES, pb
 
@@ -124,6 +124,7 @@ _TEXT_NL: Span = ("\n", TEXT)
 _K = KIND_VALUES
 _DELTA = _K["assistant_delta"]
 _MESSAGE = _K["assistant_message"]
+_TEXT_BREAKS = frozenset({_K["tool_use"], _K["tool_result"]})
 _SEVERITY_INFO = pb.SEVERITY_INFO
 _SEVERITY_WARNING = pb.SEVERITY_WARNING
 
@@ -260,9 +261,12 @@ def _fmt_duration(ms: int) -> str:
 
 def _summary_spans(
     status: str, *, error_kind: str | None, error_message: str | None, input_tokens: int, output_tokens: int,
-    cost_usd: float, duration_ms: int | None, node: str | None = None, extra: Sequence[str] = (),
+    cost_usd: float, duration_ms: int | None, node: str | None = None, extra: Sequence[str] = (), denied: int = 0,
 ) -> list[Span]:
-    if status == "completed" and error_kind is None:
+    if status == "completed" and error_kind is None and denied:
+        # The CLI finished, but refused tool calls: not a plain success (the work asked for may not be done).
+        head, style, when = "⚠ completed", "yellow", "in"
+    elif status == "completed" and error_kind is None:
         head, style, when = "✔ completed", "green", "in"
     elif status == "interrupted":
         head, style, when = "■ interrupted", "yellow", "after"
@@ -283,6 +287,8 @@ def _summary_spans(
         metrics.append(f"{input_tokens:,} in / {output_tokens:,} out tokens")
     if cost_usd > 0:
         metrics.append(f"${cost_usd:.4f}")
+    if denied:
+        metrics.append(f"{denied} tool call{'s' if denied != 1 else ''} denied")
     metrics.extend(extra)
     tail = (" " + " ".join(words) if words else "") + "".join(f" · {m}" for m in metrics)
     out: list[Span] = [(head, style)]
@@ -295,7 +301,8 @@ def _summary_spans(
 
 def summary_line(result: Result, *, verbose: bool = False) -> str:
     """The summary line of a Result, without colour and newline, e.g.
-    ``✔ completed in 1.2s · 1,234 in / 56 out tokens · $0.0123`` or ``✖ failed (auth_error): message``."""
+    ``✔ completed in 1.2s · 1,234 in / 56 out tokens · $0.0123``, ``⚠ completed in 2.0s · 1 tool call denied``
+    (the CLI refused tool calls: ``Result.denials``) or ``✖ failed (auth_error): message``."""
     return plain_text(_result_summary(result, verbose))
 
 
@@ -311,6 +318,7 @@ def _result_summary(result: Result, verbose: bool) -> list[Span]:
         input_tokens=result.cost.input_tokens, output_tokens=result.cost.output_tokens,
         cost_usd=result.cost.cost_usd, duration_ms=result.duration_ms,
         node=str(result.metadata["node_id"]) if verbose and result.metadata.get("node_id") else None, extra=extra,
+        denied=len(result.denials),
     )
 
 
@@ -341,7 +349,8 @@ class _BaseRenderer:
     def _reset(self) -> None:
         self._last_seq = 0
         self._open = False  # the cursor is not at the start of a line (assistant text without its newline)
-        self._deltas: list[str] = []
+        self._text = TextFold(keep=False)  # the reducer's text rule: what is new, and where a paragraph starts
+        self._after_line = False  # a non-text line (a tool call) was printed since the last text
         self._tool_names: dict[str, str] = {}
         # the tally, for finish(None)
         self._status = ""
@@ -351,6 +360,7 @@ class _BaseRenderer:
         self._first_ns: int | None = None
         self._last_ns = 0
         self._duration_ms: int | None = None
+        self._denied = 0
 
     # -- entry points ------------------------------------------------------------------
 
@@ -375,29 +385,30 @@ class _BaseRenderer:
             content = d.content or d.data.decode("utf-8", "replace")  # binary output: shown, kept in the event
             if not content:
                 return []
-            self._deltas.append(content)
-            self._open = content[-1] != "\n"
-            return [(content, TEXT)]
+            return self._print_text(*self._text.delta(content))
         if kind == _MESSAGE:
-            text = _message_text(m.assistant_message)
-            if self._deltas:
-                streamed = "".join(self._deltas)
-                self._deltas.clear()
-                if text.startswith(streamed):
-                    text = text[len(streamed):]
-            if not text:
-                return []
-            self._open = text[-1] != "\n"
-            return [(text, TEXT)]
+            return self._print_text(*self._text.message(_message_text(m.assistant_message)))
+        if kind in _TEXT_BREAKS:
+            self._text.seal()
         name = KIND_NAMES[kind] if kind < len(KIND_NAMES) else "unknown"
         handler: Callable[[pb.Event], list[Span] | None] | None = getattr(self, "_on_" + name, None)
         spans = handler(m) if handler is not None else self._on_other(m, name)
         if not spans:
             return []
+        self._after_line = True
         if self._open:
             spans.insert(0, _TEXT_NL)
             self._open = False
         return spans
+
+    def _print_text(self, sep: str, text: str) -> list[Span]:
+        """New answer text; a paragraph's blank line is left out right after a tool line (already apart)."""
+        shown = text if self._after_line else sep + text
+        if not shown:
+            return []
+        self._after_line = False
+        self._open = shown[-1] != "\n"
+        return [(shown, TEXT)]
 
     def finish(self, result: Result | None) -> list[Span]:
         out: list[Span] = []
@@ -422,7 +433,7 @@ class _BaseRenderer:
         return _summary_spans(
             status, error_kind=self._error[0] if self._error else None,
             error_message=self._error[1] if self._error else None, input_tokens=self._in, output_tokens=self._out,
-            cost_usd=self._cost, duration_ms=duration, extra=extra,
+            cost_usd=self._cost, duration_ms=duration, extra=extra, denied=self._denied,
         )
 
     # -- kinds shared by both renderers ---------------------------------------------------
@@ -521,6 +532,8 @@ class _BaseRenderer:
         e = m.error
         code = _one_line(e.code, 60) or "error"
         if e.severity == _SEVERITY_WARNING:
+            if e.code == "permission_denied":
+                self._denied += 1  # one warning per refused tool call: the tally's "N tool calls denied"
             return [("⚠ warning", "yellow"), (f" ({code}): ", PLAIN), (self._msg(e.message), PLAIN), _NL]
         if e.severity == _SEVERITY_INFO:
             return [("· info", "dim"), (f" ({code}): {self._msg(e.message)}", "dim"), _NL] if self.verbose else None

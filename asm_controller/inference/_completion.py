@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Final
 
 from asm_controller._events import Event
-from asm_controller._reducer import INTERRUPT_KINDS, Cost, EventReducer, Result, message_text
+from asm_controller._reducer import INTERRUPT_KINDS, Cost, EventReducer, Result, TextFold, message_text
 from asm_controller.inference._errors import InferenceError, from_asm_error
 from asm_controller.inference._openai import (
     SSE_DONE,
@@ -80,7 +80,7 @@ class CompletionBuilder:
         self.model = model
         self.created = int(time.time()) if created is None else created
         self._reducer: EventReducer | None = None
-        self._pending = ""  # deltas since the last full message
+        self._text = TextFold(keep=False)  # the reducer's rule: new text and paragraph breaks, never doubled
         self._ran = False
 
     @property
@@ -105,16 +105,15 @@ class CompletionBuilder:
             kind = ev.kind
             if kind == "assistant_delta":
                 d = ev.pb.assistant_delta
-                text = d.content or d.data.decode("utf-8", "replace")
-                if text:
-                    self._pending += text
-                    out.append(text)
+                piece = "".join(self._text.delta(d.content or d.data.decode("utf-8", "replace")))
             elif kind == "assistant_message":
-                text = message_text(ev.pb.assistant_message)
-                rest = text[len(self._pending):] if text.startswith(self._pending) else text
-                self._pending = ""
-                if rest:
-                    out.append(rest)
+                piece = "".join(self._text.message(message_text(ev.pb.assistant_message)))
+            else:
+                piece = ""
+                if kind in ("tool_use", "tool_result"):
+                    self._text.seal()
+            if piece:
+                out.append(piece)
         return out
 
     def result(self) -> Result | None:
