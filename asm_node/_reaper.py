@@ -1,23 +1,41 @@
 """Watchdog process: kills the agent's CLIs if the agent dies.
 
-Started as ``python -I .../_reaper.py [NODE_CGROUP_DIR]`` with cwd ``/``: isolated mode, so
-nothing in the agent's cwd or ``PYTHON*`` variables is imported; it imports only the standard
-library (it must keep working whatever is installed next to it).
+Started as ``python -I -S .../_reaper.py [NODE_CGROUP_DIR]`` with cwd ``/``: isolated mode, so
+nothing in the agent's cwd or ``PYTHON*`` variables is imported, and no ``site`` (a venv's
+``.pth`` hooks, such as an editable install's finder, cost ~10 ms and several MB and are not
+needed). It imports only ``os`` and the builtin ``_signal``/``time``/``sys`` (not ``signal``: its
+enums pull in ``enum``, ``functools``, ``re``...), so it starts in about the time of the bare
+interpreter and stays under 10 MB RSS; it must keep working whatever is installed next to it.
+
+Why a process at all, and not the kernel's help alone: ``PR_SET_PDEATHSIG`` needs ``preexec_fn``
+(forbidden: gRPC is threaded) and signals only the direct child, not what the CLI started or what
+left with ``setsid``; a child subreaper would make the *agent* the reaper of orphans, and it is
+the agent that died; a pidfd dies with its owner. Only a separate process that outlives the
+agent can act after a SIGKILL, and a pipe's EOF is how it learns of the death, with no polling.
 
 The agent writes ``+PGID`` or ``+PGID CGROUP_DIR`` / ``-PGID`` lines to our stdin as it spawns and
 reaps CLIs. When stdin reaches EOF (the agent exited, however it died, even by SIGKILL) every group
 still registered, and every process in its run's cgroup (which also holds what left the group with
 ``setsid``), gets SIGTERM, then SIGKILL; the run cgroups and the node's cgroup directory are
 removed. It ignores SIGINT/SIGTERM so a Ctrl-C to the terminal's process group cannot kill it before
-it has done its job; EOF is its only way out.
+it has done its job; EOF is its only way out. Nobody waits for it: the agent closes the pipe and
+goes on (a clean stop has no groups left, so it exits at once).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
+
+TYPE_CHECKING = False  # not ``typing.TYPE_CHECKING``: importing typing costs ~7 ms (mypy knows the name)
+if TYPE_CHECKING:
+    import signal
+else:
+    try:  # the C module: ``signal`` itself would import enum (and with it functools, re, ...)
+        import _signal as signal
+    except ImportError:  # another interpreter
+        import signal
 
 
 def _alive(pgid: int) -> bool:

@@ -7,6 +7,9 @@
   next newline, and the agent never buffers more than the cap.
 * Termination escalates SIGINT -> SIGTERM -> SIGKILL on the group, waiting for
   the *group* to be gone (not just the leader), and the leader is always reaped.
+* No thread and no poll per run: a CLI's exit is a readable pidfd on the event loop
+  (:class:`PidfdChildWatcher`, installed by :func:`spawn` instead of asyncio's threaded
+  watcher, one thread per child on Python 3.11), and :func:`leader_exited` awaits it.
 * A :class:`Reaper` watchdog kills registered groups if the agent itself dies.
 * Where the node can create cgroup v2 groups (:class:`Cgroups`), each run also
   has its own cgroup, entered before the CLI runs: what leaves the process
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import errno
 import logging
@@ -26,8 +30,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVarTuple
+
+_Ts = TypeVarTuple("_Ts")
 
 log = logging.getLogger("asm_node.process")
 
@@ -64,13 +72,108 @@ async def wait_group_gone(proc: asyncio.subprocess.Process, timeout: float) -> b
         await asyncio.sleep(min(remaining, 0.02))
 
 
+class PidfdChildWatcher(asyncio.AbstractChildWatcher):
+    """asyncio's child watcher without a thread per child: each child's pidfd is a reader on the
+    running loop, and its exit is reaped (``waitpid`` of that pid only) when the pidfd turns readable.
+
+    Python 3.11's default (``ThreadedChildWatcher``) blocks one thread in ``waitpid`` per child:
+    1,000 sleeping runs were 1,000 threads. Its own ``PidfdChildWatcher`` does this too, but gives
+    no way to learn of the exit before ``Process.wait()`` - which also waits for the pipes, held
+    open by anything the CLI left behind; here each child also gets a future resolved at its exit
+    (:meth:`take_exit`), which :func:`leader_exited` awaits instead of polling ``returncode``.
+    """
+
+    def __init__(self) -> None:
+        self._exits: dict[int, asyncio.Future[int]] = {}
+
+    def add_child_handler(self, pid: int, callback: Callable[[int, int, *_Ts], object], *args: *_Ts) -> None:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        self._exits[pid] = loop.create_future()
+        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    def _reap(self, loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Callable[..., object],
+              args: tuple[Any, ...]) -> None:
+        loop.remove_reader(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped by someone else: the status is lost (as in asyncio's watchers)
+            returncode = 255
+            log.warning("child %d was reaped elsewhere: its exit status is unknown", pid)
+        else:
+            returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            os.close(pidfd)
+        callback(pid, returncode, *args)
+        fut = self._exits.pop(pid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(returncode)
+
+    def take_exit(self, pid: int) -> asyncio.Future[int] | None:
+        """The future of child ``pid``'s exit (None once it was reaped): for the caller to keep."""
+        return self._exits.get(pid)
+
+    def remove_child_handler(self, pid: int) -> bool:
+        return True  # its reader goes when it exits, which asyncio's transports always wait for
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pass  # no loop of its own: the running loop of each add_child_handler call
+
+    def close(self) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def __enter__(self) -> PidfdChildWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_watcher: PidfdChildWatcher | None = None
+#: Each spawned CLI's exit future (from the watcher), for :func:`leader_exited`.
+_exits: weakref.WeakKeyDictionary[asyncio.subprocess.Process, asyncio.Future[int]] = weakref.WeakKeyDictionary()
+
+
+def child_watcher() -> PidfdChildWatcher | None:
+    """Install :class:`PidfdChildWatcher` as asyncio's child watcher (once); None where it cannot be
+    (no pidfd, or Python >= 3.14, which has no child watchers and waits with pidfds itself)."""
+    global _watcher
+    if sys.version_info >= (3, 14) or not hasattr(os, "pidfd_open"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+ deprecates child watchers
+        if _watcher is None:
+            try:
+                os.close(os.pidfd_open(os.getpid()))
+            except OSError:  # kernel < 5.3, or seccomp
+                return None
+            _watcher = PidfdChildWatcher()
+        if asyncio.get_child_watcher() is not _watcher:
+            asyncio.set_child_watcher(_watcher)
+    return _watcher
+
+
 async def leader_exited(proc: asyncio.subprocess.Process, interval: float = 0.05) -> int:
-    """Return when the group leader has exited.
+    """Return when the group leader has exited (reaped, ``proc.returncode`` set).
 
     ``Process.wait()`` also waits for the stdout/stderr pipes to close, which
-    never happens while a leftover child of the CLI holds them; the returncode
-    is set as soon as the leader is reaped, so watch that too.
+    never happens while a leftover child of the CLI holds them. A CLI started by :func:`spawn`
+    has an exit future (no poll, no thread); any other process has its returncode polled.
     """
+    if proc.returncode is not None:
+        return proc.returncode
+    fut = _exits.get(proc)
+    if fut is not None:
+        rc = await asyncio.shield(fut)
+        # The transport learns the status a loop iteration or two after the reap (call_soon).
+        for _ in range(100):
+            if proc.returncode is not None:
+                return proc.returncode
+            await asyncio.sleep(0)
+        return rc
     waiter = asyncio.ensure_future(proc.wait())
     try:
         while proc.returncode is None:
@@ -226,6 +329,7 @@ async def spawn(
         if procs is not None:
             _check_executable(argv[0], cwd, env)
             argv = ["/bin/sh", "-c", _CGROUP_EXEC, procs, *argv]
+        watcher = child_watcher()
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=cwd,
@@ -240,6 +344,9 @@ async def spawn(
         if cgroup is not None:
             Cgroups.remove(cgroup)
         raise
+    exit_future = watcher.take_exit(proc.pid) if watcher is not None else None
+    if exit_future is not None:
+        _exits[proc] = exit_future
     if procs is not None:
         try:
             _write_file(procs, str(proc.pid))
@@ -489,10 +596,21 @@ _PIPE_AHEAD_BYTES = 32 * 1024
 _REAPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
 
 
+#: Stopped watchdogs not reaped yet (nobody waits for one; their zombies go at the next chance).
+_stopped_watchdogs: list[subprocess.Popen[bytes]] = []
+
+
+def _reap_stopped() -> None:
+    _stopped_watchdogs[:] = [p for p in _stopped_watchdogs if p.poll() is None]
+
+
+atexit.register(_reap_stopped)
+
+
 class Reaper:
     """Client side of the :mod:`asm_node._reaper` watchdog, and the runs' cgroups.
 
-    The watchdog is ``python -I <path>/_reaper.py`` with cwd ``/`` and an environment of ``PATH``
+    The watchdog is ``python -I -S <path>/_reaper.py`` with cwd ``/`` and an environment of ``PATH``
     alone: isolated mode puts neither the cwd nor ``PYTHON*`` variables on ``sys.path``, so nothing
     planted next to the agent (a ``signal.py``) is imported, and no secret of the agent is in its
     environment. The agent checks it is alive (every ``agent.REAPER_CHECK_S`` seconds, and at each
@@ -516,7 +634,9 @@ class Reaper:
         self._spawn()
 
     def _spawn(self) -> None:
-        argv = [sys.executable, "-I", _REAPER_SCRIPT]
+        _reap_stopped()
+        # -S: no site (a venv's .pth hooks cost ~10 ms and MBs; the watchdog needs none of them).
+        argv = [sys.executable, "-I", "-S", _REAPER_SCRIPT]
         if self.cgroups is not None:
             argv.append(self.cgroups.root)
         # The live groups are in the pipe before the watchdog exists: a restarted watchdog knows every
@@ -621,15 +741,14 @@ class Reaper:
             await terminate_cgroup(cgroup, grace)
 
     def stop(self) -> None:
+        """Close the watchdog's pipe without waiting for it (no CLI exit waits on it): with no group
+        left it exits at once; with groups left (runs that would not stop) it kills them on its own."""
         self._stopped = True
         proc, self._proc = self._proc, None
         self._close_stdin()
-        if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None and proc.poll() is None:
+            _stopped_watchdogs.append(proc)  # reaped later: at the next start or stop, or at exit
+        _reap_stopped()
         if self.cgroups is not None:
             self.cgroups.close()
             self.cgroups = None
