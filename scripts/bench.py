@@ -1036,6 +1036,12 @@ def main() -> int:
                         help="(i) completions per path (default 200; 30 with --quick)")
     parser.add_argument("--http-events", type=int, default=None, metavar="N",
                         help="(ii) lines of the stream run (default 100000; 20000 with --quick)")
+    parser.add_argument("--scale", action="store_true",
+                        help="instead of the benchmark: (j)-(l) many runs on a node, the watchdog, latency under load")
+    parser.add_argument("--scale-before", type=Path, default=None, metavar="DIR",
+                        help="--scale also measures the code in DIR (e.g. a checkout of main), side by side")
+    parser.add_argument("--scale-sizes", default="100,500,1000", metavar="N,N",
+                        help="--scale: concurrent sleeping runs per measurement (default 100,500,1000)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
     parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
                         help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
@@ -1049,6 +1055,8 @@ def main() -> int:
         return main_ha(args, parser)
     if args.http:
         return main_http(args, parser)
+    if args.scale:
+        return main_scale(args, parser)
     if args.controller_only:
         return main_controller(args)
     if args.soak is not None or args.flood:
@@ -1180,6 +1188,42 @@ def main_http(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     if out is not None:
         bench_http.report_http(out)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bench_scale  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_scale.ScaleConfig(before=args.scale_before)
+    try:
+        cfg.sizes = tuple(int(x) for x in args.scale_sizes.split(","))
+    except ValueError:
+        parser.error("--scale-sizes: comma-separated run counts")
+    if args.quick:
+        cfg.sizes, cfg.idle_s, cfg.latency_lines, cfg.repeats = (100,), 2.0, 60, 5
+    cfg.trees = ([("before", args.scale_before.resolve())] if args.scale_before else []) + [("now", ROOT)]
+    t_start = time.perf_counter()
+    print(f"asm bench --scale  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
+          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    why = bench_scale.available()
+    if why:
+        print(f"bench: --scale: {why}; nothing measured", file=sys.stderr)
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-scale-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_scale.run_scale(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_scale.report_scale(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 
