@@ -1201,7 +1201,7 @@ def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except ValueError:
         parser.error("--scale-sizes: comma-separated run counts")
     if args.quick:
-        cfg.sizes, cfg.idle_s, cfg.latency_lines, cfg.repeats = (100,), 2.0, 60, 5
+        cfg.sizes, cfg.idle_s, cfg.latency_lines, cfg.repeats = (100,), 2.0, 100, 5
     cfg.trees = ([("before", args.scale_before.resolve())] if args.scale_before else []) + [("now", ROOT)]
     t_start = time.perf_counter()
     print(f"asm bench --scale  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "

@@ -24,6 +24,7 @@ import base64
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ class ScaleConfig:
     before: Path | None = None
     idle_s: float = 5.0
     latency_runs: int = 100
-    latency_lines: int = 100
+    latency_lines: int = 200
     repeats: int = 20
     trees: list[tuple[str, Path]] = field(default_factory=list)
 
@@ -240,12 +241,21 @@ print(json.dumps({"argv": [a.decode() for a in argv], "rss_mb": rss, "start_s": 
 
 
 def _median_wall(argv: list[str], repeats: int, **kw: Any) -> float:
+    return _wall_and_cpu(argv, repeats, **kw)[0]
+
+
+def _wall_and_cpu(argv: list[str], repeats: int, **kw: Any) -> tuple[float, float]:
+    """(median wall, mean CPU of the child) of whole lives of ``argv``: CPU is what a loaded machine
+    does not inflate."""
     walls = []
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     for _ in range(repeats):
         t = time.perf_counter()
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
         walls.append(time.perf_counter() - t)
-    return statistics.median(walls)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / repeats
+    return statistics.median(walls), cpu
 
 
 def watchdog_figures(root: Path, workdir: Path, repeats: int) -> dict[str, Any]:
@@ -255,8 +265,8 @@ def watchdog_figures(root: Path, workdir: Path, repeats: int) -> dict[str, Any]:
         return {"error": res.stderr[-500:]}
     probe: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     argv = probe["argv"]
-    probe["life_s"] = _median_wall(argv, repeats, cwd="/")
-    probe["bare_s"] = _median_wall([sys.executable, "-I", "-S", "-c", "pass"], repeats)
+    probe["life_s"], probe["life_cpu_s"] = _wall_and_cpu(argv, repeats, cwd="/")
+    probe["bare_s"], probe["bare_cpu_s"] = _wall_and_cpu([sys.executable, "-I", "-S", "-c", "pass"], repeats)
     # The README's first example, embedded: includes the CLI's imports (issue 15 item 1, not this module's).
     probe["embedded_run_s"] = _median_wall([sys.executable, "-m", "asm_cli", "run", "--provider", "shell", "true"],
                                            max(3, repeats // 4), cwd=str(workdir), env=tree_env(root))
@@ -266,8 +276,8 @@ def watchdog_figures(root: Path, workdir: Path, repeats: int) -> dict[str, Any]:
 # -- latency -----------------------------------------------------------------------------
 
 
-def ticker(lines: int) -> str:
-    code = f"import time\nfor i in range({lines}):\n    print(time.time_ns(), flush=True)\n    time.sleep(0.05)"
+def ticker(lines: int, interval: float = 0.05) -> str:
+    code = f"import time\nfor i in range({lines}):\n    print(time.time_ns(), flush=True)\n    time.sleep({interval})"
     encoded = base64.b64encode(code.encode()).decode()
     # By name (the shell provider's allowed list holds names), found on PATH as in bench.py's tickers.
     return f"{os.path.basename(sys.executable)} -I -S -c \"exec(__import__('base64').b64decode('{encoded}'))\""
@@ -293,22 +303,30 @@ async def local_latency(runs: int, lines: int) -> dict[str, Any]:
             lat.append((time.time_ns() - int(line)) / 1e6)
         await proc.wait()
 
+    tasks = [asyncio.create_task(one()) for _ in range(runs)]
+    await asyncio.sleep(1.5)  # the tickers' interpreters have started
+    lat.clear()  # the steady part only, as for the node
     c0 = time.process_time()
-    await asyncio.gather(*(one() for _ in range(runs)))
-    return {"lat": lat, "cpu_us": 1e6 * (time.process_time() - c0) / max(1, len(lat))}
+    await asyncio.sleep(max(0.5, lines * 0.05 - 3.0))
+    steady = list(lat)
+    cpu_us = 1e6 * (time.process_time() - c0) / max(1, len(steady))
+    await asyncio.gather(*tasks)
+    return {"lat": steady, "cpu_us": cpu_us}
 
 
-async def node_latency(node: Node, runs: int, lines: int) -> dict[str, Any]:
+async def node_latency(node: Node, runs: int, lines: int, interval: float = 0.05) -> dict[str, Any]:
     from asm_controller import RemoteNode, Session
 
     session = Session("shell", node=RemoteNode(f"127.0.0.1:{node.port}"), options={"command_timeout_ms": 600_000},
                       max_concurrent_runs=runs, max_queued_runs=runs)
     lat: list[float] = []
+    node_lat: list[float] = []
     arrivals: list[float] = []
     started = 0
     all_started = asyncio.Event()
 
     failures: list[str] = []
+    steady = False  # latencies count only while every ticker runs (not their start-up, not the end)
 
     def count() -> None:
         nonlocal started
@@ -318,7 +336,7 @@ async def node_latency(node: Node, runs: int, lines: int) -> dict[str, Any]:
 
     async def one() -> None:
         seen = False
-        stream = session.stream(ticker(lines))
+        stream = session.stream(ticker(lines, interval))
         async for ev in stream:
             if ev.kind == "run_started":
                 seen = True
@@ -328,7 +346,11 @@ async def node_latency(node: Node, runs: int, lines: int) -> dict[str, Any]:
             elif ev.kind == "assistant_delta":
                 now = time.time_ns()
                 arrivals.append(time.monotonic())
-                lat.append((now - int(ev.pb.assistant_delta.content.strip())) / 1e6)
+                if steady:
+                    printed = int(ev.pb.assistant_delta.content.strip())
+                    lat.append((now - printed) / 1e6)
+                    # The node's share: print -> read, parsed and stamped by the node (same clock).
+                    node_lat.append((ev.pb.timestamp_unix_nano - printed) / 1e6)
         if not seen:
             count()  # failed before it started: reported, not waited for
 
@@ -337,15 +359,57 @@ async def node_latency(node: Node, runs: int, lines: int) -> dict[str, Any]:
         await asyncio.wait_for(all_started.wait(), 60)
         await asyncio.sleep(0.5)
         # The steady part: every ticker printing, none finished (the window ends 1 s before the first can).
-        window = max(0.5, lines * 0.05 - 2.0)
+        window = max(0.5, lines * interval - 4.0)
+        steady = True
         c0, k0 = proc_cpu_s(node.pid), len(arrivals)
         await asyncio.sleep(window)
         node_cpu, events = proc_cpu_s(node.pid) - c0, len(arrivals) - k0
+        steady = False
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
     finally:
         await session.stop()
-    return {"lat": lat, "node_cpu_us": 1e6 * node_cpu / max(1, events), "window_events": events,
+    return {"lat": lat, "node_lat": node_lat, "node_cpu_us": 1e6 * node_cpu / max(1, events), "window_events": events,
             "failures": failures}
+
+
+_RAW_GRPC_SERVER = """
+import asyncio, sys, grpc
+N, DT = int(sys.argv[1]), float(sys.argv[2])
+async def main():
+    async def handler(req, ctx):
+        for i in range(N):
+            yield b"x" * 60
+            await asyncio.sleep(DT)
+    h = grpc.unary_stream_rpc_method_handler(handler, lambda b: b, lambda b: b)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("raw.Raw", {"S": h})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def raw_grpc_cpu_us(n: int, interval: float) -> float:
+    """Baseline floor: a bare grpc.aio server process streaming ``n`` 60-byte messages ``interval``
+    apart, no asm at all; its CPU per message (what one gRPC message costs when the link is idle)."""
+    import grpc
+
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", _RAW_GRPC_SERVER, str(n), str(interval)],
+                                   stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.to_thread(proc.stdout.readline))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_stream("/raw.Raw/S", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            c0, k = proc_cpu_s(proc.pid), 0
+            async for _m in call(b""):
+                k += 1
+            return 1e6 * (proc_cpu_s(proc.pid) - c0) / max(1, k)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 async def latency_figures(root: Path, workdir: Path, cfg: ScaleConfig) -> dict[str, Any]:
@@ -355,15 +419,18 @@ async def latency_figures(root: Path, workdir: Path, cfg: ScaleConfig) -> dict[s
     node.start()
     try:
         remote = await node_latency(node, cfg.latency_runs, cfg.latency_lines)
-        one = await node_latency(node, 1, max(40, cfg.latency_lines // 2))
+        # One run alone, a line every 5 ms: each event still travels alone (the link is idle between).
+        one = await node_latency(node, 1, 600, 0.005)
     finally:
         node.stop()
     return {
         "local": {"p50": pct(local["lat"], 0.5), "p99": pct(local["lat"], 0.99), "max": max(local["lat"], default=0),
                   "n": len(local["lat"]), "cpu_us": local["cpu_us"]},
         "node": {"p50": pct(remote["lat"], 0.5), "p99": pct(remote["lat"], 0.99), "max": max(remote["lat"], default=0),
-                 "n": len(remote["lat"]), "node_cpu_us": remote["node_cpu_us"]},
+                 "n": len(remote["lat"]), "node_cpu_us": remote["node_cpu_us"],
+                 "stamp_p50": pct(remote["node_lat"], 0.5), "stamp_p99": pct(remote["node_lat"], 0.99)},
         "one_run_node_cpu_us": one["node_cpu_us"],
+        "raw_grpc_cpu_us": await raw_grpc_cpu_us(600, 0.005),
         "failures": remote["failures"] + one["failures"],
     }
 
@@ -395,14 +462,18 @@ def report_scale(out: dict[str, Any]) -> None:
             print(f"    {w['tree']:6s} !! {w['error']}")
             continue
         print(f"    {w['tree']:6s} {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(w['argv']))}")
-        print(f"           start+exit {w['life_s'] * 1e3:5.1f} ms (bare python -I -S {w['bare_s'] * 1e3:.1f} ms, "
-              f"{w['life_s'] / w['bare_s']:.2f}x), RSS {w['rss_mb']:.1f} MB; agent pays: start() "
+        print(f"           start+exit {w['life_s'] * 1e3:5.1f} ms wall, {w['life_cpu_s'] * 1e3:.1f} ms CPU (bare python "
+              f"-I -S {w['bare_s'] * 1e3:.1f} ms, {w['bare_cpu_s'] * 1e3:.1f} ms CPU: {w['life_s'] / w['bare_s']:.2f}x), "
+              f"RSS {w['rss_mb']:.1f} MB; agent pays: start() "
               f"{w['start_s'] * 1e3:.1f} ms, stop() {w['stop_s'] * 1e3:.1f} ms, start()+stop() at once "
               f"{w['cycle_s'] * 1e3:.1f} ms; embedded `asm run --provider shell true` {w['embedded_run_s'] * 1e3:.0f} ms")
         if w["tree"] == "now":
             print(f"           targets: RSS {w['rss_mb']:.1f} <= {WATCHDOG_RSS_TARGET_MB:g} MB "
-                  f"{_met(w['rss_mb'] <= WATCHDOG_RSS_TARGET_MB)}; start {w['life_s'] * 1e3:.1f} <= "
-                  f"{WATCHDOG_START_TARGET_MS:g} ms {_met(w['life_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}")
+                  f"{_met(w['rss_mb'] <= WATCHDOG_RSS_TARGET_MB)}; start {w['life_s'] * 1e3:.1f} ms wall / "
+                  f"{w['life_cpu_s'] * 1e3:.1f} ms CPU <= {WATCHDOG_START_TARGET_MS:g} ms: wall "
+                  f"{_met(w['life_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}, CPU "
+                  f"{_met(w['life_cpu_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}; no CLI waits for it: stop() "
+                  f"{w['stop_s'] * 1e3:.1f} ms")
     print("\n(l) latency: 100 runs each printing every 50 ms (issue 15 item 5); print -> event here, ms")
     for lt in out["latency"]:
         lo, no = lt["local"], lt["node"]
@@ -411,7 +482,10 @@ def report_scale(out: dict[str, Any]) -> None:
               f"({lo['n']} lines, {lo['cpu_us']:.0f} us CPU/line here)")
         print(f"    {'':6s} node   p50 {no['p50']:6.2f} p99 {no['p99']:6.2f} max {no['max']:6.1f} "
               f"({no['n']} events); added p99 {added:+.2f} ms; node CPU/event {no['node_cpu_us']:.0f} us "
-              f"(one run alone {lt['one_run_node_cpu_us']:.0f} us)")
+              f"(one run alone, a line every 5 ms: {lt['one_run_node_cpu_us']:.0f} us; a bare grpc.aio server, "
+              f"a message every 5 ms: {lt['raw_grpc_cpu_us']:.0f} us)")
+        print(f"    {'':6s} of which print -> stamped by the node: p50 {no['stamp_p50']:.2f} p99 {no['stamp_p99']:.2f} "
+              f"(the rest is gRPC, the controller's reducer and this process's loop)")
         if lt["failures"]:
             print(f"           !! {len(lt['failures'])} run(s) failed: {lt['failures'][0]}")
         if lt["tree"] == "now":
