@@ -198,7 +198,7 @@ async def run_scale(cfg: ScaleConfig, workdir: Path, say: Callable[[str], None])
         base = local_spawn(n)
         for name, root in cfg.trees:
             # A fresh node per size; max_runs and the stream caps above n.
-            node = Node(root, workdir, ASM_NODE_MAX_RUNS=str(n), ASM_NODE_MAX_CONCURRENT_STREAMS=str(n + 100),
+            node = Node(root, workdir, ASM_NODE_MAX_RUNS=str(n), ASM_NODE_MAX_CONCURRENT_STREAMS=str(2 * n + 100),
                         ASM_NODE_MAX_CONCURRENT_RPCS=str(2 * n + 100))
             node.start()
             try:
