@@ -10,8 +10,9 @@ Every figure is printed beside its baseline, measured in the same run:
   what ``Reaper.start()`` + ``stop()`` costs the agent (a short embedded run pays this), and an
   embedded ``asm run --provider shell true`` end to end; beside the bare interpreter (``python -I -S -c pass``).
 * **latency**: 100 concurrent runs each printing ``time.time_ns()`` every 50 ms; the latency from
-  the print to the event in this process (p50/p99/max) beside the same 100 tickers spawned and
-  read locally; the node's CPU per event over the steady part.
+  the print to the event in this process (p50/p99/max) beside 10 of the same tickers spawned and
+  read locally *at the same time* (same machine noise); the node's share (print -> stamped); the
+  node's CPU per event over the steady part, beside one run alone and a bare grpc.aio server.
 
 With ``--scale-before DIR`` (a checkout of the code before, e.g. ``/work/main``) the node, watchdog
 and CLI figures are measured for both trees, side by side: "before" is DIR's code, "now" this tree's.
@@ -174,10 +175,12 @@ async def scale_once(node: Node, n: int, idle_s: float) -> dict[str, Any]:
     streams = [session.stream("sleep 120") for _ in range(n)]
     out: dict[str, Any] = {"n": n}
     try:
-        t0 = time.perf_counter()
+        t0, n0, p0 = time.perf_counter(), proc_cpu_s(node.pid), time.process_time()
         firsts = await asyncio.wait_for(
             asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True), 120)
         out["admit_s"] = time.perf_counter() - t0
+        # Who was busy meanwhile: the node, or this client (1 process, N sessions' streams)?
+        out["admit_node_cpu_s"], out["admit_client_cpu_s"] = proc_cpu_s(node.pid) - n0, time.process_time() - p0
         out["started"] = sum(1 for f in firsts if not isinstance(f, BaseException) and f.kind == "run_started")
         await asyncio.sleep(1.0)  # settle: the last spawns' bookkeeping
         c0, t1 = proc_cpu_s(node.pid), time.perf_counter()
@@ -413,12 +416,14 @@ async def raw_grpc_cpu_us(n: int, interval: float) -> float:
 
 
 async def latency_figures(root: Path, workdir: Path, cfg: ScaleConfig) -> dict[str, Any]:
-    local = await local_latency(cfg.latency_runs, cfg.latency_lines)
     node = Node(root, workdir, "--shell-allow", os.path.basename(sys.executable),
                 ASM_NODE_MAX_RUNS=str(cfg.latency_runs))
     node.start()
     try:
-        remote = await node_latency(node, cfg.latency_runs, cfg.latency_lines)
+        # The baseline runs at the same time (a tenth as many tickers, read here): on a shared machine
+        # both then see the same noise, and the difference is what the node path adds.
+        local, remote = await asyncio.gather(local_latency(max(1, cfg.latency_runs // 10), cfg.latency_lines),
+                                             node_latency(node, cfg.latency_runs, cfg.latency_lines))
         # One run alone, a line every 5 ms: each event still travels alone (the link is idle between).
         one = await node_latency(node, 1, 600, 0.005)
     finally:
@@ -450,6 +455,7 @@ def report_scale(out: dict[str, Any]) -> None:
         print(f"    {r['tree']:6s} {r['n']:5d} {r['admit_s']:7.2f}s {r['local_s']:10.2f}s "
               f"{r['admit_s'] / r['local_s']:6.1f}x {r['threads']:8d} {r['idle_cpu_pct']:8.2f}% "
               f"{r['rss_mb']:7.0f}MB {r['watchdog_rss_mb']:5.1f}MB"
+              + f"  (admission CPU: node {r['admit_node_cpu_s']:.2f}s, client {r['admit_client_cpu_s']:.2f}s)"
               + ("" if r["started"] == r["n"] else f"  !! only {r['started']} started"))
     now = [r for r in out["scale"] if r["tree"] == "now" and r["n"] == max(x["n"] for x in out["scale"])]
     for r in now:
