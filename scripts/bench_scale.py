@@ -480,7 +480,8 @@ def report_scale(out: dict[str, Any]) -> None:
                   f"{_met(w['life_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}, CPU "
                   f"{_met(w['life_cpu_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}; no CLI waits for it: stop() "
                   f"{w['stop_s'] * 1e3:.1f} ms")
-    print("\n(l) latency: 100 runs each printing every 50 ms (issue 15 item 5); print -> event here, ms")
+    print("\n(l) latency: 100 runs each printing every 50 ms, 10 local tickers alongside (issue 15 item 5); "
+          "print -> event here, ms")
     for lt in out["latency"]:
         lo, no = lt["local"], lt["node"]
         added = no["p99"] - lo["p99"]
