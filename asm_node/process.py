@@ -88,22 +88,40 @@ class PidfdChildWatcher(asyncio.AbstractChildWatcher):
 
     def add_child_handler(self, pid: int, callback: Callable[[int, int, *_Ts], object], *args: *_Ts) -> None:
         loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(pid)
         self._exits[pid] = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:  # out of fds, say: this child is waited for the old way, by a thread
+            log.warning("cannot open a pidfd for child %d (%s): a thread waits for it", pid, exc)
+            threading.Thread(target=self._wait_blocking, args=(loop, pid, callback, args), daemon=True).start()
+            return
         loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    @staticmethod
+    def _waitpid(pid: int) -> int:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped by someone else: the status is lost (as in asyncio's watchers)
+            log.warning("child %d was reaped elsewhere: its exit status is unknown", pid)
+            return 255
+        return os.waitstatus_to_exitcode(status)
+
+    def _wait_blocking(self, loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[..., object],
+                       args: tuple[Any, ...]) -> None:
+        returncode = self._waitpid(pid)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            loop.call_soon_threadsafe(self._exited, pid, returncode, callback, args)
 
     def _reap(self, loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Callable[..., object],
               args: tuple[Any, ...]) -> None:
         loop.remove_reader(pidfd)
         try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:  # reaped by someone else: the status is lost (as in asyncio's watchers)
-            returncode = 255
-            log.warning("child %d was reaped elsewhere: its exit status is unknown", pid)
-        else:
-            returncode = os.waitstatus_to_exitcode(status)
+            returncode = self._waitpid(pid)  # does not block: the pidfd is readable once the child exited
         finally:
             os.close(pidfd)
+        self._exited(pid, returncode, callback, args)
+
+    def _exited(self, pid: int, returncode: int, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         callback(pid, returncode, *args)
         fut = self._exits.pop(pid, None)
         if fut is not None and not fut.done():

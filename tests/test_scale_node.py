@@ -102,6 +102,18 @@ async def test_exit_statuses_come_through_the_pidfd_watcher(tmp_path: Any) -> No
         await proc.wait()
 
 
+async def test_a_child_without_a_pidfd_is_still_waited_for(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert process_mod.child_watcher() is not None
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    proc = await spawn(["sh", "-c", "exit 5"], str(tmp_path), {"PATH": os.defpath}, False)
+    assert await asyncio.wait_for(leader_exited(proc), 10) == 5
+    await proc.wait()
+
+
 async def test_leader_exit_is_awaited_not_polled_even_with_its_pipes_held(tmp_path: Any) -> None:
     # The leader starts a child that keeps stdout/stderr open, then waits to be told to exit.
     proc = await spawn(["sh", "-c", "sleep 30 & read _; exit 7"], str(tmp_path), {"PATH": os.defpath}, True)
