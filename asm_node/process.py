@@ -297,7 +297,8 @@ async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[
 
     After each chunk ``gate()`` may return an awaitable: reading waits for it (back-pressure:
     the CLI then blocks on its full pipe), so what is read is never more than the consumer takes.
-    ``on_chunk()`` is called for every chunk read, a line's end or not (the run's idle deadline).
+    ``on_chunk()`` is called for every chunk read, a line's end or not, and when reading resumes after
+    such a wait (the run's idle deadline: a CLI blocked on its full pipe was not idle).
     """
     while True:
         chunk = await stream.read(READ_CHUNK)
@@ -311,6 +312,8 @@ async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[
             return
         if gate is not None and (wait := gate()) is not None:
             await wait
+            if on_chunk is not None:
+                on_chunk()
 
 
 # Runs the CLI only once it is in its cgroup: the shell moves itself there, then execs the CLI

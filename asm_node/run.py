@@ -328,8 +328,11 @@ class Run:
                 waits.append(left)
             if not waits:
                 return
-            # The idle deadline moves with output: looked at again at least twice a second.
-            await asyncio.sleep(min(*waits, 0.5) if d.idle_ms is not None else min(waits))
+            # The idle deadline only moves later (output, an answer, the pump resuming touch it), so sleeping
+            # until it and looking again is exact, with no wake-up per run in between. While a person or a
+            # follower is waited for, it is pushed on at least twice a second.
+            waiting = bool(self._approvals) or self.log.paused
+            await asyncio.sleep(min(*waits, 0.5) if d.idle_ms is not None and waiting else min(waits))
 
     def _touch(self) -> None:
         self.active_mono = time.monotonic()

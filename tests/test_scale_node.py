@@ -77,8 +77,11 @@ async def test_fifty_sleeping_runs_add_no_thread_each() -> None:
 
 
 @pytest.mark.slow
-async def test_fifty_sleeping_runs_schedule_no_timer_each() -> None:
-    async with running_agent(node_config(max_runs=RUNS)) as agent, sleeping_runs(agent, RUNS):
+@pytest.mark.parametrize("idle_timeout_ms", [None, 60_000])
+async def test_fifty_sleeping_runs_schedule_no_timer_each(idle_timeout_ms: int | None) -> None:
+    # With an idle deadline too: it is slept until, not looked at twice a second per run.
+    config = node_config(max_runs=RUNS, idle_timeout_ms=idle_timeout_ms)
+    async with running_agent(config) as agent, sleeping_runs(agent, RUNS):
         await asyncio.sleep(0.2)
         with counting_timers() as timers:
             await asyncio.sleep(1.0)
