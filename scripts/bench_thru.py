@@ -84,6 +84,7 @@ class _Proc:
 
     def __init__(self, argv: list[str], log_path: Path, cwd: Path) -> None:
         self.log_path = log_path
+        self.name = " ".join(argv[2:5])
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=str(cwd), env=_env())
 
@@ -104,9 +105,9 @@ class _Proc:
             if m:
                 return m
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args[2:5]} exited early ({self.proc.returncode}): {self.log()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited early ({self.proc.returncode}): {self.log()[-2000:]}")
             time.sleep(0.05)
-        raise RuntimeError(f"{self.proc.args[2:5]} not ready within {timeout:g}s: {self.log()[-2000:]}")
+        raise RuntimeError(f"{self.name} not ready within {timeout:g}s: {self.log()[-2000:]}")
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
