@@ -18,7 +18,12 @@ import pytest
 from asm_controller import RemoteNode, Session
 from asm_controller import _wire as wire
 from asm_controller._events import Event
+from asm_controller._registry import decode_chunks
 from asm_controller._run import CONTROLLER_METADATA_KEY
+from asm_controller._store import Lease, RunRecord, StoreWriter, open_store
+from asm_controller._store import _writer as writer_module
+from asm_controller._store._base import BatchOp, EventsOp, UpdateOp
+from asm_controller._store._writer import coalesce
 from asm_controller.service import ControllerConfig, ControllerServer, start_controller
 from asm_node.server import NodeServer, start_server
 from asm_node.testing import test_config
@@ -157,7 +162,7 @@ async def test_the_controller_service_relays_frames_as_bytes(
         fleet: tuple[NodeServer, ControllerServer], tmp_path: Path) -> None:
     """FleetApi's gRPC side yields the node's bytes for the batches it passes on unchanged (its HTTP side,
     start_run, still gets messages); both carry the same events."""
-    node, ctl = fleet
+    _node, ctl = fleet
     request = pb.StartRunRequest(run_id=ulid(), provider="shell", prompt=_script(tmp_path), cwd=str(tmp_path))
     items = [item async for item in ctl.api.start_run_frames(request)]
     raw = [i for i in items if isinstance(i, bytes)]
@@ -168,3 +173,72 @@ async def test_the_controller_service_relays_frames_as_bytes(
     messages = [b async for b in ctl.api.start_run(again)]
     assert all(isinstance(b, pb.EventBatch) for b in messages)
     assert sum(len(b.events) for b in messages) == LINES + 3
+
+
+# -- the registry's writes of relayed batches -------------------------------------------------------------
+
+
+def _chunk(run: str, first: int, last: int, fence: Lease | None = None) -> EventsOp:
+    data = pb.EventBatch(events=[_delta(s, f"{run}{s}") for s in range(first, last + 1)]).SerializeToString()
+    return EventsOp(run, first, last, data, fence)
+
+
+def _live(run: str, seq: int) -> UpdateOp:
+    return UpdateOp(run, {"node_seq": seq, "status": "running"})
+
+
+def test_coalesce_joins_a_runs_chunks_and_its_live_updates() -> None:
+    ops: list[BatchOp] = []
+    for first in range(1, 40, 3):
+        ops += [_chunk("a", first, first + 2), _live("a", first + 2), _chunk("b", first, first + 2)]
+    out = coalesce(ops)
+    chunks = [op for op in out if isinstance(op, EventsOp)]
+    assert [(c.run_id, c.first_seq, c.last_seq) for c in chunks] == [("a", 1, 39), ("b", 1, 39)]
+    for c in chunks:  # the joined bytes are one EventBatch of every event, in order
+        assert [(m.seq, m.assistant_delta.content) for m in pb.EventBatch.FromString(c.data).events] == \
+            [(s, f"{c.run_id}{s}") for s in range(1, 40)]
+    updates = [op for op in out if isinstance(op, UpdateOp)]
+    assert len(updates) == 1 and updates[0].fields == {"node_seq": 39, "status": "running"}
+    assert out.index(updates[0]) > out.index(chunks[0])  # after the events it counts
+    assert sum(len(c.data) for c in chunks) == sum(len(op.data) for op in ops if isinstance(op, EventsOp))
+
+
+def test_coalesce_keeps_apart_what_must_stay_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    lease, other = Lease("r1", 1), Lease("r1", 2)
+    ended = UpdateOp("a", {"status": "completed", "node_seq": 6})
+    cas = UpdateOp("a", {"status": "pending"}, expect_status="queued")
+    cases: list[list[BatchOp]] = [
+        [_chunk("a", 1, 3), ended, _chunk("a", 4, 6)],  # not past the run's end
+        [_chunk("a", 1, 3), cas, _chunk("a", 4, 6)],  # not past a compare-and-set
+        [_chunk("a", 1, 3, lease), _chunk("a", 4, 6, other)],  # another fence
+        [_chunk("a", 1, 3), _chunk("a", 5, 6)],  # a gap (the store reports it as it would)
+    ]
+    for ops in cases:
+        assert coalesce(ops) == ops
+    monkeypatch.setattr(writer_module, "CHUNK_MAX_BYTES", 200)
+    big = [_chunk("a", s, s) for s in range(1, 40)]
+    out = coalesce(list(big))
+    assert 1 < len(out) < len(big) and all(len(op.data) <= 200 for op in out if isinstance(op, EventsOp))
+    assert [m.seq for op in out if isinstance(op, EventsOp) for m in pb.EventBatch.FromString(op.data).events] == \
+        list(range(1, 40))
+
+
+async def test_a_writer_stores_a_burst_of_chunks_as_few(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'w.sqlite3'}")
+    await store.open()
+    try:
+        await store.create(RunRecord(run_id="a", session_id="s", provider="shell", spec={}, status="running"))
+        writer = StoreWriter(store, flush_interval_s=0.05)
+        for first in range(1, 300, 3):
+            op = _chunk("a", first, first + 2)
+            await writer.submit_events("a", op.first_seq, op.last_seq, op.data)
+            writer.submit_update("a", node_seq=first + 2, status="running")
+        await writer.flush()
+        chunks = await store.events_after("a", 0)
+        assert [m.seq for m in decode_chunks(chunks)] == list(range(1, 301))
+        assert len(chunks) < 10  # 100 submitted chunks, written in a few transactions
+        rec = await store.get("a")
+        assert rec is not None and rec.last_seq == 300 and rec.node_seq == 300
+        await writer.close()
+    finally:
+        await store.close()
