@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 from asm_controller import RemoteNode, Session  # noqa: E402
 from asm_wire import pb  # noqa: E402
 
-__all__ = ["ThruConfig", "issue15_figures", "node_host_main", "report_thru", "run_thru"]
+__all__ = ["ThruConfig", "issue15_figures", "node_host_main", "report_thru", "run_issue15", "run_thru"]
 
 #: Issue 15's targets.
 RUNS_TARGET = 1000.0
@@ -444,6 +444,16 @@ def report_thru(out: dict[str, Any]) -> None:
         met = {True: "met", False: "NOT met", None: "-"}[f["met"]]
         print(f"  target {f['name']}: {f['value']:,.1f} {f['unit']} vs {f['baseline']:,.1f} "
               f"({f['baseline_name']}), {f['ratio']:.2f}x; {f['target']}: {met}")
+
+
+async def run_issue15(quick: bool, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """bench.py --issue15's entry: the figures (printed), then the targets they decide."""
+    cfg = ThruConfig()
+    if quick:
+        cfg.events, cfg.repeats, cfg.runs, cfg.node_counts, cfg.memory_store = 50_000, 1, 200, (10,), False
+    out = await run_thru(cfg, workdir, log)
+    report_thru(out)
+    return issue15_figures(out)
 
 
 if __name__ == "__main__":
