@@ -309,7 +309,8 @@ class FleetApi:
         metrics.set_strategy(config.strategy)
         self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
         self.replica_id = config.replica_id or new_replica_id()
-        writer = StoreWriter(self.store, on_skipped=self._write_skipped)
+        # Its event data is the runs' EventBatch bytes: a busy run's chunks are written as few.
+        writer = StoreWriter(self.store, on_skipped=self._write_skipped, coalesce_events=True)
         self.registry = StoreRegistry(self.store, writer, owner=self.replica_id, lease_ttl_s=config.lease_ttl_s)
         #: The registry outlives this process (SQLite, PostgreSQL): stopping detaches instead of interrupting.
         self.durable = False

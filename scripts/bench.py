@@ -1043,6 +1043,9 @@ def main() -> int:
     parser.add_argument("--thru-runs", type=int, default=None, metavar="N", help="(k) short runs per case (default 1000)")
     parser.add_argument("--thru-events", type=int, default=None, metavar="N",
                         help="(j) lines of the stream run (default 200000)")
+    parser.add_argument("--thru-baseline", type=Path, default=None, metavar="DIR",
+                        help="(j)-(k): also measure the controller of the checkout in DIR (e.g. `git archive main`) "
+                        "beside this one's, interleaved (before/after)")
     parser.add_argument("--issue15", "--all15", action="store_true",
                         help="instead of the benchmark: every issue-15 figure in one run (scripts/bench_cli.py, "
                         "bench_scale.py, bench_thru.py where present) and a summary: figure, baseline, ratio, met")
@@ -1310,6 +1313,7 @@ def main_thru(args: argparse.Namespace) -> int:
         cfg.events, cfg.repeats, cfg.runs, cfg.node_counts = 50_000, 1, 200, (10,)
     cfg.runs = args.thru_runs if args.thru_runs is not None else cfg.runs
     cfg.events = args.thru_events if args.thru_events is not None else cfg.events
+    cfg.baseline_root = args.thru_baseline
     t_start = time.perf_counter()
     print(f"asm bench --thru  {machine_details()}  (figures on a shared machine vary with its load)", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="asm-bench-thru-"))

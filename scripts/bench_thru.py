@@ -61,6 +61,8 @@ class ThruConfig:
     node_counts: tuple[int, ...] = (10, 50)  # (k)
     per_host: int = 10  # node agents per host process
     memory_store: bool = True  # (k) also a controller with --state memory:
+    #: Another checkout (e.g. ``git archive main``): its controller measured beside this one's ("before").
+    baseline_root: Path | None = None
 
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -75,18 +77,18 @@ def _cpu_s(pid: int) -> float:
         return float("nan")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def _env(root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
 
 
 class _Proc:
     """A child process with its stderr in a log file; stopped by its PID (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, argv: list[str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, cwd: Path, root: Path = ROOT) -> None:
         self.log_path = log_path
         self.name = " ".join(argv[2:5])
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=str(cwd), env=_env())
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=str(cwd), env=_env(root))
 
     @property
     def pid(self) -> int:
@@ -138,7 +140,8 @@ def start_node_hosts(n: int, per_host: int, workdir: Path) -> tuple[list[_Proc],
     return hosts, addresses
 
 
-def start_controller(workdir: Path, nodes: list[str], state: str, tag: str) -> tuple[_Proc, str]:
+def start_controller(workdir: Path, nodes: list[str], state: str, tag: str, root: Path = ROOT) -> tuple[_Proc, str]:
+    """``asm controller serve`` (of the code at ``root``) over ``nodes``, least_loaded, its registry ``state``."""
     from asm_node.testing import free_port, wait_serving
 
     port = free_port()
@@ -146,7 +149,7 @@ def start_controller(workdir: Path, nodes: list[str], state: str, tag: str) -> t
             "--strategy", "least_loaded", "--state", state]
     for a in nodes:
         argv += ["--node", a]
-    ctl = _Proc(argv, workdir / f"controller-{tag}-{time.monotonic_ns()}.log", workdir)
+    ctl = _Proc(argv, workdir / f"controller-{tag}-{time.monotonic_ns()}.log", workdir, root)
     alive = (lambda p: lambda: p.poll() is None)(ctl.proc)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=60.0, alive=alive)
@@ -218,27 +221,33 @@ async def stream_figures(cfg: ThruConfig, workdir: Path, log: Callable[[str], No
     path = workdir / "lines.jsonl"
     _write_lines(path, cfg.events)
     hosts, nodes = start_node_hosts(1, 1, workdir)
-    out: dict[str, Any] = {"events": cfg.events, "direct": [], "controller": [], "ctl_cpu": [], "failures": []}
+    paths = ["direct", "controller"] + (["before"] if cfg.baseline_root else [])
+    out: dict[str, Any] = {"events": cfg.events, "failures": [], **{p: [] for p in paths},
+                           **{f"{p}_cpu": [] for p in paths}}
+    ctls: dict[str, tuple[_Proc, str]] = {}
     try:
-        ctl, ctl_addr = start_controller(workdir, nodes, f"sqlite:///{workdir / 'stream.sqlite3'}", "stream")
-        try:
-            await _one_stream(nodes[0], path, min(cfg.events, 2000))  # warm both paths
-            await _one_stream(ctl_addr, path, min(cfg.events, 2000))
-            for rep in range(cfg.repeats):
-                order = ("direct", "controller") if rep % 2 == 0 else ("controller", "direct")
-                for name in order:
-                    c0 = _cpu_s(ctl.pid)
-                    wall, err = await _one_stream(nodes[0] if name == "direct" else ctl_addr, path, cfg.events)
-                    if err:
-                        out["failures"].append(f"{name}: {err}")
-                        continue
-                    out[name].append(cfg.events / wall)
-                    if name == "controller":
-                        out["ctl_cpu"].append(_cpu_s(ctl.pid) - c0)
-                    log(f"    (j) {name:<10} {cfg.events / wall:>10,.0f} events/s")
-        finally:
-            ctl.stop()
+        ctls["controller"] = start_controller(workdir, nodes, f"sqlite:///{workdir / 'stream.sqlite3'}", "stream")
+        if cfg.baseline_root:
+            ctls["before"] = start_controller(workdir, nodes, f"sqlite:///{workdir / 'stream-before.sqlite3'}",
+                                              "stream-before", cfg.baseline_root)
+        addr = {"direct": nodes[0], **{k: a for k, (_, a) in ctls.items()}}
+        for p in paths:  # warm every path
+            await _one_stream(addr[p], path, min(cfg.events, 2000))
+        for rep in range(cfg.repeats):
+            for p in paths[rep % len(paths):] + paths[:rep % len(paths)]:  # the order rotates
+                pid = ctls[p][0].pid if p in ctls else None
+                c0 = _cpu_s(pid) if pid else 0.0
+                wall, err = await _one_stream(addr[p], path, cfg.events)
+                if err:
+                    out["failures"].append(f"{p}: {err}")
+                    continue
+                out[p].append(cfg.events / wall)
+                if pid:
+                    out[f"{p}_cpu"].append(_cpu_s(pid) - c0)
+                log(f"    (j) {p:<10} {cfg.events / wall:>10,.0f} events/s")
     finally:
+        for c, _ in ctls.values():
+            c.stop()
         for h in hosts:
             h.stop()
     return out
@@ -340,11 +349,13 @@ async def runs_figures(cfg: ThruConfig, workdir: Path, log: Callable[[str], None
             host_cpu0 = sum(_cpu_s(h.pid) for h in hosts)
             row["library"] = await _runs_library(nodes, cfg.runs, cfg.concurrency, str(workdir))
             log(f"    (k) {n:>3} nodes  library            {row['library']['rate']:8.1f} runs/s")
-            stores = [("sqlite", f"sqlite:///{workdir / f'runs-{n}.sqlite3'}")]
+            stores = [("sqlite", f"sqlite:///{workdir / f'runs-{n}.sqlite3'}", ROOT)]
+            if cfg.baseline_root:
+                stores.append(("sqlite-before", f"sqlite:///{workdir / f'runs-{n}-before.sqlite3'}", cfg.baseline_root))
             if cfg.memory_store:
-                stores.append(("memory", "memory:"))
-            for name, state in stores:
-                ctl, addr = start_controller(workdir, nodes, state, f"runs-{n}-{name}")
+                stores.append(("memory", "memory:", ROOT))
+            for name, state, root in stores:
+                ctl, addr = start_controller(workdir, nodes, state, f"runs-{n}-{name}", root)
                 try:
                     await asyncio.sleep(1.5)  # the first heartbeats: least_loaded sees every node's load
                     c0, h0 = _cpu_s(ctl.pid), sum(_cpu_s(h.pid) for h in hosts)
@@ -415,9 +426,12 @@ def report_thru(out: dict[str, Any]) -> None:
         print(f"  {'path':<34}{'best ev/s':>11}{'median ev/s':>13}{'vs direct':>11}{'ctl µs/event':>14}")
         d_best, d_med = _best(st["direct"]), _med(st["direct"])
         print(f"  {'direct from the node':<34}{d_best:>11,.0f}{d_med:>13,.0f}{'1.00x':>11}{'-':>14}")
-        c_best, c_med = _best(st["controller"]), _med(st["controller"])
-        cpu = _med(st["ctl_cpu"]) * 1e6 / st["events"] if st["ctl_cpu"] else float("nan")
-        print(f"  {'through the controller':<34}{c_best:>11,.0f}{c_med:>13,.0f}{c_med / d_med:>10.2f}x{cpu:>14.2f}")
+        for p, label in (("controller", "through the controller"), ("before", "through the controller, before")):
+            if p not in st:
+                continue
+            c_best, c_med = _best(st[p]), _med(st[p])
+            cpu = _med(st[f"{p}_cpu"]) * 1e6 / st["events"] if st[f"{p}_cpu"] else float("nan")
+            print(f"  {label:<34}{c_best:>11,.0f}{c_med:>13,.0f}{c_med / d_med:>10.2f}x{cpu:>14.2f}")
         for f in st["failures"]:
             print(f"  !! {f}")
     runs = out.get("runs")
@@ -428,11 +442,12 @@ def report_thru(out: dict[str, Any]) -> None:
               f"{'ctl ms/run':>11}{'nodes ms/run':>13}")
         for n, row in runs.items():
             lib = row["library"]
-            for name in ("library", "controller-sqlite", "controller-memory"):
+            for name in ("library", "controller-sqlite", "controller-sqlite-before", "controller-memory"):
                 r = row.get(name)
                 if r is None:
                     continue
                 label = {"library": "library Session (baseline)", "controller-sqlite": "controller, SQLite",
+                         "controller-sqlite-before": "controller, SQLite, before",
                          "controller-memory": "controller, memory:"}[name]
                 ctl = f"{r['ctl_ms_per_run']:.2f}" if "ctl_ms_per_run" in r else "-"
                 nodes = f"{r['nodes_ms_per_run']:.2f}" if "nodes_ms_per_run" in r else "-"

@@ -21,7 +21,6 @@ from asm_controller._events import Event
 from asm_controller._registry import decode_chunks
 from asm_controller._run import CONTROLLER_METADATA_KEY
 from asm_controller._store import Lease, RunRecord, StoreWriter, open_store
-from asm_controller._store import _writer as writer_module
 from asm_controller._store._base import BatchOp, EventsOp, UpdateOp
 from asm_controller._store._writer import coalesce
 from asm_controller.service import ControllerConfig, ControllerServer, start_controller
@@ -203,7 +202,7 @@ def test_coalesce_joins_a_runs_chunks_and_its_live_updates() -> None:
     assert sum(len(c.data) for c in chunks) == sum(len(op.data) for op in ops if isinstance(op, EventsOp))
 
 
-def test_coalesce_keeps_apart_what_must_stay_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_coalesce_keeps_apart_what_must_stay_apart() -> None:
     lease, other = Lease("r1", 1), Lease("r1", 2)
     ended = UpdateOp("a", {"status": "completed", "node_seq": 6})
     cas = UpdateOp("a", {"status": "pending"}, expect_status="queued")
@@ -215,9 +214,8 @@ def test_coalesce_keeps_apart_what_must_stay_apart(monkeypatch: pytest.MonkeyPat
     ]
     for ops in cases:
         assert coalesce(ops) == ops
-    monkeypatch.setattr(writer_module, "CHUNK_MAX_BYTES", 200)
     big = [_chunk("a", s, s) for s in range(1, 40)]
-    out = coalesce(list(big))
+    out = coalesce(list(big), 200)
     assert 1 < len(out) < len(big) and all(len(op.data) <= 200 for op in out if isinstance(op, EventsOp))
     assert [m.seq for op in out if isinstance(op, EventsOp) for m in pb.EventBatch.FromString(op.data).events] == \
         list(range(1, 40))
@@ -228,7 +226,7 @@ async def test_a_writer_stores_a_burst_of_chunks_as_few(tmp_path: Path) -> None:
     await store.open()
     try:
         await store.create(RunRecord(run_id="a", session_id="s", provider="shell", spec={}, status="running"))
-        writer = StoreWriter(store, flush_interval_s=0.05)
+        writer = StoreWriter(store, flush_interval_s=0.05, coalesce_events=True)
         for first in range(1, 300, 3):
             op = _chunk("a", first, first + 2)
             await writer.submit_events("a", op.first_seq, op.last_seq, op.data)

@@ -56,11 +56,11 @@ def _live_update(op: BatchOp) -> bool:
             and op.fields.get("status", "running") == "running")
 
 
-def coalesce(ops: list[BatchOp]) -> list[BatchOp]:
-    """The same writes in fewer ops: a run's consecutive event chunks as one (EventBatch bytes concatenate
-    into one EventBatch), its live-progress updates in between merged into one after them. A busy
-    stream queues a chunk and an update per node batch; written one by one they cost the store a
-    SELECT, an INSERT and two UPDATEs each (most of a controller's CPU per relayed event)."""
+def coalesce(ops: list[BatchOp], max_bytes: int = CHUNK_MAX_BYTES) -> list[BatchOp]:
+    """The same writes in fewer ops: a run's consecutive event chunks as one of at most ``max_bytes``
+    (EventBatch bytes concatenate into one EventBatch: only for such data), its live-progress updates
+    in between merged into one after them. A busy stream queues a chunk and an update per node batch;
+    written one by one they cost the store a SELECT, an INSERT and two UPDATEs each."""
     out: list[BatchOp | list[EventsOp]] = []  # a list: one run's chunks to join into one EventsOp
     last_events: dict[str, int] = {}  # run -> index in out of its last chunk(s), while only live updates follow
     sizes: dict[int, int] = {}  # index in out of chunks -> their bytes
@@ -71,7 +71,7 @@ def coalesce(ops: list[BatchOp]) -> list[BatchOp]:
             i = last_events.get(run)
             chunks = out[i] if i is not None else None
             if (i is not None and isinstance(chunks, list) and chunks[-1].fence == op.fence
-                    and op.first_seq == chunks[-1].last_seq + 1 and sizes[i] + len(op.data) <= CHUNK_MAX_BYTES):
+                    and op.first_seq == chunks[-1].last_seq + 1 and sizes[i] + len(op.data) <= max_bytes):
                 chunks.append(op)
                 sizes[i] += len(op.data)
                 continue
@@ -109,8 +109,14 @@ class StoreWriter:
 
     def __init__(self, store: RunStore, *, flush_interval_s: float = 0.05, max_pending_bytes: int = 8 * 2**20,
                  retry_min_s: float = 0.05, retry_max_s: float = 2.0,
-                 on_skipped: Callable[[str, AsmError], None] | None = None) -> None:
+                 on_skipped: Callable[[str, AsmError], None] | None = None, coalesce_events: bool = False) -> None:
         self.store = store
+        #: Event data is EventBatch bytes: a run's consecutive chunks are written as one (:func:`coalesce`),
+        #: each at most 1/16 of the store's history bound (it trims whole chunks) and CHUNK_MAX_BYTES.
+        self.coalesce_events = coalesce_events
+        history = getattr(store, "history_max_bytes", None)
+        self._chunk_max = min(CHUNK_MAX_BYTES, max(1, history // 16)) if isinstance(history, int) and history > 0 \
+            else CHUNK_MAX_BYTES
         #: Called (from the writing task) with the run id and the error of every op the store refused.
         self.on_skipped = on_skipped
         self.flush_interval_s = flush_interval_s
@@ -248,7 +254,7 @@ class StoreWriter:
                                 await self._wake.wait()
             # Whatever was queued meanwhile joins the batch (a retried one too): still in order. Only
             # the new ops are coalesced: a retried batch keeps its chunks (a landed one is skipped whole).
-            batch.extend(coalesce(self._queue))
+            batch.extend(coalesce(self._queue, self._chunk_max) if self.coalesce_events else self._queue)
             self._queue = []
             self._last_update.clear()
             batch_upto = self._submitted
