@@ -20,8 +20,10 @@ from asm_controller._events import Event
 from asm_wire import pb
 
 #: The most received batches (and bytes) whose wire form is kept for a consumer that has not taken it.
-MAX_KEPT = 256
-MAX_KEPT_BYTES = 16 * 2**20
+#: gRPC parses a message when its reader asks for it, and the run driver takes the bytes right after:
+#: only batches of consumers that never take them (a CLI printing a log) stay, up to these bounds.
+MAX_KEPT = 64
+MAX_KEPT_BYTES = 8 * 2**20
 
 
 class Frames(list[Event]):
