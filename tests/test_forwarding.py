@@ -7,6 +7,7 @@ the same bytes. The table of received batches' bytes (asm_controller._wire) stay
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -240,3 +241,26 @@ async def test_a_writer_stores_a_burst_of_chunks_as_few(tmp_path: Path) -> None:
         await writer.close()
     finally:
         await store.close()
+
+
+@pytest.mark.slow
+async def test_attaching_through_the_controller_relays_the_live_nodes_bytes(
+        fleet: tuple[NodeServer, ControllerServer], tmp_path: Path) -> None:
+    """AttachRun through a controller while the run goes on: its node's stream relayed as it came."""
+    node, ctl = fleet
+    script = tmp_path / "slow.py"
+    script.write_text("import time\nfor i in range(40):\n    print('tick', i, flush=True)\n    time.sleep(0.02)\n")
+    run_id = ulid()
+    start = pb.StartRunRequest(run_id=run_id, provider="shell", prompt=f"{Path(sys.executable).name} {script}",
+                               cwd=str(tmp_path))
+    starter = asyncio.ensure_future(_raw_stream(f"127.0.0.1:{ctl.port}", "StartRun", start.SerializeToString()))
+    await asyncio.sleep(0.3)  # the run is on its node and printing
+    attached = _events(await _raw_stream(f"127.0.0.1:{ctl.port}", "AttachRun",
+                                         pb.AttachRunRequest(run_id=run_id, after_seq=2).SerializeToString()))
+    await starter
+    ours = {m.seq: m for m in _events(await _raw_stream(
+        f"127.0.0.1:{node.port}", "AttachRun", pb.AttachRunRequest(run_id=run_id, after_seq=0).SerializeToString()))}
+    assert [m.seq for m in attached] == list(range(3, 44))
+    assert attached[-1].kind == pb.EVENT_KIND_RUN_COMPLETED
+    for m in attached:
+        assert m.SerializeToString() == ours[m.seq].SerializeToString()
