@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from asm_controller._wire import parse_batch
 from asm_wire import MAX_MESSAGE_BYTES, AsmError, ConfigError, error_from_rpc, grpc_target, pb
 from asm_wire.v1 import node_pb2_grpc
 
@@ -293,12 +294,23 @@ class _RoutedStub:
         return _Method(self._endpoints, name)
 
 
+def _node_stub(channel: grpc.aio.Channel) -> Any:
+    """NodeService's stub whose event streams remember each batch's bytes (asm_controller._wire): a
+    controller relays and records a node's batches as they came instead of encoding them again."""
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    for name, request_cls in (("StartRun", pb.StartRunRequest), ("AttachRun", pb.AttachRunRequest)):
+        setattr(stub, name, channel.unary_stream(
+            f"/asm.v1.NodeService/{name}", request_serializer=request_cls.SerializeToString,
+            response_deserializer=parse_batch))
+    return stub
+
+
 class GrpcNodeClient:
     """NodeApi over a gRPC channel."""
 
     def __init__(self, node: RemoteNode) -> None:
         self.node = node
-        self._endpoints = _Endpoints(node, node_pb2_grpc.NodeServiceStub)
+        self._endpoints = _Endpoints(node, _node_stub)
         self._stub = _RoutedStub(self._endpoints)
         self._md = _auth_metadata(node)
 

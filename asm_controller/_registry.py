@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from asm_controller._events import Event
 from asm_controller._reducer import EventReducer
 from asm_controller._store import Lease, RunRecord, RunStore, StoreWriter
+from asm_controller._wire import encode as encode_batch
 from asm_wire import TERMINAL_STATUSES, RunStatus, pb
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class StoreRegistry:
     async def events(self, run: Run, events: Sequence[Event]) -> None:
         if not events or not run.recorded:
             return
-        data = pb.EventBatch(events=[e.pb for e in events]).SerializeToString()
+        data = encode_batch(events)  # the node's own bytes when the events came unchanged
         await self.writer.submit_events(run.run_id, events[0].pb.seq, events[-1].pb.seq, data, fence=run.lease)
         self.writer.submit_update(run.run_id, fence=run.lease, node_seq=run.node_seq, **_live_fields(run))
 

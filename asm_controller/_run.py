@@ -28,6 +28,8 @@ from asm_controller._pool import NodePool, provider_key
 from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, RAN_ON_KEYS, EventReducer, Result, is_work
 from asm_controller._registry import Registry, restore_reducer
 from asm_controller._routing import Candidate, eligible, reported_load
+from asm_controller._wire import Frames
+from asm_controller._wire import take as take_wire
 from asm_controller.extensions.pipeline import AllowedTools, Pipeline
 from asm_wire import (
     TERMINAL_STATUSES,
@@ -809,6 +811,11 @@ class Run:
         batch: pb.EventBatch | None = first if first is not None else await anext(batches, None)
         while batch is not None:
             self._progress = True
+            # The node's bytes of this batch, to relay and record it without encoding it again; not the
+            # first one's (its run_started carries the controller's stamp, written in place).
+            wire = take_wire(batch)
+            if batch is first:
+                wire = None
             stopped = self._node_stopped(batch)
             if stopped is not None:
                 gone = batch.events[stopped].error
@@ -820,6 +827,8 @@ class Run:
             else:
                 # The hot path: node events as they are (the reducer drops any seen twice).
                 fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
+                if wire is not None and stopped is None and len(fresh) == len(batch.events):
+                    fresh = Frames(fresh, wire)  # exactly the node's events, unchanged
                 self._node_seq = reducer.last_seq
             if reducer.bookkeeping:
                 # Approvals and cost reach the session before the subscriber sees the event.

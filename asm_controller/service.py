@@ -27,7 +27,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from asm_controller._store import (
     StoreWriter,
     open_store,
 )
+from asm_controller._wire import take as take_wire
 from asm_wire import (
     CONTROLLER_CAPABILITIES,
     PROTOCOL_VERSION,
@@ -308,7 +309,8 @@ class FleetApi:
         metrics.set_strategy(config.strategy)
         self.store: RunStore = store if store is not None else MemoryStore(history_max_bytes=config.history_max_bytes)
         self.replica_id = config.replica_id or new_replica_id()
-        writer = StoreWriter(self.store, on_skipped=self._write_skipped)
+        # Its event data is the runs' EventBatch bytes: a busy run's chunks are written as few.
+        writer = StoreWriter(self.store, on_skipped=self._write_skipped, coalesce_events=True)
         self.registry = StoreRegistry(self.store, writer, owner=self.replica_id, lease_ttl_s=config.lease_ttl_s)
         #: The registry outlives this process (SQLite, PostgreSQL): stopping detaches instead of interrupting.
         self.durable = False
@@ -518,12 +520,24 @@ class FleetApi:
     async def start_run(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
         """A new run id starts a run (recorded first); a known one (live, or in the registry: also after a
         restart, also when it has ended) attaches to it -- never a second execution."""
+        async with contextlib.aclosing(self._start_run(request, frames=False)) as batches:
+            async for batch in batches:
+                assert isinstance(batch, pb.EventBatch)
+                yield batch
+
+    def start_run_frames(self, request: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch | bytes]:
+        """:meth:`start_run` for the gRPC server: a node's batch the run passed on unchanged is relayed
+        as the bytes it came in (asm_controller._wire), not encoded again."""
+        return self._start_run(request, frames=True)
+
+    async def _start_run(self, request: pb.StartRunRequest, *, frames: bool) -> AsyncGenerator[pb.EventBatch | bytes, None]:
         run = self.session.get_run(request.run_id)
         known = run is not None or await self._record(request.run_id) is not None
         if run is not None and run.owner:
             check_owner(run.owner, f"run {request.run_id}")
         if known or self.session.get_run(request.run_id) is not None:
-            async for batch in self.attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq)):
+            async for batch in self._attach_run(pb.AttachRunRequest(run_id=request.run_id, after_seq=request.after_seq),
+                                                frames=frames):
                 yield batch
             return
         if not self.keeper.healthy:
@@ -542,7 +556,8 @@ class FleetApi:
             overrides["selector"] = _check_selector(request.selector)
         stream = self.session.stream(request.prompt, **overrides)
         async for events in stream.batches():
-            yield pb.EventBatch(events=[ev.pb for ev in events])
+            wire = getattr(events, "wire", None) if frames else None
+            yield wire if wire is not None else pb.EventBatch(events=[ev.pb for ev in events])
         released = self.session.get_run(request.run_id)
         if (released is None or released.detaching) and stream.result is not None and stream.result.status not in TERMINAL_STATUSES:
             raise _moved(request.run_id)
@@ -552,17 +567,28 @@ class FleetApi:
         the controller's own end once it has ended (node_lost, failed, completed) -- so a client
         never waits on a node this controller has given up on. A run this controller no longer
         follows (ended, or forgotten by the session) is answered from the registry's event log."""
+        async with contextlib.aclosing(self._attach_run(request, frames=False)) as batches:
+            async for batch in batches:
+                assert isinstance(batch, pb.EventBatch)
+                yield batch
+
+    def attach_run_frames(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch | bytes]:
+        """:meth:`attach_run` for the gRPC server: the node's batches relayed as the bytes they came in."""
+        return self._attach_run(request, frames=True)
+
+    async def _attach_run(self, request: pb.AttachRunRequest, *, frames: bool
+                          ) -> AsyncGenerator[pb.EventBatch | bytes, None]:
         if request.after_seq >= _MAX_SEQ:  # no run gets there; renumbering past it would overflow uint64
             raise ConfigError(f"after_seq {request.after_seq} is past any run's events (at most {_MAX_SEQ - 1})")
         run, rec = await self._check_run(request.run_id)
         cursor = request.after_seq
         if run is None:
             assert rec is not None
-            async for logged in self._follow_record(rec, cursor):
+            async for logged in self._follow_record(rec, cursor, frames=frames):
                 yield logged
             return
         if run.detaching and run.state == "done" and not run.reducer.finished:
-            async for logged in self._follow_record(await self._must_record(run.run_id), cursor):
+            async for logged in self._follow_record(await self._must_record(run.run_id), cursor, frames=frames):
                 yield logged
             return
         if not run.bound.is_set() and run.state != "done":
@@ -599,9 +625,10 @@ class FleetApi:
                     break
                 if batch is None:
                     return
+                wire = take_wire(batch)  # taken either way: the table holds only batches not yet relayed
                 if batch.events:
                     cursor = max(cursor, batch.events[-1].seq)
-                yield batch
+                yield wire if frames and wire is not None else batch
                 if any(m.kind == pb.EVENT_KIND_RUN_COMPLETED for m in batch.events):
                     return
             for end_batch in await self._ended(run, cursor):
@@ -619,14 +646,16 @@ class FleetApi:
             raise _not_found(run_id)
         return rec
 
-    async def _follow_record(self, rec: RunRecord, cursor: int) -> AsyncIterator[pb.EventBatch]:
+    async def _follow_record(self, rec: RunRecord, cursor: int, *, frames: bool = False
+                             ) -> AsyncIterator[pb.EventBatch | bytes]:
         """A run another replica follows (or none yet, its lease expiring): its events from the store's log
         as its owner writes them, to its end. Taken over here meanwhile: followed here from the cursor."""
         delay, settle = 0.02, 0
         while True:
             local = self.session.get_run(rec.run_id)
             if local is not None and not local.detaching:
-                async for batch in self.attach_run(pb.AttachRunRequest(run_id=rec.run_id, after_seq=cursor)):
+                async for batch in self._attach_run(pb.AttachRunRequest(run_id=rec.run_id, after_seq=cursor),
+                                                    frames=frames):
                     yield batch
                 return
             if rec.status in TERMINAL_STATUSES:

@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import cProfile
 import gc
 import io
@@ -1036,8 +1037,23 @@ def main() -> int:
                         help="(i) completions per path (default 200; 30 with --quick)")
     parser.add_argument("--http-events", type=int, default=None, metavar="N",
                         help="(ii) lines of the stream run (default 100000; 20000 with --quick)")
+    parser.add_argument("--thru", action="store_true",
+                        help="instead of the benchmark: (j)-(k) controller throughput (one stream, short runs/s at "
+                        "10/50 nodes; ~2 min)")
+    parser.add_argument("--thru-runs", type=int, default=None, metavar="N", help="(k) short runs per case (default 1000)")
+    parser.add_argument("--thru-events", type=int, default=None, metavar="N",
+                        help="(j) lines of the stream run (default 200000)")
+    parser.add_argument("--thru-baseline", type=Path, default=None, metavar="DIR",
+                        help="(j)-(k): also measure the controller of the checkout in DIR (e.g. `git archive main`) "
+                        "beside this one's, interleaved (before/after)")
+    parser.add_argument("--issue15", "--all15", action="store_true",
+                        help="instead of the benchmark: every issue-15 figure in one run (scripts/bench_cli.py, "
+                        "bench_scale.py, bench_thru.py where present) and a summary: figure, baseline, ratio, met")
+    parser.add_argument("--compare-ssh", metavar="USER@127.0.0.1", default=None,
+                        help="asm vs ssh (fresh and multiplexed) for `echo hi` and a 2M-line command, against an "
+                        "sshd on this machine with key auth (alone, or with --issue15)")
     parser.add_argument("--scale", action="store_true",
-                        help="instead of the benchmark: (j)-(l) many runs on a node, the watchdog, latency under load")
+                        help="instead of the benchmark: (m)-(o) many runs on a node, the watchdog, latency under load")
     parser.add_argument("--scale-before", type=Path, default=None, metavar="DIR",
                         help="--scale also measures the code in DIR (e.g. a checkout of main), side by side")
     parser.add_argument("--scale-sizes", default="100,500,1000", metavar="N,N",
@@ -1051,6 +1067,12 @@ def main() -> int:
     parser.add_argument("--flood-long-bytes", type=int, default=256 * 2**20, metavar="B",
                         help="bytes of 1 MiB lines for --flood (default 256 MiB)")
     args = parser.parse_args()
+    if args.issue15:
+        return main_issue15(args)
+    if args.thru:
+        return main_thru(args)
+    if args.compare_ssh is not None:
+        return main_ssh(args)
     if args.ha:
         return main_ha(args, parser)
     if args.http:
@@ -1192,6 +1214,166 @@ def main_http(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+# -- issue 15 -------------------------------------------------------------------------------------------
+
+#: The issue-15 benchmark modules, in the order their figures are printed. Each may offer
+#: ``async run_issue15(quick, workdir, log) -> list[target dict]`` (keys: name, value, unit, baseline,
+#: baseline_name, ratio, target, met: True/False/None for a figure without a target); it prints its
+#: own tables and returns the targets for the summary. A module that is missing or has no such
+#: function is reported as skipped.
+ISSUE15_MODULES = ("bench_cli", "bench_scale", "bench_thru")
+
+
+def machine_details() -> str:
+    """nproc, CPU model, kernel, Python, load: the line every recorded figure needs beside it."""
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = "?"
+    with contextlib.suppress(OSError):
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return (f"nproc {os.cpu_count()}, CPU {model}, {platform.system()} {platform.release()} {platform.machine()}, "
+            f"Python {platform.python_version()}, load average {load}")
+
+
+def _run_module(name: str, quick: bool, workdir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    import importlib
+
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as exc:
+        return [], f"scripts/{name}.py not importable ({exc})"
+    fn = getattr(mod, "run_issue15", None)
+    if fn is None:
+        return [], f"scripts/{name}.py has no run_issue15(); run its own mode"
+    sub = workdir / name
+    sub.mkdir()
+    try:
+        return list(asyncio.run(fn(quick, sub, lambda line: print(line, flush=True)))), None
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        return [], f"scripts/{name}.py aborted: {type(exc).__name__}: {exc}"
+
+
+def _num(x: Any, unit: str = "") -> str:
+    if not isinstance(x, int | float) or x != x:
+        return "-"
+    text = f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def report_issue15(figures: list[dict[str, Any]], skipped: list[str]) -> None:
+    print("\n=== issue 15: every target, its figure, its baseline, the ratio ===")
+    print(f"  {'target':<66}{'figure':>16}{'baseline':>16}{'ratio':>8}  {'wanted':<22}result")
+    for f in figures:
+        met = {True: "met", False: "NOT met", None: "(figure)"}.get(f.get("met"), "?")
+        ratio = f.get("ratio")
+        ratio_s = f"{ratio:.2f}x" if isinstance(ratio, int | float) and ratio == ratio else "-"
+        print(f"  {str(f.get('name', '?'))[:65]:<66}{_num(f.get('value'), f.get('unit', '')):>16}"
+              f"{_num(f.get('baseline'), f.get('unit', '')):>16}{ratio_s:>8}  {f.get('target', '')!s:<22}{met}")
+        if f.get("baseline_name"):
+            print(f"  {'':<66}{'':>16}{'(' + str(f['baseline_name'])[:40] + ')':>16}")
+    for s in skipped:
+        print(f"  skipped: {s}")
+    judged = [f for f in figures if f.get("met") is not None]
+    print(f"  {sum(1 for f in judged if f['met'])} of {len(judged)} targets met on this machine")
+
+
+def main_issue15(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    print(f"asm bench --issue15  {machine_details()}  (figures on a shared machine vary with its load)", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-15-"))
+    figures: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    try:
+        for name in ISSUE15_MODULES:
+            print(f"\n--- {name} ---", flush=True)
+            got, why = _run_module(name, args.quick, workdir)
+            figures += got
+            if why:
+                print(f"  skipped: {why}", flush=True)
+                skipped.append(why)
+        if args.compare_ssh is not None:
+            ssh_out = _ssh(args, workdir)
+            if ssh_out is not None and "skipped" in ssh_out:
+                skipped.append(f"--compare-ssh: {ssh_out['skipped']}")
+        else:
+            skipped.append("--compare-ssh: no USER@127.0.0.1 given (asm vs ssh not measured)")
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report_issue15(figures, skipped)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def main_thru(args: argparse.Namespace) -> int:
+    import bench_thru  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_thru.ThruConfig()
+    if args.quick:
+        cfg.events, cfg.repeats, cfg.runs, cfg.node_counts = 50_000, 1, 200, (10,)
+    cfg.runs = args.thru_runs if args.thru_runs is not None else cfg.runs
+    cfg.events = args.thru_events if args.thru_events is not None else cfg.events
+    cfg.baseline_root = args.thru_baseline
+    t_start = time.perf_counter()
+    print(f"asm bench --thru  {machine_details()}  (figures on a shared machine vary with its load)", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-thru-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_thru.run_thru(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_thru.report_thru(out)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def _ssh(args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:
+    import bench_ssh  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_ssh.SshConfig(host=args.compare_ssh)
+    if args.quick:
+        cfg.repeats, cfg.lines = 5, 200_000
+    sub = workdir / "ssh"
+    sub.mkdir()
+    out: dict[str, Any] | None = None
+    try:
+        out = bench_ssh.run_ssh(cfg, sub, lambda line: print(line, flush=True))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        out = {"skipped": f"aborted: {type(exc).__name__}: {exc}"}
+    bench_ssh.report_ssh(out)
+    return out
+
+
+def main_ssh(args: argparse.Namespace) -> int:
+    print(f"asm bench --compare-ssh  {machine_details()}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-ssh-"))
+    try:
+        _ssh(args, workdir)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import bench_scale  # scripts/ is this script's directory, first on sys.path
 
@@ -1204,8 +1386,7 @@ def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         cfg.sizes, cfg.idle_s, cfg.latency_lines, cfg.repeats = (100,), 2.0, 100, 5
     cfg.trees = ([("before", args.scale_before.resolve())] if args.scale_before else []) + [("now", ROOT)]
     t_start = time.perf_counter()
-    print(f"asm bench --scale  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
-          f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
+    print(f"asm bench --scale  {machine_details()}  (figures on a shared machine vary with its load)", flush=True)
     why = bench_scale.available()
     if why:
         print(f"bench: --scale: {why}; nothing measured", file=sys.stderr)

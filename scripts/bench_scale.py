@@ -448,7 +448,7 @@ def _met(ok: bool) -> str:
 
 
 def report_scale(out: dict[str, Any]) -> None:
-    print("\n(j) scale: N sleeping runs on one node (issue 15 item 4)")
+    print("\n(m) scale: N sleeping runs on one node (issue 15 item 4)")
     print(f"    {'tree':6s} {'runs':>5s} {'admit':>8s} {'local spawn':>11s} {'ratio':>7s} {'threads':>8s} "
           f"{'idle CPU':>9s} {'node RSS':>9s} {'wd RSS':>7s}")
     for r in out["scale"]:
@@ -462,7 +462,7 @@ def report_scale(out: dict[str, Any]) -> None:
         print(f"    targets at {r['n']} runs: threads {r['threads']} <= {THREADS_TARGET} {_met(r['threads'] <= 50)}; "
               f"idle CPU {r['idle_cpu_pct']:.2f}% <= {IDLE_CPU_TARGET_PCT:g}% {_met(r['idle_cpu_pct'] <= 1.0)}; "
               f"admission {r['admit_s']:.2f}s <= {ADMIT_TARGET_S:g}s {_met(r['admit_s'] <= 1.0)}")
-    print("\n(k) watchdog (issue 15 item 2)")
+    print("\n(n) watchdog (issue 15 item 2)")
     for w in out["watchdog"]:
         if "error" in w:
             print(f"    {w['tree']:6s} !! {w['error']}")
@@ -480,7 +480,7 @@ def report_scale(out: dict[str, Any]) -> None:
                   f"{_met(w['life_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}, CPU "
                   f"{_met(w['life_cpu_s'] * 1e3 <= WATCHDOG_START_TARGET_MS)}; no CLI waits for it: stop() "
                   f"{w['stop_s'] * 1e3:.1f} ms")
-    print("\n(l) latency: 100 runs each printing every 50 ms, 10 local tickers alongside (issue 15 item 5); "
+    print("\n(o) latency: 100 runs each printing every 50 ms, 10 local tickers alongside (issue 15 item 5); "
           "print -> event here, ms")
     for lt in out["latency"]:
         lo, no = lt["local"], lt["node"]
@@ -508,3 +508,66 @@ def available() -> str | None:
     if shutil.which("sleep") is None:
         return "'sleep' must be on PATH"
     return None
+
+
+# -- bench.py --issue15 ------------------------------------------------------------------------
+
+
+def _target(name: str, value: float, unit: str, baseline: float | None, baseline_name: str, target: str,
+            met: bool | None) -> dict[str, Any]:
+    ratio = value / baseline if baseline else float("nan")
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "baseline_name": baseline_name,
+            "ratio": ratio, "target": target, "met": met}
+
+
+def issue15_figures(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of items 2, 4 and 5 that ``out`` decides, with their baselines (this tree's rows)."""
+    figs: list[dict[str, Any]] = []
+    rows = [r for r in out["scale"] if r["tree"] == "now"]
+    for r in rows:
+        big = r["n"] == max(x["n"] for x in rows)
+        figs.append(_target(f"4. node threads, {r['n']} sleeping runs", r["threads"], "", None, "",
+                            f"<= {THREADS_TARGET}" if big else "(figure)", r["threads"] <= THREADS_TARGET if big else None))
+        figs.append(_target(f"4. node idle CPU, {r['n']} sleeping runs", r["idle_cpu_pct"], "%", None, "",
+                            f"<= {IDLE_CPU_TARGET_PCT:g} %" if big else "(figure)",
+                            r["idle_cpu_pct"] <= IDLE_CPU_TARGET_PCT if big else None))
+        figs.append(_target(f"4. node RSS, {r['n']} sleeping runs", r["rss_mb"], "MB", None, "", "(figure)", None))
+        figs.append(_target(f"4. admission of {r['n']} runs", r["admit_s"], "s", r["local_s"], "local Popen",
+                            f"<= {ADMIT_TARGET_S:g} s" if big else "(figure)",
+                            r["admit_s"] <= ADMIT_TARGET_S if big else None))
+    for w in out["watchdog"]:
+        if w["tree"] != "now" or "error" in w:
+            continue
+        figs.append(_target("2. watchdog RSS", w["rss_mb"], "MB", None, "", f"<= {WATCHDOG_RSS_TARGET_MB:g} MB",
+                            w["rss_mb"] <= WATCHDOG_RSS_TARGET_MB))
+        figs.append(_target("2. watchdog start+exit (wall)", w["life_s"] * 1e3, "ms", w["bare_s"] * 1e3,
+                            "python -I -S -c pass", f"<= {WATCHDOG_START_TARGET_MS:g} ms",
+                            w["life_s"] * 1e3 <= WATCHDOG_START_TARGET_MS))
+        figs.append(_target("2. Reaper.stop() (what a CLI waits at exit)", w["stop_s"] * 1e3, "ms", None, "",
+                            "no wait (< 5 ms)", w["stop_s"] * 1e3 < 5.0))
+    for lt in out["latency"]:
+        if lt["tree"] != "now":
+            continue
+        no, lo = lt["node"], lt["local"]
+        added = no["p99"] - lo["p99"]
+        figs.append(_target("5. p99 latency, 100 runs x 20 lines/s", no["p99"], "ms", lo["p99"],
+                            "local tickers alongside", f"added <= {ADDED_P99_TARGET_MS:g} ms",
+                            None if added < 0 else added <= ADDED_P99_TARGET_MS))
+        figs.append(_target("5. node CPU per event (100 runs)", no["node_cpu_us"], "us", lt["raw_grpc_cpu_us"],
+                            "bare grpc.aio, 1 msg/5 ms", f"<= {EVENT_CPU_TARGET_US:g} us",
+                            no["node_cpu_us"] <= EVENT_CPU_TARGET_US))
+    return figs
+
+
+async def run_issue15(quick: bool, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """bench.py --issue15's entry: the figures of this tree (printed), then the targets they decide."""
+    cfg = ScaleConfig(trees=[("now", ROOT)])
+    if quick:
+        cfg.sizes, cfg.idle_s, cfg.latency_lines, cfg.repeats = (100,), 2.0, 100, 5
+    why = available()
+    if why:
+        log(f"  skipped: {why}")
+        return []
+    out = await run_scale(cfg, workdir, log)
+    report_scale(out)
+    return issue15_figures(out)

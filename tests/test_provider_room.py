@@ -34,7 +34,7 @@ from asm_node.providers import (
     unregister,
 )
 from asm_node.providers._cli import CommonOptions, JsonLineParser, ev_message, rates_for
-from asm_node.providers.base import RunSpec, result_event
+from asm_node.providers.base import RUN_OPTIONS, RunSpec, result_event
 from asm_node.providers.features import manifest, manifests, permission_table_markdown
 from asm_node.testing import running_agent, test_config
 from asm_wire import PermissionMode, choices, pb
@@ -82,7 +82,7 @@ def test_manifests_say_what_each_module_declares() -> None:
                 native, args = cls.permission_modes[mode]
                 assert (info["native"], tuple(info["cli_args"])) == (native, args)
                 assert info["notes"] == cls.mode_notes.get(mode, "")
-        assert row["options"] == sorted(cls.options_model.model_fields)
+        assert row["options"] == sorted({*cls.options_model.model_fields, *RUN_OPTIONS})
         assert row["common_features"] == {k: {"supported": s, "notes": n} for k, (s, n) in cls.features.items()}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -270,3 +272,24 @@ async def test_a_line_reaches_the_follower_while_the_cli_is_still_running() -> N
         finally:
             await stream.aclose()
             await session.stop()
+
+
+def test_the_scale_benchmark_judges_its_issue15_targets() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    bench_scale = importlib.import_module("bench_scale")
+    out = {
+        "scale": [{"tree": "now", "n": 100, "threads": 9, "idle_cpu_pct": 3.0, "rss_mb": 60.0, "admit_s": 2.0,
+                   "local_s": 0.5},
+                  {"tree": "now", "n": 1000, "threads": 9, "idle_cpu_pct": 0.4, "rss_mb": 110.0, "admit_s": 3.0,
+                   "local_s": 0.6}],
+        "watchdog": [{"tree": "now", "rss_mb": 8.5, "life_s": 0.012, "bare_s": 0.008, "stop_s": 0.0001}],
+        "latency": [{"tree": "now", "node": {"p99": 9.0, "node_cpu_us": 150.0}, "local": {"p99": 30.0},
+                     "raw_grpc_cpu_us": 250.0}],
+    }
+    got = {f["name"]: f["met"] for f in bench_scale.issue15_figures(out)}
+    assert got["4. node threads, 1000 sleeping runs"] is True
+    assert got["4. node idle CPU, 100 sleeping runs"] is None  # only the largest N is judged
+    assert got["4. admission of 1000 runs"] is False
+    assert got["2. watchdog RSS"] is True and got["2. Reaper.stop() (what a CLI waits at exit)"] is True
+    assert got["5. p99 latency, 100 runs x 20 lines/s"] is None  # a noisier baseline decides nothing
+    assert got["5. node CPU per event (100 runs)"] is False

@@ -44,13 +44,79 @@ log = logging.getLogger("asm_controller.store")
 _LOG_EVERY_S = 30.0
 
 
+#: A coalesced chunk of one run's events stays below this (the store trims and replays whole chunks).
+CHUNK_MAX_BYTES = 1 << 20
+#: The fields of the update each relayed batch queues (asm_controller._registry.events): appending a
+#: run's next events before such an update changes nothing (appends check only the lease).
+_LIVE_FIELDS = frozenset({"node_seq", "provider_session_id", "status"})
+
+
+def _live_update(op: BatchOp) -> bool:
+    return (isinstance(op, UpdateOp) and op.expect_status is None and op.fields.keys() <= _LIVE_FIELDS
+            and op.fields.get("status", "running") == "running")
+
+
+def coalesce(ops: list[BatchOp], max_bytes: int = CHUNK_MAX_BYTES) -> list[BatchOp]:
+    """The same writes in fewer ops: a run's consecutive event chunks as one of at most ``max_bytes``
+    (EventBatch bytes concatenate into one EventBatch: only for such data), its live-progress updates
+    in between merged into one after them. A busy stream queues a chunk and an update per node batch;
+    written one by one they cost the store a SELECT, an INSERT and two UPDATEs each."""
+    out: list[BatchOp | list[EventsOp]] = []  # a list: one run's chunks to join into one EventsOp
+    last_events: dict[str, int] = {}  # run -> index in out of its last chunk(s), while only live updates follow
+    sizes: dict[int, int] = {}  # index in out of chunks -> their bytes
+    last_update: dict[str, UpdateOp] = {}  # run -> its live update after its last chunk(s)
+    for op in ops:
+        run = op.run_id
+        if isinstance(op, EventsOp):
+            i = last_events.get(run)
+            chunks = out[i] if i is not None else None
+            if (i is not None and isinstance(chunks, list) and chunks[-1].fence == op.fence
+                    and op.first_seq == chunks[-1].last_seq + 1 and sizes[i] + len(op.data) <= max_bytes):
+                chunks.append(op)
+                sizes[i] += len(op.data)
+                continue
+            last_events[run] = len(out)
+            sizes[len(out)] = len(op.data)
+            last_update.pop(run, None)
+            out.append([op])
+            continue
+        if _live_update(op) and run in last_events:
+            queued = last_update.get(run)
+            if queued is not None and queued.fence == op.fence:
+                queued.fields.update(op.fields)  # later values win, as when written in order
+                continue
+            last_update[run] = UpdateOp(op.run_id, dict(op.fields), op.fence, op.expect_status)
+            out.append(last_update[run])
+            continue
+        last_events.pop(run, None)  # anything else of the run: its later chunks start anew after it
+        last_update.pop(run, None)
+        out.append(op)
+    merged: list[BatchOp] = []
+    for item in out:
+        if not isinstance(item, list):
+            merged.append(item)
+        elif len(item) == 1:
+            merged.append(item[0])
+        else:
+            first, last = item[0], item[-1]
+            merged.append(EventsOp(first.run_id, first.first_seq, last.last_seq, b"".join(c.data for c in item),
+                                   first.fence))
+    return merged
+
+
 class StoreWriter:
     """Queues a store's writes and writes them from one background task (start it by using it)."""
 
     def __init__(self, store: RunStore, *, flush_interval_s: float = 0.05, max_pending_bytes: int = 8 * 2**20,
                  retry_min_s: float = 0.05, retry_max_s: float = 2.0,
-                 on_skipped: Callable[[str, AsmError], None] | None = None) -> None:
+                 on_skipped: Callable[[str, AsmError], None] | None = None, coalesce_events: bool = False) -> None:
         self.store = store
+        #: Event data is EventBatch bytes: a run's consecutive chunks are written as one (:func:`coalesce`),
+        #: each at most 1/16 of the store's history bound (it trims whole chunks) and CHUNK_MAX_BYTES.
+        self.coalesce_events = coalesce_events
+        history = getattr(store, "history_max_bytes", None)
+        self._chunk_max = min(CHUNK_MAX_BYTES, max(1, history // 16)) if isinstance(history, int) and history > 0 \
+            else CHUNK_MAX_BYTES
         #: Called (from the writing task) with the run id and the error of every op the store refused.
         self.on_skipped = on_skipped
         self.flush_interval_s = flush_interval_s
@@ -186,8 +252,9 @@ class StoreWriter:
                             while not self._urgent:
                                 self._wake.clear()
                                 await self._wake.wait()
-            # Whatever was queued meanwhile joins the batch (a retried one too): still in order.
-            batch.extend(self._queue)
+            # Whatever was queued meanwhile joins the batch (a retried one too): still in order. Only
+            # the new ops are coalesced: a retried batch keeps its chunks (a landed one is skipped whole).
+            batch.extend(coalesce(self._queue, self._chunk_max) if self.coalesce_events else self._queue)
             self._queue = []
             self._last_update.clear()
             batch_upto = self._submitted

@@ -99,6 +99,8 @@ class AmpProvider(CliProvider):
             "cost": (True, "usage from the stream"),
             "approvals": (False, "--execute mode never prompts"),
             "ollama": (False, "not supported by Amp"),
+            "steering": (False, "--execute mode reads its prompt once"),
+            "mcp": (True, "operator-only option mcp_config: --mcp-config"),
     }
     #: No session store on the host: Amp keeps its threads in the Amp service (server-side thread
     #: actors, shared/spec/real_clis.md §4), so ListProviderSessions answers none for it.

@@ -188,7 +188,7 @@ def reject_unknown(options: Mapping[str, Any], known: set[str], provider: str) -
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(
-            f"unknown option(s) for provider {provider}: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            f"unknown option(s) for provider {provider}: {', '.join(unknown)} (known: {', '.join(sorted(known | RUN_OPTIONS))})"
         )
 
 

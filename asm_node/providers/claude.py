@@ -325,6 +325,9 @@ class ClaudeProvider(CliProvider):
             "approvals": (True, "option approvals=true: --permission-prompt-tool stdio, asm asks and writes the answer back; "
                           "otherwise the permission mode decides"),
             "ollama": (True, "ANTHROPIC_BASE_URL/AUTH_TOKEN pointed at Ollama"),
+            "steering": (True, "Session.send_input / asm input: a user message into the running session over "
+                         "stream-json input (off with steering=false)"),
+            "mcp": (True, "operator-only option mcp_servers: --mcp-config with --strict-mcp-config"),
     }
     #: Transcripts: ~/.claude/projects/<cwd with / and . as ->/<session-id>.jsonl (CLAUDE_CONFIG_DIR moves
     #: ~/.claude); resumable with --resume <id>.

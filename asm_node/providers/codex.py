@@ -378,6 +378,8 @@ class CodexProvider(CliProvider):
             "cost": (True, "usage from turn.completed, priced with the table"),
             "approvals": (False, "codex exec never prompts"),
             "ollama": (True, "--oss with model_provider ollama"),
+            "steering": (False, "codex exec reads its prompt once; no input while it runs"),
+            "mcp": (True, "operator-only option mcp_servers: -c mcp_servers.<name>.* settings"),
     }
     #: Rollouts: $CODEX_HOME (default ~/.codex)/sessions/YYYY/MM/DD/rollout-<time>-<thread id>.jsonl;
     #: resumable with exec resume <id>.

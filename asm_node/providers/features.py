@@ -12,6 +12,7 @@ from typing import Any
 from asm_node.config import NodeConfig
 from asm_node.providers import build_providers
 from asm_node.providers._cli import CliProvider
+from asm_node.providers.base import RUN_OPTIONS
 
 
 def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
@@ -22,9 +23,10 @@ def manifest(name: str, config: NodeConfig | None = None) -> dict[str, Any]:
         raise ConfigError(f"unknown provider {name!r} (known: {', '.join(sorted(providers))})")
     p = providers[name]
     modes = p.permission_table()
-    options = p.option_names()
+    # The deadlines are every provider's: the node's run supervision handles them, not the CLI.
+    options = sorted({*p.option_names(), *RUN_OPTIONS})
     if isinstance(p, CliProvider):
-        client_options = p.client_options()
+        client_options = sorted({*p.client_options(), *RUN_OPTIONS})
         operator_options = sorted(p.operator_options)
         node_only = sorted(p.node_only_options)
     else:

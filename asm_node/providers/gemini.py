@@ -135,6 +135,9 @@ class GeminiProvider(CliProvider):
             "cost": (True, "stats from the result line, priced with the table"),
             "approvals": (False, "headless mode never prompts; --approval-mode / --yolo decide"),
             "ollama": (False, "not supported by the Gemini CLI"),
+            "steering": (False, "headless mode reads its prompt once; no input while it runs"),
+            "mcp": (True, "operator-only option mcp_servers: a system settings file the node writes (root-owned "
+                    "path required by the CLI, else mcp_unsupported)"),
     }
     #: Chats: ~/.gemini/tmp/<project>/chats/session-<time>-<id>.jsonl, the project's cwd in
     #: <project>/.project_root (GEMINI_CLI_HOME replaces HOME); resumable with --resume <id>.

@@ -139,6 +139,8 @@ class ShellProvider(Provider):
             "cost": (False, ""),
             "approvals": (False, ""),
             "ollama": (False, ""),
+            "steering": (False, ""),
+            "mcp": (False, ""),
     }
     #: Commands keep no resumable sessions: ListProviderSessions answers none.
     session_store: ClassVar[SessionStore | None] = None
