@@ -10,45 +10,33 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any
 
+from asm_cli.commands._base import EXIT_FAILED as EXIT_FAILED
+from asm_cli.commands._base import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from asm_cli.commands._base import EXIT_NODE as EXIT_NODE
+from asm_cli.commands._base import EXIT_NODE_STOPPED as EXIT_NODE_STOPPED
+from asm_cli.commands._base import EXIT_NOT_FOUND as EXIT_NOT_FOUND
+from asm_cli.commands._base import EXIT_OK as EXIT_OK
+from asm_cli.commands._base import EXIT_USAGE as EXIT_USAGE
+from asm_cli.commands._base import NODE_STOPPED_KINDS as NODE_STOPPED_KINDS
+from asm_cli.commands._base import Parser as Parser
+from asm_cli.commands._base import Subcommands as Subcommands
+from asm_cli.commands._base import fail as fail
+from asm_cli.commands._base import later_help as later_help
 from asm_controller import (
     GrpcNodeClient,
     LivenessConfig,
     NodeConnectionError,
     NodeUnreachable,
     RemoteNode,
-    Result,
     TLSConfig,
 )
-from asm_controller.extensions.rendering import Rendering
 from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NODE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-#: The node stopped the run (drain deadline, shutdown): not the user's Ctrl-C; retry elsewhere.
-EXIT_NODE_STOPPED = 4
-#: No run by that id (``asm attach``, error kind not_found): nothing was followed, nothing started.
-EXIT_NOT_FOUND = 5
-NODE_STOPPED_KINDS = frozenset({"node_draining", "node_shutdown"})
-
-
-class Subcommands(Protocol):
-    """Where a command module adds its parser (``argparse``'s subparsers action)."""
-
-    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
-
-
-class Parser(argparse.ArgumentParser):
-    """A usage error is one ``asm: error: ...`` line and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"asm: error: {message} (see '{self.prog} --help')\n")
-        sys.exit(EXIT_USAGE)
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    sys.stderr.write(f"asm: error: {message}\n")
-    sys.exit(code)
+if TYPE_CHECKING:
+    from asm_controller import Result
+    from asm_controller.extensions.rendering import Rendering
 
 
 def read_token(token_file: str | None, secrets: dict[str, str] | None = None) -> str | None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from asm_cli.commands._common import (
     EXIT_INTERRUPTED,
@@ -20,17 +21,19 @@ from asm_cli.commands._common import (
     server_target,
 )
 from asm_controller import RemoteNode, Session
-from asm_controller.extensions.rendering import Rendering
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
+
+if TYPE_CHECKING:
+    from asm_controller.extensions.rendering import Rendering
 
 _MAX_SEQ = 2**63 - 1
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
 
 
 def _seq_arg(text: str) -> int:

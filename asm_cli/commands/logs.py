@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from asm_cli.commands._common import (
     EXIT_OK,
@@ -26,15 +27,17 @@ from asm_cli.commands._common import (
 )
 from asm_cli.commands.attach import _attach, _run_info, _seq_arg
 from asm_controller import Event, EventReducer, GrpcNodeClient
-from asm_controller.extensions.rendering import Rendering
 from asm_wire import ConfigError, pb, valid_id
+
+if TYPE_CHECKING:
+    from asm_controller.extensions.rendering import Rendering
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering without the live spinner line: this prints history and exits."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
 
 
 async def _logs(args: argparse.Namespace) -> int:
