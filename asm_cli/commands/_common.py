@@ -32,6 +32,7 @@ from asm_controller import (
     RemoteNode,
     TLSConfig,
 )
+from asm_controller._jsonl import event_line
 from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
 
 if TYPE_CHECKING:
@@ -162,7 +163,8 @@ def client_args(p: argparse.ArgumentParser) -> None:
 def print_event(ev: Any, output: str) -> None:
     """One event as ``--output jsonl`` prints it (a JSON line), or the plain fallback of a text output."""
     if output == "jsonl":
-        sys.stdout.write(json.dumps(ev.to_dict()) + "\n")
+        # The same line as json.dumps(ev.to_dict()), made directly (asm_controller._jsonl: ~4x less CPU).
+        sys.stdout.write(event_line(ev.pb) + "\n")
         sys.stdout.flush()
         return
     kind = ev.kind
