@@ -68,7 +68,7 @@ def _converter(field: FieldDescriptor) -> Callable[[Any], Any]:
     cpp = field.cpp_type
     if cpp == FieldDescriptor.CPPTYPE_MESSAGE:
         return _message_dict
-    if cpp == FieldDescriptor.CPPTYPE_ENUM:
+    if cpp == FieldDescriptor.CPPTYPE_ENUM and field.enum_type is not None:
         by_number = {v.number: v.name for v in field.enum_type.values}
         if field.enum_type.is_closed:  # proto2 enums: MessageToDict refuses an unknown value
             return by_number.__getitem__
