@@ -199,8 +199,11 @@ def _ordered(parts: list[tuple[bool, str]]) -> str:
 
 def _delta_json(d: Any) -> str:
     content, index, fmt, data = d.content, d.index, d.format, d.data
-    if content and fmt and not index:  # the common case, no list to build
-        body = f'"content": {_esc(content)}, "format": {_esc(fmt)}, "index": 0'
+    if content and not index:  # a command's output line: no list to build
+        if fmt:
+            body = f'"content": {_esc(content)}, "format": {_esc(fmt)}, "index": 0'
+        else:
+            body = f'"content": {_esc(content)}, "index": 0, "format": ""'
     else:
         body = _ordered([(bool(content), f'"content": {_esc(content)}'), (bool(index), f'"index": {index}'),
                          (bool(fmt), f'"format": {_esc(fmt)}')])
@@ -224,6 +227,22 @@ def _stderr_json(s: Any) -> str:
 _FAST: dict[str, Callable[[Any], str]] = {"assistant_delta": _delta_json, "raw": _raw_json, "stderr": _stderr_json}
 
 
+#: The run's part of the line (run, session, provider ids), the same for every event of a run: escaped once.
+_RUN_PARTS: dict[tuple[str, str, str, str], str] = {}
+
+
+def _run_part(run_id: str, session_id: str, provider: str, psid: str) -> str:
+    key = (run_id, session_id, provider, psid)
+    part = _RUN_PARTS.get(key)
+    if part is None:
+        if len(_RUN_PARTS) >= 256:  # a controller-wide printer (many runs) keeps a few
+            _RUN_PARTS.clear()
+        part = _RUN_PARTS[key] = (f'"run_id": {_esc(run_id)}, "session_id": {_esc(session_id)}, '
+                                  f'"provider": {_esc(provider)}, "provider_session_id": '
+                                  f'{_esc(psid) if psid else "null"}, ')
+    return part
+
+
 def event_line(msg: pb.Event) -> str:
     """``json.dumps(Event(msg).to_dict())``: one ``--output jsonl`` line (without its newline)."""
     kind = _KINDS.get(msg.kind)
@@ -235,9 +254,7 @@ def event_line(msg: pb.Event) -> str:
     else:
         fast = _FAST.get(field)
         payload = fast(getattr(msg, field)) if fast is not None else json.dumps(payload_dict(getattr(msg, field)))
-    psid = msg.provider_session_id
     metadata = json.dumps(dict(msg.metadata)) if msg.metadata else "{}"
-    return (f'{{"id": {_esc(msg.id)}, "kind": {kind}, "seq": {msg.seq}, "run_id": {_esc(msg.run_id)}, '
-            f'"session_id": {_esc(msg.session_id)}, "provider": {_esc(msg.provider)}, '
-            f'"provider_session_id": {_esc(psid) if psid else "null"}, '
+    return (f'{{"id": {_esc(msg.id)}, "kind": {kind}, "seq": {msg.seq}, '
+            f'{_run_part(msg.run_id, msg.session_id, msg.provider, msg.provider_session_id)}'
             f'"timestamp": "{timestamp_iso(msg.timestamp_unix_nano)}", "metadata": {metadata}, "payload": {payload}}}')

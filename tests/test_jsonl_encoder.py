@@ -227,3 +227,59 @@ def test_print_event_jsonl_writes_the_encoder_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("sys.stdout", out)
     print_event(Event(m), "jsonl")
     assert out.getvalue() == json.dumps(_reference_dict(m)) + "\n"
+
+
+class _CountingOut(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+async def test_jsonl_lines_are_flushed_once_per_burst_and_as_soon_as_the_loop_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from asm_cli.commands._common import print_event
+
+    out = _CountingOut()
+    monkeypatch.setattr("sys.stdout", out)
+    m = pb.Event(id="r:1", run_id="r", kind=KIND_VALUES["stderr"], seq=1, timestamp_unix_nano=1)
+    for _ in range(1000):  # one burst: no await in between
+        print_event(Event(m), "jsonl")
+    assert out.flushes == 0
+    await asyncio.sleep(0)  # the loop runs its callbacks: the burst goes out
+    assert out.flushes == 1 and out.flushed.count("\n") == 1000
+    print_event(Event(m), "jsonl")
+    await asyncio.sleep(0)
+    assert out.flushes == 2 and out.flushed.count("\n") == 1001
+
+
+def test_jsonl_lines_without_an_event_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asm_cli.commands._common import print_event
+
+    out = _CountingOut()
+    monkeypatch.setattr("sys.stdout", out)
+    print_event(Event(pb.Event(id="r:1", kind=KIND_VALUES["stderr"], seq=1)), "jsonl")
+    assert out.flushes == 1
+
+
+async def test_a_reader_gone_during_a_burst_is_raised_by_the_next_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from asm_cli.commands._common import print_event
+
+    class Gone(_CountingOut):
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Gone())
+    ev = Event(pb.Event(id="r:1", kind=KIND_VALUES["stderr"], seq=1))
+    print_event(ev, "jsonl")
+    await asyncio.sleep(0)
+    with pytest.raises(BrokenPipeError):
+        print_event(ev, "jsonl")

@@ -16,6 +16,7 @@ from asm_cli.commands._common import (
     add_no_color_option,
     ask,
     client_args,
+    flush_lines,
     print_event,
     report,
     server_target,
@@ -114,6 +115,7 @@ async def _attach(args: argparse.Namespace) -> int:
         # Detach, never interrupt: Session.stop() (and RunStream.aclose()) would interrupt the run, so
         # neither is called. The run's follower task is left to asyncio.run's teardown, which cancels
         # it here, in this process only: its AttachRun stream is cancelled, no InterruptRun is sent.
+        flush_lines()  # every event printed (up to --after-seq below) is out before the notice
         sys.stdout.flush()
         sys.stderr.write(f"asm: detached from run {args.run_id}; it goes on on {what} "
                          f"('asm attach {args.run_id} --{'controller' if args.controller else 'node'} "

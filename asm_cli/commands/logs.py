@@ -22,6 +22,7 @@ from asm_cli.commands._common import (
     add_no_color_option,
     ask,
     client_args,
+    flush_lines,
     print_event,
     server_target,
 )
@@ -78,6 +79,7 @@ async def _logs(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     rendering.close()
             raise
+    flush_lines()
     if ended and reducer.finished:
         result = reducer.result()
         if rendering is not None:

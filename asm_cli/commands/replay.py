@@ -9,7 +9,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, add_no_color_option, print_event
+from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, add_no_color_option, flush_lines, print_event
 from asm_controller.extensions.persistence import replay_file
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ async def _replay(args: argparse.Namespace) -> int:
         if args.output == "jsonl":
             for ev in events:
                 print_event(ev, "jsonl")
+            flush_lines()
             sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         else:
             rendering = _text_rendering(args)
