@@ -182,6 +182,9 @@ class _Lines:
         if self.failed is not None:
             exc, self.failed = self.failed, None
             raise exc
+        if self.scheduled is not None and stream is self.stream and len(self.lines) < 4095:
+            self.lines.append(line)  # a drain is already scheduled: the common case, kept cheap
+            return
         if stream is not self.stream:
             self.drain()
             self.stream = stream
@@ -198,13 +201,13 @@ class _Lines:
             loop.call_soon(self._drain_soon)
 
     def _drain_soon(self) -> None:
-        self.scheduled = None
         try:
             self.drain()
         except (OSError, ValueError) as exc:
             self.failed = exc
 
     def drain(self) -> None:
+        self.scheduled = None  # the next line schedules a drain again (also after a loop that never ran it)
         stream = self.stream
         if stream is None:
             return
