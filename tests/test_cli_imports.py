@@ -57,7 +57,7 @@ def test_version_and_help_import_almost_nothing(args: list[str]) -> None:
 def test_version_is_the_installed_distributions() -> None:
     from importlib.metadata import version
 
-    names, proc = _imported("--version")
+    _, proc = _imported("--version")
     assert proc.stdout == f"asm {version('asm')}\n" and asm_wire.__version__ == version("asm")
 
 
