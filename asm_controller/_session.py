@@ -33,11 +33,11 @@ from asm_controller._reducer import Cost, Result
 from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
 from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
-from asm_controller._store import RunRecord
 from asm_wire import ApprovalNotFound, ConfigError, Decision, RunNotFound, choices, make_error, pb, ulid, valid_id
 
-if TYPE_CHECKING:  # metrics (prometheus_client) are imported only by whoever makes them
+if TYPE_CHECKING:  # metrics (prometheus_client) and the store are imported only by whoever makes them
     from asm_controller._metrics import ControllerMetrics
+    from asm_controller._store import RunRecord
 
 
 class RunStream:

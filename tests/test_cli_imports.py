@@ -27,7 +27,8 @@ from tests.support.processes import ROOT, NodeProcess
 #: Never imported by a client command (the node agent, settings, metrics, HTTP, the store backends).
 SERVER_SIDE = ("asm_node", "pydantic", "pydantic_settings", "prometheus_client", "fastapi", "uvicorn", "starlette",
                "httpx", "sqlalchemy", "sqlite3", "google.protobuf.json_format", "importlib.metadata",
-               "asm_controller.extensions.persistence", "asm_controller.service", "asm_controller.http")
+               "asm_controller.extensions.persistence", "asm_controller.service", "asm_controller.http",
+               "asm_controller._store", "asm_controller._metrics")
 #: Not even imported by ``asm --version`` / ``asm --help``.
 STARTUP_ONLY = (*SERVER_SIDE, "grpc", "google.protobuf", "asyncio", "rich", "asm_controller", "asm_wire._errors",
                 "asm_wire.v1")
