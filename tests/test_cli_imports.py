@@ -68,7 +68,8 @@ def test_a_client_run_imports_no_server_side_module(node_process: Callable[..., 
     names, proc = _imported("run", "--node", node.address, "--provider", "shell", "--output", output, "echo hi")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hi" in proc.stdout and "grpc" in names
-    assert _offenders(names, (*SERVER_SIDE, "rich")) == []  # stdout is a pipe: plain text, no rich
+    # stdout is a pipe: plain text, no rich; no help text is laid out, so no terminal width (shutil)
+    assert _offenders(names, (*SERVER_SIDE, "rich", "shutil")) == []
 
 
 def test_nodes_and_runs_import_no_server_side_module(node_process: Callable[..., NodeProcess]) -> None:
@@ -89,14 +90,26 @@ def test_a_command_built_alone_has_the_same_help_and_arguments_as_in_the_full_pa
     assert vars(build_parser(command_of(argv)).parse_args(argv)) == vars(full.parse_args(argv))
 
 
+def _run_help() -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        build_parser("run").parse_args(["run", "--help"])
+    return out.getvalue()
+
+
+def test_help_is_still_laid_out_to_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    narrow = _run_help()
+    monkeypatch.setenv("COLUMNS", "160")
+    wide = _run_help()
+    assert len(narrow.splitlines()) > len(wide.splitlines()) and max(map(len, narrow.splitlines())) <= 60
+
+
 def test_a_lazily_made_help_is_the_one_shown() -> None:
     """``asm run --help`` lists the providers (made only when help is printed)."""
     from asm_node.providers import provider_help
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        build_parser("run").parse_args(["run", "--help"])
-    assert " ".join(provider_help().split()) in " ".join(out.getvalue().split())
+    assert " ".join(provider_help().split()) in " ".join(_run_help().split())
 
 
 @pytest.mark.parametrize(("argv", "command"), [

@@ -57,6 +57,7 @@ class Parser(argparse.ArgumentParser):
     the node's provider modules) is given by :func:`later_help` and made only when help is printed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.formatting = False  # laying out help or usage text (see _get_formatter)
         super().__init__(*args, **kwargs)
         self.later_help: list[tuple[argparse.Action, Callable[[], str]]] = []
 
@@ -68,7 +69,26 @@ class Parser(argparse.ArgumentParser):
         later, self.later_help = self.later_help, []
         for action, make in later:
             action.help = make()
-        return super().format_help()
+        self.formatting = True
+        try:
+            return super().format_help()
+        finally:
+            self.formatting = False
+
+    def format_usage(self) -> str:
+        self.formatting = True
+        try:
+            return super().format_usage()
+        finally:
+            self.formatting = False
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every add_argument (to check its metavar), and each asks for
+        # the terminal's width, importing shutil (with zlib, bz2, lzma: ~5 ms of a client's start).
+        # Only help and usage text are laid out to the terminal; the check needs no width.
+        if getattr(self, "formatting", False) or self.formatter_class is not argparse.HelpFormatter:
+            return self.formatter_class(prog=self.prog)  # what argparse's own _get_formatter does
+        return argparse.HelpFormatter(prog=self.prog, width=80)
 
 
 def later_help(parser: argparse.ArgumentParser, action: argparse.Action, make: Callable[[], str]) -> None:
