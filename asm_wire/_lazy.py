@@ -8,10 +8,16 @@ plain attribute). Their ``if TYPE_CHECKING:`` imports keep the same names visibl
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+
+def _import(name: str) -> Any:
+    """``importlib.import_module(name)`` through the import statement's own path, so that
+    ``python -X importtime`` (which times only that path) shows the lazily imported modules too."""
+    __import__(name)
+    return sys.modules[name]
 
 
 def lazy_exports(package: str, table: Mapping[str, Iterable[str]]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -30,11 +36,11 @@ def lazy_exports(package: str, table: Mapping[str, Iterable[str]]) -> tuple[Call
             module_name, attr = where[name]
         except KeyError:
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
         try:
             value = getattr(module, attr)
         except AttributeError:
-            value = importlib.import_module(f"{module_name}.{attr}")
+            value = _import(f"{module_name}.{attr}")
         setattr(sys.modules[package], name, value)  # the next read is an ordinary attribute
         return value
 

@@ -3,7 +3,7 @@
 ``asm --version`` / ``asm --help`` import neither gRPC, protobuf nor asyncio; a client run on a served
 node (``asm run --node``, ``--output text`` and ``jsonl``, ``asm nodes``, ``asm runs``) never imports the
 node agent, settings, metrics, rich (to a pipe), the HTTP stack or protobuf's ``json_format``. Measured
-with ``python -X importtime`` (every module the process imported, however deep), in real processes.
+from ``sys.modules`` when the process exits (every module it imported, however), in real processes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import subprocess
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -35,10 +36,15 @@ STARTUP_ONLY = (*SERVER_SIDE, "grpc", "google.protobuf", "asyncio", "rich", "asm
 
 
 def _imported(*args: str, env: dict[str, str] | None = None) -> tuple[set[str], subprocess.CompletedProcess[str]]:
-    """The modules ``asm ARGS`` imports (python -X importtime), and the finished process."""
-    proc = subprocess.run([ASM[0], "-X", "importtime", *ASM[1:], *args], capture_output=True, text=True, timeout=60,
-                          cwd=str(ROOT), env={**os.environ, **(env or {})})
-    names = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    """Every module ``asm ARGS`` had imported when it exited (sys.modules, at exit), and the finished process."""
+    with tempfile.NamedTemporaryFile("r", suffix=".modules") as listing:
+        code = ("import atexit, runpy, sys\n"
+                f"atexit.register(lambda: open({listing.name!r}, 'w').write('\\n'.join(sys.modules)))\n"
+                f"sys.argv = ['asm', *{list(args)!r}]\n"
+                "runpy.run_module('asm_cli', run_name='__main__', alter_sys=True)\n")
+        proc = subprocess.run([ASM[0], "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                              env={**os.environ, **(env or {})})
+        names = set(listing.read().split())
     return names, proc
 
 
