@@ -28,6 +28,7 @@ from asm_cli.commands._common import (
 from asm_cli.commands._duration import bounded_duration_ms
 from asm_controller import Session
 from asm_wire import (
+    KIND_VALUES,
     ApprovalNotFound,
     AsmError,
     ConfigError,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # the node agent, recorder and snapshots are imported only by
 #: ``--approve``: answer every approval (allow, deny), ask on the terminal (prompt); without it a terminal
 #: is asked, anything else waits for ``asm approve`` from another shell ("wait").
 APPROVE_MODES = ("allow", "deny", "prompt")
+_APPROVAL_REQUESTED, _APPROVAL_RESOLVED = KIND_VALUES["approval_requested"], KIND_VALUES["approval_resolved"]
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -126,10 +128,11 @@ class _Approvals:
         self._asking = asyncio.Lock()
 
     def on_event(self, ev: Event) -> None:
-        if ev.kind == "approval_requested":
+        kind = ev.pb.kind  # (an int compare: this runs for every event of the run)
+        if kind == _APPROVAL_REQUESTED:
             p = ev.pb.approval_requested
             self._tasks[p.approval_id] = asyncio.get_running_loop().create_task(self._answer(ev))
-        elif ev.kind == "approval_resolved":
+        elif kind == _APPROVAL_RESOLVED:
             r = ev.pb.approval_resolved
             task = self._tasks.pop(r.approval_id, None)
             if task is not None and not task.done():
