@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser(command_of(words)).parse_args(argv)
     # A server started from the command line may re-execute itself (see take_secrets); an in-process call never.
     args.reexec_argv = list(sys.argv[1:]) if argv is None else None
-    if args.command in ("node", "controller") or "prometheus_client" in sys.modules:
+    serving = "serve" in (getattr(args, "node_command", None), getattr(args, "controller_command", None))
+    if serving or "prometheus_client" in sys.modules:
         # `*_created` series double every counter for no use on a dashboard (a client never imports
         # prometheus_client; a server's metrics are made after this).
         from collections.abc import Callable

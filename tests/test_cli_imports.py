@@ -78,9 +78,10 @@ def test_a_client_run_imports_no_server_side_module(node_process: Callable[..., 
     assert _offenders(names, (*SERVER_SIDE, "rich", "shutil")) == []
 
 
-def test_nodes_and_runs_import_no_server_side_module(node_process: Callable[..., NodeProcess]) -> None:
+def test_nodes_runs_and_drain_import_no_server_side_module(node_process: Callable[..., NodeProcess]) -> None:
     node = node_process()
-    for args in (["nodes", "--node", node.address], ["runs", "--node", node.address, "--output", "json"]):
+    for args in (["nodes", "--node", node.address], ["runs", "--node", node.address, "--output", "json"],
+                 ["node", "drain", "--node", node.address], ["node", "undrain", "--node", node.address]):
         names, proc = _imported(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert _offenders(names, SERVER_SIDE) == [], args
