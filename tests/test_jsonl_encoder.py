@@ -283,3 +283,19 @@ async def test_a_reader_gone_during_a_burst_is_raised_by_the_next_print(monkeypa
     await asyncio.sleep(0)
     with pytest.raises(BrokenPipeError):
         print_event(ev, "jsonl")
+
+
+def test_a_stdout_replaced_and_closed_since_is_not_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(As pytest's capture does between tests: the next print goes to the new stdout, no error.)"""
+    from asm_cli.commands._common import flush_lines, print_event
+
+    ev = Event(pb.Event(id="r:1", kind=KIND_VALUES["stderr"], seq=1))
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stdout", first)
+    print_event(ev, "jsonl")
+    flush_lines()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stdout", second)
+    print_event(ev, "jsonl")
+    assert second.getvalue().count("\n") == 1

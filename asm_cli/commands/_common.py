@@ -209,12 +209,11 @@ class _Lines:
     def drain(self) -> None:
         self.scheduled = None  # the next line schedules a drain again (also after a loop that never ran it)
         stream = self.stream
-        if stream is None:
-            return
-        if self.lines:
-            text = "".join(self.lines)
-            self.lines.clear()
-            stream.write(text)
+        if stream is None or not self.lines:
+            return  # nothing held: a stream given up (closed since) is not touched
+        text = "".join(self.lines)
+        self.lines.clear()
+        stream.write(text)
         stream.flush()
 
 
