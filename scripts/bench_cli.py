@@ -1,13 +1,13 @@
-"""(j)-(k) ``--cli``: the ``asm`` command line as a user runs it (issue 15, deliverables 1 and 3).
+"""``--cli``: the ``asm`` command line as a user runs it (issue 15, deliverables 1 and 3).
 
-(j) Start: wall time of whole ``asm`` processes, interleaved round by round with their baselines so
+Start: wall time of whole ``asm`` processes, interleaved round by round with their baselines so
     the machine's load falls on all alike: a bare ``python -c pass`` (the interpreter's own start),
     a local ``sh -c "echo hi"`` spawn, ``asm --version``, ``asm --help``, ``asm run --node N --provider
     shell "echo hi"`` against a node agent process on 127.0.0.1, and the embedded ``asm run --provider
     shell "echo hi"``. Median and p90 of ``--cli-runs`` rounds after warm-up. Targets: ``run --node``
     <= 60 ms median, embedded <= 80 ms.
 
-(k) Output: ``asm run --node N --provider shell --output jsonl "cat FILE"`` of ``--cli-lines`` lines
+Output: ``asm run --node N --provider shell --output jsonl "cat FILE"`` of ``--cli-lines`` lines
     (``seq``'s), every line counted on the pipe the benchmark reads (N events + run_started, result,
     run_completed and the summary line), its wall time and the client's CPU (user+sys, from wait4);
     the same run with ``--output text``; beside them the local baseline, ``cat FILE`` read through an
@@ -19,6 +19,7 @@
 The CLI processes run with the caller's environment minus ``PYTHONDONTWRITEBYTECODE`` and
 ``PYTHONUNBUFFERED`` (a user's shell: the bytecode cache is written by the warm-up and then warm, and
 stdout is buffered). The node agent runs from the benchmark's temp dir and is stopped by its PID.
+``bench.py --issue15`` calls :func:`run_issue15` (the quick variant: 10 rounds, 200,000 lines).
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def report_cli(out: dict[str, Any]) -> None:
           "(a shared machine: figures vary with its load)")
     start = out["start"]
     base = start["python -c pass"]["median"]
-    print(f"\n(j) start, {out['runs']} interleaved rounds (wall of the whole process; bytecode cache warm)")
+    print(f"\nCLI start, {out['runs']} interleaved rounds (wall of the whole process; bytecode cache warm)")
     print(f"  {'command':34s} {'median':>10s} {'p90':>10s}  {'x python':>8s}  {'- python':>9s}")
     for name, row in start.items():
         fail = f"  {row['failures']} FAILED" if row["failures"] else ""
@@ -232,7 +233,7 @@ def report_cli(out: dict[str, Any]) -> None:
 
     n = out["lines"]
     local = out["local"]["wall"]
-    print(f"\n(k) output of {n:,} lines (cat FILE on the node; every line counted on the pipe)")
+    print(f"\nCLI output of {n:,} lines (cat FILE on the node; every line counted on the pipe)")
     print(f"  {'':34s} {'wall':>9s} {'lines/s':>11s} {'client CPU':>11s} {'µs/event':>9s} {'x local':>8s}")
     for key, label in (("jsonl", "asm run --output jsonl"), ("text", "asm run --output text")):
         row = out[key]
@@ -251,6 +252,56 @@ def report_cli(out: dict[str, Any]) -> None:
           f"({enc['message_to_dict'] / enc['event_line']:.1f}x)")
     print(f"  target: <= {ENCODER_TARGET_US:g} µs an event: {enc['event_line']:.2f} µs "
           f"{'MET' if enc['event_line'] <= ENCODER_TARGET_US else 'NOT MET'}")
+
+
+def issue15_figures(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue-15 targets these figures decide (bench.py --issue15's summary rows)."""
+    start = out["start"]
+    base = start["python -c pass"]["median"]
+    figs: list[dict[str, Any]] = []
+    for key, label, target in (('asm run --node N "echo hi"', 'asm run --node N --provider shell "echo hi"',
+                                START_TARGET_MS),
+                               ('asm run "echo hi" (embedded)', 'embedded asm run "echo hi"', EMBEDDED_TARGET_MS)):
+        value = start[key]["median"] * 1000
+        figs.append({"name": f"1. {label} (wall, median)", "value": value, "unit": "ms", "baseline": base * 1000,
+                     "baseline_name": "python -c pass", "ratio": value / (base * 1000),
+                     "target": f"<= {target:g} ms", "met": value <= target and not start[key]["failures"]})
+    version = start["asm --version"]["median"] * 1000
+    figs.append({"name": "1. asm --version (wall, median)", "value": version, "unit": "ms", "baseline": base * 1000,
+                 "baseline_name": "python -c pass", "ratio": version / (base * 1000), "target": "(figure)",
+                 "met": None})
+    n, local = out["lines"], out["local"]["wall"]
+    jl = out["jsonl"]
+    scaled = jl["wall"] * 2_000_000 / n
+    ok = jl["code"] == 0 and jl["lines"] == jl["want"]
+    figs.append({"name": "3. 2M lines asm run --output jsonl (wall" + (", scaled)" if n != 2_000_000 else ")"),
+                 "value": scaled, "unit": "s", "baseline": local * 2_000_000 / n,
+                 "baseline_name": "local cat | read + json.loads", "ratio": jl["wall"] / local,
+                 "target": f"<= {LINES_TARGET_S:g} s", "met": ok and scaled <= LINES_TARGET_S})
+    tx = out["text"]
+    figs.append({"name": "3. 2M lines asm run --output text (wall" + (", scaled)" if n != 2_000_000 else ")"),
+                 "value": tx["wall"] * 2_000_000 / n, "unit": "s", "baseline": local * 2_000_000 / n,
+                 "baseline_name": "local cat | read + json.loads", "ratio": tx["wall"] / local, "target": "(figure)",
+                 "met": None})
+    enc = out["encoder"]
+    figs.append({"name": "3. jsonl encoder, client CPU per event", "value": enc["event_line"], "unit": "µs",
+                 "baseline": enc["message_to_dict"], "baseline_name": "json.dumps(MessageToDict), before",
+                 "ratio": enc["event_line"] / enc["message_to_dict"], "target": f"<= {ENCODER_TARGET_US:g} µs",
+                 "met": enc["event_line"] <= ENCODER_TARGET_US})
+    figs.append({"name": "3. jsonl run, whole client CPU per event", "value": jl["cpu"] / n * 1e6, "unit": "µs",
+                 "baseline": None, "baseline_name": "", "ratio": None, "target": "(figure)", "met": None})
+    return figs
+
+
+async def run_issue15(quick: bool, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """bench.py --issue15's entry: the figures (printed), then the targets they decide."""
+    cfg = CliConfig(runs=10, lines=200_000) if quick else CliConfig()
+    if not available():
+        log("bench_cli: sh and cat must be on PATH; nothing measured")
+        return []
+    out = await run_cli(cfg, workdir, log)
+    report_cli(out)
+    return issue15_figures(out)
 
 
 def available() -> bool:
