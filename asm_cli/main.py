@@ -30,27 +30,11 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import prometheus_client
-from pydantic import ValidationError
-
-from asm_cli.commands import (
-    approve,
-    attach,
-    controller_serve,
-    input,
-    logs,
-    node_drain,
-    node_serve,
-    nodes,
-    providers,
-    replay,
-    run,
-    runs,
-    sessions,
-)
-from asm_cli.commands._common import (
+from asm_cli.commands._base import (
+    COMMANDS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_NODE,
@@ -60,23 +44,39 @@ from asm_cli.commands._common import (
     EXIT_USAGE,
     NODE_STOPPED_KINDS,
     Parser,
+    VersionAction,
+    command_of,
     fail,
+    failure_of,
 )
-from asm_cli.commands.approve import cmd_approve
-from asm_cli.commands.attach import cmd_attach
-from asm_cli.commands.controller_serve import cmd_controller_serve
-from asm_cli.commands.input import cmd_input
-from asm_cli.commands.logs import cmd_logs
-from asm_cli.commands.node_drain import cmd_node_drain, cmd_node_undrain
-from asm_cli.commands.node_serve import cmd_node_serve
-from asm_cli.commands.nodes import cmd_nodes
-from asm_cli.commands.providers import cmd_providers
-from asm_cli.commands.replay import cmd_replay
-from asm_cli.commands.run import cmd_run
-from asm_cli.commands.runs import cmd_runs
-from asm_cli.commands.sessions import cmd_sessions
-from asm_controller import NodeConnectionError
-from asm_wire import AsmError, __version__
+from asm_wire._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from asm_cli.commands.approve import cmd_approve
+    from asm_cli.commands.attach import cmd_attach
+    from asm_cli.commands.controller_serve import cmd_controller_serve
+    from asm_cli.commands.input import cmd_input
+    from asm_cli.commands.logs import cmd_logs
+    from asm_cli.commands.node_drain import cmd_node_drain, cmd_node_undrain
+    from asm_cli.commands.node_serve import cmd_node_serve
+    from asm_cli.commands.nodes import cmd_nodes
+    from asm_cli.commands.providers import cmd_providers
+    from asm_cli.commands.replay import cmd_replay
+    from asm_cli.commands.run import cmd_run
+    from asm_cli.commands.runs import cmd_runs
+    from asm_cli.commands.sessions import cmd_sessions
+
+#: The command functions, importable from here as before (each imports its command module when read).
+_COMMAND_FUNCTIONS = {
+    "asm_cli.commands.approve": ("cmd_approve",), "asm_cli.commands.attach": ("cmd_attach",),
+    "asm_cli.commands.controller_serve": ("cmd_controller_serve",), "asm_cli.commands.input": ("cmd_input",),
+    "asm_cli.commands.logs": ("cmd_logs",), "asm_cli.commands.node_drain": ("cmd_node_drain", "cmd_node_undrain"),
+    "asm_cli.commands.node_serve": ("cmd_node_serve",), "asm_cli.commands.nodes": ("cmd_nodes",),
+    "asm_cli.commands.providers": ("cmd_providers",), "asm_cli.commands.replay": ("cmd_replay",),
+    "asm_cli.commands.run": ("cmd_run",), "asm_cli.commands.runs": ("cmd_runs",),
+    "asm_cli.commands.sessions": ("cmd_sessions",),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _COMMAND_FUNCTIONS)
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NODE", "EXIT_NODE_STOPPED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE",
@@ -86,59 +86,57 @@ __all__ = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``asm`` parser: every command's (None), or only ``command``'s in full ("" for none), the others
+    a name and a help line, so ``asm --help`` and one command import no other command's module."""
     parser = Parser(prog="asm", description="Run AI coding-agent CLIs on remote machines.")
-    parser.add_argument("--version", action="version", version=f"asm {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    # The order here is the order in `asm --help`.
-    node = sub.add_parser("node", help="node agent commands")
-    node_sub = node.add_subparsers(dest="node_command", required=True, parser_class=Parser)
-    node_serve.add_parser(node_sub)
-    node_drain.add_parser(node_sub)  # drain and undrain
-    run.add_parser(sub)
-    attach.add_parser(sub)
-    input.add_parser(sub)
-    approve.add_parser(sub)
-    logs.add_parser(sub)
-    runs.add_parser(sub)
-    sessions.add_parser(sub)
-    controller = sub.add_parser("controller", help="controller service commands")
-    controller_sub = controller.add_subparsers(dest="controller_command", required=True, parser_class=Parser)
-    controller_serve.add_parser(controller_sub)
-    replay.add_parser(sub)
-    providers.add_parser(sub)
-    nodes.add_parser(sub)
+    # The order of COMMANDS is the order in `asm --help`.
+    for name, (modules, help_line) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_line)
+            continue
+        where = sub
+        if name in ("node", "controller"):  # a group: its modules add its subcommands
+            group = sub.add_parser(name, help=help_line)
+            where = group.add_subparsers(dest=f"{name}_command", required=True, parser_class=Parser)
+        for module in modules:
+            __import__(f"asm_cli.commands.{module}")  # (not importlib: python -X importtime shows these)
+            sys.modules[f"asm_cli.commands.{module}"].add_parser(where)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(words)).parse_args(argv)
     # A server started from the command line may re-execute itself (see take_secrets); an in-process call never.
     args.reexec_argv = list(sys.argv[1:]) if argv is None else None
-    # `*_created` series double every counter for no use on a dashboard.
-    disable_created: Callable[[], None] = prometheus_client.disable_created_metrics
-    disable_created()
+    serving = "serve" in (getattr(args, "node_command", None), getattr(args, "controller_command", None))
+    if serving or "prometheus_client" in sys.modules:
+        # `*_created` series double every counter for no use on a dashboard (a client never imports
+        # prometheus_client; a server's metrics are made after this).
+        from collections.abc import Callable
+
+        import prometheus_client
+
+        disable_created: Callable[[], None] = prometheus_client.disable_created_metrics
+        disable_created()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        fail(problems)
-    except NodeConnectionError as exc:
-        fail(exc.message, EXIT_NODE)
-    except AsmError as exc:
-        fail(exc.message, EXIT_USAGE if exc.kind == "config_invalid" else
-             EXIT_NOT_FOUND if exc.kind == "not_found" else EXIT_FAILED)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:  # `asm ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_OK)
+    except Exception as exc:  # ValidationError, NodeConnectionError, AsmError: one line and an exit code
+        failure = failure_of(exc)
+        if failure is None:
+            raise
+        fail(*failure)
     sys.exit(code)
 
 

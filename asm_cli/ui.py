@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -50,7 +49,6 @@ from asm_controller.extensions.rendering import (
     Rendering,
     Sink,
     Span,
-    TTYSink,
     VerboseRenderer,
     summarize_input,
     truncate,
@@ -89,16 +87,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 from asm_cli.commands._common import add_no_color_option  # noqa: E402  (re-exported for callers)
-
-
-def use_rich(stream: Any, *, no_color: bool = False) -> bool:
-    """Whether ``stream`` gets rich output: a terminal, no ``--no-color``, no ``NO_COLOR``, not ``TERM=dumb``."""
-    if no_color or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
+from asm_cli.plain import plain_rendering, use_rich  # noqa: E402  (use_rich re-exported for callers)
 
 
 def _clean(s: str) -> str:
@@ -339,10 +328,10 @@ def run_rendering(stdout: IO[str] | None = None, stderr: IO[str] | None = None, 
     rest on ``stderr``; plain text to a pipe, and with ``no_color`` even on a terminal)."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
-    renderer = VerboseRenderer() if verbose else CompactRenderer()
     if use_rich(out, no_color=no_color) and use_rich(err, no_color=no_color):
+        renderer = VerboseRenderer() if verbose else CompactRenderer()
         return Rendering(renderer, [RunView(Console(file=out), run_id=run_id, live=live)])
-    return Rendering(renderer, [TTYSink(out, meta_stream=err, color=False if no_color else None)])
+    return plain_rendering(out, err, no_color=no_color, verbose=verbose)
 
 
 @contextlib.contextmanager

@@ -1,51 +1,18 @@
 """The controller's view of an event: a thin, lazy wrapper over the wire message.
 
 Wrapping instead of copying keeps per-event work on the hot path to one small
-object; the payload is turned into a plain dict only when someone asks.
+object; the payload is turned into a plain dict only when someone asks (by
+:func:`asm_controller._jsonl.payload_dict`: MessageToDict's dict, made directly).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
-from asm_wire import KIND_NAMES, KIND_VALUES, SEVERITY_NAMES, pb
-
-_JSON_FIELDS = {"input_json": "input", "content_json": "content", "details_json": "details", "output_json": "output"}
-
-
-def _payload_dict(msg: Any) -> dict[str, Any]:
-    out: dict[str, Any] = MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    for key, new in _JSON_FIELDS.items():
-        if key in out:
-            raw = out.pop(key)
-            try:
-                out[new] = json.loads(raw) if raw else None
-            except ValueError:
-                out[new] = raw
-    if "data" in out and isinstance(msg, (pb.AssistantDelta, pb.Raw)):
-        # Output that was not valid UTF-8, kept exactly: MessageToDict already gives base64.
-        data = out.pop("data")
-        if data:
-            out["data_b64"] = data
-    if "severity" in out:
-        out["severity"] = SEVERITY_NAMES[msg.severity] if msg.severity < len(SEVERITY_NAMES) else "error"
-    for block in out.get("content", []) if isinstance(out.get("content"), list) else []:
-        if isinstance(block, dict) and block.get("json"):
-            try:
-                block["block"] = json.loads(block.pop("json"))
-            except ValueError:
-                pass
-    for key in ("index", "pid", "exit_code", "signal", "duration_ms", "input_tokens", "output_tokens", "total_tokens"):
-        if key in out and isinstance(out[key], str):
-            out[key] = int(out[key])  # MessageToDict renders int64 as strings
-    return out
+from asm_controller._jsonl import payload_dict
+from asm_wire import KIND_NAMES, KIND_VALUES, pb
 
 
 class Event:
@@ -110,7 +77,7 @@ class Event:
     def payload(self) -> dict[str, Any]:
         if self._payload is None:
             field = self.pb.WhichOneof("payload")
-            self._payload = _payload_dict(getattr(self.pb, field)) if field else {}
+            self._payload = payload_dict(getattr(self.pb, field)) if field else {}
         return self._payload
 
     @property

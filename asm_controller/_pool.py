@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asm_controller._connector import NodeHandle, NodeTarget, connect
-from asm_controller._metrics import ControllerMetrics
 from asm_controller._routing import Candidate, HealthTracker, Router
 from asm_wire import ConfigError
+
+if TYPE_CHECKING:  # metrics (prometheus_client) are imported only by whoever makes them
+    from asm_controller._metrics import ControllerMetrics
 
 
 def provider_key(node_key: str, provider: str) -> str:

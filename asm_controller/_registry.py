@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from asm_controller._events import Event
 from asm_controller._reducer import EventReducer
-from asm_controller._store import Lease, RunRecord, RunStore, StoreWriter
 from asm_controller._wire import encode as encode_batch
 from asm_wire import TERMINAL_STATUSES, RunStatus, pb
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the store is imported by a StoreRegistry only: a client's NullRegistry needs none
     from asm_controller._connector import NodeHandle
     from asm_controller._run import Run
+    from asm_controller._store import RunRecord, RunStore, StoreWriter
 
 #: The result summary's text is cut to this many characters in the registry (the event log has it all).
 SUMMARY_TEXT_MAX = 64 * 1024
@@ -92,6 +92,8 @@ class StoreRegistry:
 
     def __init__(self, store: RunStore, writer: StoreWriter | None = None, *, owner: str = "",
                  lease_ttl_s: float = 10.0) -> None:
+        from asm_controller._store import StoreWriter
+
         self.store = store
         self.writer = writer if writer is not None else StoreWriter(store)
         #: This replica's id: every run it records is leased to it (fencing token 1), and every write of
@@ -100,6 +102,8 @@ class StoreRegistry:
         self.lease_ttl_s = lease_ttl_s
 
     def _new(self, run: Run, **fields: Any) -> RunRecord:
+        from asm_controller._store import RunRecord
+
         now = time.time()
         lease: dict[str, Any] = {}
         if self.owner:
@@ -111,6 +115,8 @@ class StoreRegistry:
     def _created(self, run: Run) -> None:
         run.recorded = True
         if self.owner:
+            from asm_controller._store import Lease
+
             run.lease = Lease(self.owner, 1)
             run.lease_at = time.monotonic()
 

@@ -15,14 +15,13 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asm_controller._channel import BatchChannel
 from asm_controller._client import ANSWERED, RemoteNode
 from asm_controller._connector import NodeHandle, NodeTarget, preflight, probe_timeout_s
 from asm_controller._events import Event
 from asm_controller._fleetqueue import FleetQueue, NullFleetQueue
-from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import RunOptions, lane_metadata
 from asm_controller._pool import NodePool, provider_key
 from asm_controller._reducer import INTERRUPT_KINDS, NODE_STOPPED_KINDS, RAN_ON_KEYS, EventReducer, Result, is_work
@@ -51,6 +50,9 @@ from asm_wire import (
     normalize_kind,
     pb,
 )
+
+if TYPE_CHECKING:  # metrics (prometheus_client) are imported only by whoever makes them
+    from asm_controller._metrics import ControllerMetrics
 
 log = logging.getLogger("asm_controller.session")
 

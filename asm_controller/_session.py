@@ -21,21 +21,23 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asm_controller._client import RemoteNode
 from asm_controller._connector import EmbeddedNode, NodeHandle, NodeTarget
 from asm_controller._events import Event
 from asm_controller._fleetqueue import FleetQueue, NullFleetQueue
-from asm_controller._metrics import ControllerMetrics
 from asm_controller._options import Checkpoint, RunOptions
 from asm_controller._pool import NodePool
 from asm_controller._reducer import Cost, Result
 from asm_controller._registry import NullRegistry, Registry
 from asm_controller._run import Run
 from asm_controller._snapshot import SnapshotRun, SnapshotStream, run_with_snapshot, stream_with_snapshot
-from asm_controller._store import RunRecord
 from asm_wire import ApprovalNotFound, ConfigError, Decision, RunNotFound, choices, make_error, pb, ulid, valid_id
+
+if TYPE_CHECKING:  # metrics (prometheus_client) and the store are imported only by whoever makes them
+    from asm_controller._metrics import ControllerMetrics
+    from asm_controller._store import RunRecord
 
 
 class RunStream:

@@ -9,6 +9,7 @@
     .venv/bin/python scripts/bench.py --flood         # instead: (e) output floods, node RSS sampled
     .venv/bin/python scripts/bench.py --ha            # instead: (f)-(h) HA figures on PostgreSQL (~2.5 min)
     .venv/bin/python scripts/bench.py --http          # instead: (i)-(ii) HTTP figures (issue 13, ~30 s)
+    .venv/bin/python scripts/bench.py --cli           # instead: the CLI's start and output (issue 15, ~80 s)
 
 (a) Run start latency over a warm connection. For each of ``--runs`` runs of the
     prompt ``true`` (shell provider):
@@ -61,6 +62,13 @@
     SSE ``/v1/runs/{id}/events`` (every seq checked once), live and replayed. About 30 s on 2 CPUs
     with its own controller and node processes, so NOT part of the default run (~85 s already): only
     with ``--http`` (``--http --quick``: ~8 s).
+
+``--cli`` (scripts/bench_cli.py): whole ``asm`` processes as a user runs them, beside their
+    baselines: start (``python -c pass``, a local ``sh -c "echo hi"``, ``asm --version``/``--help``,
+    ``asm run --node N "echo hi"``, the embedded ``asm run "echo hi"``; median and p90 of interleaved
+    rounds) and output (2,000,000 lines through ``--output jsonl`` and ``text`` against a local
+    read + ``json.loads`` of the same lines; the jsonl encoder's µs an event). Not part of the default
+    run: only with ``--cli`` (``--cli --quick``: 10 rounds, 200,000 lines) or ``--issue15``.
 
 This is a benchmark, not a test: it prints figures and exits 0 (a failed run
 is reported in the table, not raised; a run whose stream never ends is cut off
@@ -1058,6 +1066,12 @@ def main() -> int:
                         help="--scale also measures the code in DIR (e.g. a checkout of main), side by side")
     parser.add_argument("--scale-sizes", default="100,500,1000", metavar="N,N",
                         help="--scale: concurrent sleeping runs per measurement (default 100,500,1000)")
+    parser.add_argument("--cli", action="store_true",
+                        help="instead of the benchmark: the CLI's start and output figures (bench_cli.py)")
+    parser.add_argument("--cli-runs", type=int, default=None, metavar="N",
+                        help="--cli: interleaved start rounds (default 30; 10 with --quick)")
+    parser.add_argument("--cli-lines", type=int, default=None, metavar="N",
+                        help="--cli: output lines (default 2,000,000; 200,000 with --quick)")
     parser.add_argument("--flood", action="store_true", help="instead of the benchmark: (e) output floods")
     parser.add_argument("--flood-tiny-bytes", type=int, default=4_000_000, metavar="B",
                         help="bytes of 2-byte lines for --flood (default 4 MB = 2M events; the issue asks 1 GB)")
@@ -1079,6 +1093,8 @@ def main() -> int:
         return main_http(args, parser)
     if args.scale:
         return main_scale(args, parser)
+    if args.cli:
+        return main_cli(args, parser)
     if args.controller_only:
         return main_controller(args)
     if args.soak is not None or args.flood:
@@ -1405,6 +1421,36 @@ def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         shutil.rmtree(workdir, ignore_errors=True)
     if out is not None:
         bench_scale.report_scale(out)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def main_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bench_cli  # scripts/ is this script's directory, first on sys.path
+
+    cfg = bench_cli.CliConfig(warmup=args.warmup)
+    cfg.runs = args.cli_runs if args.cli_runs is not None else (10 if args.quick else cfg.runs)
+    cfg.lines = args.cli_lines if args.cli_lines is not None else (200_000 if args.quick else cfg.lines)
+    if cfg.runs < 1 or cfg.lines < 1:
+        parser.error("--cli-runs and --cli-lines must be >= 1")
+    if not bench_cli.available():
+        print("bench: --cli needs sh and cat on PATH; nothing measured", file=sys.stderr)
+        return 0
+    t_start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-cli-"))
+    out: dict[str, Any] | None = None
+    try:
+        out = asyncio.run(bench_cli.run_cli(cfg, workdir, lambda line: print(line, flush=True)))
+    except BaseException as exc:  # a benchmark reports, it does not crash
+        if isinstance(exc, KeyboardInterrupt):
+            print("bench: interrupted", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"bench: aborted: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if out is not None:
+        bench_cli.report_cli(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
     return 0
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from asm_cli.commands._common import (
     EXIT_INTERRUPTED,
@@ -15,22 +16,25 @@ from asm_cli.commands._common import (
     add_no_color_option,
     ask,
     client_args,
+    flush_lines,
     print_event,
     report,
     server_target,
 )
 from asm_controller import RemoteNode, Session
-from asm_controller.extensions.rendering import Rendering
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
+
+if TYPE_CHECKING:
+    from asm_controller.extensions.rendering import Rendering
 
 _MAX_SEQ = 2**63 - 1
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
 
 
 def _seq_arg(text: str) -> int:
@@ -111,6 +115,7 @@ async def _attach(args: argparse.Namespace) -> int:
         # Detach, never interrupt: Session.stop() (and RunStream.aclose()) would interrupt the run, so
         # neither is called. The run's follower task is left to asyncio.run's teardown, which cancels
         # it here, in this process only: its AttachRun stream is cancelled, no InterruptRun is sent.
+        flush_lines()  # every event printed (up to --after-seq below) is out before the notice
         sys.stdout.flush()
         sys.stderr.write(f"asm: detached from run {args.run_id}; it goes on on {what} "
                          f"('asm attach {args.run_id} --{'controller' if args.controller else 'node'} "

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from asm_cli.commands._common import (
     EXIT_OK,
@@ -21,20 +22,23 @@ from asm_cli.commands._common import (
     add_no_color_option,
     ask,
     client_args,
+    flush_lines,
     print_event,
     server_target,
 )
 from asm_cli.commands.attach import _attach, _run_info, _seq_arg
 from asm_controller import Event, EventReducer, GrpcNodeClient
-from asm_controller.extensions.rendering import Rendering
 from asm_wire import ConfigError, pb, valid_id
+
+if TYPE_CHECKING:
+    from asm_controller.extensions.rendering import Rendering
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering without the live spinner line: this prints history and exits."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
 
 
 async def _logs(args: argparse.Namespace) -> int:
@@ -75,6 +79,7 @@ async def _logs(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     rendering.close()
             raise
+    flush_lines()
     if ended and reducer.finished:
         result = reducer.result()
         if rendering is not None:

@@ -10,10 +10,6 @@ from typing import Any
 
 from asm_cli.commands._common import EXIT_OK, Subcommands, limit_args, limit_settings, pairs, read_token, tls_args
 from asm_cli.commands._duration import bounded_duration_ms
-from asm_cli.commands._secrets import take_secrets
-from asm_node import NodeConfig, serve
-from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS, MIN_APPROVAL_TIMEOUT_MS
-from asm_node.journal import default_state_dir
 
 #: ``asm node serve`` flags that map one-to-one onto NodeConfig fields.
 _NODE_SERVE_FIELDS = {
@@ -29,6 +25,12 @@ _NODE_SERVE_FIELDS = {
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
+    # The node agent is imported here, not with the module: `asm node drain` builds this parser too.
+    from asm_cli.commands._secrets import take_secrets
+    from asm_node import NodeConfig, serve
+    from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS, MIN_APPROVAL_TIMEOUT_MS
+    from asm_node.journal import default_state_dir
+
     secrets = take_secrets(getattr(args, "reexec_argv", None))
     # Precedence as before: --token-file, then ASM_TOKEN, then ASM_NODE_TOKEN (NodeConfig's own variable).
     token = read_token(args.token_file, secrets) or secrets.get("ASM_NODE_TOKEN")

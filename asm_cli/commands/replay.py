@@ -7,18 +7,20 @@ import asyncio
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, add_no_color_option, print_event
+from asm_cli.commands._common import EXIT_FAILED, EXIT_OK, Subcommands, add_no_color_option, flush_lines, print_event
 from asm_controller.extensions.persistence import replay_file
-from asm_controller.extensions.rendering import Rendering
+
+if TYPE_CHECKING:
+    from asm_controller.extensions.rendering import Rendering
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, live=False)
 
 
 def _damage_line(d: dict[str, Any]) -> str:
@@ -48,6 +50,7 @@ async def _replay(args: argparse.Namespace) -> int:
         if args.output == "jsonl":
             for ev in events:
                 print_event(ev, "jsonl")
+            flush_lines()
             sys.stdout.write(json.dumps(result.to_summary()) + "\n")
         else:
             rendering = _text_rendering(args)

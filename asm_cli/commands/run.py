@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asm_cli.commands._common import (
     EXIT_FAILED,
@@ -19,18 +19,16 @@ from asm_cli.commands._common import (
     Subcommands,
     add_no_color_option,
     client_args,
+    later_help,
     pairs,
     print_event,
     remote_nodes,
     report,
 )
 from asm_cli.commands._duration import bounded_duration_ms
-from asm_controller import EmbeddedNode, Event, Session, SnapshotRun, SnapshotStream, stream_with_snapshot
-from asm_controller.extensions.persistence import open_recorder
-from asm_controller.extensions.rendering import Rendering
-from asm_node import NodeAgent, NodeConfig
-from asm_node.providers import operator_option_names
+from asm_controller import Session
 from asm_wire import (
+    KIND_VALUES,
     ApprovalNotFound,
     AsmError,
     ConfigError,
@@ -41,16 +39,23 @@ from asm_wire import (
     choices,
 )
 
+if TYPE_CHECKING:  # the node agent, recorder and snapshots are imported only by a run that uses them
+    from asm_controller import Event, SnapshotRun, SnapshotStream
+    from asm_controller.extensions.persistence import AsyncWriter
+    from asm_controller.extensions.rendering import Rendering
+    from asm_node import NodeAgent
+
 #: ``--approve``: answer every approval (allow, deny), ask on the terminal (prompt); without it a terminal
 #: is asked, anything else waits for ``asm approve`` from another shell ("wait").
 APPROVE_MODES = ("allow", "deny", "prompt")
+_APPROVAL_REQUESTED, _APPROVAL_RESOLVED = KIND_VALUES["approval_requested"], KIND_VALUES["approval_resolved"]
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
     """The ``--output text`` rendering: rich on a terminal, today's plain text when piped (asm_cli.ui)."""
-    from asm_cli import ui  # rich is imported only for text output
+    from asm_cli import plain  # rich is imported only for a terminal
 
-    return ui.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
+    return plain.run_rendering(sys.stdout, sys.stderr, no_color=args.no_color, run_id=args.run_id)
 
 
 def _print_workspace_changes(snaps: SnapshotRun) -> None:
@@ -123,10 +128,11 @@ class _Approvals:
         self._asking = asyncio.Lock()
 
     def on_event(self, ev: Event) -> None:
-        if ev.kind == "approval_requested":
+        kind = ev.pb.kind  # (an int compare: this runs for every event of the run)
+        if kind == _APPROVAL_REQUESTED:
             p = ev.pb.approval_requested
             self._tasks[p.approval_id] = asyncio.get_running_loop().create_task(self._answer(ev))
-        elif ev.kind == "approval_resolved":
+        elif kind == _APPROVAL_RESOLVED:
             r = ev.pb.approval_resolved
             task = self._tasks.pop(r.approval_id, None)
             if task is not None and not task.done():
@@ -215,13 +221,21 @@ async def _run(args: argparse.Namespace) -> int:
     options = _parse_opts(args.opt)
     # Before anything runs: a file that is not an event store, a device/FIFO/directory,
     # a locked or unwritable store is refused here (ConfigError: exit 2, file untouched).
-    recorder = await open_recorder(args.record) if args.record else None
+    recorder: AsyncWriter | None = None
+    if args.record:
+        from asm_controller.extensions.persistence import open_recorder
+
+        recorder = await open_recorder(args.record)
     unrecorded: dict[str, Any] | None = None
     agent: NodeAgent | None = None
     nodes: list[Any]
     if args.node:
         nodes = list(remote_nodes(args))
     else:
+        from asm_controller import EmbeddedNode
+        from asm_node import NodeAgent, NodeConfig
+        from asm_node.providers import operator_option_names
+
         # An embedded node runs as the user who typed the command: that user is its operator.
         agent = NodeAgent(NodeConfig(node_id=f"{os.uname().nodename}-embedded",
                                      allow_run_options=sorted(operator_option_names())))
@@ -240,6 +254,8 @@ async def _run(args: argparse.Namespace) -> int:
     if args.snapshot:
         # Pins the run to the first reachable node (the one owning the workspace) and snapshots it, before
         # anything runs; the stream's end takes the after snapshot and the diff (result.metadata["snapshots"]).
+        from asm_controller import stream_with_snapshot
+
         snapshotted = await stream_with_snapshot(session, args.prompt, backend=args.snapshot, **run_id)
     interrupted = False
     rendering = _text_rendering(args) if args.output == "text" else None
@@ -341,10 +357,14 @@ def add_parser(sub: Subcommands) -> None:
     r = sub.add_parser("run", help="run a prompt on a node (an embedded one when no --node is given)")
     r.add_argument("--node", action="append", metavar="HOST:PORT", help="node to run on; repeat to fail over")
     r.add_argument("--controller", metavar="HOST:PORT", help="run through a controller service (it picks the node)")
-    from asm_node.providers import provider_help
+    provider = r.add_argument("--provider", required=True)
 
-    r.add_argument("--provider", required=True,
-                   help=f"{provider_help()}; A,B: fail over to B when A fails before any work")
+    def provider_line() -> str:  # the provider registry (the node's provider modules): made for --help only
+        from asm_node.providers import provider_help
+
+        return f"{provider_help()}; A,B: fail over to B when A fails before any work"
+
+    later_help(r, provider, provider_line)
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=choices(PermissionMode))
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
