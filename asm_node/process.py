@@ -10,6 +10,9 @@
 * No thread and no poll per run: a CLI's exit is a readable pidfd on the event loop
   (:class:`PidfdChildWatcher`, installed by :func:`spawn` instead of asyncio's threaded
   watcher, one thread per child on Python 3.11), and :func:`leader_exited` awaits it.
+* The fork/exec (and a run cgroup's mkdir and entry) happens in a small spawn thread pool:
+  a vfork parent waits until its child has exec'd, which on the loop stalled every other
+  StartRun and stream (:func:`spawn_run`).
 * A :class:`Reaper` watchdog kills registered groups if the agent itself dies.
 * Where the node can create cgroup v2 groups (:class:`Cgroups`), each run also
   has its own cgroup, entered before the CLI runs: what leaves the process
