@@ -10,6 +10,9 @@
 * No thread and no poll per run: a CLI's exit is a readable pidfd on the event loop
   (:class:`PidfdChildWatcher`, installed by :func:`spawn` instead of asyncio's threaded
   watcher, one thread per child on Python 3.11), and :func:`leader_exited` awaits it.
+* The fork/exec (and a run cgroup's mkdir and entry) happens in a small spawn thread pool:
+  a vfork parent waits until its child has exec'd, which on the loop stalled every other
+  StartRun and stream (:func:`spawn_run`).
 * A :class:`Reaper` watchdog kills registered groups if the agent itself dies.
 * Where the node can create cgroup v2 groups (:class:`Cgroups`), each run also
   has its own cgroup, entered before the CLI runs: what leaves the process
@@ -22,6 +25,8 @@ import asyncio
 import atexit
 import contextlib
 import errno
+import functools
+import itertools
 import logging
 import os
 import secrets
@@ -32,7 +37,9 @@ import threading
 import time
 import warnings
 import weakref
+from asyncio.unix_events import _UnixSubprocessTransport  # type: ignore[attr-defined]
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVarTuple
 
 _Ts = TypeVarTuple("_Ts")
@@ -316,6 +323,80 @@ async def pump(stream: asyncio.StreamReader, reader: LineReader, stop: Callable[
                 on_chunk()
 
 
+_STREAM_LIMIT = 1024 * 1024
+#: fork/exec threads. The parent of a vfork() waits until the child has exec'd (~0.5 ms, longer when
+#: the machine is busy); on the event loop that wait is time in which no StartRun and no event is
+#: served, so 1,000 concurrent StartRuns queued behind each other's spawns. Two threads: more gain
+#: nothing on a 2-core node (the children's exec is the real cost) and each keeps a stack.
+_SPAWN_THREADS = 2
+_spawner: ThreadPoolExecutor | None = None
+
+
+def _spawn_pool() -> ThreadPoolExecutor:
+    global _spawner
+    if _spawner is None:
+        _spawner = ThreadPoolExecutor(_SPAWN_THREADS, thread_name_prefix="asm-spawn")
+    return _spawner
+
+
+class _AdoptedTransport(_UnixSubprocessTransport):  # type: ignore[misc]
+    """asyncio's subprocess transport around a :class:`subprocess.Popen` made elsewhere (a spawn thread)."""
+
+    def _start(self, args: Any, shell: Any, stdin: Any, stdout: Any, stderr: Any, bufsize: Any,
+               **kwargs: Any) -> None:
+        self._proc = kwargs["popen"]
+
+
+def _orphan(fut: asyncio.Future[Any]) -> None:
+    """A spawn whose caller was cancelled meanwhile: its CLI must not outlive it unsupervised."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    popen, cgroup = fut.result()
+    with contextlib.suppress(OSError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
+
+    def reap() -> None:  # off the loop: it is dying from SIGKILL
+        popen.wait()
+        if cgroup is not None:
+            Cgroups.remove(cgroup)
+
+    _spawn_pool().submit(reap)
+
+
+async def _spawn_off_loop(watcher: PidfdChildWatcher, start: Callable[[], tuple[subprocess.Popen[bytes], str | None]],
+                          argv: list[str], stdin: int) -> tuple[asyncio.subprocess.Process, str | None]:
+    """``asyncio.create_subprocess_exec`` with ``start`` (:func:`_popen`) in a spawn thread, not on the loop.
+
+    Then the same transport, protocol and child-watcher registration as asyncio's own
+    ``_make_subprocess_transport`` - only the Popen call moved. A pidfd opened after the fork still
+    finds the child: it cannot be reaped before the watcher does (nothing else waits for it).
+    """
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(_spawn_pool(), start)
+    try:
+        popen, cgroup = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_orphan)
+        raise
+    protocol = asyncio.subprocess.SubprocessStreamProtocol(limit=_STREAM_LIMIT, loop=loop)
+    waiter = loop.create_future()
+    transp = _AdoptedTransport(loop, protocol, argv, False, stdin, subprocess.PIPE, subprocess.PIPE, 0,
+                               waiter=waiter, extra=None, popen=popen)
+    watcher.add_child_handler(transp.get_pid(), loop._child_watcher_callback, transp)  # type: ignore[attr-defined]
+    try:
+        await waiter
+    except BaseException:
+        transp.close()
+        await transp._wait()
+        if cgroup is not None:
+            Cgroups.remove(cgroup)
+        raise
+    return asyncio.subprocess.Process(transp, protocol, loop), cgroup
+
+
 # Runs the CLI only once it is in its cgroup: the shell moves itself there, then execs the CLI
 # (same pid), so nothing the CLI starts - even with setsid - is ever outside the cgroup.
 _CGROUP_EXEC = 'echo $$ 2>/dev/null >"$0"; exec "$@"'
@@ -334,48 +415,89 @@ def _check_executable(argv0: str, cwd: str, env: dict[str, str]) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", argv0)
 
 
+def _in_cgroup(argv: list[str], cwd: str, env: dict[str, str], cgroup: str) -> list[str]:
+    _check_executable(argv[0], cwd, env)
+    return ["/bin/sh", "-c", _CGROUP_EXEC, os.path.join(cgroup, "cgroup.procs"), *argv]
+
+
+def _enter(cgroup: str, pid: int) -> None:
+    """The parent's write of the pid into the cgroup (the wrapper's may have failed silently)."""
+    try:
+        _write_file(os.path.join(cgroup, "cgroup.procs"), str(pid))
+    except ProcessLookupError:
+        pass  # already exited
+    except OSError as exc:
+        log.warning("cannot put CLI %d into %s (%s): only its process group is tracked", pid, cgroup, exc)
+
+
+#: A run's cgroup: a directory, a function making one (called where the spawn happens), or none.
+CgroupSpec = str | Callable[[], str | None] | None
+
+
+def _popen(argv: list[str], cwd: str, env: dict[str, str], stdin: int,
+           cgroup: CgroupSpec) -> tuple[subprocess.Popen[bytes], str | None]:
+    """All the blocking work of a spawn (cgroup mkdir, PATH lookup, fork/exec, cgroup entry), for a spawn thread.
+
+    The Popen arguments are vfork-friendly (no ``preexec_fn``, no user/group change): Python's
+    ``_posixsubprocess`` then uses vfork(), whose cost does not grow with the agent's memory.
+    """
+    path = cgroup() if callable(cgroup) else cgroup
+    try:
+        popen = subprocess.Popen(_in_cgroup(argv, cwd, env, path) if path else argv, cwd=cwd, env=env,
+                                 stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True, bufsize=0)
+    except BaseException:
+        if path is not None:
+            Cgroups.remove(path)
+        raise
+    if path is not None:
+        _enter(path, popen.pid)
+    return popen, path
+
+
 async def spawn(
     argv: list[str], cwd: str, env: dict[str, str], stdin: bool, cgroup: str | None = None
 ) -> asyncio.subprocess.Process:
-    """Start a CLI in its own session; in ``cgroup`` (a directory of :class:`Cgroups`) when given.
+    """:func:`spawn_run` in ``cgroup`` (a directory of :class:`Cgroups`), when given."""
+    return (await spawn_run(argv, cwd, env, stdin, cgroup))[0]
+
+
+async def spawn_run(
+    argv: list[str], cwd: str, env: dict[str, str], stdin: bool, cgroup: CgroupSpec = None
+) -> tuple[asyncio.subprocess.Process, str | None]:
+    """Start a CLI in its own session, in a cgroup when ``cgroup`` is or makes one; the process and its cgroup.
 
     The cgroup is entered before the CLI runs, through ``/bin/sh -c 'echo $$ > cgroup.procs; exec
     "$@"'`` (``preexec_fn`` is not allowed: gRPC is threaded); the only trace of the wrapper is the
     ``PWD`` variable the shell sets to the run's cwd. The parent writes the pid too, so a failed
     write in the wrapper is caught; a cgroup that cannot be entered leaves the run with
     process-group tracking only (logged). On a failed spawn the cgroup is removed.
+
+    With the pidfd watcher the blocking part (:func:`_popen`) runs in a spawn thread, so the event
+    loop goes on serving other StartRuns and events meanwhile; the caller still gets the process
+    only once it exists (a StartRun's journal record, written before, stays before the spawn).
     """
-    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+    stdin_arg = subprocess.PIPE if stdin else subprocess.DEVNULL
+    watcher = child_watcher()
+    if watcher is not None:
+        proc, path = await _spawn_off_loop(watcher, functools.partial(_popen, argv, cwd, env, stdin_arg, cgroup),
+                                           argv, stdin_arg)
+        exit_future = watcher.take_exit(proc.pid)
+        if exit_future is not None:
+            _exits[proc] = exit_future
+        return proc, path
+    path = cgroup() if callable(cgroup) else cgroup
     try:
-        if procs is not None:
-            _check_executable(argv[0], cwd, env)
-            argv = ["/bin/sh", "-c", _CGROUP_EXEC, procs, *argv]
-        watcher = child_watcher()
         proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            limit=1024 * 1024,
-        )
+            *(_in_cgroup(argv, cwd, env, path) if path else argv), cwd=cwd, env=env, stdin=stdin_arg,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, limit=_STREAM_LIMIT)
     except BaseException:
-        if cgroup is not None:
-            Cgroups.remove(cgroup)
+        if path is not None:
+            Cgroups.remove(path)
         raise
-    exit_future = watcher.take_exit(proc.pid) if watcher is not None else None
-    if exit_future is not None:
-        _exits[proc] = exit_future
-    if procs is not None:
-        try:
-            _write_file(procs, str(proc.pid))
-        except ProcessLookupError:
-            pass  # already exited
-        except OSError as exc:
-            log.warning("cannot put CLI %d into %s (%s): only its process group is tracked", proc.pid, cgroup, exc)
-    return proc
+    if path is not None:
+        _enter(path, proc.pid)
+    return proc, path
 
 
 def _write_file(path: str, data: str) -> None:
@@ -411,7 +533,7 @@ class Cgroups:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._n = 0
+        self._n = itertools.count(1)  # next() is atomic: run cgroups are made in spawn threads
         self._lock = threading.Lock()
         self._pending: set[str] = set()  # run cgroups whose members are still exiting
         self._closed = False
@@ -492,8 +614,7 @@ class Cgroups:
 
     def new_run(self) -> str | None:
         """A fresh, empty cgroup for one run (None if it could not be created)."""
-        self._n += 1
-        path = os.path.join(self.root, f"run-{self._n}")
+        path = os.path.join(self.root, f"run-{next(self._n)}")
         try:
             os.mkdir(path)
         except OSError as exc:

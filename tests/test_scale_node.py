@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -94,6 +95,8 @@ async def test_fifty_sleeping_runs_schedule_no_timer_each(idle_timeout_ms: int |
 
 async def test_exit_statuses_come_through_the_pidfd_watcher(tmp_path: Any) -> None:
     env = {"PATH": os.defpath}
+    # The spawn pool's threads (a fixed few, made at the first spawn) do not wait for any CLI.
+    await (await spawn(["true"], str(tmp_path), env, False)).wait()
     before = threading.active_count()
     code = await spawn(["sh", "-c", "exit 3"], str(tmp_path), env, False)
     killed = await spawn(["sleep", "30"], str(tmp_path), env, False)
@@ -117,6 +120,73 @@ async def test_a_child_without_a_pidfd_is_still_waited_for(tmp_path: Any, monkey
     proc = await spawn(["sh", "-c", "exit 5"], str(tmp_path), {"PATH": os.defpath}, False)
     assert await asyncio.wait_for(leader_exited(proc), 10) == 5
     await proc.wait()
+
+
+@contextmanager
+def slow_popen(delay: float, pids: list[int]) -> Iterator[None]:
+    """Popen that takes ``delay`` seconds first, as a fork/exec does on a loaded machine; records the pids."""
+    real = subprocess.Popen
+
+    def popen(*args: Any, **kw: Any) -> Any:
+        time.sleep(delay)
+        proc = real(*args, **kw)
+        pids.append(proc.pid)
+        return proc
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", popen)
+        yield
+
+
+async def test_the_event_loop_keeps_running_while_a_cli_is_spawned(tmp_path: Any) -> None:
+    # On the loop, 1,000 concurrent StartRuns queued behind each other's fork/exec.
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    pids: list[int] = []
+    try:
+        with slow_popen(0.5, pids):
+            proc = await spawn(["sh", "-c", "exit 4"], str(tmp_path), {"PATH": os.defpath}, False)
+    finally:
+        ticker.cancel()
+    assert ticks >= 5, f"the loop ran {ticks} times in a 0.5 s spawn"
+    assert pids == [proc.pid] and await asyncio.wait_for(leader_exited(proc), 10) == 4
+    await proc.wait()
+
+
+async def test_a_spawn_cancelled_midway_leaves_no_cli_behind(tmp_path: Any) -> None:
+    pids: list[int] = []
+    with slow_popen(0.3, pids):
+        task = asyncio.create_task(spawn(["sleep", "30"], str(tmp_path), {"PATH": os.defpath}, False))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if pids:
+                break
+            await asyncio.sleep(0.05)
+    assert pids, "the spawn thread did not go on with the fork"
+
+    def reaped(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    # The fork went on in its thread; its CLI is killed and reaped, not left running unsupervised.
+    for _ in range(200):
+        if reaped(pids[0]):
+            break
+        await asyncio.sleep(0.05)
+    assert reaped(pids[0]), f"CLI {pids[0]} of a cancelled spawn is still there"
 
 
 async def test_leader_exit_is_awaited_not_polled_even_with_its_pipes_held(tmp_path: Any) -> None:
