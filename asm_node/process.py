@@ -346,6 +346,15 @@ class _AdoptedTransport(_UnixSubprocessTransport):  # type: ignore[misc]
                **kwargs: Any) -> None:
         self._proc = kwargs["popen"]
 
+    def exited(self, pid: int, returncode: int) -> None:
+        """The child watcher's callback: what asyncio's loop does for its own children (the exit is
+        handled one loop iteration later, after the pipes' last reads were scheduled)."""
+        loop = self._loop
+        loop.call_soon_threadsafe(loop.call_soon, self._process_exited, returncode)
+
+    async def wait_exit(self) -> int | None:
+        return await self._wait()  # type: ignore[no-any-return]
+
 
 def _orphan(fut: asyncio.Future[Any]) -> None:
     """A spawn whose caller was cancelled meanwhile: its CLI must not outlive it unsupervised."""
@@ -385,12 +394,12 @@ async def _spawn_off_loop(watcher: PidfdChildWatcher, start: Callable[[], tuple[
     waiter = loop.create_future()
     transp = _AdoptedTransport(loop, protocol, argv, False, stdin, subprocess.PIPE, subprocess.PIPE, 0,
                                waiter=waiter, extra=None, popen=popen)
-    watcher.add_child_handler(transp.get_pid(), loop._child_watcher_callback, transp)  # type: ignore[attr-defined]
+    watcher.add_child_handler(transp.get_pid(), transp.exited)
     try:
         await waiter
     except BaseException:
         transp.close()
-        await transp._wait()
+        await transp.wait_exit()
         if cgroup is not None:
             Cgroups.remove(cgroup)
         raise
