@@ -17,15 +17,13 @@ from typing import Any
 import pytest
 
 from asm_controller import Event, RemoteNode, Result, Session
-from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.cli_env import CLI_NAMES, cli_env, find_cli, hermetic_env
+from tests.support.conformance import OPTIONS, new_workspace, start_cli_node
 from tests.support.fake_model_server import FakeModelServer
 from tests.support.processes import NodeProcess, pid_alive, start_node_process
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
-ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
-# Per-provider options for the fake server: Gemini's model pinned (skips its router, caps retries).
-OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True}, "gemini": {"model": GEMINI_MODEL}}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +39,9 @@ def model_server() -> Iterator[FakeModelServer]:
 def cli_node(request: pytest.FixtureRequest, model_server: FakeModelServer,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NodeProcess, Path]]:
     name: str = request.param
-    path = find_cli(name)
-    if path is None:
-        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
     scratch = tmp_path_factory.mktemp(f"conf-{name}")
-    env = hermetic_env({**cli_env(name, model_server.base_url, scratch), ENV_VARS[name]: str(path)})
-    node = start_node_process(scratch, "--node-id", f"node-{name}", env=env, inherit=False)
-    workspace = scratch / "ws"
-    workspace.mkdir()
+    node = start_cli_node(name, model_server, scratch)
+    workspace = new_workspace(scratch)
     try:
         yield name, node, workspace
     finally:

@@ -15,19 +15,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.cli_env import CLI_NAMES
+from tests.support.conformance import OPTIONS, new_workspace, start_cli_node
 from tests.support.fake_model_server import FakeModelServer
-from tests.support.processes import ROOT, NodeProcess, pid_alive, start_node_process
+from tests.support.processes import ROOT, NodeProcess, pid_alive
 from tests.support.terminal import Lines, Terminal, terminals
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
-ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
-OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True}, "gemini": {"model": GEMINI_MODEL}}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +38,7 @@ def model_server() -> Iterator[FakeModelServer]:
 
 
 def _node(name: str, model_server: FakeModelServer, scratch: Path) -> tuple[NodeProcess, Path]:
-    path = find_cli(name)
-    if path is None:
-        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
-    env = hermetic_env({**cli_env(name, model_server.base_url, scratch), ENV_VARS[name]: str(path)})
-    node = start_node_process(scratch, "--node-id", f"node-{name}", env=env, inherit=False)
-    workspace = scratch / "ws"
-    workspace.mkdir()
-    return node, workspace
+    return start_cli_node(name, model_server, scratch), new_workspace(scratch)
 
 
 @pytest.fixture(scope="module", params=CLI_NAMES)

@@ -14,14 +14,13 @@ from typing import Any
 import pytest
 
 from asm_controller import Event, RemoteNode, Result, Session
-from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL
+from tests.support.conformance import OPTIONS, start_cli_node
 from tests.support.fake_model_server import FakeModelServer
-from tests.support.processes import NodeProcess, start_node_process
+from tests.support.processes import NodeProcess
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
-ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
-OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True}, "gemini": {"model": GEMINI_MODEL}}
 #: The fake model server's usage for one request (tests/support/fake_model_server.py).
 ONE_REQUEST = (100, 20)
 
@@ -33,19 +32,6 @@ def model_server() -> Iterator[FakeModelServer]:
         yield server
     finally:
         server.stop()
-
-
-def start_cli_node(name: str, server: FakeModelServer, scratch: Path, **env_changes: str | None) -> NodeProcess:
-    path = find_cli(name)
-    if path is None:
-        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
-    env = hermetic_env({**cli_env(name, server.base_url, scratch), ENV_VARS[name]: str(path)})
-    for key, value in env_changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return start_node_process(scratch, "--node-id", f"node-{name}", env=env, inherit=False)
 
 
 @pytest.fixture(scope="module", params=CLI_NAMES)

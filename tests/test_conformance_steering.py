@@ -24,7 +24,8 @@ import pytest
 from asm_controller import Event, GrpcNodeClient, RemoteNode, Result, Session
 from asm_node.providers._mcp import secure_for_gemini
 from asm_wire import AsmError, pb
-from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.cli_env import CLI_NAMES, cli_env, find_cli, hermetic_env
+from tests.support.conformance import ENV_VARS, OPTIONS, new_workspace, start_cli_node
 from tests.support.fake_model_server import FakeModelServer
 from tests.support.processes import NodeProcess, pid_alive, start_controller_process, start_node_process, wait_until
 
@@ -32,9 +33,6 @@ pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (sk
 
 ROOT = Path(__file__).resolve().parent.parent
 MCP_SERVER = ROOT / "tests" / "support" / "mcp_server.py"
-ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
-OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True},
-                                      "gemini": {"model": GEMINI_MODEL}}
 STEER_DELTAS, STEER_INTERVAL = 16, 0.25  # a 4 s answer to steer into
 
 
@@ -63,16 +61,10 @@ def state_home() -> Iterator[Path]:
 def cli_node(request: pytest.FixtureRequest, model_server: FakeModelServer, state_home: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NodeProcess, Path]]:
     name: str = request.param
-    path = find_cli(name)
-    if path is None:
-        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
     scratch = tmp_path_factory.mktemp(f"steer-{name}")
-    env = hermetic_env({**cli_env(name, model_server.base_url, scratch), ENV_VARS[name]: str(path),
-                        "XDG_STATE_HOME": str(state_home / name)})
-    node = start_node_process(scratch, "--node-id", f"node-{name}", "--allow-run-option", "mcp_servers",
-                              env=env, inherit=False)
-    workspace = scratch / "ws"
-    workspace.mkdir()
+    node = start_cli_node(name, model_server, scratch, "--allow-run-option", "mcp_servers",
+                          XDG_STATE_HOME=str(state_home / name))
+    workspace = new_workspace(scratch)
     try:
         yield name, node, workspace
     finally:

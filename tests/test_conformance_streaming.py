@@ -21,22 +21,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from asm_controller import Event, RemoteNode, Result, Session
 from asm_node.providers import provider_class
-from tests.support.cli_env import CLI_NAMES, GEMINI_MODEL, cli_env, find_cli, hermetic_env
+from tests.support.cli_env import CLI_NAMES
+from tests.support.conformance import OPTIONS, new_workspace, start_cli_node
 from tests.support.fake_model_server import SLOW_DELTAS, SLOW_INTERVAL, FakeModelServer
-from tests.support.processes import NodeProcess, start_node_process
+from tests.support.processes import NodeProcess
 
 pytestmark = pytest.mark.real_cli  # every test here drives an installed CLI (skipped without it)
 
-ENV_VARS = {"claude": "CLAUDE_CLI_PATH", "codex": "CODEX_PATH", "gemini": "GEMINI_CLI_PATH"}
 # As tests/test_conformance.py: Gemini's model pinned (skips its router), Codex outside a git repo.
-OPTIONS: dict[str, dict[str, Any]] = {"claude": {}, "codex": {"skip_git_repo_check": True},
-                                      "gemini": {"model": GEMINI_MODEL}}
 #: The scripted slow answer, as fake_model_server streams it ("slow0 slow1 ... slow38 done.").
 EXPECTED = "".join([f"slow{i} " for i in range(SLOW_DELTAS - 1)] + ["done."])
 #: How long the model server takes to stream it (the pause is between deltas).
@@ -58,14 +55,9 @@ def model_server() -> Iterator[FakeModelServer]:
 def cli_node(request: pytest.FixtureRequest, model_server: FakeModelServer,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NodeProcess, Path]]:
     name: str = request.param
-    path = find_cli(name)
-    if path is None:
-        pytest.skip(f"{name} CLI not installed (run scripts/install_clis.sh)")
     scratch = tmp_path_factory.mktemp(f"stream-{name}")
-    env = hermetic_env({**cli_env(name, model_server.base_url, scratch), ENV_VARS[name]: str(path)})
-    node = start_node_process(scratch, "--node-id", f"node-{name}", env=env, inherit=False)
-    workspace = scratch / "ws"
-    workspace.mkdir()
+    node = start_cli_node(name, model_server, scratch)
+    workspace = new_workspace(scratch)
     try:
         yield name, node, workspace
     finally:
