@@ -99,7 +99,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -1182,22 +1182,28 @@ def main_ha(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not bench_ha.available():
         print("bench: --ha needs PostgreSQL (scripts/install_postgres.sh); nothing measured", file=sys.stderr)
         return 0
-    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-ha-"))
-    out: dict[str, Any] | None = None
+    out = run_mode("asm-bench-ha-", lambda workdir: bench_ha.run_ha(cfg, workdir, lambda line: print(line, flush=True)))
+    if out is not None:
+        bench_ha.report_ha(out)
+    return 0
+
+
+
+def run_mode(prefix: str, run: Callable[[Path], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any] | None:
+    """One benchmark mode in its own scratch directory: its figures, or None after a failure is
+    reported (a benchmark reports, it does not crash)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        out = asyncio.run(bench_ha.run_ha(cfg, workdir, lambda line: print(line, flush=True)))
-    except BaseException as exc:  # a benchmark reports, it does not crash
+        return asyncio.run(run(workdir))
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             print("bench: interrupted", file=sys.stderr)
         else:
             traceback.print_exc()
             print(f"bench: aborted: {exc}", file=sys.stderr)
+        return None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if out is not None:
-        bench_ha.report_ha(out)
-    return 0
-
 
 def main_http(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import bench_http  # scripts/ is this script's directory, first on sys.path
@@ -1212,18 +1218,7 @@ def main_http(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     t_start = time.perf_counter()
     print(f"asm bench --http  python {platform.python_version()}  nproc {os.cpu_count()}  {platform.system()} "
           f"{platform.machine()}  (figures on a shared machine vary with its load)", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-http-"))
-    out: dict[str, Any] | None = None
-    try:
-        out = asyncio.run(bench_http.run_http(cfg, workdir, lambda line: print(line, flush=True)))
-    except BaseException as exc:  # a benchmark reports, it does not crash
-        if isinstance(exc, KeyboardInterrupt):
-            print("bench: interrupted", file=sys.stderr)
-        else:
-            traceback.print_exc()
-            print(f"bench: aborted: {exc}", file=sys.stderr)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out = run_mode("asm-bench-http-", lambda workdir: bench_http.run_http(cfg, workdir, lambda line: print(line, flush=True)))
     if out is not None:
         bench_http.report_http(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
@@ -1340,18 +1335,7 @@ def main_thru(args: argparse.Namespace) -> int:
     cfg.baseline_root = args.thru_baseline
     t_start = time.perf_counter()
     print(f"asm bench --thru  {machine_details()}  (figures on a shared machine vary with its load)", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-thru-"))
-    out: dict[str, Any] | None = None
-    try:
-        out = asyncio.run(bench_thru.run_thru(cfg, workdir, lambda line: print(line, flush=True)))
-    except BaseException as exc:  # a benchmark reports, it does not crash
-        if isinstance(exc, KeyboardInterrupt):
-            print("bench: interrupted", file=sys.stderr)
-        else:
-            traceback.print_exc()
-            print(f"bench: aborted: {exc}", file=sys.stderr)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out = run_mode("asm-bench-thru-", lambda workdir: bench_thru.run_thru(cfg, workdir, lambda line: print(line, flush=True)))
     if out is not None:
         bench_thru.report_thru(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
@@ -1407,18 +1391,7 @@ def main_scale(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if why:
         print(f"bench: --scale: {why}; nothing measured", file=sys.stderr)
         return 0
-    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-scale-"))
-    out: dict[str, Any] | None = None
-    try:
-        out = asyncio.run(bench_scale.run_scale(cfg, workdir, lambda line: print(line, flush=True)))
-    except BaseException as exc:  # a benchmark reports, it does not crash
-        if isinstance(exc, KeyboardInterrupt):
-            print("bench: interrupted", file=sys.stderr)
-        else:
-            traceback.print_exc()
-            print(f"bench: aborted: {exc}", file=sys.stderr)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out = run_mode("asm-bench-scale-", lambda workdir: bench_scale.run_scale(cfg, workdir, lambda line: print(line, flush=True)))
     if out is not None:
         bench_scale.report_scale(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
@@ -1437,18 +1410,7 @@ def main_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print("bench: --cli needs sh and cat on PATH; nothing measured", file=sys.stderr)
         return 0
     t_start = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="asm-bench-cli-"))
-    out: dict[str, Any] | None = None
-    try:
-        out = asyncio.run(bench_cli.run_cli(cfg, workdir, lambda line: print(line, flush=True)))
-    except BaseException as exc:  # a benchmark reports, it does not crash
-        if isinstance(exc, KeyboardInterrupt):
-            print("bench: interrupted", file=sys.stderr)
-        else:
-            traceback.print_exc()
-            print(f"bench: aborted: {exc}", file=sys.stderr)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out = run_mode("asm-bench-cli-", lambda workdir: bench_cli.run_cli(cfg, workdir, lambda line: print(line, flush=True)))
     if out is not None:
         bench_cli.report_cli(out)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
