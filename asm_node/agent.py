@@ -407,6 +407,8 @@ class NodeAgent:
             events.append(pb.Event(kind=kind_value(EventKind.ERROR), error=pb.Error(
                 code=code, domain=entry.error_domain or "runtime", severity=pb.SEVERITY_ERROR, exit_code=-1,
                 message=entry.error_message or f"run {entry.run_id} {entry.status}")))
+            if entry.error_reason:  # which deadline, or another typed cause (Result.error.reason)
+                events[-1].metadata["reason"] = entry.error_reason
         duration_ms = max(0, (entry.finished_ns - entry.started_ns) // 1_000_000)
         events.append(pb.Event(kind=kind_value(EventKind.RUN_COMPLETED), run_completed=pb.RunCompleted(
             status=entry.status, exit_code=entry.exit_code, duration_ms=duration_ms)))

@@ -35,7 +35,8 @@ log = logging.getLogger("asm_node.journal")
 
 JOURNAL_FILE = "journal.sqlite3"
 LOCK_FILE = "journal.lock"
-SCHEMA_VERSION = 1
+#: 2 added ``error_reason`` (a deadline's run_timeout / idle_timeout ...); a version-1 journal is upgraded in place.
+SCHEMA_VERSION = 2
 #: The first terminal error of a run is kept, cut to this many characters.
 MAX_ERROR_CHARS = 2000
 
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_ns   INTEGER NOT NULL DEFAULT 0,
     error_kind    TEXT NOT NULL DEFAULT '',
     error_domain  TEXT NOT NULL DEFAULT '',
-    error_message TEXT NOT NULL DEFAULT ''
+    error_message TEXT NOT NULL DEFAULT '',
+    error_reason  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_ns);
 """
@@ -75,6 +77,8 @@ class JournalEntry:
     error_kind: str
     error_domain: str
     error_message: str
+    #: The error's typed cause (its event's ``metadata["reason"]``), e.g. ``run_timeout``; "" when none.
+    error_reason: str = ""
 
 
 def default_state_dir() -> Path:
@@ -145,6 +149,8 @@ class Journal:
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version} is newer than this agent's ({SCHEMA_VERSION})")
         db.executescript(_SCHEMA)
+        if version == 1:  # CREATE TABLE IF NOT EXISTS kept the old table: add what version 2 has
+            db.execute("ALTER TABLE runs ADD COLUMN error_reason TEXT NOT NULL DEFAULT ''")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # The previous agent on this state dir is gone (we hold its lock): what it left running is lost.
         cur = db.execute("UPDATE runs SET status='lost', finished_ns=? WHERE status='running' AND epoch<>?",
@@ -176,12 +182,14 @@ class Journal:
                     (run_id, owner, session_id, provider, started_ns, self.epoch))
 
     def finished(self, run_id: str, status: str, exit_code: int, last_seq: int, finished_ns: int,
-                 error: tuple[str, str, str] | None) -> None:
-        kind, domain, message = error or ("", "", "")
+                 error: tuple[str, str, str, str] | None) -> None:
+        """A run ended; ``error`` is its first failing error as (kind, domain, message, reason)."""
+        kind, domain, message, reason = error or ("", "", "", "")
         self._write(f"ending run {run_id}",
                     "UPDATE runs SET status=?, exit_code=?, last_seq=?, finished_ns=?, error_kind=?, error_domain=?, "
-                    "error_message=? WHERE run_id=?",
-                    (status, exit_code, last_seq, finished_ns, kind, domain, message[:MAX_ERROR_CHARS], run_id))
+                    "error_message=?, error_reason=? WHERE run_id=?",
+                    (status, exit_code, last_seq, finished_ns, kind, domain, message[:MAX_ERROR_CHARS],
+                     reason[:MAX_ERROR_CHARS], run_id))
 
     def prune(self) -> int:
         """Forget ended runs that ended more than ``max_age_s`` ago; the number forgotten."""
@@ -194,7 +202,7 @@ class Journal:
         try:
             row = self._db.execute(
                 "SELECT run_id, owner, session_id, provider, started_ns, epoch, status, exit_code, last_seq, "
-                "finished_ns, error_kind, error_domain, error_message FROM runs WHERE run_id=?", (run_id,)).fetchone()
+                "finished_ns, error_kind, error_domain, error_message, error_reason FROM runs WHERE run_id=?", (run_id,)).fetchone()
         except sqlite3.Error as exc:
             log.error("run journal %s: reading run %s failed: %s", self.path or ":memory:", run_id, exc)
             if self._on_failure is not None:

@@ -173,8 +173,8 @@ class Run:
         self._stderr_sent = 0
         self._stderr_capped = False
         self.task: asyncio.Task[None] | None = None
-        #: The run's first failing error event (code, domain, message), kept for the node's run journal.
-        self.first_error: tuple[str, str, str] | None = None
+        #: The run's first failing error event (code, domain, message, reason), kept for the node's run journal.
+        self.first_error: tuple[str, str, str, str] | None = None
 
     # -- events ----------------------------------------------------------------
 
@@ -231,7 +231,7 @@ class Run:
             if ev.kind == _APPROVAL_REQUESTED:
                 self._arm_approval(ev.approval_requested.approval_id, ev.approval_requested.subject)
             elif ev.kind == _ERROR and self.first_error is None and is_failure(ev.error.severity):
-                self.first_error = (ev.error.code, ev.error.domain, ev.error.message)
+                self.first_error = (ev.error.code, ev.error.domain, ev.error.message, ev.metadata.get("reason", ""))
             datas.append(ev.SerializeToString())
         self.log.append(datas)
 

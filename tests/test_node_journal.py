@@ -316,3 +316,54 @@ async def test_session_reduces_a_journaled_outcome_like_the_run(tmp_path: Path, 
         assert (again.error.kind if again.error else None) == (first.error.kind if first.error else None)
     finally:
         await agent.stop()
+
+
+async def test_a_journaled_timeout_keeps_which_deadline_fired(tmp_path: Path) -> None:
+    """A run ended by its run_timeout_ms, asked again after eviction: the same error kind AND reason."""
+    marker = tmp_path / "marker.txt"
+    agent = NodeAgent(node_config(retention_max_runs=0, state_dir=tmp_path / "state"))
+    await agent.start()
+    prompt = counting(marker, sleep=30)
+    try:
+        async with Session("shell", node=EmbeddedNode(agent), options={"run_timeout_ms": 300}) as session:
+            first = await session.query(prompt, run_id="jr-deadline")
+        assert first.error is not None and (first.error.kind, first.error.reason) == ("timeout", "run_timeout")
+        async with Session("shell", node=EmbeddedNode(agent), options={"run_timeout_ms": 300}) as session:
+            again = await session.query(prompt, run_id="jr-deadline")
+        assert "jr-deadline" not in agent.runs and lines(marker) == 1  # answered from the journal, not run again
+        assert again.error is not None and (again.error.kind, again.error.reason) == ("timeout", "run_timeout")
+        assert again.status == first.status == "failed"
+    finally:
+        await agent.stop()
+
+
+def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A journal written before error_reason existed opens, keeps its runs, and records reasons from then on."""
+    from asm_node.journal import JOURNAL_FILE, SCHEMA_VERSION, Journal
+
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / JOURNAL_FILE)
+    db.executescript("""
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, session_id TEXT NOT NULL,
+            provider TEXT NOT NULL, started_ns INTEGER NOT NULL, epoch TEXT NOT NULL, status TEXT NOT NULL,
+            exit_code INTEGER NOT NULL DEFAULT -1, last_seq INTEGER NOT NULL DEFAULT 0,
+            finished_ns INTEGER NOT NULL DEFAULT 0, error_kind TEXT NOT NULL DEFAULT '',
+            error_domain TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '');
+        PRAGMA user_version=1;""")
+    now = time.time_ns()
+    db.execute("INSERT INTO runs VALUES ('old', 'o', 's', 'shell', ?, 'e0', 'failed', 3, 4, ?, 'runtime', 'runtime', "
+               "'boom')", (now, now))
+    db.commit()
+    db.close()
+    journal = Journal(state, epoch="e1", max_age_s=3600)
+    try:
+        old = journal.get("old")
+        assert old is not None and (old.status, old.error_message, old.error_reason) == ("failed", "boom", "")
+        journal.started("new", "o", "s", "shell", now)
+        journal.finished("new", "failed", -1, 3, now, ("timeout", "runtime", "late", "idle_timeout"))
+        new = journal.get("new")
+        assert new is not None and new.error_reason == "idle_timeout"
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        journal.close()
