@@ -154,6 +154,7 @@ class ToyProvider(CliProvider):
         "ollama": (False, ""),
     }
     pricing: ClassVar[dict[str, tuple[float, float]]] = {"": (0.5, 1.5)}
+    models: ClassVar[tuple[str, ...]] = ("t-1", "t-2")
     permission_modes: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
         "default": ("ask", ()), "auto": ("edits", ("--edits",)), "bypass": ("all", ("--all",)),
         "plan": ("look", ("--look",)),
@@ -199,6 +200,10 @@ def test_a_registered_provider_shows_up_everywhere(toy: Path) -> None:
 
     assert "toy" in MODEL_PROVIDERS and list(MODEL_PROVIDERS)[-1] == "toy" and len(MODEL_PROVIDERS) == len(REGISTRY)
     assert (parse_model("toy:t-1").provider, parse_model("toy:t-1").model) == ("toy", "t-1")
+    from asm_controller.inference._modelid import catalog_ids
+
+    # Its models are the module's declaration, listed by /v1/models as provider:model.
+    assert catalog_ids(["toy", "shell"]) == ["toy", "toy:t-1", "toy:t-2", "shell"]
     unregister("toy")
     with pytest.raises(InferenceError) as e:
         parse_model("toy:t-1")  # gone from the registry: gone from the endpoint too

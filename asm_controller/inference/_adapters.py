@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from asm_controller._events import Event
 from asm_controller._session import Session
-from asm_controller.inference._modelid import CATALOG
+from asm_controller.inference._modelid import models_of
 from asm_controller.inference._router import CompletionCall, RunFn
 from asm_wire import pb
 from asm_wire._principal import acting_as
@@ -34,7 +34,7 @@ def _options(call: CompletionCall, options: Mapping[str, Any] | None,
     out = {**(options or {}), **((provider_options or {}).get(call.provider) or {})}
     # The model id's model wins over the server's default. A lease must name a model (ASM's
     # missing_model_identity) even for a provider without models (shell): there it is a label only.
-    if call.model and (call.lease_ref is None or CATALOG.get(call.provider)):
+    if call.model and (call.lease_ref is None or models_of(call.provider)):
         out["model"] = call.model
     return out
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from asm_controller.inference._errors import InferenceError
-from asm_node.providers import provider_names
+from asm_node.providers import provider_class, provider_names
 
 
 class _RegisteredProviders(Collection[str]):
@@ -40,14 +40,6 @@ class _RegisteredProviders(Collection[str]):
 #: offers right now is the caller's ``providers`` (``/v1/models`` lists the nodes' available ones).
 PROVIDERS: Final[Collection[str]] = _RegisteredProviders()
 ALIASES: Final = {"codex_exec": "codex"}
-#: Model ids ``/v1/models`` lists besides the bare providers (ASM's model catalogs, priv/models/*.json).
-CATALOG: Final = {
-    "claude": ("opus", "sonnet", "haiku"),
-    "codex": ("gpt-5-codex",),
-    "gemini": ("gemini-2.5-pro", "gemini-2.5-flash"),
-    "amp": ("amp-1",),
-    "shell": (),
-}
 _MAX_ID: Final = 256
 
 
@@ -89,10 +81,16 @@ def parse_model(model_id: str | None, *, providers: Collection[str] = PROVIDERS,
     return ModelRef(provider, model)
 
 
+def models_of(provider: str) -> tuple[str, ...]:
+    """The models a provider's module declares (``Provider.models``); none for an unknown provider."""
+    cls = provider_class(provider)
+    return cls.models if cls is not None else ()
+
+
 def catalog_ids(providers: list[str] | tuple[str, ...]) -> list[str]:
     """The model ids ``/v1/models`` lists for these providers: each bare, then its catalog's models."""
     out: list[str] = []
     for p in providers:
         out.append(p)
-        out.extend(f"{p}:{m}" for m in CATALOG.get(p, ()))
+        out.extend(f"{p}:{m}" for m in models_of(p))
     return out

@@ -106,6 +106,8 @@ class AmpProvider(CliProvider):
     #: actors, shared/spec/real_clis.md §4), so ListProviderSessions answers none for it.
     session_store: ClassVar[SessionStore | None] = None
     display_name = "Amp CLI"
+    #: ASM's model catalog (priv/models): ``/v1/models`` lists these as provider:model.
+    models: ClassVar[tuple[str, ...]] = ("amp-1",)
     #: ASM.Cost.Models (USD per token); Amp's own cost_usd wins over these when it reports one.
     pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
         "": (0.0000018, 0.0000072),

@@ -123,6 +123,9 @@ class Provider(ABC):
     env_var: str = ""
     #: ASM.Cost.Models: USD per token (input, output) by model; "" is the provider's default.
     pricing: ClassVar[Mapping[str, tuple[float, float]]] = MappingProxyType({})
+    #: The models a caller may name as ``provider:model`` (ASM's priv/models catalogs): the inference
+    #: endpoint's ``/v1/models`` lists them, and a lease's model reaches the CLI only for a provider with some.
+    models: ClassVar[tuple[str, ...]] = ()
     #: permission mode -> what it means with this provider when its flags alone do not say it
     #: (e.g. Codex's default is codex exec's own read-only sandbox).
     mode_notes: ClassVar[Mapping[str, str]] = MappingProxyType({})

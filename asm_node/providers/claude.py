@@ -334,6 +334,8 @@ class ClaudeProvider(CliProvider):
     session_store: ClassVar[SessionStore | None] = SessionStore(
         "claude_projects_jsonl", ".claude", ("CLAUDE_CONFIG_DIR", ""), ("projects", "*", "*.jsonl"), read_claude_session)
     display_name = "Claude CLI"
+    #: ASM's model catalog (priv/models): ``/v1/models`` lists these as provider:model.
+    models: ClassVar[tuple[str, ...]] = ("opus", "sonnet", "haiku")
     #: ASM.Cost.Models (USD per token); the CLI's own total_cost_usd wins over these when it reports one.
     pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
         "": (0.000003, 0.000015),

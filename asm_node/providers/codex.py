@@ -387,6 +387,8 @@ class CodexProvider(CliProvider):
         "codex_sessions_jsonl", ".codex", ("CODEX_HOME", ""),
         ("sessions", "[0-9][0-9][0-9][0-9]", "[0-9][0-9]", "[0-9][0-9]", "rollout-*.jsonl"), read_codex_session)
     display_name = "Codex CLI"
+    #: ASM's model catalog (priv/models): ``/v1/models`` lists these as provider:model.
+    models: ClassVar[tuple[str, ...]] = ("gpt-5-codex",)
     #: ASM.Cost.Models (USD per token).
     pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
         "": (0.000001, 0.000004),

@@ -145,6 +145,8 @@ class GeminiProvider(CliProvider):
         "gemini_chats_jsonl", ".gemini", ("GEMINI_CLI_HOME", ".gemini"), ("tmp", "*", "chats", "session-*.jsonl"),
         read_gemini_session)
     display_name = "Gemini CLI"
+    #: ASM's model catalog (priv/models): ``/v1/models`` lists these as provider:model.
+    models: ClassVar[tuple[str, ...]] = ("gemini-2.5-pro", "gemini-2.5-flash")
     #: ASM.Cost.Models (USD per token).
     pricing: ClassVar[Mapping[str, tuple[float, float]]] = {
         "": (0.0000015, 0.000006),
