@@ -22,6 +22,7 @@ from asm_node.journal import Journal, JournalEntry
 from asm_node.metrics import NodeMetrics
 from asm_node.process import Reaper
 from asm_node.providers import Provider, ProviderStatus, RunSpec, build_providers
+from asm_node.providers.base import remove_run_files
 from asm_node.run import ReplayBudget, Run, options_from_json, run_deadlines
 from asm_node.workspace import Workspaces
 from asm_wire import (
@@ -336,6 +337,7 @@ class NodeAgent:
         command = provider.build_command(spec)
         # exec() refuses NUL in argv/env: refused here, typed, before a run (and a slot) exists.
         if any("\0" in a for a in command.argv) or any("\0" in k or "\0" in v for k, v in command.env.items()):
+            remove_run_files(command.run_files)
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics,

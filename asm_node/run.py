@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING, Any
 from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS
 from asm_node.eventlog import FRAME_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, EventLog, ReplayBudget
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn_run, terminate_group
-from asm_node.providers.base import RUN_OPTIONS, CommandSpec, ExitInfo, LineParser, RunSpec, error_event
+from asm_node.providers.base import (
+    RUN_OPTIONS,
+    CommandSpec,
+    ExitInfo,
+    LineParser,
+    RunSpec,
+    error_event,
+    remove_run_files,
+)
 from asm_wire import (
     KIND_NAMES,
     ApprovalNotFound,
@@ -528,6 +536,12 @@ class Run:
         self._on_finished(self)
 
     async def main(self) -> None:
+        try:
+            await self._main()
+        finally:
+            remove_run_files(self.command.run_files)  # an MCP config with credentials, a schema: the run's only
+
+    async def _main(self) -> None:
         cmd = self.command
         try:
             # The run's cgroup is made in the spawn thread too (a cgroup mkdir is ~0.2 ms of kernel work).

@@ -260,6 +260,9 @@ async def test_mcp_server_tool_result_reaches_the_final_text(cli_node: tuple[str
     assert [c["params"]["name"] for c in calls if c.get("method") == "tools/call"] == ["lookup"]
     assert any(e.kind == "tool_use" and "lookup" in e.payload.get("tool_name", "") for e in events), \
         [e.to_dict() for e in events if e.kind == "tool_use"]
+    # The server's env value reached it without being on the CLI's argv (ps, the run_started event).
+    started = next(e for e in events if e.kind == "run_started")
+    assert not any(f"mcp-secret-{name}-5150" in a for a in started.payload["args"]), started.payload["args"]
     # The servers reached the CLI without a shell and never through the workspace.
     assert not {".mcp.json", ".gemini", ".codex", ".claude"} & entries(cli_node[2])
 

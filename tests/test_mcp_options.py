@@ -104,20 +104,25 @@ def test_the_option_is_the_operators(name: str) -> None:
 # -- rendering -----------------------------------------------------------------------------
 
 
-def test_claude_gets_exactly_these_servers_as_json_without_a_shell() -> None:
-    argv = command("claude", mcp_servers=SERVERS).argv
+def test_claude_gets_exactly_these_servers_as_json_without_a_shell(tmp_path: Path) -> None:
+    cmd = command("claude", env={"XDG_STATE_HOME": str(tmp_path / "state")}, mcp_servers=SERVERS)
+    argv = cmd.argv
     [flag] = [a for a in argv if a.startswith("--mcp-config=")]
-    assert json.loads(flag.removeprefix("--mcp-config=")) == {"mcpServers": {
+    path = Path(flag.removeprefix("--mcp-config="))
+    # A private file of the run's in the node's state dir, never the servers' env values on argv.
+    assert path.parent == tmp_path / "state" / "asm" / "claude-mcp" and cmd.run_files == (str(path),)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert not any('se"cr' in a for a in argv)
+    assert json.loads(path.read_text()) == {"mcpServers": {
         "look-up_1": {"type": "stdio", "command": "/usr/bin/python3", "args": SERVERS["look-up_1"]["args"],
                       "env": SERVERS["look-up_1"]["env"]},
         "docs": {"type": "http", "url": "https://mcp.example.com/mcp?x=1"}}}
     assert "--strict-mcp-config" in argv  # the node user's own MCP configuration is not mixed in
-    plain = command("claude").argv
-    assert not [a for a in plain if "mcp" in a]
+    plain = command("claude")
+    assert not [a for a in plain.argv if "mcp" in a] and plain.run_files == ()
 
 
-def test_codex_gets_toml_overrides_it_parses_back_to_the_servers() -> None:
-    argv = command("codex", mcp_servers=SERVERS).argv
+def _codex_table(argv: list[str]) -> dict[str, Any]:
     items = [a.removeprefix("--config=") for a in argv if a.startswith("--config=mcp_servers.")]
     table: dict[str, Any] = {}
     for item in items:
@@ -128,11 +133,32 @@ def test_codex_gets_toml_overrides_it_parses_back_to_the_servers() -> None:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = parsed
-    assert table == {"mcp_servers": {
+    return table
+
+
+def test_codex_gets_toml_overrides_it_parses_back_to_the_servers() -> None:
+    cmd = command("codex", mcp_servers=SERVERS)
+    argv = cmd.argv
+    assert _codex_table(argv) == {"mcp_servers": {
         "look-up_1": {"command": "/usr/bin/python3", "args": SERVERS["look-up_1"]["args"],
-                      "env": SERVERS["look-up_1"]["env"]},
+                      "env_vars": ["TOKEN", "MODE"]},
         "docs": {"url": "https://mcp.example.com/mcp?x=1"}}}
+    # The values are in the CLI's environment, forwarded by name: never on argv.
+    assert (cmd.env["TOKEN"], cmd.env["MODE"]) == ('se"cr\\et', "x")
+    assert not any('se"cr' in a for a in argv)
     assert argv[-2] == "--"  # the overrides come before the prompt
+
+
+def test_codex_keeps_on_argv_only_a_value_forwarding_would_change() -> None:
+    """A key the CLI's own environment has with another value (PATH), or two servers set differently,
+    stays in that server's env table: putting it in Codex's environment would change Codex's own."""
+    servers = {"a": {"command": "a", "env": {"PATH": "/srv/bin", "SHARED": "1", "SECRET_A": "sa", "HOME": "/h"}},
+               "b": {"command": "b", "env": {"SHARED": "2", "SECRET_B": "sb"}}}
+    cmd = command("codex", env={"PATH": "/usr/bin", "HOME": "/h"}, mcp_servers=servers)
+    table = _codex_table(cmd.argv)["mcp_servers"]
+    assert table["a"]["env_vars"] == ["SECRET_A", "HOME"] and table["a"]["env"] == {"PATH": "/srv/bin", "SHARED": "1"}
+    assert table["b"]["env_vars"] == ["SECRET_B"] and table["b"]["env"] == {"SHARED": "2"}
+    assert cmd.env["PATH"] == "/usr/bin" and "SHARED" not in cmd.env and cmd.env["SECRET_A"] == "sa"
 
 
 def test_gemini_refuses_a_settings_path_gemini_would_skip(tmp_path: Path) -> None:
@@ -219,3 +245,44 @@ def test_the_model_server_finds_each_clis_mcp_tool() -> None:
                                                       "tools": [{"type": "function", "name": "lookup"}]}]}
     second = decide_openai({"input": [user, {"type": "tool_search_call"}, found], "tools": []})
     assert (second.scenario, second.mcp_tool, second.mcp_namespace) == ("MCP", "lookup", "mcp__asmtest")
+
+
+# -- the run's own files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["claude", "codex"])
+async def test_a_runs_mcp_secrets_are_in_no_argv_and_its_files_go_when_it_ends(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a node: the CLI (a stand-in script) sees the servers, its argv and run_started event hold
+    no env value, and the config file the node wrote is gone once the run has ended."""
+    from asm_controller import EmbeddedNode, Session
+    from asm_node.testing import running_agent, test_config
+
+    seen = tmp_path / "seen.json"
+    script = tmp_path / f"fake-{name}"
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                      "cfg = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--mcp-config=')]\n"
+                      "text = open(cfg[0]).read() if cfg else ''\n"
+                      f"json.dump({{'argv': sys.argv, 'env': os.environ.get('TOKEN'), 'config': text}}, "
+                      f"open({str(seen)!r}, 'w'))\n")
+    script.chmod(0o755)
+    monkeypatch.setenv(CLASSES[name].env_var, str(script))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    async with running_agent(test_config(allow_run_options=["mcp_servers"])) as agent:
+        async with Session(name, node=EmbeddedNode(agent), cwd=str(workspace)) as s:
+            stream = s.stream("hi", options={"mcp_servers": SERVERS, "skip_git_repo_check": True} if name == "codex"
+                              else {"mcp_servers": SERVERS})
+            events = [ev async for ev in stream]
+    got = json.loads(seen.read_text())
+    secret = SERVERS["look-up_1"]["env"]["TOKEN"]
+    assert not any(secret in a for a in got["argv"])
+    started = next(e for e in events if e.kind == "run_started")
+    assert not any(secret in a for a in started.payload["args"])
+    if name == "claude":
+        assert json.loads(got["config"])["mcpServers"]["look-up_1"]["env"]["TOKEN"] == secret
+    else:
+        assert got["env"] == secret  # in Codex's environment, forwarded by name
+    assert not list((tmp_path / "state").rglob("*.json"))  # the run's file went with the run
+    assert list(workspace.iterdir()) == []

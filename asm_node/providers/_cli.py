@@ -292,7 +292,7 @@ class CliProvider(Provider):
         argv, env = self.argv(path, spec, opts)
         full_env = dict(spec.env)
         full_env.update(env)
-        return CommandSpec(argv=argv, cwd=spec.cwd, env=full_env, stdin=self.stdin_input)
+        return CommandSpec(argv=argv, cwd=spec.cwd, env=full_env, stdin=self.stdin_input, run_files=tuple(spec.files))
 
     @abstractmethod
     def argv(self, path: str, spec: RunSpec, opts: Any) -> tuple[list[str], dict[str, str]]:

@@ -8,6 +8,14 @@ streamable-HTTP server the CLI connects to. Nothing goes through a shell: the co
 arguments reach the CLI as JSON (Claude ``--mcp-config``, Gemini's settings file) or as TOML
 values (Codex ``-c mcp_servers.<name>.*``), each quoted by its serializer.
 
+A server's ``env`` values are often credentials, and a process's argv is readable by every user of
+the host (``ps``) and lands in the run's ``run_started`` event. So they never go on argv: Claude
+and Gemini read them from a file of the run's, mode 0600 in the node's private state directory
+(never the workspace), removed when the run ends (``RunSpec.files``); Codex gets each value in its
+own environment and forwards it by name (``env_vars``). Only a key that the CLI's environment
+already has with another value, or that two servers set differently, stays in Codex's ``env``
+table on argv: forwarding it would change the CLI's own environment.
+
 Who may set it: the option is operator-only as a whole (``CliProvider.operator_options``; a run
 may set it where ``asm node serve --allow-run-option mcp_servers`` allows it). A ``command``
 runs any program as the node's user, exactly what ``args`` could do; a ``url`` makes the CLI
@@ -144,7 +152,7 @@ def _first_problem(exc: ValueError) -> str:
 
 
 def claude_config(servers: Mapping[str, McpServer]) -> str:
-    """``--mcp-config`` JSON (``{"mcpServers": {...}}``, stdio or http entries)."""
+    """The ``--mcp-config`` JSON (``{"mcpServers": {...}}``, stdio or http entries)."""
     entries: dict[str, Any] = {}
     for name, s in servers.items():
         if isinstance(s, StdioServer):
@@ -154,22 +162,43 @@ def claude_config(servers: Mapping[str, McpServer]) -> str:
     return json.dumps({"mcpServers": entries}, separators=(",", ":"))
 
 
-def codex_config(servers: Mapping[str, McpServer]) -> list[str]:
-    """``--config`` overrides for Codex, ``mcp_servers.<name>.command|args|env|url=<TOML value>``.
+def write_claude_config(servers: Mapping[str, McpServer], env: Mapping[str, str], run_id: str) -> str:
+    """Write the run's ``--mcp-config`` file (0600, in the node's state dir) and return its path."""
+    # A workspace that holds the node's state dir (cwd=$HOME) is fine here: the file gives the run's
+    # agent nothing its own servers' environments do not (same user), and it is written afresh.
+    return write_private(private_dir(env, "claude-mcp"), run_id, claude_config(servers))
+
+
+def codex_config(servers: Mapping[str, McpServer], cli_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``--config`` overrides for Codex (``mcp_servers.<name>.command|args|env_vars|env|url=<TOML value>``)
+    and the values to put in the CLI's environment for ``env_vars`` to forward.
 
     JSON strings and arrays of strings are valid TOML values; a table is written as a TOML inline
     table (env keys are checked to be bare keys), never as JSON, which Codex would take as a string."""
+    given: dict[str, set[str]] = {}
+    for s in servers.values():
+        if isinstance(s, StdioServer):
+            for k, v in s.env.items():
+                given.setdefault(k, set()).add(v)
+    # Forwarded by name when that changes nothing else: the CLI does not have the key with another
+    # value, and every server that sets it sets the same value.
+    forward = {k: next(iter(vs)) for k, vs in given.items()
+               if len(vs) == 1 and cli_env.get(k, next(iter(vs))) == next(iter(vs))}
     out: list[str] = []
     for name, s in servers.items():
         if isinstance(s, StdioServer):
             out.append(f"mcp_servers.{name}.command={json.dumps(s.command)}")
             out.append(f"mcp_servers.{name}.args={json.dumps(list(s.args))}")
-            if s.env:
-                table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.env.items())
+            names = [k for k in s.env if k in forward]
+            if names:
+                out.append(f"mcp_servers.{name}.env_vars={json.dumps(names)}")
+            inline = {k: v for k, v in s.env.items() if k not in forward}
+            if inline:
+                table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in inline.items())
                 out.append(f"mcp_servers.{name}.env={{{table}}}")
         else:
             out.append(f"mcp_servers.{name}.url={json.dumps(s.url)}")
-    return out
+    return out, forward
 
 
 def gemini_entries(servers: Mapping[str, McpServer]) -> dict[str, Any]:
@@ -211,14 +240,39 @@ def secure_for_gemini(path: Path) -> str:
     return ""
 
 
-def gemini_settings_dir(env: Mapping[str, str]) -> Path:
-    """The node's directory for runs' Gemini settings files: ``$XDG_STATE_HOME/asm/gemini-mcp``, else
-    ``$HOME/.local/state/asm/gemini-mcp`` (the node's state, never the run's workspace)."""
+def private_dir(env: Mapping[str, str], kind: str) -> Path:
+    """The node's directory for runs' ``kind`` files: ``$XDG_STATE_HOME/asm/<kind>``, else
+    ``$HOME/.local/state/asm/<kind>`` (the node's state, never the run's workspace)."""
     base = env.get("XDG_STATE_HOME") or ""
     if not os.path.isabs(base):
         home = env.get("HOME") or os.path.expanduser("~")
         base = os.path.join(home, ".local", "state")
-    return Path(base, "asm", "gemini-mcp")
+    return Path(base, "asm", kind)
+
+
+def gemini_settings_dir(env: Mapping[str, str]) -> Path:
+    """The node's directory for runs' Gemini settings files (``private_dir(env, "gemini-mcp")``)."""
+    return private_dir(env, "gemini-mcp")
+
+
+def write_private(directory: Path, run_id: str, text: str) -> str:
+    """Write ``text`` to ``<directory>/<run id>.json``, mode 0600, every level it creates 0700; its path.
+
+    ConfigError (``mcp_unsupported``) when it cannot be written. Files of runs that ended long ago
+    (their node was killed before it could remove them) are pruned."""
+    try:
+        for level in [*reversed(directory.parents), directory]:
+            if not level.exists():
+                level.mkdir(mode=0o700)  # every level it creates private (Gemini checks them all)
+        _prune(directory)
+        path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)[:200]}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run's MCP settings in {directory}: {exc.strerror}",
+                          reason=MCP_UNSUPPORTED) from None
+    return str(path)
 
 
 def write_gemini_settings(servers: Mapping[str, McpServer], env: Mapping[str, str], run_id: str,
@@ -241,18 +295,7 @@ def write_gemini_settings(servers: Mapping[str, McpServer], env: Mapping[str, st
     mcp = dict(base.get("mcpServers") or {}) if isinstance(base.get("mcpServers"), dict) else {}
     mcp.update(gemini_entries(servers))
     settings = {**base, "mcpServers": mcp}
-    try:
-        for level in [*reversed(directory.parents), directory]:
-            if not level.exists():
-                level.mkdir(mode=0o700)  # every level it creates private (Gemini checks them all)
-        _prune(directory)
-        path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)[:200]}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(settings, f)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run's Gemini settings in {directory}: {exc.strerror}",
-                          reason=MCP_UNSUPPORTED) from None
+    path = Path(write_private(directory, run_id, json.dumps(settings)))
     why = secure_for_gemini(path)
     if why:
         os.unlink(path)

@@ -12,7 +12,9 @@ events out) so they can be tested on captured output without a process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +52,9 @@ class RunSpec:
     options: Mapping[str, Any]
     #: The CLI's environment holds the node's credentials (ANTHROPIC_API_KEY ...): never in a repr.
     env: Mapping[str, str] = field(repr=False)
+    #: Files a provider wrote for this run only (an MCP config with servers' env values, a schema):
+    #: build_command hands them to the CommandSpec, and the run removes them when it ends.
+    files: list[str] = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,21 @@ class CommandSpec:
     #: Close stdin right after writing ``stdin_data`` (a CLI that reads its prompt from stdin to EOF
     #: before it starts, e.g. ``codex exec -``); such a run takes no further input.
     close_stdin_after_data: bool = False
+    #: Files written for this run only (RunSpec.files): removed when the run ends, whatever its end.
+    run_files: tuple[str, ...] = ()
+
+
+def remove_run_files(paths: tuple[str, ...]) -> None:
+    """Remove a run's own files, and a directory of the run's that they leave empty (never raises)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(path)
+            if os.path.basename(parent).startswith("asm-"):  # a per-run directory (asm-<run id>), not a shared one
+                os.rmdir(parent)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from asm_node.providers._cli import (
     ev_tool_use,
     ev_user,
 )
-from asm_node.providers._mcp import McpServers, claude_config
+from asm_node.providers._mcp import McpServers, write_claude_config
 from asm_node.providers._sessions import Found, SessionFile, SessionStore, label_of, text_of
 from asm_node.providers.base import (
     CommandSpec,
@@ -407,7 +407,10 @@ class ClaudeProvider(CliProvider):
             argv.append(f"--resume={opts.resume}")
         if opts.mcp_servers:
             # Exactly these servers: the node user's own MCP configuration is not mixed in.
-            argv += [f"--mcp-config={claude_config(opts.mcp_servers)}", "--strict-mcp-config"]
+            # From a private file: the servers' env values must not be on argv (ps, the run_started event).
+            config = write_claude_config(opts.mcp_servers, spec.env, spec.run_id)
+            spec.files.append(config)
+            argv += [f"--mcp-config={config}", "--strict-mcp-config"]
         argv += opts.args
         if opts.approvals or opts.steering:
             # --replay-user-messages: the CLI echoes each input message as it takes it (turn accounting).

@@ -477,7 +477,8 @@ class CodexProvider(CliProvider):
         config += list(opts.config.items())
         for key, value in config:
             argv.append(f"--config={key}={_toml(value)}")
-        argv += [f"--config={item}" for item in codex_config(opts.mcp_servers)]
+        overrides, forwarded = codex_config(opts.mcp_servers, spec.env)
+        argv += [f"--config={item}" for item in overrides]
         if opts.skip_git_repo_check:
             argv.append("--skip-git-repo-check")
         if opts.output_schema is not None:
@@ -486,6 +487,7 @@ class CodexProvider(CliProvider):
             schema_dir.mkdir(parents=True, exist_ok=True)
             schema = schema_dir / "output-schema.json"
             schema.write_text(json.dumps(opts.output_schema))
+            spec.files.append(str(schema))
             argv.append(f"--output-schema={schema}")
         for d in opts.additional_directories:
             argv.append(f"--add-dir={d}")
@@ -497,7 +499,7 @@ class CodexProvider(CliProvider):
         # The prompt goes in on stdin ("-"; build_command writes it and closes stdin): with the prompt
         # as an argument codex still reads stdin and says "Reading additional input from stdin...".
         argv += ["--", "-"]
-        return argv, {}
+        return argv, forwarded  # the MCP servers' env values, forwarded by name (env_vars), never on argv
 
     def build_command(self, spec: RunSpec) -> CommandSpec:
         cmd = super().build_command(spec)

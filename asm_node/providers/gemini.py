@@ -191,6 +191,7 @@ class GeminiProvider(CliProvider):
         argv += opts.args
         env: dict[str, str] = {}
         if opts.mcp_servers:
-            env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = write_gemini_settings(opts.mcp_servers, spec.env, spec.run_id,
-                                                                           spec.cwd)
+            settings = write_gemini_settings(opts.mcp_servers, spec.env, spec.run_id, spec.cwd)
+            spec.files.append(settings)  # removed when the run ends (it may hold servers' env values)
+            env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = settings
         return argv, env
