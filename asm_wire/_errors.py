@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 if TYPE_CHECKING:  # grpc is imported only to name a status (the CLI's fast path never imports it)
     import grpc
@@ -372,8 +372,15 @@ def make_error(
     return cls(message, kind=kind, domain=domain, reason=reason, **extra)
 
 
+class StatusLike(Protocol):
+    """A gRPC status code as error_from_rpc reads it: grpc.StatusCode, or the CLI's client's Code."""
+
+    @property
+    def name(self) -> str: ...
+
+
 def error_from_rpc(
-    code: grpc.StatusCode | None, details: str | None, trailers: Any
+    code: StatusLike | None, details: str | None, trailers: Any
 ) -> AsmError:
     """Rebuild an AsmError from a failed RPC (status code, details, trailing metadata). ``code`` is read
     by its name: a grpc.StatusCode, or any status with the same names (the CLI's fast client's)."""

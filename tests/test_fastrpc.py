@@ -195,7 +195,7 @@ class _Server:
                 self.cancelled.set()
                 raise
 
-        handlers = {
+        handlers: dict[str, Any] = {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "FailPlain": grpc.unary_unary_rpc_method_handler(fail_plain),
@@ -298,7 +298,8 @@ def test_the_same_typed_error_as_through_grpc(server: _Server) -> None:
     async def through_grpc() -> Any:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             try:
-                await channel.unary_unary("/t.T/Fail")(b"NOT_FOUND", timeout=5)
+                call: Any = channel.unary_unary("/t.T/Fail")
+                await call(b"NOT_FOUND", timeout=5)
             except grpc.aio.AioRpcError as exc:
                 return error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata())
         raise AssertionError("no error")
