@@ -257,3 +257,91 @@ def test_what_takes_the_fast_path() -> None:
         assert not _fastrun.applies(parsed("--node", "127.0.0.1:1"))
     finally:
         del os.environ["ASM_FAST_CLIENT"]
+
+
+class _Proxy:
+    """A TCP proxy to the node whose connections can be cut (a broken transport mid-stream)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[Any, Any]] = []
+        self.accepted = 0
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.pairs.append((client, server))
+            self.accepted += 1
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+
+        for pair in self.pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.pairs.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def _cut_mid_run(fast: bool, proxy: _Proxy) -> tuple[int, list[dict[str, Any]], str]:
+    proc = subprocess.Popen([*ASM, "run", "--node", f"127.0.0.1:{proxy.port}", "--provider", "shell",
+                             "--output", "jsonl", "sleep 3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(ROOT), env=_env(fast, None), stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["kind"] == "run_started"
+    proxy.cut()  # the stream breaks under the run; the node keeps running it
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, [json.loads(line) for line in (first + out).splitlines()], err
+
+
+def test_a_broken_stream_is_handed_over_and_nothing_is_lost_or_doubled(
+        node_process: Callable[..., NodeProcess]) -> None:
+    proxy = _Proxy(node_process().port)
+    try:
+        code, events, err = _cut_mid_run(True, proxy)
+        code2, events2, _ = _cut_mid_run(False, proxy)
+    finally:
+        proxy.close()
+    assert code == code2 == 0, err
+    assert [e["seq"] for e in events[:-1]] == list(range(1, len(events)))
+    assert sum(e["kind"] == "run_started" for e in events) == 1
+    summary = events[-1]
+    assert summary["status"] == "completed" and summary["metadata"]["reconnects"] == 1
+    assert _norm(events) == _norm(events2)
