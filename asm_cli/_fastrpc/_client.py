@@ -23,7 +23,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asm_cli._fastrpc import _hpack
 
@@ -134,7 +134,7 @@ class Channel:
         self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_message = max_message
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            sock = _connect(host, port, connect_timeout)
         except TimeoutError:
             raise RpcError(Code.UNAVAILABLE, f"failed to connect to {self.authority}: timed out") from None
         except OSError as exc:
@@ -528,6 +528,33 @@ class Channel:
                 return
             stream.messages.append(bytes(buf[5:5 + length]))
             del buf[:5 + length]
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """socket.create_connection, without the idna codec for an address or an ASCII name (its import,
+    with stringprep and unicodedata, costs more than the connect on a loopback)."""
+    addresses: list[tuple[int, tuple[Any, ...]]] = []
+    for family in (int(socket.AF_INET), int(socket.AF_INET6)):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        addresses = [(family, (host, port))]
+    if not addresses:
+        name = host.encode("ascii") if host.isascii() else host.encode("idna")
+        addresses = [(int(info[0]), info[4]) for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)]
+    last: OSError | None = None
+    deadline = time.monotonic() + timeout
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last if last is not None else OSError(f"no address for {host}")
 
 
 def wake_pipe() -> tuple[int, int]:
