@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asm_cli.commands._common import EXIT_INTERRUPTED, read_token, report
-from asm_controller._events import Event
 from asm_controller._jsonl import event_line
-from asm_controller._reducer import EventReducer
 from asm_wire import (
     PROTOCOL_VERSION,
     REQUIRED_CAPABILITIES,
@@ -52,6 +50,7 @@ from asm_wire import (
 
 if TYPE_CHECKING:
     from asm_cli._fastrpc._client import Channel
+    from asm_controller._reducer import EventReducer
     from asm_controller.extensions.rendering import Rendering
 
 log = logging.getLogger("asm_controller.session")  # the usual path's logger for the same warnings
@@ -193,10 +192,10 @@ class _Follow:
         self.info = info
         self.run_id = run_id
         self.address = args.node[0]
+        self.session_id = session_id
         provider = args.provider
-        self.reducer = EventReducer(run_id, session_id, provider,
-                                    {"provider": provider, **lane_metadata("auto", False), "execution": "pending"})
-        self.attempts: list[dict[str, Any]] = self.reducer.metadata.setdefault("attempts", [])
+        self.reducer: EventReducer
+        self.attempts: list[dict[str, Any]] = []
         self.request = pb.StartRunRequest(
             run_id=run_id, session_id=session_id, provider=provider, prompt=args.prompt, cwd=args.cwd_resolved,
             permission_mode=args.permission_mode, options_json=json.dumps(options) if options else "",
@@ -212,6 +211,7 @@ class _Follow:
         with _Interrupts() as interrupts:
             try:
                 sid = channel.open(_SERVICE + "StartRun", self.request.SerializeToString(), self.metadata)
+                self._prepare()  # while the node starts the run
                 first = channel.read(sid, wake_fd=None)
             except RpcError:
                 raise _Fallback() from None  # refused (nothing ran) or unanswered (StartRun again attaches)
@@ -246,6 +246,18 @@ class _Follow:
                     self._interrupt(interrupts)  # as Session.stop on the usual path: the run does not go on
                 raise
         return report(self.reducer.result(), self.args.output, self.rendering)
+
+    def _prepare(self) -> None:
+        """The reducer (as Run makes it) and the text rendering's modules: imported while the node spawns
+        the run (its first answer takes longer than these imports)."""
+        from asm_controller._reducer import EventReducer
+
+        provider = self.args.provider
+        self.reducer = EventReducer(self.run_id, self.session_id, provider,
+                                    {"provider": provider, **lane_metadata("auto", False), "execution": "pending"})
+        self.attempts = self.reducer.metadata.setdefault("attempts", [])
+        if self.args.output == "text":
+            import asm_controller.extensions.rendering  # noqa: F401 (asm_cli.plain's, imported ahead)
 
     def _next(self, sid: int, interrupts: _Interrupts) -> bytes | None:
         """The stream's next batch; None when it broke (or ended early)."""
@@ -291,6 +303,8 @@ class _Follow:
 
     def _show(self, batch: pb.EventBatch) -> Handover | None:
         """Reduce and print a batch's new events; a Handover at an approval request (not printed)."""
+        from asm_controller._events import Event
+
         reducer, rendering = self.reducer, self.rendering
         lines: list[str] = []
         try:
