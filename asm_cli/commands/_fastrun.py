@@ -227,14 +227,14 @@ class _Follow:
                         self._interrupt(interrupts)
                     handover = self._show(batch)
                     if handover is not None:
-                        handover.interrupted = bool(interrupts.pressed)
-                        return handover
+                        return self._hand(handover, interrupts)
                     if self.reducer.finished:
                         channel.cancel(sid)
                         break
                     message = self._next(sid, interrupts)
                     if message is None:  # the stream broke, or ended before run_completed
-                        return self._handover(interrupts, reconnect=True)
+                        return self._hand(Handover(self.run_id, self.printed, self.rendering,
+                                                   {"attempts": list(self.attempts), "reconnects": 1}), interrupts)
                     batch = pb.EventBatch.FromString(message)
             except BaseException:
                 if self.rendering is not None and sys.exc_info()[0] is not None:
@@ -326,11 +326,13 @@ class _Follow:
                 sys.stdout.flush()
         return None
 
-    def _handover(self, interrupts: _Interrupts, reconnect: bool) -> Handover:
-        extra: dict[str, Any] = {"attempts": list(self.attempts)}
-        if reconnect:
-            extra["reconnects"] = 1
-        return Handover(self.run_id, self.printed, self.rendering, extra, interrupted=bool(interrupts.pressed))
+    def _hand(self, handover: Handover, interrupts: _Interrupts) -> Handover:
+        """The run, for the usual path to follow; a Ctrl-C not yet delivered is sent first (there a
+        further Ctrl-C exits at once, as after the first one)."""
+        if interrupts.pressed and not interrupts.sent:
+            self._interrupt(interrupts)
+        handover.interrupted = bool(interrupts.pressed)
+        return handover
 
 
 def _asm_error(err: Any) -> Any:
