@@ -345,3 +345,16 @@ def test_a_broken_stream_is_handed_over_and_nothing_is_lost_or_doubled(
     summary = events[-1]
     assert summary["status"] == "completed" and summary["metadata"]["reconnects"] == 1
     assert _norm(events) == _norm(events2)
+
+
+def test_a_run_id_the_node_has_attaches_the_same_way(node_process: Callable[..., NodeProcess]) -> None:
+    """StartRun with an existing run's id attaches to it (replays it): never a second run."""
+    node = node_process()
+    args = ("run", "--node", node.address, "--provider", "shell", "--run-id", "reused-run-1", "--output", "jsonl",
+            "echo hi")
+    first = run(False, *args)
+    fast, usual = run(True, *args), run(False, *args)
+    assert first.code == fast.code == usual.code == 0 and fast.fast
+    started = [e for e in map(json.loads, fast.stdout.splitlines()) if e["kind"] == "run_started"]
+    assert len(started) == 1 and started[0]["payload"]["pid"] == json.loads(first.stdout.splitlines()[0])["payload"]["pid"]
+    assert norm_jsonl(fast.stdout) == norm_jsonl(usual.stdout) == norm_jsonl(first.stdout)
