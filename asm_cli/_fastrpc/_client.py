@@ -212,7 +212,8 @@ class Channel:
         payload = memoryview(struct.pack(">BI", 0, len(request)) + request)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            n = min(len(payload), self._peer_frame, stream.send_window, self._send_window)
+            # (a SETTINGS change may have made a window negative: nothing is sent until it grows)
+            n = max(0, min(len(payload), self._peer_frame, stream.send_window, self._send_window))
             if n or not payload:
                 self._frame(DATA, END_STREAM if n == len(payload) else 0, sid, bytes(payload[:n]))
                 stream.send_window -= n
