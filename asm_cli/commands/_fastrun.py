@@ -152,6 +152,8 @@ class _Interrupts:
 def run_fast(args: argparse.Namespace, options: dict[str, Any], rendering_for: Any) -> int | Handover | None:
     """Run it on the fast path: its exit code; a Handover for the usual path to follow the started run;
     None when the usual path should run the whole command (nothing was started)."""
+    from google.protobuf.message import DecodeError
+
     from asm_cli._fastrpc._client import Channel, RpcError
 
     try:
@@ -169,7 +171,7 @@ def run_fast(args: argparse.Namespace, options: dict[str, Any], rendering_for: A
                 _SERVICE + "Handshake", pb.HandshakeRequest(controller_version=__version__,
                                                             protocol_version=PROTOCOL_VERSION).SerializeToString(),
                 metadata, timeout=args.connect_timeout))
-        except RpcError:
+        except (RpcError, DecodeError):
             return None
         if not _compatible(info):
             return None
@@ -205,6 +207,8 @@ class _Follow:
         self.printed = 0
 
     def run(self) -> int | Handover:
+        from google.protobuf.message import DecodeError
+
         from asm_cli._fastrpc._client import RpcError
 
         channel = self.channel
@@ -213,12 +217,12 @@ class _Follow:
                 sid = channel.open(_SERVICE + "StartRun", self.request.SerializeToString(), self.metadata)
                 self._prepare()  # while the node starts the run
                 first = channel.read(sid, wake_fd=None)
-            except RpcError:
+                if first is None:
+                    raise _Fallback()
+                batch = pb.EventBatch.FromString(first)
+            except (RpcError, DecodeError):
                 raise _Fallback() from None  # refused (nothing ran) or unanswered (StartRun again attaches)
-            if first is None:
-                raise _Fallback()
             self._bind()
-            batch = pb.EventBatch.FromString(first)
             self._stamp(batch)
             self.rendering = self.rendering_for(self.args) if self.args.output == "text" else None
             try:
@@ -232,10 +236,13 @@ class _Follow:
                         channel.cancel(sid)
                         break
                     message = self._next(sid, interrupts)
-                    if message is None:  # the stream broke, or ended before run_completed
+                    try:
+                        if message is None:
+                            raise DecodeError("the stream broke, or ended before run_completed")
+                        batch = pb.EventBatch.FromString(message)
+                    except DecodeError:  # as a broken stream: the usual path re-attaches
                         return self._hand(Handover(self.run_id, self.printed, self.rendering,
                                                    {"attempts": list(self.attempts), "reconnects": 1}), interrupts)
-                    batch = pb.EventBatch.FromString(message)
             except BaseException:
                 if self.rendering is not None and sys.exc_info()[0] is not None:
                     import contextlib
