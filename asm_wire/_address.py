@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from asm_wire._errors import ConfigError
 
 
@@ -27,6 +25,8 @@ def grpc_target(value: str) -> str:
 def is_loopback_host(host: str) -> bool:
     if host in ("localhost", "ip6-localhost"):
         return True
+    import ipaddress  # (here: a client that never asks imports it not at all)
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -56,9 +56,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
-import grpc
+if TYPE_CHECKING:  # grpc is imported only to name a status (the CLI's fast path never imports it)
+    import grpc
 
 # The kind vocabulary: see the module docstring.
 KINDS: Final = frozenset(
@@ -191,6 +192,8 @@ class AsmError(Exception):
 
     def grpc_status(self) -> grpc.StatusCode:
         """The table's status for this kind and reason, else for this kind, else INTERNAL."""
+        import grpc
+
         row = _BY_KEY.get((self.kind, self.reason)) or _BY_KEY.get((self.kind, ""))
         return row.status if row is not None else grpc.StatusCode.INTERNAL
 
@@ -308,7 +311,13 @@ class _Row:
     kind: str
     domain: str
     reason: str  # "" = reason-less (the kind's row); "*" = the subclasses' reasons
-    status: grpc.StatusCode
+    status_name: str
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[self.status_name]
 
 
 def _read_table(text: str) -> tuple[_Row, ...]:
@@ -319,7 +328,7 @@ def _read_table(text: str) -> tuple[_Row, ...]:
         cls = globals()[name]
         if not (isinstance(cls, type) and issubclass(cls, AsmError)):
             raise TypeError(f"{name} in the error table is not an AsmError")
-        rows.append(_Row(cls, kind, domain, "" if reason == "-" else reason, grpc.StatusCode[status]))
+        rows.append(_Row(cls, kind, domain, "" if reason == "-" else reason, status))
     return tuple(rows)
 
 
@@ -338,15 +347,16 @@ del _r
 
 
 #: A gRPC status that came without asm trailers (raised by gRPC itself, or a foreign server) -> kind, domain.
-_STATUS_KIND: Final[dict[grpc.StatusCode, tuple[str, str]]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: ("config_invalid", "config"),
-    grpc.StatusCode.UNAUTHENTICATED: ("auth_error", "transport"),
-    grpc.StatusCode.PERMISSION_DENIED: ("auth_error", "transport"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ("at_capacity", "runtime"),
-    grpc.StatusCode.FAILED_PRECONDITION: ("config_invalid", "runtime"),
-    grpc.StatusCode.NOT_FOUND: ("not_found", "runtime"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", "transport"),
-    grpc.StatusCode.UNAVAILABLE: ("connection_failed", "transport"),
+#: Keyed by the status's name: grpc.StatusCode and the CLI's own client's codes (asm_cli._fastrpc) alike.
+_STATUS_KIND: Final[dict[str, tuple[str, str]]] = {
+    "INVALID_ARGUMENT": ("config_invalid", "config"),
+    "UNAUTHENTICATED": ("auth_error", "transport"),
+    "PERMISSION_DENIED": ("auth_error", "transport"),
+    "RESOURCE_EXHAUSTED": ("at_capacity", "runtime"),
+    "FAILED_PRECONDITION": ("config_invalid", "runtime"),
+    "NOT_FOUND": ("not_found", "runtime"),
+    "DEADLINE_EXCEEDED": ("timeout", "transport"),
+    "UNAVAILABLE": ("connection_failed", "transport"),
     # No CANCELLED: a call this client cancels ends in asyncio.CancelledError (grpc.aio raises it for a
     # locally cancelled call), so a CANCELLED status always comes from the peer or the transport.
 }
@@ -362,26 +372,35 @@ def make_error(
     return cls(message, kind=kind, domain=domain, reason=reason, **extra)
 
 
+class StatusLike(Protocol):
+    """A gRPC status code as error_from_rpc reads it: grpc.StatusCode, or the CLI's client's Code."""
+
+    @property
+    def name(self) -> str: ...
+
+
 def error_from_rpc(
-    code: grpc.StatusCode | None, details: str | None, trailers: Any
+    code: StatusLike | None, details: str | None, trailers: Any
 ) -> AsmError:
-    """Rebuild an AsmError from a failed RPC (status code, details, trailing metadata)."""
+    """Rebuild an AsmError from a failed RPC (status code, details, trailing metadata). ``code`` is read
+    by its name: a grpc.StatusCode, or any status with the same names (the CLI's fast client's)."""
     md = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in (trailers or ())}
-    message = details or (code.name if code else "RPC failed")
+    name = code.name if code else ""
+    message = details or (name if code else "RPC failed")
     if _MD_KIND in md:
         return make_error(md[_MD_KIND], md.get(_MD_DOMAIN, "runtime"), message, md.get(_MD_REASON, ""))
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if name == "RESOURCE_EXHAUSTED":
         if "larger than max" in message:  # gRPC's own message-size limit, not a busy server
             return AsmError(message, kind="buffer_overflow", domain="transport", reason="message_too_large")
         # gRPC's own overload answers (maximum_concurrent_rpcs, the pending-request backlog) carry no
         # asm trailers: still a typed, retryable "the server is full".
         return NodeAtCapacity(f"the server is at capacity, retry later ({message})")
-    if code == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in message:
+    if name == "UNAVAILABLE" and "RST_STREAM with error code 7" in message:
         # HTTP/2 REFUSED_STREAM: the server's cap on concurrent streams per connection; the call
         # was never processed and may be retried.
         return NodeAtCapacity(f"the server refused the call: too many concurrent streams, retry later ({message})")
-    if code == grpc.StatusCode.CANCELLED:
+    if name == "CANCELLED":
         return AsmError(f"the call was cancelled by the server or the transport, not by this client ({message})",
                         kind="transport_error", domain="transport", reason="cancelled_by_peer")
-    kind, domain = _STATUS_KIND.get(code, ("transport_error", "transport")) if code else ("transport_error", "transport")
+    kind, domain = _STATUS_KIND.get(name, ("transport_error", "transport"))
     return AsmError(message, kind=kind, domain=domain)

@@ -42,6 +42,8 @@ START_TARGET_MS = 60.0
 EMBEDDED_TARGET_MS = 80.0
 LINES_TARGET_S = 9.0
 ENCODER_TARGET_US = 3.0
+#: ``asm run --node`` on the Session path (``ASM_FAST_CLIENT=0``): the fast path's baseline.
+SESSION_PATH = 'asm run --node N (ASM_FAST_CLIENT=0)'
 
 
 @dataclass
@@ -175,13 +177,16 @@ async def run_cli(cfg: CliConfig, workdir: Path, say: Callable[[str], None]) -> 
             "asm --version": [*asm, "--version"],
             "asm --help": [*asm, "--help"],
             'asm run --node N "echo hi"': [*asm, "run", "--node", node.address, "--provider", "shell", "echo hi"],
+            SESSION_PATH: [*asm, "run", "--node", node.address, "--provider", "shell", "echo hi"],
             'asm run "echo hi" (embedded)': [*asm, "run", "--provider", "shell", "echo hi"],
         }
+        # The Session path (grpc, asyncio) beside the fast one: the "before" of the same command.
+        envs = {SESSION_PATH: {**env, "ASM_FAST_CLIENT": "0"}}
         walls: dict[str, list[float]] = {k: [] for k in starts}
         failures: dict[str, int] = {k: 0 for k in starts}
         for i in range(cfg.warmup + cfg.runs):  # interleaved: each round runs every command once
             for name, argv in starts.items():
-                wall, _, code, stdout = _timed(argv, env, workdir)
+                wall, _, code, stdout = _timed(argv, envs.get(name, env), workdir)
                 if i < cfg.warmup:
                     continue
                 if code != 0 or ("echo" in name and b"hi" not in stdout):
@@ -219,11 +224,15 @@ def report_cli(out: dict[str, Any]) -> None:
     start = out["start"]
     base = start["python -c pass"]["median"]
     print(f"\nCLI start, {out['runs']} interleaved rounds (wall of the whole process; bytecode cache warm)")
-    print(f"  {'command':34s} {'median':>10s} {'p90':>10s}  {'x python':>8s}  {'- python':>9s}")
+    print(f"  {'command':37s} {'median':>10s} {'p90':>10s}  {'x python':>8s}  {'- python':>9s}")
     for name, row in start.items():
         fail = f"  {row['failures']} FAILED" if row["failures"] else ""
-        print(f"  {name:34s} {_ms(row['median'])} {_ms(row['p90'])}  {row['median'] / base:7.2f}x "
+        print(f"  {name:37s} {_ms(row['median'])} {_ms(row['p90'])}  {row['median'] / base:7.2f}x "
               f"{_ms(row['median'] - base)}{fail}")
+    if SESSION_PATH in start:
+        fast, slow = start['asm run --node N "echo hi"']["median"], start[SESSION_PATH]["median"]
+        print(f"  asm run --node: the fast path takes {fast / slow:.2f}x the Session path's wall ({_ms(fast)} vs "
+              f"{_ms(slow).strip()})")
     remote = start['asm run --node N "echo hi"']["median"] * 1000
     embedded = start['asm run "echo hi" (embedded)']["median"] * 1000
     print(f"  target: asm run --node <= {START_TARGET_MS:g} ms median: {remote:.1f} ms "

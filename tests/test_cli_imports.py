@@ -2,7 +2,8 @@
 
 ``asm --version`` / ``asm --help`` import neither gRPC, protobuf nor asyncio; a client run on a served
 node (``asm run --node``, ``--output text`` and ``jsonl``, ``asm nodes``, ``asm runs``) never imports the
-node agent, settings, metrics, rich (to a pipe), the HTTP stack or protobuf's ``json_format``. Measured
+node agent, settings, metrics, rich (to a pipe), the HTTP stack or protobuf's ``json_format``; the fast
+``asm run --node`` path (asm_cli.commands._fastrun) imports neither grpc nor asyncio. Measured
 from ``sys.modules`` when the process exits (every module it imported, however), in real processes.
 """
 
@@ -68,14 +69,26 @@ def test_version_is_the_installed_distributions() -> None:
     assert proc.stdout == f"asm {version('asm')}\n" and asm_wire.__version__ == version("asm")
 
 
+#: Not imported by the fast path of ``asm run --node`` either.
+FAST_PATH = ("grpc", "asyncio", "asm_controller._client", "asm_controller._session", "asm_controller._run",
+             "asm_controller._connector", "ssl")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "ASM_FAST_CLIENT=0"])
 @pytest.mark.parametrize("output", ["text", "jsonl"])
-def test_a_client_run_imports_no_server_side_module(node_process: Callable[..., NodeProcess], output: str) -> None:
+def test_a_client_run_imports_no_server_side_module(node_process: Callable[..., NodeProcess], output: str,
+                                                     fast: bool) -> None:
     node = node_process()
-    names, proc = _imported("run", "--node", node.address, "--provider", "shell", "--output", output, "echo hi")
+    names, proc = _imported("run", "--node", node.address, "--provider", "shell", "--output", output, "echo hi",
+                            env=None if fast else {"ASM_FAST_CLIENT": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "hi" in proc.stdout and "grpc" in names
+    assert "hi" in proc.stdout
     # stdout is a pipe: plain text, no rich; no help text is laid out, so no terminal width (shutil)
     assert _offenders(names, (*SERVER_SIDE, "rich", "shutil")) == []
+    if fast:
+        assert "asm_cli._fastrpc._client" in names and _offenders(names, FAST_PATH) == []
+    else:
+        assert "grpc" in names and "asm_cli._fastrpc._client" not in names
 
 
 def test_nodes_runs_and_drain_import_no_server_side_module(node_process: Callable[..., NodeProcess]) -> None:

@@ -4,7 +4,6 @@ printing events and a run's end (``report``)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -26,19 +25,15 @@ from asm_cli.commands._base import Parser as Parser
 from asm_cli.commands._base import Subcommands as Subcommands
 from asm_cli.commands._base import fail as fail
 from asm_cli.commands._base import later_help as later_help
-from asm_controller import (
-    GrpcNodeClient,
-    LivenessConfig,
-    NodeConnectionError,
-    NodeUnreachable,
-    RemoteNode,
-    TLSConfig,
-)
 from asm_controller._jsonl import event_line
-from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
+from asm_wire import AsmError, ConfigError, NodeConnectionError, NodeConnectTimeout, NodeUnreachable, parse_address, pb
 
 if TYPE_CHECKING:
-    from asm_controller import Result
+    # The gRPC client (grpc, asyncio) is imported by the functions that connect: the fast ``asm run
+    # --node`` path (asm_cli.commands._fastrun) prints and reports with this module without it.
+    import asyncio
+
+    from asm_controller import GrpcNodeClient, RemoteNode, Result, TLSConfig
     from asm_controller.extensions.rendering import Rendering
 
 
@@ -90,6 +85,8 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client_tls(args: argparse.Namespace) -> TLSConfig | None:
+    from asm_controller import TLSConfig
+
     if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
     return TLSConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
@@ -100,6 +97,8 @@ def remote_nodes(args: argparse.Namespace) -> list[RemoteNode]:
 
     A target that is the ``--controller`` (the commands pass it in ``args.node``) may list several
     addresses, HOST:PORT[,HOST:PORT...]: one controller service (its replicas), tried in turn."""
+    from asm_controller import LivenessConfig, RemoteNode
+
     token = read_token(args.token_file)
     tls = _client_tls(args)
     live = LivenessConfig(node_lost_timeout_s=getattr(args, "node_lost_timeout", 8.0))
@@ -189,6 +188,8 @@ class _Lines:
             self.drain()
             self.stream = stream
         self.lines.append(line)
+        import asyncio  # (here, not at the top: imported once a loop may run; the common case returned above)
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -285,6 +286,8 @@ def server_target(args: argparse.Namespace) -> tuple[RemoteNode, str]:
 async def ask(target: RemoteNode, what: str, call: Callable[[GrpcNodeClient], Any]) -> Any:
     """One unary call on a bare client (no readiness check: a draining node still answers questions),
     its transport failures typed as for a node connection (exit 3)."""
+    from asm_controller import GrpcNodeClient
+
     client = GrpcNodeClient(target)
     try:
         return await call(client)

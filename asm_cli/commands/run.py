@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -26,7 +25,6 @@ from asm_cli.commands._common import (
     report,
 )
 from asm_cli.commands._duration import bounded_duration_ms
-from asm_controller import Session
 from asm_wire import (
     KIND_VALUES,
     ApprovalNotFound,
@@ -40,7 +38,11 @@ from asm_wire import (
 )
 
 if TYPE_CHECKING:  # the node agent, recorder and snapshots are imported only by a run that uses them
-    from asm_controller import Event, SnapshotRun, SnapshotStream
+    # (and asyncio with the Session only off the fast path: asm_cli.commands._fastrun)
+    import asyncio
+
+    from asm_cli.commands._fastrun import Handover
+    from asm_controller import Event, RunStream, Session, SnapshotRun, SnapshotStream
     from asm_controller.extensions.persistence import AsyncWriter
     from asm_controller.extensions.rendering import Rendering
     from asm_node import NodeAgent
@@ -94,6 +96,8 @@ def _approval_mode(args: argparse.Namespace) -> str:
 
 async def _read_line(fd: int) -> str:
     """One line typed on the terminal, read without blocking the event loop (events keep coming); '' at EOF."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     got: asyncio.Future[bytes] = loop.create_future()
 
@@ -117,6 +121,8 @@ class _Approvals:
     another shell; note the ones nobody answered (denied by the node's timeout)."""
 
     def __init__(self, session: Session, mode: str, rendering: Any, hint: str) -> None:
+        import asyncio
+
         self.session = session
         self.mode = mode
         self.rendering = rendering
@@ -130,6 +136,8 @@ class _Approvals:
     def on_event(self, ev: Event) -> None:
         kind = ev.pb.kind  # (an int compare: this runs for every event of the run)
         if kind == _APPROVAL_REQUESTED:
+            import asyncio
+
             p = ev.pb.approval_requested
             self._tasks[p.approval_id] = asyncio.get_running_loop().create_task(self._answer(ev))
         elif kind == _APPROVAL_RESOLVED:
@@ -201,6 +209,8 @@ class _Approvals:
             sys.stderr.write(f"asm: warning: could not send the answer to approval {approval_id}: {err.message}\n")
 
     async def close(self) -> None:
+        import asyncio
+
         tasks = [t for t in self._tasks.values() if not t.done()]
         for task in tasks:
             task.cancel()
@@ -217,7 +227,12 @@ def _remote_hint(args: argparse.Namespace) -> str:
     return ""
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, handover: Handover | None = None) -> int:
+    """The run on the Session path; with ``handover``, a run the fast path started, followed from there."""
+    import asyncio
+
+    from asm_controller import Session
+
     options = _parse_opts(args.opt)
     # Before anything runs: a file that is not an event store, a device/FIFO/directory,
     # a locked or unwritable store is refused here (ConfigError: exit 2, file untouched).
@@ -257,13 +272,21 @@ async def _run(args: argparse.Namespace) -> int:
         from asm_controller import stream_with_snapshot
 
         snapshotted = await stream_with_snapshot(session, args.prompt, backend=args.snapshot, **run_id)
-    interrupted = False
-    rendering = _text_rendering(args) if args.output == "text" else None
+    interrupted = handover is not None and handover.interrupted
+    if handover is not None:
+        rendering = handover.rendering
+    else:
+        rendering = _text_rendering(args) if args.output == "text" else None
+    printed = handover.printed if handover is not None else 0  # shown by the fast path already
     approvals = _Approvals(session, args.approval_mode, rendering, _remote_hint(args))
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
+    stream: RunStream | SnapshotStream
     try:
-        stream = snapshotted if snapshotted is not None else session.stream(args.prompt, **run_id)
+        if handover is not None:
+            stream = session.attach(handover.run_id, nodes[0], args.provider)
+        else:
+            stream = snapshotted if snapshotted is not None else session.stream(args.prompt, **run_id)
 
         def on_sigint() -> None:
             nonlocal interrupted
@@ -276,6 +299,8 @@ async def _run(args: argparse.Namespace) -> int:
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         async for ev in stream:
+            if printed and ev.pb.seq <= printed:
+                continue
             if rendering is not None:
                 rendering.feed(ev)
             else:
@@ -306,6 +331,8 @@ async def _run(args: argparse.Namespace) -> int:
                               "durable": recorder.sync_error is None, "error": rec_err.to_dict() if rec_err else None}
                 what = f"{lost} event(s) not recorded" if lost else "the recording is not durable (fsync failed)"
                 sys.stderr.write(f"asm: error: {what} to {args.record}{f': {rec_err.message}' if rec_err else ''}\n")
+    if handover is not None:
+        result.metadata.update(handover.metadata)
     if unrecorded is not None:
         result.metadata["recording"] = unrecorded
     code = report(result, args.output, rendering)
@@ -330,7 +357,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.cwd_resolved = args.cwd or ""
     else:
         args.cwd_resolved = os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()
-    return asyncio.run(_run(args))
+    handover: Handover | None = None
+    from asm_cli.commands import _fastrun
+
+    if _fastrun.applies(args):
+        fast = _fastrun.run_fast(args, _parse_opts(args.opt), _text_rendering)
+        if isinstance(fast, int):
+            return fast
+        handover = fast  # None: the usual path runs it all (nothing started); else it follows the run
+    import asyncio
+
+    return asyncio.run(_run(args, handover))
 
 
 def _priority(text: str) -> int:
