@@ -46,6 +46,7 @@ from asm_controller._store._base import (
     StatusFilter,
     StoreError,
     StoreLocked,
+    UpdateOp,
     check_chunk,
     check_cursor,
     check_endpoint_lease,
@@ -590,9 +591,31 @@ class SqlStore:
                 await self._append_in(conn, run_id, first_seq, last_seq, bytes(data), fenced)
 
     async def _append_in(self, conn: AsyncConnection, run_id: str, first_seq: int, last_seq: int,
-                         data: bytes, fence: Lease | None = None) -> None:
-        # FOR UPDATE: the row stays locked until commit, so a take_lease() by another replica cannot
-        # slip between this fence check and the write (it waits, then finds its token changed or not).
+                         data: bytes, fence: Lease | None = None, also: dict[str, Any] | None = None) -> None:
+        """Append one chunk; ``also``: more (checked) columns for the run's row, written with it.
+
+        The common case is two statements: one UPDATE of the run's row whose WHERE holds the fence and
+        "the chunk starts after the log" (atomic like :meth:`_update_in`: the row stays locked until
+        commit, so a take_lease() by another replica cannot slip in between) and returns the held
+        bytes, then the INSERT. Only when that UPDATE matched nothing is the row read, to say why
+        (unknown run, lost lease, a retried chunk already held, an overlap)."""
+        now = time.time()
+        fast = (sa.update(runs).where(runs.c.run_id == run_id, runs.c.last_seq < first_seq)
+                .values({**(also or {}), "last_seq": last_seq, "held_bytes": runs.c.held_bytes + len(data),
+                         "updated_at": now})
+                .returning(runs.c.held_bytes, runs.c.first_held_seq))
+        if fence is not None:
+            fast = fast.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
+        moved = (await conn.execute(fast)).first()
+        if moved is not None:
+            await conn.execute(sa.insert(run_events).values(
+                run_id=run_id, first_seq=first_seq, last_seq=last_seq, nbytes=len(data), data=data))
+            held = int(moved.held_bytes)
+            if held > self.history_max_bytes:
+                first_held, held = await self._trim_in(conn, run_id, int(moved.first_held_seq), held)
+                await conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
+                    first_held_seq=first_held, held_bytes=held))
+            return
         row = (await conn.execute(
             sa.select(runs.c.last_seq, runs.c.first_held_seq, runs.c.held_bytes, runs.c.lease_owner,
                       runs.c.lease_token, runs.c.status)
@@ -602,16 +625,21 @@ class SqlStore:
         lost = lease_lost(run_id, fence, None, owner=row.lease_owner, token=int(row.lease_token), status=row.status)
         if lost is not None:
             raise lost
-        held_last, first_held, held = int(row.last_seq), int(row.first_held_seq), int(row.held_bytes)
+        held_last = int(row.last_seq)
         if last_seq <= held_last:
-            return  # already held (a retried write whose commit did land): appending is idempotent
+            # Already held (a retried write whose commit did land): appending is idempotent; the
+            # columns that came with it are still written.
+            if also:
+                await self._update_in(conn, run_id, dict(also), fence)
+            return
         if first_seq <= held_last:
             raise overlap_error(run_id, first_seq, held_last)
-        await conn.execute(sa.insert(run_events).values(
-            run_id=run_id, first_seq=first_seq, last_seq=last_seq, nbytes=len(data), data=data))
-        held += len(data)
-        # The history bound: drop the oldest chunks until the log fits (the newest too if it alone is
-        # bigger); first_held_seq says where the log now starts, for a typed replay_gap.
+        # The row would match now: it changed between the two statements (PostgreSQL, another writer).
+        raise LeaseLost(f"run {run_id} changed while it was written: try again", details={"run_id": run_id})
+
+    async def _trim_in(self, conn: AsyncConnection, run_id: str, first_held: int, held: int) -> tuple[int, int]:
+        """The history bound: drop the oldest chunks until the log fits (the newest too if it alone is
+        bigger); the new first_held_seq (where the log now starts, for a typed replay_gap) and held bytes."""
         while held > self.history_max_bytes:
             oldest = (await conn.execute(
                 sa.select(run_events.c.last_seq, run_events.c.nbytes).where(run_events.c.run_id == run_id)
@@ -628,8 +656,7 @@ class SqlStore:
                 await conn.execute(sa.delete(run_events).where(
                     run_events.c.run_id == run_id, run_events.c.last_seq <= cut))
                 first_held = cut + 1
-        await conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
-            last_seq=last_seq, first_held_seq=first_held, held_bytes=held, updated_at=time.time()))
+        return first_held, held
 
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]:
         check_text("run_id", run_id)
@@ -696,14 +723,24 @@ class SqlStore:
                 # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
                 # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
                 # order they were given.
-                for index, op in sorted(enumerate(ops), key=lambda pair: pair[1].run_id):
+                ordered = sorted(enumerate(ops), key=lambda pair: pair[1].run_id)
+                merged: set[int] = set()  # indexes of updates written with the chunk before them
+                for at, (index, op) in enumerate(ordered):
+                    if index in merged:
+                        continue
                     # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
                     # UPDATE that matched nothing before anything is written for it, so it never aborts
                     # the transaction the other ops are in.
                     try:
                         if isinstance(op, EventsOp):
+                            # The run's plain update right after its chunk (a relayed batch's progress, as
+                            # the writer queues them) goes into the chunk's UPDATE of the row: one
+                            # statement fewer. Should the chunk fail, the update is written on its own.
+                            also = _plain_update_after(ordered, at)
                             await self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
-                                                  check_fence(op.fence))
+                                                  check_fence(op.fence), also)
+                            if also is not None:
+                                merged.add(ordered[at + 1][0])
                         else:
                             fence, expect = check_expect(op.fence, op.expect_status)
                             await self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
@@ -711,6 +748,21 @@ class SqlStore:
                         exc.details.setdefault("run_id", op.run_id)
                         skipped.append((index, exc))
         return [exc for _, exc in sorted(skipped, key=lambda pair: pair[0])]
+
+
+def _plain_update_after(ordered: Sequence[tuple[int, BatchOp]], at: int) -> dict[str, Any] | None:
+    """The checked columns of the update right after the chunk at ``at`` when it is the same run's,
+    with the same fence and no expected status (it may be written with the chunk), else None."""
+    if at + 1 >= len(ordered):
+        return None
+    chunk, nxt = ordered[at][1], ordered[at + 1][1]
+    if not isinstance(nxt, UpdateOp) or nxt.run_id != chunk.run_id or nxt.fence != chunk.fence \
+            or nxt.expect_status is not None:
+        return None
+    try:
+        return check_update(dict(nxt.fields))
+    except InvalidRecord:
+        return None  # written on its own, to be refused on its own
 
 
 def _run_filters(*, status: StatusFilter | None = None, owner: str | None = None, session_id: str | None = None,
