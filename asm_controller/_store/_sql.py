@@ -4,12 +4,17 @@ One schema (``_migrations``), one pool model (SQLAlchemy's async queue pool), th
 on both backends. SQLite runs in WAL mode with ``synchronous=NORMAL`` (a commit is a WAL write
 without fsync: durable when the process is killed, not on power loss) and every write
 transaction starts with ``BEGIN IMMEDIATE`` (takes the write lock up front, so two processes never
-deadlock upgrading a read lock; readers are not blocked in WAL mode). Driver failures are
+deadlock upgrading a read lock; readers are not blocked in WAL mode). A run's hot path on SQLite
+(create, get, update, appends, the writer's batches) runs each operation whole on one thread of the
+store's own with the stdlib driver (:meth:`SqlStore._sync_op`): through aiosqlite every statement
+was about three hops between the event loop and its thread. Driver failures are
 translated at this edge into :class:`StoreError` with the display URL (password hidden).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -17,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -82,6 +87,8 @@ from asm_controller._store._migrations import (
 )
 from asm_wire import AsmError, RunNotFound
 
+_T = TypeVar("_T")
+
 log = logging.getLogger("asm_controller.store")
 
 _RECORD_COLUMNS = [runs.c[name] for name in FIELDS]
@@ -109,6 +116,9 @@ class SqlStore:
         self._engine: AsyncEngine | None = None
         self._wengine: AsyncEngine | None = None
         self._claim_fd: int | None = None
+        #: SQLite: the hot path's synchronous engine (pysqlite) and the one thread it is used on.
+        self._sync: sa.Engine | None = None
+        self._sync_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -126,6 +136,11 @@ class SqlStore:
                     async with self._wengine.begin() as conn:
                         if not await conn.run_sync(migrate_step, self._migrations, self.url):
                             break
+            if self._sqlite_path is not None:
+                self._sync_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asm-sqlite")
+                self._sync = sa.create_engine(self._sa_url.set(drivername="sqlite+pysqlite"),
+                                              connect_args={"timeout": self._connect_timeout_s})
+                self._sqlite_hooks(self._sync)
         except BaseException:
             await self.close()
             raise
@@ -161,6 +176,12 @@ class SqlStore:
         if self._claim_fd is not None:
             os.close(self._claim_fd)  # releases the flock
             self._claim_fd = None
+        sync, thread, self._sync, self._sync_thread = self._sync, self._sync_thread, None, None
+        if sync is not None and thread is not None:
+            with contextlib.suppress(Exception):  # its connections are closed on the thread that made them
+                await asyncio.get_running_loop().run_in_executor(thread, sync.dispose)
+        if thread is not None:
+            thread.shutdown(wait=False)
         engine, self._engine, self._wengine = self._engine, None, None
         if engine is not None:
             with contextlib.suppress(Exception):  # a dead server must not turn close() into an error
@@ -188,27 +209,46 @@ class SqlStore:
     def _create_engine(self) -> AsyncEngine:
         if self._sqlite_path is not None:
             engine = create_async_engine(self._sa_url, connect_args={"timeout": self._connect_timeout_s})
-            busy_ms = int(self._connect_timeout_s * 1000)
-
-            @event.listens_for(engine.sync_engine, "connect")
-            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-                dbapi_conn.isolation_level = None  # the driver's implicit BEGIN off: ours below
-                cursor = dbapi_conn.cursor()
-                for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_ms}"):
-                    cursor.execute(f"PRAGMA {pragma}")
-                cursor.close()
-
-            @event.listens_for(engine.sync_engine, "begin")
-            def _on_begin(conn: sa.Connection) -> None:
-                immediate = conn.get_execution_options().get("asm_write")
-                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+            self._sqlite_hooks(engine.sync_engine)
             return engine
         return create_async_engine(
             self._sa_url, pool_pre_ping=True, pool_size=4, max_overflow=4,
             pool_timeout=max(self._connect_timeout_s, 1.0),
             connect_args={"timeout": self._connect_timeout_s, "command_timeout": 60},
         )
+
+    def _sqlite_hooks(self, engine: sa.Engine) -> None:
+        """Every SQLite connection (aiosqlite's and the hot path's): WAL, NORMAL, the busy timeout, our BEGINs."""
+        busy_ms = int(self._connect_timeout_s * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # the driver's implicit BEGIN off: ours below
+            cursor = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_ms}"):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            immediate = conn.get_execution_options().get("asm_write")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    async def _sync_op(self, fn: Callable[[sa.Connection], _T], *, write: bool) -> _T:
+        """``fn`` on a connection in one transaction (a write one: BEGIN IMMEDIATE; committed when it
+        returns, rolled back when it raises). SQLite: all of it on the store's thread, one hop from the
+        event loop; PostgreSQL: on the async engine (``run_sync``: the same statements, awaited)."""
+        reader, writer = self._engines()
+        sync, thread = self._sync, self._sync_thread
+        if sync is not None and thread is not None:
+            def whole() -> _T:
+                engine = sync.execution_options(asm_write=True) if write else sync
+                with engine.begin() as conn:
+                    return fn(conn)
+
+            return await asyncio.get_running_loop().run_in_executor(thread, whole)
+        async with (writer if write else reader).begin() as conn:
+            return await conn.run_sync(fn)
 
     def _engines(self) -> tuple[AsyncEngine, AsyncEngine]:
         if self._engine is None or self._wengine is None:
@@ -277,20 +317,20 @@ class SqlStore:
         cols["updated_at"] = cols["updated_at"] or cols["created_at"]
         if cols["status"] == QUEUED and cols["queued_at"] is None:
             cols["queued_at"] = cols["created_at"]  # a run created queued entered the queue then
-        _, writer = self._engines()
+        def insert(conn: sa.Connection) -> None:
+            try:
+                conn.execute(sa.insert(runs).values(**cols, held_bytes=0))
+            except sa.exc.IntegrityError:  # the only constraint is the primary key
+                raise RunExists(f"run {rec.run_id} is already recorded") from None
+
         with self._translated("create"):
-            async with writer.begin() as conn:
-                try:
-                    await conn.execute(sa.insert(runs).values(**cols, held_bytes=0))
-                except sa.exc.IntegrityError:  # the only constraint is the primary key
-                    raise RunExists(f"run {rec.run_id} is already recorded") from None
+            await self._sync_op(insert, write=True)
 
     async def get(self, run_id: str) -> RunRecord | None:
         check_text("run_id", run_id)
-        reader, _ = self._engines()
+        query = sa.select(*_RECORD_COLUMNS).where(runs.c.run_id == run_id)
         with self._translated("get"):
-            async with reader.connect() as conn:
-                row = (await conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.run_id == run_id))).first()
+            row = await self._sync_op(lambda conn: conn.execute(query).first(), write=False)
         return record_from_columns(dict(row._mapping)) if row is not None else None
 
     async def update(self, run_id: str, *, fence: Lease | None = None,
@@ -298,12 +338,10 @@ class SqlStore:
         cols = check_update(fields)
         check_text("run_id", run_id)
         fenced, expect = check_expect(fence, expect_status)
-        _, writer = self._engines()
         with self._translated("update"):
-            async with writer.begin() as conn:
-                await self._update_in(conn, run_id, cols, fenced, expect)
+            await self._sync_op(lambda conn: self._update_in(conn, run_id, cols, fenced, expect), write=True)
 
-    async def _update_in(self, conn: AsyncConnection, run_id: str, cols: dict[str, Any],
+    def _update_in(self, conn: sa.Connection, run_id: str, cols: dict[str, Any],
                          fence: Lease | None = None, expect: tuple[str, ...] | None = None) -> None:
         # One UPDATE whose WHERE holds the fence and the expected status: the compare-and-set is atomic
         # (PostgreSQL re-checks the WHERE on the row a concurrent writer committed). Only when it matched
@@ -314,11 +352,11 @@ class SqlStore:
             stmt = stmt.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
         if expect is not None:
             stmt = stmt.where(runs.c.status.in_(expect))
-        result = await conn.execute(stmt.values(**cols))
+        result = conn.execute(stmt.values(**cols))
         if result.rowcount:
             return
-        row = (await conn.execute(sa.select(runs.c.lease_owner, runs.c.lease_token, runs.c.status)
-                                  .where(runs.c.run_id == run_id))).first()
+        row = conn.execute(sa.select(runs.c.lease_owner, runs.c.lease_token, runs.c.status)
+                           .where(runs.c.run_id == run_id)).first()
         if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
         raise (lease_lost(run_id, fence, expect, owner=row.lease_owner, token=int(row.lease_token),
@@ -585,12 +623,12 @@ class SqlStore:
                             fence: Lease | None = None) -> None:
         check_chunk(run_id, first_seq, last_seq, data)
         fenced = check_fence(fence)
-        _, writer = self._engines()
+        chunk = bytes(data)
         with self._translated("append_events"):
-            async with writer.begin() as conn:
-                await self._append_in(conn, run_id, first_seq, last_seq, bytes(data), fenced)
+            await self._sync_op(lambda conn: self._append_in(conn, run_id, first_seq, last_seq, chunk, fenced),
+                                write=True)
 
-    async def _append_in(self, conn: AsyncConnection, run_id: str, first_seq: int, last_seq: int,
+    def _append_in(self, conn: sa.Connection, run_id: str, first_seq: int, last_seq: int,
                          data: bytes, fence: Lease | None = None, also: dict[str, Any] | None = None) -> None:
         """Append one chunk; ``also``: more (checked) columns for the run's row, written with it.
 
@@ -606,20 +644,20 @@ class SqlStore:
                 .returning(runs.c.held_bytes, runs.c.first_held_seq))
         if fence is not None:
             fast = fast.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
-        moved = (await conn.execute(fast)).first()
+        moved = conn.execute(fast).first()
         if moved is not None:
-            await conn.execute(sa.insert(run_events).values(
+            conn.execute(sa.insert(run_events).values(
                 run_id=run_id, first_seq=first_seq, last_seq=last_seq, nbytes=len(data), data=data))
             held = int(moved.held_bytes)
             if held > self.history_max_bytes:
-                first_held, held = await self._trim_in(conn, run_id, int(moved.first_held_seq), held)
-                await conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
+                first_held, held = self._trim_in(conn, run_id, int(moved.first_held_seq), held)
+                conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
                     first_held_seq=first_held, held_bytes=held))
             return
-        row = (await conn.execute(
+        row = conn.execute(
             sa.select(runs.c.last_seq, runs.c.first_held_seq, runs.c.held_bytes, runs.c.lease_owner,
                       runs.c.lease_token, runs.c.status)
-            .where(runs.c.run_id == run_id).with_for_update())).first()
+            .where(runs.c.run_id == run_id).with_for_update()).first()
         if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
         lost = lease_lost(run_id, fence, None, owner=row.lease_owner, token=int(row.lease_token), status=row.status)
@@ -630,20 +668,20 @@ class SqlStore:
             # Already held (a retried write whose commit did land): appending is idempotent; the
             # columns that came with it are still written.
             if also:
-                await self._update_in(conn, run_id, dict(also), fence)
+                self._update_in(conn, run_id, dict(also), fence)
             return
         if first_seq <= held_last:
             raise overlap_error(run_id, first_seq, held_last)
         # The row would match now: it changed between the two statements (PostgreSQL, another writer).
         raise LeaseLost(f"run {run_id} changed while it was written: try again", details={"run_id": run_id})
 
-    async def _trim_in(self, conn: AsyncConnection, run_id: str, first_held: int, held: int) -> tuple[int, int]:
+    def _trim_in(self, conn: sa.Connection, run_id: str, first_held: int, held: int) -> tuple[int, int]:
         """The history bound: drop the oldest chunks until the log fits (the newest too if it alone is
         bigger); the new first_held_seq (where the log now starts, for a typed replay_gap) and held bytes."""
         while held > self.history_max_bytes:
-            oldest = (await conn.execute(
+            oldest = conn.execute(
                 sa.select(run_events.c.last_seq, run_events.c.nbytes).where(run_events.c.run_id == run_id)
-                .order_by(run_events.c.last_seq).limit(_TRIM_BATCH))).all()
+                .order_by(run_events.c.last_seq).limit(_TRIM_BATCH)).all()
             if not oldest:
                 break
             cut = None
@@ -653,7 +691,7 @@ class SqlStore:
                 held -= int(nbytes)
                 cut = int(chunk_last)
             if cut is not None:
-                await conn.execute(sa.delete(run_events).where(
+                conn.execute(sa.delete(run_events).where(
                     run_events.c.run_id == run_id, run_events.c.last_seq <= cut))
                 first_held = cut + 1
         return first_held, held
@@ -714,39 +752,40 @@ class SqlStore:
         return int(total or 0)
 
     async def write_batch(self, ops: Sequence[BatchOp]) -> list[AsmError]:
-        skipped: list[tuple[int, AsmError]] = []
         if not ops:
             return []
-        _, writer = self._engines()
         with self._translated("write_batch"):
-            async with writer.begin() as conn:
-                # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
-                # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
-                # order they were given.
-                ordered = sorted(enumerate(ops), key=lambda pair: pair[1].run_id)
-                merged: set[int] = set()  # indexes of updates written with the chunk before them
-                for at, (index, op) in enumerate(ordered):
-                    if index in merged:
-                        continue
-                    # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
-                    # UPDATE that matched nothing before anything is written for it, so it never aborts
-                    # the transaction the other ops are in.
-                    try:
-                        if isinstance(op, EventsOp):
-                            # The run's plain update right after its chunk (a relayed batch's progress, as
-                            # the writer queues them) goes into the chunk's UPDATE of the row: one
-                            # statement fewer. Should the chunk fail, the update is written on its own.
-                            also = _plain_update_after(ordered, at)
-                            await self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
-                                                  check_fence(op.fence), also)
-                            if also is not None:
-                                merged.add(ordered[at + 1][0])
-                        else:
-                            fence, expect = check_expect(op.fence, op.expect_status)
-                            await self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
-                    except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
-                        exc.details.setdefault("run_id", op.run_id)
-                        skipped.append((index, exc))
+            return await self._sync_op(lambda conn: self._write_batch_in(conn, ops), write=True)
+
+    def _write_batch_in(self, conn: sa.Connection, ops: Sequence[BatchOp]) -> list[AsmError]:
+        skipped: list[tuple[int, AsmError]] = []
+        # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
+        # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
+        # order they were given.
+        ordered = sorted(enumerate(ops), key=lambda pair: pair[1].run_id)
+        merged: set[int] = set()  # indexes of updates written with the chunk before them
+        for at, (index, op) in enumerate(ordered):
+            if index in merged:
+                continue
+            # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
+            # UPDATE that matched nothing before anything is written for it, so it never aborts
+            # the transaction the other ops are in.
+            try:
+                if isinstance(op, EventsOp):
+                    # The run's plain update right after its chunk (a relayed batch's progress, as
+                    # the writer queues them) goes into the chunk's UPDATE of the row: one
+                    # statement fewer. Should the chunk fail, the update is written on its own.
+                    also = _plain_update_after(ordered, at)
+                    self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
+                                    check_fence(op.fence), also)
+                    if also is not None:
+                        merged.add(ordered[at + 1][0])
+                else:
+                    fence, expect = check_expect(op.fence, op.expect_status)
+                    self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
+            except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
+                exc.details.setdefault("run_id", op.run_id)
+                skipped.append((index, exc))
         return [exc for _, exc in sorted(skipped, key=lambda pair: pair[0])]
 
 
