@@ -320,6 +320,35 @@ async def test_fresh_database_is_at_current_version_and_reopen_is_a_no_op(
     assert (await again.get("R1")) is not None
 
 
+async def test_a_new_sqlite_file_gets_the_stores_page_size_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A relayed stream's blobs are written with fewer, larger pages (SQLITE_PAGE_SIZE) in a new file; a
+    file made before (SQLite's default 4 KiB pages, WAL) opens, keeps its pages and takes writes."""
+    from asm_controller._store._sql import SQLITE_PAGE_SIZE
+
+    new = tmp_path / "new.sqlite3"
+    store = open_store(f"sqlite:///{new}")
+    await store.open()
+    await store.create(record("R1"))
+    await store.append_events("R1", 1, 1, b"x" * 100_000)
+    await store.close()
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")  # the file is no longer empty: its page size is fixed
+    store = open_store(f"sqlite:///{old}")
+    await store.open()
+    await store.create(record("R2"))
+    await store.append_events("R2", 1, 1, b"y" * 100_000)
+    assert [c[2] for c in await store.events_after("R2", 0)] == [b"y" * 100_000]
+    await store.close()
+    pages = {}
+    for path in (new, old):
+        with sqlite3.connect(path) as conn:
+            pages[path.name] = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert SQLITE_PAGE_SIZE != 4096
+    assert pages == {"new.sqlite3": SQLITE_PAGE_SIZE, "old.sqlite3": 4096}
+
+
 @DURABLE
 async def test_database_newer_than_the_code_is_refused(backend_url: str, make_store: StoreFactory) -> None:
     store = await make_store()

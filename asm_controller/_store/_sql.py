@@ -96,6 +96,12 @@ _RECORD_COLUMNS = [runs.c[name] for name in FIELDS]
 _LIST_COLUMNS = [runs.c[name] for name in FIELDS if name != "prompt"]
 #: Oldest chunks looked at per round when the history bound drops some.
 _TRIM_BATCH = 256
+#: The page size of a new SQLite file (an existing one keeps its own: WAL mode cannot change it). A
+#: relayed stream's chunks are blobs of up to 1 MiB: with SQLite's default 4 KiB pages each is 256
+#: overflow pages, each written to the WAL and again to the file by a checkpoint, a system call per
+#: page. 16 KiB pages write a stream's log with about half the CPU; a small transaction (a run's
+#: record) costs the same (docs/benchmarks.md, "The relay's second pass").
+SQLITE_PAGE_SIZE = 16384
 
 
 class SqlStore:
@@ -225,7 +231,9 @@ class SqlStore:
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # the driver's implicit BEGIN off: ours below
             cursor = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_ms}"):
+            # page_size first: it applies only while the file is still empty (then WAL fixes it).
+            for pragma in (f"page_size={SQLITE_PAGE_SIZE}", "journal_mode=WAL", "synchronous=NORMAL",
+                           f"busy_timeout={busy_ms}"):
                 cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
