@@ -349,6 +349,33 @@ async def test_a_new_sqlite_file_gets_the_stores_page_size_and_an_old_one_keeps_
     assert pages == {"new.sqlite3": SQLITE_PAGE_SIZE, "old.sqlite3": 4096}
 
 
+async def test_a_read_does_not_wait_behind_a_write_that_waits_for_the_sqlite_lock(tmp_path: Path) -> None:
+    """SQLite's hot path reads and writes on threads of their own: while another connection holds the
+    write lock (a write of the store waits for it, up to its busy timeout), a get still answers at once
+    (WAL readers are not blocked), and the write lands once the lock is free."""
+    path = tmp_path / "s.sqlite3"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.create(record("R1"))
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long transaction elsewhere would hold it
+        try:
+            write = asyncio.ensure_future(store.update("R1", node_seq=5))
+            await asyncio.sleep(0.2)
+            assert not write.done()  # waiting for the lock
+            rec = await asyncio.wait_for(store.get("R1"), 2.0)
+            assert rec is not None and rec.node_seq == 0
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        await asyncio.wait_for(write, 5.0)
+        rec = await store.get("R1")
+        assert rec is not None and rec.node_seq == 5
+    finally:
+        await store.close()
+
+
 @DURABLE
 async def test_database_newer_than_the_code_is_refused(backend_url: str, make_store: StoreFactory) -> None:
     store = await make_store()

@@ -88,6 +88,7 @@ from asm_controller._store._migrations import (
 from asm_wire import AsmError, RunNotFound
 
 _T = TypeVar("_T")
+_SyncSide = tuple[sa.Engine, concurrent.futures.ThreadPoolExecutor]  # an engine and the one thread it runs on
 
 log = logging.getLogger("asm_controller.store")
 
@@ -122,9 +123,10 @@ class SqlStore:
         self._engine: AsyncEngine | None = None
         self._wengine: AsyncEngine | None = None
         self._claim_fd: int | None = None
-        #: SQLite: the hot path's synchronous engine (pysqlite) and the one thread it is used on.
-        self._sync: sa.Engine | None = None
-        self._sync_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        #: SQLite: the hot path's synchronous engines (pysqlite), each used on one thread of its own:
+        #: (reads, writes). A read never queues behind a write that waits for SQLite's lock (WAL
+        #: readers are not blocked), and a connection never leaves the thread that made it.
+        self._sync: tuple[_SyncSide, _SyncSide] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -143,10 +145,14 @@ class SqlStore:
                         if not await conn.run_sync(migrate_step, self._migrations, self.url):
                             break
             if self._sqlite_path is not None:
-                self._sync_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asm-sqlite")
-                self._sync = sa.create_engine(self._sa_url.set(drivername="sqlite+pysqlite"),
-                                              connect_args={"timeout": self._connect_timeout_s})
-                self._sqlite_hooks(self._sync)
+                sides = []
+                for name in ("read", "write"):
+                    sync = sa.create_engine(self._sa_url.set(drivername="sqlite+pysqlite"),
+                                            connect_args={"timeout": self._connect_timeout_s})
+                    self._sqlite_hooks(sync)
+                    sides.append((sync.execution_options(asm_write=True) if name == "write" else sync,
+                                  concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"asm-sqlite-{name}")))
+                self._sync = (sides[0], sides[1])
         except BaseException:
             await self.close()
             raise
@@ -182,11 +188,10 @@ class SqlStore:
         if self._claim_fd is not None:
             os.close(self._claim_fd)  # releases the flock
             self._claim_fd = None
-        sync, thread, self._sync, self._sync_thread = self._sync, self._sync_thread, None, None
-        if sync is not None and thread is not None:
+        sides, self._sync = self._sync, None
+        for sync, thread in sides or ():
             with contextlib.suppress(Exception):  # its connections are closed on the thread that made them
                 await asyncio.get_running_loop().run_in_executor(thread, sync.dispose)
-        if thread is not None:
             thread.shutdown(wait=False)
         engine, self._engine, self._wengine = self._engine, None, None
         if engine is not None:
@@ -244,14 +249,15 @@ class SqlStore:
 
     async def _sync_op(self, fn: Callable[[sa.Connection], _T], *, write: bool) -> _T:
         """``fn`` on a connection in one transaction (a write one: BEGIN IMMEDIATE; committed when it
-        returns, rolled back when it raises). SQLite: all of it on the store's thread, one hop from the
-        event loop; PostgreSQL: on the async engine (``run_sync``: the same statements, awaited)."""
+        returns, rolled back when it raises). SQLite: all of it on the store's read or write thread, one
+        hop from the event loop; PostgreSQL: on the async engine (``run_sync``: the same statements,
+        awaited)."""
         reader, writer = self._engines()
-        sync, thread = self._sync, self._sync_thread
-        if sync is not None and thread is not None:
+        if self._sync is not None:
+            sync, thread = self._sync[1 if write else 0]
+
             def whole() -> _T:
-                engine = sync.execution_options(asm_write=True) if write else sync
-                with engine.begin() as conn:
+                with sync.begin() as conn:
                     return fn(conn)
 
             return await asyncio.get_running_loop().run_in_executor(thread, whole)
