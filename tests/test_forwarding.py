@@ -264,3 +264,41 @@ async def test_attaching_through_the_controller_relays_the_live_nodes_bytes(
     assert attached[-1].kind == pb.EVENT_KIND_RUN_COMPLETED
     for m in attached:
         assert m.SerializeToString() == ours[m.seq].SerializeToString()
+
+
+def test_a_serving_controller_collects_less_often_and_freezes_its_start_up_heap() -> None:
+    """``asm controller serve`` (serve_controller) tunes the collector once started: a first-generation
+    threshold a relayed batch's events mostly die before, and the start-up heap frozen out of it."""
+    import gc
+
+    from asm_controller.service import SERVING_GC_THRESHOLD, tune_gc_for_serving
+
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == (SERVING_GC_THRESHOLD, *before[1:])
+        assert SERVING_GC_THRESHOLD > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_serve_controller_tunes_the_collector_after_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tuning happens in the serving process only, after start_controller (its objects are frozen)."""
+    from asm_controller import service
+
+    calls: list[str] = []
+
+    async def fake_start(config: ControllerConfig) -> object:
+        calls.append("start")
+        return object()
+
+    async def fake_run(server: object, on_ready: object) -> None:
+        calls.append("serve")
+
+    monkeypatch.setattr(service, "start_controller", fake_start)
+    monkeypatch.setattr(service, "tune_gc_for_serving", lambda: calls.append("gc"))
+    monkeypatch.setattr(service, "run_until_signal", fake_run)
+    asyncio.run(service.serve_controller(ControllerConfig(nodes=["127.0.0.1:1"])))
+    assert calls == ["start", "gc", "serve"]

@@ -320,6 +320,62 @@ async def test_fresh_database_is_at_current_version_and_reopen_is_a_no_op(
     assert (await again.get("R1")) is not None
 
 
+async def test_a_new_sqlite_file_gets_the_stores_page_size_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A relayed stream's blobs are written with fewer, larger pages (SQLITE_PAGE_SIZE) in a new file; a
+    file made before (SQLite's default 4 KiB pages, WAL) opens, keeps its pages and takes writes."""
+    from asm_controller._store._sql import SQLITE_PAGE_SIZE
+
+    new = tmp_path / "new.sqlite3"
+    store = open_store(f"sqlite:///{new}")
+    await store.open()
+    await store.create(record("R1"))
+    await store.append_events("R1", 1, 1, b"x" * 100_000)
+    await store.close()
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x)")  # the file is no longer empty: its page size is fixed
+    store = open_store(f"sqlite:///{old}")
+    await store.open()
+    await store.create(record("R2"))
+    await store.append_events("R2", 1, 1, b"y" * 100_000)
+    assert [c[2] for c in await store.events_after("R2", 0)] == [b"y" * 100_000]
+    await store.close()
+    pages = {}
+    for path in (new, old):
+        with sqlite3.connect(path) as conn:
+            pages[path.name] = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert SQLITE_PAGE_SIZE != 4096
+    assert pages == {"new.sqlite3": SQLITE_PAGE_SIZE, "old.sqlite3": 4096}
+
+
+async def test_a_read_does_not_wait_behind_a_write_that_waits_for_the_sqlite_lock(tmp_path: Path) -> None:
+    """SQLite's hot path reads and writes on threads of their own: while another connection holds the
+    write lock (a write of the store waits for it, up to its busy timeout), a get still answers at once
+    (WAL readers are not blocked), and the write lands once the lock is free."""
+    path = tmp_path / "s.sqlite3"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.create(record("R1"))
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long transaction elsewhere would hold it
+        try:
+            write = asyncio.ensure_future(store.update("R1", node_seq=5))
+            await asyncio.sleep(0.2)
+            assert not write.done()  # waiting for the lock
+            rec = await asyncio.wait_for(store.get("R1"), 2.0)
+            assert rec is not None and rec.node_seq == 0
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        await asyncio.wait_for(write, 5.0)
+        rec = await store.get("R1")
+        assert rec is not None and rec.node_seq == 5
+    finally:
+        await store.close()
+
+
 @DURABLE
 async def test_database_newer_than_the_code_is_refused(backend_url: str, make_store: StoreFactory) -> None:
     store = await make_store()

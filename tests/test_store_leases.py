@@ -162,6 +162,51 @@ async def test_fenced_appends_and_batches(store: RunStore) -> None:
 
 
 @ALL
+async def test_a_chunk_and_the_update_after_it_are_written_as_the_ops_one_by_one(store: RunStore) -> None:
+    """A run's chunk followed by its plain update (what the writer queues for a relayed batch; the SQL
+    store writes the two with one UPDATE of the row): the same outcome as written one by one, when
+    the chunk lands, when it is a retry already held, and when it is refused (the update is then
+    written, or refused, on its own)."""
+    a = await leased(store, "R1", "replica-a")
+    await store.create(record("R2"))
+    await store.create(record("R3"))
+    assert await store.write_batch([
+        EventsOp("R1", 1, 3, b"one", fence=a), UpdateOp("R1", {"node_seq": 3, "status": "running"}, fence=a),
+        EventsOp("R2", 1, 2, b"two"), UpdateOp("R2", {"node_seq": 2, "provider_session_id": "ps-2"}),
+    ]) == []
+    r1, r2 = await store.get("R1"), await store.get("R2")
+    assert r1 is not None and r2 is not None
+    assert (r1.last_seq, r1.node_seq, r1.status) == (3, 3, "running")
+    assert (r2.last_seq, r2.node_seq, r2.provider_session_id) == (2, 2, "ps-2")
+    # A retried chunk (its commit had landed): appending is a no-op, the update is still applied.
+    assert await store.write_batch([EventsOp("R2", 1, 2, b"two"), UpdateOp("R2", {"node_seq": 7})]) == []
+    r2 = await store.get("R2")
+    assert r2 is not None and (r2.last_seq, r2.node_seq) == (2, 7)
+    # An overlapping chunk is refused; the update after it is written all the same.
+    skipped = await store.write_batch([EventsOp("R2", 2, 4, b"overlap"), UpdateOp("R2", {"node_seq": 8})])
+    assert [(type(e), e.details["run_id"]) for e in skipped] == [(InvalidRecord, "R2")]
+    r2 = await store.get("R2")
+    assert r2 is not None and (r2.last_seq, r2.node_seq) == (2, 8)
+    # A lost lease: both refused, each reported; an unknown run: both RunNotFound; a bad update field:
+    # the chunk is written, the update refused.
+    b = await store.take_lease("R1", "replica-b", seen_token=1, until=T0 + 30, now=T0 + 20)
+    assert b is not None
+    skipped = await store.write_batch([
+        EventsOp("R1", 4, 4, b"lost", fence=a), UpdateOp("R1", {"node_seq": 99}, fence=a),
+        EventsOp("NOPE", 1, 1, b"x"), UpdateOp("NOPE", {"node_seq": 1}),
+        EventsOp("R3", 1, 1, b"r3"), UpdateOp("R3", {"node_seq": -1}),
+    ])
+    assert [(type(e), e.details["run_id"]) for e in skipped] == [
+        (LeaseLost, "R1"), (LeaseLost, "R1"), (RunNotFound, "NOPE"), (RunNotFound, "NOPE"), (InvalidRecord, "R3")]
+    r1, r3 = await store.get("R1"), await store.get("R3")
+    assert r1 is not None and r3 is not None
+    assert (r1.last_seq, r1.node_seq) == (3, 3)
+    assert r3.last_seq == 1
+    assert [c[2] for c in await store.events_after("R1", 0)] == [b"one"]
+    assert [c[2] for c in await store.events_after("R3", 0)] == [b"r3"]
+
+
+@ALL
 async def test_renew_release_and_expired_leases(store: RunStore) -> None:
     await leased(store, "A1", "replica-a", created_at=T0 - 30)
     await leased(store, "A2", "replica-a", created_at=T0 - 20, status=QUEUED, prompt="do the thing")

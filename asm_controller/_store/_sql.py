@@ -4,12 +4,17 @@ One schema (``_migrations``), one pool model (SQLAlchemy's async queue pool), th
 on both backends. SQLite runs in WAL mode with ``synchronous=NORMAL`` (a commit is a WAL write
 without fsync: durable when the process is killed, not on power loss) and every write
 transaction starts with ``BEGIN IMMEDIATE`` (takes the write lock up front, so two processes never
-deadlock upgrading a read lock; readers are not blocked in WAL mode). Driver failures are
+deadlock upgrading a read lock; readers are not blocked in WAL mode). A run's hot path on SQLite
+(create, get, update, appends, the writer's batches) runs each operation whole on one thread of the
+store's own with the stdlib driver (:meth:`SqlStore._sync_op`): through aiosqlite every statement
+was about three hops between the event loop and its thread. Driver failures are
 translated at this edge into :class:`StoreError` with the display URL (password hidden).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -17,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -46,6 +51,7 @@ from asm_controller._store._base import (
     StatusFilter,
     StoreError,
     StoreLocked,
+    UpdateOp,
     check_chunk,
     check_cursor,
     check_endpoint_lease,
@@ -81,6 +87,9 @@ from asm_controller._store._migrations import (
 )
 from asm_wire import AsmError, RunNotFound
 
+_T = TypeVar("_T")
+_SyncSide = tuple[sa.Engine, concurrent.futures.ThreadPoolExecutor]  # an engine and the one thread it runs on
+
 log = logging.getLogger("asm_controller.store")
 
 _RECORD_COLUMNS = [runs.c[name] for name in FIELDS]
@@ -88,6 +97,12 @@ _RECORD_COLUMNS = [runs.c[name] for name in FIELDS]
 _LIST_COLUMNS = [runs.c[name] for name in FIELDS if name != "prompt"]
 #: Oldest chunks looked at per round when the history bound drops some.
 _TRIM_BATCH = 256
+#: The page size of a new SQLite file (an existing one keeps its own: WAL mode cannot change it). A
+#: relayed stream's chunks are blobs of up to 1 MiB: with SQLite's default 4 KiB pages each is 256
+#: overflow pages, each written to the WAL and again to the file by a checkpoint, a system call per
+#: page. 16 KiB pages write a stream's log with about half the CPU; a small transaction (a run's
+#: record) costs the same (docs/benchmarks.md, "The relay's second pass").
+SQLITE_PAGE_SIZE = 16384
 
 
 class SqlStore:
@@ -108,6 +123,10 @@ class SqlStore:
         self._engine: AsyncEngine | None = None
         self._wengine: AsyncEngine | None = None
         self._claim_fd: int | None = None
+        #: SQLite: the hot path's synchronous engines (pysqlite), each used on one thread of its own:
+        #: (reads, writes). A read never queues behind a write that waits for SQLite's lock (WAL
+        #: readers are not blocked), and a connection never leaves the thread that made it.
+        self._sync: tuple[_SyncSide, _SyncSide] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -125,6 +144,15 @@ class SqlStore:
                     async with self._wengine.begin() as conn:
                         if not await conn.run_sync(migrate_step, self._migrations, self.url):
                             break
+            if self._sqlite_path is not None:
+                sides = []
+                for name in ("read", "write"):
+                    sync = sa.create_engine(self._sa_url.set(drivername="sqlite+pysqlite"),
+                                            connect_args={"timeout": self._connect_timeout_s})
+                    self._sqlite_hooks(sync)
+                    sides.append((sync.execution_options(asm_write=True) if name == "write" else sync,
+                                  concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"asm-sqlite-{name}")))
+                self._sync = (sides[0], sides[1])
         except BaseException:
             await self.close()
             raise
@@ -160,6 +188,11 @@ class SqlStore:
         if self._claim_fd is not None:
             os.close(self._claim_fd)  # releases the flock
             self._claim_fd = None
+        sides, self._sync = self._sync, None
+        for sync, thread in sides or ():
+            with contextlib.suppress(Exception):  # its connections are closed on the thread that made them
+                await asyncio.get_running_loop().run_in_executor(thread, sync.dispose)
+            thread.shutdown(wait=False)
         engine, self._engine, self._wengine = self._engine, None, None
         if engine is not None:
             with contextlib.suppress(Exception):  # a dead server must not turn close() into an error
@@ -187,27 +220,49 @@ class SqlStore:
     def _create_engine(self) -> AsyncEngine:
         if self._sqlite_path is not None:
             engine = create_async_engine(self._sa_url, connect_args={"timeout": self._connect_timeout_s})
-            busy_ms = int(self._connect_timeout_s * 1000)
-
-            @event.listens_for(engine.sync_engine, "connect")
-            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-                dbapi_conn.isolation_level = None  # the driver's implicit BEGIN off: ours below
-                cursor = dbapi_conn.cursor()
-                for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_ms}"):
-                    cursor.execute(f"PRAGMA {pragma}")
-                cursor.close()
-
-            @event.listens_for(engine.sync_engine, "begin")
-            def _on_begin(conn: sa.Connection) -> None:
-                immediate = conn.get_execution_options().get("asm_write")
-                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+            self._sqlite_hooks(engine.sync_engine)
             return engine
         return create_async_engine(
             self._sa_url, pool_pre_ping=True, pool_size=4, max_overflow=4,
             pool_timeout=max(self._connect_timeout_s, 1.0),
             connect_args={"timeout": self._connect_timeout_s, "command_timeout": 60},
         )
+
+    def _sqlite_hooks(self, engine: sa.Engine) -> None:
+        """Every SQLite connection (aiosqlite's and the hot path's): WAL, NORMAL, the busy timeout, our BEGINs."""
+        busy_ms = int(self._connect_timeout_s * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # the driver's implicit BEGIN off: ours below
+            cursor = dbapi_conn.cursor()
+            # page_size first: it applies only while the file is still empty (then WAL fixes it).
+            for pragma in (f"page_size={SQLITE_PAGE_SIZE}", "journal_mode=WAL", "synchronous=NORMAL",
+                           f"busy_timeout={busy_ms}"):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            immediate = conn.get_execution_options().get("asm_write")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    async def _sync_op(self, fn: Callable[[sa.Connection], _T], *, write: bool) -> _T:
+        """``fn`` on a connection in one transaction (a write one: BEGIN IMMEDIATE; committed when it
+        returns, rolled back when it raises). SQLite: all of it on the store's read or write thread, one
+        hop from the event loop; PostgreSQL: on the async engine (``run_sync``: the same statements,
+        awaited)."""
+        reader, writer = self._engines()
+        if self._sync is not None:
+            sync, thread = self._sync[1 if write else 0]
+
+            def whole() -> _T:
+                with sync.begin() as conn:
+                    return fn(conn)
+
+            return await asyncio.get_running_loop().run_in_executor(thread, whole)
+        async with (writer if write else reader).begin() as conn:
+            return await conn.run_sync(fn)
 
     def _engines(self) -> tuple[AsyncEngine, AsyncEngine]:
         if self._engine is None or self._wengine is None:
@@ -276,20 +331,20 @@ class SqlStore:
         cols["updated_at"] = cols["updated_at"] or cols["created_at"]
         if cols["status"] == QUEUED and cols["queued_at"] is None:
             cols["queued_at"] = cols["created_at"]  # a run created queued entered the queue then
-        _, writer = self._engines()
+        def insert(conn: sa.Connection) -> None:
+            try:
+                conn.execute(sa.insert(runs).values(**cols, held_bytes=0))
+            except sa.exc.IntegrityError:  # the only constraint is the primary key
+                raise RunExists(f"run {rec.run_id} is already recorded") from None
+
         with self._translated("create"):
-            async with writer.begin() as conn:
-                try:
-                    await conn.execute(sa.insert(runs).values(**cols, held_bytes=0))
-                except sa.exc.IntegrityError:  # the only constraint is the primary key
-                    raise RunExists(f"run {rec.run_id} is already recorded") from None
+            await self._sync_op(insert, write=True)
 
     async def get(self, run_id: str) -> RunRecord | None:
         check_text("run_id", run_id)
-        reader, _ = self._engines()
+        query = sa.select(*_RECORD_COLUMNS).where(runs.c.run_id == run_id)
         with self._translated("get"):
-            async with reader.connect() as conn:
-                row = (await conn.execute(sa.select(*_RECORD_COLUMNS).where(runs.c.run_id == run_id))).first()
+            row = await self._sync_op(lambda conn: conn.execute(query).first(), write=False)
         return record_from_columns(dict(row._mapping)) if row is not None else None
 
     async def update(self, run_id: str, *, fence: Lease | None = None,
@@ -297,12 +352,10 @@ class SqlStore:
         cols = check_update(fields)
         check_text("run_id", run_id)
         fenced, expect = check_expect(fence, expect_status)
-        _, writer = self._engines()
         with self._translated("update"):
-            async with writer.begin() as conn:
-                await self._update_in(conn, run_id, cols, fenced, expect)
+            await self._sync_op(lambda conn: self._update_in(conn, run_id, cols, fenced, expect), write=True)
 
-    async def _update_in(self, conn: AsyncConnection, run_id: str, cols: dict[str, Any],
+    def _update_in(self, conn: sa.Connection, run_id: str, cols: dict[str, Any],
                          fence: Lease | None = None, expect: tuple[str, ...] | None = None) -> None:
         # One UPDATE whose WHERE holds the fence and the expected status: the compare-and-set is atomic
         # (PostgreSQL re-checks the WHERE on the row a concurrent writer committed). Only when it matched
@@ -313,11 +366,11 @@ class SqlStore:
             stmt = stmt.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
         if expect is not None:
             stmt = stmt.where(runs.c.status.in_(expect))
-        result = await conn.execute(stmt.values(**cols))
+        result = conn.execute(stmt.values(**cols))
         if result.rowcount:
             return
-        row = (await conn.execute(sa.select(runs.c.lease_owner, runs.c.lease_token, runs.c.status)
-                                  .where(runs.c.run_id == run_id))).first()
+        row = conn.execute(sa.select(runs.c.lease_owner, runs.c.lease_token, runs.c.status)
+                           .where(runs.c.run_id == run_id)).first()
         if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
         raise (lease_lost(run_id, fence, expect, owner=row.lease_owner, token=int(row.lease_token),
@@ -584,38 +637,65 @@ class SqlStore:
                             fence: Lease | None = None) -> None:
         check_chunk(run_id, first_seq, last_seq, data)
         fenced = check_fence(fence)
-        _, writer = self._engines()
+        chunk = bytes(data)
         with self._translated("append_events"):
-            async with writer.begin() as conn:
-                await self._append_in(conn, run_id, first_seq, last_seq, bytes(data), fenced)
+            await self._sync_op(lambda conn: self._append_in(conn, run_id, first_seq, last_seq, chunk, fenced),
+                                write=True)
 
-    async def _append_in(self, conn: AsyncConnection, run_id: str, first_seq: int, last_seq: int,
-                         data: bytes, fence: Lease | None = None) -> None:
-        # FOR UPDATE: the row stays locked until commit, so a take_lease() by another replica cannot
-        # slip between this fence check and the write (it waits, then finds its token changed or not).
-        row = (await conn.execute(
+    def _append_in(self, conn: sa.Connection, run_id: str, first_seq: int, last_seq: int,
+                         data: bytes, fence: Lease | None = None, also: dict[str, Any] | None = None) -> None:
+        """Append one chunk; ``also``: more (checked) columns for the run's row, written with it.
+
+        The common case is two statements: one UPDATE of the run's row whose WHERE holds the fence and
+        "the chunk starts after the log" (atomic like :meth:`_update_in`: the row stays locked until
+        commit, so a take_lease() by another replica cannot slip in between) and returns the held
+        bytes, then the INSERT. Only when that UPDATE matched nothing is the row read, to say why
+        (unknown run, lost lease, a retried chunk already held, an overlap)."""
+        now = time.time()
+        fast = (sa.update(runs).where(runs.c.run_id == run_id, runs.c.last_seq < first_seq)
+                .values({**(also or {}), "last_seq": last_seq, "held_bytes": runs.c.held_bytes + len(data),
+                         "updated_at": now})
+                .returning(runs.c.held_bytes, runs.c.first_held_seq))
+        if fence is not None:
+            fast = fast.where(runs.c.lease_owner == fence.owner, runs.c.lease_token == fence.token)
+        moved = conn.execute(fast).first()
+        if moved is not None:
+            conn.execute(sa.insert(run_events).values(
+                run_id=run_id, first_seq=first_seq, last_seq=last_seq, nbytes=len(data), data=data))
+            held = int(moved.held_bytes)
+            if held > self.history_max_bytes:
+                first_held, held = self._trim_in(conn, run_id, int(moved.first_held_seq), held)
+                conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
+                    first_held_seq=first_held, held_bytes=held))
+            return
+        row = conn.execute(
             sa.select(runs.c.last_seq, runs.c.first_held_seq, runs.c.held_bytes, runs.c.lease_owner,
                       runs.c.lease_token, runs.c.status)
-            .where(runs.c.run_id == run_id).with_for_update())).first()
+            .where(runs.c.run_id == run_id).with_for_update()).first()
         if row is None:
             raise RunNotFound(f"run {run_id} is not recorded")
         lost = lease_lost(run_id, fence, None, owner=row.lease_owner, token=int(row.lease_token), status=row.status)
         if lost is not None:
             raise lost
-        held_last, first_held, held = int(row.last_seq), int(row.first_held_seq), int(row.held_bytes)
+        held_last = int(row.last_seq)
         if last_seq <= held_last:
-            return  # already held (a retried write whose commit did land): appending is idempotent
+            # Already held (a retried write whose commit did land): appending is idempotent; the
+            # columns that came with it are still written.
+            if also:
+                self._update_in(conn, run_id, dict(also), fence)
+            return
         if first_seq <= held_last:
             raise overlap_error(run_id, first_seq, held_last)
-        await conn.execute(sa.insert(run_events).values(
-            run_id=run_id, first_seq=first_seq, last_seq=last_seq, nbytes=len(data), data=data))
-        held += len(data)
-        # The history bound: drop the oldest chunks until the log fits (the newest too if it alone is
-        # bigger); first_held_seq says where the log now starts, for a typed replay_gap.
+        # The row would match now: it changed between the two statements (PostgreSQL, another writer).
+        raise LeaseLost(f"run {run_id} changed while it was written: try again", details={"run_id": run_id})
+
+    def _trim_in(self, conn: sa.Connection, run_id: str, first_held: int, held: int) -> tuple[int, int]:
+        """The history bound: drop the oldest chunks until the log fits (the newest too if it alone is
+        bigger); the new first_held_seq (where the log now starts, for a typed replay_gap) and held bytes."""
         while held > self.history_max_bytes:
-            oldest = (await conn.execute(
+            oldest = conn.execute(
                 sa.select(run_events.c.last_seq, run_events.c.nbytes).where(run_events.c.run_id == run_id)
-                .order_by(run_events.c.last_seq).limit(_TRIM_BATCH))).all()
+                .order_by(run_events.c.last_seq).limit(_TRIM_BATCH)).all()
             if not oldest:
                 break
             cut = None
@@ -625,11 +705,10 @@ class SqlStore:
                 held -= int(nbytes)
                 cut = int(chunk_last)
             if cut is not None:
-                await conn.execute(sa.delete(run_events).where(
+                conn.execute(sa.delete(run_events).where(
                     run_events.c.run_id == run_id, run_events.c.last_seq <= cut))
                 first_held = cut + 1
-        await conn.execute(sa.update(runs).where(runs.c.run_id == run_id).values(
-            last_seq=last_seq, first_held_seq=first_held, held_bytes=held, updated_at=time.time()))
+        return first_held, held
 
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]:
         check_text("run_id", run_id)
@@ -687,30 +766,56 @@ class SqlStore:
         return int(total or 0)
 
     async def write_batch(self, ops: Sequence[BatchOp]) -> list[AsmError]:
-        skipped: list[tuple[int, AsmError]] = []
         if not ops:
             return []
-        _, writer = self._engines()
         with self._translated("write_batch"):
-            async with writer.begin() as conn:
-                # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
-                # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
-                # order they were given.
-                for index, op in sorted(enumerate(ops), key=lambda pair: pair[1].run_id):
-                    # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
-                    # UPDATE that matched nothing before anything is written for it, so it never aborts
-                    # the transaction the other ops are in.
-                    try:
-                        if isinstance(op, EventsOp):
-                            await self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
-                                                  check_fence(op.fence))
-                        else:
-                            fence, expect = check_expect(op.fence, op.expect_status)
-                            await self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
-                    except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
-                        exc.details.setdefault("run_id", op.run_id)
-                        skipped.append((index, exc))
+            return await self._sync_op(lambda conn: self._write_batch_in(conn, ops), write=True)
+
+    def _write_batch_in(self, conn: sa.Connection, ops: Sequence[BatchOp]) -> list[AsmError]:
+        skipped: list[tuple[int, AsmError]] = []
+        # In run_id order (stable: one run's ops keep theirs): row locks are taken in the order
+        # renew_leases takes them, so the two never deadlock. Skipped ops are reported in the
+        # order they were given.
+        ordered = sorted(enumerate(ops), key=lambda pair: pair[1].run_id)
+        merged: set[int] = set()  # indexes of updates written with the chunk before them
+        for at, (index, op) in enumerate(ordered):
+            if index in merged:
+                continue
+            # An op's own error (unknown run, overlap, a lost lease) is found by a SELECT or an
+            # UPDATE that matched nothing before anything is written for it, so it never aborts
+            # the transaction the other ops are in.
+            try:
+                if isinstance(op, EventsOp):
+                    # The run's plain update right after its chunk (a relayed batch's progress, as
+                    # the writer queues them) goes into the chunk's UPDATE of the row: one
+                    # statement fewer. Should the chunk fail, the update is written on its own.
+                    also = _plain_update_after(ordered, at)
+                    self._append_in(conn, op.run_id, op.first_seq, op.last_seq, op.data,
+                                    check_fence(op.fence), also)
+                    if also is not None:
+                        merged.add(ordered[at + 1][0])
+                else:
+                    fence, expect = check_expect(op.fence, op.expect_status)
+                    self._update_in(conn, op.run_id, check_update(dict(op.fields)), fence, expect)
+            except (RunNotFound, RunExists, LeaseLost, InvalidRecord) as exc:
+                exc.details.setdefault("run_id", op.run_id)
+                skipped.append((index, exc))
         return [exc for _, exc in sorted(skipped, key=lambda pair: pair[0])]
+
+
+def _plain_update_after(ordered: Sequence[tuple[int, BatchOp]], at: int) -> dict[str, Any] | None:
+    """The checked columns of the update right after the chunk at ``at`` when it is the same run's,
+    with the same fence and no expected status (it may be written with the chunk), else None."""
+    if at + 1 >= len(ordered):
+        return None
+    chunk, nxt = ordered[at][1], ordered[at + 1][1]
+    if not isinstance(nxt, UpdateOp) or nxt.run_id != chunk.run_id or nxt.fence != chunk.fence \
+            or nxt.expect_status is not None:
+        return None
+    try:
+        return check_update(dict(nxt.fields))
+    except InvalidRecord:
+        return None  # written on its own, to be refused on its own
 
 
 def _run_filters(*, status: StatusFilter | None = None, owner: str | None = None, session_id: str | None = None,
