@@ -34,7 +34,7 @@ from asm_controller import (
     RemoteNode,
     TLSConfig,
 )
-from asm_controller._jsonl import event_line
+from asm_controller._jsonl import event_line, event_lines
 from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
 
 if TYPE_CHECKING:
@@ -174,27 +174,31 @@ class _Lines:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.held = 0  # the lines in ``lines`` (an entry may hold a batch's)
         self.stream: IO[str] | None = None
         self.scheduled: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self.failed: Exception | None = None
 
-    def add(self, stream: IO[str], line: str) -> None:
+    def add(self, stream: IO[str], line: str, count: int = 1) -> None:
+        """Hold ``line`` (``count`` lines, when it is a batch's: it counts that much toward the 4096)."""
         if self.failed is not None:
             exc, self.failed = self.failed, None
             raise exc
-        if self.scheduled is not None and stream is self.stream and len(self.lines) < 4095:
+        if self.scheduled is not None and stream is self.stream and self.held + count < 4096:
             self.lines.append(line)  # a drain is already scheduled: the common case, kept cheap
+            self.held += count
             return
         if stream is not self.stream:
             self.drain()
             self.stream = stream
         self.lines.append(line)
+        self.held += count
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.drain()
             return
-        if len(self.lines) >= 4096:
+        if self.held >= 4096:
             self.drain()
         elif self.scheduled is None or self.scheduled() is not loop:  # (a loop that closed never ran it)
             self.scheduled = weakref.ref(loop)
@@ -213,6 +217,7 @@ class _Lines:
             return  # nothing held: a stream given up (closed since) is not touched
         text = "".join(self.lines)
         self.lines.clear()
+        self.held = 0
         stream.write(text)
         stream.flush()
 
@@ -232,6 +237,27 @@ def print_event(ev: Any, output: str) -> None:
         # The same line as json.dumps(ev.to_dict()), made directly (asm_controller._jsonl: ~4x less CPU).
         _lines.add(sys.stdout, event_line(ev.pb) + "\n")
         return
+    _print_text(ev)
+
+
+def print_events(evs: Sequence[Any], output: str) -> None:
+    """A batch of events as :func:`print_event` prints them one by one, the same bytes: for jsonl one
+    string made by :func:`~asm_controller._jsonl.event_lines` (the bulk lines without a call each)."""
+    if output == "jsonl":
+        try:
+            text = event_lines([ev.pb for ev in evs])
+        except Exception:  # an event the encoder refuses: the lines before it are printed, then it raises
+            for ev in evs:
+                print_event(ev, output)
+            raise AssertionError("unreachable: event_lines raised where event_line did not") from None
+        if text:
+            _lines.add(sys.stdout, text, len(evs))
+        return
+    for ev in evs:
+        _print_text(ev)
+
+
+def _print_text(ev: Any) -> None:
     kind = ev.kind
     if kind == "assistant_delta":
         sys.stdout.write(ev.pb.assistant_delta.content)
