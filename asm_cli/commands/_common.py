@@ -38,7 +38,8 @@ from asm_controller._jsonl import event_line, event_lines
 from asm_wire import AsmError, ConfigError, NodeConnectTimeout, parse_address, pb
 
 if TYPE_CHECKING:
-    from asm_controller import Result
+    from asm_controller import Event, Result, SnapshotStream
+    from asm_controller._session import RunStream
     from asm_controller.extensions.rendering import Rendering
 
 
@@ -229,6 +230,19 @@ def flush_lines() -> None:
     """Write out the jsonl lines still held (before anything else is written to stdout)."""
     _lines.failed = None  # the reader left: this write raises it again
     _lines.drain()
+
+
+async def next_batch(stream: RunStream | SnapshotStream) -> list[Event] | None:
+    """The stream's next events, None at its end: a RunStream's batch as it arrived (the printing
+    loops of ``asm run``/``attach`` go a batch at a time), one event of any other stream."""
+    from asm_controller._session import RunStream  # (loaded by then: whoever made the stream imported it)
+
+    if isinstance(stream, RunStream):
+        return await stream.next_batch()
+    try:
+        return [await anext(stream)]
+    except StopAsyncIteration:
+        return None
 
 
 def print_event(ev: Any, output: str) -> None:

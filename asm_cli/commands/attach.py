@@ -17,7 +17,8 @@ from asm_cli.commands._common import (
     ask,
     client_args,
     flush_lines,
-    print_event,
+    next_batch,
+    print_events,
     report,
     server_target,
 )
@@ -82,14 +83,16 @@ async def _attach(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         nonlocal last_seq
-        async for ev in stream:
-            if ev.seq <= after:
+        while (batch := await next_batch(stream)) is not None:  # a batch at a time, as they arrived
+            batch = [ev for ev in batch if ev.pb.seq > after]
+            if not batch:
                 continue
-            last_seq = ev.seq
+            last_seq = batch[-1].pb.seq
             if rendering is not None:
-                rendering.feed(ev)
+                for ev in batch:
+                    rendering.feed(ev)
             else:
-                print_event(ev, args.output)
+                print_events(batch, args.output)
 
     following = asyncio.ensure_future(follow())
     detached = False

@@ -20,8 +20,9 @@ from asm_cli.commands._common import (
     add_no_color_option,
     client_args,
     later_help,
+    next_batch,
     pairs,
-    print_event,
+    print_events,
     remote_nodes,
     report,
 )
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # the node agent, recorder and snapshots are imported only by
 #: is asked, anything else waits for ``asm approve`` from another shell ("wait").
 APPROVE_MODES = ("allow", "deny", "prompt")
 _APPROVAL_REQUESTED, _APPROVAL_RESOLVED = KIND_VALUES["approval_requested"], KIND_VALUES["approval_resolved"]
+_APPROVAL_KINDS = frozenset({_APPROVAL_REQUESTED, _APPROVAL_RESOLVED})  # the events _Approvals.on_event acts on
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -275,14 +277,18 @@ async def _run(args: argparse.Namespace) -> int:
             pending.add(loop.create_task(session.interrupt(stream.run_id)))
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
-        async for ev in stream:
-            if rendering is not None:
-                rendering.feed(ev)
-            else:
-                print_event(ev, args.output)
-            approvals.on_event(ev)
-            if recorder is not None:
-                await recorder.put(ev)
+        # A batch at a time (as they arrived from the node): the jsonl lines of a batch are made in one
+        # loop and held as one string; each event still goes to the rendering, approvals and recorder in turn.
+        while (batch := await next_batch(stream)) is not None:
+            if rendering is None:
+                print_events(batch, args.output)
+            for ev in batch:
+                if rendering is not None:
+                    rendering.feed(ev)
+                if ev.pb.kind in _APPROVAL_KINDS:
+                    approvals.on_event(ev)
+                if recorder is not None:
+                    await recorder.put(ev)
         result = stream.result
         assert result is not None
         snaps = snapshotted.snapshots if snapshotted is not None else None
