@@ -275,7 +275,7 @@ def event_lines(msgs: Iterable[pb.Event]) -> str:
     out: list[str] = []
     append = out.append
     esc = _esc
-    key: tuple[str, str, str, str] | None = None
+    run_id = session_id = provider = psid = None  # the run of ``part`` (none yet)
     part = ""
     last_ns, ts = None, ""  # a node stamps the events of one read alike: the text is made once for them
     for m in msgs:
@@ -284,9 +284,10 @@ def event_lines(msgs: Iterable[pb.Event]) -> str:
         if not content or m.kind != _DELTA_KIND or d.index or d.format or d.data or m.metadata:
             append(event_line(m) + "\n")
             continue
-        k = (m.run_id, m.session_id, m.provider, m.provider_session_id)
-        if k != key:
-            key, part = k, _run_part(*k)
+        if m.run_id != run_id or m.session_id != session_id or m.provider != provider or (
+                m.provider_session_id != psid):  # (compared one by one: no tuple to allocate and collect)
+            run_id, session_id, provider, psid = m.run_id, m.session_id, m.provider, m.provider_session_id
+            part = _run_part(run_id, session_id, provider, psid)
         ns = m.timestamp_unix_nano
         if ns != last_ns:
             last_ns, ts = ns, timestamp_iso(ns)

@@ -86,3 +86,17 @@ async def test_next_batch_and_async_for_share_one_stream(agent: NodeAgent, tmp_p
         assert max(sizes) > 1  # batches, not one event at a time
         result = stream.result
         assert result is not None and result.ok and result.text == "".join(f"{i}\n" for i in range(1, n + 1))
+
+
+def test_settle_heap_puts_what_is_loaded_out_of_the_collectors_reach() -> None:
+    import gc
+
+    from asm_cli.commands._common import settle_heap
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000  # the modules, gRPC, protobuf: never walked again
+    finally:
+        gc.unfreeze()

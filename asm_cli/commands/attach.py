@@ -21,6 +21,7 @@ from asm_cli.commands._common import (
     print_events,
     report,
     server_target,
+    settle_heap,
 )
 from asm_controller import RemoteNode, Session
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
@@ -83,6 +84,7 @@ async def _attach(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         nonlocal last_seq
+        settle_heap()
         while (batch := await next_batch(stream)) is not None:  # a batch at a time, as they arrived
             batch = [ev for ev in batch if ev.pb.seq > after]
             if not batch:

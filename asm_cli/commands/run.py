@@ -25,6 +25,7 @@ from asm_cli.commands._common import (
     print_events,
     remote_nodes,
     report,
+    settle_heap,
 )
 from asm_cli.commands._duration import bounded_duration_ms
 from asm_controller import Session
@@ -279,6 +280,7 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         # A batch at a time (as they arrived from the node): the jsonl lines of a batch are made in one
         # loop and held as one string; each event still goes to the rendering, approvals and recorder in turn.
+        settle_heap()
         while (batch := await next_batch(stream)) is not None:
             if rendering is None:
                 print_events(batch, args.output)
