@@ -91,8 +91,7 @@ async def _attach(args: argparse.Namespace) -> int:
                 continue
             last_seq = batch[-1].pb.seq
             if rendering is not None:
-                for ev in batch:
-                    rendering.feed(ev)
+                rendering.feed_all(batch)
             else:
                 print_events(batch, args.output)
 

@@ -282,14 +282,20 @@ async def _run(args: argparse.Namespace) -> int:
         # loop and held as one string; each event still goes to the rendering, approvals and recorder in turn.
         settle_heap()
         while (batch := await next_batch(stream)) is not None:
+            asks = [i for i, ev in enumerate(batch) if ev.pb.kind in _APPROVAL_KINDS]
             if rendering is None:
                 print_events(batch, args.output)
-            for ev in batch:
-                if rendering is not None:
-                    rendering.feed(ev)
-                if ev.pb.kind in _APPROVAL_KINDS:
-                    approvals.on_event(ev)
-                if recorder is not None:
+                for i in asks:
+                    approvals.on_event(batch[i])
+            else:
+                start = 0
+                for i in asks:  # what _Approvals writes to stderr comes right after its event's rendering
+                    rendering.feed_all(batch[start:i + 1])
+                    approvals.on_event(batch[i])
+                    start = i + 1
+                rendering.feed_all(batch[start:] if start else batch)
+            if recorder is not None:
+                for ev in batch:
                     await recorder.put(ev)
         result = stream.result
         assert result is not None
