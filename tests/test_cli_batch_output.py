@@ -94,9 +94,12 @@ def test_settle_heap_puts_what_is_loaded_out_of_the_collectors_reach() -> None:
     from asm_cli.commands._common import settle_heap
 
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     try:
         settle_heap()
         assert gc.get_freeze_count() > 10_000  # the modules, gRPC, protobuf: never walked again
+        assert gc.get_threshold()[0] == 10_000  # young collections every 10,000 allocations, not 700
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
