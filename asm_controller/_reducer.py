@@ -19,6 +19,7 @@ Differences from ASM 0.9.2, on purpose (asm_runtime.md section 8):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,23 @@ class TextFold:
             return "", content
         return self._start(content, "deltas")
 
+    def deltas(self, contents: list[str]) -> tuple[str, str]:
+        """:meth:`delta` of each of ``contents`` (none empty) in turn, in one step: the separator and
+        their new text, as the concatenation of what the calls one by one return (a batch's output
+        lines are joined once, not appended one by one)."""
+        if not contents:
+            return "", ""
+        sep, text = "", ""
+        if self._para_kind != "deltas":
+            sep, text = self._start(contents[0], "deltas")  # only the paragraph's first piece is trimmed
+            contents = contents[1:]
+        if contents:
+            rest = contents[0] if len(contents) == 1 else "".join(contents)
+            self._para.append(rest)
+            self._add(rest)
+            text += rest
+        return sep, text
+
     def message(self, text: str) -> tuple[str, str]:
         if not text:
             return "", ""
@@ -367,6 +385,55 @@ class EventReducer:
             self.finished = True
         self._messages.append(ev)
         return True
+
+    def apply_batch(self, msgs: Iterable[pb.Event]) -> list[Event]:
+        """``[ev for ev in map(Event, msgs) if self.apply(ev)]``, the same state after it: the fresh
+        events, wrapped. The run's output lines (``assistant_delta``) are folded in a loop of their own
+        and their text joined once per stretch of deltas (tests/test_reducer_batch.py: the same
+        Result as one event at a time, over random sequences)."""
+        fresh: list[Event] = []
+        append = fresh.append
+        texts: list[str] = []  # the text of the deltas since the last other event, not yet folded in
+        last, events, first_ns, last_ns, psid = self.last_seq, self._events, self._first_ns, self._last_ns, self._psid
+        worked = self.worked
+        for m in msgs:
+            seq = m.seq
+            if seq <= last:
+                continue  # seen before (a re-attach's replay)
+            if m.kind != _DELTA:
+                self.last_seq, self._events, self._first_ns, self._last_ns, self._psid = (
+                    last, events, first_ns, last_ns, psid)
+                self.worked = worked
+                if texts:
+                    self._text.deltas(texts)
+                    texts = []
+                ev = Event(m)
+                self.apply(ev)
+                append(ev)
+                last, events, first_ns, last_ns, psid = (
+                    self.last_seq, self._events, self._first_ns, self._last_ns, self._psid)
+                worked = self.worked
+                continue
+            last = seq
+            events += 1
+            ts = m.timestamp_unix_nano
+            if not first_ns:
+                first_ns = ts
+            last_ns = ts
+            if psid is None and m.provider_session_id:
+                psid = m.provider_session_id
+            d = m.assistant_delta
+            # Bytes that are not UTF-8 are decoded for display only; the event keeps them exactly.
+            content = d.content or d.data.decode("utf-8", "replace")
+            if content:
+                worked = True  # (is_work of a delta: it has content or data)
+                texts.append(content)
+            append(Event(m))
+        if texts:
+            self._text.deltas(texts)
+        self.last_seq, self._events, self._first_ns, self._last_ns, self._psid = last, events, first_ns, last_ns, psid
+        self.worked = worked
+        return fresh
 
     @property
     def error(self) -> AsmError | None:

@@ -828,7 +828,7 @@ class Run:
                     return
             else:
                 # The hot path: node events as they are (the reducer drops any seen twice).
-                fresh = [ev for ev in map(Event, batch.events) if reducer.apply(ev)]
+                fresh = reducer.apply_batch(batch.events)
                 if wire is not None and stopped is None and len(fresh) == len(batch.events):
                     fresh = Frames(fresh, wire)  # exactly the node's events, unchanged
                 self._node_seq = reducer.last_seq

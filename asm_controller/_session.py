@@ -89,6 +89,25 @@ class RunStream:
         self._batch, self._index = batch, 1
         return batch[0]
 
+    async def next_batch(self) -> list[Event] | None:
+        """The rest of the batch the last event came in, else the next batch (as it arrived); None at
+        the end. The same events as ``async for``, in order, a batch per await instead of an event
+        (the CLI's printing loop); the two may be mixed. The list is the stream's: do not change it."""
+        if self._index < len(self._batch):
+            rest = self._batch[self._index:] if self._index else self._batch
+            self._index = len(self._batch)
+            return rest
+        if self._ended:
+            return None
+        run = self._submit()
+        assert run.channel is not None
+        batch = await run.channel.get()
+        if batch is None:
+            self._ended = True
+            return None
+        self._batch, self._index = batch, len(batch)
+        return batch
+
     async def batches(self) -> AsyncIterator[list[Event]]:
         """The events in the batches they arrived in (cheaper than one at a time for relays)."""
         if self._index < len(self._batch):

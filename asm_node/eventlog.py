@@ -33,11 +33,15 @@ MAX_BATCH_BYTES = 1024 * 1024
 FRAME_OVERHEAD = 88
 
 
+#: The frame heads (tag, one-byte length) of the events shorter than 128 bytes: most of a command's output lines.
+_SHORT_HEADS = [b"\n" + bytes((n,)) for n in range(0x80)]
+
+
 def frame(data: bytes) -> bytes:
     """Encode one serialized Event as field 1 of EventBatch (tag, varint length, bytes)."""
     n = len(data)
     if n < 0x80:
-        return b"\n" + bytes((n,)) + data
+        return _SHORT_HEADS[n] + data
     out = bytearray(b"\n")
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -153,11 +157,13 @@ class EventLog:
             return
         frames, cum = self._frames, self._cum
         total = total0 = cum[-1] if cum else 0
+        heads, add_frame, add_total = _SHORT_HEADS, frames.append, cum.append
         for data in events:
-            f = frame(data)
-            frames.append(f)
+            n = len(data)
+            f = heads[n] + data if n < 0x80 else frame(data)  # frame() inlined for the short ones
+            add_frame(f)
             total += len(f)
-            cum.append(total)
+            add_total(total)
         budget = self._budget
         if budget is not None:
             budget.held += total - total0 + len(events) * FRAME_OVERHEAD

@@ -17,9 +17,11 @@ from asm_cli.commands._common import (
     ask,
     client_args,
     flush_lines,
-    print_event,
+    next_batch,
+    print_events,
     report,
     server_target,
+    settle_heap,
 )
 from asm_controller import RemoteNode, Session
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
@@ -82,14 +84,16 @@ async def _attach(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         nonlocal last_seq
-        async for ev in stream:
-            if ev.seq <= after:
+        settle_heap()
+        while (batch := await next_batch(stream)) is not None:  # a batch at a time, as they arrived
+            batch = [ev for ev in batch if ev.pb.seq > after]
+            if not batch:
                 continue
-            last_seq = ev.seq
+            last_seq = batch[-1].pb.seq
             if rendering is not None:
-                rendering.feed(ev)
+                rendering.feed_all(batch)
             else:
-                print_event(ev, args.output)
+                print_events(batch, args.output)
 
     following = asyncio.ensure_future(follow())
     detached = False

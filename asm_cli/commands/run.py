@@ -19,10 +19,12 @@ from asm_cli.commands._common import (
     add_no_color_option,
     client_args,
     later_help,
+    next_batch,
     pairs,
-    print_event,
+    print_events,
     remote_nodes,
     report,
+    settle_heap,
 )
 from asm_cli.commands._duration import bounded_duration_ms
 from asm_wire import (
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # the node agent, recorder and snapshots are imported only by
 #: is asked, anything else waits for ``asm approve`` from another shell ("wait").
 APPROVE_MODES = ("allow", "deny", "prompt")
 _APPROVAL_REQUESTED, _APPROVAL_RESOLVED = KIND_VALUES["approval_requested"], KIND_VALUES["approval_resolved"]
+_APPROVAL_KINDS = frozenset({_APPROVAL_REQUESTED, _APPROVAL_RESOLVED})  # the events _Approvals.on_event acts on
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -298,16 +301,29 @@ async def _run(args: argparse.Namespace, handover: Handover | None = None) -> in
             pending.add(loop.create_task(session.interrupt(stream.run_id)))
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
-        async for ev in stream:
-            if printed and ev.pb.seq <= printed:
-                continue
-            if rendering is not None:
-                rendering.feed(ev)
+        # A batch at a time (as they arrived from the node): the jsonl lines of a batch are made in one
+        # loop and held as one string; each event still goes to the rendering, approvals and recorder in turn.
+        settle_heap()
+        while (batch := await next_batch(stream)) is not None:
+            if printed:  # a hand-over from the fast path: what it showed is not shown again
+                batch = [ev for ev in batch if ev.pb.seq > printed]
+                if not batch:
+                    continue
+            asks = [i for i, ev in enumerate(batch) if ev.pb.kind in _APPROVAL_KINDS]
+            if rendering is None:
+                print_events(batch, args.output)
+                for i in asks:
+                    approvals.on_event(batch[i])
             else:
-                print_event(ev, args.output)
-            approvals.on_event(ev)
+                start = 0
+                for i in asks:  # what _Approvals writes to stderr comes right after its event's rendering
+                    rendering.feed_all(batch[start:i + 1])
+                    approvals.on_event(batch[i])
+                    start = i + 1
+                rendering.feed_all(batch[start:] if start else batch)
             if recorder is not None:
-                await recorder.put(ev)
+                for ev in batch:
+                    await recorder.put(ev)
         result = stream.result
         assert result is not None
         snaps = snapshotted.snapshots if snapshotted is not None else None

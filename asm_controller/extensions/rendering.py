@@ -69,7 +69,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -665,6 +665,12 @@ class Sink:
     def flush(self) -> None:
         pass
 
+    def hold(self) -> None:
+        """A batch of events follows (:meth:`Rendering.feed_all`): flushes may wait for :meth:`release`."""
+
+    def release(self) -> None:
+        """The batch is out: flush what :meth:`hold` kept back."""
+
     def close(self) -> None:
         pass
 
@@ -696,6 +702,31 @@ class TTYSink(Sink):
         self.meta_stream = meta_stream
         self.color = _wants_color(self.stream, color)
         self.meta_color = _wants_color(meta_stream, color) if meta_stream is not None else self.color
+        self._held = False
+        self._dirty: IO[str] | None = None  # written while held, not flushed yet
+
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        dirty, self._dirty = self._dirty, None
+        if dirty is not None:
+            dirty.flush()
+
+    def _flushed(self, target: IO[str]) -> None:
+        """After a write to ``target``: flush it, or, held, once the batch is out or before the other
+        stream is written (so stdout and stderr interleave as they do flushed per event)."""
+        if self._held:
+            self._dirty = target
+        else:
+            target.flush()
+
+    def _before(self, target: IO[str]) -> None:
+        dirty = self._dirty
+        if dirty is not None and dirty is not target:
+            self._dirty = None
+            dirty.flush()
 
     def write(self, spans: Sequence[Span]) -> None:
         if not spans:
@@ -703,7 +734,7 @@ class TTYSink(Sink):
         meta = self.meta_stream
         if meta is None:
             self.stream.write(ansi_text(spans) if self.color else plain_text(spans))
-            self.stream.flush()
+            self._flushed(self.stream)
             return
         # Split: consecutive spans to the same stream are written together; flush when switching.
         current: IO[str] | None = None
@@ -722,10 +753,12 @@ class TTYSink(Sink):
         if target is None:
             return
         color = self.color if target is self.stream else self.meta_color
+        self._before(target)
         target.write(ansi_text(spans) if color else plain_text(spans))
-        target.flush()
+        self._flushed(target)
 
     def flush(self) -> None:
+        self._dirty = None
         self.stream.flush()
         if self.meta_stream is not None:
             self.meta_stream.flush()
@@ -902,6 +935,27 @@ class Rendering:
                 sink.write_event(event, spans)
             except Exception as exc:
                 self._fail(sink, exc)
+
+    def feed_all(self, events: Iterable[Event]) -> None:
+        """:meth:`feed` each of ``events`` with the sinks' flushes held until the last (a terminal sink
+        flushes once a batch, not once an event: the same output, in the same order)."""
+        held = list(self._live)
+        for sink in held:
+            try:
+                sink.hold()
+            except Exception as exc:
+                self._fail(sink, exc)
+        try:
+            for event in events:
+                self.feed(event)
+        finally:
+            for sink in held:
+                if sink not in self._live:
+                    continue  # it failed meanwhile: never touched again, as after any failure
+                try:
+                    sink.release()
+                except Exception as exc:
+                    self._fail(sink, exc)
 
     def finish(self, result: Result | None = None) -> None:
         """Render the end of the run (the summary line), write it to every sink, then close."""

@@ -416,7 +416,23 @@ class ShellParser(LineParser):
         # Lossless: a line that is valid UTF-8 is text (``content``, a ``\r`` kept);
         # any other line travels as its exact bytes in ``data`` with ``content`` empty,
         # never decoded with U+FFFD replacements.
+        # All of them UTF-8 (the common case): decoded in one call. A "\n" byte is never inside a
+        # multi-byte sequence, so the joined bytes decode exactly when every line does, and split back
+        # into the same lines.
+        if not lines:
+            return
         event, kind, append = pb.Event, KIND_VALUES["assistant_delta"], out.append
+        try:
+            texts: list[str] | None = b"\n".join(lines).decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            texts = None
+        if texts is not None:
+            for text in texts:
+                ev = event()
+                ev.kind = kind  # (set after: a keyword to the constructor costs more)
+                ev.assistant_delta.content = text + "\n"
+                append(ev)
+            return
         for line in lines:
             ev = event(kind=kind)
             try:
