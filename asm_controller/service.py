@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -87,6 +86,7 @@ from asm_wire import (
     run_status_value,
     valid_id,
 )
+from asm_wire._gc import SERVING_YOUNG, settle_heap
 from asm_wire._options import parse_options_json
 from asm_wire._principal import check_owner, current_principal, load_tokens, require_admin
 from asm_wire._server import (
@@ -1206,21 +1206,13 @@ async def _rediscover(config: ControllerConfig, api: FleetApi) -> None:
 
 
 #: The collector's first-generation threshold in a serving controller (CPython's default: 700).
-SERVING_GC_THRESHOLD = 20_000
+SERVING_GC_THRESHOLD = SERVING_YOUNG
 
 
 def tune_gc_for_serving() -> None:
-    """The cyclic collector tuned for relaying (``asm controller serve``'s process only, never a library user's).
-
-    A relayed batch holds its events (a wrapper each, and protobuf's) for as long as it is in flight: a
-    first-generation collection every 700 allocations finds thousands of them alive, traverses and
-    promotes them, and the older collections then traverse them again -- about half the CPU the
-    controller spent per relayed event (docs/benchmarks.md). With a higher threshold most of a batch
-    is gone before a collection looks; what the process holds after start-up (modules, the store,
-    gRPC) is frozen out of every later collection. Cycles are still collected, only less often."""
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(SERVING_GC_THRESHOLD, second, third)
+    """The cyclic collector tuned for relaying (``asm controller serve``'s process only, never a library
+    user's): asm_wire._gc.settle_heap, why there."""
+    settle_heap(SERVING_GC_THRESHOLD)
 
 
 async def serve_controller(config: ControllerConfig, on_ready: Callable[[ControllerServer], None] | None = None) -> None:

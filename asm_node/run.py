@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from asm_node._encode import delta_events
 from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS
 from asm_node.eventlog import FRAME_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, EventLog, ReplayBudget
 from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn_run, terminate_group
@@ -68,6 +69,7 @@ LINES_PER_EMIT = 4096
 
 _APPROVAL_REQUESTED = kind_value(EventKind.APPROVAL_REQUESTED)
 _ERROR = kind_value(EventKind.ERROR)
+_DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 
 #: Why a deadline ended a run: the ``reason`` of its ``timeout`` error (asm_wire._errors' table).
 RUN_TIMEOUT, IDLE_TIMEOUT, COMMAND_TIMEOUT = "run_timeout", "idle_timeout", "command_timeout"
@@ -242,6 +244,17 @@ class Run:
                 self.first_error = (ev.error.code, ev.error.domain, ev.error.message, ev.metadata.get("reason", ""))
             datas.append(ev.SerializeToString())
         self.log.append(datas)
+
+    def _emit_deltas(self, texts: list[str]) -> None:
+        """:meth:`_emit` for plain output lines (``assistant_delta`` events of these texts), their bytes
+        made directly (asm_node._encode: the same bytes, without a message a line)."""
+        if not texts:
+            return
+        spec = self.spec
+        self.kind_counts[_DELTA] += len(texts)
+        self.last_event_mono = time.monotonic()
+        self.log.append(delta_events(spec.run_id, spec.session_id, spec.provider, self.parser.provider_session_id,
+                                     self.log.last_seq + 1, time.time_ns(), texts))
 
     async def follow(self, after_seq: int) -> AsyncIterator[bytes]:
         """Serialized EventBatch frames with every event after ``after_seq``, live until the run ends.
@@ -444,12 +457,15 @@ class Run:
             return
         if self.parser.terminal:
             return
+        texts = self.parser.delta_texts(lines)
+        if texts is not None:
+            self._emit_deltas(texts)  # nothing else to look at: plain output, encoded directly
+            self._note_first_output()
+            return
         out: list[pb.Event] = []
         self.parser.feed_lines(lines, out)
-        if out and not self._first_output:
-            self._first_output = True
-            if self.metrics is not None:
-                self.metrics.first_event.labels(self.spec.provider).observe((time.time_ns() - self.started_ns) / 1e9)
+        if out:
+            self._note_first_output()
         if self.parser.terminal and self.command.close_stdin_at_end:
             proc = self._proc
             if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
@@ -461,6 +477,12 @@ class Run:
                 if ev.kind == _ERROR:
                     ev.error.severity = pb.SEVERITY_WARNING
         self._emit(out)
+
+    def _note_first_output(self) -> None:
+        if not self._first_output:
+            self._first_output = True
+            if self.metrics is not None:
+                self.metrics.first_event.labels(self.spec.provider).observe((time.time_ns() - self.started_ns) / 1e9)
 
     def _on_overflow(self, size: int) -> None:
         if self.metrics is not None:

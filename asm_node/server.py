@@ -17,6 +17,7 @@ import grpc
 from asm_node.agent import NodeAgent
 from asm_node.config import NodeConfig
 from asm_wire import pb
+from asm_wire._gc import SERVING_YOUNG, settle_heap
 from asm_wire._principal import load_tokens
 from asm_wire._server import (
     NODE_SERVICE,
@@ -98,4 +99,6 @@ async def start_server(config: NodeConfig, agent: NodeAgent | None = None) -> No
 
 async def serve(config: NodeConfig, on_ready: Callable[[NodeServer], None] | None = None) -> None:
     """Run a node agent until SIGINT/SIGTERM, then stop its runs and exit cleanly."""
-    await run_until_signal(await start_server(config), on_ready)
+    server = await start_server(config)
+    settle_heap(SERVING_YOUNG)  # after start-up (its objects are frozen): asm_wire._gc, why
+    await run_until_signal(server, on_ready)

@@ -302,3 +302,26 @@ def test_serve_controller_tunes_the_collector_after_start_up(monkeypatch: pytest
     monkeypatch.setattr(service, "run_until_signal", fake_run)
     asyncio.run(service.serve_controller(ControllerConfig(nodes=["127.0.0.1:1"])))
     assert calls == ["start", "gc", "serve"]
+
+
+def test_serve_node_settles_its_heap_after_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``asm node serve`` (asm_node.server.serve) settles the collector like a serving controller, once
+    started: its streamed events' objects die young, the start-up heap is frozen out of collections."""
+    from asm_node import server
+    from asm_node.config import NodeConfig
+    from asm_wire._gc import SERVING_YOUNG
+
+    calls: list[object] = []
+
+    async def fake_start(config: NodeConfig) -> object:
+        calls.append("start")
+        return object()
+
+    async def fake_run(srv: object, on_ready: object) -> None:
+        calls.append("serve")
+
+    monkeypatch.setattr(server, "start_server", fake_start)
+    monkeypatch.setattr(server, "settle_heap", lambda young: calls.append(("gc", young)))
+    monkeypatch.setattr(server, "run_until_signal", fake_run)
+    asyncio.run(server.serve(NodeConfig()))
+    assert calls == ["start", ("gc", SERVING_YOUNG), "serve"]

@@ -40,3 +40,17 @@ def test_no_lines_no_events() -> None:
     out: list[pb.Event] = []
     ShellParser([0]).feed_lines([], out)
     assert out == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, max_size=12))
+def test_delta_texts_are_the_contents_feed_lines_gives_or_none(lines: list[bytes]) -> None:
+    """The run's direct path (delta_texts + asm_node._encode) takes exactly the lines that are all text,
+    with the same contents feed_lines makes; any line that is not UTF-8 leaves the batch to feed_lines."""
+    texts = ShellParser([0]).delta_texts(lines)
+    out: list[pb.Event] = []
+    ShellParser([0]).feed_lines(lines, out)
+    if any(ev.assistant_delta.data for ev in out):
+        assert texts is None
+    else:
+        assert texts == [ev.assistant_delta.content for ev in out]

@@ -34,8 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from asm_cli.commands._common import EXIT_INTERRUPTED, read_token, report
-from asm_controller._jsonl import event_line
+from asm_cli.commands._common import EXIT_INTERRUPTED, print_events, read_token, report
 from asm_wire import (
     PROTOCOL_VERSION,
     REQUIRED_CAPABILITIES,
@@ -309,28 +308,23 @@ class _Follow:
                 return
 
     def _show(self, batch: pb.EventBatch) -> Handover | None:
-        """Reduce and print a batch's new events; a Handover at an approval request (not printed)."""
-        from asm_controller._events import Event
-
+        """Reduce and print a batch's new events, a batch at a time as the usual path does (the reducer's
+        apply_batch, one jsonl string, the rendering's feed_all); a Handover at an approval request (it
+        and what follows it are not printed: the usual path shows them)."""
         reducer, rendering = self.reducer, self.rendering
-        lines: list[str] = []
-        try:
-            for m in batch.events:
-                if m.kind == _APPROVAL_REQUESTED and m.seq > reducer.last_seq:
-                    return Handover(self.run_id, self.printed, rendering, {"attempts": list(self.attempts)})
-                ev = Event(m)
-                if not reducer.apply(ev):
-                    continue  # seen already
-                self.printed = m.seq
-                if rendering is not None:
-                    rendering.feed(ev)
-                else:
-                    lines.append(event_line(m) + "\n")  # what print_event writes for --output jsonl
-            reducer.bookkeeping.clear()  # (approvals and cost for a Session: none here)
-        finally:
-            if lines:
-                sys.stdout.write("".join(lines))
-                sys.stdout.flush()
+        msgs = batch.events
+        last = reducer.last_seq
+        cut = next((i for i, m in enumerate(msgs) if m.kind == _APPROVAL_REQUESTED and m.seq > last), None)
+        fresh = reducer.apply_batch(msgs if cut is None else msgs[:cut])
+        reducer.bookkeeping.clear()  # (approvals and cost for a Session: none here)
+        if fresh:
+            self.printed = fresh[-1].pb.seq
+            if rendering is not None:
+                rendering.feed_all(fresh)
+            else:
+                print_events(fresh, "jsonl")
+        if cut is not None:
+            return Handover(self.run_id, self.printed, rendering, {"attempts": list(self.attempts)})
         return None
 
     def _hand(self, handover: Handover, interrupts: _Interrupts) -> Handover:

@@ -119,6 +119,12 @@ class LineParser(ABC):
     def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
         """Append the events for these complete lines (newline removed) to ``out``."""
 
+    def delta_texts(self, lines: list[bytes]) -> list[str] | None:
+        """The lines as plain ``assistant_delta`` texts, when that is all they are (and nothing else
+        about the parser changes): the run encodes those events directly (asm_node._encode). None:
+        :meth:`feed_lines` takes them. A parser of a CLI's own format (JSON lines) has no such case."""
+        return None
+
     @abstractmethod
     def finish(self, exit: ExitInfo) -> list[pb.Event]:
         """Events for the process exit (a result or an error), unless already terminal."""

@@ -410,6 +410,14 @@ class ShellParser(LineParser):
         super().__init__()
         self.success_codes = frozenset(success_codes)
 
+    def delta_texts(self, lines: list[bytes]) -> list[str] | None:
+        """Each line a delta of its text and its newline, when they all are UTF-8 (in one decode: a
+        "\n" byte is never inside a multi-byte sequence); else None (feed_lines keeps the bytes)."""
+        try:
+            return [t + "\n" for t in b"\n".join(lines).decode("utf-8").split("\n")] if lines else []
+        except UnicodeDecodeError:
+            return None
+
     def feed_lines(self, lines: list[bytes], out: list[pb.Event]) -> None:
         # Hot path: one delta per line. Setting the field in place avoids the copy
         # that passing a ready-made AssistantDelta to the constructor costs.
