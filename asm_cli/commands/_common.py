@@ -193,9 +193,10 @@ class _Lines:
             self.stream = stream
         self.lines.append(line)
         self.held += count
-        import asyncio  # (here, not at the top: imported once a loop may run; the common case returned above)
-
+        asyncio = sys.modules.get("asyncio")  # not imported (the fast asm run path): no loop can be running
         try:
+            if asyncio is None:
+                raise RuntimeError("no running event loop")
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.drain()
