@@ -19,7 +19,7 @@ Differences from ASM 0.9.2, on purpose (asm_runtime.md section 8):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -391,6 +391,20 @@ class EventReducer:
         events, wrapped. The run's output lines (``assistant_delta``) are folded in a loop of their own
         and their text joined once per stretch of deltas (tests/test_reducer_batch.py: the same
         Result as one event at a time, over random sequences)."""
+        return self._apply_batch(msgs, ())[0]
+
+    def apply_until(self, msgs: Iterable[pb.Event], kinds: Collection[int]) -> tuple[list[Event], bool]:
+        """:meth:`apply_batch` up to the first new event of one of ``kinds`` (a proto kind value), which
+        is left unapplied with everything after it; and whether it stopped there. For a consumer that
+        hands the run over at such an event (the fast ``asm run`` path at an approval request), in the
+        same loop: no second pass over the batch to look for one. ``assistant_delta`` cannot be one of
+        them (the output lines' loop never stops)."""
+        if _DELTA in kinds:
+            raise ValueError("apply_until cannot stop at assistant_delta events")
+        return self._apply_batch(msgs, kinds)
+
+    def _apply_batch(self, msgs: Iterable[pb.Event], stop: Collection[int]) -> tuple[list[Event], bool]:
+        stopped = False
         fresh: list[Event] = []
         append = fresh.append
         texts: list[str] = []  # the text of the deltas since the last other event, not yet folded in
@@ -401,6 +415,9 @@ class EventReducer:
             if seq <= last:
                 continue  # seen before (a re-attach's replay)
             if m.kind != _DELTA:
+                if stop and m.kind in stop:
+                    stopped = True
+                    break
                 self.last_seq, self._events, self._first_ns, self._last_ns, self._psid = (
                     last, events, first_ns, last_ns, psid)
                 self.worked = worked
@@ -433,7 +450,7 @@ class EventReducer:
             self._text.deltas(texts)
         self.last_seq, self._events, self._first_ns, self._last_ns, self._psid = last, events, first_ns, last_ns, psid
         self.worked = worked
-        return fresh
+        return fresh, stopped
 
     @property
     def error(self) -> AsmError | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +107,30 @@ def test_deltas_at_once_give_what_the_deltas_one_by_one_give(steps: list[tuple[s
             one.seal()
             batched.seal()
         assert batched.text == one.text
+
+
+@_SETTINGS
+@given(msgs=st.lists(_delta() | _other(), max_size=30),
+       stop=st.sets(st.sampled_from(sorted(set(KIND_VALUES.values()) - {KIND_VALUES["assistant_delta"]})), max_size=3))
+def test_apply_until_is_one_at_a_time_up_to_the_first_new_event_of_those_kinds(msgs: list[pb.Event],
+                                                                               stop: set[int]) -> None:
+    one = EventReducer("r", "s", "shell", {"k": "v"})
+    fresh_one: list[Event] = []
+    stopped_one = False
+    for m in msgs:
+        if m.seq > one.last_seq and m.kind in stop:
+            stopped_one = True
+            break
+        ev = Event(m)
+        if one.apply(ev):
+            fresh_one.append(ev)
+    until = EventReducer("r", "s", "shell", {"k": "v"})
+    fresh, stopped = until.apply_until(msgs, stop)
+    assert stopped == stopped_one
+    assert _serialized(fresh) == _serialized(fresh_one)
+    assert _state(until) == _state(one)
+
+
+def test_apply_until_refuses_to_stop_at_output_lines() -> None:
+    with pytest.raises(ValueError):
+        EventReducer("r", "s", "shell", {}).apply_until([], {KIND_VALUES["assistant_delta"]})

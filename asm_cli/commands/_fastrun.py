@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("asm_controller.session")  # the usual path's logger for the same warnings
 
 _SERVICE = "/asm.v1.NodeService/"
-_APPROVAL_REQUESTED = pb.EVENT_KIND_APPROVAL_REQUESTED
+#: An event the fast path does not handle itself: the usual path takes the run over there (it asks).
+_HAND_OVER_KINDS = frozenset({pb.EVENT_KIND_APPROVAL_REQUESTED})
 _RUN_STARTED = pb.EVENT_KIND_RUN_STARTED
 #: Where the controller side stamps its view of the run on run_started (asm_controller._run).
 _STAMP_KEY = "asm.controller"
@@ -312,10 +313,7 @@ class _Follow:
         apply_batch, one jsonl string, the rendering's feed_all); a Handover at an approval request (it
         and what follows it are not printed: the usual path shows them)."""
         reducer, rendering = self.reducer, self.rendering
-        msgs = batch.events
-        last = reducer.last_seq
-        cut = next((i for i, m in enumerate(msgs) if m.kind == _APPROVAL_REQUESTED and m.seq > last), None)
-        fresh = reducer.apply_batch(msgs if cut is None else msgs[:cut])
+        fresh, stopped = reducer.apply_until(batch.events, _HAND_OVER_KINDS)
         reducer.bookkeeping.clear()  # (approvals and cost for a Session: none here)
         if fresh:
             self.printed = fresh[-1].pb.seq
@@ -323,7 +321,7 @@ class _Follow:
                 rendering.feed_all(fresh)
             else:
                 print_events(fresh, "jsonl")
-        if cut is not None:
+        if stopped:
             return Handover(self.run_id, self.printed, rendering, {"attempts": list(self.attempts)})
         return None
 
