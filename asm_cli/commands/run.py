@@ -72,18 +72,36 @@ def _print_workspace_changes(snaps: SnapshotRun) -> None:
             sys.stderr.write(f"  {mark} {path}\n")
 
 
-def _parse_opts(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_opts(items: Sequence[str], providers: str = "") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--opt KEY=VALUE`` (every provider of the run) and ``--opt PROVIDER:KEY=VALUE`` (that one only):
+    the options and the per-provider options. VALUE is JSON, else a bare string. A run of one provider
+    gets its own ``PROVIDER:`` options merged into the options (over the common ones)."""
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    common: dict[str, Any] = {}
+    scoped: dict[str, dict[str, Any]] = {}
     for pair in items:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--opt expects KEY=VALUE, got {pair!r}")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--opt expects KEY=VALUE or PROVIDER:KEY=VALUE, got {pair!r}")
         try:
             value: Any = json.loads(raw)
         except ValueError:
             value = raw  # a bare string
-        out[key.strip()] = value
-    return out
+        provider, colon, name = key.partition(":")
+        if not colon:
+            common[key] = value
+            continue
+        provider, name = provider.strip(), name.strip()
+        if provider not in names or not name:
+            raise ConfigError(f"--opt {key}=...: PROVIDER:KEY names one of this run's providers "
+                              f"({', '.join(names) or 'none'}) and an option; {provider!r} is not one of them"
+                              if provider not in names else f"--opt {key}=...: no option name after {provider}:",
+                              reason="option_provider_unknown")
+        scoped.setdefault(provider, {})[name] = value
+    if len(names) == 1 and scoped:
+        return {**common, **scoped.pop(names[0])}, {}
+    return common, scoped
 
 
 def _approval_mode(args: argparse.Namespace) -> str:
@@ -236,7 +254,7 @@ async def _run(args: argparse.Namespace, handover: Handover | None = None) -> in
 
     from asm_controller import Session
 
-    options = _parse_opts(args.opt)
+    options, provider_options = _parse_opts(args.opt, args.provider)
     # Before anything runs: a file that is not an event store, a device/FIFO/directory,
     # a locked or unwritable store is refused here (ConfigError: exit 2, file untouched).
     recorder: AsyncWriter | None = None
@@ -261,6 +279,7 @@ async def _run(args: argparse.Namespace, handover: Handover | None = None) -> in
         nodes = [EmbeddedNode(agent)]
     cwd = args.cwd_resolved
     session = Session(args.provider, node=nodes, cwd=cwd, permission_mode=args.permission_mode, options=options,
+                      provider_options=provider_options,
                       strategy=args.strategy, selector=pairs(args.selector, "--selector"),
                       on_node_lost=args.on_node_lost, approval_timeout_ms=args.approval_timeout_ms)
     run_id: dict[str, Any] = {"run_id": args.run_id} if args.run_id else {}
@@ -377,7 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from asm_cli.commands import _fastrun
 
     if _fastrun.applies(args):
-        fast = _fastrun.run_fast(args, _parse_opts(args.opt), _text_rendering)
+        fast = _fastrun.run_fast(args, _parse_opts(args.opt, args.provider)[0], _text_rendering)
         if isinstance(fast, int):
             return fast
         handover = fast  # None: the usual path runs it all (nothing started); else it follows the run
@@ -421,7 +440,8 @@ def add_parser(sub: Subcommands) -> None:
     r.add_argument("--cwd", metavar="DIR", help="working directory on the node")
     r.add_argument("--permission-mode", default="default", choices=choices(PermissionMode))
     r.add_argument("--output", default="text", choices=["text", "jsonl"])
-    r.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)")
+    r.add_argument("--opt", action="append", default=[], metavar="[PROVIDER:]KEY=VALUE",
+                   help="provider option (repeatable); PROVIDER:KEY=VALUE for one of --provider's candidates only")
     r.add_argument("--run-id", help="run id (default: a new ULID); an existing id on the node attaches")
     r.add_argument("--record", metavar="PATH",
                    help="append the run's events to this event store (JSON lines; see 'asm replay'); "
