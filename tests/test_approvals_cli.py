@@ -282,3 +282,48 @@ def test_ctrl_c_while_asked_interrupts_the_run(fake_claude: dict[str, str], term
     t.proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C
     t.expect(r"was answered meanwhile: deny \(interrupted\)", start=end)
     assert t.wait() == 130, t.text
+
+
+@pytest.mark.slow
+def test_asm_attach_answers_what_is_still_pending_and_never_an_old_approval(
+        fake_claude: dict[str, str], node_process: Callable[..., NodeProcess]) -> None:
+    """Two approvals: the first answered with ``asm approve`` before anyone attaches, then ``asm attach
+    --approve deny`` reads the run's history (both requests) and answers only the one still pending."""
+    env = {**fake_claude, "FAKE_APPROVALS": "2"}
+    node = node_process(env={"CLAUDE_CLI_PATH": env["CLAUDE_CLI_PATH"], "FAKE_LOG": env["FAKE_LOG"],
+                             "FAKE_APPROVALS": "2"})
+    run = subprocess.Popen(asm(*RUN[:1], "--node", node.address, "--cwd", env["WS"], "--output", "jsonl", *RUN[1:]),
+                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        lines = Lines(run.stdout)
+        first = lines.until(lambda ev: ev["kind"] == "approval_requested")
+        run_id = str(first["run_id"])
+        ok = subprocess.run(asm("approve", run_id, str(first["payload"]["approval_id"]), "allow", "--node",
+                                node.address), env=env, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        second = lines.until(lambda ev: ev["kind"] == "approval_requested")
+        assert second["payload"]["approval_id"] != first["payload"]["approval_id"]
+        attach = subprocess.run(asm("attach", run_id, "--node", node.address, "--approve", "deny", "--output",
+                                    "jsonl"), env=env, capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        assert attach.returncode == 0, attach.stderr
+        events = [json.loads(line) for line in attach.stdout.splitlines()]
+        assert events[-1]["kind"] == "result_summary" and events[-1]["text"] == "answers: allow,deny"
+        resolved = [e["payload"] for e in events if e["kind"] == "approval_resolved"]
+        assert [(r["decision"], "asm attach --approve deny" in r["reason"]) for r in resolved] == [
+            ("allow", False), ("deny", True)]
+        assert "no longer pending" not in attach.stderr and "Traceback" not in attach.stderr
+        assert run.wait(30) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert answers(env) == ["allow", "deny"]
+
+
+@pytest.mark.slow
+def test_asm_attach_approve_prompt_needs_a_terminal() -> None:
+    proc = subprocess.run(asm("attach", "some-run", "--node", "127.0.0.1:1", "--approve", "prompt"),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "--approve prompt needs a terminal" in proc.stderr

@@ -1,4 +1,5 @@
-"""``asm attach``: follow an existing run to its end; never starts or interrupts one."""
+"""``asm attach``: follow an existing run to its end; never starts or interrupts one. It answers the run's
+approvals as ``asm run`` does (``--approve``, the terminal's question, or the ``asm approve`` hint)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from asm_cli.commands._approvals import APPROVAL_KINDS, APPROVE_MODES, Approvals, approval_mode
 from asm_cli.commands._common import (
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     FINISHED,
     Subcommands,
     add_no_color_option,
@@ -27,9 +31,11 @@ from asm_controller import RemoteNode, Session
 from asm_wire import AsmError, ConfigError, RunNotFound, pb, valid_id
 
 if TYPE_CHECKING:
+    from asm_controller import Event
     from asm_controller.extensions.rendering import Rendering
 
 _MAX_SEQ = 2**63 - 1
+_REQUESTED = pb.EVENT_KIND_APPROVAL_REQUESTED
 
 
 def _text_rendering(args: argparse.Namespace) -> Rendering:
@@ -80,20 +86,41 @@ async def _attach(args: argparse.Namespace) -> int:
                       session_id=info.session_id if valid_id(info.session_id) else None)
     stream = session.attach(args.run_id, target, provider=info.provider or None, after_seq=cursor)
     rendering = _text_rendering(args) if args.output == "text" else None
+    hint = f"--controller {args.controller}" if args.controller else f"--node {args.node}"
+    approvals = Approvals(session, approval_mode(args), rendering, hint, command="asm attach")
     last_seq = after
+    # The run's history (up to its last seq when attached) holds approvals answered long ago: a request
+    # there is acted on only if it is still pending once the history has been read, never asked twice.
+    history_end = info.last_seq
+    held: dict[str, Event] = {}
+
+    def on_approval(ev: Event) -> None:
+        if ev.pb.seq > history_end:
+            approvals.on_event(ev)
+        elif ev.pb.kind == _REQUESTED:
+            held[ev.pb.approval_requested.approval_id] = ev
+        else:
+            held.pop(ev.pb.approval_resolved.approval_id, None)
+            approvals.on_event(ev)  # (a past timeout still counts: the run did not get what it asked for)
 
     async def follow() -> None:
         nonlocal last_seq
         settle_heap()
         while (batch := await next_batch(stream)) is not None:  # a batch at a time, as they arrived
-            batch = [ev for ev in batch if ev.pb.seq > after]
-            if not batch:
-                continue
-            last_seq = batch[-1].pb.seq
-            if rendering is not None:
-                rendering.feed_all(batch)
-            else:
-                print_events(batch, args.output)
+            asks = [ev for ev in batch if ev.pb.kind in APPROVAL_KINDS]
+            shown = [ev for ev in batch if ev.pb.seq > after]
+            if shown:
+                last_seq = shown[-1].pb.seq
+                if rendering is not None:
+                    rendering.feed_all(shown)
+                else:
+                    print_events(shown, args.output)
+            for ev in asks:
+                on_approval(ev)
+            if held and batch[-1].pb.seq >= history_end:
+                for ev in held.values():  # still pending now that the history is read
+                    approvals.on_event(ev)
+                held.clear()
 
     following = asyncio.ensure_future(follow())
     detached = False
@@ -111,6 +138,7 @@ async def _attach(args: argparse.Namespace) -> int:
         if not detached:
             raise
     finally:
+        await approvals.close()
         loop.remove_signal_handler(signal.SIGINT)
         if rendering is not None and (detached or sys.exc_info()[0] is not None):
             with contextlib.suppress(Exception):
@@ -128,10 +156,16 @@ async def _attach(args: argparse.Namespace) -> int:
     await session.stop()  # the run has ended: nothing is left to interrupt; this closes the connection
     result = stream.result
     assert result is not None
-    return report(result, args.output, rendering)
+    code = report(result, args.output, rendering)
+    if approvals.timed_out:  # as asm run: the run went on without what it asked for
+        sys.stderr.write(f"asm: error: {len(approvals.timed_out)} approval(s) were not answered in time and were "
+                         f"denied ({', '.join(approvals.timed_out[:5])}): the run did not do what it asked to do\n")
+        return EXIT_FAILED if code == EXIT_OK else code
+    return code
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    approval_mode(args)  # "--approve prompt" without a terminal: a usage error before anything connects
     return asyncio.run(_attach(args))
 
 
@@ -144,6 +178,9 @@ def add_parser(sub: Subcommands) -> None:
     at.add_argument("--output", default="text", choices=["text", "jsonl"])
     at.add_argument("--after-seq", type=_seq_arg, default=0, metavar="N",
                     help="only the events after seq N (e.g. the last one you saw; default 0: all held)")
+    at.add_argument("--approve", choices=APPROVE_MODES,
+                    help="answer the run's approval requests: allow or deny each, or prompt on the terminal "
+                         "(default: ask on a terminal with --output text, else print how to answer with 'asm approve')")
     client_args(at)
     add_no_color_option(at)
     at.set_defaults(func=cmd_attach)
