@@ -22,13 +22,15 @@ APPROVAL_KINDS = frozenset({_APPROVAL_REQUESTED, _APPROVAL_RESOLVED})
 
 
 def approval_mode(args: argparse.Namespace) -> str:
-    """allow / deny / prompt / wait (see APPROVE_MODES); ``--approve prompt`` needs a terminal to ask on."""
+    """allow / deny / prompt / wait (see APPROVE_MODES); ``--approve prompt`` needs a terminal to ask on.
+    A command without ``--approve`` (``asm logs --follow``, which is ``asm attach``) gets the default."""
     terminal = sys.stdin.isatty() and sys.stderr.isatty()
-    if args.approve == "prompt" and not terminal:
+    chosen = getattr(args, "approve", None)
+    if chosen == "prompt" and not terminal:
         raise ConfigError("--approve prompt needs a terminal (stdin and stderr): use --approve allow|deny, or answer "
                           "with 'asm approve' from another shell (the default without a terminal)")
-    if args.approve:
-        return str(args.approve)
+    if chosen:
+        return str(chosen)
     return "prompt" if terminal and args.output == "text" else "wait"
 
 
