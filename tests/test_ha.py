@@ -205,7 +205,7 @@ async def test_any_replica_answers_for_a_run_the_other_follows(
     finally:
         await client.close()
     cancelled = await asyncio.wait_for(queued, 30)
-    assert cancelled.error_code == "user_cancelled"
+    assert cancelled.error_code == "user_cancelled", cancelled
     owner_view, b_view = await asyncio.wait_for(asyncio.gather(first, on_b), 30)
     assert_once(owner_view)
     assert_once(b_view)
