@@ -36,6 +36,7 @@ from asm_wire import (
     Capability,
     ConfigError,
     Decision,
+    LeaseLost,
     NodeCapabilityMismatch,
     NodeConnectionError,
     NodeConnectTimeout,
@@ -313,6 +314,11 @@ class Run:
                     if self.opts.on_node_lost != "resume" or self.cancel_requested:
                         raise err from None
                     handle, batches, first = await self._resume_elsewhere(handle, err)
+        except LeaseLost as lost:
+            # The store refused this run's write: another replica or request changed it first (ended a
+            # queued run, took its lease). Its end is the store's to give, not this replica's to invent.
+            log.warning("run %s is no longer this controller's to follow: %s", self.run_id, lost.message)
+            self.detaching = True
         except AsmError as err:
             self._synthesize_failure(err)
         except asyncio.CancelledError:

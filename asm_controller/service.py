@@ -556,11 +556,22 @@ class FleetApi:
         if request.selector:
             overrides["selector"] = _check_selector(request.selector)
         stream = self.session.stream(request.prompt, **overrides)
+        cursor = 0
         async for events in stream.batches():
             wire = getattr(events, "wire", None) if frames else None
             yield wire if wire is not None else pb.EventBatch(events=[ev.pb for ev in events])
+            if events:
+                cursor = events[-1].pb.seq
         released = self.session.get_run(request.run_id)
         if (released is None or released.detaching) and stream.result is not None and stream.result.status not in TERMINAL_STATUSES:
+            # Not this replica's any more: ended through another one (its end is in the store), or
+            # followed there (the client re-attaches; this replica may have lost its store).
+            with contextlib.suppress(AsmError):
+                rec = await self.store.get(request.run_id)
+                if rec is not None and rec.status in TERMINAL_STATUSES:
+                    async for logged in self._follow_record(rec, cursor, frames=frames):
+                        yield logged
+                    return
             raise _moved(request.run_id)
 
     async def attach_run(self, request: pb.AttachRunRequest) -> AsyncIterator[pb.EventBatch]:

@@ -294,3 +294,43 @@ async def test_a_slot_freed_by_a_run_ending_here_starts_the_next_queued_run_with
         assert asyncio.get_running_loop().time() - ended < 5.0, "it waited for the next heartbeat"
     finally:
         await ctl.stop()
+
+
+async def test_a_queued_run_ended_in_the_store_meanwhile_ends_with_that_end_when_its_turn_comes(
+    one_slot: NodeProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another replica interrupts a run queued here (a compare-and-set on its status in the store), and
+    the slot frees before this replica's queue notices: placing it is refused (LeaseLost). Its follower
+    gets the store's end, user_cancelled, not the refusal's text as a runtime failure; it never runs."""
+    import asm_controller._fleetqueue as fleetqueue
+    from asm_controller.service import ControllerConfig, start_controller
+    from tests.support.faults import py
+
+    monkeypatch.setattr(fleetqueue, "TICK_S", 60.0)  # the queue's own look at the store comes too late
+    ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[one_slot.address],
+                                                  state=f"sqlite:///{tmp_path / 'runs.db'}"))
+    try:
+        address = f"127.0.0.1:{ctl.port}"
+        log, gate = tmp_path / "executions.txt", tmp_path / "gate"
+        gated = py(f"import os, time\nwith open({str(log)!r}, 'a') as f:\n    f.write('blocker\\n')\n"
+                   f"deadline = time.monotonic() + 60\nwhile not os.path.exists({str(gate)!r}) and "
+                   "time.monotonic() < deadline:\n    time.sleep(0.02)")
+        blocker = asyncio.create_task(follow([address], _req("blocker", gated)))
+        await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+        queued = asyncio.create_task(follow([address], _req("next", counted_cli(log, "next", 1, 0))))
+        await _wait_status(address, "next", pb.RUN_STATUS_QUEUED)
+        rec = await ctl.api.store.get("next")
+        assert rec is not None and rec.status == "queued"
+        # What replica B does for a queued run it does not follow (FleetApi._interrupt_record).
+        assert await ctl.api._interrupt_record(rec)
+        gate.touch()
+        assert_once(await blocker)
+        cancelled = await asyncio.wait_for(queued, 40)
+        assert_once(cancelled)
+        assert cancelled.error_code == "user_cancelled", cancelled
+        assert cancelled.completed is not None and cancelled.completed.run_completed.status == "interrupted"
+        assert cancelled.errors == [], "the end comes on the same stream, without a re-attach"
+        await asyncio.sleep(0.5)
+        assert executions(log)["next"] == 0
+    finally:
+        await ctl.stop()
