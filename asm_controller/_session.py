@@ -78,16 +78,22 @@ class RunStream:
             ev = self._batch[self._index]
             self._index += 1
             return ev
-        if self._ended:
+        batch = await self._fetch()
+        if batch is None:
             raise StopAsyncIteration
+        self._batch, self._index = batch, 1
+        return batch[0]
+
+    async def _fetch(self) -> list[Event] | None:
+        """The channel's next batch (submitting the run first); None, and ended, at its end."""
+        if self._ended:
+            return None
         run = self._submit()
         assert run.channel is not None
         batch = await run.channel.get()
         if batch is None:
             self._ended = True
-            raise StopAsyncIteration
-        self._batch, self._index = batch, 1
-        return batch[0]
+        return batch
 
     async def next_batch(self) -> list[Event] | None:
         """The rest of the batch the last event came in, else the next batch (as it arrived); None at
@@ -97,15 +103,9 @@ class RunStream:
             rest = self._batch[self._index:] if self._index else self._batch
             self._index = len(self._batch)
             return rest
-        if self._ended:
-            return None
-        run = self._submit()
-        assert run.channel is not None
-        batch = await run.channel.get()
-        if batch is None:
-            self._ended = True
-            return None
-        self._batch, self._index = batch, len(batch)
+        batch = await self._fetch()
+        if batch is not None:
+            self._batch, self._index = batch, len(batch)
         return batch
 
     async def batches(self) -> AsyncIterator[list[Event]]:

@@ -108,7 +108,8 @@ async def _attach(args: argparse.Namespace) -> int:
         settle_heap()
         while (batch := await next_batch(stream)) is not None:  # a batch at a time, as they arrived
             asks = [ev for ev in batch if ev.pb.kind in APPROVAL_KINDS]
-            shown = [ev for ev in batch if ev.pb.seq > after]
+            # Seqs rise within a stream: past the history's start, the whole batch is shown (no second scan).
+            shown = batch if batch and batch[0].pb.seq > after else [ev for ev in batch if ev.pb.seq > after]
             if shown:
                 last_seq = shown[-1].pb.seq
                 if rendering is not None:
