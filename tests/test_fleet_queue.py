@@ -19,7 +19,7 @@ import pytest
 from asm_controller import RemoteNode
 from asm_controller._client import GrpcNodeClient
 from asm_wire import AsmError, pb
-from tests.support.fleet import assert_once, counted_cli, executions, follow
+from tests.support.fleet import Followed, assert_once, counted_cli, executions, follow
 from tests.support.processes import (
     PYTHON_BASENAME,
     ControllerProcess,
@@ -81,6 +81,18 @@ def _metric(port: int, name: str, **labels: str) -> float | None:
         if head == name or (want and head.startswith(name + "{") and want in head):
             return float(value)
     return None
+
+
+async def _start_blocker(address: str, log: Path, gate: Path) -> asyncio.Task[Followed]:
+    """Run "blocker" (it holds the node's one slot until ``gate`` exists, at most 60 s) and wait until it runs."""
+    from tests.support.faults import py
+
+    gated = py(f"import os, time\nwith open({str(log)!r}, 'a') as f:\n    f.write('blocker\\n')\n"
+               f"deadline = time.monotonic() + 60\nwhile not os.path.exists({str(gate)!r}) and "
+               "time.monotonic() < deadline:\n    time.sleep(0.02)")
+    blocker = asyncio.create_task(follow([address], _req("blocker", gated)))
+    await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+    return blocker
 
 
 @pytest.fixture
@@ -262,7 +274,6 @@ async def test_a_slot_freed_by_a_run_ending_here_starts_the_next_queued_run_with
     as the blocker ends (this controller saw it end there), not when the next load report says so."""
     from asm_controller import ControllerClient, LivenessConfig
     from asm_controller.service import ControllerConfig, start_controller
-    from tests.support.faults import py
 
     ctl = await start_controller(ControllerConfig(
         listen="127.0.0.1:0", nodes=[one_slot.address], state="memory:",
@@ -270,11 +281,7 @@ async def test_a_slot_freed_by_a_run_ending_here_starts_the_next_queued_run_with
     try:
         address = f"127.0.0.1:{ctl.port}"
         log, gate = tmp_path / "executions.txt", tmp_path / "gate"
-        gated = py(f"import os, time\nwith open({str(log)!r}, 'a') as f:\n    f.write('blocker\\n')\n"
-                   f"deadline = time.monotonic() + 60\nwhile not os.path.exists({str(gate)!r}) and "
-                   "time.monotonic() < deadline:\n    time.sleep(0.02)")
-        blocker = asyncio.create_task(follow([address], _req("blocker", gated)))
-        await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+        blocker = await _start_blocker(address, log, gate)
 
         async def reported_active() -> int:
             async with ControllerClient(RemoteNode(address)) as client:
@@ -304,7 +311,6 @@ async def test_a_queued_run_ended_in_the_store_meanwhile_ends_with_that_end_when
     gets the store's end, user_cancelled, not the refusal's text as a runtime failure; it never runs."""
     import asm_controller._fleetqueue as fleetqueue
     from asm_controller.service import ControllerConfig, start_controller
-    from tests.support.faults import py
 
     monkeypatch.setattr(fleetqueue, "TICK_S", 60.0)  # the queue's own look at the store comes too late
     ctl = await start_controller(ControllerConfig(listen="127.0.0.1:0", nodes=[one_slot.address],
@@ -312,11 +318,7 @@ async def test_a_queued_run_ended_in_the_store_meanwhile_ends_with_that_end_when
     try:
         address = f"127.0.0.1:{ctl.port}"
         log, gate = tmp_path / "executions.txt", tmp_path / "gate"
-        gated = py(f"import os, time\nwith open({str(log)!r}, 'a') as f:\n    f.write('blocker\\n')\n"
-                   f"deadline = time.monotonic() + 60\nwhile not os.path.exists({str(gate)!r}) and "
-                   "time.monotonic() < deadline:\n    time.sleep(0.02)")
-        blocker = asyncio.create_task(follow([address], _req("blocker", gated)))
-        await asyncio.to_thread(wait_until, lambda: executions(log)["blocker"] == 1, 15.0)
+        blocker = await _start_blocker(address, log, gate)
         queued = asyncio.create_task(follow([address], _req("next", counted_cli(log, "next", 1, 0))))
         await _wait_status(address, "next", pb.RUN_STATUS_QUEUED)
         rec = await ctl.api.store.get("next")
