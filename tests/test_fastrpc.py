@@ -5,6 +5,7 @@ trailers and trailers-only, deadlines, cancellation, a server that goes away or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -385,3 +386,56 @@ def test_nothing_listening_is_unavailable() -> None:
         Channel("127.0.0.1", port, connect_timeout=2)
     assert info.value.code == Code.UNAVAILABLE
     assert error_from_rpc(info.value.code, info.value.details, ()).kind == "connection_failed"
+
+
+def _hostile_server(frames: bytes) -> tuple[int, threading.Thread]:
+    """A raw socket "server" on 127.0.0.1: it takes one connection, sends ``frames`` after its own
+    SETTINGS, and waits for the client to hang up (at most 20 s)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(20)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(20)
+                conn.recv(1 << 16)  # the preface and the client's SETTINGS
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + frames)
+                    while conn.recv(1 << 16):
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def _raw_frame(ftype: int, flags: int, sid: int, payload: bytes, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return n.to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize(("frames", "said"), [
+    # A header block that never ends: HEADERS, then CONTINUATIONs (each 16 KiB) past the 1 MiB allowed.
+    (_raw_frame(1, 0, 1, b"\x88") + b"".join(_raw_frame(9, 0, 1, b"\x00" * 16_384) for _ in range(80)),
+     "header block"),
+    # A frame longer than the 16384 bytes we allow (we never raise SETTINGS_MAX_FRAME_SIZE).
+    (_raw_frame(0, 0, 1, b"", length=1 << 23), "frame of 8388608 bytes"),
+])
+def test_a_hostile_server_is_refused_with_a_typed_error_not_an_ever_growing_buffer(frames: bytes, said: str) -> None:
+    port, thread = _hostile_server(frames)
+    ch = Channel("127.0.0.1", port, connect_timeout=5)
+    try:
+        sid = ch.open("/t.T/Stream", b"")
+        with pytest.raises(RpcError) as info:
+            ch.read(sid, deadline=time.monotonic() + 15)
+        assert info.value.code == Code.UNAVAILABLE and said in info.value.details, info.value.details
+        assert len(ch._in) <= 2 << 20  # what it buffered stayed bounded
+    finally:
+        ch.close()
+        thread.join(25)

@@ -38,6 +38,11 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 DEFAULT_WINDOW = 65_535
 KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 5.0, 3.0
+#: What a peer may send us: we never raise SETTINGS_MAX_FRAME_SIZE from its default, and a header block
+#: (HEADERS + CONTINUATIONs, compressed) past our SETTINGS_MAX_HEADER_LIST_SIZE is a hostile peer's
+#: (a CONTINUATION flood would otherwise grow the buffer without end).
+MAX_FRAME = 16_384
+MAX_HEADER_LIST = 1 << 20
 
 
 class Code(enum.IntEnum):
@@ -166,7 +171,7 @@ class Channel:
         self._goaway: int | None = None  # the peer's last stream id once it sent GOAWAY
         self._dead: RpcError | None = None
         self._ping_sent: float | None = None
-        settings = struct.pack(">HIHIHI", 2, 0, 4, STREAM_WINDOW, 6, 1 << 20)  # no push; our window; header list
+        settings = struct.pack(">HIHIHI", 2, 0, 4, STREAM_WINDOW, 6, MAX_HEADER_LIST)  # no push; our window; header list
         self._frame(SETTINGS, 0, 0, settings)
         self._frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONNECTION_WINDOW - DEFAULT_WINDOW))
         self._out[:0] = PREFACE
@@ -378,6 +383,9 @@ class Channel:
         pos = 0
         while len(buf) - pos >= 9:
             length = int.from_bytes(buf[pos:pos + 3], "big")
+            if length > MAX_FRAME:
+                raise self._die(f"the server sent a frame of {length} bytes, above the {MAX_FRAME} allowed "
+                                "(protocol error)")
             if len(buf) - pos < 9 + length:
                 break
             ftype, flags = buf[pos + 3], buf[pos + 4]
@@ -409,7 +417,13 @@ class Channel:
         while True:
             if len(buf) - pos < 9:
                 return b"", 0, False
+            if pos - start > MAX_HEADER_LIST:
+                raise self._die(f"the server's header block is above the {MAX_HEADER_LIST} bytes allowed "
+                                "(protocol error)")
             n = int.from_bytes(buf[pos:pos + 3], "big")
+            if n > MAX_FRAME:
+                raise self._die(f"the server sent a frame of {n} bytes, above the {MAX_FRAME} allowed "
+                                "(protocol error)")
             if len(buf) - pos < 9 + n:
                 return b"", 0, False
             if buf[pos + 3] != CONTINUATION:
