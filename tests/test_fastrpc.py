@@ -113,6 +113,15 @@ def test_invalid_blocks_are_refused(bad: bytes) -> None:
         _hpack.Decoder().decode(bad)
 
 
+def test_a_block_that_expands_past_the_header_list_size_is_refused() -> None:
+    # One 4000-byte field in the table, then 300 one-byte references to it: 1.2 MB from a 4 kB block.
+    d = _hpack.Decoder()
+    block = b"\x40" + _hpack.encode_integer(1, 7) + b"x" + _hpack.encode_integer(4000, 7) + b"v" * 4000
+    assert d.decode(block, max_list_size=1 << 20) == [("x", "v" * 4000)]
+    with pytest.raises(_hpack.HpackError, match="header list above"):
+        d.decode(b"\xbe" * 300, max_list_size=1 << 20)
+
+
 def test_never_indexed_and_without_indexing_literals_leave_the_table_alone() -> None:
     d = _hpack.Decoder()
     block = b"\x10\x08password\x06secret" + b"\x04\x0c/sample/path"  # C.2.3 and C.2.2

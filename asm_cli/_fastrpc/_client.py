@@ -446,7 +446,7 @@ class Channel:
 
     def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
         try:
-            fields = self._decoder.decode(block)  # always: the dynamic table must follow every block
+            fields = self._decoder.decode(block, MAX_HEADER_LIST)  # always: the dynamic table must follow every block
         except _hpack.HpackError as exc:
             self._frame(GOAWAY, 0, 0, struct.pack(">II", 0, 9))  # COMPRESSION_ERROR
             raise self._die(f"the server sent an invalid header block: {exc}") from None

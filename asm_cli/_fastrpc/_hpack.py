@@ -161,16 +161,22 @@ class Decoder:
         self.size += size
         self._evict()
 
-    def decode(self, data: bytes) -> list[tuple[str, str]]:
-        """The header list of one complete header block."""
+    def decode(self, data: bytes, max_list_size: int = 1 << 20) -> list[tuple[str, str]]:
+        """The header list of one complete header block; one larger than ``max_list_size`` (RFC 7540's
+        measure: name + value + 32 a field) is refused, since indexed fields let a small block expand."""
         out: list[tuple[str, str]] = []
         pos, n = 0, len(data)
         fields_seen = False
+        listed = 0
         while pos < n:
+            if listed > max_list_size:
+                raise HpackError(f"a header list above the {max_list_size} bytes allowed")
             byte = data[pos]
             if byte & 0x80:  # indexed field
                 index, pos = _integer(data, pos, 7)
-                out.append(self._field(index))
+                field = self._field(index)
+                out.append(field)
+                listed += 32 + len(field[0]) + len(field[1])
                 fields_seen = True
             elif byte & 0xE0 == 0x20:  # dynamic table size update: only at the block's start
                 if fields_seen:
@@ -191,7 +197,10 @@ class Decoder:
                 if indexing:
                     self._add(name, value)
                 out.append((name, value))
+                listed += 32 + len(name) + len(value)
                 fields_seen = True
+        if listed > max_list_size:
+            raise HpackError(f"a header list above the {max_list_size} bytes allowed")
         return out
 
 
