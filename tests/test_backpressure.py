@@ -319,7 +319,13 @@ async def test_embedded_slow_consumer_pauses_the_pump(tmp_path: Path) -> None:
                 if ev.kind == "assistant_delta":
                     received += 1
                     if received == 50_000:
-                        await asyncio.sleep(1.0)  # the node (same event loop) parses on meanwhile
+                        # It stops reading (the node parses on in the same event loop) until the node's log
+                        # pauses the pump: waited for, not slept for, since a loaded machine parses slower.
+                        (run,) = agent.runs.values()
+                        for _ in range(1200):  # 60 s at most
+                            if run.pauses or run.finished_ns:
+                                break
+                            await asyncio.sleep(0.05)
         (run,) = agent.runs.values()
         assert received == lines and run.pauses > 0 and run.first_held_seq >= 1
     finally:
