@@ -125,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         disable_created: Callable[[], None] = prometheus_client.disable_created_metrics
         disable_created()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not serving:
+        # grpc's core logs a failed TLS handshake at INFO on stderr, beside the client's own one-line
+        # error that already says it; GRPC_VERBOSITY (read when grpc loads) still shows them when set.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ imported when it exited: the fast path imports no grpc; a hand-over to the Sessi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from tests.support.processes import ROOT, NodeProcess
 from tests.test_approvals_cli import RUN as APPROVAL_RUN
 from tests.test_approvals_cli import answers
 from tests.test_approvals_cli import fake_claude as fake_claude  # (the fixture, re-exported for pytest)
+from tests.test_security import Pki
+from tests.test_security import pki as pki  # (the fixture, re-exported for pytest)
 
 _VARYING = {"id", "run_id", "session_id", "timestamp", "pid", "duration_ms", "node_epoch"}
 _ULID = re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b")
@@ -246,11 +249,14 @@ def test_what_takes_the_fast_path() -> None:
         return args
 
     assert _fastrun.applies(parsed("--node", "127.0.0.1:1"))
+    assert _fastrun.applies(parsed("--node", "127.0.0.1:1", "--tls-ca", "ca.pem"))
+    assert _fastrun.applies(parsed("--node", "127.0.0.1:1", "--tls-ca", "ca.pem", "--tls-cert", "c", "--tls-key", "k"))
     for extra in (["--node", "a:1", "--node", "b:1"], ["--node", "a:1,weight=2"], ["--controller", "a:1"],
                   ["--node", "a:1", "--record", "r.jsonl"], ["--node", "a:1", "--snapshot", "git"],
                   ["--node", "a:1", "--selector", "k=v"], ["--node", "a:1", "--strategy", "round_robin"],
                   ["--node", "a:1", "--priority", "3"], ["--node", "a:1", "--queue-timeout", "3"],
-                  ["--node", "a:1", "--on-node-lost", "resume"], ["--node", "a:1", "--tls-ca", "ca.pem"], []):
+                  ["--node", "a:1", "--on-node-lost", "resume"], ["--node", "a:1", "--tls-cert", "c.pem"],
+                  ["--node", "a:1", "--tls-ca", "ca.pem", "--tls-key", "k.pem"], []):
         assert not _fastrun.applies(parsed(*extra)), extra
     os.environ["ASM_FAST_CLIENT"] = "0"
     try:
@@ -358,3 +364,36 @@ def test_a_run_id_the_node_has_attaches_the_same_way(node_process: Callable[...,
     started = [e for e in map(json.loads, fast.stdout.splitlines()) if e["kind"] == "run_started"]
     assert len(started) == 1 and started[0]["payload"]["pid"] == json.loads(first.stdout.splitlines()[0])["payload"]["pid"]
     assert norm_jsonl(fast.stdout) == norm_jsonl(usual.stdout) == norm_jsonl(first.stdout)
+
+
+@pytest.mark.parametrize(("mutual", "flags", "fast_expected"), [
+    (False, ["--tls-ca", "{ca}"], True),
+    (False, ["--tls-ca", "{ca}", "--tls-server-name", "localhost"], True),
+    (False, ["--tls-ca", "{ca}", "--tls-server-name", "evil.example"], False),  # not the cert's name
+    (False, ["--tls-ca", "{other_ca}"], False),  # the node's cert is not signed by the CA trusted
+    (True, ["--tls-ca", "{ca}", "--tls-cert", "{client_cert}", "--tls-key", "{client_key}"], True),
+    (True, ["--tls-ca", "{ca}"], False),  # the node wants a client certificate
+    (True, ["--tls-ca", "{ca}", "--tls-cert", "{other_client_cert}", "--tls-key", "{other_client_key}"], False),
+])
+async def test_tls_runs_print_and_exit_the_same(pki: Pki, mutual: bool, flags: list[str], fast_expected: bool) -> None:
+    """TLS on the fast path (the stdlib's ssl) decides as grpc's does: what grpc accepts runs fast, with
+    the same output; a certificate either refuses goes to the usual path, which says why in its words."""
+    from asm_node import start_server
+    from tests.support.processes import node_config
+
+    server = await start_server(node_config(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                                            tls_ca=pki.ca if mutual else None))
+    try:
+        paths = {k: str(v) for k, v in vars(pki).items()}
+        args = ("run", "--node", f"127.0.0.1:{server.port}", "--provider", "shell", "--connect-timeout", "5",
+                *(f.format(**paths) for f in flags), "echo hi")
+        fast = await asyncio.to_thread(run, True, *args)
+        usual = await asyncio.to_thread(run, False, *args)
+    finally:
+        await server.stop()
+    same(fast, usual, jsonl=False)
+    assert fast.fast == fast_expected, fast.stderr
+    # One `asm: error:` line for a refused certificate, not grpc core's own log lines beside it.
+    assert fast_expected or usual.stderr.startswith("asm: error:"), usual.stderr
+    assert (fast.code, fast.stdout.strip() if fast_expected else "") == (0 if fast_expected else fast.code,
+                                                                         "hi" if fast_expected else "")

@@ -9,7 +9,7 @@ It takes only what it provably does the same way; everything else goes to the us
 
 * a run that is not simple (several nodes or attributes, --controller, --record, --snapshot, a
   selector, a strategy, a priority or queue timeout, --on-node-lost resume, a provider failover
-  list, TLS) never comes here;
+  list, TLS without --tls-ca: grpc's own root store is not the system's) never comes here;
 * before StartRun has its first answer, anything that is not plainly fine (the node unreachable or
   refusing the token, incompatible, not ready, a controller, a typed refusal of StartRun, a broken
   transport) hands the whole run to the usual path, with the run's id: nothing ran yet, or the
@@ -48,6 +48,8 @@ from asm_wire import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     from asm_cli._fastrpc._client import Channel
     from asm_controller._reducer import EventReducer
     from asm_controller.extensions.rendering import Rendering
@@ -97,7 +99,26 @@ def applies(args: argparse.Namespace) -> bool:
         return False
     if not args.provider or "," in args.provider or (args.run_id and not valid_id(args.run_id)):
         return False
-    return not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name)
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        # TLS with the CA given (a certificate needs its key: the usual path says so otherwise).
+        return bool(args.tls_ca) and bool(args.tls_cert) == bool(args.tls_key)
+    return True  # (--tls-server-name alone is plaintext on the usual path too)
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """grpc.ssl_channel_credentials(ca, key, cert) as the stdlib's ssl: the node's certificate checked
+    against --tls-ca and the node's name (or --tls-server-name), TLS 1.2 at least, ALPN h2."""
+    if not args.tls_ca:
+        return None
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=args.tls_ca)
+    if args.tls_cert:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
 
 
 def _compatible(info: pb.HandshakeResponse) -> bool:
@@ -162,8 +183,9 @@ def run_fast(args: argparse.Namespace, options: dict[str, Any], rendering_for: A
         metadata = [("authorization", f"Bearer {token}")] if token else []
         session_id = ulid()
         run_id = args.run_id or ulid()
-        channel = Channel(host, port, connect_timeout=args.connect_timeout)
-    except Exception:  # the usual path says what is wrong, in its words
+        channel = Channel(host, port, ssl_context=_ssl_context(args), server_hostname=args.tls_server_name,
+                          connect_timeout=args.connect_timeout)
+    except Exception:  # the usual path says what is wrong, in its words (a TLS refusal too)
         return None
     try:
         try:
