@@ -216,7 +216,9 @@ class FleetQueue:
             return
         for rid in ids:
             w = self._waiters.get(rid)
-            if rid not in queued and w is not None:
+            # Granted its try during the read: its own placement may be what the store shows (a
+            # compare-and-set on "queued" decides if it was in fact ended elsewhere).
+            if rid not in queued and w is not None and self._granted is not w:
                 w.run.cancel_requested = True
                 self.cancel(w.run)
 
