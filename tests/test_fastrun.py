@@ -371,6 +371,7 @@ def test_a_run_id_the_node_has_attaches_the_same_way(node_process: Callable[...,
     (False, ["--tls-ca", "{ca}", "--tls-server-name", "localhost"], True),
     (False, ["--tls-ca", "{ca}", "--tls-server-name", "evil.example"], False),  # not the cert's name
     (False, ["--tls-ca", "{other_ca}"], False),  # the node's cert is not signed by the CA trusted
+    (False, [], False),  # plaintext to a TLS node
     (True, ["--tls-ca", "{ca}", "--tls-cert", "{client_cert}", "--tls-key", "{client_key}"], True),
     (True, ["--tls-ca", "{ca}"], False),  # the node wants a client certificate
     (True, ["--tls-ca", "{ca}", "--tls-cert", "{other_client_cert}", "--tls-key", "{other_client_key}"], False),
