@@ -152,8 +152,10 @@ class StoreRegistry:
             self._created(run)
         else:
             await self.writer.flush()
-            await self.store.update(run.run_id, fence=run.lease, node_address="", node_id="", node_epoch="",
-                                    priority=run.priority, **fields)
+            # A compare-and-set: from "pending" (its try was placed, then refused: placing blanked the
+            # prompt, stored again here) or "queued"; never over an end another request recorded.
+            await self.store.update(run.run_id, fence=run.lease, expect_status=("pending", "queued"),
+                                    node_address="", node_id="", node_epoch="", priority=run.priority, **fields)
         run.fleet_queued = True
 
     async def events(self, run: Run, events: Sequence[Event]) -> None:
