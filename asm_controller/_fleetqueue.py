@@ -12,6 +12,10 @@ anything waits: heartbeats carry the nodes' load, so slots freed by other replic
 too). ``queue_timeout_ms`` ends a waiter with a typed ``queue_timeout``; an interrupt ends it
 as ``user_cancelled``. :class:`NullFleetQueue` is the library default: no queue, a full fleet
 refuses at once, as before.
+
+A run that already started on a node (a resume elsewhere, ``on_node_lost="resume"``) waits here
+too, but the registry never records it as ``queued`` (see ``StoreRegistry.queued``): its prompt
+already ran, so no replica may start it again from the store.
 """
 
 from __future__ import annotations

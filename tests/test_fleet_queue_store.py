@@ -5,7 +5,9 @@ agents, with one collaborator faked where a race needs a precise interleaving.
   pending on a node that never had it and then cancelled as "ended elsewhere";
 - a waiting run whose lease another replica took is not ended here (the LeaseKeeper releases it), while
   one ended in the store by any replica is;
-- an interrupt that lands while the run is being recorded as queued ends it.
+- an interrupt that lands while the run is being recorded as queued ends it;
+- a run resumed elsewhere (``on_node_lost="resume"``) that waits for a slot is never recorded as queued
+  with its original prompt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import asm_controller._fleetqueue as fleetqueue
-from asm_controller import EmbeddedNode
+from asm_controller import EmbeddedNode, Event
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._store import MemoryStore
 from asm_controller.service import ControllerConfig, FleetApi
@@ -194,6 +196,122 @@ async def test_an_interrupt_while_the_run_is_recorded_queued_ends_it() -> None:
             await api.registry.flush()
             rec = await store.get("R1")
             assert rec is not None and rec.status == "interrupted"
+
+
+def _batch(*events: Event) -> pb.EventBatch:
+    return pb.EventBatch(events=[e.pb for e in events])
+
+
+class _Resume:
+    """Two embedded nodes: ``first`` starts R1 (a provider session id) and then stops it (node_shutdown),
+    ``second`` is full until ``full`` is cleared and then completes whatever it is asked to start."""
+
+    def __init__(self, first: NodeAgent, second: NodeAgent) -> None:
+        self.full = True
+        self.starts: list[pb.StartRunRequest] = []  # every StartRun that reached a node
+        self.common = {"run_id": "R1", "session_id": "s", "provider": "shell"}
+        first.start_run = self._stopped  # type: ignore[method-assign]
+        self._real_preflight = second.preflight
+        second.preflight = self._preflight  # type: ignore[method-assign]
+        second.start_run = self._completed  # type: ignore[method-assign]
+        self.nodes = [EmbeddedNode(first, name="first", priority=200), EmbeddedNode(second, name="second")]
+
+    def _stopped(self, req: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        self.starts.append(req)
+
+        async def stream() -> AsyncIterator[pb.EventBatch]:
+            yield _batch(Event.synthetic("run_started", **self.common, seq=1, provider_session_id="ps-1"))
+            yield _batch(Event.synthetic("error", **self.common, seq=2, message="node shutting down",
+                                         code="node_shutdown", domain="runtime", severity=pb.SEVERITY_ERROR))
+        return stream()
+
+    async def _preflight(self, req: pb.PreflightRequest) -> pb.PreflightResponse:
+        if self.full:
+            raise NodeAtCapacity("node is at capacity (1 runs)")
+        return await self._real_preflight(req)
+
+    def _completed(self, req: pb.StartRunRequest) -> AsyncIterator[pb.EventBatch]:
+        self.starts.append(req)
+
+        async def stream() -> AsyncIterator[pb.EventBatch]:
+            mine = {**self.common, "run_id": req.run_id}
+            yield _batch(Event.synthetic("run_started", **mine, seq=1, provider_session_id="ps-1"),
+                         Event.synthetic("run_completed", **mine, seq=2, status="completed"))
+        return stream()
+
+    async def waiting(self, api: FleetApi) -> asyncio.Task[Any]:
+        """R1 started on ``first``, stopped there, and its resume waits for a slot (``second`` is full)."""
+        api.queue._room = lambda: False
+        self.stream = api.session.stream("the original prompt", provider="shell", run_id="R1",
+                                         on_node_lost="resume", resume_prompt="go on")
+        reader = asyncio.create_task(self.stream.next_batch())
+        await _until(lambda: api.queue.waiting() == 1, "the resume to wait for a slot")
+        await api.registry.flush()
+        rec = await api.store.get("R1")
+        assert rec is not None
+        assert rec.status != "queued" and rec.prompt == "", (rec.status, rec.prompt)
+        assert rec.node_address == "first"  # in flight where it was: a takeover re-attaches it there
+        assert await api.store.queue_stats() == (0, None)
+        assert [r.prompt for r in self.starts] == ["the original prompt"]
+        return reader
+
+
+async def test_a_resume_waiting_for_a_slot_is_not_recorded_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit finding 5: a run resumed elsewhere (on_node_lost="resume") whose resume had to wait was
+    recorded queued with its original prompt: a replica taking it over would start that prompt again
+    from seq 0. It waits in the replica's queue only; the store keeps it in flight on the node it left."""
+    monkeypatch.setattr(fleetqueue, "TICK_S", 0.05)
+    async with running_agent(test_config(max_runs=1)) as first, running_agent(test_config(max_runs=1)) as second:
+        nodes = _Resume(first, second)
+        async with _fleet(MemoryStore(), nodes.nodes) as api:
+            reader = await nodes.waiting(api)
+            nodes.full = False
+            api.queue._room = lambda: True
+            api.queue.wake()
+            with contextlib.suppress(StopAsyncIteration):
+                await asyncio.wait_for(reader, 10)
+                async for _ in nodes.stream:
+                    pass
+            result = nodes.stream.result
+            assert result is not None and result.status == "completed", result.error
+            assert [r.prompt for r in nodes.starts] == ["the original prompt", "go on"]
+            assert '"resume": "ps-1"' in nodes.starts[1].options_json
+
+
+async def test_a_waiting_resume_taken_over_is_never_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 5 after a failover: the replica taking the waiting resume over treats it as in flight on
+    the node it left (re-attached there, here ended as it cannot be), never queues it or starts its
+    original prompt again."""
+    monkeypatch.setattr(fleetqueue, "TICK_S", 3600.0)
+    async with running_agent(test_config(max_runs=1)) as first, running_agent(test_config(max_runs=1)) as second:
+        nodes = _Resume(first, second)
+        store = MemoryStore()
+        async with _fleet(store, nodes.nodes, "B") as b, _fleet(store, nodes.nodes, "X") as x:
+            reader = await nodes.waiting(b)
+            rec = await store.get("R1")
+            assert rec is not None
+            lease = await store.take_lease("R1", "X", seen_token=rec.lease_token, until=time.time() + 30, now=1e15)
+            assert lease is not None
+            await b.keeper.tick()  # B's keeper sees the lease moved: it releases its waiting run
+            run = b.session.get_run("R1")
+            assert run is not None
+            await asyncio.wait_for(run.done.wait(), 10)
+            assert run.detaching and b.queue.waiting() == 0
+            nodes.full = False
+            rec = await store.get("R1")
+            assert rec is not None
+            await x.take_over(rec, lease)
+            taken = x.session.get_run("R1")
+            if taken is not None:
+                await asyncio.wait_for(taken.done.wait(), 10)
+            await x.registry.flush()
+            rec = await store.get("R1")
+            assert rec is not None and rec.status not in ("queued", "pending", "running"), rec.status
+            assert x.queue.waiting() == 0
+            assert [r.prompt for r in nodes.starts] == ["the original prompt"], "the prompt was started again"
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
 
 
 async def test_recording_queued_again_never_overwrites_an_end() -> None:
