@@ -12,6 +12,10 @@ anything waits: heartbeats carry the nodes' load, so slots freed by other replic
 too). ``queue_timeout_ms`` ends a waiter with a typed ``queue_timeout``; an interrupt ends it
 as ``user_cancelled``. :class:`NullFleetQueue` is the library default: no queue, a full fleet
 refuses at once, as before.
+
+A run that already started on a node (a resume elsewhere, ``on_node_lost="resume"``) waits here
+too, but the registry never records it as ``queued`` (see ``StoreRegistry.queued``): its prompt
+already ran, so no replica may start it again from the store.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class NullFleetQueue:
         return 0
 
 
+def _raise_if_interrupted(run: Run) -> None:
+    if run.cancel_requested:
+        raise make_error("user_cancelled", "runtime", "Run interrupted while queued")
+
+
 @dataclass(order=True)
 class _Waiter:
     sort_key: tuple[int, float, int]
@@ -77,12 +86,15 @@ class FleetQueue:
     def __init__(self, *, max_queued: int, record: Callable[[Run], Awaitable[None]],
                  depth: Callable[[], Awaitable[int]], room: Callable[[], bool],
                  metrics: ControllerMetrics | None = None,
-                 still_queued: Callable[[list[str]], Awaitable[set[str]]] | None = None) -> None:
+                 ended: Callable[[list[str]], Awaitable[set[str]]] | None = None) -> None:
         self.max_queued = max_queued
         self._record = record  # the registry: the run is durably queued (status, priority, prompt)
         self._depth = depth  # fleet-wide queue depth (the store)
         self._room = room  # does some node report room? (the pool's last heartbeats)
-        self._still_queued = still_queued  # which of these ids are still queued in the store
+        # Which of these ids have ended in the store (terminal, whoever holds the lease, or gone). Not
+        # "which are no longer queued by this replica": a run whose lease moved is the LeaseKeeper's
+        # (it releases it: a detach, never an end), and a run's own refused try leaves it pending.
+        self._ended = ended
         self._metrics = metrics
         self._waiters: dict[str, _Waiter] = {}
         self._order = itertools.count()
@@ -116,12 +128,31 @@ class FleetQueue:
                 run.queued_at = time.time()
             if run.queue_deadline is None and run.opts_queue_timeout_s:
                 run.queue_deadline = run.queued_at + run.opts_queue_timeout_s
+            _raise_if_interrupted(run)  # interrupted during the depth read (no waiter to cancel yet)
             await self._record(run)
+            # An interrupt during the record found no waiter (Run.interrupt's cancel returned False): it
+            # ends the run here, or the run would wait for a slot with the interrupt accepted. The
+            # driver records its end (the store says queued now).
+            _raise_if_interrupted(run)
             w = _Waiter((-run.priority, run.queued_at, next(self._order)), run)
             self._waiters[run.run_id] = w
             log.info("run %s queued (priority %d): %s", run.run_id, run.priority,
                      refusal.message if refusal is not None else "runs are waiting ahead of it")
             self._ensure_ticker()
+        elif run.recorded and not run.fleet_queued:
+            # Its try was placed (the registry's compare-and-set moved it to "pending" on a node, its
+            # prompt blanked) and then refused: record it queued again, or the store would keep it
+            # pending on a node that never had it (another replica's takeover would adopt it there
+            # and find nothing: node_lost, its prompt gone). Still granted during the write: the
+            # tick leaves it alone and no other head tries meanwhile.
+            try:
+                await self._record(run)
+            except BaseException:
+                self._remove(w)
+                raise
+            if run.cancel_requested:
+                self._remove(w)
+                _raise_if_interrupted(run)
         if self._granted is w:
             self._granted = None  # its try failed: it waits again, at its place
         w.granted = asyncio.get_running_loop().create_future()
@@ -198,27 +229,32 @@ class FleetQueue:
     async def _tick(self) -> None:
         while self._waiters:
             await asyncio.sleep(TICK_S)
-            if self._still_queued is not None:
+            if self._ended is not None:
                 await self._drop_ended_elsewhere()
             if self._room():
                 self.wake()
 
     async def _drop_ended_elsewhere(self) -> None:
-        """A queued run interrupted through another replica is no longer queued in the store: end it here."""
-        assert self._still_queued is not None
+        """A queued run interrupted through another replica has ended in the store: end it here.
+
+        Only an end counts. A run whose lease another replica took is still queued (there) or placed:
+        the LeaseKeeper notices and releases it here (a detach: its client re-attaches), so a
+        user_cancelled end is never given while another replica runs the prompt.
+        """
+        assert self._ended is not None
         ids = [rid for rid, w in self._waiters.items() if self._granted is not w]
         if not ids:
             return
         try:
-            queued = await self._still_queued(ids)
+            ended = await self._ended(ids)
         except AsmError as err:
             log.warning("fleet queue: cannot read the store: %s", err.message)
             return
         for rid in ids:
             w = self._waiters.get(rid)
-            # Granted its try during the read: its own placement may be what the store shows (a
-            # compare-and-set on "queued" decides if it was in fact ended elsewhere).
-            if rid not in queued and w is not None and self._granted is not w:
+            # Granted its try during the read: a compare-and-set on "queued" (its placement) decides
+            # whether it was in fact ended elsewhere.
+            if rid in ended and w is not None and self._granted is not w:
                 w.run.cancel_requested = True
                 self.cancel(w.run)
 

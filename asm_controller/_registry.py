@@ -144,7 +144,16 @@ class StoreRegistry:
 
     async def queued(self, run: Run) -> None:
         """Durable before the run waits: status queued, its priority and times, and its prompt (a replica
-        taking it over starts it from the store)."""
+        taking it over starts it from the store).
+
+        Never for a run that already started on a node (it has events: a resume elsewhere waiting for
+        a slot): a replica taking it over would start its original prompt again from seq 0, without
+        the resume. It waits in this replica's queue only; the store keeps it in flight on the node it
+        left, so a replica taking it over re-attaches it there like any run in flight (it ends
+        node_lost when that node no longer has it), never starting it again.
+        """
+        if run.reducer.last_seq > 0 or run.reducer.metadata.get("resumed"):
+            return
         fields: dict[str, Any] = {"status": "queued", "queued_at": run.queued_at,
                                   "queue_deadline": run.queue_deadline, "prompt": run.prompt}
         if not run.recorded:
@@ -152,8 +161,10 @@ class StoreRegistry:
             self._created(run)
         else:
             await self.writer.flush()
-            await self.store.update(run.run_id, fence=run.lease, node_address="", node_id="", node_epoch="",
-                                    priority=run.priority, **fields)
+            # A compare-and-set: from "pending" (its try was placed, then refused: placing blanked the
+            # prompt, stored again here) or "queued"; never over an end another request recorded.
+            await self.store.update(run.run_id, fence=run.lease, expect_status=("pending", "queued"),
+                                    node_address="", node_id="", node_epoch="", priority=run.priority, **fields)
         run.fleet_queued = True
 
     async def events(self, run: Run, events: Sequence[Event]) -> None:

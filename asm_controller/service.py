@@ -319,7 +319,7 @@ class FleetApi:
                                max_queued_runs=0, strategy=config.strategy, metrics=metrics, preflight=True,
                                registry=self.registry)
         self.queue = FleetQueue(max_queued=config.max_queued, record=self.registry.queued, depth=self._queue_depth,
-                                room=self._room, metrics=metrics, still_queued=self._still_queued)
+                                room=self._room, metrics=metrics, ended=self._ended_in_store)
         self.session.queue = self.queue
         self.keeper = LeaseKeeper(self.store, self, replica_id=self.replica_id,
                                   address=config.advertise or config.listen, ttl_s=config.lease_ttl_s, metrics=metrics)
@@ -387,10 +387,23 @@ class FleetApi:
                 return True
         return False
 
-    async def _still_queued(self, ids: list[str]) -> set[str]:
-        wanted = set(ids)
+    async def _ended_in_store(self, ids: list[str]) -> set[str]:
+        """Which of these waiting runs have ended in the store (whoever ended them), or are gone from it.
+
+        One read of this replica's queued runs answers for most; the others (a lease another replica
+        took, a refused try still pending, a waiting resume) are read one by one, and only an end
+        counts: a moved lease is the LeaseKeeper's to release, never an end to give the client.
+        """
         queued = await self.store.queued(limit=self.config.max_queued + len(ids), lease_owner=self.replica_id)
-        return {r.run_id for r in queued if r.run_id in wanted}
+        here = {r.run_id for r in queued}
+        ended: set[str] = set()
+        for rid in ids:
+            if rid in here:
+                continue
+            rec = await self.store.get(rid)
+            if rec is None or rec.status in TERMINAL_STATUSES:
+                ended.add(rid)
+        return ended
 
     def _target(self, addr: str) -> RemoteNode:
         target = self._targets.get(addr)
