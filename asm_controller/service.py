@@ -334,7 +334,10 @@ class FleetApi:
         self.session.release(run)
 
     def follows(self, run_id: str) -> bool:
-        return self.session.get_run(run_id) is not None
+        # A run that ended here while it was released (fenced: its store unreachable) follows nothing:
+        # its live record is taken back (and its end recorded from its node) by the keeper's sweep.
+        run = self.session.get_run(run_id)
+        return run is not None and not (run.state == "done" and run.detaching)
 
     def _write_skipped(self, run_id: str, err: AsmError) -> None:
         """A write of a run was refused by the store: with LeaseLost another replica follows it now."""
@@ -346,11 +349,17 @@ class FleetApi:
     async def take_over(self, rec: RunRecord, lease: Lease) -> None:
         """Follow a run whose lease this replica just took: re-attach it on its node, or queue it again."""
         known = self.session.get_run(rec.run_id)
-        if known is not None:
+        if known is not None and known.state != "done":
             # Ours already (its lease had expired: a long pause): it writes with the new token from now on.
-            if known.state != "done":
-                known.lease, known.lease_at = lease, time.monotonic()
+            known.lease, known.lease_at = lease, time.monotonic()
             return
+        if rec.status in TERMINAL_STATUSES:
+            return  # ended meanwhile (``rec`` is read after the lease was taken): nothing to follow
+        if known is not None:
+            # Done here but still live in the store (its end was not recorded, or not with the lease it
+            # had): holding the lease while following nothing would keep it live forever. The record
+            # is followed again, from its node, like any other replica's.
+            self.session.release(known)
         if rec.status == "queued":
             if rec.spec.get("env_keys"):
                 await self._end_unplaced(rec, lease=lease, code="runtime", reason="env_unavailable", why=(
