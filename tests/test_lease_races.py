@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from asm_controller import EmbeddedNode
@@ -167,3 +168,38 @@ async def test_a_done_run_taken_over_here_is_followed_again_from_its_record() ->
         finally:
             await _stop(api)
 
+
+
+@pytest.mark.parametrize("psid", ["p" * 300, "sess\x00ion"])
+async def test_a_value_from_the_node_the_store_refuses_never_hangs_the_follower(
+        psid: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider session id the store refuses (over 256 characters, a NUL) is dropped with a warning:
+    the run's end is recorded and reaches its follower."""
+    async with running_agent(test_config()) as agent:
+        store = MemoryStore()
+        api = _api(store, "A", agent)
+        await api.recover(exclusive=False)
+        try:
+            real_placing = api.registry.placing
+
+            async def placing(run: Run, handle: Any) -> None:
+                run.reducer._psid = psid  # as the node will report it (the first one seen is kept)
+                await real_placing(run, handle)
+
+            api.registry.placing = placing  # type: ignore[method-assign]
+            stream = api.session.stream("echo psid", provider="shell", run_id="R9")
+            kinds: list[int] = []
+
+            async def drain() -> None:
+                async for batch in stream.batches():
+                    kinds.extend(e.pb.kind for e in batch)
+
+            await asyncio.wait_for(drain(), 10)
+            assert kinds and kinds[-1] == RUN_COMPLETED
+            assert stream.result is not None and stream.result.status == "completed"
+            await asyncio.wait_for(api.registry.flush(), 10)
+            rec = await store.get("R9")
+            assert rec is not None and (rec.status, rec.provider_session_id) == ("completed", "")
+            assert any("provider_session_id is not recorded" in r.getMessage() for r in caplog.records)
+        finally:
+            await _stop(api)
