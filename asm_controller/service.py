@@ -443,15 +443,12 @@ class FleetApi:
         result = {"kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id,
                   "provider": rec.provider, "status": status.value,
                   "error": {"kind": code, "domain": "runtime", "message": message, **({"reason": reason} if reason else {})}}
-        if expect_status is None:
-            # The log's end first: a reader that sees the ended status finds the end in the log.
-            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
-        # A compare-and-set (expect_status) decides whether this call ends the run: its events only follow
-        # then, so they never land in the log of a run its owner placed meanwhile.
-        await self.store.update(rec.run_id, fence=lease, expect_status=expect_status, status=status.value,
-                                ended_at=time.time(), prompt="", result=result)
-        if expect_status is not None:
-            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
+        # The status and the log's end in one transaction: a reader that sees the ended status finds the
+        # end in the log, a crash never leaves one without the other, and when the compare-and-set
+        # (expect_status) fails the events never land in the log of a run its owner placed meanwhile.
+        await self.store.end_run(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease,
+                                 expect_status=expect_status, status=status.value, ended_at=time.time(),
+                                 prompt="", result=result)
 
     @property
     def targets(self) -> list[RemoteNode]:

@@ -5,6 +5,7 @@ still has its end recorded, a value the store refuses never hangs the run's foll
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,10 +18,10 @@ from asm_controller import EmbeddedNode
 from asm_controller._metrics import ControllerMetrics
 from asm_controller._registry import decode_chunks
 from asm_controller._run import Run
-from asm_controller._store import Lease, MemoryStore
+from asm_controller._store import Lease, MemoryStore, RunRecord
 from asm_controller.service import ControllerConfig, FleetApi
 from asm_node.testing import running_agent, test_config
-from asm_wire import NodeAtCapacity, pb
+from asm_wire import NodeAtCapacity, StoreError, pb
 
 RUN_COMPLETED = pb.EVENT_KIND_RUN_COMPLETED
 
@@ -201,5 +202,37 @@ async def test_a_value_from_the_node_the_store_refuses_never_hangs_the_follower(
             rec = await store.get("R9")
             assert rec is not None and (rec.status, rec.provider_session_id) == ("completed", "")
             assert any("provider_session_id is not recorded" in r.getMessage() for r in caplog.records)
+        finally:
+            await _stop(api)
+
+
+class _CrashingStore(MemoryStore):
+    """The process dies (here: the store call fails) at the first append of a run's events."""
+
+    async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                            fence: Lease | None = None) -> None:
+        raise StoreError("the run store memory: failed (append_events): the controller was killed")
+
+
+async def test_an_interrupted_queued_run_is_never_ended_without_its_end_in_the_log() -> None:
+    """_end_unplaced writes the ended status and the end's events in one transaction (audit 7a): a crash
+    cannot leave a terminal record whose log has no run_completed for a re-attaching follower."""
+    async with running_agent(test_config()) as agent:
+        store = _CrashingStore()
+        api = _api(store, "A", agent)
+        await store.create(RunRecord(run_id="RQ", session_id="s", provider="shell", status="queued",
+                                     prompt="echo q", lease_owner="B", lease_token=1,
+                                     lease_expires=time.time() + 60))
+        rec = await store.get("RQ")
+        assert rec is not None
+        try:
+            with contextlib.suppress(StoreError):
+                await api._interrupt_record(rec)
+            rec = await store.get("RQ")
+            assert rec is not None
+            logged = decode_chunks(await store.events_after("RQ", 0))
+            ended_in_log = bool(logged) and logged[-1].kind == RUN_COMPLETED
+            assert rec.status == "queued" or ended_in_log, (
+                f"the record says {rec.status} but its log has no end (a follower waits for it in vain)")
         finally:
             await _stop(api)
