@@ -164,6 +164,9 @@ class ControllerConfig:
 #: How often expired inference endpoint leases are removed from the store (seconds).
 ENDPOINT_SWEEP_S = 60.0
 
+#: How long an interrupt of a run placed on a node waits for the node to know it (its StartRun on the way).
+INTERRUPT_WAIT_S = 10.0
+
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
 _MAX_SEQ = 2**63
 
@@ -713,21 +716,38 @@ class FleetApi:
 
     async def _interrupt_record(self, rec: RunRecord) -> bool:
         """Interrupt a run this replica does not follow: a queued one ends here (compare-and-set on its
-        status: its owner then drops it), a placed one is interrupted on its node (its owner sees the end)."""
-        if rec.status in TERMINAL_STATUSES:
-            return False
-        if rec.status == "queued":
+        status: its owner then drops it), a placed one is interrupted on its node (its owner sees the end).
+
+        A run placed a moment ago may not be on its node yet (its StartRun is on the way: the node
+        answers not_found): the interrupt is tried again, the record read again each time (it may have
+        started, ended or moved), for at most INTERRUPT_WAIT_S."""
+        deadline, delay = time.monotonic() + INTERRUPT_WAIT_S, 0.02
+        while True:
+            if rec.status in TERMINAL_STATUSES:
+                return False
+            if rec.status == "queued":
+                try:
+                    await self._end_unplaced(rec, "was interrupted while queued", code="user_cancelled",
+                                             status=RunStatus.INTERRUPTED, expect_status="queued")
+                    return True
+                except LeaseLost:
+                    rec = await self._must_record(rec.run_id)  # placed meanwhile: interrupt it on its node
+                    if rec.status in TERMINAL_STATUSES:
+                        return False
+            handle = await self._node_of(rec)
             try:
-                await self._end_unplaced(rec, "was interrupted while queued", code="user_cancelled",
-                                         status=RunStatus.INTERRUPTED, expect_status="queued")
+                resp = await handle.api.interrupt_run(pb.InterruptRunRequest(run_id=rec.node_run_id or rec.run_id))
+                return resp.accepted
+            except RunNotFound:
+                if rec.status != "pending" or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+            local = self.session.get_run(rec.run_id)
+            if local is not None and not local.detaching:  # taken over here meanwhile
+                await self.session.interrupt(rec.run_id)
                 return True
-            except LeaseLost:
-                rec = await self._must_record(rec.run_id)  # placed meanwhile: interrupt it on its node
-                if rec.status in TERMINAL_STATUSES:
-                    return False
-        handle = await self._node_of(rec)
-        resp = await handle.api.interrupt_run(pb.InterruptRunRequest(run_id=rec.node_run_id or rec.run_id))
-        return resp.accepted
+            rec = await self._must_record(rec.run_id)
 
     async def _ended(self, run: Run, cursor: int) -> list[pb.EventBatch]:
         """An ended run's events after ``cursor``: from the registry's log (a gap is typed), else its tail."""

@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from asm_controller._run import Run
 from asm_controller._store import Lease, MemoryStore, RunRecord
 from asm_controller.service import ControllerConfig, FleetApi
 from asm_node.testing import running_agent, test_config
-from asm_wire import NodeAtCapacity, StoreError, pb
+from asm_wire import NodeAtCapacity, RunNotFound, StoreError, pb
 
 RUN_COMPLETED = pb.EVENT_KIND_RUN_COMPLETED
 
@@ -234,5 +235,36 @@ async def test_an_interrupted_queued_run_is_never_ended_without_its_end_in_the_l
             ended_in_log = bool(logged) and logged[-1].kind == RUN_COMPLETED
             assert rec.status == "queued" or ended_in_log, (
                 f"the record says {rec.status} but its log has no end (a follower waits for it in vain)")
+        finally:
+            await _stop(api)
+
+
+async def test_an_interrupt_of_a_run_not_on_its_node_yet_is_not_lost() -> None:
+    """A pending run of another replica whose StartRun has not reached its node yet (not_found there):
+    the interrupt is tried again until the node knows the run (audit 7b)."""
+    async with running_agent(test_config()) as agent:
+        store = MemoryStore()
+        api = _api(store, "A", agent)
+        await store.create(RunRecord(run_id="RP", session_id="s", provider="shell", status="pending",
+                                     node_address="127.0.0.1:9", node_id="n1", node_epoch="e1",
+                                     lease_owner="B", lease_token=1, lease_expires=time.time() + 60))
+        asked: list[str] = []
+
+        class NodeApi:
+            async def interrupt_run(self, request: pb.InterruptRunRequest) -> pb.InterruptRunResponse:
+                asked.append(request.run_id)
+                if len(asked) < 3:  # the StartRun is still on its way
+                    raise RunNotFound(f"Unknown run id: {request.run_id}")
+                return pb.InterruptRunResponse(accepted=True)
+
+        async def node_of(rec: RunRecord) -> Any:
+            return SimpleNamespace(api=NodeApi())
+
+        api._node_of = node_of  # type: ignore[method-assign]
+        rec = await store.get("RP")
+        assert rec is not None
+        try:
+            assert await asyncio.wait_for(api._interrupt_record(rec), 10) is True
+            assert asked == ["RP", "RP", "RP"]
         finally:
             await _stop(api)
