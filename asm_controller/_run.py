@@ -1023,6 +1023,8 @@ class Run:
                 registry.ended(self)
             except AsmError as err:  # the store refused a value: the end still reaches the subscriber
                 log.error("run %s: its end cannot be recorded: %s", self.run_id, err)
+            except Exception:  # a bug (a closed writer) must not leave the subscriber waiting either
+                log.exception("run %s: recording its end failed", self.run_id)
         if self.channel is not None:
             self.channel.close()
         self.done.set()
