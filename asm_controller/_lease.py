@@ -182,12 +182,18 @@ class LeaseKeeper:
                                             until=self.clock() + self.ttl_s, now=now)
         if lease is None:
             return 0  # another replica won it
+        # Act on the record as it is now, not as it was read before the compare-and-set: its old owner
+        # may have written it in between (placed a queued run on a node, ended it). From here on no
+        # fenced write of another replica lands, so this read is the state the takeover starts from.
+        fresh = await self.store.get(rec.run_id)
+        if fresh is None:
+            return 0
         if rec.lease_owner and rec.lease_owner != self.replica_id:
             log.warning("took over run %s from replica %s (its lease expired)", rec.run_id, rec.lease_owner)
             if self.metrics is not None:
                 self.metrics.lease_takeovers.inc()
         try:
-            await self.host.take_over(rec, lease)
+            await self.host.take_over(fresh, lease)
         except AsmError as err:
             log.warning("run %s cannot be taken over: %s", rec.run_id, err.message)
             return 0

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:  # the store is imported by a StoreRegistry only: a client's N
     from asm_controller._connector import NodeHandle
     from asm_controller._run import Run
     from asm_controller._store import RunRecord, RunStore, StoreWriter
+
+log = logging.getLogger("asm_controller.registry")
 
 #: The result summary's text is cut to this many characters in the registry (the event log has it all).
 SUMMARY_TEXT_MAX = 64 * 1024
@@ -194,8 +198,12 @@ class StoreRegistry:
             summary["text"] = summary["text"][:SUMMARY_TEXT_MAX]
             summary["text_truncated"] = True
         status = result.status if result.status in TERMINAL_STATUSES else RunStatus.FAILED.value
+        fields = _storable(run, {"result": _jsonable(summary), **_live_fields(run)})
+        if "result" not in fields:  # refused as a whole (too large as JSON): the end keeps its outcome
+            fields["result"] = {"kind": "result_summary", "run_id": run.run_id, "session_id": run.session_id,
+                                "provider": run.opts.provider, "status": status, "result_dropped": True}
         self.writer.submit_update(run.run_id, fence=run.lease, status=status, ended_at=time.time(),
-                                  result=_jsonable(summary), node_seq=run.node_seq, prompt="", **_live_fields(run))
+                                  node_seq=run.node_seq, prompt="", **fields)
 
     async def flush(self) -> None:
         await self.writer.flush()
@@ -211,7 +219,33 @@ def _live_fields(run: Run) -> dict[str, Any]:
         fields["provider_session_id"] = psid
     if run.reducer.status == RunStatus.RUNNING:
         fields["status"] = RunStatus.RUNNING.value
-    return fields
+    return _storable(run, fields)
+
+
+#: The fields already warned about per run (dropped again on every later write, silently).
+_refused: weakref.WeakKeyDictionary[Run, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _storable(run: Run, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without the values the store would refuse (InvalidRecord), each dropped with a warning.
+
+    They come from the node (a provider session id of any length, a NUL in it): refused, the whole
+    write would be, and a refused end leaves the run live in the store and its follower waiting."""
+    from asm_controller._store._base import InvalidRecord, check_fields
+
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        try:
+            check_fields({name: value})
+        except InvalidRecord as err:
+            warned = _refused.setdefault(run, set())
+            if name not in warned:  # once per run and field: a live field is checked on every batch
+                warned.add(name)
+                log.warning("run %s: its %s is not recorded (the store refuses it: %s)", run.run_id, name,
+                            err.message)
+            continue
+        out[name] = value
+    return out
 
 
 def _jsonable(value: Any) -> Any:

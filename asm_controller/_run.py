@@ -1015,8 +1015,16 @@ class Run:
             # Keep the precise error class (NodeUnreachable, CwdNotAllowed, ...) for callers.
             self.reducer.set_error(self._typed_error)
         registry = self.host.registry
-        if not self.detaching:
-            registry.ended(self)
+        if not self.detaching or self.reducer.finished:
+            # An end the reducer has is recorded even when the run was released meanwhile (fenced while
+            # its last batch was being written): a refused fenced write is just dropped, a lost end is
+            # a run that stays live in the store with nobody following it.
+            try:
+                registry.ended(self)
+            except AsmError as err:  # the store refused a value: the end still reaches the subscriber
+                log.error("run %s: its end cannot be recorded: %s", self.run_id, err)
+            except Exception:  # a bug (a closed writer) must not leave the subscriber waiting either
+                log.exception("run %s: recording its end failed", self.run_id)
         if self.channel is not None:
             self.channel.close()
         self.done.set()

@@ -518,8 +518,13 @@ class Session:
 
     def release(self, run: Run) -> None:
         """Stop following one run without ending it: another replica holds its lease now (or this one
-        lost the store). Its subscribers are told to re-attach (see FleetApi)."""
+        lost the store). Its subscribers are told to re-attach (see FleetApi). A run that is done here is
+        forgotten: a takeover of its (still live) record follows it again under the same id."""
         if run.state == "done":
+            if self._runs.get(run.run_id) is run:
+                del self._runs[run.run_id]
+                with contextlib.suppress(ValueError):  # its history slot must not evict the new follower
+                    self._finished.remove(run.run_id)
             return
         run.detaching = True  # its driver ends without recording an end (a queued one leaves the queue)
         if run.task is not None:

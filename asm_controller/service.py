@@ -164,6 +164,9 @@ class ControllerConfig:
 #: How often expired inference endpoint leases are removed from the store (seconds).
 ENDPOINT_SWEEP_S = 60.0
 
+#: How long an interrupt of a run placed on a node waits for the node to know it (its StartRun on the way).
+INTERRUPT_WAIT_S = 10.0
+
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
 _MAX_SEQ = 2**63
 
@@ -334,7 +337,10 @@ class FleetApi:
         self.session.release(run)
 
     def follows(self, run_id: str) -> bool:
-        return self.session.get_run(run_id) is not None
+        # A run that ended here while it was released (fenced: its store unreachable) follows nothing:
+        # its live record is taken back (and its end recorded from its node) by the keeper's sweep.
+        run = self.session.get_run(run_id)
+        return run is not None and not (run.state == "done" and run.detaching)
 
     def _write_skipped(self, run_id: str, err: AsmError) -> None:
         """A write of a run was refused by the store: with LeaseLost another replica follows it now."""
@@ -346,11 +352,17 @@ class FleetApi:
     async def take_over(self, rec: RunRecord, lease: Lease) -> None:
         """Follow a run whose lease this replica just took: re-attach it on its node, or queue it again."""
         known = self.session.get_run(rec.run_id)
-        if known is not None:
+        if known is not None and known.state != "done":
             # Ours already (its lease had expired: a long pause): it writes with the new token from now on.
-            if known.state != "done":
-                known.lease, known.lease_at = lease, time.monotonic()
+            known.lease, known.lease_at = lease, time.monotonic()
             return
+        if rec.status in TERMINAL_STATUSES:
+            return  # ended meanwhile (``rec`` is read after the lease was taken): nothing to follow
+        if known is not None:
+            # Done here but still live in the store (its end was not recorded, or not with the lease it
+            # had): holding the lease while following nothing would keep it live forever. The record
+            # is followed again, from its node, like any other replica's.
+            self.session.release(known)
         if rec.status == "queued":
             if rec.spec.get("env_keys"):
                 await self._end_unplaced(rec, lease=lease, code="runtime", reason="env_unavailable", why=(
@@ -447,15 +459,12 @@ class FleetApi:
         result = {"kind": "result_summary", "run_id": rec.run_id, "session_id": rec.session_id,
                   "provider": rec.provider, "status": status.value,
                   "error": {"kind": code, "domain": "runtime", "message": message, **({"reason": reason} if reason else {})}}
-        if expect_status is None:
-            # The log's end first: a reader that sees the ended status finds the end in the log.
-            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
-        # A compare-and-set (expect_status) decides whether this call ends the run: its events only follow
-        # then, so they never land in the log of a run its owner placed meanwhile.
-        await self.store.update(rec.run_id, fence=lease, expect_status=expect_status, status=status.value,
-                                ended_at=time.time(), prompt="", result=result)
-        if expect_status is not None:
-            await self.store.append_events(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease)
+        # The status and the log's end in one transaction: a reader that sees the ended status finds the
+        # end in the log, a crash never leaves one without the other, and when the compare-and-set
+        # (expect_status) fails the events never land in the log of a run its owner placed meanwhile.
+        await self.store.end_run(rec.run_id, rec.last_seq + 1, rec.last_seq + 2, batch, fence=lease,
+                                 expect_status=expect_status, status=status.value, ended_at=time.time(),
+                                 prompt="", result=result)
 
     @property
     def targets(self) -> list[RemoteNode]:
@@ -720,21 +729,38 @@ class FleetApi:
 
     async def _interrupt_record(self, rec: RunRecord) -> bool:
         """Interrupt a run this replica does not follow: a queued one ends here (compare-and-set on its
-        status: its owner then drops it), a placed one is interrupted on its node (its owner sees the end)."""
-        if rec.status in TERMINAL_STATUSES:
-            return False
-        if rec.status == "queued":
+        status: its owner then drops it), a placed one is interrupted on its node (its owner sees the end).
+
+        A run placed a moment ago may not be on its node yet (its StartRun is on the way: the node
+        answers not_found): the interrupt is tried again, the record read again each time (it may have
+        started, ended or moved), for at most INTERRUPT_WAIT_S."""
+        deadline, delay = time.monotonic() + INTERRUPT_WAIT_S, 0.02
+        while True:
+            if rec.status in TERMINAL_STATUSES:
+                return False
+            if rec.status == "queued":
+                try:
+                    await self._end_unplaced(rec, "was interrupted while queued", code="user_cancelled",
+                                             status=RunStatus.INTERRUPTED, expect_status="queued")
+                    return True
+                except LeaseLost:
+                    rec = await self._must_record(rec.run_id)  # placed meanwhile: interrupt it on its node
+                    if rec.status in TERMINAL_STATUSES:
+                        return False
+            handle = await self._node_of(rec)
             try:
-                await self._end_unplaced(rec, "was interrupted while queued", code="user_cancelled",
-                                         status=RunStatus.INTERRUPTED, expect_status="queued")
+                resp = await handle.api.interrupt_run(pb.InterruptRunRequest(run_id=rec.node_run_id or rec.run_id))
+                return resp.accepted
+            except RunNotFound:
+                if rec.status != "pending" or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+            local = self.session.get_run(rec.run_id)
+            if local is not None and not local.detaching:  # taken over here meanwhile
+                await self.session.interrupt(rec.run_id)
                 return True
-            except LeaseLost:
-                rec = await self._must_record(rec.run_id)  # placed meanwhile: interrupt it on its node
-                if rec.status in TERMINAL_STATUSES:
-                    return False
-        handle = await self._node_of(rec)
-        resp = await handle.api.interrupt_run(pb.InterruptRunRequest(run_id=rec.node_run_id or rec.run_id))
-        return resp.accepted
+            rec = await self._must_record(rec.run_id)
 
     async def _ended(self, run: Run, cursor: int) -> list[pb.EventBatch]:
         """An ended run's events after ``cursor``: from the registry's log (a gap is typed), else its tail."""

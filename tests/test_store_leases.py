@@ -128,6 +128,42 @@ async def test_expect_status_is_a_status_compare_and_set(store: RunStore) -> Non
 
 
 @ALL
+async def test_end_run_is_one_compare_and_set_with_its_final_events(store: RunStore) -> None:
+    """end_run() writes the ended fields and the end's chunk together, or nothing (audit 7a)."""
+    a = await leased(store, "R1", "replica-a", status=QUEUED)
+    await store.append_events("R1", 1, 2, b"ab", fence=a)
+    # A failed compare-and-set (status, lease) writes neither the fields nor the chunk.
+    with pytest.raises(LeaseLost, match="R1 is queued, not pending"):
+        await store.end_run("R1", 3, 4, b"end", fence=a, expect_status="pending", status="interrupted")
+    with pytest.raises(LeaseLost, match="lease"):
+        await store.end_run("R1", 3, 4, b"end", fence=Lease("replica-a", 9), expect_status=QUEUED,
+                            status="interrupted")
+    # An overlapping chunk is refused before the fields are written.
+    with pytest.raises(InvalidRecord, match="overlaps"):
+        await store.end_run("R1", 2, 4, b"end", fence=a, expect_status=QUEUED, status="interrupted")
+    with pytest.raises(RunNotFound):
+        await store.end_run("NOPE", 1, 1, b"x", status="failed")
+    with pytest.raises(InvalidRecord):
+        await store.end_run("R1", 3, 4, b"end", fence=a, status="bogus")
+    got = await store.get("R1")
+    assert got is not None and (got.status, got.last_seq, got.ended_at) == (QUEUED, 2, None)
+    assert [c[:2] for c in await store.events_after("R1", 0)] == [(1, 2)]
+    await store.end_run("R1", 3, 4, b"end", fence=a, expect_status=QUEUED, status="interrupted", ended_at=T0,
+                        prompt="", result={"status": "interrupted"})
+    got = await store.get("R1")
+    assert got is not None and (got.status, got.last_seq, got.ended_at, got.result) == (
+        "interrupted", 4, T0, {"status": "interrupted"})
+    assert [c[:2] for c in await store.events_after("R1", 2)] == [(3, 4)]
+    # Unfenced, no compare-and-set (a recovery's end); a chunk already held is not appended twice.
+    await store.create(record("R2"))
+    await store.append_events("R2", 1, 1, b"x")
+    await store.end_run("R2", 1, 1, b"x", status="failed", ended_at=T0)
+    got = await store.get("R2")
+    assert got is not None and (got.status, got.last_seq) == ("failed", 1)
+    assert len(await store.events_after("R2", 0)) == 1
+
+
+@ALL
 async def test_fenced_appends_and_batches(store: RunStore) -> None:
     a = await leased(store, "R1", "replica-a")
     await store.create(record("R2"))
@@ -629,6 +665,7 @@ async def test_every_sql_operation_reports_its_latency(backend_url: str) -> None
         assert lease is not None
         await sql.update("R1", fence=lease, node_seq=1)
         await sql.append_events("R1", 1, 1, b"x", fence=lease)
+        await sql.end_run("R1", 1, 1, b"x", fence=lease, node_seq=1)
         await sql.events_after("R1", 0)
         await sql.write_batch([UpdateOp("R1", {"node_seq": 2})])
         await sql.renew_leases("a", until=T0 + 2)

@@ -211,6 +211,15 @@ class RunStore(Protocol):
     async def in_flight(self) -> list[RunRecord]: ...
     async def append_events(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
                             fence: Lease | None = None) -> None: ...
+    async def end_run(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                      fence: Lease | None = None, expect_status: StatusFilter | None = None,
+                      **fields: Any) -> None:
+        """End a run in one transaction: update() its fields (the same ``fence`` and ``expect_status``
+        compare-and-set) and append its final chunk of events, both or neither: a reader that sees it
+        ended finds its end in the log, and a crash cannot leave one without the other. LeaseLost,
+        RunNotFound, InvalidRecord (an overlapping chunk too): nothing written. A chunk the log already
+        holds is not appended again (the fields are still written)."""
+        ...
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]: ...
     async def prune(self, ended_before: float, *, max_log_bytes: int | None = None) -> int:
         """Delete runs ended before ``ended_before`` (and their events); returns how many. Then, when
@@ -531,7 +540,7 @@ def lease_lost(run_id: str, fence: Lease | None, expect: tuple[str, ...] | None,
 #: The operation names a SQL store reports to its ``observe`` hook (a metric's bounded label set).
 STORE_OPS: tuple[str, ...] = (
     "open", "claim", "meta_get", "meta_set", "create", "get", "update", "list_runs", "in_flight",
-    "append_events", "events_after", "prune", "log_bytes", "write_batch", "take_lease", "renew_leases",
+    "append_events", "end_run", "events_after", "prune", "log_bytes", "write_batch", "take_lease", "renew_leases",
     "release_lease", "expired_leases", "heartbeat_replica", "remove_replica", "replicas", "queued",
     "queue_position", "queue_stats", "sessions", "put_endpoint_lease", "get_endpoint_lease",
     "delete_endpoint_lease", "expired_endpoint_leases",

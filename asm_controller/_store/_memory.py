@@ -317,6 +317,19 @@ class MemoryStore:
         self._held[run_id] = held
         row.update(last_seq=last_seq, first_held_seq=first_held, updated_at=time.time())
 
+    async def end_run(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                      fence: Lease | None = None, expect_status: StatusFilter | None = None,
+                      **fields: Any) -> None:
+        cols = check_update(fields)
+        check_chunk(run_id, first_seq, last_seq, data)
+        fenced, expect = check_expect(fence, expect_status)
+        # Every check before anything is written (no await in between: atomic).
+        row = self._row(run_id, fenced, expect)
+        if first_seq <= row["last_seq"] < last_seq:
+            raise overlap_error(run_id, first_seq, row["last_seq"])
+        self._append(run_id, first_seq, last_seq, bytes(data), fenced)
+        self._update(run_id, cols, fenced, expect)
+
     async def events_after(self, run_id: str, after_seq: int) -> list[tuple[int, int, bytes]]:
         check_text("run_id", run_id)
         check_seq("after_seq", after_seq)

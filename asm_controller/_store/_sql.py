@@ -642,6 +642,23 @@ class SqlStore:
             await self._sync_op(lambda conn: self._append_in(conn, run_id, first_seq, last_seq, chunk, fenced),
                                 write=True)
 
+    async def end_run(self, run_id: str, first_seq: int, last_seq: int, data: bytes, *,
+                      fence: Lease | None = None, expect_status: StatusFilter | None = None,
+                      **fields: Any) -> None:
+        cols = check_update(fields)
+        check_chunk(run_id, first_seq, last_seq, data)
+        fenced, expect = check_expect(fence, expect_status)
+        chunk = bytes(data)
+
+        def both(conn: sa.Connection) -> None:
+            # The compare-and-set first (its UPDATE keeps the row locked to the commit), then the append:
+            # either raising rolls the other back.
+            self._update_in(conn, run_id, cols, fenced, expect)
+            self._append_in(conn, run_id, first_seq, last_seq, chunk, fenced)
+
+        with self._translated("end_run"):
+            await self._sync_op(both, write=True)
+
     def _append_in(self, conn: sa.Connection, run_id: str, first_seq: int, last_seq: int,
                          data: bytes, fence: Lease | None = None, also: dict[str, Any] | None = None) -> None:
         """Append one chunk; ``also``: more (checked) columns for the run's row, written with it.
