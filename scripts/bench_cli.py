@@ -44,6 +44,45 @@ LINES_TARGET_S = 9.0
 ENCODER_TARGET_US = 3.0
 #: ``asm run --node`` on the Session path (``ASM_FAST_CLIENT=0``): the fast path's baseline.
 SESSION_PATH = 'asm run --node N (ASM_FAST_CLIENT=0)'
+TLS_FAST = 'asm run --node T --tls-ca CA "echo hi"'
+TLS_SESSION = 'asm run --node T --tls-ca CA (ASM_FAST_CLIENT=0)'
+
+
+def _serve_tls_node(workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """A node agent process serving TLS (a throwaway CA from trustme): its Popen, address and CA file.
+    Ready once a TLS connection and a Handshake succeed (the fast client, so the check needs no grpc)."""
+    import ssl
+
+    import trustme
+
+    from asm_cli._fastrpc._client import Channel, RpcError
+    from asm_node.testing import free_port
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {name: workdir / f"tls-{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "asm_cli", "node", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--tls-cert", str(paths["cert"]), "--tls-key", str(paths["key"])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(workdir),
+                            env={**env, "ASM_NODE_STATE_DIR": str(workdir / "tls-node-state")})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(paths["ca"]))
+    ctx.set_alpn_protocols(["h2"])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            Channel("127.0.0.1", port, ssl_context=ctx, connect_timeout=1).close()
+            return proc, f"127.0.0.1:{port}", paths["ca"]
+        except RpcError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError("the TLS node agent did not start") from None
+            time.sleep(0.1)
 
 
 @dataclass
@@ -194,6 +233,7 @@ async def run_cli(cfg: CliConfig, workdir: Path, say: Callable[[str], None]) -> 
     py = sys.executable
     lines_path = _write_lines(workdir / "lines.txt", cfg.lines)
     node = serve_node(workdir, env={"ASM_NODE_STATE_DIR": str(workdir / "node-state")})
+    tls_proc, tls_address, tls_ca = _serve_tls_node(workdir, env)
     out: dict[str, Any] = {"lines": cfg.lines, "runs": cfg.runs, "load": [os.getloadavg()[0]]}
     try:
         say(f"node agent pid {node.pid} on {node.address}")
@@ -206,9 +246,12 @@ async def run_cli(cfg: CliConfig, workdir: Path, say: Callable[[str], None]) -> 
             'asm run --node N "echo hi"': [*asm, "run", "--node", node.address, "--provider", "shell", "echo hi"],
             SESSION_PATH: [*asm, "run", "--node", node.address, "--provider", "shell", "echo hi"],
             'asm run "echo hi" (embedded)': [*asm, "run", "--provider", "shell", "echo hi"],
+            TLS_FAST: [*asm, "run", "--node", tls_address, "--tls-ca", str(tls_ca), "--provider", "shell", "echo hi"],
+            TLS_SESSION: [*asm, "run", "--node", tls_address, "--tls-ca", str(tls_ca), "--provider", "shell",
+                          "echo hi"],
         }
         # The Session path (grpc, asyncio) beside the fast one: the "before" of the same command.
-        envs = {SESSION_PATH: {**env, "ASM_FAST_CLIENT": "0"}}
+        envs = {SESSION_PATH: {**env, "ASM_FAST_CLIENT": "0"}, TLS_SESSION: {**env, "ASM_FAST_CLIENT": "0"}}
         walls: dict[str, list[float]] = {k: [] for k in starts}
         failures: dict[str, int] = {k: 0 for k in starts}
         for i in range(cfg.warmup + cfg.runs):  # interleaved: each round runs every command once
@@ -241,6 +284,12 @@ async def run_cli(cfg: CliConfig, workdir: Path, say: Callable[[str], None]) -> 
         out["load"].append(os.getloadavg()[0])
     finally:
         node.stop()
+        tls_proc.terminate()
+        try:
+            tls_proc.wait(15)
+        except subprocess.TimeoutExpired:
+            tls_proc.kill()
+            tls_proc.wait()
     return out
 
 
@@ -255,15 +304,19 @@ def report_cli(out: dict[str, Any]) -> None:
     start = out["start"]
     base = start["python -c pass"]["median"]
     print(f"\nCLI start, {out['runs']} interleaved rounds (wall of the whole process; bytecode cache warm)")
-    print(f"  {'command':37s} {'median':>10s} {'p90':>10s}  {'x python':>8s}  {'- python':>9s}")
+    print(f"  {'command':48s} {'median':>10s} {'p90':>10s}  {'x python':>8s}  {'- python':>9s}")
     for name, row in start.items():
         fail = f"  {row['failures']} FAILED" if row["failures"] else ""
-        print(f"  {name:37s} {_ms(row['median'])} {_ms(row['p90'])}  {row['median'] / base:7.2f}x "
+        print(f"  {name:48s} {_ms(row['median'])} {_ms(row['p90'])}  {row['median'] / base:7.2f}x "
               f"{_ms(row['median'] - base)}{fail}")
     if SESSION_PATH in start:
         fast, slow = start['asm run --node N "echo hi"']["median"], start[SESSION_PATH]["median"]
         print(f"  asm run --node: the fast path takes {fast / slow:.2f}x the Session path's wall ({_ms(fast)} vs "
               f"{_ms(slow).strip()})")
+    if TLS_FAST in start and TLS_SESSION in start:
+        fast, slow = start[TLS_FAST]["median"], start[TLS_SESSION]["median"]
+        print(f"  asm run --node over TLS: the fast path takes {fast / slow:.2f}x the Session path's wall "
+              f"({_ms(fast)} vs {_ms(slow).strip()})")
     remote = start['asm run --node N "echo hi"']["median"] * 1000
     embedded = start['asm run "echo hi" (embedded)']["median"] * 1000
     print(f"  target: asm run --node <= {START_TARGET_MS:g} ms median: {remote:.1f} ms "
