@@ -340,13 +340,19 @@ class NodeAgent:
             remove_run_files(command.run_files)
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
+        owner = current_principal().name
+        # Journaled before the Run exists and its CLI is spawned: a restart can never forget this id.
+        # An id the journal cannot record is refused (NodeNotReady, journal_unavailable): nothing runs.
+        try:
+            self.journal.started(req.run_id, owner, session_id, provider.name, time.time_ns())
+        except AsmError:
+            remove_run_files(command.run_files)
+            raise
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics,
                   self.replay_budget, deadlines)
-        run.owner = current_principal().name  # before the run's task first runs
+        run.owner = owner  # before the run's task first runs
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)
-        # Journaled before the CLI is spawned (the task has not run yet): a restart can never forget this id.
-        self.journal.started(req.run_id, run.owner, session_id, provider.name, run.started_ns)
         run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
         return run
 
