@@ -36,6 +36,7 @@ from asm_wire import (
     NodeAtCapacity,
     NodeNotReady,
     ProviderMissing,
+    ReplayGap,
     RunNotFound,
     RunStatus,
     __version__,
@@ -407,6 +408,10 @@ class NodeAgent:
         They carry the seqs the run's own last events had (run_completed was its last, ``last_seq``),
         so a follower's reducer ends with the journaled status and exit code, and one that already
         saw them gets nothing. ``metadata["origin"] = "node_journal"`` says they are a summary.
+        A follower that already saw some events (``after_seq > 0``) but not up to those kept gets
+        :class:`ReplayGap` naming the seqs in between, as a held run whose events are evicted
+        gives it: it is never handed the end over a silent hole. ``after_seq=0`` (a new caller,
+        which has seen nothing) gets the summary.
         """
         self.metrics.attaches.inc()
         events = []
@@ -421,6 +426,12 @@ class NodeAgent:
         events.append(pb.Event(kind=kind_value(EventKind.RUN_COMPLETED), run_completed=pb.RunCompleted(
             status=entry.status, exit_code=entry.exit_code, duration_ms=duration_ms)))
         first = entry.last_seq - len(events) + 1
+        kept = max(first, 1)
+        if 0 < after_seq and after_seq + 1 < kept:
+            self.metrics.overflows.labels("replay").inc()
+            raise ReplayGap(
+                f"events {after_seq + 1}..{kept - 1} of run {entry.run_id} are no longer held (the run ended "
+                f"and was evicted; the node's journal keeps its outcome only: events {kept}..{entry.last_seq})")
         batch = pb.EventBatch()
         for seq, ev in enumerate(events, start=first):
             if seq <= after_seq or seq < 1:
