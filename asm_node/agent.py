@@ -194,7 +194,7 @@ class NodeAgent:
 
     @property
     def retained_bytes(self) -> int:
-        """Event frame bytes held by retained finished runs (bounded by ``retention_max_bytes``)."""
+        """What retained finished runs hold: frame bytes plus FRAME_OVERHEAD each (``retention_max_bytes``)."""
         return self._retained_bytes
 
     def _base_env(self) -> dict[str, str]:
@@ -366,7 +366,7 @@ class NodeAgent:
         rid = run.spec.run_id
         if self._active.get(rid) is run:
             del self._active[rid]
-            nbytes = run.held_bytes
+            nbytes = run.held_cost  # what the held frames cost in memory, as every other bound counts
             self._finished[rid] = (run, nbytes)
             self._retained_bytes += nbytes
             self._evict()  # incremental: at most the runs now over a bound
