@@ -104,7 +104,8 @@ class NodeAgent:
         self.metrics.bind(self)
         # Opened here, not in start(): a state dir that cannot be used is a typed error before anything serves.
         self.journal = Journal(self.config.state_dir, self.boot_epoch, self.config.journal_max_age_s,
-                               on_failure=lambda op: self.metrics.journal_failures.labels(op).inc())
+                               on_failure=lambda op: self.metrics.journal_failures.labels(op).inc(),
+                               max_runs=self.config.journal_max_runs)
         if self.journal.lost_at_open:
             log.warning("run journal: %d run(s) were running when the previous agent stopped; they are lost",
                         self.journal.lost_at_open)

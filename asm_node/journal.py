@@ -44,6 +44,8 @@ LOCK_FILE = "journal.lock"
 SCHEMA_VERSION = 2
 #: The first terminal error of a run is kept, cut to this many characters.
 MAX_ERROR_CHARS = 2000
+#: At most this many ended runs are kept (NodeConfig.journal_max_runs; the oldest ended are forgotten first).
+DEFAULT_MAX_RUNS = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -101,9 +103,12 @@ class Journal:
     """The run journal of one node agent (one process per state dir: it is locked)."""
 
     def __init__(self, state_dir: Path | None, epoch: str, max_age_s: float,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None, max_runs: int = DEFAULT_MAX_RUNS) -> None:
         self.epoch = epoch
         self.max_age_s = max_age_s
+        self.max_runs = max(1, max_runs)
+        #: Runs ended since the last prune: the cap is also enforced every tenth of it ended (amortised).
+        self._since_prune = 0
         self.path = state_dir / JOURNAL_FILE if state_dir is not None else None
         self._on_failure = on_failure
         self._lock_fd: int | None = None
@@ -211,11 +216,27 @@ class Journal:
                     "error_message=?, error_reason=? WHERE run_id=?",
                     (status, exit_code, last_seq, finished_ns, kind, domain, message[:MAX_ERROR_CHARS],
                      reason[:MAX_ERROR_CHARS], run_id))
+        self._since_prune += 1
+        if self._since_prune >= max(1, self.max_runs // 10):  # the row cap holds between periodic prunes too
+            self.prune()
 
     def prune(self) -> int:
-        """Forget ended runs that ended more than ``max_age_s`` ago; the number forgotten."""
+        """Forget ended runs that ended more than ``max_age_s`` ago, then the oldest ended runs past
+        ``max_runs``; the number forgotten. Running rows are never pruned (that id would run again)."""
+        self._since_prune = 0
         cutoff = time.time_ns() - int(self.max_age_s * 1e9)
-        return self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<?", (cutoff,))
+        n = self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<?", (cutoff,))
+        # The ended row just past the cap, newest first (a walk of the finished_ns index): it and all
+        # older ended rows go.
+        try:
+            row = self._db.execute("SELECT finished_ns FROM runs WHERE status<>'running' "
+                                   "ORDER BY finished_ns DESC LIMIT 1 OFFSET ?", (self.max_runs,)).fetchone()
+        except sqlite3.Error as exc:
+            self._failed("write", "pruning", exc)
+            return n
+        if row is not None:
+            n += self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<=?", (row[0],))
+        return n
 
     # -- reads --------------------------------------------------------------------------
 
