@@ -36,6 +36,7 @@ from asm_wire import (
     NodeAtCapacity,
     NodeNotReady,
     ProviderMissing,
+    ReplayGap,
     RunNotFound,
     RunStatus,
     __version__,
@@ -103,7 +104,8 @@ class NodeAgent:
         self.metrics.bind(self)
         # Opened here, not in start(): a state dir that cannot be used is a typed error before anything serves.
         self.journal = Journal(self.config.state_dir, self.boot_epoch, self.config.journal_max_age_s,
-                               on_failure=lambda op: self.metrics.journal_failures.labels(op).inc())
+                               on_failure=lambda op: self.metrics.journal_failures.labels(op).inc(),
+                               max_runs=self.config.journal_max_runs)
         if self.journal.lost_at_open:
             log.warning("run journal: %d run(s) were running when the previous agent stopped; they are lost",
                         self.journal.lost_at_open)
@@ -193,7 +195,7 @@ class NodeAgent:
 
     @property
     def retained_bytes(self) -> int:
-        """Event frame bytes held by retained finished runs (bounded by ``retention_max_bytes``)."""
+        """What retained finished runs hold: frame bytes plus FRAME_OVERHEAD each (``retention_max_bytes``)."""
         return self._retained_bytes
 
     def _base_env(self) -> dict[str, str]:
@@ -340,13 +342,19 @@ class NodeAgent:
             remove_run_files(command.run_files)
             raise ConfigError("the prompt or options contain a NUL byte, which no command line can carry",
                               reason="nul_byte")
+        owner = current_principal().name
+        # Journaled before the Run exists and its CLI is spawned: a restart can never forget this id.
+        # An id the journal cannot record is refused (NodeNotReady, journal_unavailable): nothing runs.
+        try:
+            self.journal.started(req.run_id, owner, session_id, provider.name, time.time_ns())
+        except AsmError:
+            remove_run_files(command.run_files)
+            raise
         run = Run(spec, command, provider.new_parser(spec), self.config, self._reaper, self._run_finished, self.metrics,
                   self.replay_budget, deadlines)
-        run.owner = current_principal().name  # before the run's task first runs
+        run.owner = owner  # before the run's task first runs
         self.metrics.runs_started.labels(provider.name).inc()
         self._register(run)
-        # Journaled before the CLI is spawned (the task has not run yet): a restart can never forget this id.
-        self.journal.started(req.run_id, run.owner, session_id, provider.name, run.started_ns)
         run.task = asyncio.create_task(run.main(), name=f"run-{req.run_id}")
         return run
 
@@ -359,7 +367,7 @@ class NodeAgent:
         rid = run.spec.run_id
         if self._active.get(rid) is run:
             del self._active[rid]
-            nbytes = run.held_bytes
+            nbytes = run.held_cost  # what the held frames cost in memory, as every other bound counts
             self._finished[rid] = (run, nbytes)
             self._retained_bytes += nbytes
             self._evict()  # incremental: at most the runs now over a bound
@@ -401,6 +409,10 @@ class NodeAgent:
         They carry the seqs the run's own last events had (run_completed was its last, ``last_seq``),
         so a follower's reducer ends with the journaled status and exit code, and one that already
         saw them gets nothing. ``metadata["origin"] = "node_journal"`` says they are a summary.
+        A follower that already saw some events (``after_seq > 0``) but not up to those kept gets
+        :class:`ReplayGap` naming the seqs in between, as a held run whose events are evicted
+        gives it: it is never handed the end over a silent hole. ``after_seq=0`` (a new caller,
+        which has seen nothing) gets the summary.
         """
         self.metrics.attaches.inc()
         events = []
@@ -415,6 +427,12 @@ class NodeAgent:
         events.append(pb.Event(kind=kind_value(EventKind.RUN_COMPLETED), run_completed=pb.RunCompleted(
             status=entry.status, exit_code=entry.exit_code, duration_ms=duration_ms)))
         first = entry.last_seq - len(events) + 1
+        kept = max(first, 1)
+        if 0 < after_seq and after_seq + 1 < kept:
+            self.metrics.overflows.labels("replay").inc()
+            raise ReplayGap(
+                f"events {after_seq + 1}..{kept - 1} of run {entry.run_id} are no longer held (the run ended "
+                f"and was evicted; the node's journal keeps its outcome only: events {kept}..{entry.last_seq})")
         batch = pb.EventBatch()
         for seq, ev in enumerate(events, start=first):
             if seq <= after_seq or seq < 1:

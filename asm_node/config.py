@@ -89,6 +89,9 @@ class NodeConfig(BaseSettings):
     state_dir: Path | None = None
     #: Journal entries of ended runs are forgotten this long after they ended (at start and periodically).
     journal_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: ... and past this many ended runs the oldest ended ones are forgotten (asm_node.journal.DEFAULT_MAX_RUNS):
+    #: an id forgotten by the node could run again there (the controller's registry still refuses a known id).
+    journal_max_runs: int = Field(default=1_000_000, ge=1)
     #: A running run with no subscriber is interrupted after this long.
     detach_grace_s: float = Field(default=60.0, ge=0)
     #: Interrupt escalation: SIGINT, wait, SIGTERM, wait, SIGKILL.

@@ -8,10 +8,15 @@ never a second execution.
 
 One small table in WAL mode with ``synchronous=NORMAL``: a commit is a write to
 the WAL without fsync (durable against a crash of the agent, not of the host's
-power), tens of microseconds, so it is done inline on the event loop. A write
-that fails after the journal was opened is logged at ERROR and counted
-(``asm_node_journal_failures{op}``); the run goes on. A journal that cannot
-be opened is a :class:`ConfigError` at start-up (``reason=journal_unusable``).
+power), tens of microseconds, so it is done inline on the event loop. Every
+failure after the journal was opened is logged at ERROR and counted
+(``asm_node_journal_failures{op}``). The admission write and the reads fail
+closed: they raise :class:`NodeNotReady` (``reason=journal_unavailable``) and
+the StartRun is refused before anything is spawned, since a run id the journal
+did not record (or could not look up) might later run a second time. A failed
+end write is only logged: the run already ran, and its id is then ``run_lost``.
+A journal that cannot be opened is a :class:`ConfigError` at start-up
+(``reason=journal_unusable``).
 
 ``path=None`` keeps the journal in memory (library ``NodeAgent()`` and the
 embedded node of ``asm run``): same behaviour within one process, nothing kept.
@@ -29,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asm_wire import ConfigError
+from asm_wire import ConfigError, NodeNotReady
 
 log = logging.getLogger("asm_node.journal")
 
@@ -39,6 +44,8 @@ LOCK_FILE = "journal.lock"
 SCHEMA_VERSION = 2
 #: The first terminal error of a run is kept, cut to this many characters.
 MAX_ERROR_CHARS = 2000
+#: At most this many ended runs are kept (NodeConfig.journal_max_runs; the oldest ended are forgotten first).
+DEFAULT_MAX_RUNS = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -96,9 +103,12 @@ class Journal:
     """The run journal of one node agent (one process per state dir: it is locked)."""
 
     def __init__(self, state_dir: Path | None, epoch: str, max_age_s: float,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None, max_runs: int = DEFAULT_MAX_RUNS) -> None:
         self.epoch = epoch
         self.max_age_s = max_age_s
+        self.max_runs = max(1, max_runs)
+        #: Runs ended since the last prune: the cap is also enforced every tenth of it ended (amortised).
+        self._since_prune = 0
         self.path = state_dir / JOURNAL_FILE if state_dir is not None else None
         self._on_failure = on_failure
         self._lock_fd: int | None = None
@@ -163,23 +173,39 @@ class Journal:
             self._db.close()
         self._unlock()
 
-    # -- writes (never raise: a failure is logged and counted, the run goes on) --------
+    def _failed(self, op: str, what: str, exc: sqlite3.Error) -> None:
+        log.error("run journal %s: %s failed: %s", self.path or ":memory:", what, exc)
+        if self._on_failure is not None:
+            self._on_failure(op)
+
+    def _unavailable(self, what: str, exc: sqlite3.Error) -> NodeNotReady:
+        return NodeNotReady(f"this node's run journal cannot be used ({what}: {exc}); it starts no run it cannot "
+                            "record (try another node, or later)", reason="journal_unavailable")
+
+    # -- writes (an end or a prune that fails is logged and counted; the admission raises) --------
 
     def _write(self, what: str, sql: str, params: tuple[object, ...]) -> int:
         try:
             return self._db.execute(sql, params).rowcount
         except sqlite3.Error as exc:
-            log.error("run journal %s: %s failed: %s", self.path or ":memory:", what, exc)
-            if self._on_failure is not None:
-                self._on_failure("write")
+            self._failed("write", what, exc)
             return 0
 
     def started(self, run_id: str, owner: str, session_id: str, provider: str, started_ns: int) -> None:
-        """A run was admitted (called before its CLI is spawned)."""
-        self._write(f"recording run {run_id}",
-                    "INSERT OR REPLACE INTO runs (run_id, owner, session_id, provider, started_ns, epoch, status) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 'running')",
-                    (run_id, owner, session_id, provider, started_ns, self.epoch))
+        """A run is admitted (called before its CLI is spawned, before its Run exists).
+
+        Raises :class:`NodeNotReady` (``journal_unavailable``) when it cannot be recorded, and when
+        the id is already journaled (a plain INSERT: an old row is never overwritten): the caller
+        must then not run it.
+        """
+        what = f"recording run {run_id}"
+        try:
+            self._db.execute("INSERT INTO runs (run_id, owner, session_id, provider, started_ns, epoch, status) "
+                             "VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                             (run_id, owner, session_id, provider, started_ns, self.epoch))
+        except sqlite3.Error as exc:
+            self._failed("write", what, exc)
+            raise self._unavailable(what, exc) from None
 
     def finished(self, run_id: str, status: str, exit_code: int, last_seq: int, finished_ns: int,
                  error: tuple[str, str, str, str] | None) -> None:
@@ -190,24 +216,44 @@ class Journal:
                     "error_message=?, error_reason=? WHERE run_id=?",
                     (status, exit_code, last_seq, finished_ns, kind, domain, message[:MAX_ERROR_CHARS],
                      reason[:MAX_ERROR_CHARS], run_id))
+        self._since_prune += 1
+        if self._since_prune >= max(1, self.max_runs // 10):  # the row cap holds between periodic prunes too
+            self.prune()
 
     def prune(self) -> int:
-        """Forget ended runs that ended more than ``max_age_s`` ago; the number forgotten."""
+        """Forget ended runs that ended more than ``max_age_s`` ago, then the oldest ended runs past
+        ``max_runs``; the number forgotten. Running rows are never pruned (that id would run again)."""
+        self._since_prune = 0
         cutoff = time.time_ns() - int(self.max_age_s * 1e9)
-        return self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<?", (cutoff,))
+        n = self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<?", (cutoff,))
+        # The ended row just past the cap, newest first (a walk of the finished_ns index): it and all
+        # older ended rows go.
+        try:
+            row = self._db.execute("SELECT finished_ns FROM runs WHERE status<>'running' "
+                                   "ORDER BY finished_ns DESC LIMIT 1 OFFSET ?", (self.max_runs,)).fetchone()
+        except sqlite3.Error as exc:
+            self._failed("write", "pruning", exc)
+            return n
+        if row is not None:
+            n += self._write("pruning", "DELETE FROM runs WHERE status<>'running' AND finished_ns<=?", (row[0],))
+        return n
 
     # -- reads --------------------------------------------------------------------------
 
     def get(self, run_id: str) -> JournalEntry | None:
+        """The entry of ``run_id``, None when it is not journaled.
+
+        A failed read raises :class:`NodeNotReady` (``journal_unavailable``): it is never taken
+        for "unknown id" (which would let a known id run again).
+        """
+        what = f"reading run {run_id}"
         try:
             row = self._db.execute(
                 "SELECT run_id, owner, session_id, provider, started_ns, epoch, status, exit_code, last_seq, "
                 "finished_ns, error_kind, error_domain, error_message, error_reason FROM runs WHERE run_id=?", (run_id,)).fetchone()
         except sqlite3.Error as exc:
-            log.error("run journal %s: reading run %s failed: %s", self.path or ":memory:", run_id, exc)
-            if self._on_failure is not None:
-                self._on_failure("read")
-            return None
+            self._failed("read", what, exc)
+            raise self._unavailable(what, exc) from None
         return JournalEntry(*row) if row else None
 
     def mark_lost(self, run_id: str) -> None:

@@ -116,6 +116,7 @@ _TABLE_TEXT: Final = """\
     ├ NodeVersionMismatch    connection_failed  transport  version_mismatch     UNAVAILABLE
     ├ NodeCapabilityMismatch connection_failed  transport  capability_mismatch  UNAVAILABLE
     ├ NodeNotReady           connection_failed  transport  not_ready            UNAVAILABLE
+    ├ NodeNotReady           connection_failed  transport  journal_unavailable  UNAVAILABLE
     ├ ProviderMissing        cli_not_found      provider   provider_missing     FAILED_PRECONDITION
     ├ CwdNotAllowed          config_invalid     config     cwd_not_allowed      PERMISSION_DENIED
     └ NodeAtCapacity         at_capacity        runtime    at_capacity          RESOURCE_EXHAUSTED

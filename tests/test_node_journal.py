@@ -24,7 +24,7 @@ import pytest
 
 from asm_controller import EmbeddedNode, GrpcNodeClient, RemoteNode, Session
 from asm_node import NodeAgent
-from asm_wire import AsmError, PermissionDenied, pb
+from asm_wire import AsmError, NodeNotReady, PermissionDenied, pb
 from tests.support.processes import PYTHON_BASENAME, ROOT, NodeProcess, node_config, pid_alive, wait_until
 
 pytestmark = pytest.mark.slow  # node processes restarted against their journals
@@ -257,7 +257,8 @@ async def _events(stream: AsyncIterator[pb.EventBatch]) -> list[pb.Event]:
 
 
 async def test_in_memory_journal_and_write_failures(tmp_path: Path) -> None:
-    """NodeAgent() keeps its journal in memory; a failing journal write is counted and the run goes on."""
+    """NodeAgent() keeps its journal in memory; a failing end write is counted and the run goes on,
+    a failing admission write refuses the run (nothing runs)."""
     marker = tmp_path / "marker.txt"
     agent = NodeAgent(node_config(retention_max_runs=0))
     assert agent.journal.path is None
@@ -285,11 +286,13 @@ async def test_in_memory_journal_and_write_failures(tmp_path: Path) -> None:
         assert lines(marker) == 2
         agent.journal._db.execute("PRAGMA query_only=0")
         before = failures._value.get()
-        agent.journal._db.close()  # every journal write fails from now on
+        agent.journal._db.execute("PRAGMA query_only=1")  # the admission cannot be recorded
         other = pb.StartRunRequest(run_id="jr-mem-2", provider="shell", prompt=counting(marker))
-        events = [ev async for b in agent.start_run(other) for ev in b.events]
-        assert events[-1].run_completed.status == "completed" and lines(marker) == 3
-        assert failures._value.get() == before + 2  # the admission and the end
+        with pytest.raises(NodeNotReady) as refused:
+            await _events(agent.start_run(other))
+        assert refused.value.reason == "journal_unavailable" and lines(marker) == 2  # never run
+        assert failures._value.get() == before + 1
+        agent.journal._db.execute("PRAGMA query_only=0")
     finally:
         await agent.stop()
 

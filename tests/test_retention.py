@@ -122,7 +122,7 @@ async def test_byte_bound_counts_held_frames_and_evicts_oldest() -> None:
     big = _finished(agent, "big-0", payload=40_000)
     assert 40_000 < big.held_bytes < 41_000
     _finished(agent, "big-1", payload=40_000)
-    assert agent.retained_bytes == big.held_bytes * 2
+    assert agent.retained_bytes == big.held_cost * 2
     _finished(agent, "big-2", payload=40_000)  # 120 kB held: the oldest goes
     assert sorted(agent.runs) == ["big-1", "big-2"]
     assert agent.retained_bytes <= 100_000

@@ -18,7 +18,7 @@ _NODE_SERVE_FIELDS = {
     "shell_max_prompt_bytes": "shell_max_prompt_bytes", "env_allow": "env_allow",
     "allow_run_option": "allow_run_options", "detach_grace": "detach_grace_s", "retention_seconds": "retention_s",
     "retention_runs": "retention_max_runs", "retention_bytes": "retention_max_bytes",
-    "journal_max_age": "journal_max_age_s", "backlog_bytes": "backlog_max_bytes",
+    "journal_max_age": "journal_max_age_s", "journal_max_runs": "journal_max_runs", "backlog_bytes": "backlog_max_bytes",
     "replay_bytes": "replay_max_bytes_per_run", "replay_node_bytes": "replay_max_bytes_per_node",
     "line_cap": "line_cap_bytes", "metrics_listen": "metrics_listen", "metrics_insecure": "metrics_insecure",
 }
@@ -110,6 +110,8 @@ def add_parser(sub: Subcommands) -> None:
                         "~/.local/state/asm/node); one node agent per directory")
     s.add_argument("--journal-max-age", type=float, metavar="S",
                    help="forget journaled runs this many seconds after they ended (default 604800: 7 days)")
+    s.add_argument("--journal-max-runs", type=int, metavar="N",
+                   help="journal at most N ended runs; the oldest ended are forgotten first (default 1000000)")
     s.add_argument("--backlog-bytes", type=int, metavar="B",
                    help="stop reading a CLI's stdout while its attached client is this far behind "
                         "(default 33554432)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,9 +483,12 @@ class CodexProvider(CliProvider):
         if opts.skip_git_repo_check:
             argv.append("--skip-git-repo-check")
         if opts.output_schema is not None:
-            # codex takes a file path here (ASM's core passed inline JSON, which codex rejects).
-            schema_dir = Path(spec.env.get("TMPDIR") or "/tmp") / f"asm-{spec.run_id}"
-            schema_dir.mkdir(parents=True, exist_ok=True)
+            # codex takes a file path here (ASM's core passed inline JSON, which codex rejects). A
+            # private directory (mkdtemp: 0700, a name nobody can guess and plant a link or dir at
+            # first); remove_run_files removes it at the run's end (its name starts with "asm-").
+            base = Path(spec.env.get("TMPDIR") or "/tmp")
+            base.mkdir(parents=True, exist_ok=True)
+            schema_dir = Path(tempfile.mkdtemp(prefix=f"asm-{spec.run_id}-", dir=base))
             schema = schema_dir / "output-schema.json"
             schema.write_text(json.dumps(opts.output_schema))
             spec.files.append(str(schema))
