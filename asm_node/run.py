@@ -69,8 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("asm_node.run")
 
 # The event log's names stay importable from here (they lived in this module).
-__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "Deadlines", "ReplayBudget",
-           "Run", "options_from_json", "run_deadlines"]
+__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "MAX_INPUT_BACKLOG_BYTES",
+           "MAX_INPUT_BYTES", "Deadlines", "ReplayBudget", "Run", "options_from_json", "run_deadlines"]
 
 #: Lines parsed into events per step: one 256 KiB read of tiny lines is ~128k lines, and their
 #: Event objects all alive at once cost ~100 MB of transient RSS; slices keep that small.
@@ -84,6 +84,10 @@ _DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 RUN_TIMEOUT, IDLE_TIMEOUT, COMMAND_TIMEOUT = "run_timeout", "idle_timeout", "command_timeout"
 #: The reason of the ``approval_denied`` warning of an approval nobody answered in time.
 APPROVAL_TIMEOUT = "approval_timeout"
+#: The most one SendInput may carry (``input_too_large`` past it): steering text, not a file transfer.
+MAX_INPUT_BYTES = 1 << 20
+#: The most input written to a CLI's stdin and not yet read by it (``input_backlog`` past it).
+MAX_INPUT_BACKLOG_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,8 @@ class Run:
         self._exited = False
         #: What broke the node's supervision of the run (the run's final runtime error), if anything did.
         self._supervision_error = ""
+        #: One SendInput at a time writes to the CLI's stdin (its buffer is checked against the cap first).
+        self._input_lock = asyncio.Lock()
         #: The run's first failing error event (code, domain, message, reason), kept for the node's run journal.
         self.first_error: tuple[str, str, str, str] | None = None
 
@@ -428,26 +434,40 @@ class Run:
         """Deliver a client's input to the CLI (steering a Claude run: a user message mid-run).
 
         The parser frames it (input_message); once the run's last turn ended, stdin is closed and
-        the input is refused as run_not_running rather than written to a CLI that will not read it."""
-        proc = self._proc
+        the input is refused as run_not_running rather than written to a CLI that will not read it.
+        One input is at most MAX_INPUT_BYTES (``input_too_large``); calls write one at a time, and one
+        that would take what the CLI has yet to read past MAX_INPUT_BACKLOG_BYTES is refused
+        (``input_backlog``, RESOURCE_EXHAUSTED): a call cancelled in its drain leaves its bytes queued,
+        so without the cap a CLI that does not read would grow the node's buffer without limit."""
         if not self.command.stdin or self.command.close_stdin_after_data:
             raise ConfigError(f"run {self.spec.run_id} does not accept input: provider {self.spec.provider} takes "
                               "no input while it runs (steering is for Claude runs, through stream-json input, "
                               "unless started with steering=false)",
                               reason="input_not_supported")
-        if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
-            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
-                             reason="run_not_running")
-        payload = self.parser.input_message(data) if data else b""
-        try:
-            if payload:
-                proc.stdin.write(payload)
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):  # the CLI closed its stdin: it takes no more input
-            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} no longer reads input",
-                             reason="run_not_running") from None
-        if end:
-            proc.stdin.close()
+        if len(data) > MAX_INPUT_BYTES:
+            raise ConfigError(f"input of {len(data)} bytes for run {self.spec.run_id} is over the node's limit of "
+                              f"{MAX_INPUT_BYTES} bytes per SendInput", reason="input_too_large")
+        async with self._input_lock:
+            proc = self._proc
+            if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
+                raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
+                                 reason="run_not_running")
+            payload = self.parser.input_message(data) if data else b""
+            queued = proc.stdin.transport.get_write_buffer_size()
+            if payload and queued + len(payload) > MAX_INPUT_BACKLOG_BYTES:
+                raise make_error("at_capacity", "runtime",
+                                 f"run {self.spec.run_id}'s CLI has not read {queued} bytes of earlier input: this "
+                                 f"input of {len(payload)} bytes would take the queue past {MAX_INPUT_BACKLOG_BYTES} "
+                                 "bytes; retry once the CLI reads its input", reason="input_backlog")
+            try:
+                if payload:
+                    proc.stdin.write(payload)
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):  # the CLI closed its stdin: it takes no more input
+                raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} no longer reads input",
+                                 reason="run_not_running") from None
+            if end:
+                proc.stdin.close()
 
     def info(self) -> pb.RunInfo:
         return pb.RunInfo(
