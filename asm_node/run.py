@@ -387,6 +387,11 @@ class Run:
         loop = asyncio.get_running_loop()
         self.active_mono = time.monotonic()
         self._approval_subjects[approval_id] = subject
+        earlier = self._approvals.get(approval_id)
+        if earlier is not None:
+            # The CLI asked again for an approval still pending (the same id): one request, answered once,
+            # and its timeout counts from the latest ask (the earlier timer would deny it early).
+            earlier.cancel()
         self._approvals[approval_id] = loop.call_later(
             self.deadlines.approval_ms / 1000, self._approval_expired, approval_id)
 
