@@ -177,3 +177,21 @@ async def test_an_interrupt_after_the_cli_exited_is_not_accepted(monkeypatch: py
     finally:
         release.set()
         await node.stop()
+
+
+async def test_an_interrupt_after_the_last_turn_ended_is_not_accepted() -> None:
+    script = "import json, time\nprint(json.dumps({'result': [1, 1]}), flush=True)\ntime.sleep(60)\n"
+    node = NodeAgent(test_config(), providers={"scripted": ScriptedProvider(script=script)})
+    await node.start()
+    try:
+        frames = node.start_run(pb.StartRunRequest(run_id="r-turn", provider="scripted", prompt="p"))
+        events: list[pb.Event] = []
+        while not any(e.HasField("result") for e in events):
+            events.extend((await asyncio.wait_for(frames.__anext__(), 30)).events)
+        response = await node.interrupt_run(pb.InterruptRunRequest(run_id="r-turn"))
+        async for batch in frames:
+            events.extend(batch.events)
+        assert not response.accepted  # the result stands; the lingering CLI is stopped after exit_grace_s
+        assert events[-1].run_completed.status == "completed"
+    finally:
+        await node.stop()
