@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 from asm_node._encode import delta_events
 from asm_node.config import MAX_APPROVAL_TIMEOUT_MS, MAX_DEADLINE_MS
 from asm_node.eventlog import FRAME_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, EventLog, ReplayBudget
-from asm_node.process import LineReader, Reaper, group_alive, leader_exited, pump, spawn_run, terminate_group
+from asm_node.process import (
+    LineReader,
+    Reaper,
+    group_alive,
+    leader_exited,
+    pump,
+    signal_group,
+    spawn_run,
+    terminate_group,
+)
 from asm_node.providers.base import (
     RUN_OPTIONS,
     CommandSpec,
@@ -60,8 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("asm_node.run")
 
 # The event log's names stay importable from here (they lived in this module).
-__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "Deadlines", "ReplayBudget",
-           "Run", "options_from_json", "run_deadlines"]
+__all__ = ["FRAME_OVERHEAD", "LINES_PER_EMIT", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "MAX_INPUT_BACKLOG_BYTES",
+           "MAX_INPUT_BYTES", "Deadlines", "ReplayBudget", "Run", "options_from_json", "run_deadlines"]
 
 #: Lines parsed into events per step: one 256 KiB read of tiny lines is ~128k lines, and their
 #: Event objects all alive at once cost ~100 MB of transient RSS; slices keep that small.
@@ -75,6 +84,10 @@ _DELTA = kind_value(EventKind.ASSISTANT_DELTA)
 RUN_TIMEOUT, IDLE_TIMEOUT, COMMAND_TIMEOUT = "run_timeout", "idle_timeout", "command_timeout"
 #: The reason of the ``approval_denied`` warning of an approval nobody answered in time.
 APPROVAL_TIMEOUT = "approval_timeout"
+#: The most one SendInput may carry (``input_too_large`` past it): steering text, not a file transfer.
+MAX_INPUT_BYTES = 1 << 20
+#: The most input written to a CLI's stdin and not yet read by it (``input_backlog`` past it).
+MAX_INPUT_BACKLOG_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,12 @@ class Run:
         self._stderr_sent = 0
         self._stderr_capped = False
         self.task: asyncio.Task[None] | None = None
+        #: The CLI's leader has exited: the run is ending on its own (an InterruptRun is not accepted).
+        self._exited = False
+        #: What broke the node's supervision of the run (the run's final runtime error), if anything did.
+        self._supervision_error = ""
+        #: One SendInput at a time writes to the CLI's stdin (its buffer is checked against the cap first).
+        self._input_lock = asyncio.Lock()
         #: The run's first failing error event (code, domain, message, reason), kept for the node's run journal.
         self.first_error: tuple[str, str, str, str] | None = None
 
@@ -302,8 +321,13 @@ class Run:
         return self._stop(kind, message, "", "interrupted")
 
     def _stop(self, kind: str, message: str, reason: str, approval_reason: str) -> bool:
+        """Interrupt the run; False when it is over or ending on its own (its CLI has exited, or its last turn
+        ended): then nothing is stopped and the run's own end stands (an interrupt would be a lie)."""
         if self.done or self._interrupt.is_set():
             return not self.done
+        if self._exited or self.parser.terminal:
+            self.log.stop_pacing()  # as an interrupt would: what is left is read without waiting for followers
+            return False
         self._interrupt_kind, self._interrupt_message, self._interrupt_reason = kind, message, reason
         self._interrupt.set()
         self.log.stop_pacing()
@@ -363,6 +387,11 @@ class Run:
         loop = asyncio.get_running_loop()
         self.active_mono = time.monotonic()
         self._approval_subjects[approval_id] = subject
+        earlier = self._approvals.get(approval_id)
+        if earlier is not None:
+            # The CLI asked again for an approval still pending (the same id): one request, answered once,
+            # and its timeout counts from the latest ask (the earlier timer would deny it early).
+            earlier.cancel()
         self._approvals[approval_id] = loop.call_later(
             self.deadlines.approval_ms / 1000, self._approval_expired, approval_id)
 
@@ -410,26 +439,40 @@ class Run:
         """Deliver a client's input to the CLI (steering a Claude run: a user message mid-run).
 
         The parser frames it (input_message); once the run's last turn ended, stdin is closed and
-        the input is refused as run_not_running rather than written to a CLI that will not read it."""
-        proc = self._proc
+        the input is refused as run_not_running rather than written to a CLI that will not read it.
+        One input is at most MAX_INPUT_BYTES (``input_too_large``); calls write one at a time, and one
+        that would take what the CLI has yet to read past MAX_INPUT_BACKLOG_BYTES is refused
+        (``input_backlog``, RESOURCE_EXHAUSTED): a call cancelled in its drain leaves its bytes queued,
+        so without the cap a CLI that does not read would grow the node's buffer without limit."""
         if not self.command.stdin or self.command.close_stdin_after_data:
             raise ConfigError(f"run {self.spec.run_id} does not accept input: provider {self.spec.provider} takes "
                               "no input while it runs (steering is for Claude runs, through stream-json input, "
                               "unless started with steering=false)",
                               reason="input_not_supported")
-        if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
-            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
-                             reason="run_not_running")
-        payload = self.parser.input_message(data) if data else b""
-        try:
-            if payload:
-                proc.stdin.write(payload)
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):  # the CLI closed its stdin: it takes no more input
-            raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} no longer reads input",
-                             reason="run_not_running") from None
-        if end:
-            proc.stdin.close()
+        if len(data) > MAX_INPUT_BYTES:
+            raise ConfigError(f"input of {len(data)} bytes for run {self.spec.run_id} is over the node's limit of "
+                              f"{MAX_INPUT_BYTES} bytes per SendInput", reason="input_too_large")
+        async with self._input_lock:
+            proc = self._proc
+            if proc is None or proc.stdin is None or self.done or proc.stdin.is_closing() or self.parser.terminal:
+                raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} is not running",
+                                 reason="run_not_running")
+            payload = self.parser.input_message(data) if data else b""
+            queued = proc.stdin.transport.get_write_buffer_size()
+            if payload and queued + len(payload) > MAX_INPUT_BACKLOG_BYTES:
+                raise make_error("at_capacity", "runtime",
+                                 f"run {self.spec.run_id}'s CLI has not read {queued} bytes of earlier input: this "
+                                 f"input of {len(payload)} bytes would take the queue past {MAX_INPUT_BACKLOG_BYTES} "
+                                 "bytes; retry once the CLI reads its input", reason="input_backlog")
+            try:
+                if payload:
+                    proc.stdin.write(payload)
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):  # the CLI closed its stdin: it takes no more input
+                raise make_error("config_invalid", "runtime", f"run {self.spec.run_id} no longer reads input",
+                                 reason="run_not_running") from None
+            if end:
+                proc.stdin.close()
 
     def info(self) -> pb.RunInfo:
         return pb.RunInfo(
@@ -558,13 +601,56 @@ class Run:
         self._on_finished(self)
 
     async def main(self) -> None:
+        """Run the CLI; whatever happens (the agent cancelling the task, a bug), the run ends here: its
+        followers get ``run_completed``, its log closes and it leaves the agent's active runs."""
         try:
             await self._main()
+        except asyncio.CancelledError:
+            self._end_unfinished("interrupted")
+            raise
+        except Exception as exc:  # a bug in supervision, not the CLI's failure: logged, and the run still ends
+            log.exception("run %s: supervision failed", self.spec.run_id)
+            self._supervision_error = self._supervision_error or f"{type(exc).__name__}: {exc}"
+            self._end_unfinished("error")
         finally:
+            self._end_unfinished("error")  # a path that left without finishing (none is known): still ended
             remove_run_files(self.command.run_files)  # an MCP config with credentials, a schema: the run's only
+
+    def _end_unfinished(self, end: str) -> None:
+        """Finish a run nothing else finished; if even that fails, close its log and let the agent forget it."""
+        if self.done:
+            return
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            signal_group(proc.pid, signal.SIGKILL)  # no CLI outlives its run (reaped by the child watcher)
+        try:
+            self._finish(end, proc.returncode if proc is not None else None)
+        except Exception:
+            log.exception("run %s: could not end the run cleanly", self.spec.run_id)
+            if not self.done:
+                self.status = RunStatus.FAILED
+                self.done = True
+                self.finished_ns = time.time_ns()
+                self.finished_mono = time.monotonic()
+                self._proc = None
+                self.log.close()  # its followers end (their stream closes) rather than wait forever
+                self._on_finished(self)
+
+    async def _leader_exit(self, proc: asyncio.subprocess.Process) -> int:
+        """:func:`leader_exited`, noting the exit: from then on the run ends on its own (InterruptRun: not accepted)."""
+        rc = await leader_exited(proc)
+        self._exited = True
+        return rc
+
+    def _interrupted(self) -> bool:
+        """An accepted interrupt decides the end, unless the CLI's last turn already ended (its result counts)."""
+        return self._interrupt.is_set() and not self.parser.terminal
 
     async def _main(self) -> None:
         cmd = self.command
+        if self._interrupt.is_set():
+            # Interrupted while starting (an InterruptRun, a deadline, the agent stopping): the CLI never runs.
+            return self._finish("interrupted", None)
         try:
             # The run's cgroup is made in the spawn thread too (a cgroup mkdir is ~0.2 ms of kernel work).
             proc, cgroup = await spawn_run(cmd.argv, cmd.cwd, cmd.env, cmd.stdin,
@@ -581,36 +667,47 @@ class Run:
             return self._fail_before_spawn(make_error("config_invalid", "config", f"cannot start {cmd.argv[0]}: {exc}"))
         self._proc = proc
         self.pid = proc.pid
-        if cmd.stdin_data and proc.stdin is not None:
-            proc.stdin.write(cmd.stdin_data)
-            if cmd.close_stdin_after_data:
-                proc.stdin.close()  # flushed first; the CLI reads its prompt to EOF
-        if self.reaper is not None:
-            self.reaper.track(proc.pid, cgroup)
-        self.status = RunStatus.RUNNING
-        self._emit([
-            pb.Event(
-                kind=kind_value(EventKind.RUN_STARTED),
-                run_started=pb.RunStarted(command=cmd.argv[0], args=cmd.argv[1:], cwd=cmd.cwd, pid=proc.pid),
-            )
-        ])
-        assert proc.stdout is not None and proc.stderr is not None
-        stdout_task = asyncio.create_task(
-            pump(proc.stdout, LineReader(self.config.line_cap_bytes, self._on_lines, self._on_overflow),
-                 lambda: self.parser.terminal, self.log.gate, on_chunk=self._touch)
-        )
-        stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
-        wait_task = asyncio.create_task(leader_exited(proc))
-        intr_task = asyncio.create_task(self._interrupt.wait())
-        self.active_mono = started = time.monotonic()
-        # A deadline stops the run the way an interrupt does (it sets _interrupt).
-        deadline_task = asyncio.create_task(self._watch_deadlines(started))
-        end = "exit"
         cfg = self.config
         escalation = [(signal.SIGINT, cfg.interrupt_grace_s), (signal.SIGTERM, cfg.term_grace_s)]
+        killed = self._interrupt.is_set()
+        if killed:
+            # The interrupt came while the spawn was under way: the CLI is killed before it can act on the
+            # prompt, not asked to stop (a CLI may finish its turn on SIGINT); the usual end follows.
+            signal_group(proc.pid, signal.SIGKILL)
+            escalation = [(signal.SIGKILL, cfg.term_grace_s)]
+        tasks: list[asyncio.Task[Any]] = []
+        end = "exit"
+        tracked = False
         try:
+            if cmd.stdin_data and proc.stdin is not None and not killed:
+                proc.stdin.write(cmd.stdin_data)
+                if cmd.close_stdin_after_data:
+                    proc.stdin.close()  # flushed first; the CLI reads its prompt to EOF
+            if self.reaper is not None:
+                tracked = True
+                self.reaper.track(proc.pid, cgroup)
+            self.status = RunStatus.RUNNING
+            self._emit([
+                pb.Event(
+                    kind=kind_value(EventKind.RUN_STARTED),
+                    run_started=pb.RunStarted(command=cmd.argv[0], args=cmd.argv[1:], cwd=cmd.cwd, pid=proc.pid),
+                )
+            ])
+            assert proc.stdout is not None and proc.stderr is not None
+            stdout_task = asyncio.create_task(
+                pump(proc.stdout, LineReader(self.config.line_cap_bytes, self._on_lines, self._on_overflow),
+                     lambda: self.parser.terminal, self.log.gate, on_chunk=self._touch)
+            )
+            stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+            wait_task = asyncio.create_task(self._leader_exit(proc))
+            intr_task = asyncio.create_task(self._interrupt.wait())
+            tasks += [stdout_task, stderr_task, wait_task, intr_task]
+            self.active_mono = started = time.monotonic()
+            # A deadline stops the run the way an interrupt does (it sets _interrupt).
+            tasks.append(asyncio.create_task(self._watch_deadlines(started)))
             done, _ = await asyncio.wait({stdout_task, wait_task, intr_task}, return_when=asyncio.FIRST_COMPLETED)
-            if intr_task in done and not self.parser.terminal:
+            # An interrupt accepted before the leader's exit was seen decides the end (InterruptRun said so).
+            if self._interrupted():
                 end = "interrupted"
             if end != "exit":
                 self.log.stop_pacing()
@@ -619,11 +716,12 @@ class Run:
                 # stdout ended (EOF, or the parser saw the terminal event): let the CLI exit by itself.
                 done2, _ = await asyncio.wait({wait_task, intr_task}, timeout=cfg.exit_grace_s,
                                               return_when=asyncio.FIRST_COMPLETED)
+                if self._interrupted():
+                    end = "interrupted"
                 if wait_task not in done2:
-                    if intr_task in done2 and not self.parser.terminal:
-                        end = "interrupted"
                     await terminate_group(proc, escalation if end == "interrupted" else escalation[1:])
             await leader_exited(proc)
+            self._exited = True
             if group_alive(proc.pid):
                 # The leader is gone but something it started lives on: no process is left behind.
                 await terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 0.5))])
@@ -639,15 +737,19 @@ class Run:
                     break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 2.0)
-        except asyncio.CancelledError:
-            # The agent is shutting down: the CLI must not outlive it.
+        except BaseException as exc:
+            # The agent is shutting down (cancelled), or supervision failed: the CLI must not outlive the run.
+            if isinstance(exc, asyncio.CancelledError):
+                end = "interrupted"
+            else:
+                end = "error"
+                self._supervision_error = f"{type(exc).__name__}: {exc}"
             await asyncio.shield(terminate_group(proc, [(signal.SIGTERM, min(cfg.term_grace_s, 1.0))]))
-            end = "interrupted"
             raise
         finally:
-            for t in (stdout_task, stderr_task, wait_task, intr_task, deadline_task):
+            for t in tasks:
                 t.cancel()
-            if self.reaper is not None:
+            if tracked and self.reaper is not None:
                 self.reaper.untrack(proc.pid)
             if not self.done:
                 self._finish(end, proc.returncode)
@@ -662,6 +764,11 @@ class Run:
             self._emit([final])
             # A deadline is the run's failure; an interrupt (a client, a drain, a shutdown) is not.
             status = RunStatus.FAILED if self._interrupt_kind == "timeout" else RunStatus.INTERRUPTED
+        elif end == "error":
+            # The node failed, not the CLI: say so (kind runtime), and the run fails.
+            self._emit([error_event(f"the node failed while supervising the run: {self._supervision_error or 'unknown'}",
+                                    "runtime", "runtime")])
+            status = RunStatus.FAILED
         else:
             tail = bytes(self._stderr_tail).decode("utf-8", "replace")
             events = self.parser.finish(ExitInfo(returncode=exit_code if not sig else None, signal=sig, stderr_tail=tail))

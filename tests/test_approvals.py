@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from asm_controller import EmbeddedNode, Event, Session
 from asm_node import NodeAgent
+from asm_node.testing import ScriptedProvider
 from asm_wire import ApprovalNotFound, AsmError, RunNotFound, pb
 from tests.support.processes import node_config
 from tests.support.providers import approval_provider
@@ -86,3 +88,43 @@ async def test_get_and_list_runs_and_input_refused_for_shell(agent: NodeAgent) -
     with pytest.raises(AsmError) as missing:
         await agent.get_run(pb.GetRunRequest(run_id="no-such-run"))
     assert isinstance(missing.value, RunNotFound) and missing.value.kind == "not_found"
+
+
+async def test_an_approval_asked_again_is_one_request_answered_once() -> None:
+    """The CLI asks for the same pending approval id twice: the earlier timer is cancelled (it would deny
+    the repeat early, node audit 9), the timeout counts from the latest ask, one answer resolves it."""
+    script = ("import json, sys\n"
+              "ask = json.dumps({'approval': 'ap', 'tool': 'Bash'})\n"
+              "print(ask, flush=True); sys.stdin.readline()\n"
+              "print(ask, flush=True); sys.stdin.readline()\n"
+              "print(json.dumps({'result': [1, 1]}), flush=True)\n")
+    provider = ScriptedProvider(script=script, stdin=True)
+    agent = NodeAgent(node_config(approval_timeout_ms=60_000), providers={"scripted": provider})
+    await agent.start()
+    try:
+        frames = agent.start_run(pb.StartRunRequest(run_id="r-ask2", provider="scripted", prompt="p"))
+        events: list[pb.Event] = []
+
+        async def until_asked(times: int) -> None:
+            while sum(e.HasField("approval_requested") for e in events) < times:
+                events.extend((await asyncio.wait_for(frames.__anext__(), 30)).events)
+
+        await until_asked(1)
+        run = agent.runs["r-ask2"]
+        first = run._approvals["ap"]
+        await agent.send_input(pb.SendInputRequest(run_id="r-ask2", data=b"again\n"))
+        await until_asked(2)
+        assert first.cancelled() and run._approvals["ap"] is not first and len(run._approvals) == 1
+        await agent.resolve_approval(pb.ResolveApprovalRequest(run_id="r-ask2", approval_id="ap", decision="allow"))
+        with pytest.raises(ApprovalNotFound):
+            await agent.resolve_approval(pb.ResolveApprovalRequest(run_id="r-ask2", approval_id="ap", decision="deny"))
+        await agent.send_input(pb.SendInputRequest(run_id="r-ask2", data=b"done\n"))
+        async for batch in frames:
+            events.extend(batch.events)
+        resolved = [(e.approval_resolved.approval_id, e.approval_resolved.decision) for e in events
+                    if e.HasField("approval_resolved")]
+        assert resolved == [("ap", "allow")]
+        assert not [e for e in events if e.HasField("error")]
+        assert events[-1].run_completed.status == "completed"
+    finally:
+        await agent.stop()

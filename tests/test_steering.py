@@ -10,6 +10,7 @@ same way (tests/support/fake_claude.py); the real CLI is in tests/test_conforman
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,7 +25,8 @@ from asm_controller._events import Event
 from asm_node import NodeAgent
 from asm_node.providers.base import RunSpec
 from asm_node.providers.claude import ClaudeProvider
-from asm_node.testing import running_agent, test_config
+from asm_node.run import MAX_INPUT_BACKLOG_BYTES, MAX_INPUT_BYTES
+from asm_node.testing import ScriptedProvider, running_agent, test_config
 from asm_wire import KIND_NAMES, AsmError, ConfigError, RunNotFound, pb
 from tests.support.fake_claude import install_fake_claude
 
@@ -240,3 +242,51 @@ def test_the_model_server_answers_a_steered_message_wherever_claude_puts_it() ->
     assert (plain.scenario, plain.steered) == ("STEER", None)
     assert decide_openai({"input": "x STEERED-A-1"}).steered == "STEERED-A-1"
     assert decide_gemini({"contents": [{"role": "user", "parts": [{"text": "STEERED-B"}]}]}).steered == "STEERED-B"
+
+
+# -- SendInput bounds (node audit 2): a CLI that does not read its stdin cannot grow the node's buffer --
+
+
+async def test_input_to_a_cli_that_does_not_read_stays_bounded_and_is_refused_typed() -> None:
+    provider = ScriptedProvider(script="import time; print('up', flush=True); time.sleep(60)", stdin=True)
+    async with running_agent(test_config(), providers={"scripted": provider}) as agent:
+        frames = agent.start_run(pb.StartRunRequest(run_id="r-deaf", provider="scripted", prompt="p"))
+        await asyncio.wait_for(frames.__anext__(), 30)  # run_started: stdin is open
+        run = agent.runs["r-deaf"]
+        assert run._proc is not None and run._proc.stdin is not None
+        transport = run._proc.stdin.transport
+
+        def send(data: bytes) -> Any:
+            return agent.send_input(pb.SendInputRequest(run_id="r-deaf", data=data))
+
+        with pytest.raises(ConfigError) as too_large:
+            await send(b"x" * (MAX_INPUT_BYTES + 1))
+        assert too_large.value.reason == "input_too_large" and str(MAX_INPUT_BYTES) in too_large.value.message
+
+        # Two calls at once: one writes and waits for the CLI, the other waits its turn (nothing written).
+        first, second = (asyncio.ensure_future(send(b"a" * MAX_INPUT_BYTES)) for _ in range(2))
+        for _ in range(3):
+            await asyncio.sleep(0)  # each task's first step: the write (or the wait for the lock)
+        assert not first.done() and not second.done()
+        assert transport.get_write_buffer_size() <= MAX_INPUT_BYTES
+        first.cancel()
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+
+        # Callers that give up (a client deadline) leave their bytes queued: the queue stays under its cap.
+        refused: list[AsmError] = []
+        for _ in range(2 * MAX_INPUT_BACKLOG_BYTES // MAX_INPUT_BYTES):
+            try:
+                await asyncio.wait_for(send(b"b" * MAX_INPUT_BYTES), 0.2)
+            except TimeoutError:
+                pass
+            except AsmError as exc:
+                refused.append(exc)
+            assert transport.get_write_buffer_size() <= MAX_INPUT_BACKLOG_BYTES
+        assert refused, "a full input queue must refuse more input"
+        err = refused[0]
+        assert (err.kind, err.reason) == ("at_capacity", "input_backlog") and "retry" in err.message
+        assert err.grpc_status().name == "RESOURCE_EXHAUSTED"
+        run.interrupt()
+        async for _ in frames:
+            pass
