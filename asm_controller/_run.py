@@ -193,6 +193,9 @@ class Run:
         self.requested = opts
         self.opts = opts.for_provider(opts.candidates[0]) if opts.providers else opts
         self.attach = attach
+        #: Until then (monotonic), a node that does not know this attached run yet is asked again: a run
+        #: taken over as placed a moment ago (its StartRun may still be on its way there; FleetApi.take_over).
+        self.not_found_grace_until = 0.0
         self.state = "new"  # new | queued | active | done
         self.reducer = EventReducer(
             run_id, self.session_id, self.opts.provider,
@@ -734,6 +737,15 @@ class Run:
                         raise
                     raise _NodeLost(self._lost) from None
                 except AsmError as err:
+                    if isinstance(err, RunNotFound) and self._node_seq == 0 \
+                            and time.monotonic() < self.not_found_grace_until:
+                        # Placed by the replica whose lease this one took, a moment before: its StartRun
+                        # may reach the node yet. Asked again (bounded) rather than ending a run that runs.
+                        failures += 1
+                        await asyncio.sleep(min(0.5, 0.02 * 2 ** min(failures, 5)))
+                        batches, first = aiter(handle.api.attach_run(pb.AttachRunRequest(
+                            run_id=self._node_run_id, after_seq=self._node_seq))), None
+                        continue
                     # run_lost: the node restarted while the run ran (its run journal says so).
                     if isinstance(err, RunNotFound) or err.kind == "run_lost":
                         raise _NodeLost(f"node {handle.target.address} no longer knows run {self._node_run_id} "

@@ -166,6 +166,8 @@ ENDPOINT_SWEEP_S = 60.0
 
 #: How long an interrupt of a run placed on a node waits for the node to know it (its StartRun on the way).
 INTERRUPT_WAIT_S = 10.0
+#: How long a run taken over as placed (pending, no events) is re-attached while its node does not know it.
+ATTACH_NOT_FOUND_GRACE_S = 5.0
 
 #: Sequence numbers stay below this (uint64 on the wire, with room to renumber a run's end after a cursor).
 _MAX_SEQ = 2**63
@@ -378,6 +380,10 @@ class FleetApi:
                 parse_address(rec.node_address)
                 events = decode_chunks(await self.store.events_after(rec.run_id, 0))
                 run = self.session.adopt(rec, self._target(rec.node_address), events)
+                if rec.status == "pending" and not events:
+                    # Placed, not known to have started: the old owner's StartRun may not have reached the
+                    # node yet (a replica paused past its lease, resumed just before it was taken).
+                    run.not_found_grace_until = time.monotonic() + ATTACH_NOT_FOUND_GRACE_S
             except LeaseLost:
                 raise
             except AsmError as err:

@@ -268,3 +268,41 @@ async def test_an_interrupt_of_a_run_not_on_its_node_yet_is_not_lost() -> None:
             assert asked == ["RP", "RP", "RP"]
         finally:
             await _stop(api)
+
+
+async def test_a_run_taken_over_as_placed_is_attached_once_its_start_reaches_the_node(
+    node_process: Any,
+) -> None:
+    """B placed R (pending, no events) and was paused past its lease before its StartRun reached the node;
+    A takes R over and re-attaches: the node does not know R yet. A asks again (bounded) instead of ending
+    R node_lost while it then runs there; R's end is A's to record, once."""
+    from asm_controller import RemoteNode
+    from asm_controller._client import GrpcNodeClient
+
+    node = node_process()
+    info = node.info
+    assert info is not None
+    store = MemoryStore()
+    await store.create(RunRecord(run_id="RL", session_id="s", provider="shell", status="pending",
+                                 node_address=node.address, node_id=info.node_id, node_epoch=info.boot_epoch,
+                                 node_run_id="RL", lease_owner="B", lease_token=1, lease_expires=0.0))
+    async with running_agent(test_config()) as agent:  # (the session's default node: unused here)
+        a = _api(store, "A", agent)
+        client = GrpcNodeClient(RemoteNode(node.address))
+        try:
+            assert await a.keeper._take_expired(time.time()) == 1
+            run = a.session.get_run("RL")
+            assert run is not None and run.attach
+            await asyncio.sleep(0.3)  # A's first attach has been answered not_found by now
+            assert run.state != "done", run.result()
+            # B's StartRun arrives at last: the node runs R (once).
+            req = pb.StartRunRequest(run_id="RL", session_id="s", provider="shell", prompt="echo once")
+            async for _ in client.start_run(req):
+                pass
+            await asyncio.wait_for(run.done.wait(), 15)
+            result = run.result()
+            assert result.status == "completed", result.error
+            assert "once" in result.text
+        finally:
+            await client.close()
+            await _stop(a)
