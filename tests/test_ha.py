@@ -157,7 +157,12 @@ async def test_a_replica_cut_from_the_database_stops_acting_and_the_other_takes_
         ids = [f"cut-{i}" for i in range(4)]
         followers = [asyncio.create_task(follow([a.address, b.address], _req(rid, counted_cli(log, rid, 40, 0.2))))
                      for rid in ids]
-        await _wait_counts(b.address, running=4, queued=0)
+        try:
+            await _wait_counts(b.address, running=4, queued=0)
+        except AssertionError as err:  # say what the replicas and the followers saw
+            ended = [f.exception() or f.result() for f in followers if f.done()]
+            raise AssertionError(f"{err}; followers done: {ended}; replica A: {a.log()[-3000:]}; "
+                                 f"replica B: {b.log()[-1500:]}") from None
         proxy.cut()
         cut_at = time.monotonic()
         assert await asyncio.to_thread(wait_until, lambda: "fences itself" in a.log(), 10.0), a.log()[-2000:]
