@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 import asm_controller._fleetqueue as fleetqueue
 from asm_controller import EmbeddedNode, Event
 from asm_controller._metrics import ControllerMetrics
-from asm_controller._store import MemoryStore
+from asm_controller._store import Lease, MemoryStore
 from asm_controller.service import ControllerConfig, FleetApi
 from asm_node import NodeAgent
 from asm_node.testing import running_agent, test_config
@@ -105,6 +105,19 @@ async def test_a_placed_try_refused_again_is_recorded_queued_again(monkeypatch: 
             assert rec is not None and rec.status == "completed"
 
 
+async def _queued_on_b_taken_by_a(b: Any, store: MemoryStore) -> tuple[asyncio.Task[Any], Lease]:
+    """R1 waits in B's queue (no room anywhere), then A takes its lease: B's reader, and A's lease."""
+    b.queue._room = lambda: False
+    stream = b.session.stream("echo hi", provider="shell", run_id="R1")
+    reader = asyncio.create_task(stream.next_batch())
+    await _until(lambda: b.queue.waiting() == 1, "R1 to wait in B's queue")
+    rec = await store.get("R1")
+    assert rec is not None and rec.status == "queued"
+    taken = await store.take_lease("R1", "A", seen_token=rec.lease_token, until=time.time() + 30, now=1e15)
+    assert taken is not None
+    return reader, taken
+
+
 async def test_a_waiting_run_whose_lease_moved_is_not_ended_here(monkeypatch: pytest.MonkeyPatch) -> None:
     """Audit finding 3: B (paused past its lease) had its queued run taken over by A; B's queue did not
     find it among *its* queued runs and ended it user_cancelled for B's client while A ran the prompt.
@@ -115,14 +128,7 @@ async def test_a_waiting_run_whose_lease_moved_is_not_ended_here(monkeypatch: py
         _refuse(agent, None)
         store = MemoryStore()
         async with _fleet(store, [EmbeddedNode(agent)]) as b:
-            b.queue._room = lambda: False
-            stream = b.session.stream("echo hi", provider="shell", run_id="R1")
-            reader = asyncio.create_task(stream.next_batch())
-            await _until(lambda: b.queue.waiting() == 1, "R1 to wait in B's queue")
-            rec = await store.get("R1")
-            assert rec is not None and rec.status == "queued"
-            taken = await store.take_lease("R1", "A", seen_token=rec.lease_token, until=time.time() + 30, now=1e15)
-            assert taken is not None
+            reader, _ = await _queued_on_b_taken_by_a(b, store)
             await b.queue._drop_ended_elsewhere()
             run = b.session.get_run("R1")
             assert run is not None and not run.cancel_requested, "a run whose lease moved was ended as interrupted"
@@ -147,14 +153,7 @@ async def test_a_waiting_run_ended_in_the_store_by_another_replica_is_ended_here
         _refuse(agent, None)
         store = MemoryStore()
         async with _fleet(store, [EmbeddedNode(agent)]) as b:
-            b.queue._room = lambda: False
-            stream = b.session.stream("echo hi", provider="shell", run_id="R1")
-            reader = asyncio.create_task(stream.next_batch())
-            await _until(lambda: b.queue.waiting() == 1, "R1 to wait in B's queue")
-            rec = await store.get("R1")
-            assert rec is not None
-            taken = await store.take_lease("R1", "A", seen_token=rec.lease_token, until=time.time() + 30, now=1e15)
-            assert taken is not None
+            reader, taken = await _queued_on_b_taken_by_a(b, store)
             # A ends it (an interrupt through A, which holds its lease now).
             await store.update("R1", fence=taken, expect_status="queued", status="interrupted", ended_at=time.time())
             await b.queue._drop_ended_elsewhere()
